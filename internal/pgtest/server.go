@@ -1,0 +1,209 @@
+package pgtest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// DefaultLocalURLs are tried, in order, when DATABASE_URL is not set.
+var DefaultLocalURLs = []string{
+	"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable",
+	"postgres://127.0.0.1:5432/postgres?sslmode=disable",
+}
+
+// ErrNoPostgres means no server was found and none could be started.
+var ErrNoPostgres = errors.New("pgtest: no PostgreSQL: set DATABASE_URL, run a server at 127.0.0.1:5432," +
+	" or install the server binaries (Debian/Ubuntu: apt-get install postgresql; Fedora: dnf install postgresql-server;" +
+	" macOS: brew install postgresql)")
+
+// Server is a PostgreSQL server found or started for a run.
+type Server struct {
+	URL    string
+	Source string // "DATABASE_URL", "local", or "throwaway"
+	dir    string
+	pgCtl  string
+	cred   *syscall.Credential
+}
+
+// Find returns the server named by DATABASE_URL, or one answering at
+// 127.0.0.1:5432, without starting anything. ok is false when neither
+// answers.
+func Find(ctx context.Context) (s *Server, ok bool, err error) {
+	if u := os.Getenv("DATABASE_URL"); u != "" {
+		if err := ping(ctx, u); err != nil {
+			return nil, false, fmt.Errorf("pgtest: DATABASE_URL does not answer: %w", err)
+		}
+		return &Server{URL: u, Source: "DATABASE_URL"}, true, nil
+	}
+	for _, u := range DefaultLocalURLs {
+		if ping(ctx, u) == nil {
+			return &Server{URL: u, Source: "local"}, true, nil
+		}
+	}
+	return nil, false, nil
+}
+
+// FindOrStart returns Find's server, else starts a throwaway one. Call Stop
+// on the result when done (it is a no-op for a server it did not start).
+func FindOrStart(ctx context.Context) (*Server, error) {
+	s, ok, err := Find(ctx)
+	if err != nil || ok {
+		return s, err
+	}
+	return StartThrowaway(ctx)
+}
+
+func ping(ctx context.Context, url string) error {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	cfg, err := pgx.ParseConfig(url)
+	if err != nil {
+		return err
+	}
+	cfg.ConnectTimeout = 2 * time.Second
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	return conn.Ping(ctx)
+}
+
+// Binaries returns the directory that holds initdb and pg_ctl: PATH first,
+// then the newest /usr/lib/postgresql/*/bin.
+func Binaries() (string, error) {
+	if p, err := exec.LookPath("initdb"); err == nil {
+		if _, err := exec.LookPath("pg_ctl"); err == nil {
+			return filepath.Dir(p), nil
+		}
+	}
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	sort.Slice(dirs, func(i, j int) bool { return version(dirs[i]) > version(dirs[j]) })
+	for _, d := range dirs {
+		if _, err := os.Stat(filepath.Join(d, "initdb")); err == nil {
+			return d, nil
+		}
+	}
+	return "", ErrNoPostgres
+}
+
+func version(binDir string) float64 {
+	v, _ := strconv.ParseFloat(filepath.Base(filepath.Dir(binDir)), 64)
+	return v
+}
+
+// StartThrowaway starts a new cluster in a temporary directory on a free
+// loopback port, with trust authentication, fsync off and room for many
+// connections.
+func StartThrowaway(ctx context.Context) (*Server, error) {
+	bin, err := Binaries()
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "pglockkit-pg-")
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{Source: "throwaway", dir: dir, pgCtl: filepath.Join(bin, "pg_ctl")}
+	if os.Geteuid() == 0 {
+		cred, err := unprivileged()
+		if err != nil {
+			os.RemoveAll(dir)
+			return nil, err
+		}
+		s.cred = cred
+		if err := os.Chown(dir, int(cred.Uid), int(cred.Gid)); err != nil {
+			os.RemoveAll(dir)
+			return nil, err
+		}
+	}
+	data := filepath.Join(dir, "data")
+	if out, err := s.run(ctx, filepath.Join(bin, "initdb"), "-D", data, "-U", "postgres", "-A", "trust",
+		"-E", "UTF8", "--no-sync", "--locale=C"); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("pgtest: initdb: %w\n%s", err, out)
+	}
+	port, err := freePort()
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	opts := strings.Join([]string{
+		"-c listen_addresses=127.0.0.1",
+		"-c port=" + strconv.Itoa(port),
+		"-c unix_socket_directories=" + dir,
+		"-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
+		"-c max_connections=300",
+		"-c max_locks_per_transaction=128",
+	}, " ")
+	if out, err := s.run(ctx, s.pgCtl, "-D", data, "-l", filepath.Join(dir, "server.log"), "-o", opts,
+		"-w", "-t", "60", "start"); err != nil {
+		logText, _ := os.ReadFile(filepath.Join(dir, "server.log"))
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("pgtest: pg_ctl start: %w\n%s\n%s", err, out, logText)
+	}
+	s.URL = fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port)
+	if err := ping(ctx, s.URL); err != nil {
+		s.Stop()
+		return nil, err
+	}
+	return s, nil
+}
+
+// Stop stops and removes a throwaway cluster; it does nothing for a server
+// it did not start.
+func (s *Server) Stop() {
+	if s == nil || s.dir == "" {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, _ = s.run(ctx, s.pgCtl, "-D", filepath.Join(s.dir, "data"), "-m", "immediate", "-w", "stop")
+	_ = os.RemoveAll(s.dir)
+	s.dir = ""
+}
+
+func (s *Server) run(ctx context.Context, name string, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Dir = s.dir
+	if s.cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
+		cmd.Env = append(os.Environ(), "HOME="+s.dir)
+	}
+	return cmd.CombinedOutput()
+}
+
+func unprivileged() (*syscall.Credential, error) {
+	for _, name := range []string{"postgres", "nobody"} {
+		u, err := user.Lookup(name)
+		if err != nil {
+			continue
+		}
+		uid, _ := strconv.ParseUint(u.Uid, 10, 32)
+		gid, _ := strconv.ParseUint(u.Gid, 10, 32)
+		return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, nil
+	}
+	return nil, errors.New("pgtest: running as root and no 'postgres' or 'nobody' user to run PostgreSQL as")
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}

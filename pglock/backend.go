@@ -1,0 +1,130 @@
+package pglock
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// A source is what the caller gave New: it opens one backend per hold.
+type source interface {
+	open(ctx context.Context, l *Lock) (backend, error)
+	// owned reports whether the lock takes connections of its own (a pool):
+	// only those are watched for loss and destroyed on doubt.
+	owned() bool
+	// callerTx reports whether the source is the caller's transaction.
+	callerTx() bool
+	kind() string
+}
+
+// A backend is one hold's connection and, in Transaction scope, transaction.
+type backend interface {
+	// acquire takes the lock, at once (wait false) or blocking until ctx
+	// ends. When it returns false or an error the lock is not held and the
+	// backend is closed.
+	acquire(ctx context.Context, wait bool) (bool, error)
+	// release ends the hold and closes the backend: a session lock is
+	// unlocked; the lock's own transaction is committed (commit) or rolled
+	// back; the caller's transaction is rolled back when !commit and left
+	// alone otherwise.
+	release(ctx context.Context, commit bool) error
+	// watch starts watching the connection of a held lock and calls lost
+	// (once) if it dies. The returned stop ends the watch and waits for it.
+	// A backend that cannot be watched returns nil.
+	watch(interval time.Duration, lost func(error)) (stop func())
+	pgxTx() pgx.Tx
+	sqlTx() *sql.Tx
+}
+
+// newSource checks the connection value and the options against each other.
+func newSource(conn any, cfg *config) (source, error) {
+	var s source
+	switch c := conn.(type) {
+	case *pgxpool.Pool:
+		if c == nil {
+			return nil, fmt.Errorf("%w: nil *pgxpool.Pool", ErrUnsupportedConn)
+		}
+		s = &pgxSource{pool: c}
+	case *pgxpool.Conn:
+		if c == nil || c.Conn() == nil {
+			return nil, fmt.Errorf("%w: nil or released *pgxpool.Conn", ErrUnsupportedConn)
+		}
+		s = &pgxSource{conn: c.Conn()}
+	case *pgx.Conn:
+		if c == nil {
+			return nil, fmt.Errorf("%w: nil *pgx.Conn", ErrUnsupportedConn)
+		}
+		s = &pgxSource{conn: c}
+	case pgx.Tx:
+		if isNilTx(c) {
+			return nil, fmt.Errorf("%w: nil pgx.Tx", ErrUnsupportedConn)
+		}
+		s = &pgxSource{tx: c}
+	case *sql.DB:
+		if c == nil {
+			return nil, fmt.Errorf("%w: nil *sql.DB", ErrUnsupportedConn)
+		}
+		s = &sqlSource{db: c}
+	case *sql.Conn:
+		if c == nil {
+			return nil, fmt.Errorf("%w: nil *sql.Conn", ErrUnsupportedConn)
+		}
+		s = &sqlSource{conn: c}
+	case *sql.Tx:
+		if c == nil {
+			return nil, fmt.Errorf("%w: nil *sql.Tx", ErrUnsupportedConn)
+		}
+		s = &sqlSource{tx: c}
+	case nil:
+		return nil, fmt.Errorf("%w: nil (want *pgxpool.Pool, *pgxpool.Conn, *pgx.Conn, pgx.Tx, *sql.DB, *sql.Conn or *sql.Tx)", ErrUnsupportedConn)
+	default:
+		return nil, fmt.Errorf("%w: %T (want *pgxpool.Pool, *pgxpool.Conn, *pgx.Conn, pgx.Tx, *sql.DB, *sql.Conn or *sql.Tx)", ErrUnsupportedConn, conn)
+	}
+	if s.callerTx() {
+		if cfg.scopeSet && cfg.scope == Session {
+			return nil, fmt.Errorf("%w: Session scope on a transaction (%s): the lock would outlive it; use pglock.Transaction, or pass the pool or connection", ErrInvalidOption, s.kind())
+		}
+		cfg.scope = Transaction
+	}
+	return s, nil
+}
+
+func isNilTx(tx pgx.Tx) (isNil bool) {
+	defer func() {
+		if recover() != nil {
+			isNil = true
+		}
+	}()
+	return tx == nil || tx.Conn() == nil
+}
+
+// queryCanceled is the SQLSTATE of a statement cancelled on request.
+const queryCanceled = "57014"
+
+func isCanceled(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == queryCanceled
+}
+
+// bounded returns a context for statements that must run even when ctx has
+// ended (unlock, commit, rollback, cleanup), bounded by d.
+func bounded(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), d)
+}
+
+// retryCanceled runs f again once when it fails with query_canceled: a cancel
+// request sent for an earlier wait can reach the server late and hit the
+// statement after it.
+func retryCanceled(f func() error) error {
+	err := f()
+	if isCanceled(err) {
+		err = f()
+	}
+	return err
+}

@@ -1,0 +1,433 @@
+package pglock
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// pgxSource is a *pgxpool.Pool, a caller's *pgx.Conn (or *pgxpool.Conn), or a
+// caller's pgx.Tx.
+type pgxSource struct {
+	pool *pgxpool.Pool
+	conn *pgx.Conn
+	tx   pgx.Tx
+}
+
+func (s *pgxSource) owned() bool    { return s.pool != nil }
+func (s *pgxSource) callerTx() bool { return s.tx != nil }
+func (s *pgxSource) kind() string {
+	switch {
+	case s.pool != nil:
+		return "pgxpool.Pool"
+	case s.tx != nil:
+		return "pgx.Tx"
+	default:
+		return "pgx.Conn"
+	}
+}
+
+func (s *pgxSource) open(ctx context.Context, l *Lock) (backend, error) {
+	b := &pgxBackend{l: l, st: l.st}
+	switch {
+	case s.pool != nil:
+		pc, err := s.pool.Acquire(ctx)
+		if err != nil {
+			return nil, err
+		}
+		b.pooled, b.conn = pc, pc.Conn()
+	case s.tx != nil:
+		b.callerTx, b.conn = s.tx, s.tx.Conn()
+	default:
+		b.conn = s.conn
+	}
+	return b, nil
+}
+
+// pgxBackend runs one hold on a pgx connection.
+type pgxBackend struct {
+	l        *Lock
+	st       *statements
+	conn     *pgx.Conn
+	pooled   *pgxpool.Conn // the pool's connection, pinned for the hold
+	callerTx pgx.Tx        // the caller's transaction
+	ownTx    pgx.Tx        // the lock's own transaction (Transaction scope)
+}
+
+func (b *pgxBackend) pgxTx() pgx.Tx {
+	if b.callerTx != nil {
+		return b.callerTx
+	}
+	return b.ownTx
+}
+
+func (b *pgxBackend) sqlTx() *sql.Tx { return nil }
+
+func (b *pgxBackend) bounded(ctx context.Context) (context.Context, context.CancelFunc) {
+	return bounded(ctx, b.l.cfg.releaseTimeout)
+}
+
+// close gives the pinned connection back to the pool, or destroys it when
+// its state is in doubt (healthy false). A caller's connection is left alone.
+func (b *pgxBackend) close(healthy bool) {
+	if b.pooled == nil {
+		return
+	}
+	pc := b.pooled
+	b.pooled = nil
+	if healthy && !b.conn.IsClosed() {
+		pc.Release() // destroys it anyway if it is busy or inside a transaction
+		return
+	}
+	conn := pc.Hijack()
+	ctx, cancel := context.WithTimeout(context.Background(), b.l.cfg.releaseTimeout)
+	defer cancel()
+	_ = conn.Close(ctx)
+}
+
+func (b *pgxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
+	switch {
+	case b.l.cfg.scope == Session:
+		return b.acquireSession(ctx, wait)
+	case b.callerTx != nil:
+		return b.acquireInCallerTx(ctx, wait)
+	default:
+		return b.acquireOwnTx(ctx, wait)
+	}
+}
+
+// try runs the non-blocking lock function on q (the connection or a
+// transaction). It does not wait for the lock, so it is not interrupted by
+// ctx, only bounded: an interrupted statement would cost the connection.
+func (b *pgxBackend) try(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}) (bool, error) {
+	qctx, cancel := b.bounded(ctx)
+	defer cancel()
+	var ok bool
+	err := q.QueryRow(qctx, b.st.try, b.st.args...).Scan(&ok)
+	return ok, err
+}
+
+func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error) {
+	ok, err := b.try(ctx, b.conn)
+	if err != nil {
+		b.close(false)
+		return false, err
+	}
+	if ok || !wait {
+		if !ok {
+			b.close(true)
+		}
+		return ok, nil
+	}
+	err, interrupted := b.interruptible(ctx, func(qctx context.Context) error {
+		_, err := b.conn.Exec(qctx, b.st.lock, b.st.args...)
+		return err
+	})
+	if err == nil && !interrupted {
+		return true, nil
+	}
+	if b.conn.IsClosed() {
+		b.close(false)
+		return false, err
+	}
+	// The wait failed or was cancelled; the server may still have granted the
+	// lock as the cancel arrived. Make sure it is not held.
+	cctx, cancel := b.bounded(ctx)
+	defer cancel()
+	cerr := retryCanceled(func() error {
+		_, err := b.conn.Exec(cctx, b.st.cleanup, b.st.cleanupArgs...)
+		return err
+	})
+	callerConn := b.pooled == nil
+	b.close(cerr == nil) // a pooled connection in doubt is destroyed
+	if cerr != nil && callerConn {
+		return false, errors.Join(err, errUnlockFailed, cerr)
+	}
+	return false, err
+}
+
+// acquireOwnTx opens the lock's transaction. The blocking form sends BEGIN
+// and the lock in one round trip.
+func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) {
+	if !wait {
+		tx, err := b.beginBounded(ctx, pgx.TxOptions{})
+		if err != nil {
+			b.close(false)
+			return false, err
+		}
+		ok, err := b.try(ctx, tx)
+		if err != nil || !ok {
+			b.endFailedTx(ctx, tx)
+			return false, err
+		}
+		b.ownTx = tx
+		return true, nil
+	}
+	var tx pgx.Tx
+	err, interrupted := b.interruptible(ctx, func(qctx context.Context) error {
+		var err error
+		tx, err = b.conn.BeginTx(qctx, pgx.TxOptions{BeginQuery: "BEGIN; " + b.st.lockLiteral})
+		return err
+	})
+	if err == nil && !interrupted {
+		b.ownTx = tx
+		return true, nil
+	}
+	b.endFailedTx(ctx, tx)
+	return false, err
+}
+
+func (b *pgxBackend) beginBounded(ctx context.Context, opts pgx.TxOptions) (pgx.Tx, error) {
+	qctx, cancel := b.bounded(ctx)
+	defer cancel()
+	return b.conn.BeginTx(qctx, opts)
+}
+
+// endFailedTx rolls back a transaction that did not get the lock (tx may be
+// nil when BEGIN itself reported the failure) and closes the backend.
+func (b *pgxBackend) endFailedTx(ctx context.Context, tx pgx.Tx) {
+	if b.conn.IsClosed() {
+		b.close(false)
+		return
+	}
+	rctx, cancel := b.bounded(ctx)
+	defer cancel()
+	err := retryCanceled(func() error {
+		if tx != nil {
+			err := tx.Rollback(rctx)
+			if errors.Is(err, pgx.ErrTxClosed) {
+				return nil
+			}
+			return err
+		}
+		if b.conn.PgConn().TxStatus() == 'I' {
+			return nil
+		}
+		_, err := b.conn.Exec(rctx, "ROLLBACK")
+		return err
+	})
+	b.close(err == nil)
+}
+
+// acquireInCallerTx takes the xact lock in the caller's transaction. A wait
+// runs under a savepoint, so that a cancelled wait leaves the caller's
+// transaction usable and without the lock.
+func (b *pgxBackend) acquireInCallerTx(ctx context.Context, wait bool) (bool, error) {
+	ok, err := b.try(ctx, b.callerTx)
+	if err != nil || ok || !wait {
+		return ok, err
+	}
+	const sp = "pglock_wait"
+	err, interrupted := b.interruptible(ctx, func(qctx context.Context) error {
+		_, err := b.callerTx.Exec(qctx, "SAVEPOINT "+sp+"; "+b.st.lockLiteral)
+		return err
+	})
+	rctx, cancel := b.bounded(ctx)
+	defer cancel()
+	if err == nil && !interrupted {
+		_, err = b.callerTx.Exec(rctx, "RELEASE SAVEPOINT "+sp)
+		return err == nil, err
+	}
+	if !b.conn.IsClosed() {
+		_ = retryCanceled(func() error {
+			_, err := b.callerTx.Exec(rctx, "ROLLBACK TO SAVEPOINT "+sp+"; RELEASE SAVEPOINT "+sp)
+			return err
+		})
+	}
+	return false, err
+}
+
+// interruptible runs a statement that waits for a lock. Its context is not
+// the caller's: pgx answers a cancelled context by closing the connection,
+// which would lose every other lock on it and break a caller's connection.
+// Instead, when ctx ends, a cancel request asks the server to stop the wait,
+// and the connection stays usable. Only if the server cannot be reached is
+// the statement's own context cancelled. interrupted reports whether ctx
+// ended while the statement ran: then the caller must treat a success as a
+// lock granted as the cancel arrived, and give it back.
+func (b *pgxBackend) interruptible(ctx context.Context, run func(context.Context) error) (err error, interrupted bool) {
+	if ctx.Done() == nil {
+		return run(ctx), false
+	}
+	qctx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
+	defer hardStop()
+	var fired atomic.Bool
+	finished := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		select {
+		case <-finished:
+			return
+		case <-ctx.Done():
+		}
+		select {
+		case <-finished:
+			return
+		default:
+		}
+		fired.Store(true)
+		cctx, cancel := context.WithTimeout(context.Background(), b.l.cfg.releaseTimeout)
+		err := b.conn.PgConn().CancelRequest(cctx)
+		cancel()
+		if err != nil {
+			hardStop()
+			return
+		}
+		t := time.NewTimer(b.l.cfg.releaseTimeout)
+		defer t.Stop()
+		select {
+		case <-finished:
+		case <-t.C:
+			hardStop()
+		}
+	})
+	err = run(qctx)
+	close(finished)
+	// Wait for the cancel request to complete before the connection is used
+	// again, so that it cannot interrupt a later statement.
+	wg.Wait()
+	return err, fired.Load()
+}
+
+func (b *pgxBackend) release(ctx context.Context, commit bool) error {
+	switch {
+	case b.l.cfg.scope == Session:
+		return b.unlockSession(ctx)
+	case b.callerTx != nil:
+		if commit {
+			return nil
+		}
+		rctx, cancel := b.bounded(ctx)
+		defer cancel()
+		if err := b.callerTx.Rollback(rctx); err != nil && !errors.Is(err, pgx.ErrTxClosed) {
+			return err
+		}
+		return nil
+	default:
+		tx := b.ownTx
+		b.ownTx = nil
+		rctx, cancel := b.bounded(ctx)
+		defer cancel()
+		var err error
+		if commit {
+			err = tx.Commit(rctx)
+		} else {
+			err = tx.Rollback(rctx)
+		}
+		b.close(err == nil)
+		if err != nil && b.conn.IsClosed() {
+			return errors.Join(ErrLockLost, err)
+		}
+		return err
+	}
+}
+
+func (b *pgxBackend) unlockSession(ctx context.Context) error {
+	if b.conn.IsClosed() {
+		b.close(false)
+		return ErrLockLost
+	}
+	rctx, cancel := b.bounded(ctx)
+	defer cancel()
+	var ok bool
+	err := retryCanceled(func() error {
+		return b.conn.QueryRow(rctx, b.st.unlock, b.st.args...).Scan(&ok)
+	})
+	closed := b.conn.IsClosed()
+	b.close(err == nil)
+	switch {
+	case err != nil && closed:
+		return errors.Join(ErrLockLost, err)
+	case err != nil:
+		return errors.Join(errUnlockFailed, err)
+	case !ok:
+		return errServerNotHeld
+	}
+	return nil
+}
+
+func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
+	if b.pooled == nil || b.l.cfg.scope != Session {
+		return nil
+	}
+	w := &pgxWatcher{conn: b.conn, nc: b.conn.PgConn().Conn(), interval: interval, lost: lost}
+	w.wg.Go(w.run)
+	return w.stop
+}
+
+// pgxWatcher watches an idle pinned connection. It blocks reading from it, so
+// that a connection the server closes (pg_terminate_backend, shutdown) is
+// noticed at once; after each quiet interval it pings, so that a connection
+// that went silent is noticed within two intervals.
+type pgxWatcher struct {
+	conn     *pgx.Conn
+	nc       net.Conn
+	interval time.Duration
+	lost     func(error)
+	wg       sync.WaitGroup
+
+	mu       sync.Mutex
+	reading  bool
+	stopping bool
+}
+
+func (w *pgxWatcher) run() {
+	for {
+		w.mu.Lock()
+		if w.stopping {
+			w.mu.Unlock()
+			return
+		}
+		w.reading = true
+		_ = w.nc.SetReadDeadline(time.Now().Add(w.interval))
+		w.mu.Unlock()
+
+		// No context: the read deadline above bounds the wait, and a timeout
+		// leaves the connection usable.
+		err := w.conn.PgConn().WaitForNotification(context.Background())
+
+		w.mu.Lock()
+		w.reading = false
+		_ = w.nc.SetReadDeadline(time.Time{})
+		stopping := w.stopping
+		w.mu.Unlock()
+
+		var netErr net.Error
+		timedOut := errors.As(err, &netErr) && netErr.Timeout()
+		switch {
+		case err != nil && !timedOut:
+			w.lost(err)
+			return
+		case stopping:
+			return
+		case err == nil:
+			continue // a notification: not ours to handle
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), w.interval)
+		err = w.conn.Ping(ctx)
+		cancel()
+		if err != nil {
+			w.lost(err)
+			return
+		}
+	}
+}
+
+func (w *pgxWatcher) stop() {
+	w.mu.Lock()
+	w.stopping = true
+	if w.reading {
+		_ = w.nc.SetReadDeadline(time.Now())
+	}
+	w.mu.Unlock()
+	w.wg.Wait()
+}

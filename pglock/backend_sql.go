@@ -1,0 +1,250 @@
+package pglock
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// sqlSource is a *sql.DB, a caller's *sql.Conn, or a caller's *sql.Tx, with
+// any PostgreSQL driver (pgx's stdlib, lib/pq).
+//
+// database/sql gives no portable way to interrupt a statement without risking
+// the connection, so waits here never block in the server: they poll the
+// non-blocking lock function with a growing pause (from 5 ms up to
+// maxPollInterval), which keeps every connection usable when a wait is
+// cancelled, at the price of strict FIFO order among waiters.
+type sqlSource struct {
+	db   *sql.DB
+	conn *sql.Conn
+	tx   *sql.Tx
+}
+
+const (
+	minPollInterval = 5 * time.Millisecond
+	maxPollInterval = 100 * time.Millisecond
+)
+
+func (s *sqlSource) owned() bool    { return s.db != nil }
+func (s *sqlSource) callerTx() bool { return s.tx != nil }
+func (s *sqlSource) kind() string {
+	switch {
+	case s.db != nil:
+		return "sql.DB"
+	case s.tx != nil:
+		return "sql.Tx"
+	default:
+		return "sql.Conn"
+	}
+}
+
+func (s *sqlSource) open(ctx context.Context, l *Lock) (backend, error) {
+	b := &sqlBackend{l: l, st: l.st}
+	switch {
+	case s.db != nil:
+		c, err := s.db.Conn(ctx)
+		if err != nil {
+			return nil, err
+		}
+		b.conn, b.pinned = c, true
+	case s.tx != nil:
+		b.callerTx = s.tx
+	default:
+		b.conn = s.conn
+	}
+	return b, nil
+}
+
+type sqlBackend struct {
+	l        *Lock
+	st       *statements
+	conn     *sql.Conn // nil on a caller's transaction
+	pinned   bool      // conn was taken from the *sql.DB for this hold
+	callerTx *sql.Tx
+	ownTx    *sql.Tx
+}
+
+type sqlQuerier interface {
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}
+
+func (b *sqlBackend) pgxTx() pgx.Tx { return nil }
+func (b *sqlBackend) sqlTx() *sql.Tx {
+	if b.callerTx != nil {
+		return b.callerTx
+	}
+	return b.ownTx
+}
+
+// close returns a pinned connection to the pool, or destroys it when its
+// state is in doubt. A caller's connection is left alone.
+func (b *sqlBackend) close(healthy bool) {
+	if !b.pinned {
+		return
+	}
+	b.pinned = false
+	if !healthy {
+		_ = b.conn.Raw(func(any) error { return driver.ErrBadConn })
+	}
+	_ = b.conn.Close()
+}
+
+// target is where the lock's statements run: the transaction in Transaction
+// scope, else the connection.
+func (b *sqlBackend) target() sqlQuerier {
+	if b.callerTx != nil {
+		return b.callerTx
+	}
+	if b.ownTx != nil {
+		return b.ownTx
+	}
+	return b.conn
+}
+
+func (b *sqlBackend) try(ctx context.Context) (bool, error) {
+	qctx, cancel := bounded(ctx, b.l.cfg.releaseTimeout)
+	defer cancel()
+	var ok bool
+	err := b.target().QueryRowContext(qctx, b.st.try, b.st.args...).Scan(&ok)
+	return ok, err
+}
+
+// poll tries until the lock is held or ctx ends.
+func (b *sqlBackend) poll(ctx context.Context) (bool, error) {
+	pause := minPollInterval
+	t := time.NewTimer(0)
+	defer t.Stop()
+	<-t.C
+	for {
+		ok, err := b.try(ctx)
+		if err != nil || ok {
+			return ok, err
+		}
+		// Full jitter keeps pollers of one key from marching in step.
+		t.Reset(pause/2 + rand.N(pause/2+1))
+		select {
+		case <-ctx.Done():
+			return false, nil
+		case <-t.C:
+		}
+		pause = min(2*pause, maxPollInterval)
+	}
+}
+
+func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
+	if b.l.cfg.scope == Transaction && b.callerTx == nil {
+		// The transaction must outlive ctx: database/sql rolls back a
+		// transaction whose context ends.
+		tx, err := b.conn.BeginTx(context.WithoutCancel(ctx), nil)
+		if err != nil {
+			b.close(false)
+			return false, err
+		}
+		b.ownTx = tx
+	}
+	var ok bool
+	var err error
+	if wait {
+		ok, err = b.poll(ctx)
+	} else {
+		ok, err = b.try(ctx)
+	}
+	if ok {
+		return true, nil
+	}
+	if b.callerTx != nil {
+		return false, err
+	}
+	if b.ownTx != nil {
+		rerr := b.ownTx.Rollback()
+		b.ownTx = nil
+		b.close(rerr == nil)
+		return false, err
+	}
+	b.close(err == nil)
+	return false, err
+}
+
+func (b *sqlBackend) release(ctx context.Context, commit bool) error {
+	switch {
+	case b.l.cfg.scope == Session:
+		rctx, cancel := bounded(ctx, b.l.cfg.releaseTimeout)
+		defer cancel()
+		var ok bool
+		err := b.conn.QueryRowContext(rctx, b.st.unlock, b.st.args...).Scan(&ok)
+		b.close(err == nil)
+		switch {
+		case errors.Is(err, driver.ErrBadConn) || errors.Is(err, sql.ErrConnDone):
+			return errors.Join(ErrLockLost, err)
+		case err != nil:
+			return errors.Join(errUnlockFailed, err)
+		case !ok:
+			return errServerNotHeld
+		}
+		return nil
+	case b.callerTx != nil:
+		if commit {
+			return nil
+		}
+		if err := b.callerTx.Rollback(); err != nil && !errors.Is(err, sql.ErrTxDone) {
+			return err
+		}
+		return nil
+	default:
+		tx := b.ownTx
+		b.ownTx = nil
+		var err error
+		if commit {
+			err = tx.Commit()
+		} else {
+			err = tx.Rollback()
+		}
+		b.close(err == nil)
+		if errors.Is(err, driver.ErrBadConn) {
+			return errors.Join(ErrLockLost, err)
+		}
+		return err
+	}
+}
+
+func (b *sqlBackend) watch(interval time.Duration, lost func(error)) func() {
+	if !b.pinned || b.l.cfg.scope != Session {
+		return nil
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), interval)
+			err := b.conn.PingContext(ctx)
+			cancel()
+			if err != nil {
+				select {
+				case <-stop: // the ping raced with release: not a loss
+				default:
+					lost(err)
+				}
+				return
+			}
+		}
+	})
+	var once sync.Once
+	return func() {
+		once.Do(func() { close(stop) })
+		wg.Wait()
+	}
+}

@@ -1,0 +1,322 @@
+package pglock
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Lock is one advisory lock on one key, bound to the database it was made
+// for. Make it with [New] or [Locker.Lock].
+//
+// A Lock is held at most once at a time: it is not re-entrant, and Acquire on
+// a held Lock fails with [ErrAlreadyHeld] (PostgreSQL itself would stack a
+// second hold on the same connection). After Release it may be acquired
+// again. Acquire, TryAcquire, Release, HandleError, Do and TryDo are meant to
+// be called by one goroutine at a time (they serialize if not); Held, Lost
+// and Key may be called from any goroutine.
+type Lock struct {
+	key Key
+	cfg config
+	src source
+	st  *statements
+	log *slog.Logger
+
+	mu sync.Mutex // serializes hold changes
+	b  backend    // the current hold's backend; nil when not held
+	// stopWatch ends the current hold's connection watch.
+	stopWatch func()
+
+	held     atomic.Bool
+	lostMu   sync.Mutex
+	lostCh   chan struct{} // closed when the current (or last) hold is lost
+	lostErr  error
+	lostDone bool
+}
+
+// New returns a Lock on key for conn, which is one of *pgxpool.Pool,
+// *pgxpool.Conn, *pgx.Conn, pgx.Tx, *sql.DB, *sql.Conn or *sql.Tx. The key
+// is anything [KeyOf] takes, or a [Key].
+//
+// On a pool (*pgxpool.Pool, *sql.DB) each hold takes one connection from the
+// pool and keeps it until the hold ends. On a connection the lock runs on
+// that connection, which the caller must not use concurrently with the Lock's
+// methods (inside Do's function, it may). On a transaction the scope is
+// Transaction and the lock joins that transaction.
+//
+// New does not talk to the database. An unsupported conn, an unsupported key
+// or an invalid option is an error.
+func New(conn any, key any, opts ...Option) (*Lock, error) {
+	cfg := defaultConfig()
+	return newLock(conn, key, &cfg, opts)
+}
+
+func newLock(conn any, key any, cfg *config, opts []Option) (*Lock, error) {
+	for _, o := range opts {
+		if o == nil {
+			cfg.invalid("nil Option")
+			continue
+		}
+		o(cfg)
+	}
+	if err := errors.Join(cfg.errs...); err != nil {
+		return nil, err
+	}
+	src, err := newSource(conn, cfg)
+	if err != nil {
+		return nil, err
+	}
+	k, err := cfg.keyOf(key)
+	if err != nil {
+		return nil, err
+	}
+	l := &Lock{key: k, cfg: *cfg, src: src, lostCh: make(chan struct{})}
+	l.cfg.errs = nil
+	l.st = newStatements(k, l.cfg.scope, l.cfg.mode)
+	if cfg.logger != nil {
+		l.log = cfg.logger.With(
+			slog.String("key", k.String()),
+			slog.String("scope", l.cfg.scope.String()),
+			slog.String("mode", l.cfg.mode.String()),
+		)
+	}
+	return l, nil
+}
+
+// Key returns the lock's key (after the namespace, if any, was applied).
+func (l *Lock) Key() Key { return l.key }
+
+// Held reports whether the lock is held now: acquired, not yet released, and
+// not known to be lost.
+func (l *Lock) Held() bool { return l.held.Load() }
+
+// Lost returns a channel that is closed when the current hold is lost: its
+// connection died or the server ended its session. Each hold has its own
+// channel; before the first hold and after a release without loss it is
+// simply never closed. Call Lost after Acquire to watch that hold.
+//
+// Only session locks on a pool (*pgxpool.Pool, *sql.DB) are watched, since
+// their connection belongs to the lock: a server-side close is seen at once,
+// a silent connection within twice the lost-check interval (see
+// [WithLostCheckInterval]). On a caller's connection or transaction the loss
+// is seen at release; in Transaction scope the work commits together with the
+// lock, so a lost connection cannot commit work done without the lock.
+func (l *Lock) Lost() <-chan struct{} {
+	l.lostMu.Lock()
+	defer l.lostMu.Unlock()
+	return l.lostCh
+}
+
+// Tx returns the pgx transaction the lock runs in while it is held in
+// Transaction scope on a pgx connection or pool, else nil. Work done in it
+// commits or rolls back together with the lock.
+func (l *Lock) Tx() pgx.Tx {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.b == nil {
+		return nil
+	}
+	return l.b.pgxTx()
+}
+
+// SQLTx is Tx for database/sql: the *sql.Tx the lock runs in while held in
+// Transaction scope on a *sql.DB, *sql.Conn or *sql.Tx, else nil.
+func (l *Lock) SQLTx() *sql.Tx {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.b == nil {
+		return nil
+	}
+	return l.b.sqlTx()
+}
+
+// Acquire blocks until the lock is held or ctx ends (or the wait timeout of
+// [WithWaitTimeout] passes). It returns nil when the lock is held.
+//
+// When ctx ends first, Acquire returns promptly an error that matches both
+// [ErrNotAcquired] and ctx's error, and the lock is certainly not held
+// afterwards, even when the server granted it as the wait was being
+// cancelled. The wait is cancelled on the server with a cancel request, so
+// the connection stays usable (on database/sql, waits poll instead; see the
+// package documentation). A database error also matches ErrNotAcquired.
+//
+// Acquire on a Lock that is held returns [ErrAlreadyHeld].
+func (l *Lock) Acquire(ctx context.Context) error {
+	_, err := l.acquire(ctx, true)
+	return err
+}
+
+// TryAcquire takes the lock if it is free and never waits for it: it
+// returns (true, nil) when the lock is now held and (false, nil) when another
+// session holds it. An error means the lock is not held.
+func (l *Lock) TryAcquire(ctx context.Context) (bool, error) {
+	return l.acquire(ctx, false)
+}
+
+func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
+	if ctx == nil {
+		return false, fmt.Errorf("%w: key %s: nil context", ErrNotAcquired, l.key)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.b != nil {
+		return false, fmt.Errorf("%w: key %s", ErrAlreadyHeld, l.key)
+	}
+	if err := ctx.Err(); err != nil {
+		return false, l.notAcquired(ctx, nil)
+	}
+	start := time.Now()
+	if wait && l.cfg.waitTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, l.cfg.waitTimeout)
+		defer cancel()
+	}
+	b, err := l.src.open(ctx, l)
+	if err != nil {
+		return false, l.notAcquired(ctx, err)
+	}
+	ok, err := b.acquire(ctx, wait)
+	waited := time.Since(start)
+	switch {
+	case err != nil || (wait && !ok):
+		err = l.notAcquired(ctx, err)
+		l.logf(slog.LevelDebug, "pglock: not acquired", waited, err)
+		return false, err
+	case !ok:
+		l.logf(slog.LevelDebug, "pglock: busy", waited, nil)
+		return false, nil
+	}
+	l.b = b
+	l.lostMu.Lock()
+	if l.lostDone {
+		l.lostCh, l.lostErr, l.lostDone = make(chan struct{}), nil, false
+	}
+	l.lostMu.Unlock()
+	l.held.Store(true)
+	l.stopWatch = b.watch(l.cfg.lostCheck, l.markLost)
+	l.logf(slog.LevelDebug, "pglock: acquired", waited, nil)
+	return true, nil
+}
+
+// notAcquired builds Acquire's error: ErrNotAcquired, the context's error
+// when it ended, and the database's error when there was one.
+func (l *Lock) notAcquired(ctx context.Context, err error) error {
+	ctxErr := ctx.Err()
+	switch {
+	case err == nil && ctxErr == nil:
+		return fmt.Errorf("%w: key %s", ErrNotAcquired, l.key)
+	case err == nil:
+		return fmt.Errorf("%w: key %s: %w", ErrNotAcquired, l.key, ctxErr)
+	case ctxErr == nil || errors.Is(err, ctxErr):
+		return fmt.Errorf("%w: key %s: %w", ErrNotAcquired, l.key, err)
+	default:
+		return fmt.Errorf("%w: key %s: %w: %w", ErrNotAcquired, l.key, ctxErr, err)
+	}
+}
+
+// markLost is called (once per hold, from the watcher) when the connection
+// of a held lock died.
+func (l *Lock) markLost(err error) {
+	l.lostMu.Lock()
+	defer l.lostMu.Unlock()
+	if l.lostDone {
+		return
+	}
+	l.held.Store(false)
+	l.lostErr, l.lostDone = err, true
+	close(l.lostCh)
+	if l.log != nil {
+		l.log.Warn("pglock: lock lost", slog.Any("error", err))
+	}
+}
+
+// Release ends the hold. It is safe to call whether or not the lock is held,
+// and more than once: when nothing is held it returns nil.
+//
+// In Session scope it unlocks the key and gives a pooled connection back to
+// its pool; a connection whose unlock failed or whose outcome is unknown is
+// destroyed, never returned to the pool holding the lock. In Transaction
+// scope on a pool or connection it commits the lock's transaction (use
+// HandleError, or Do, to roll back); on a caller's transaction it only forgets
+// the hold: the transaction goes on, and the lock with it until it ends.
+//
+// When the hold was lost (the connection died), Release cleans up and returns
+// an error matching [ErrLockLost]. The statements run even when ctx has ended,
+// bounded by [WithReleaseTimeout].
+func (l *Lock) Release(ctx context.Context) error {
+	return l.end(ctx, true)
+}
+
+// HandleError is the Python package's handle_error: when err is not nil and
+// RollbackOnError is on (the default), it rolls back the lock's transaction,
+// which in Transaction scope releases the lock (on a caller's transaction it
+// rolls back the caller's transaction). It returns err, joined with any
+// rollback error. With err nil, RollbackOnError off, or in Session scope it
+// changes nothing and returns err.
+func (l *Lock) HandleError(ctx context.Context, err error) error {
+	if err == nil || !l.cfg.rollbackOnError || l.cfg.scope != Transaction {
+		return err
+	}
+	if rerr := l.end(ctx, false); rerr != nil {
+		return errors.Join(err, rerr)
+	}
+	return err
+}
+
+// end ends the hold: commit (Release) or roll back (HandleError, a failed Do).
+func (l *Lock) end(ctx context.Context, commit bool) error {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b := l.b
+	if b == nil {
+		return nil
+	}
+	if l.stopWatch != nil {
+		l.stopWatch()
+		l.stopWatch = nil
+	}
+	l.b = nil
+	l.held.Store(false)
+	err := b.release(ctx, commit)
+	l.lostMu.Lock()
+	lost, lostErr := l.lostDone, l.lostErr
+	if !lost && errors.Is(err, ErrLockLost) {
+		l.lostErr, l.lostDone = err, true
+		close(l.lostCh)
+	}
+	l.lostMu.Unlock()
+	if lost && !errors.Is(err, ErrLockLost) {
+		err = errors.Join(fmt.Errorf("%w: key %s", ErrLockLost, l.key), lostErr, err)
+	}
+	if err != nil {
+		err = fmt.Errorf("pglock: release key %s: %w", l.key, err)
+		l.logf(slog.LevelWarn, "pglock: release failed", 0, err)
+		return err
+	}
+	l.logf(slog.LevelDebug, "pglock: released", 0, nil)
+	return nil
+}
+
+func (l *Lock) logf(level slog.Level, msg string, waited time.Duration, err error) {
+	if l.log == nil {
+		return
+	}
+	attrs := make([]slog.Attr, 0, 2)
+	if waited > 0 {
+		attrs = append(attrs, slog.Duration("wait", waited))
+	}
+	if err != nil {
+		attrs = append(attrs, slog.Any("error", err))
+	}
+	l.log.LogAttrs(context.Background(), level, msg, attrs...)
+}

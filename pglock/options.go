@@ -1,0 +1,212 @@
+package pglock
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+)
+
+// Scope says how long a held lock lives.
+type Scope int
+
+const (
+	// Session (the zero value, the default) holds the lock until it is
+	// released or until its connection ends (pg_advisory_lock).
+	Session Scope = iota
+	// Transaction holds the lock until its transaction ends, by commit or
+	// rollback (pg_advisory_xact_lock); it cannot be released earlier. On a
+	// pool or a connection the lock opens its own transaction and hands it to
+	// the protected work; on a caller's transaction it joins that one.
+	Transaction
+)
+
+// String returns "session" or "transaction".
+func (s Scope) String() string {
+	switch s {
+	case Session:
+		return "session"
+	case Transaction:
+		return "transaction"
+	default:
+		return fmt.Sprintf("Scope(%d)", int(s))
+	}
+}
+
+// Mode says whether a lock excludes every other holder or only exclusive ones.
+type Mode int
+
+const (
+	// Exclusive (the zero value, the default) excludes every other holder of
+	// the key, exclusive or shared.
+	Exclusive Mode = iota
+	// Shared admits other shared holders and excludes exclusive ones: a
+	// readers/writer lock (pg_advisory_lock_shared and friends).
+	Shared
+)
+
+// String returns "exclusive" or "shared".
+func (m Mode) String() string {
+	switch m {
+	case Exclusive:
+		return "exclusive"
+	case Shared:
+		return "shared"
+	default:
+		return fmt.Sprintf("Mode(%d)", int(m))
+	}
+}
+
+// DefaultLostCheckInterval is how often a held session lock on a pool checks
+// its connection when nothing has happened on it. A connection that the
+// server closes (pg_terminate_backend, a restart) is noticed at once; one
+// that goes silent is noticed within twice this interval.
+const DefaultLostCheckInterval = 500 * time.Millisecond
+
+// DefaultReleaseTimeout bounds the statements that end a hold (unlock, commit,
+// rollback), which run even when the caller's context has ended.
+const DefaultReleaseTimeout = 5 * time.Second
+
+// Option configures a Lock or a Locker. Options given to Locker.Lock override
+// the Locker's for that lock.
+type Option func(*config)
+
+type config struct {
+	scope           Scope
+	scopeSet        bool
+	mode            Mode
+	rollbackOnError bool
+	logger          *slog.Logger
+	lostCheck       time.Duration
+	releaseTimeout  time.Duration
+	waitTimeout     time.Duration
+	namespace       string
+	errs            []error
+}
+
+func defaultConfig() config {
+	return config{
+		rollbackOnError: true,
+		lostCheck:       DefaultLostCheckInterval,
+		releaseTimeout:  DefaultReleaseTimeout,
+	}
+}
+
+func (c *config) invalid(format string, args ...any) {
+	c.errs = append(c.errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalidOption}, args...)...))
+}
+
+// WithScope sets the scope: Session (the default) or Transaction. On a
+// caller's transaction (pgx.Tx, *sql.Tx) the scope is Transaction, and asking
+// for Session there is an error: a session lock would outlive the transaction.
+func WithScope(s Scope) Option {
+	return func(c *config) {
+		if s != Session && s != Transaction {
+			c.invalid("scope %d (want pglock.Session or pglock.Transaction)", int(s))
+			return
+		}
+		c.scope, c.scopeSet = s, true
+	}
+}
+
+// WithMode sets the mode: Exclusive (the default) or Shared.
+func WithMode(m Mode) Option {
+	return func(c *config) {
+		if m != Exclusive && m != Shared {
+			c.invalid("mode %d (want pglock.Exclusive or pglock.Shared)", int(m))
+			return
+		}
+		c.mode = m
+	}
+}
+
+// WithRollbackOnError sets whether a failing or panicking function given to
+// Do, or an error given to HandleError, rolls back the lock's transaction
+// (Transaction scope) before the lock is released. The default is true. In
+// Session scope there is no transaction of the lock's to roll back.
+func WithRollbackOnError(on bool) Option {
+	return func(c *config) { c.rollbackOnError = on }
+}
+
+// WithLogger sets the logger. A nil logger (the default) logs nothing.
+// Acquire, busy and release are logged at Debug level, a lost lock and a
+// failed release at Warn level, each with the key, scope, mode and wait time.
+func WithLogger(l *slog.Logger) Option {
+	return func(c *config) { c.logger = l }
+}
+
+// WithLostCheckInterval sets how often a held session lock on a pool checks
+// its idle connection (see [DefaultLostCheckInterval], used when d is 0). A
+// connection closed by the server is noticed at once; a silent one within 2*d.
+// A negative d is an error.
+func WithLostCheckInterval(d time.Duration) Option {
+	return func(c *config) {
+		switch {
+		case d < 0:
+			c.invalid("lost check interval %v is negative", d)
+		case d == 0:
+			c.lostCheck = DefaultLostCheckInterval
+		default:
+			c.lostCheck = d
+		}
+	}
+}
+
+// WithReleaseTimeout bounds the statements that end a hold (see
+// [DefaultReleaseTimeout], used when d is 0). They run even when the caller's
+// context has ended, so that a lock is never left held on a live connection;
+// a pooled connection whose unlock does not finish in time is destroyed.
+// A negative d is an error.
+func WithReleaseTimeout(d time.Duration) Option {
+	return func(c *config) {
+		switch {
+		case d < 0:
+			c.invalid("release timeout %v is negative", d)
+		case d == 0:
+			c.releaseTimeout = DefaultReleaseTimeout
+		default:
+			c.releaseTimeout = d
+		}
+	}
+}
+
+// WithWaitTimeout bounds how long Acquire (and Do) wait for a busy lock, on
+// top of the context's own deadline. Zero (the default) waits as long as the
+// context allows. When the bound passes, the error matches ErrNotAcquired and
+// context.DeadlineExceeded. A negative d is an error.
+func WithWaitTimeout(d time.Duration) Option {
+	return func(c *config) {
+		if d < 0 {
+			c.invalid("wait timeout %v is negative", d)
+			return
+		}
+		c.waitTimeout = d
+	}
+}
+
+// WithNamespace prefixes every string, []byte and integer key with ns before
+// it is hashed, so that two features of one database never collide by
+// accident: with namespace "cron:", the key "billing" is KeyOf("cron:billing").
+// A Key value ([Int64Key], [Int32PairKey], [KeyOf]'s result) is used as it is.
+// The default is no namespace. Given twice, the last one wins.
+func WithNamespace(ns string) Option {
+	return func(c *config) { c.namespace = ns }
+}
+
+// keyOf applies the namespace to v and hashes it.
+func (c *config) keyOf(v any) (Key, error) {
+	if c.namespace == "" {
+		return KeyOf(v)
+	}
+	switch k := v.(type) {
+	case Key:
+		return k, nil
+	case []byte:
+		return KeyOf(append([]byte(c.namespace), k...))
+	case string:
+		return KeyOf(c.namespace + k)
+	}
+	if _, err := KeyOf(v); err != nil {
+		return Key{}, err
+	}
+	return KeyOf(fmt.Sprintf("%s%d", c.namespace, v))
+}
