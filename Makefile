@@ -7,7 +7,7 @@
 GO       ?= go
 MODULES  := $(shell $(GO) list -m -f '{{.Dir}}')
 WITHPG   := $(GO) run ./internal/pgtest/withpg -install --
-STATICCHECK_VERSION ?= 2025.1.1
+STATICCHECK_VERSION ?= v0.8.2
 
 .PHONY: test test-modules vet demo bench lint
 
