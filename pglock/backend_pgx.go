@@ -104,15 +104,20 @@ func (b *pgxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 }
 
 // try runs the non-blocking lock function on q (the connection or a
-// transaction). It does not wait for the lock, so it is not interrupted by
-// ctx, only bounded: an interrupted statement would cost the connection.
+// transaction). On a connection of the lock's own it runs under ctx: pgx
+// closes a connection whose statement is interrupted, and close destroys it.
+// On a caller's connection it is not interrupted by ctx, only bounded, so
+// that an ended context cannot cost the caller's connection.
 func (b *pgxBackend) try(ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }) (bool, error) {
-	qctx, cancel := b.bounded(ctx)
-	defer cancel()
+	if b.pooled == nil {
+		var cancel context.CancelFunc
+		ctx, cancel = b.bounded(ctx)
+		defer cancel()
+	}
 	var ok bool
-	err := q.QueryRow(qctx, b.st.try, b.st.args...).Scan(&ok)
+	err := q.QueryRow(ctx, b.st.try, b.st.args...).Scan(&ok)
 	return ok, err
 }
 
@@ -144,7 +149,7 @@ func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error
 	cctx, cancel := b.bounded(ctx)
 	defer cancel()
 	cerr := retryCanceled(func() error {
-		_, err := b.conn.Exec(cctx, b.st.cleanup, b.st.cleanupArgs...)
+		_, err := b.conn.Exec(cctx, b.st.cleanup, b.l.cleanupArgs()...)
 		return err
 	})
 	callerConn := b.pooled == nil
@@ -175,7 +180,7 @@ func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) 
 	var tx pgx.Tx
 	err, interrupted := b.interruptible(ctx, func(qctx context.Context) error {
 		var err error
-		tx, err = b.conn.BeginTx(qctx, pgx.TxOptions{BeginQuery: "BEGIN; " + b.st.lockLiteral})
+		tx, err = b.conn.BeginTx(qctx, pgx.TxOptions{BeginQuery: "BEGIN; " + b.l.lockLiteral()})
 		return err
 	})
 	if err == nil && !interrupted {
@@ -228,7 +233,7 @@ func (b *pgxBackend) acquireInCallerTx(ctx context.Context, wait bool) (bool, er
 	}
 	const sp = "pglock_wait"
 	err, interrupted := b.interruptible(ctx, func(qctx context.Context) error {
-		_, err := b.callerTx.Exec(qctx, "SAVEPOINT "+sp+"; "+b.st.lockLiteral)
+		_, err := b.callerTx.Exec(qctx, "SAVEPOINT "+sp+"; "+b.l.lockLiteral())
 		return err
 	})
 	rctx, cancel := b.bounded(ctx)

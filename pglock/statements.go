@@ -10,46 +10,76 @@ type statements struct {
 	try    string // SELECT pg_try_advisory[_xact]_lock[_shared](...): bool
 	lock   string // SELECT pg_advisory[_xact]_lock[_shared](...): void
 	unlock string // SELECT pg_advisory_unlock[_shared](...): bool (session scope)
-	// cleanup unlocks the key only if pg_locks shows this session holding it:
+	// cleanup (args: the key's, then its LockTag) unlocks the key only if pg_locks shows this session holding it:
 	// run after a wait that was interrupted, since the server may have granted
 	// the lock as the cancel arrived. Unlike a bare unlock it raises no
 	// WARNING when the lock is not held.
 	cleanup string
-	// lockLiteral is lock with the key as a literal, for the simple protocol.
-	lockLiteral string
-	args        []any
-	cleanupArgs []any
+	args    []any
 }
 
-func newStatements(k Key, scope Scope, mode Mode) *statements {
-	xact, shared := "", ""
+// fixed holds the statements that do not depend on the key's value, per
+// [scope][mode][pair], built once.
+var fixed = func() (t [2][2][2]statements) {
+	for scope := range 2 {
+		for mode := range 2 {
+			for pair := range 2 {
+				t[scope][mode][pair] = buildFixed(Scope(scope), Mode(mode), pair == 1)
+			}
+		}
+	}
+	return t
+}()
+
+func fnNames(scope Scope, mode Mode) (xact, shared, pgMode string) {
+	pgMode = "ExclusiveLock"
 	if scope == Transaction {
 		xact = "xact_"
 	}
-	pgMode := "ExclusiveLock"
 	if mode == Shared {
-		shared = "_shared"
-		pgMode = "ShareLock"
+		shared, pgMode = "_shared", "ShareLock"
 	}
-	params := "($1::bigint)"
-	if k.pair {
-		params = "($1::integer, $2::integer)"
+	return xact, shared, pgMode
+}
+
+func buildFixed(scope Scope, mode Mode, pair bool) statements {
+	xact, shared, pgMode := fnNames(scope, mode)
+	params, n := "($1::bigint)", 1
+	if pair {
+		params, n = "($1::integer, $2::integer)", 2
 	}
-	args := k.args()
-	n := len(args)
-	classid, objid, objsubid := k.LockTag()
 	p := func(i int) string { return "$" + strconv.Itoa(n+i) }
-	return &statements{
-		try:         "SELECT pg_try_advisory_" + xact + "lock" + shared + params,
-		lock:        "SELECT pg_advisory_" + xact + "lock" + shared + params,
-		unlock:      "SELECT pg_advisory_unlock" + shared + params,
-		lockLiteral: "SELECT pg_advisory_" + xact + "lock" + shared + k.literal(),
+	return statements{
+		try:    "SELECT pg_try_advisory_" + xact + "lock" + shared + params,
+		lock:   "SELECT pg_advisory_" + xact + "lock" + shared + params,
+		unlock: "SELECT pg_advisory_unlock" + shared + params,
 		cleanup: "SELECT pg_advisory_unlock" + shared + params + " FROM pg_catalog.pg_locks" +
 			" WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted" +
 			" AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())" +
 			" AND classid = " + p(1) + "::oid AND objid = " + p(2) + "::oid AND objsubid = " + p(3) + "::smallint" +
 			" AND mode = '" + pgMode + "'",
-		args:        args,
-		cleanupArgs: append(append([]any{}, args...), int64(classid), int64(objid), objsubid),
 	}
+}
+
+func newStatements(k Key, scope Scope, mode Mode) *statements {
+	pair := 0
+	if k.pair {
+		pair = 1
+	}
+	st := fixed[scope][mode][pair]
+	st.args = k.args()
+	return &st
+}
+
+// lockLiteral is the blocking lock statement with the key as a literal, for
+// the simple protocol (where it can share a round trip with BEGIN).
+func (l *Lock) lockLiteral() string {
+	xact, shared, _ := fnNames(l.cfg.scope, l.cfg.mode)
+	return "SELECT pg_advisory_" + xact + "lock" + shared + l.key.literal()
+}
+
+// cleanupArgs returns the arguments of the cleanup statement.
+func (l *Lock) cleanupArgs() []any {
+	classid, objid, objsubid := l.key.LockTag()
+	return append(l.key.args(), int64(classid), int64(objid), objsubid)
 }

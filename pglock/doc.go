@@ -1,0 +1,135 @@
+// Package pglock is a distributed lock on PostgreSQL advisory locks: the lock
+// that two replicas of a service take so that they do not do the same thing at
+// once. It is a Go port of, and compatible with, the Python package
+// postgresql-lock.
+//
+//	locker, err := pglock.NewLocker(pool) // *pgxpool.Pool, *sql.DB, ...
+//	err = locker.Do(ctx, "invoice:42", func(ctx context.Context) error {
+//		// only one process in the cluster runs this at a time
+//		return nil
+//	})
+//
+// # Keys
+//
+// PostgreSQL has one 64-bit advisory key space per database (and a second one
+// of pairs of 32-bit integers). [KeyOf] maps a name to a key exactly as
+// postgresql-lock does, so Go and Python services that name the same key
+// contend on the same lock: the name's text (a string as is, an integer in
+// decimal) is hashed with SHA-1 and the first 8 bytes of the digest, read as a
+// big-endian signed integer, are the key. KeyOf("test") is
+// -6248023315878667354. A []byte is hashed as its raw bytes (Python's
+// str(b"...") form is not mimicked). [Int64Key] and [Int32PairKey] give raw
+// keys, unhashed. [Key.LockTag] tells how a key appears in pg_locks. Keys are
+// per database: locks in two databases of one server never meet. A
+// [WithNamespace] prefix keeps two features of one database apart.
+//
+// # Scopes and modes
+//
+// A [Session] lock (the default) is held until it is released or its
+// connection ends. A [Transaction] lock is held until its transaction commits
+// or rolls back, and cannot be released earlier. [Exclusive] (the default)
+// excludes every other holder; [Shared] admits other shared holders and
+// excludes exclusive ones.
+//
+// # What a lock runs on
+//
+// [New] and [NewLocker] take a *pgxpool.Pool, *pgxpool.Conn, *pgx.Conn,
+// pgx.Tx, *sql.DB, *sql.Conn or *sql.Tx; anything else is an error at
+// construction.
+//
+// On a pool a session lock pins one connection for its whole hold, since the
+// lock belongs to the connection: nobody else gets that connection until the
+// lock is released. After a successful unlock the connection goes back to the
+// pool holding nothing; a connection whose unlock failed, or whose outcome is
+// unknown, is destroyed rather than returned still holding the lock.
+//
+// In Transaction scope on a pool or a connection the lock opens its own
+// transaction (BEGIN and the lock travel in one round trip) and hands it to
+// the protected work: [TxFromContext] (pgx) or [SQLTxFromContext]
+// (database/sql) inside Do, and [Lock.Tx] or [Lock.SQLTx]. The work commits
+// or rolls back together with the lock. On a caller's transaction the lock
+// joins it (pg_advisory_xact_lock), and Release leaves the transaction, and
+// so the lock, to the caller; Session scope there is refused.
+//
+// # Waiting and cancelling
+//
+// [Lock.Acquire] first tries the lock, then waits in the server's queue until
+// it is granted or the context ends. A cancelled wait is stopped with a
+// PostgreSQL cancel request rather than by closing the connection (which is
+// what pgx does with a cancelled query): a pinned or caller's connection stays
+// usable. The server may grant the lock in the instant the cancel arrives, so
+// after an interrupted wait the lock is looked up in pg_locks and given back:
+// when Acquire fails, the lock is not held. The error matches both
+// [ErrNotAcquired] and the context's error. On a caller's transaction the wait
+// runs under a savepoint, so a cancelled wait leaves the transaction usable.
+//
+// database/sql offers no way to interrupt a statement and keep the
+// connection, so on *sql.DB, *sql.Conn and *sql.Tx a wait polls the
+// non-blocking function with a growing pause (5 ms to 100 ms) instead: the
+// same guarantees, but no FIFO order among waiters and up to 100 ms of latency.
+//
+// [Lock.TryAcquire] never waits. [Lock.Release] is safe to call at any time,
+// more than once, and with an ended context: the statements that end a hold
+// run under their own bound ([WithReleaseTimeout]).
+//
+// # Knowing that a lock was lost
+//
+// A session lock lives exactly as long as its connection. While a session lock
+// on a pool is held its connection is watched: a connection the server closes
+// (pg_terminate_backend, a restart, a failover) is noticed at once, and one
+// that goes silent within twice the check interval ([WithLostCheckInterval],
+// 500 ms by default, so within 1 s). Then [Lock.Lost] is closed, the context
+// given to Do's function is cancelled with cause [ErrLockLost], and Release
+// returns an error matching ErrLockLost.
+//
+// Between the moment a connection dies and the moment its holder notices,
+// the server may already have given the lock to another process: two holders
+// can overlap for up to that bound (plus the time the holder takes to react
+// to its context). Work that must never overlap should use Transaction scope,
+// where the work and the lock commit together: a holder whose connection died
+// cannot commit anything. Connections the caller owns (a *pgx.Conn, a
+// *sql.Conn) are not watched, since the caller uses them concurrently; there a
+// loss is reported at release.
+//
+// # Do and errors
+//
+// [Lock.Do] is Python's with statement: acquire, run, release. When the
+// function fails or panics the lock's transaction is rolled back first (see
+// [WithRollbackOnError]); a panic is re-raised. [Lock.HandleError] is the same
+// rollback for code that manages Acquire and Release itself.
+//
+// Errors wrap the sentinels of this package ([ErrNotAcquired], [ErrLockLost],
+// [ErrNotHeld], [ErrAlreadyHeld], [ErrUnsupportedConn], [ErrInvalidKey],
+// [ErrInvalidOption], [ErrNilFunc]) with %w; match them with errors.Is.
+// Database errors stay reachable with errors.As (*pgconn.PgError).
+//
+// # Re-entrancy
+//
+// PostgreSQL stacks locks per session: a connection that takes a key twice
+// holds it twice and must unlock twice. A [Lock] value is not re-entrant:
+// Acquire on a held Lock returns [ErrAlreadyHeld]. Two Locks on one caller's
+// connection do stack, as PostgreSQL does; on a pool they are two sessions and
+// exclude each other.
+//
+// # PgBouncer
+//
+// A pooler in transaction mode (PgBouncer's pool_mode = transaction) hands
+// each transaction to any server session, so a session lock is taken in one
+// session and unlocked (or not) in another: session locks do not work
+// through it. Use Transaction scope there, or connect to the server (or a
+// session-mode pool) directly. When an unlock reports that the session did not
+// hold the key, the error says so.
+//
+// # Logging
+//
+// [WithLogger] takes a *slog.Logger (nil, the default, logs nothing).
+// Acquired, busy, not acquired and released are logged at Debug level and a
+// lost lock or failed release at Warn, with the key, scope, mode and wait.
+//
+// # What it does not do
+//
+// It does not fence writes made outside the database (use Transaction scope
+// and keep the work in the database), renew or lease anything (a PostgreSQL
+// lock needs no renewal), or retry: a busy lock is reported, and the
+// caller decides.
+package pglock

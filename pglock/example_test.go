@@ -1,0 +1,154 @@
+package pglock_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"os"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/pglock"
+)
+
+func examplePool() *pgxpool.Pool {
+	pool, err := pgxpool.New(context.Background(), os.Getenv("DATABASE_URL"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	return pool
+}
+
+// Two replicas must not send the same invoice twice: the one that gets the
+// lock sends it.
+func Example() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	err = locker.Do(ctx, "example:invoice:42", func(ctx context.Context) error {
+		fmt.Println("sending invoice 42, alone in the cluster")
+		return nil
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	// Output: sending invoice 42, alone in the cluster
+}
+
+// KeyOf hashes names exactly as the Python package postgresql-lock does.
+func ExampleKeyOf() {
+	for _, name := range []any{"shared-identifier", "test", 42} {
+		k, err := pglock.KeyOf(name)
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Println(name, k)
+	}
+	// Output:
+	// shared-identifier -464685171814670893
+	// test -6248023315878667354
+	// 42 -7867842753158719212
+}
+
+// TryAcquire never waits: a busy lock is reported as false.
+func ExampleLock_TryAcquire() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+
+	first, _ := pglock.New(pool, "example:report")
+	second, _ := pglock.New(pool, "example:report")
+
+	ok, err := first.TryAcquire(ctx)
+	fmt.Println("first:", ok, err)
+	ok, err = second.TryAcquire(ctx)
+	fmt.Println("second:", ok, err)
+
+	if err := first.Release(ctx); err != nil {
+		log.Fatal(err)
+	}
+	ok, _ = second.TryAcquire(ctx)
+	fmt.Println("second, after release:", ok)
+	_ = second.Release(ctx)
+	// Output:
+	// first: true <nil>
+	// second: false <nil>
+	// second, after release: true
+}
+
+// Acquire waits until the context ends; the error then matches both
+// ErrNotAcquired and the context's error.
+func ExampleLock_Acquire() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+
+	holder, _ := pglock.New(pool, "example:migrate")
+	if err := holder.Acquire(ctx); err != nil {
+		log.Fatal(err)
+	}
+	defer holder.Release(ctx)
+
+	waiter, _ := pglock.New(pool, "example:migrate")
+	wctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	err := waiter.Acquire(wctx)
+	fmt.Println(errors.Is(err, pglock.ErrNotAcquired), errors.Is(err, context.DeadlineExceeded), waiter.Held())
+	// Output: true true false
+}
+
+// In Transaction scope the work and the lock commit together; a failing
+// function rolls both back.
+func ExampleLock_Do_transaction() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+
+	l, err := pglock.New(pool, "example:ledger", pglock.WithScope(pglock.Transaction))
+	if err != nil {
+		log.Fatal(err)
+	}
+	err = l.Do(ctx, func(ctx context.Context) error {
+		tx, _ := pglock.TxFromContext(ctx)
+		var n int
+		if err := tx.QueryRow(ctx, "SELECT 40 + 2").Scan(&n); err != nil {
+			return err
+		}
+		fmt.Println("inside the lock's transaction:", n)
+		return errors.New("changed my mind")
+	})
+	fmt.Println("rolled back:", err)
+	// Output:
+	// inside the lock's transaction: 42
+	// rolled back: changed my mind
+}
+
+// Lost is closed when the connection of a held session lock dies; Do's
+// function sees its context cancelled with cause ErrLockLost.
+func ExampleLock_Lost() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+
+	l, _ := pglock.New(pool, "example:leader")
+	err := l.Do(ctx, func(ctx context.Context) error {
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx) // pglock.ErrLockLost
+		case <-time.After(10 * time.Millisecond):
+			fmt.Println("did the work while the lock was held")
+			return nil
+		}
+	})
+	fmt.Println(err)
+	// Output:
+	// did the work while the lock was held
+	// <nil>
+}
