@@ -58,4 +58,3 @@ func TestPoolPinsOneConnection(t *testing.T) {
 		t.Fatalf("healthy connection %d was destroyed instead of returned (err %v)", holder, err)
 	}
 }
-
