@@ -34,6 +34,9 @@ type backend interface {
 	// back; the caller's transaction is rolled back when !commit and left
 	// alone otherwise.
 	release(ctx context.Context, commit bool) error
+	// discard ends a hold whose connection was lost: a connection of the
+	// lock's own is destroyed without another statement.
+	discard()
 	// watch starts watching the connection of a held lock and calls lost
 	// (once) if it dies. The returned stop ends the watch and waits for it.
 	// A backend that cannot be watched returns nil.

@@ -336,6 +336,8 @@ func (b *pgxBackend) release(ctx context.Context, commit bool) error {
 	}
 }
 
+func (b *pgxBackend) discard() { b.close(false) }
+
 func (b *pgxBackend) unlockSession(ctx context.Context) error {
 	if b.conn.IsClosed() {
 		b.close(false)

@@ -214,6 +214,8 @@ func (b *sqlBackend) release(ctx context.Context, commit bool) error {
 	}
 }
 
+func (b *sqlBackend) discard() { b.close(false) }
+
 func (b *sqlBackend) watch(interval time.Duration, lost func(error)) func() {
 	if !b.pinned || b.l.cfg.scope != Session {
 		return nil

@@ -187,10 +187,10 @@ func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
 	switch {
 	case err != nil || (wait && !ok):
 		err = l.notAcquired(ctx, err)
-		l.logf(slog.LevelDebug, "pglock: not acquired", waited, err)
+		l.emit(EventNotAcquired, waited, err)
 		return false, err
 	case !ok:
-		l.logf(slog.LevelDebug, "pglock: busy", waited, nil)
+		l.emit(EventBusy, waited, nil)
 		return false, nil
 	}
 	l.b = b
@@ -201,7 +201,7 @@ func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
 	l.lostMu.Unlock()
 	l.held.Store(true)
 	l.stopWatch = b.watch(l.cfg.lostCheck, l.markLost)
-	l.logf(slog.LevelDebug, "pglock: acquired", waited, nil)
+	l.emit(EventAcquired, waited, nil)
 	return true, nil
 }
 
@@ -232,9 +232,7 @@ func (l *Lock) markLost(err error) {
 	l.held.Store(false)
 	l.lostErr, l.lostDone = err, true
 	close(l.lostCh)
-	if l.log != nil {
-		l.log.Warn("pglock: lock lost", slog.Any("error", err))
-	}
+	l.emit(EventLost, 0, err)
 }
 
 // Release ends the hold. It is safe to call whether or not the lock is held,
@@ -287,36 +285,23 @@ func (l *Lock) end(ctx context.Context, commit bool) error {
 	}
 	l.b = nil
 	l.held.Store(false)
-	err := b.release(ctx, commit)
 	l.lostMu.Lock()
 	lost, lostErr := l.lostDone, l.lostErr
-	if !lost && errors.Is(err, ErrLockLost) {
-		l.lostErr, l.lostDone = err, true
-		close(l.lostCh)
-	}
 	l.lostMu.Unlock()
-	if lost && !errors.Is(err, ErrLockLost) {
-		err = errors.Join(fmt.Errorf("%w: key %s", ErrLockLost, l.key), lostErr, err)
+	var err error
+	if lost {
+		// The watcher saw the connection die: nothing more is sent on it.
+		b.discard()
+		err = errors.Join(ErrLockLost, lostErr)
+	} else if err = b.release(ctx, commit); errors.Is(err, ErrLockLost) {
+		l.markLost(err)
 	}
 	if err != nil {
 		err = fmt.Errorf("pglock: release key %s: %w", l.key, err)
-		l.logf(slog.LevelWarn, "pglock: release failed", 0, err)
+		l.emit(EventReleaseFailed, 0, err)
 		return err
 	}
-	l.logf(slog.LevelDebug, "pglock: released", 0, nil)
+	l.emit(EventReleased, 0, nil)
 	return nil
 }
 
-func (l *Lock) logf(level slog.Level, msg string, waited time.Duration, err error) {
-	if l.log == nil {
-		return
-	}
-	attrs := make([]slog.Attr, 0, 2)
-	if waited > 0 {
-		attrs = append(attrs, slog.Duration("wait", waited))
-	}
-	if err != nil {
-		attrs = append(attrs, slog.Any("error", err))
-	}
-	l.log.LogAttrs(context.Background(), level, msg, attrs...)
-}

@@ -80,6 +80,7 @@ type config struct {
 	releaseTimeout  time.Duration
 	waitTimeout     time.Duration
 	namespace       string
+	observer        func(Event)
 	errs            []error
 }
 

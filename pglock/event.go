@@ -1,0 +1,80 @@
+package pglock
+
+import (
+	"context"
+	"log/slog"
+	"time"
+)
+
+// EventKind says what happened to a lock.
+type EventKind int
+
+const (
+	// EventAcquired: the lock is now held.
+	EventAcquired EventKind = iota + 1
+	// EventBusy: TryAcquire (or TryDo) found the lock held elsewhere.
+	EventBusy
+	// EventNotAcquired: Acquire gave up (context, wait timeout or error).
+	EventNotAcquired
+	// EventReleased: the hold ended normally.
+	EventReleased
+	// EventReleaseFailed: ending the hold failed (Event.Err says why).
+	EventReleaseFailed
+	// EventLost: the connection of a held lock died.
+	EventLost
+)
+
+var eventNames = [...]string{"", "acquired", "busy", "not acquired", "released", "release failed", "lost"}
+
+// String returns the event's name, as logged: "acquired", "busy", ...
+func (k EventKind) String() string {
+	if k < 1 || int(k) >= len(eventNames) {
+		return "unknown"
+	}
+	return eventNames[k]
+}
+
+// Event is one thing that happened to a lock, for metrics and tracing (see
+// [WithObserver]).
+type Event struct {
+	Kind  EventKind
+	Key   Key
+	Scope Scope
+	Mode  Mode
+	// Wait is how long Acquire or TryAcquire took, for EventAcquired, EventBusy
+	// and EventNotAcquired.
+	Wait time.Duration
+	// Err is the error, for EventNotAcquired, EventReleaseFailed and EventLost.
+	Err error
+}
+
+// WithObserver sets a function called synchronously with every [Event] of
+// the lock: hook metrics or tracing to it without adding a dependency to
+// pglock. It must be quick and must not call the Lock's methods. EventLost is
+// delivered from the goroutine that watches the connection. The default is
+// nil: no observer.
+func WithObserver(fn func(Event)) Option {
+	return func(c *config) { c.observer = fn }
+}
+
+// emit logs an event and hands it to the observer.
+func (l *Lock) emit(kind EventKind, wait time.Duration, err error) {
+	if l.cfg.observer != nil {
+		l.cfg.observer(Event{Kind: kind, Key: l.key, Scope: l.cfg.scope, Mode: l.cfg.mode, Wait: wait, Err: err})
+	}
+	if l.log == nil {
+		return
+	}
+	level := slog.LevelDebug
+	if kind == EventLost || kind == EventReleaseFailed {
+		level = slog.LevelWarn
+	}
+	attrs := make([]slog.Attr, 0, 2)
+	if wait > 0 {
+		attrs = append(attrs, slog.Duration("wait", wait))
+	}
+	if err != nil {
+		attrs = append(attrs, slog.Any("error", err))
+	}
+	l.log.LogAttrs(context.Background(), level, "pglock: "+kind.String(), attrs...)
+}

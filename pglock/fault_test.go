@@ -1,0 +1,844 @@
+package pglock_test
+
+// Fault injection: cancelled waits (item 3 of issue 2) and lost locks
+// (item 7), on every kind of connection, against the real server, with lock
+// state read from a second pool through pg_locks.
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	_ "github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/pglockkit/kit/internal/faultproxy"
+	"github.com/pglockkit/kit/internal/pgtest"
+	"github.com/pglockkit/kit/pglock"
+)
+
+// faultTarget is a kind of connection a waiting Lock runs on.
+type faultTarget struct {
+	name string
+	// polls: database/sql waits by polling, so nothing waits in pg_locks.
+	polls bool
+	// setup opens the connection once and returns a function that gives
+	// each attempt what to lock on.
+	setup func(t *testing.T) func(t *testing.T) *faultWaiter
+}
+
+// faultWaiter is what one attempt locks on.
+type faultWaiter struct {
+	conn any
+	opts []pglock.Option
+	pid  int32 // the backend the lock runs on
+	// usable checks, after Acquire returned and while the attempt's
+	// transaction (if any) is open, that the connection and the transaction
+	// still work and that no pool connection is left checked out. It returns
+	// the backend pid its statement ran on.
+	usable func(t *testing.T) int32
+	// finish ends what the attempt opened (the caller's transaction).
+	finish func(t *testing.T)
+}
+
+const faultMark = "SELECT set_config('pglock_fault.mark', 'kept', true)"
+const faultReadMark = "SELECT current_setting('pglock_fault.mark'), pg_backend_pid()"
+
+func faultTargets() []faultTarget {
+	pgxPool := func(opts ...pglock.Option) func(t *testing.T) func(t *testing.T) *faultWaiter {
+		return func(t *testing.T) func(t *testing.T) *faultWaiter {
+			pool := pgtest.Pool(t, 1) // one connection: the lock's is the one we see
+			return func(t *testing.T) *faultWaiter {
+				return &faultWaiter{
+					conn: pool, opts: opts, pid: faultPID(t, pool),
+					usable: func(t *testing.T) int32 {
+						t.Helper()
+						if n := pool.Stat().AcquiredConns(); n != 0 {
+							t.Errorf("pool has %d acquired connections after Acquire returned", n)
+						}
+						return faultPID(t, pool)
+					},
+					finish: func(*testing.T) {},
+				}
+			}
+		}
+	}
+	sqlDB := func(opts ...pglock.Option) func(t *testing.T) func(t *testing.T) *faultWaiter {
+		return func(t *testing.T) func(t *testing.T) *faultWaiter {
+			db := faultSQLDB(t)
+			return func(t *testing.T) *faultWaiter {
+				return &faultWaiter{
+					conn: db, opts: opts, pid: faultSQLPID(t, db),
+					usable: func(t *testing.T) int32 {
+						t.Helper()
+						if n := db.Stats().InUse; n != 0 {
+							t.Errorf("*sql.DB has %d connections in use after Acquire returned", n)
+						}
+						return faultSQLPID(t, db)
+					},
+					finish: func(*testing.T) {},
+				}
+			}
+		}
+	}
+	return []faultTarget{
+		{name: "pgxpool", setup: pgxPool()},
+		{name: "pgxpool-transaction", setup: pgxPool(pglock.WithScope(pglock.Transaction))},
+		{name: "pgx.Conn", setup: func(t *testing.T) func(t *testing.T) *faultWaiter {
+			conn := faultConnect(t)
+			return func(t *testing.T) *faultWaiter {
+				return &faultWaiter{
+					conn: conn, pid: int32(conn.PgConn().PID()),
+					usable: func(t *testing.T) int32 {
+						t.Helper()
+						if conn.IsClosed() {
+							t.Errorf("caller's *pgx.Conn was closed by the cancelled Acquire")
+						}
+						var pid int32
+						if err := conn.QueryRow(context.Background(), "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+							t.Errorf("caller's *pgx.Conn unusable after Acquire: %v", err)
+						}
+						return pid
+					},
+					finish: func(*testing.T) {},
+				}
+			}
+		}},
+		{name: "pgx.Tx", setup: func(t *testing.T) func(t *testing.T) *faultWaiter {
+			conn := faultConnect(t)
+			return func(t *testing.T) *faultWaiter {
+				ctx := context.Background()
+				tx, err := conn.Begin(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := tx.Exec(ctx, faultMark); err != nil {
+					t.Fatal(err)
+				}
+				return &faultWaiter{
+					conn: tx, pid: int32(conn.PgConn().PID()),
+					usable: func(t *testing.T) int32 {
+						t.Helper()
+						var mark string
+						var pid int32
+						if err := tx.QueryRow(ctx, faultReadMark).Scan(&mark, &pid); err != nil {
+							t.Errorf("caller's pgx.Tx unusable after Acquire: %v", err)
+						} else if mark != "kept" {
+							t.Errorf("caller's pgx.Tx lost its earlier work (mark %q)", mark)
+						}
+						return pid
+					},
+					finish: func(t *testing.T) {
+						t.Helper()
+						if err := tx.Commit(ctx); err != nil {
+							t.Errorf("commit of the caller's pgx.Tx: %v", err)
+						}
+					},
+				}
+			}
+		}},
+		{name: "sql.DB", polls: true, setup: sqlDB()},
+		{name: "sql.DB-transaction", polls: true, setup: sqlDB(pglock.WithScope(pglock.Transaction))},
+		{name: "sql.Tx", polls: true, setup: func(t *testing.T) func(t *testing.T) *faultWaiter {
+			db := faultSQLDB(t)
+			return func(t *testing.T) *faultWaiter {
+				ctx := context.Background()
+				pid := faultSQLPID(t, db)
+				tx, err := db.BeginTx(ctx, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := tx.ExecContext(ctx, faultMark); err != nil {
+					t.Fatal(err)
+				}
+				return &faultWaiter{
+					conn: tx, pid: pid,
+					usable: func(t *testing.T) int32 {
+						t.Helper()
+						var mark string
+						var pid int32
+						if err := tx.QueryRowContext(ctx, faultReadMark).Scan(&mark, &pid); err != nil {
+							t.Errorf("caller's *sql.Tx unusable after Acquire: %v", err)
+						} else if mark != "kept" {
+							t.Errorf("caller's *sql.Tx lost its earlier work (mark %q)", mark)
+						}
+						return pid
+					},
+					finish: func(t *testing.T) {
+						t.Helper()
+						if err := tx.Commit(); err != nil {
+							t.Errorf("commit of the caller's *sql.Tx: %v", err)
+						}
+					},
+				}
+			}
+		}},
+	}
+}
+
+// TestFaultCancelWhileWaiting: an Acquire that waits behind another session
+// and whose ctx is cancelled, or passes its deadline, returns promptly an
+// error matching ErrNotAcquired and the ctx's error; the lock is not held,
+// no connection is left checked out, and the connection (and the caller's
+// transaction) is still the same, alive and usable: the wait was stopped by
+// a cancel request, not by closing the connection.
+func TestFaultCancelWhileWaiting(t *testing.T) {
+	t.Parallel()
+	watch := pgtest.Pool(t, 2)
+	hold := pgtest.Pool(t, 2)
+	for _, tg := range faultTargets() {
+		t.Run(tg.name, func(t *testing.T) {
+			t.Parallel()
+			next := tg.setup(t)
+			for _, how := range []string{"cancel", "deadline"} {
+				t.Run(how, func(t *testing.T) {
+					faultCancelOnce(t, tg, next(t), watch, hold, how)
+				})
+			}
+		})
+	}
+}
+
+func faultCancelOnce(t *testing.T, tg faultTarget, w *faultWaiter, watch, hold *pgxpool.Pool, how string) {
+	bg := context.Background()
+	key := faultKey(t)
+	holder, err := pglock.New(hold, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := holder.Acquire(bg); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := holder.Release(bg); err != nil {
+			t.Errorf("holder Release: %v", err)
+		}
+		pgtest.WaitFree(t, watch, key)
+	}()
+
+	l, err := pglock.New(w.conn, key, w.opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ctx context.Context
+	var cancel context.CancelFunc
+	want := context.Canceled
+	if how == "deadline" {
+		ctx, cancel = context.WithTimeout(bg, time.Second)
+		want = context.DeadlineExceeded
+	} else {
+		ctx, cancel = context.WithCancel(bg)
+	}
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- l.Acquire(ctx) }()
+
+	if tg.polls {
+		time.Sleep(100 * time.Millisecond) // a few polls
+	} else if pid, ok := faultWaitWaiting(t, watch, key, done); !ok {
+		t.Fatal("Acquire returned before it was seen waiting in pg_locks")
+	} else if pid != w.pid {
+		t.Errorf("waiting backend %d, want the caller's %d", pid, w.pid)
+	}
+	var ended time.Time
+	if how == "deadline" {
+		ended, _ = ctx.Deadline()
+	} else {
+		ended = time.Now()
+		cancel()
+	}
+	select {
+	case err = <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("Acquire did not return within 15 s of its ctx ending")
+	}
+	if took := time.Since(ended); took > 2*time.Second {
+		t.Errorf("Acquire returned %v after its ctx ended, want < 2 s", took)
+	}
+	if !errors.Is(err, pglock.ErrNotAcquired) || !errors.Is(err, want) {
+		t.Fatalf("Acquire = %v, want ErrNotAcquired and %v", err, want)
+	}
+	if l.Held() {
+		t.Error("Held() is true after a failed Acquire")
+	}
+	faultNoRowFor(t, watch, key, w.pid)
+	if pid := w.usable(t); pid != w.pid {
+		t.Errorf("the connection was replaced (backend %d, then %d): the cancel closed it", w.pid, pid)
+	}
+	if !faultAlive(t, watch, w.pid) {
+		t.Errorf("backend %d is gone from pg_stat_activity: the cancel closed the connection", w.pid)
+	}
+	w.finish(t)
+	if err := l.Release(bg); err != nil {
+		t.Errorf("Release after a failed Acquire = %v, want nil", err)
+	}
+}
+
+// TestFaultCancelRace: the holder releases at a random moment close to the
+// waiter's random deadline, so that the server often grants the lock as the
+// cancel arrives. Whatever happens, Acquire's outcome and pg_locks agree: on
+// nil the waiter's backend holds the key, on an error it holds nothing and a
+// third lock gets the key at once.
+func TestFaultCancelRace(t *testing.T) {
+	t.Parallel()
+	iterations := 40
+	if testing.Short() {
+		iterations = 10
+	}
+	watch := pgtest.Pool(t, 2)
+	hold := pgtest.Pool(t, 4)
+	for _, tg := range faultTargets() {
+		t.Run(tg.name, func(t *testing.T) {
+			t.Parallel()
+			next := tg.setup(t)
+			key := faultKey(t)
+			holder, err := pglock.New(hold, key)
+			if err != nil {
+				t.Fatal(err)
+			}
+			third, err := pglock.New(hold, key)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var acquired, failed, replaced int
+			for i := 0; i < iterations && !t.Failed(); i++ {
+				switch faultRaceOnce(t, next(t), watch, holder, third, key) {
+				case raceAcquired:
+					acquired++
+				case raceFailed:
+					failed++
+				case raceFailedReplaced:
+					failed++
+					replaced++
+				}
+			}
+			t.Logf("%d iterations: %d acquired, %d not acquired (%d of them on a replaced connection)",
+				iterations, acquired, failed, replaced)
+		})
+	}
+}
+
+type raceOutcome int
+
+const (
+	raceAcquired raceOutcome = iota
+	raceFailed
+	raceFailedReplaced
+)
+
+func faultRaceOnce(t *testing.T, w *faultWaiter, watch *pgxpool.Pool, holder, third *pglock.Lock, key pglock.Key) raceOutcome {
+	t.Helper()
+	bg := context.Background()
+	if err := holder.Acquire(bg); err != nil {
+		t.Fatal(err)
+	}
+	l, err := pglock.New(w.conn, key, w.opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := 5*time.Millisecond + rand.N(25*time.Millisecond)
+	rel := d - 5*time.Millisecond + rand.N(10*time.Millisecond)
+	start := time.Now()
+	ctx, cancel := context.WithDeadline(bg, start.Add(d))
+	released := make(chan error, 1)
+	go func() {
+		time.Sleep(time.Until(start.Add(rel)))
+		released <- holder.Release(bg)
+	}()
+	err = l.Acquire(ctx)
+	cancel()
+	if rerr := <-released; rerr != nil {
+		t.Fatalf("holder Release: %v", rerr)
+	}
+
+	if err == nil {
+		if !l.Held() {
+			t.Error("Acquire returned nil but Held() is false")
+		}
+		if g := pgtest.Granted(t, watch, key); len(g) != 1 || g[0].PID != w.pid {
+			t.Errorf("Acquire returned nil; pg_locks holders = %+v, want only backend %d", g, w.pid)
+		}
+		if err := l.Release(bg); err != nil {
+			t.Errorf("Release: %v", err)
+		}
+		w.finish(t)
+		pgtest.WaitFree(t, watch, key)
+		return raceAcquired
+	}
+
+	if !errors.Is(err, pglock.ErrNotAcquired) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Acquire = %v, want ErrNotAcquired and context.DeadlineExceeded", err)
+	}
+	if l.Held() {
+		t.Error("Held() is true after a failed Acquire")
+	}
+	out := raceFailed
+	pid := w.usable(t)
+	if pid != w.pid {
+		// The connection was destroyed: its backend may take a moment to
+		// exit, and with it whatever it held.
+		out = raceFailedReplaced
+		pgtest.WaitFree(t, watch, key)
+	} else if hs, herr := pgtest.Holders(bg, watch, key); herr != nil {
+		t.Fatal(herr)
+	} else if len(hs) != 0 {
+		t.Errorf("after a failed Acquire (%v), pg_locks still has %+v (waiter backend %d)", err, hs, w.pid)
+	}
+	ok, err := third.TryAcquire(bg)
+	if err != nil || !ok {
+		t.Errorf("TryAcquire by a third lock after a failed Acquire = %v, %v; want true", ok, err)
+	}
+	if ok {
+		if err := third.Release(bg); err != nil {
+			t.Errorf("third Release: %v", err)
+		}
+	}
+	w.finish(t)
+	return out
+}
+
+// faultLostTarget is a pool a session lock pins a connection of.
+type faultLostTarget struct {
+	name  string
+	open  func(t *testing.T) any
+	inUse func(conn any) int
+}
+
+var faultLostTargets = []faultLostTarget{
+	{
+		name:  "pgxpool",
+		open:  func(t *testing.T) any { return pgtest.Pool(t, 2) },
+		inUse: func(c any) int { return int(c.(*pgxpool.Pool).Stat().AcquiredConns()) },
+	},
+	{
+		name:  "sql.DB",
+		open:  func(t *testing.T) any { return faultSQLDB(t) },
+		inUse: func(c any) int { return c.(*sql.DB).Stats().InUse },
+	},
+}
+
+// TestFaultLostTerminate: pg_terminate_backend on the backend that holds a
+// session lock closes Lost() within 2 s (default check interval), Held turns
+// false, Release reports ErrLockLost, and the pool recovers; inside Do, fn's
+// ctx is cancelled with cause ErrLockLost.
+func TestFaultLostTerminate(t *testing.T) {
+	t.Parallel()
+	watch := pgtest.Pool(t, 2)
+	for _, tg := range faultLostTargets {
+		t.Run(tg.name, func(t *testing.T) {
+			t.Parallel()
+			conn := tg.open(t)
+			inUse := func() int { return tg.inUse(conn) }
+			t.Run("release", func(t *testing.T) {
+				bg := context.Background()
+				l, err := pglock.New(conn, faultKey(t))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := l.Acquire(bg); err != nil {
+					t.Fatal(err)
+				}
+				lost := l.Lost()
+				pid := faultHolderPID(t, watch, l.Key())
+				start := time.Now()
+				pgtest.Terminate(t, watch, pid)
+				faultWaitLost(t, lost, start, 2*time.Second)
+				if l.Held() {
+					t.Error("Held() is true after the lock was lost")
+				}
+				start = time.Now()
+				err = l.Release(bg)
+				if !errors.Is(err, pglock.ErrLockLost) {
+					t.Errorf("Release after loss = %v, want ErrLockLost", err)
+				}
+				if took := time.Since(start); took > 2*time.Second {
+					t.Errorf("Release after loss took %v", took)
+				}
+				if n := inUse(); n != 0 {
+					t.Errorf("%d connections still checked out after Release", n)
+				}
+				if err := l.Release(bg); err != nil {
+					t.Errorf("second Release after loss = %v, want nil", err)
+				}
+				pgtest.WaitFree(t, watch, l.Key())
+				faultRecovers(t, conn, watch, inUse)
+			})
+			t.Run("do", func(t *testing.T) {
+				bg := context.Background()
+				l, err := pglock.New(conn, faultKey(t))
+				if err != nil {
+					t.Fatal(err)
+				}
+				started := make(chan (<-chan struct{}), 1)
+				cause := make(chan error, 1)
+				doErr := make(chan error, 1)
+				go func() {
+					doErr <- l.Do(bg, func(ctx context.Context) error {
+						started <- l.Lost()
+						select {
+						case <-ctx.Done():
+							cause <- context.Cause(ctx)
+						case <-time.After(15 * time.Second):
+							cause <- errors.New("fn's ctx not cancelled within 15 s")
+						}
+						return ctx.Err()
+					})
+				}()
+				var lost <-chan struct{}
+				select {
+				case lost = <-started:
+				case err := <-doErr:
+					t.Fatalf("Do returned before fn ran: %v", err)
+				}
+				pid := faultHolderPID(t, watch, l.Key())
+				start := time.Now()
+				pgtest.Terminate(t, watch, pid)
+				faultWaitLost(t, lost, start, 2*time.Second)
+				if c := <-cause; !errors.Is(c, pglock.ErrLockLost) {
+					t.Errorf("context.Cause of fn's ctx = %v, want ErrLockLost", c)
+				}
+				if took := time.Since(start); took > 2*time.Second {
+					t.Errorf("fn's ctx cancelled %v after the terminate, want < 2 s", took)
+				}
+				if err := <-doErr; !errors.Is(err, pglock.ErrLockLost) {
+					t.Errorf("Do = %v, want an error matching ErrLockLost", err)
+				}
+				if l.Held() {
+					t.Error("Held() is true after Do")
+				}
+				if n := inUse(); n != 0 {
+					t.Errorf("%d connections still checked out after Do", n)
+				}
+				pgtest.WaitFree(t, watch, l.Key())
+				faultRecovers(t, conn, watch, inUse)
+			})
+		})
+	}
+}
+
+// TestFaultLostProxyCut: the network between client and server is cut (both
+// sides closed): Lost() closes within 2 s, Release reports ErrLockLost at
+// once, the server frees the lock, and the pool makes new connections.
+func TestFaultLostProxyCut(t *testing.T) {
+	t.Parallel()
+	bg := context.Background()
+	watch := pgtest.Pool(t, 2)
+	p, pool := faultProxyPool(t, 2)
+	l, err := pglock.New(pool, faultKey(t), pglock.WithReleaseTimeout(time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Acquire(bg); err != nil {
+		t.Fatal(err)
+	}
+	lost := l.Lost()
+	faultHolderPID(t, watch, l.Key())
+	start := time.Now()
+	p.Cut()
+	faultWaitLost(t, lost, start, 2*time.Second)
+	if l.Held() {
+		t.Error("Held() is true after the cut")
+	}
+	start = time.Now()
+	if err := l.Release(bg); !errors.Is(err, pglock.ErrLockLost) {
+		t.Errorf("Release after the cut = %v, want ErrLockLost", err)
+	}
+	if took := time.Since(start); took > time.Second+500*time.Millisecond {
+		t.Errorf("Release after the cut took %v, want within the release timeout (1 s)", took)
+	}
+	if n := pool.Stat().AcquiredConns(); n != 0 {
+		t.Errorf("%d pool connections acquired after Release", n)
+	}
+	pgtest.WaitFree(t, watch, l.Key()) // the server saw its client go
+	faultRecovers(t, pool, watch, func() int { return int(pool.Stat().AcquiredConns()) })
+}
+
+// TestFaultLostProxyBlackhole: the network goes silent without closing
+// anything. The lock is seen lost within two check intervals (plus slack);
+// Release reports ErrLockLost within the release timeout and leaves no
+// connection checked out. Meanwhile the server still believes the session
+// holds the lock: that is the overlap window the documentation describes;
+// it ends when the server learns the connection is gone (here, when the
+// network heals and the client's close arrives).
+func TestFaultLostProxyBlackhole(t *testing.T) {
+	t.Parallel()
+	bg := context.Background()
+	const interval = 200 * time.Millisecond
+	const releaseTimeout = time.Second
+	watch := pgtest.Pool(t, 2)
+	p, pool := faultProxyPool(t, 2)
+	l, err := pglock.New(pool, faultKey(t),
+		pglock.WithLostCheckInterval(interval), pglock.WithReleaseTimeout(releaseTimeout))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Acquire(bg); err != nil {
+		t.Fatal(err)
+	}
+	lost := l.Lost()
+	pid := faultHolderPID(t, watch, l.Key())
+	start := time.Now()
+	p.Blackhole()
+	defer p.Restore()
+	faultWaitLost(t, lost, start, 2*interval+800*time.Millisecond)
+	if l.Held() {
+		t.Error("Held() is true after the lock was seen lost")
+	}
+	start = time.Now()
+	if err := l.Release(bg); !errors.Is(err, pglock.ErrLockLost) {
+		t.Errorf("Release while blackholed = %v, want ErrLockLost", err)
+	}
+	if took := time.Since(start); took > releaseTimeout+500*time.Millisecond {
+		t.Errorf("Release while blackholed took %v, want within the release timeout (%v)", took, releaseTimeout)
+	}
+	if n := pool.Stat().AcquiredConns(); n != 0 {
+		t.Errorf("%d pool connections acquired after Release", n)
+	}
+	// The overlap window: the server cannot know yet.
+	if g := pgtest.Granted(t, watch, l.Key()); len(g) != 1 || g[0].PID != pid {
+		t.Errorf("while blackholed, pg_locks = %+v; want the old backend %d still holding (the server cannot know)", g, pid)
+	}
+	p.Restore()
+	pgtest.WaitFree(t, watch, l.Key())
+	faultRecovers(t, pool, watch, func() int { return int(pool.Stat().AcquiredConns()) })
+}
+
+// TestFaultCancelProxyBlackhole: a wait whose ctx ends while the network is
+// silent cannot deliver its cancel request; Acquire still returns, bounded by
+// the release timeout, with ErrNotAcquired and the ctx's error, and the
+// connection, now in doubt, is destroyed rather than returned to the pool.
+func TestFaultCancelProxyBlackhole(t *testing.T) {
+	t.Parallel()
+	bg := context.Background()
+	const releaseTimeout = time.Second
+	watch := pgtest.Pool(t, 2)
+	hold := pgtest.Pool(t, 1)
+	p, pool := faultProxyPool(t, 2)
+	key := faultKey(t)
+	holder, err := pglock.New(hold, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := holder.Acquire(bg); err != nil {
+		t.Fatal(err)
+	}
+	l, err := pglock.New(pool, key, pglock.WithReleaseTimeout(releaseTimeout))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(bg)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- l.Acquire(ctx) }()
+	if _, ok := faultWaitWaiting(t, watch, key, done); !ok {
+		t.Fatal("Acquire returned before it was seen waiting")
+	}
+	p.Blackhole()
+	defer p.Restore()
+	start := time.Now()
+	cancel()
+	select {
+	case err = <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("Acquire did not return within 15 s of its ctx ending on a silent network")
+	}
+	if took := time.Since(start); took > releaseTimeout+time.Second {
+		t.Errorf("Acquire returned %v after cancel on a silent network, want within the release timeout (%v) plus slack", took, releaseTimeout)
+	}
+	if !errors.Is(err, pglock.ErrNotAcquired) || !errors.Is(err, context.Canceled) {
+		t.Errorf("Acquire = %v, want ErrNotAcquired and context.Canceled", err)
+	}
+	if l.Held() {
+		t.Error("Held() is true after a failed Acquire")
+	}
+	if n := pool.Stat().AcquiredConns(); n != 0 {
+		t.Errorf("%d pool connections acquired after the failed Acquire", n)
+	}
+	p.Restore()
+	if err := holder.Release(bg); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.WaitFree(t, watch, key)
+	faultRecovers(t, pool, watch, func() int { return int(pool.Stat().AcquiredConns()) })
+}
+
+// faultRecovers checks that conn (a pool) still makes working locks.
+func faultRecovers(t *testing.T, conn any, watch *pgxpool.Pool, inUse func() int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	l, err := pglock.New(conn, faultKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatalf("the pool does not recover: Acquire = %v", err)
+	}
+	if g := pgtest.Granted(t, watch, l.Key()); len(g) != 1 {
+		t.Errorf("new lock: pg_locks = %+v, want one holder", g)
+	}
+	if err := l.Release(ctx); err != nil {
+		t.Errorf("new lock: Release = %v", err)
+	}
+	pgtest.WaitFree(t, watch, l.Key())
+	if n := inUse(); n != 0 {
+		t.Errorf("%d connections checked out after the new lock's Release", n)
+	}
+}
+
+func faultWaitLost(t *testing.T, lost <-chan struct{}, since time.Time, within time.Duration) {
+	t.Helper()
+	select {
+	case <-lost:
+		t.Logf("Lost() closed %v after the fault", time.Since(since).Round(time.Millisecond))
+		if took := time.Since(since); took > within {
+			t.Errorf("Lost() closed %v after the fault, want within %v", took, within)
+		}
+	case <-time.After(time.Until(since.Add(within + 10*time.Second))):
+		t.Fatalf("Lost() not closed %v after the fault (want within %v)", time.Since(since), within)
+	}
+}
+
+// faultKey returns a key no other test uses.
+func faultKey(t *testing.T) pglock.Key {
+	t.Helper()
+	k, err := pglock.KeyOf(pgtest.UniqueKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func faultPID(t *testing.T, pool *pgxpool.Pool) int32 {
+	t.Helper()
+	var pid int32
+	if err := pool.QueryRow(context.Background(), "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	return pid
+}
+
+func faultSQLPID(t *testing.T, db *sql.DB) int32 {
+	t.Helper()
+	var pid int32
+	if err := db.QueryRowContext(context.Background(), "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	return pid
+}
+
+// faultSQLDB opens a *sql.DB (pgx's stdlib driver) with one connection, so
+// that the connection a lock uses is the one the test sees.
+func faultSQLDB(t *testing.T) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("pgx", pgtest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.SetMaxOpenConns(1)
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+func faultConnect(t *testing.T) *pgx.Conn {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), pgtest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	return conn
+}
+
+// faultProxyPool returns a fault proxy in front of the test server and a
+// pool whose connections go through it.
+func faultProxyPool(t *testing.T, maxConns int32) (*faultproxy.Proxy, *pgxpool.Pool) {
+	t.Helper()
+	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	network, addr := pgconn.NetworkAddress(cfg.ConnConfig.Host, cfg.ConnConfig.Port)
+	p, err := faultproxy.New(network, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() }) // after the pool's Close (cleanups run last first)
+	cfg.ConnConfig.Host, cfg.ConnConfig.Port = p.Host(), p.Port()
+	cfg.ConnConfig.Fallbacks = nil
+	cfg.MaxConns = maxConns
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return p, pool
+}
+
+// faultWaitWaiting waits until a session waits for key in pg_locks and
+// returns its pid; ok is false when done (the waiter's result) arrives
+// first, in which case the result is put back.
+func faultWaitWaiting(t *testing.T, watch *pgxpool.Pool, key pglock.Key, done chan error) (pid int32, ok bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		hs, err := pgtest.Holders(context.Background(), watch, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, h := range hs {
+			if !h.Granted {
+				return h.PID, true
+			}
+		}
+		select {
+		case err := <-done:
+			done <- err
+			return 0, false
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	t.Fatalf("no session waiting for %s in pg_locks after 10 s", key)
+	return 0, false
+}
+
+// faultHolderPID returns the one backend that holds key.
+func faultHolderPID(t *testing.T, watch *pgxpool.Pool, key pglock.Key) int32 {
+	t.Helper()
+	g := pgtest.Granted(t, watch, key)
+	if len(g) != 1 {
+		t.Fatalf("pg_locks holders of %s = %+v, want one", key, g)
+	}
+	return g[0].PID
+}
+
+// faultNoRowFor fails the test if backend pid holds or waits for key.
+func faultNoRowFor(t *testing.T, watch *pgxpool.Pool, key pglock.Key, pid int32) {
+	t.Helper()
+	hs, err := pgtest.Holders(context.Background(), watch, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hs {
+		if h.PID == pid {
+			t.Errorf("backend %d still in pg_locks for %s after a failed Acquire: %+v", pid, key, h)
+		}
+	}
+}
+
+// faultAlive reports whether backend pid is still in pg_stat_activity.
+func faultAlive(t *testing.T, watch *pgxpool.Pool, pid int32) bool {
+	t.Helper()
+	var alive bool
+	err := watch.QueryRow(context.Background(),
+		"SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE pid = $1)", pid).Scan(&alive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return alive
+}
