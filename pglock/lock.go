@@ -304,4 +304,3 @@ func (l *Lock) end(ctx context.Context, commit bool) error {
 	l.emit(EventReleased, 0, nil)
 	return nil
 }
-
