@@ -133,31 +133,40 @@ func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error
 		}
 		return ok, nil
 	}
-	err, interrupted := b.interruptible(ctx, func(qctx context.Context) error {
-		_, err := b.conn.Exec(qctx, b.st.lock, b.st.args...)
+	held, healthy, err := waitSession(ctx, b.l, b.conn)
+	if held {
+		return true, nil
+	}
+	b.close(healthy) // a pooled connection in doubt is destroyed
+	return false, err
+}
+
+// waitSession waits in the server's queue on conn until the session lock is
+// granted or ctx ends. When it is not held afterwards, healthy reports
+// whether conn is known to be usable and without the lock: the server may
+// have granted the lock as the cancel arrived, so it is looked up and given
+// back.
+func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
+	err, interrupted, broken := interruptible(ctx, l, conn, func(qctx context.Context) error {
+		_, err := conn.Exec(qctx, l.st.lock, l.st.args...)
 		return err
 	})
 	if err == nil && !interrupted {
-		return true, nil
+		return true, true, nil
 	}
-	if b.conn.IsClosed() {
-		b.close(false)
-		return false, err
+	if broken || conn.IsClosed() {
+		return false, false, err
 	}
-	// The wait failed or was cancelled; the server may still have granted the
-	// lock as the cancel arrived. Make sure it is not held.
-	cctx, cancel := b.bounded(ctx)
+	cctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
 	defer cancel()
 	cerr := retryCanceled(func() error {
-		_, err := b.conn.Exec(cctx, b.st.cleanup, b.l.cleanupArgs()...)
+		_, err := conn.Exec(cctx, l.st.cleanup, l.cleanupArgs()...)
 		return err
 	})
-	callerConn := b.pooled == nil
-	b.close(cerr == nil) // a pooled connection in doubt is destroyed
-	if cerr != nil && callerConn {
-		return false, errors.Join(err, errUnlockFailed, cerr)
+	if cerr != nil {
+		return false, false, errors.Join(err, errUnlockFailed, cerr)
 	}
-	return false, err
+	return false, true, err
 }
 
 // acquireOwnTx opens the lock's transaction. The blocking form sends BEGIN
@@ -178,7 +187,7 @@ func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) 
 		return true, nil
 	}
 	var tx pgx.Tx
-	err, interrupted := b.interruptible(ctx, func(qctx context.Context) error {
+	err, interrupted, broken := interruptible(ctx, b.l, b.conn, func(qctx context.Context) error {
 		var err error
 		tx, err = b.conn.BeginTx(qctx, pgx.TxOptions{BeginQuery: "BEGIN; " + b.l.lockLiteral()})
 		return err
@@ -186,6 +195,10 @@ func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) 
 	if err == nil && !interrupted {
 		b.ownTx = tx
 		return true, nil
+	}
+	if broken {
+		b.close(false)
+		return false, err
 	}
 	b.endFailedTx(ctx, tx)
 	return false, err
@@ -231,41 +244,58 @@ func (b *pgxBackend) acquireInCallerTx(ctx context.Context, wait bool) (bool, er
 	if err != nil || ok || !wait {
 		return ok, err
 	}
+	held, _, err := waitInTx(ctx, b.l, b.conn)
+	return held, err
+}
+
+// waitInTx waits for the xact lock inside the transaction open on conn. The
+// wait runs under a savepoint, so that a failed or cancelled wait leaves the
+// transaction usable and without the lock. When the lock is not held,
+// healthy reports whether that is known to be so.
+func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
 	const sp = "pglock_wait"
-	err, interrupted := b.interruptible(ctx, func(qctx context.Context) error {
-		_, err := b.callerTx.Exec(qctx, "SAVEPOINT "+sp+"; "+b.l.lockLiteral())
+	err, interrupted, broken := interruptible(ctx, l, conn, func(qctx context.Context) error {
+		_, err := conn.Exec(qctx, "SAVEPOINT "+sp+"; "+l.lockLiteral())
 		return err
 	})
-	rctx, cancel := b.bounded(ctx)
+	rctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
 	defer cancel()
 	if err == nil && !interrupted {
-		_, err = b.callerTx.Exec(rctx, "RELEASE SAVEPOINT "+sp)
-		return err == nil, err
+		if _, err = conn.Exec(rctx, "RELEASE SAVEPOINT "+sp); err != nil {
+			return false, false, err
+		}
+		return true, true, nil
 	}
-	if !b.conn.IsClosed() {
-		_ = retryCanceled(func() error {
-			_, err := b.callerTx.Exec(rctx, "ROLLBACK TO SAVEPOINT "+sp+"; RELEASE SAVEPOINT "+sp)
-			return err
-		})
+	if broken || conn.IsClosed() {
+		return false, false, err
 	}
-	return false, err
+	rerr := retryCanceled(func() error {
+		_, err := conn.Exec(rctx, "ROLLBACK TO SAVEPOINT "+sp+"; RELEASE SAVEPOINT "+sp)
+		return err
+	})
+	return false, rerr == nil, errors.Join(err, rerr)
 }
 
 // interruptible runs a statement that waits for a lock. Its context is not
 // the caller's: pgx answers a cancelled context by closing the connection,
 // which would lose every other lock on it and break a caller's connection.
 // Instead, when ctx ends, a cancel request asks the server to stop the wait,
-// and the connection stays usable. Only if the server cannot be reached is
-// the statement's own context cancelled. interrupted reports whether ctx
-// ended while the statement ran: then the caller must treat a success as a
-// lock granted as the cancel arrived, and give it back.
-func (b *pgxBackend) interruptible(ctx context.Context, run func(context.Context) error) (err error, interrupted bool) {
+// and the connection stays usable.
+//
+// The cancel request and the statement's end share one bound, the release
+// timeout: when the server cannot be reached in that time (a silent
+// network), the statement's own context is cancelled, pgx closes the
+// connection, and broken is true: the caller must not use it again.
+// interrupted reports whether ctx ended while the statement ran: then the
+// caller must treat a success as a lock granted as the cancel arrived, and
+// give it back.
+func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(context.Context) error) (err error, interrupted, broken bool) {
 	if ctx.Done() == nil {
-		return run(ctx), false
+		return run(ctx), false, false
 	}
 	qctx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
 	defer hardStop()
-	var fired atomic.Bool
+	var fired, stopped atomic.Bool
 	finished := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Go(func() {
@@ -280,27 +310,24 @@ func (b *pgxBackend) interruptible(ctx context.Context, run func(context.Context
 		default:
 		}
 		fired.Store(true)
-		cctx, cancel := context.WithTimeout(context.Background(), b.l.cfg.releaseTimeout)
-		err := b.conn.PgConn().CancelRequest(cctx)
-		cancel()
-		if err != nil {
-			hardStop()
-			return
+		bound, cancel := context.WithTimeout(context.Background(), l.cfg.releaseTimeout)
+		defer cancel()
+		if conn.PgConn().CancelRequest(bound) == nil {
+			select {
+			case <-finished:
+				return
+			case <-bound.Done():
+			}
 		}
-		t := time.NewTimer(b.l.cfg.releaseTimeout)
-		defer t.Stop()
-		select {
-		case <-finished:
-		case <-t.C:
-			hardStop()
-		}
+		stopped.Store(true)
+		hardStop()
 	})
 	err = run(qctx)
 	close(finished)
 	// Wait for the cancel request to complete before the connection is used
 	// again, so that it cannot interrupt a later statement.
 	wg.Wait()
-	return err, fired.Load()
+	return err, fired.Load(), stopped.Load()
 }
 
 func (b *pgxBackend) release(ctx context.Context, commit bool) error {
@@ -366,9 +393,14 @@ func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
 	if b.pooled == nil || b.l.cfg.scope != Session {
 		return nil
 	}
-	w := &pgxWatcher{conn: b.conn, nc: b.conn.PgConn().Conn(), interval: interval, lost: lost}
-	w.wg.Go(w.run)
-	return w.stop
+	w := &pgxWatcher{interval: interval, lost: lost}
+	w.attach(b.conn)
+	var wg sync.WaitGroup
+	wg.Go(w.run)
+	return func() {
+		w.stop()
+		wg.Wait()
+	}
 }
 
 // pgxWatcher watches an idle pinned connection. It blocks reading from it, so
@@ -376,17 +408,23 @@ func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
 // noticed at once; after each quiet interval it pings, so that a connection
 // that went silent is noticed within two intervals.
 type pgxWatcher struct {
-	conn     *pgx.Conn
-	nc       net.Conn
 	interval time.Duration
 	lost     func(error)
-	wg       sync.WaitGroup
 
 	mu       sync.Mutex
+	conn     *pgx.Conn
+	nc       net.Conn
 	reading  bool
 	stopping bool
 }
 
+func (w *pgxWatcher) attach(conn *pgx.Conn) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.conn, w.nc = conn, conn.PgConn().Conn()
+}
+
+// run watches until stop is called or the connection dies.
 func (w *pgxWatcher) run() {
 	for {
 		w.mu.Lock()
@@ -429,12 +467,12 @@ func (w *pgxWatcher) run() {
 	}
 }
 
+// stop asks run to return soon: it interrupts a blocked read.
 func (w *pgxWatcher) stop() {
 	w.mu.Lock()
+	defer w.mu.Unlock()
 	w.stopping = true
 	if w.reading {
 		_ = w.nc.SetReadDeadline(time.Now())
 	}
-	w.mu.Unlock()
-	w.wg.Wait()
 }

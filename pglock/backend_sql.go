@@ -15,11 +15,13 @@ import (
 // sqlSource is a *sql.DB, a caller's *sql.Conn, or a caller's *sql.Tx, with
 // any PostgreSQL driver (pgx's stdlib, lib/pq).
 //
-// database/sql gives no portable way to interrupt a statement without risking
-// the connection, so waits here never block in the server: they poll the
-// non-blocking lock function with a growing pause (from 5 ms up to
-// maxPollInterval), which keeps every connection usable when a wait is
-// cancelled, at the price of strict FIFO order among waiters.
+// With pgx's stdlib driver, the lock reaches the *pgx.Conn under a *sql.Conn
+// (sql.Conn.Raw) and waits and watches as it does on pgx. database/sql itself
+// gives no portable way to interrupt a statement without risking the
+// connection, so with other drivers, and on a caller's *sql.Tx (which has no
+// Raw), waits poll the non-blocking lock function with a growing pause (from
+// 5 ms up to maxPollInterval) instead: every connection stays usable when a
+// wait is cancelled, at the price of FIFO order among waiters.
 type sqlSource struct {
 	db   *sql.DB
 	conn *sql.Conn
@@ -116,23 +118,63 @@ func (b *sqlBackend) try(ctx context.Context) (bool, error) {
 	return ok, err
 }
 
-// poll tries until the lock is held or ctx ends.
+// pgxConner is what pgx's database/sql driver (stdlib.Conn) offers: the
+// *pgx.Conn under a *sql.Conn.
+type pgxConner interface{ Conn() *pgx.Conn }
+
+// withPgx runs f on the *pgx.Conn under the lock's *sql.Conn when the driver
+// is pgx's stdlib, and reports whether it did.
+func (b *sqlBackend) withPgx(f func(*pgx.Conn)) bool {
+	if b.conn == nil {
+		return false
+	}
+	ran := false
+	_ = b.conn.Raw(func(dc any) error {
+		if pc, ok := dc.(pgxConner); ok && pc.Conn() != nil {
+			ran = true
+			f(pc.Conn())
+		}
+		return nil
+	})
+	return ran
+}
+
+// wait blocks until the lock is held or ctx ends. With pgx's driver it waits
+// in the server's queue as the pgx backend does; with other drivers it polls.
+// When the lock is not held, healthy reports whether the connection is known
+// to be usable and without the lock.
+func (b *sqlBackend) wait(ctx context.Context) (held, healthy bool, err error) {
+	ran := b.withPgx(func(pc *pgx.Conn) {
+		if b.ownTx != nil {
+			held, healthy, err = waitInTx(ctx, b.l, pc)
+			return
+		}
+		held, healthy, err = waitSession(ctx, b.l, pc)
+	})
+	if ran {
+		return held, healthy, err
+	}
+	held, err = b.poll(ctx)
+	return held, err == nil, err
+}
+
+// poll tries until the lock is held or ctx ends, with a growing pause.
 func (b *sqlBackend) poll(ctx context.Context) (bool, error) {
 	pause := minPollInterval
 	t := time.NewTimer(0)
 	defer t.Stop()
 	<-t.C
 	for {
-		ok, err := b.try(ctx)
-		if err != nil || ok {
-			return ok, err
-		}
 		// Full jitter keeps pollers of one key from marching in step.
 		t.Reset(pause/2 + rand.N(pause/2+1))
 		select {
 		case <-ctx.Done():
 			return false, nil
 		case <-t.C:
+		}
+		ok, err := b.try(ctx)
+		if err != nil || ok {
+			return ok, err
 		}
 		pause = min(2*pause, maxPollInterval)
 	}
@@ -149,15 +191,16 @@ func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 		}
 		b.ownTx = tx
 	}
-	var ok bool
-	var err error
-	if wait {
-		ok, err = b.poll(ctx)
-	} else {
-		ok, err = b.try(ctx)
+	healthy := true
+	ok, err := b.try(ctx)
+	if err == nil && !ok && wait {
+		ok, healthy, err = b.wait(ctx)
 	}
 	if ok {
 		return true, nil
+	}
+	if err != nil && healthy {
+		healthy = !errors.Is(err, driver.ErrBadConn)
 	}
 	if b.callerTx != nil {
 		return false, err
@@ -165,10 +208,9 @@ func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 	if b.ownTx != nil {
 		rerr := b.ownTx.Rollback()
 		b.ownTx = nil
-		b.close(rerr == nil)
-		return false, err
+		healthy = healthy && rerr == nil
 	}
-	b.close(err == nil)
+	b.close(healthy)
 	return false, err
 }
 
@@ -221,32 +263,46 @@ func (b *sqlBackend) watch(interval time.Duration, lost func(error)) func() {
 		return nil
 	}
 	stop := make(chan struct{})
+	w := &pgxWatcher{interval: interval, lost: lost}
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		t := time.NewTicker(interval)
-		defer t.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-t.C:
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), interval)
-			err := b.conn.PingContext(ctx)
-			cancel()
-			if err != nil {
-				select {
-				case <-stop: // the ping raced with release: not a loss
-				default:
-					lost(err)
-				}
-				return
-			}
+		// With pgx's driver, watch the connection itself; else ping it.
+		if b.withPgx(func(pc *pgx.Conn) { w.attach(pc); w.run() }) {
+			return
 		}
+		b.pingLoop(interval, stop, lost)
 	})
 	var once sync.Once
 	return func() {
-		once.Do(func() { close(stop) })
+		once.Do(func() {
+			close(stop)
+			w.stop()
+		})
 		wg.Wait()
+	}
+}
+
+// pingLoop pings the connection every interval until stop is closed or a
+// ping fails.
+func (b *sqlBackend) pingLoop(interval time.Duration, stop <-chan struct{}, lost func(error)) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), interval)
+		err := b.conn.PingContext(ctx)
+		cancel()
+		if err != nil {
+			select {
+			case <-stop: // the ping raced with release: not a loss
+			default:
+				lost(err)
+			}
+			return
+		}
 	}
 }

@@ -3,8 +3,10 @@ package pglock_test
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	_ "github.com/jackc/pgx/v5/stdlib" // database/sql driver "pgx"
@@ -124,6 +126,58 @@ func TestModesExclude(t *testing.T) {
 				release(sh1)
 				release(sh2)
 				pgtest.WaitFree(t, watch, sh1.Key())
+			})
+		}
+	}
+}
+
+// A blocked Acquire is granted as soon as the holder releases, on every kind
+// of connection and in both scopes; a wait that times out leaves nothing held.
+func TestWaitIsGrantedOnRelease(t *testing.T) {
+	t.Parallel()
+	watch := pgtest.Pool(t, 2)
+	for _, o := range openers {
+		for _, scope := range []pglock.Scope{pglock.Session, pglock.Transaction} {
+			t.Run(fmt.Sprintf("%s/%s", o.name, scope), func(t *testing.T) {
+				t.Parallel()
+				ctx := context.Background()
+				key := pgtest.UniqueKey(t)
+				holder, _ := pglock.New(o.open(t), key, pglock.WithScope(scope))
+				waiter, _ := pglock.New(o.open(t), key, pglock.WithScope(scope))
+				if err := holder.Acquire(ctx); err != nil {
+					t.Fatal(err)
+				}
+				short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+				err := waiter.Acquire(short)
+				cancel()
+				if !errors.Is(err, pglock.ErrNotAcquired) || !errors.Is(err, context.DeadlineExceeded) {
+					t.Fatalf("Acquire past deadline = %v", err)
+				}
+				if h := pgtest.Granted(t, watch, holder.Key()); len(h) != 1 {
+					t.Fatalf("after the timed-out wait: pg_locks = %+v, want the holder only", h)
+				}
+				got := make(chan error, 1)
+				go func() { got <- waiter.Acquire(ctx) }()
+				time.Sleep(150 * time.Millisecond)
+				released := time.Now()
+				if err := holder.Release(ctx); err != nil {
+					t.Fatal(err)
+				}
+				select {
+				case err := <-got:
+					if err != nil {
+						t.Fatal(err)
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatal("waiter not granted 5 s after release")
+				}
+				if d := time.Since(released); d > 2*time.Second {
+					t.Errorf("granted %v after release", d)
+				}
+				if err := waiter.Release(ctx); err != nil {
+					t.Fatal(err)
+				}
+				pgtest.WaitFree(t, watch, holder.Key())
 			})
 		}
 	}
