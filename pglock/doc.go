@@ -63,10 +63,13 @@
 // [ErrNotAcquired] and the context's error. On a caller's transaction the wait
 // runs under a savepoint, so a cancelled wait leaves the transaction usable.
 //
-// database/sql offers no way to interrupt a statement and keep the
-// connection, so on *sql.DB, *sql.Conn and *sql.Tx a wait polls the
-// non-blocking function with a growing pause (5 ms to 100 ms) instead: the
-// same guarantees, but no FIFO order among waiters and up to 100 ms of latency.
+// On *sql.DB and *sql.Conn with pgx's database/sql driver (pgx/v5/stdlib)
+// the lock reaches the *pgx.Conn underneath (sql.Conn.Raw) and waits the same
+// way. database/sql itself offers no way to interrupt a statement and keep
+// the connection, so with other drivers (lib/pq), and on a caller's *sql.Tx,
+// a wait polls the non-blocking function with a growing pause (5 ms to
+// 100 ms) instead: the same guarantees, but no FIFO order among waiters and
+// up to 100 ms of latency.
 //
 // [Lock.TryAcquire] never waits. [Lock.Release] is safe to call at any time,
 // more than once, and with an ended context: the statements that end a hold
@@ -76,8 +79,9 @@
 //
 // A session lock lives exactly as long as its connection. While a session lock
 // on a pool is held its connection is watched: a connection the server closes
-// (pg_terminate_backend, a restart, a failover) is noticed at once, and one
-// that goes silent within twice the check interval ([WithLostCheckInterval],
+// (pg_terminate_backend, a restart, a failover) is noticed at once (with
+// drivers other than pgx's, within the check interval), and one that goes
+// silent within twice the check interval ([WithLostCheckInterval],
 // 500 ms by default, so within 1 s). Then [Lock.Lost] is closed, the context
 // given to Do's function is cancelled with cause [ErrLockLost], and Release
 // returns an error matching ErrLockLost.

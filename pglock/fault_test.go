@@ -305,9 +305,10 @@ func TestFaultCancelRace(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var acquired, failed, replaced int
+			var acquired, failed, givenBack, replaced int
 			for i := 0; i < iterations && !t.Failed(); i++ {
-				switch faultRaceOnce(t, next(t), watch, holder, third, key) {
+				out, early := faultRaceOnce(t, next(t), watch, holder, third, key)
+				switch out {
 				case raceAcquired:
 					acquired++
 				case raceFailed:
@@ -316,9 +317,12 @@ func TestFaultCancelRace(t *testing.T) {
 					failed++
 					replaced++
 				}
+				if early && out != raceAcquired {
+					givenBack++
+				}
 			}
-			t.Logf("%d iterations: %d acquired, %d not acquired (%d of them on a replaced connection)",
-				iterations, acquired, failed, replaced)
+			t.Logf("%d iterations: %d acquired, %d not acquired (%d of them after the key was free before the deadline,"+
+				" %d on a replaced connection)", iterations, acquired, failed, givenBack, replaced)
 		})
 	}
 }
@@ -331,7 +335,11 @@ const (
 	raceFailedReplaced
 )
 
-func faultRaceOnce(t *testing.T, w *faultWaiter, watch *pgxpool.Pool, holder, third *pglock.Lock, key pglock.Key) raceOutcome {
+// faultRaceOnce runs one attempt. early reports that the holder's release
+// had returned before the waiter's deadline: on pgx, the server had then
+// granted the lock to the waiting backend (the releasing backend grants it to
+// the waiter), so a failed Acquire is one that had to give the lock back.
+func faultRaceOnce(t *testing.T, w *faultWaiter, watch *pgxpool.Pool, holder, third *pglock.Lock, key pglock.Key) (out raceOutcome, early bool) {
 	t.Helper()
 	bg := context.Background()
 	if err := holder.Acquire(bg); err != nil {
@@ -346,15 +354,19 @@ func faultRaceOnce(t *testing.T, w *faultWaiter, watch *pgxpool.Pool, holder, th
 	start := time.Now()
 	ctx, cancel := context.WithDeadline(bg, start.Add(d))
 	released := make(chan error, 1)
+	var releasedAt time.Time
 	go func() {
 		time.Sleep(time.Until(start.Add(rel)))
-		released <- holder.Release(bg)
+		err := holder.Release(bg)
+		releasedAt = time.Now()
+		released <- err
 	}()
 	err = l.Acquire(ctx)
 	cancel()
 	if rerr := <-released; rerr != nil {
 		t.Fatalf("holder Release: %v", rerr)
 	}
+	early = releasedAt.Before(start.Add(d))
 
 	if err == nil {
 		if !l.Held() {
@@ -368,7 +380,7 @@ func faultRaceOnce(t *testing.T, w *faultWaiter, watch *pgxpool.Pool, holder, th
 		}
 		w.finish(t)
 		pgtest.WaitFree(t, watch, key)
-		return raceAcquired
+		return raceAcquired, early
 	}
 
 	if !errors.Is(err, pglock.ErrNotAcquired) || !errors.Is(err, context.DeadlineExceeded) {
@@ -377,7 +389,7 @@ func faultRaceOnce(t *testing.T, w *faultWaiter, watch *pgxpool.Pool, holder, th
 	if l.Held() {
 		t.Error("Held() is true after a failed Acquire")
 	}
-	out := raceFailed
+	out = raceFailed
 	pid := w.usable(t)
 	if pid != w.pid {
 		// The connection was destroyed: its backend may take a moment to
@@ -399,7 +411,7 @@ func faultRaceOnce(t *testing.T, w *faultWaiter, watch *pgxpool.Pool, holder, th
 		}
 	}
 	w.finish(t)
-	return out
+	return out, early
 }
 
 // faultLostTarget is a pool a session lock pins a connection of.
@@ -647,8 +659,13 @@ func TestFaultCancelProxyBlackhole(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("Acquire did not return within 15 s of its ctx ending on a silent network")
 	}
-	if took := time.Since(start); took > releaseTimeout+time.Second {
-		t.Errorf("Acquire returned %v after cancel on a silent network, want within the release timeout (%v) plus slack", took, releaseTimeout)
+	if took := time.Since(start); took > releaseTimeout+700*time.Millisecond {
+		// Core bug seen with pgx v5.12: pgconn's CancelRequest ignores the
+		// error of its read and returns nil when its ctx expires, so
+		// interruptible (backend_pgx.go) believes the cancel was delivered
+		// and waits a second full releaseTimeout before the hard stop.
+		t.Errorf("core: Acquire returned %v after cancel on a silent network, want within the release timeout (%v) plus slack:"+
+			" interruptible waits releaseTimeout for CancelRequest, then another releaseTimeout for the statement", took, releaseTimeout)
 	}
 	if !errors.Is(err, pglock.ErrNotAcquired) || !errors.Is(err, context.Canceled) {
 		t.Errorf("Acquire = %v, want ErrNotAcquired and context.Canceled", err)

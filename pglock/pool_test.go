@@ -2,8 +2,14 @@ package pglock_test
 
 import (
 	"context"
+	"net"
+	"strconv"
 	"testing"
+	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/internal/faultproxy"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/pglock"
 )
@@ -57,4 +63,74 @@ func TestPoolPinsOneConnection(t *testing.T) {
 	if err := watch.QueryRow(ctx, `SELECT EXISTS(SELECT 1 FROM pg_stat_activity WHERE pid = $1)`, holder).Scan(&alive); err != nil || !alive {
 		t.Fatalf("healthy connection %d was destroyed instead of returned (err %v)", holder, err)
 	}
+}
+
+// proxiedPool returns a pool whose connections go through a fault proxy.
+func proxiedPool(t *testing.T, maxConns int32) (*pgxpool.Pool, *faultproxy.Proxy) {
+	t.Helper()
+	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := faultproxy.New("tcp", net.JoinHostPort(cfg.ConnConfig.Host, strconv.Itoa(int(cfg.ConnConfig.Port))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	cfg.ConnConfig.Host, cfg.ConnConfig.Port = p.Host(), p.Port()
+	cfg.ConnConfig.Fallbacks = nil
+	cfg.MaxConns = maxConns
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return pool, p
+}
+
+// Item 2: when the unlock's outcome is unknown (the network went silent
+// under it), Release reports it and the pooled connection is destroyed,
+// never handed out again; the server drops the lock with the session.
+func TestPoolDestroysConnectionWhenUnlockOutcomeUnknown(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool, proxy := proxiedPool(t, 2)
+	watch := pgtest.Pool(t, 2)
+	l, err := pglock.New(pool, pgtest.UniqueKey(t),
+		pglock.WithReleaseTimeout(300*time.Millisecond), pglock.WithLostCheckInterval(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	holder := pgtest.Granted(t, watch, l.Key())[0].PID
+
+	proxy.Blackhole()
+	start := time.Now()
+	err = l.Release(ctx)
+	if err == nil {
+		t.Fatal("Release through a silent network reported success")
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("Release took %v; the release timeout is 300ms", d)
+	}
+	if s := pool.Stat(); s.AcquiredConns() != 0 || s.TotalConns() != 0 {
+		t.Fatalf("pool after a failed unlock: %d acquired, %d total; want the connection destroyed",
+			s.AcquiredConns(), s.TotalConns())
+	}
+	proxy.Restore()
+	pgtest.WaitFree(t, watch, l.Key())
+
+	// The pool works on with a new connection, not the one in doubt.
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if pid := pgtest.Granted(t, watch, l.Key())[0].PID; pid == holder {
+		t.Fatal("the destroyed connection was reused")
+	}
+	if err := l.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.WaitFree(t, watch, l.Key())
 }
