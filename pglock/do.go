@@ -51,19 +51,21 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 	fctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	l.mu.Lock()
-	b, watched, lost := l.b, l.stopWatch != nil, l.Lost()
+	b := l.b
 	l.mu.Unlock()
-	if watched {
-		done := make(chan struct{})
-		defer close(done)
-		go func() {
-			select {
-			case <-lost:
-				cancel(ErrLockLost)
-			case <-done:
-			}
-		}()
+	// A loss while fn runs cancels fn's context (markLost calls onLost).
+	l.lostMu.Lock()
+	if l.lostDone {
+		cancel(ErrLockLost)
+	} else {
+		l.onLost = cancel
 	}
+	l.lostMu.Unlock()
+	defer func() {
+		l.lostMu.Lock()
+		l.onLost = nil
+		l.lostMu.Unlock()
+	}()
 	if b != nil {
 		if tx := b.pgxTx(); tx != nil {
 			fctx = ContextWithTx(fctx, tx)

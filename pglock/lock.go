@@ -39,6 +39,7 @@ type Lock struct {
 	lostCh   chan struct{} // closed when the current (or last) hold is lost
 	lostErr  error
 	lostDone bool
+	onLost   context.CancelCauseFunc // cancels the context of Do's fn
 }
 
 // New returns a Lock on key for conn, which is one of *pgxpool.Pool,
@@ -232,6 +233,9 @@ func (l *Lock) markLost(err error) {
 	l.held.Store(false)
 	l.lostErr, l.lostDone = err, true
 	close(l.lostCh)
+	if l.onLost != nil {
+		l.onLost(ErrLockLost)
+	}
 	l.emit(EventLost, 0, err)
 }
 
