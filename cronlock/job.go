@@ -1,0 +1,281 @@
+package cronlock
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync/atomic"
+	"time"
+
+	"github.com/robfig/cron/v3"
+
+	"github.com/pglockkit/kit/pglock"
+)
+
+// Job is a cron.Job that runs its work on one replica at a time: at each
+// tick it tries the job's lock without waiting; the replica that gets it
+// runs the work and the others skip the tick. Make it with [Func] or [Wrap]
+// and give it to cron's AddJob or Schedule.
+//
+// A Job is safe for concurrent use. A tick that comes while an earlier run
+// of the same Job is still going on this replica is skipped ("still running
+// here") without asking the database, as cron.SkipIfStillRunning does.
+type Job struct {
+	name    string
+	lock    *pglock.Lock
+	cfg     config
+	fn      func(ctx context.Context) error // Func's work, or
+	job     cron.Job                        // Wrap's
+	log     logger
+	running atomic.Bool
+}
+
+// Func returns a Job that runs fn under the lock named name (the key is the
+// Locker's key for [DefaultNamespace] + name unless [WithNamespace] says
+// otherwise).
+//
+// fn's context is cancelled when the lock is lost (the lock's connection
+// died: context.Cause is pglock.ErrLockLost), when [WithMaxRun] passes
+// (cause [ErrMaxRunExceeded]) or when the base context ends (see
+// [WithBaseContext]). In Transaction scope it carries the lock's
+// transaction (pglock.TxFromContext). An error from fn is logged (see
+// [WithLogger], [WithSlog]) and returned by [Job.RunContext].
+//
+// A nil locker, an empty name, a nil fn or a bad option is an error
+// ([ErrNilLocker], [ErrEmptyName], [ErrNilJob], [ErrInvalidOption], or
+// pglock's error when the options do not fit the Locker); nothing is
+// checked later, at the first tick. Func does not talk to the database.
+func Func(locker *pglock.Locker, name string, fn func(ctx context.Context) error, opts ...Option) (*Job, error) {
+	cfg, err := newConfig(locker, name, opts)
+	if err != nil {
+		return nil, err
+	}
+	if fn == nil {
+		return nil, fmt.Errorf("%w: Func(%q) given a nil function", ErrNilJob, name)
+	}
+	return newJob(locker, name, cfg, fn, nil)
+}
+
+// Wrap returns a Job that runs job under the lock named name, as [Func]
+// does. A cron.Job has no context: it cannot be cancelled when the lock is
+// lost or [WithMaxRun] passes (both are logged), and in Transaction scope
+// it cannot reach the lock's transaction. Prefer Func for new code.
+//
+// A nil locker, an empty name, a nil job or a bad option is an error, as
+// for Func.
+func Wrap(locker *pglock.Locker, name string, job cron.Job, opts ...Option) (*Job, error) {
+	cfg, err := newConfig(locker, name, opts)
+	if err != nil {
+		return nil, err
+	}
+	if isNilJob(job) {
+		return nil, fmt.Errorf("%w: Wrap(%q) given a nil cron.Job", ErrNilJob, name)
+	}
+	return newJob(locker, name, cfg, nil, job)
+}
+
+// newConfig checks the constructors' common arguments and applies opts.
+func newConfig(locker *pglock.Locker, name string, opts []Option) (config, error) {
+	cfg := defaultConfig()
+	if locker == nil {
+		return cfg, ErrNilLocker
+	}
+	if name == "" {
+		return cfg, ErrEmptyName
+	}
+	for _, o := range opts {
+		if o == nil {
+			cfg.invalid("nil Option")
+			continue
+		}
+		o(&cfg)
+	}
+	if err := errors.Join(cfg.errs...); err != nil {
+		return cfg, fmt.Errorf("cronlock: job %q: %w", name, err)
+	}
+	cfg.errs = nil
+	return cfg, nil
+}
+
+// newLock makes the lock of the job name: pglock checks the Locker, the key
+// and the scope against each other here.
+func (c *config) newLock(locker *pglock.Locker, name string) (*pglock.Lock, error) {
+	var opts []pglock.Option
+	if c.scopeSet {
+		opts = append(opts, pglock.WithScope(c.scope))
+	}
+	l, err := locker.Lock(c.namespace+name, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("cronlock: job %q: %w", name, err)
+	}
+	return l, nil
+}
+
+func (c *config) logger(name string, key pglock.Key) logger {
+	return logger{cron: c.cronLog, slog: c.slog, kv: []any{"job", name, "key", key.String()}}
+}
+
+// newJob makes a Job that runs fn, or else job.
+func newJob(locker *pglock.Locker, name string, cfg config, fn func(context.Context) error, job cron.Job) (*Job, error) {
+	l, err := cfg.newLock(locker, name)
+	if err != nil {
+		return nil, err
+	}
+	return &Job{name: name, lock: l, cfg: cfg, fn: fn, job: job, log: cfg.logger(name, l.Key())}, nil
+}
+
+func isNilJob(job cron.Job) bool {
+	if job == nil {
+		return true
+	}
+	f, ok := job.(cron.FuncJob)
+	return ok && f == nil
+}
+
+// Name returns the job's name, as given to the constructor.
+func (j *Job) Name() string { return j.name }
+
+// Key returns the job's lock key, for finding it in pg_locks: the Locker's
+// key for the namespace + name.
+func (j *Job) Key() pglock.Key { return j.lock.Key() }
+
+// Run is cron's entry point: it runs one tick with the base context (see
+// [WithBaseContext]) and logs the outcome (see [WithLogger] and
+// [WithSlog]): a skip and why, a job error, a lost lock. A panic in the job
+// is re-raised after the lock is released, for cron.Recover to log.
+func (j *Job) Run() {
+	ctx := j.cfg.base
+	if ctx.Err() != nil {
+		j.log.info(slog.LevelInfo, "cronlock: skip", "reason", "context done")
+		return
+	}
+	start := time.Now()
+	res, err := j.tick(ctx)
+	switch res {
+	case heldElsewhere:
+		j.log.info(slog.LevelInfo, "cronlock: skip", "reason", "held elsewhere")
+	case runningHere:
+		j.log.info(slog.LevelInfo, "cronlock: skip", "reason", "still running here")
+	case notAcquired:
+		j.log.error(slog.LevelError, err, "cronlock: lock not acquired")
+	case ran:
+		if err != nil {
+			j.log.error(slog.LevelError, err, "cronlock: run failed", "duration", time.Since(start))
+			return
+		}
+		j.log.info(slog.LevelDebug, "cronlock: ran", "duration", time.Since(start))
+	}
+}
+
+// RunContext runs one tick now, with ctx as the parent of the run's
+// context, and reports whether the work ran. It is Run without the logging
+// of the outcome, for callers that drive a Job themselves (a "run now"
+// button, a test).
+//
+// It tries the lock without waiting. (false, nil) means the tick was
+// skipped: the lock is held elsewhere, or an earlier run of this Job is
+// still going on this replica. (false, err) means the lock could not be
+// tried (err matches pglock.ErrNotAcquired; a cancelled ctx is one case).
+// (true, err) means the work ran: err is its error (matching
+// [ErrMaxRunExceeded] when it ran past MaxRun), joined with a release
+// error (matching pglock.ErrLockLost when the lock was lost during the run).
+//
+// The lock is released when the work returns and [WithMinHold] has passed.
+// A panic in the work is re-raised after the lock is released (in
+// Transaction scope, after the transaction is rolled back).
+func (j *Job) RunContext(ctx context.Context) (bool, error) {
+	res, err := j.tick(ctx)
+	return res == ran, err
+}
+
+type result int
+
+const (
+	ran result = iota
+	heldElsewhere
+	runningHere
+	notAcquired
+)
+
+func (j *Job) tick(ctx context.Context) (result, error) {
+	if !j.running.CompareAndSwap(false, true) {
+		return runningHere, nil
+	}
+	defer j.running.Store(false)
+	ok, err := j.lock.TryDo(ctx, j.hold)
+	switch {
+	case ok:
+		return ran, err
+	case err != nil:
+		return notAcquired, err
+	default:
+		return heldElsewhere, nil
+	}
+}
+
+// hold runs the work on the held lock and keeps the lock until MinHold has
+// passed since the start, even when the work fails or panics.
+func (j *Job) hold(ctx context.Context) error {
+	start := time.Now()
+	if j.log.enabled() {
+		stop := context.AfterFunc(ctx, func() {
+			if cause := context.Cause(ctx); errors.Is(cause, pglock.ErrLockLost) {
+				j.log.error(slog.LevelWarn, cause, "cronlock: lock lost during run")
+			}
+		})
+		defer stop()
+	}
+	if j.cfg.minHold > 0 {
+		defer holdUntil(ctx, start.Add(j.cfg.minHold))
+	}
+	if j.job != nil {
+		return j.runJob()
+	}
+	return j.runFunc(ctx)
+}
+
+// runFunc runs Func's work with MaxRun as its context's deadline.
+func (j *Job) runFunc(ctx context.Context) error {
+	maxRun := j.cfg.maxRun
+	if maxRun <= 0 {
+		return j.fn(ctx)
+	}
+	ctx, cancel := context.WithTimeoutCause(ctx, maxRun, ErrMaxRunExceeded)
+	defer cancel()
+	err := j.fn(ctx)
+	if err != nil && !errors.Is(err, ErrMaxRunExceeded) && errors.Is(context.Cause(ctx), ErrMaxRunExceeded) {
+		err = fmt.Errorf("%w (%v): %w", ErrMaxRunExceeded, maxRun, err)
+	}
+	return err
+}
+
+// runJob runs Wrap's cron.Job. It has no context to cancel, so an overrun
+// of MaxRun is only logged.
+func (j *Job) runJob() error {
+	if maxRun := j.cfg.maxRun; maxRun > 0 && j.log.enabled() {
+		t := time.AfterFunc(maxRun, func() {
+			j.log.error(slog.LevelWarn,
+				fmt.Errorf("%w (%v): a cron.Job cannot be cancelled; the lock stays held until it returns", ErrMaxRunExceeded, maxRun),
+				"cronlock: job overran")
+		})
+		defer t.Stop()
+	}
+	j.job.Run()
+	return nil
+}
+
+// holdUntil waits until t, or until ctx ends (the lock was lost or the base
+// context ended).
+func holdUntil(ctx context.Context, t time.Time) {
+	d := time.Until(t)
+	if d <= 0 {
+		return
+	}
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+	case <-ctx.Done():
+	}
+}

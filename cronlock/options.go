@@ -1,0 +1,146 @@
+package cronlock
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/robfig/cron/v3"
+
+	"github.com/pglockkit/kit/pglock"
+)
+
+// DefaultNamespace is put in front of a job's name to make its lock key, so
+// that a cron job never collides with a key of another feature (HTTP routes,
+// River jobs) on the same database: the job "billing" locks "cron:billing"
+// (under the Locker's own namespace, if it has one). Change it with
+// [WithNamespace].
+const DefaultNamespace = "cron:"
+
+// Option configures [Func], [Wrap] and [SkipIfLocked]. Every option states
+// its default; an option with a bad value makes the constructor return an
+// error matching [ErrInvalidOption].
+type Option func(*config)
+
+type config struct {
+	namespace string
+	scope     pglock.Scope
+	scopeSet  bool
+	minHold   time.Duration
+	maxRun    time.Duration
+	cronLog   cron.Logger
+	slog      *slog.Logger
+	base      context.Context
+	errs      []error
+}
+
+func defaultConfig() config {
+	return config{namespace: DefaultNamespace, base: context.Background()}
+}
+
+func (c *config) invalid(format string, args ...any) {
+	c.errs = append(c.errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalidOption}, args...)...))
+}
+
+// WithNamespace sets the prefix of the job's lock key: the key is the
+// Locker's key for namespace + name. The default is [DefaultNamespace]
+// ("cron:"); an empty ns locks the bare name.
+func WithNamespace(ns string) Option {
+	return func(c *config) { c.namespace = ns }
+}
+
+// WithScope sets the lock's scope. The default (without this option) is the
+// Locker's scope, which is pglock.Session unless the Locker was made with
+// pglock.WithScope.
+//
+// pglock.Session holds the lock on a connection of its own for the run;
+// its loss (the connection dies) cancels a [Func] job's context.
+//
+// pglock.Transaction runs the job inside the lock's transaction: a Func job
+// reaches it with pglock.TxFromContext (pglock.SQLTxFromContext on
+// database/sql), and it commits when the job returns nil and rolls back when
+// it returns an error or panics (with the Locker's default RollbackOnError).
+// A cron.Job given to [Wrap] cannot see the transaction; it only gets the
+// lock. Any other value is an error.
+func WithScope(s pglock.Scope) Option {
+	return func(c *config) {
+		if s != pglock.Session && s != pglock.Transaction {
+			c.invalid("WithScope(%v): want pglock.Session or pglock.Transaction", s)
+			return
+		}
+		c.scope, c.scopeSet = s, true
+	}
+}
+
+// WithMinHold keeps the lock for at least d after the run starts, even when
+// the job finishes sooner (ShedLock's lockAtLeastFor): a replica whose clock
+// is behind by less than d finds the lock held when its scheduler fires the
+// same tick, and skips it. Pick d above the clock skew and the scheduling
+// jitter between replicas, and below the interval between ticks. The run
+// (and Run, and cron's Stop) returns only when the hold ends; in Transaction
+// scope the transaction commits then. The hold ends early when the lock is
+// lost or the base context (see [WithBaseContext]) ends.
+//
+// Zero (the default) releases the lock as soon as the job returns. A
+// negative d is an error.
+func WithMinHold(d time.Duration) Option {
+	return func(c *config) {
+		if d < 0 {
+			c.invalid("WithMinHold(%v): negative", d)
+			return
+		}
+		c.minHold = d
+	}
+}
+
+// WithMaxRun bounds a run (ShedLock's lockAtMostFor, without the stale
+// lock: an advisory lock ends with its session anyway). For a [Func] job,
+// the job's context is cancelled after d, with cause [ErrMaxRunExceeded];
+// the lock is released when the job returns, never under a running job. A
+// cron.Job given to [Wrap] or [SkipIfLocked] cannot be cancelled: when it
+// runs past d, that is logged, and the lock stays held until it returns.
+//
+// Zero (the default) sets no bound. A negative d is an error.
+func WithMaxRun(d time.Duration) Option {
+	return func(c *config) {
+		if d < 0 {
+			c.invalid("WithMaxRun(%v): negative", d)
+			return
+		}
+		c.maxRun = d
+	}
+}
+
+// WithLogger logs skips, failed runs and lost locks to a cron.Logger, so
+// that users of cron.WithLogger see them next to cron's own messages: a skip
+// and a finished run at Info level, a job error, a lost lock, an overrun
+// and a lock error at Error level. Every message names the job and key; a
+// skip says why ("held elsewhere", "still running here", "context done").
+// A nil l (the default) logs nothing. It may be combined with [WithSlog].
+func WithLogger(l cron.Logger) Option {
+	return func(c *config) { c.cronLog = l }
+}
+
+// WithSlog logs the same messages as [WithLogger] to a *slog.Logger: a
+// finished run at Debug level, a skip at Info, an overrun and a lost lock
+// at Warn, a job error and a lock error at Error. A nil l (the default) logs
+// nothing.
+func WithSlog(l *slog.Logger) Option {
+	return func(c *config) { c.slog = l }
+}
+
+// WithBaseContext sets the parent of every run's context (cron gives jobs
+// none). Cancel it at shutdown, before or after cron's Stop: running [Func]
+// jobs see their context cancelled, a [WithMinHold] wait ends at once, and
+// later ticks are skipped ("context done"). The default is
+// context.Background(). A nil ctx is an error.
+func WithBaseContext(ctx context.Context) Option {
+	return func(c *config) {
+		if ctx == nil {
+			c.invalid("WithBaseContext(nil)")
+			return
+		}
+		c.base = ctx
+	}
+}
