@@ -1,0 +1,105 @@
+// Package riverlock serializes and dedupes River background jobs by key,
+// across every node, with PostgreSQL advisory locks taken through a
+// [pglock.Locker].
+//
+// River's unique jobs work at insert time: they stop a second job from being
+// inserted. riverlock works at run time: two jobs with the same key (the same
+// customer, say) never run at once, whichever clients fetched them, and a
+// duplicate of a job that is running can be cancelled.
+//
+// # The middleware
+//
+// [Middleware] is a rivertype.WorkerMiddleware. Register it in
+// river.Config.Middleware:
+//
+//	mw, err := riverlock.NewMiddleware(locker, &riverlock.Config{
+//		Kinds: map[string]riverlock.KindConfig{
+//			ChargeArgs{}.Kind(): {Key: riverlock.ArgsKey[ChargeArgs]()},
+//			EmailArgs{}.Kind():  {Key: riverlock.ArgsKey[EmailArgs](), Busy: riverlock.Cancel()},
+//		},
+//	})
+//	client, err := river.NewClient(riverpgxv5.New(pool), &river.Config{
+//		Middleware: []rivertype.Middleware{mw},
+//		...
+//	})
+//
+// For each job it finds the key: the kind's [KeyFunc] (in [Config.Kinds]),
+// else [Config.Key]. [ArgsKey] is the KeyFunc for args types that implement
+// LockKey() string ([JobArgsWithLockKey]); it has to be registered per kind
+// because River decodes a job's args only after the middleware has run. A
+// job without a key runs untouched. A KeyFunc that fails fails the job's
+// attempt with its error (matching [ErrKey]): a job is never run without
+// the lock it asked for.
+//
+// The key is prefixed with "river:" + kind + ":" (see [Config.Namespace] to
+// share keys between kinds) and with the Locker's namespace. Then the
+// middleware takes the key's exclusive session lock, runs the worker, and
+// releases the lock when the worker returns or panics. When another job
+// holds the lock, the busy [Policy] decides:
+//
+//   - [Snooze] (the default): the job is snoozed with River's snooze error, so
+//     it runs later without counting an attempt. Jobs of one key run one
+//     after the other.
+//   - [Cancel]: the job is a duplicate; it is cancelled with River's cancel
+//     error, and River records the reason in its errors.
+//   - [Wait]: the middleware waits for the lock, up to a limit of its own
+//     (River's job timeout covers only Work, not the middleware around it),
+//     then fails the attempt.
+//
+// # Why worker middleware and not hooks
+//
+// River offers two ways to run code around a job: hooks (HookWorkBegin,
+// HookWorkEnd), which run at a point in the job's life and return, and
+// worker middleware, which wraps the work and stays on the call stack while
+// it runs. A lock taken in WorkBegin would have to be released in WorkEnd,
+// and River does not always call WorkEnd: it is skipped when the worker
+// panics and when an earlier WorkBegin hook returns an error, which would
+// leave the lock held on a pinned connection until the process ends. Hooks
+// also cannot hand a context to the work, so a lost lock could not cancel
+// the job. Middleware releases the lock with a defer on every path and gives
+// the worker a context that is cancelled when the lock is lost; so every lock
+// is held in middleware, and riverlock defines no hooks. (River's snooze and
+// cancel errors returned from middleware are honoured as if the worker had
+// returned them.)
+//
+// # Scopes
+//
+// The middleware holds a session lock, on a connection of the Locker's pool
+// that it pins while the job runs: size that pool for the workers of every
+// queue, and give the Locker a pool of its own rather than River's. For work
+// that must commit together with its lock, use [WorkTx] inside Work: it runs
+// the work, the transaction-scoped lock and river.JobCompleteTx in one
+// transaction, so they commit or roll back as one.
+//
+// # Cancellation and lost connections
+//
+// The job's context (River's, with its job timeout) bounds the work as usual.
+// A lock is lost when its connection dies or its backend is terminated;
+// pglock notices at once for a closed connection, within twice the Locker's
+// lost-check interval for a silent one. The worker's context is then
+// cancelled with cause pglock.ErrLockLost, the job's error matches
+// pglock.ErrLockLost, and River retries it. Until the worker returns, another
+// job of the key may already run: that window is the price of session locks,
+// and WorkTx is the answer where it matters, since its work cannot commit
+// without its lock. A job that returns nil after its lock was lost is
+// counted done (failing it would run it twice), and the loss is logged.
+//
+// River's Stop lets running jobs finish and StopAndCancel cancels their
+// contexts; either way the lock is released when the worker returns, and a
+// Wait in progress ends with the job's context. A worker that panics releases
+// its lock too: the middleware's defer runs before River recovers the panic.
+//
+// # PgBouncer
+//
+// Session locks need a session: behind PgBouncer in transaction pooling mode
+// they do not hold. Point the Locker at PostgreSQL (or a session-pooled
+// PgBouncer); WorkTx's transaction-scoped locks work through either.
+//
+// # What it does not do
+//
+// It does not limit concurrency to more than one job per key (River Pro's
+// concurrency limits do), and it does not dedupe at insert time (River's
+// unique jobs do). It does not order jobs of one key: a snoozed job may run
+// after a job inserted later. It does not fence work done under a session
+// lock against a lost connection; WorkTx does.
+package riverlock

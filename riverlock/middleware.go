@@ -1,0 +1,202 @@
+package riverlock
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/rivertype"
+
+	"github.com/pglockkit/kit/pglock"
+)
+
+// Middleware is River worker middleware that runs each job holding a
+// PostgreSQL advisory lock on the job's key, so that two jobs with the same
+// key never run at once on any node. Register it in river.Config.Middleware
+// (for every job) or return it from a Worker's Middleware method (for one
+// worker). Make it with [NewMiddleware]; it is safe for concurrent use.
+type Middleware struct {
+	river.MiddlewareDefaults
+
+	locker *pglock.Locker
+	global kindSettings
+	kinds  map[string]kindSettings
+	log    *slog.Logger
+}
+
+var _ rivertype.WorkerMiddleware = (*Middleware)(nil)
+
+// NewMiddleware returns the middleware for locker, which must be on a
+// *pgxpool.Pool (or *sql.DB) of the database River's jobs live in: each
+// running job with a key pins one of its connections for as long as it
+// runs, so size it for the workers of every queue, and prefer a pool of its
+// own to River's. (On a single connection, jobs running at once would share
+// it, and PostgreSQL stacks session locks of one session instead of making
+// them exclude each other. NewMiddleware rejects a Locker on a transaction;
+// it cannot tell a Locker on one connection from one on a pool.)
+//
+// The middleware takes exclusive session locks, whatever the Locker's
+// default scope and mode; it keeps the Locker's namespace (applied before
+// its own), logger, lost-check interval and release timeout.
+//
+// A nil locker, a Locker that cannot hold session locks (one made on a
+// transaction) and an invalid Policy are errors matching [ErrInvalidConfig].
+// A nil cfg is the zero Config.
+func NewMiddleware(locker *pglock.Locker, cfg *Config) (*Middleware, error) {
+	if locker == nil {
+		return nil, fmt.Errorf("%w: nil *pglock.Locker", ErrInvalidConfig)
+	}
+	// A Locker on a transaction refuses Session scope; find out now rather
+	// than at the first job. (Lock does not talk to the database.)
+	if _, err := locker.Lock("riverlock:probe", sessionOpts...); err != nil {
+		return nil, fmt.Errorf("%w: the Locker cannot hold session locks (give it a pool): %w", ErrInvalidConfig, err)
+	}
+	if cfg == nil {
+		cfg = &Config{}
+	}
+	m := &Middleware{
+		locker: locker,
+		global: kindSettings{key: cfg.Key, busy: cfg.Busy, namespace: cfg.Namespace},
+		kinds:  make(map[string]kindSettings, len(cfg.Kinds)),
+		log:    cfg.Logger,
+	}
+	var errs []error
+	if m.global.busy.err != nil {
+		errs = append(errs, fmt.Errorf("Config.Busy: %w", m.global.busy.err))
+	}
+	for kind, kc := range cfg.Kinds {
+		s := m.global
+		if kc.Key != nil {
+			s.key = kc.Key
+		}
+		if !kc.Busy.isZero() {
+			s.busy = kc.Busy
+		}
+		if kc.Namespace != "" {
+			s.namespace = kc.Namespace
+		}
+		if kc.Busy.err != nil {
+			errs = append(errs, fmt.Errorf("Kinds[%q].Busy: %w", kind, kc.Busy.err))
+		}
+		m.kinds[kind] = s
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// sessionOpts are the options of the locks the middleware takes.
+var sessionOpts = []pglock.Option{pglock.WithScope(pglock.Session), pglock.WithMode(pglock.Exclusive)}
+
+func (m *Middleware) settings(kind string) kindSettings {
+	if s, ok := m.kinds[kind]; ok {
+		return s
+	}
+	return m.global
+}
+
+// Work implements rivertype.WorkerMiddleware. It computes the job's key; a
+// job without one runs untouched. Otherwise it takes the key's lock (at once
+// under Snooze and Cancel, waiting under Wait), runs the rest of the
+// middleware stack and the worker with it, and releases it when they
+// return or panic.
+//
+// The context given to the worker is cancelled, with cause
+// pglock.ErrLockLost, if the lock is lost while the job runs (its connection
+// died or its backend was terminated); the job's error then matches
+// pglock.ErrLockLost, and River retries it as usual. A job that returns nil
+// although its lock was lost (it did not watch its context) is done: it is
+// not failed (it would run twice), and the loss is logged.
+func (m *Middleware) Work(ctx context.Context, job *rivertype.JobRow, doInner func(context.Context) error) error {
+	s := m.settings(job.Kind)
+	if s.key == nil {
+		return doInner(ctx)
+	}
+	key, ok, err := s.key(job)
+	if err != nil {
+		err = fmt.Errorf("%w: job %d (kind %q): %w", ErrKey, job.ID, job.Kind, err)
+		m.logf(ctx, slog.LevelWarn, "riverlock: key failed", job, "", slog.Any("error", err))
+		return err
+	}
+	if !ok {
+		return doInner(ctx)
+	}
+	name := s.prefix(job.Kind) + key
+	opts := sessionOpts
+	if s.busy.act == actWait {
+		opts = append(opts[:len(opts):len(opts)], pglock.WithWaitTimeout(s.busy.d))
+	}
+	lock, err := m.locker.Lock(name, opts...)
+	if err != nil {
+		return fmt.Errorf("riverlock: job %d (kind %q) key %q: %w", job.ID, job.Kind, name, err)
+	}
+
+	var (
+		ran     bool
+		workErr error
+	)
+	run := func(lctx context.Context) error {
+		ran = true
+		workErr = doInner(context.WithValue(lctx, heldKey{}, lock.Key()))
+		return workErr
+	}
+	if s.busy.act == actWait {
+		err = lock.Do(ctx, run)
+	} else {
+		var did bool
+		did, err = lock.TryDo(ctx, run)
+		if err == nil && !did {
+			return m.busy(ctx, s.busy, job, name)
+		}
+	}
+	switch {
+	case !ran && s.busy.act == actWait && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil:
+		m.logf(ctx, slog.LevelDebug, "riverlock: wait for busy key ran out", job, name)
+		return fmt.Errorf("%w: job %d (kind %q) key %q: waited %v: %w", ErrBusy, job.ID, job.Kind, name, s.busy.d, err)
+	case !ran:
+		return fmt.Errorf("riverlock: job %d (kind %q) key %q: %w", job.ID, job.Kind, name, err)
+	case workErr == nil && err != nil:
+		// The job's work is done; failing it now would run it again.
+		m.logf(ctx, slog.LevelWarn, "riverlock: lock lost or not released cleanly after the job succeeded", job, name, slog.Any("error", err))
+		return nil
+	}
+	return err
+}
+
+// busy applies the busy policy to a job whose key another job holds.
+func (m *Middleware) busy(ctx context.Context, p Policy, job *rivertype.JobRow, name string) error {
+	if p.act == actCancel {
+		m.logf(ctx, slog.LevelDebug, "riverlock: busy key, job cancelled as a duplicate", job, name)
+		return river.JobCancel(fmt.Errorf("%w: job %d (kind %q) key %q: another job holds the lock; cancelled as a duplicate",
+			ErrBusy, job.ID, job.Kind, name))
+	}
+	d := p.d
+	if d == 0 {
+		d = DefaultSnooze
+	}
+	m.logf(ctx, slog.LevelDebug, "riverlock: busy key, job snoozed", job, name, slog.Duration("snooze", d))
+	return fmt.Errorf("%w: job %d (kind %q) key %q: snoozed: %w", ErrBusy, job.ID, job.Kind, name, river.JobSnooze(d))
+}
+
+func (m *Middleware) logf(ctx context.Context, level slog.Level, msg string, job *rivertype.JobRow, name string, attrs ...slog.Attr) {
+	if m.log == nil || !m.log.Enabled(ctx, level) {
+		return
+	}
+	attrs = append(attrs, slog.Int64("job_id", job.ID), slog.String("kind", job.Kind))
+	if name != "" {
+		attrs = append(attrs, slog.String("key", name))
+	}
+	m.log.LogAttrs(ctx, level, msg, attrs...)
+}
+
+// heldKey is the context key under which Work records the key it holds, so
+// that WorkTx inside the job does not wait for a lock its own job holds.
+type heldKey struct{}
+
+func heldFromContext(ctx context.Context) (pglock.Key, bool) {
+	k, ok := ctx.Value(heldKey{}).(pglock.Key)
+	return k, ok
+}
