@@ -241,3 +241,29 @@ func mustKey(t *testing.T, v any) pglock.Key {
 	}
 	return k
 }
+
+func TestLockerPooled(t *testing.T) {
+	t.Parallel()
+	pool := pgtest.Pool(t, 2)
+	c, err := pool.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Release()
+	for _, tc := range []struct {
+		conn any
+		want bool
+	}{{pool, true}, {openSQLDB(t), true}, {c, false}, {c.Conn(), false}} {
+		lk, err := pglock.NewLocker(tc.conn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if lk.Pooled() != tc.want {
+			t.Errorf("NewLocker(%T).Pooled() = %v", tc.conn, !tc.want)
+		}
+	}
+	var nilLocker *pglock.Locker
+	if nilLocker.Pooled() {
+		t.Error("nil Locker is pooled")
+	}
+}

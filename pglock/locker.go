@@ -10,8 +10,9 @@ import (
 // logger, namespace, wait and check settings). It is what adapters take.
 // A Locker is safe for concurrent use; the Locks it makes are not shared.
 type Locker struct {
-	conn any
-	cfg  config
+	conn   any
+	cfg    config
+	pooled bool
 }
 
 // NewLocker returns a Locker for conn, which is one of the types [New]
@@ -30,10 +31,11 @@ func NewLocker(conn any, opts ...Option) (*Locker, error) {
 		return nil, err
 	}
 	// newSource settles the scope (Transaction on a caller's transaction).
-	if _, err := newSource(conn, &cfg); err != nil {
+	src, err := newSource(conn, &cfg)
+	if err != nil {
 		return nil, err
 	}
-	return &Locker{conn: conn, cfg: cfg}, nil
+	return &Locker{conn: conn, cfg: cfg, pooled: src.owned()}, nil
 }
 
 // Lock returns a new Lock on key with the Locker's options, then opts.
@@ -75,3 +77,10 @@ func (lk *Locker) Scope() Scope { return lk.cfg.scope }
 
 // Mode returns the mode of the Locks it makes by default.
 func (lk *Locker) Mode() Mode { return lk.cfg.mode }
+
+// Pooled reports whether the Locker is on a pool (*pgxpool.Pool, *sql.DB):
+// then each hold takes a connection of its own, so Locks used concurrently
+// exclude each other. On one connection (or transaction) concurrent use is a
+// data race, and PostgreSQL stacks a session's locks instead of excluding:
+// adapters that lock concurrent requests or jobs require a pooled Locker.
+func (lk *Locker) Pooled() bool { return lk != nil && lk.pooled }
