@@ -48,10 +48,10 @@ func NewMiddleware(locker *pglock.Locker, cfg *Config) (*Middleware, error) {
 	if locker == nil {
 		return nil, fmt.Errorf("%w: nil *pglock.Locker", ErrInvalidConfig)
 	}
-	// A Locker on a transaction refuses Session scope; find out now rather
-	// than at the first job. (Lock does not talk to the database.)
-	if _, err := locker.Lock("riverlock:probe", sessionOpts...); err != nil {
-		return nil, fmt.Errorf("%w: the Locker cannot hold session locks (give it a pool): %w", ErrInvalidConfig, err)
+	// Jobs run concurrently: each needs a connection of its own. On one
+	// connection session locks would stack instead of excluding.
+	if !locker.Pooled() {
+		return nil, fmt.Errorf("%w: the Locker is on one connection or transaction; give it a pool (*pgxpool.Pool or *sql.DB)", ErrInvalidConfig)
 	}
 	if cfg == nil {
 		cfg = &Config{}

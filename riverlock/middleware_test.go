@@ -465,6 +465,18 @@ func TestConfigErrors(t *testing.T) {
 	if _, err := riverlock.NewMiddleware(txLocker, nil); !errors.Is(err, riverlock.ErrInvalidConfig) {
 		t.Fatalf("locker on a transaction: %v", err)
 	}
+	conn, err := pool.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Release()
+	connLocker, err := pglock.NewLocker(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := riverlock.NewMiddleware(connLocker, nil); !errors.Is(err, riverlock.ErrInvalidConfig) {
+		t.Fatalf("locker on one connection: %v", err)
+	}
 	if err := riverlock.WorkTx[CustomerArgs](context.Background(), nil, &river.Job[CustomerArgs]{JobRow: &rivertype.JobRow{}}, nil); !errors.Is(err, riverlock.ErrInvalidConfig) {
 		t.Fatalf("WorkTx with a nil locker: %v", err)
 	}
