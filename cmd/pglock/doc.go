@@ -1,0 +1,154 @@
+/*
+Pglock runs commands under PostgreSQL advisory locks, and shows who holds
+them: flock(1) for every machine that talks to the same database.
+
+Usage:
+
+	pglock [--database-url URL] <command> [arguments]
+
+The commands are:
+
+	run     run a command while holding a lock
+	locks   list the advisory locks of the database and who waits for them
+	key     print the advisory key that a name maps to
+	help    show help for a command
+
+Install it with
+
+	go install github.com/pglockkit/kit/cmd/pglock@latest
+
+# Connecting
+
+The database is --database-url (a URL or a key=value DSN), else
+$DATABASE_URL, else libpq's environment variables (PGHOST, PGPORT,
+PGDATABASE, PGUSER, PGPASSWORD, PGSSLMODE, PGAPPNAME, ~/.pgpass...), read
+as pgx reads them. --database-url may be given before the command or after
+it. pglock's connections are named "pglock" in pg_stat_activity unless the
+URL or PGAPPNAME names them otherwise (PGAPPNAME=nightly-report pglock run
+... labels a job). A connection attempt gives up after 10 seconds unless
+connect_timeout or PGCONNECT_TIMEOUT says otherwise. Advisory locks belong
+to one database: two commands contend only if they name the same database.
+
+# Run a command under a lock
+
+	pglock run [--wait DURATION | --no-wait] [--shared] [--xact]
+	           [--kill-after DURATION] KEY -- COMMAND [ARGS...]
+
+Run takes the lock KEY, runs COMMAND while it holds it, and releases it
+when COMMAND exits. KEY is a name, mapped to a 64-bit key exactly as
+pglock.KeyOf and the Python package postgresql-lock map it (see "pglock
+key"), so a Go service, a Python service and a shell script that name the
+same key take the same lock. Flags go before KEY, and "--" separates KEY
+from COMMAND. Any crontab line becomes a singleton across the cluster:
+
+	0 * * * * pglock run --no-wait report:hourly -- /usr/local/bin/report
+
+By default run waits as long as it takes. --no-wait gives up at once when
+another session holds the key, and --wait DURATION (30s, 5m...) after that
+long; --wait 0 is --no-wait. Both then exit 75 (EX_TEMPFAIL) with one line
+on standard error, without running COMMAND. --shared takes the lock in
+shared mode: shared holders run together, an exclusive one runs alone.
+
+The lock is a session lock on a connection that pglock keeps for the run.
+With --xact it is a transaction lock (pg_advisory_xact_lock) in a
+transaction that stays open, idle, while COMMAND runs, and is committed when
+COMMAND ends. For COMMAND it behaves exactly like the default; unlike a
+session lock, it holds through a pooler in transaction mode (PgBouncer's
+pool_mode = transaction), since the open transaction pins one server
+connection. pglock pings that connection every 0.5 s, which also keeps
+idle_in_transaction_session_timeout (if longer than that) from ending it. An
+open transaction holds back vacuum's cleanup horizon: prefer the default for
+commands that run for hours on a busy database.
+
+COMMAND gets pglock's standard input, output and error, and a process group
+of its own. SIGINT, SIGTERM and SIGHUP sent to pglock are forwarded to
+COMMAND's process group (so a shell's children get them too); pglock waits
+for COMMAND and exits with its status. Ctrl-C at a terminal reaches pglock,
+which forwards it once. A signal ignored when pglock starts (nohup ignores
+SIGHUP; a non-interactive shell's background job, SIGINT) stays ignored, by
+pglock and by COMMAND. A signal that arrives while pglock still waits for
+the lock stops the wait: COMMAND never runs and pglock exits 128+N. Since
+COMMAND is not in the terminal's foreground process group, a COMMAND that
+reads the terminal is stopped (SIGTTIN): do not run interactive programs
+under pglock.
+
+A session lock lives as long as its connection, and pglock watches it while
+COMMAND runs. If the server ends the session (pg_terminate_backend, a
+restart, a failover) or the connection breaks, pglock notices at once (a
+connection that goes silent, within about a second; under --xact, at the
+next ping, or when a ping gets no answer for 5 s). It then prints one line,
+sends SIGTERM to COMMAND's process group, and SIGKILL if COMMAND still runs
+after --kill-after (10s by default; 0 never kills); it waits for COMMAND and
+exits 70 whatever COMMAND's status. From the moment the lock is lost another
+pglock may take it, so COMMAND can overlap with the next holder for as long
+as it takes to stop: make COMMAND stop promptly on SIGTERM, and keep work
+that must never overlap in the database, in a transaction that checks the
+lock. pglock also exits 70 when the loss is only noticed at release, after
+COMMAND has ended.
+
+# List locks
+
+	pglock locks [--json] [--key NAME ...]
+
+Locks lists every advisory lock of the current database, held or waited
+for, read from pg_locks and pg_stat_activity: the key, the NAME that maps
+to it when --key NAME was given (NAME is hashed as it is: include an adapter's
+namespace, such as "cron:"), the mode (exclusive or shared), whether it
+is held or waited for, the session's pid, application_name and client
+address, since when, and who waits behind whom (pg_blocking_pids). A key of
+the bigint space (objsubid 1) is shown as its int64; one of the (integer,
+integer) space (objsubid 2) as "a,b". Since PostgreSQL does not record when
+a lock was granted, SINCE is, for a waiting session, when the wait began
+(pg_locks.waitstart on PostgreSQL 14 and later, else query_start); for a
+holder, when its current transaction began (xact_start) or, if it is not in
+one, when its connection began (backend_start). QUEUE names the pids a
+waiting session waits for ("behind 123") and the pids that wait for a
+holder ("blocks 456"). The table is aligned with text/tabwriter; --json
+prints an array of objects with every column (key, int64 or pair, name,
+classid, objid, objsubid, mode, granted, pid, application_name, user,
+client_addr, client_port, state, backend_start, xact_start, query_start,
+wait_start, since, blocked_by, waiters). Without the pg_read_all_stats
+role, other users' sessions show no client address or times.
+
+# Print keys
+
+	pglock key [--json] STRING...
+
+Key prints, for each STRING, the int64 key it maps to (as pglock.KeyOf
+computes it: SHA-1 of the UTF-8 text, the first 8 bytes read as a
+big-endian signed integer) and its two 32-bit halves as signed integers,
+HIGH and LOW, which pg_locks shows as classid and objid (as unsigned oids)
+with objsubid 1. The halves are not a key of the (integer, integer) space:
+pg_advisory_lock(HIGH, LOW) is another lock. It needs no database.
+
+	$ pglock key test
+	                 INT64         HIGH         LOW  NAME
+	  -6248023315878667354  -1454731291  -860775514  test
+
+# Exit status
+
+	0       locks, key: done
+	0-255   run: COMMAND's status; 128+N when signal N killed it
+	2       usage error, bad URL, unreachable database, or a database error
+	        before COMMAND started (one line on standard error)
+	70      run: the lock was lost; COMMAND got SIGTERM (EX_SOFTWARE)
+	75      run: the lock is held elsewhere, with --no-wait or after --wait
+	        (EX_TEMPFAIL)
+	126     run: COMMAND could not be started
+	127     run: COMMAND was not found
+	128+N   run: signal N stopped pglock while it waited for the lock
+
+COMMAND may itself exit 2, 70 or 75: pglock's own failures are the ones
+that print a line starting with "pglock" on standard error.
+
+# What it does not do
+
+pglock does not retry, queue jobs or remember runs: wrap it in a loop or a
+scheduler for that. It does not lock across databases or servers. It does
+not stop COMMAND's grandchildren that leave its process group. It does not
+fence COMMAND's effects outside PostgreSQL against the short overlap after
+a lost lock. If pglock itself is killed with SIGKILL (or crashes), its
+session ends and frees the lock while COMMAND may still run: supervise
+pglock, not COMMAND.
+*/
+package main

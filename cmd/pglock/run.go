@@ -1,0 +1,273 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/pglockkit/kit/pglock"
+)
+
+// lostCheckInterval is how often the connection of a held lock is checked
+// when nothing happens on it. A connection the server closes is noticed at
+// once under the default session scope; under --xact within one interval.
+const lostCheckInterval = 500 * time.Millisecond
+
+// waitDelay bounds how long, after COMMAND exits, pglock waits for the
+// output it copies (only when pglock's own output is not a file, as in
+// tests): a background process left by COMMAND may keep it open.
+const waitDelay = 2 * time.Second
+
+const runUsage = `usage: pglock run [--wait DURATION | --no-wait] [--shared] [--xact]
+                  [--kill-after DURATION] [--database-url URL] KEY -- COMMAND [ARGS...]
+
+Run runs COMMAND while holding the advisory lock KEY, like flock(1) but for
+every machine that uses the same database. KEY is a name, hashed as
+pglock.KeyOf and the Python package postgresql-lock hash it ("pglock key
+KEY" prints the number). Put the flags before KEY, and "--" between KEY and
+COMMAND.
+
+By default pglock waits for the lock as long as it takes.
+
+	--no-wait      do not wait: if the lock is held elsewhere, exit 75 at once
+	--wait D       wait at most D (e.g. 30s, 5m), then exit 75; --wait 0 is --no-wait
+	--shared       take the lock in shared mode: shared holders run together,
+	               an exclusive holder runs alone
+	--xact         hold a transaction-scoped lock in a transaction that stays
+	               open while COMMAND runs (a pooler in transaction mode, such
+	               as PgBouncer's, keeps it); for COMMAND it is like the default
+	--kill-after D after a lost lock's SIGTERM, send SIGKILL if COMMAND is still
+	               running after D (default 10s; 0: never)
+
+COMMAND runs in its own process group, with pglock's standard input, output
+and error. SIGINT, SIGTERM and SIGHUP sent to pglock are forwarded to that
+group, and pglock waits for COMMAND. If the lock is lost while COMMAND runs
+(the connection dies, or the server ends the session), pglock sends SIGTERM
+to the group, waits for COMMAND, and exits 70.
+
+Exit status: COMMAND's status (128+N if a signal N killed it); 75 when the
+lock is busy; 70 when the lock was lost; 2 for a usage error or when the
+database cannot be reached; 126 or 127 when COMMAND cannot be run or is not
+found; 128+N when signal N interrupted the wait for the lock.
+`
+
+// runOptions are the flags of "pglock run".
+type runOptions struct {
+	wait      time.Duration // 0 with hasWait: do not wait
+	hasWait   bool
+	shared    bool
+	xact      bool
+	killAfter time.Duration
+}
+
+func (c *cli) runCommand(ctx context.Context, url string, args []string) int {
+	fset := flag.NewFlagSet("run", flag.ContinueOnError)
+	fset.StringVar(&url, "database-url", url, "PostgreSQL connection URL or DSN")
+	wait := fset.Duration("wait", 0, "wait at most this long for the lock, then exit 75")
+	noWait := fset.Bool("no-wait", false, "exit 75 at once if the lock is held elsewhere")
+	shared := fset.Bool("shared", false, "take the lock in shared mode")
+	xact := fset.Bool("xact", false, "hold a transaction-scoped lock in an open transaction")
+	killAfter := fset.Duration("kill-after", 10*time.Second, "after a lost lock's SIGTERM, SIGKILL COMMAND after this long (0: never)")
+	if code, done := c.parse(fset, args, runUsage); done {
+		return code
+	}
+	set := map[string]bool{}
+	fset.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	opts := runOptions{wait: *wait, hasWait: set["wait"] || *noWait, shared: *shared, xact: *xact, killAfter: *killAfter}
+	switch {
+	case set["wait"] && *noWait:
+		return c.usageError("run", "--wait and --no-wait exclude each other")
+	case *wait < 0:
+		return c.usageError("run", "--wait %v is negative", *wait)
+	case *killAfter < 0:
+		return c.usageError("run", "--kill-after %v is negative", *killAfter)
+	}
+
+	rest := fset.Args()
+	switch {
+	case len(rest) == 0:
+		return c.usageError("run", "missing KEY and -- COMMAND")
+	case len(rest) == 1 && rest[0] == "--":
+		return c.usageError("run", "missing KEY before --")
+	case len(rest) == 1:
+		return c.usageError("run", "missing -- COMMAND after KEY")
+	case rest[1] != "--" && strings.HasPrefix(rest[1], "-"):
+		return c.usageError("run", "flag %s after KEY: put flags before KEY, and -- between KEY and COMMAND", rest[1])
+	case rest[1] != "--":
+		return c.usageError("run", "missing -- between KEY and COMMAND")
+	case len(rest) == 2:
+		return c.usageError("run", "missing command after --")
+	case rest[0] == "":
+		return c.usageError("run", "empty KEY")
+	}
+	return c.runLocked(ctx, url, rest[0], rest[2:], opts)
+}
+
+// runLocked takes the lock on name, runs argv while holding it, and
+// releases it.
+func (c *cli) runLocked(ctx context.Context, url, name string, argv []string, opts runOptions) int {
+	lockOpts := []pglock.Option{pglock.WithLostCheckInterval(lostCheckInterval)}
+	if opts.shared {
+		lockOpts = append(lockOpts, pglock.WithMode(pglock.Shared))
+	}
+	if opts.xact {
+		lockOpts = append(lockOpts, pglock.WithScope(pglock.Transaction))
+	}
+	if opts.wait > 0 {
+		lockOpts = append(lockOpts, pglock.WithWaitTimeout(opts.wait))
+	}
+	key, err := pglock.KeyOf(name)
+	if err != nil {
+		return c.usageError("run", "%v", err)
+	}
+	label := fmt.Sprintf("%q (%s)", name, key)
+
+	// Connect and take the lock; a signal stops either.
+	ictx, stop := c.interruptible(ctx)
+	pool, err := connect(ictx, url)
+	if err != nil {
+		if s := stop(); s != nil {
+			return c.fail(signalStatus(s), "run", "%v before the lock on %s was taken", s, label)
+		}
+		return c.fail(exitUsage, "run", "%v", err)
+	}
+	defer pool.Close()
+	lock, err := pglock.New(pool, key, lockOpts...)
+	if err != nil {
+		stop()
+		return c.fail(exitUsage, "run", "%v", errText(err))
+	}
+	var ok bool
+	if opts.hasWait && opts.wait == 0 {
+		ok, err = lock.TryAcquire(ictx)
+	} else {
+		err = lock.Acquire(ictx)
+		ok = err == nil
+	}
+	if s := stop(); s != nil {
+		if ok {
+			_ = lock.Release(context.Background())
+		}
+		return c.fail(signalStatus(s), "run", "%v while waiting for the lock on %s", s, label)
+	}
+	switch {
+	case err != nil && opts.wait > 0 && errors.Is(err, context.DeadlineExceeded):
+		return c.fail(exitBusy, "run", "lock %s still held elsewhere after %v", label, opts.wait)
+	case err != nil:
+		return c.fail(exitUsage, "run", "%v", errText(err))
+	case !ok:
+		return c.fail(exitBusy, "run", "lock %s is held elsewhere", label)
+	}
+
+	// Held: run the command.
+	lost := lock.Lost()
+	stopWatch := func() {}
+	if opts.xact {
+		// pglock watches only session locks on a pool: check the
+		// transaction's connection here, since nobody else uses it.
+		lost, stopWatch = watchTx(lock, lostCheckInterval, pglock.DefaultReleaseTimeout)
+	}
+	status, lostWhileRunning := c.runChild(ctx, argv, lost, label, opts.killAfter)
+	stopWatch()
+	err = lock.Release(context.Background())
+	switch {
+	case err != nil && errors.Is(err, pglock.ErrLockLost):
+		if !lostWhileRunning {
+			c.fail(0, "run", "lock %s was lost before %s ended", label, argv[0])
+		}
+		return exitLost
+	case err != nil:
+		// The session ends when the pool closes, which frees the lock.
+		c.fail(0, "run", "warning: %v", errText(err))
+	}
+	if lostWhileRunning {
+		return exitLost
+	}
+	return status
+}
+
+// runChild runs argv and returns its exit status. It forwards c.signals to
+// it, sends it SIGTERM when lost closes (then SIGKILL after killAfter), and
+// reports whether lost closed.
+func (c *cli) runChild(ctx context.Context, argv []string, lost <-chan struct{}, label string, killAfter time.Duration) (status int, wasLost bool) {
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, c.stdout, c.stderr
+	cmd.WaitDelay = waitDelay
+	newProcessGroup(cmd)
+	if err := cmd.Start(); err != nil {
+		code := exitNoExec
+		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, fs.ErrNotExist) {
+			code = exitNotFound
+		}
+		return c.fail(code, "run", "%v", err), false
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+
+	done := ctx.Done()
+	var kill <-chan time.Time
+	terminate := func(why string) {
+		c.fail(0, "run", "%s: sending SIGTERM to %s", why, argv[0])
+		_ = signalCommand(cmd, syscall.SIGTERM)
+		if killAfter > 0 && kill == nil {
+			kill = time.After(killAfter)
+		}
+	}
+	var waitErr error
+loop:
+	for {
+		select {
+		case waitErr = <-exited:
+			break loop
+		case s := <-c.signals:
+			_ = signalCommand(cmd, s)
+		case <-lost:
+			lost, wasLost = nil, true
+			terminate("lock " + label + " lost (its database connection ended)")
+		case <-done:
+			done = nil
+			terminate("stopping")
+		case <-kill:
+			c.fail(0, "run", "%s still running %v after SIGTERM: sending SIGKILL", argv[0], killAfter)
+			_ = signalCommand(cmd, syscall.SIGKILL)
+		}
+	}
+	select {
+	case <-lost: // lost as the command ended: it may have run unprotected
+		wasLost = true
+		c.fail(0, "run", "lock %s lost (its database connection ended)", label)
+	default:
+	}
+	return exitStatus(cmd, waitErr), wasLost
+}
+
+// errText is err's message without the "pglock: " that the pglock
+// package starts its errors with: pglock's own lines already say it.
+func errText(err error) string {
+	return strings.TrimPrefix(err.Error(), "pglock: ")
+}
+
+// exitStatus is the status a shell would report for the finished command.
+func exitStatus(cmd *exec.Cmd, waitErr error) int {
+	ps := cmd.ProcessState
+	if ps == nil {
+		return 1
+	}
+	if s, ok := killedBy(ps); ok {
+		return exitSignal + int(s)
+	}
+	if code := ps.ExitCode(); code >= 0 {
+		return code
+	}
+	if waitErr != nil {
+		return 1
+	}
+	return 0
+}
