@@ -1,0 +1,34 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/pglockkit/kit/internal/pgtest"
+)
+
+func TestMain(m *testing.M) { pgtest.Main(m) }
+
+func TestExample(t *testing.T) {
+	var out bytes.Buffer
+	if err := run(context.Background(), &out, pgtest.URL(t)); err != nil {
+		t.Fatalf("%v\n%s", err, out.String())
+	}
+	s := out.String()
+	for _, want := range []string{
+		"answers: [200 OK 200 OK 200 OK 200 OK 200 OK 200 OK 200 OK 200 OK]",
+		"most handlers inside at once for order 42: 1;",
+		"replica-B answers: 409 Conflict, Retry-After: 1",
+		"replica-A answers: 200 OK",
+		"done: no lock held",
+	} {
+		if !strings.Contains(s, want) {
+			t.Errorf("output lacks %q:\n%s", want, s)
+		}
+	}
+	if strings.Count(s, "refund order 42") != 1 {
+		t.Errorf("want exactly one refund to run:\n%s", s)
+	}
+}

@@ -1,0 +1,85 @@
+// Package echolock is Echo v4 middleware that runs a request's handler while
+// holding a PostgreSQL advisory lock named by the request: one request at a
+// time per order, account, idempotency key or tenant, across every replica
+// of a service that shares the database.
+//
+// It follows Echo's own middleware (see its rate limiter): a [Config] with a
+// Skipper, a [KeyExtractor], a DenyHandler and an ErrorHandler,
+// [DefaultConfig], [New] and [WithConfig], and errors returned as
+// *echo.HTTPError for Echo's HTTPErrorHandler to write; the middleware never
+// writes an answer itself. Every lock decision is the [pglock.Locker]'s; this
+// package holds no SQL. It has the semantics of package httplock (in the
+// core module), and the same key namespace ([DefaultNamespace], "http:"), so
+// Echo and net/http services that name a key contend on the same lock.
+//
+//	orders, err := echolock.WithConfig(echolock.Config{
+//		Locker:       locker,
+//		KeyExtractor: echolock.Param("id"),
+//		Namespace:    "orders:",
+//		Wait:         5 * time.Second,
+//	})
+//	if err != nil { ... }
+//	e.POST("/orders/:id/pay", pay, orders)
+//
+// # Construction
+//
+// Echo's middleware panics on a bad configuration; New and WithConfig return
+// an error instead ([ErrNilLocker], [ErrNilKeyExtractor], [ErrInvalidConfig]),
+// so a service fails at start-up with a message, not with a stack trace.
+//
+// # Keys
+//
+// The KeyExtractor names each request's key; [Param], [Header],
+// [QueryParam] and [MethodPath] are ready-made. ok false passes the request
+// through unlocked. An extractor error goes to the ErrorHandler as
+// [ErrKey] (400 Bad Request by default), never passed through. Never key by
+// c.RealIP(): it trusts X-Forwarded-For, which a client can forge.
+//
+// # Busy keys, cancellation, database errors
+//
+// With Wait zero (the default) a request whose key is held elsewhere goes to
+// the DenyHandler at once: 409 Conflict, with Retry-After (Config.RetryAfter,
+// one second by default). With Wait > 0 it waits up to Wait first. A wait
+// follows the request's context: when the client goes away the wait stops at
+// once and leaves no lock, waiting session or pool connection behind (the
+// middleware returns a 503 *echo.HTTPError matching [ErrRequestEnded] that
+// nobody reads). Taking the lock first takes a connection from the Locker's
+// pool: when the pool is exhausted that waits too, bounded by Wait (or, with
+// Wait zero, by the request's context only). A lock that cannot be taken for any other reason goes to the
+// ErrorHandler as [ErrDatabase]: 503 Service Unavailable by default.
+//
+// # Scopes
+//
+// Config.Scope's zero value is [pglock.Session]: the lock is held on a
+// pinned pool connection around the handler; if that connection dies the
+// request's context is cancelled with cause [pglock.ErrLockLost].
+//
+// In [pglock.Transaction] scope the middleware begins a transaction, takes
+// the lock in it, and puts it in the request's context:
+// pglock.TxFromContext(c.Request().Context()) (or pglock.SQLTxFromContext on
+// database/sql). It commits when Config.Commit agrees (the default: the
+// handler returned no error and the status is below 500) and rolls back
+// otherwise: on a returned error, a 5xx, or a panic, which is raised again
+// after the rollback (put Echo's Recover middleware outside this one). The
+// response is held back until the transaction has ended, so that a client
+// never sees a success for writes that did not commit: if the commit fails,
+// the held response (status, body, and the headers the handler set) is
+// dropped and the ErrorHandler answers (503). Flush and
+// Hijack (c.Response().Flush, http.ResponseController) send what is held and
+// stream from then on.
+//
+// # Modes
+//
+// Config.Mode (Exclusive by default) or Config.ModeFunc choose the mode;
+// [SharedForSafeMethods] lets GET, HEAD and OPTIONS requests share a key
+// while other methods run alone.
+//
+// # What it deliberately does not do
+//
+// It does not retry busy requests, does not queue them in memory (waiting
+// is PostgreSQL's queue, shared by every replica), and does not consult the
+// Locker's default scope or mode (Config's zero values are Session and
+// Exclusive). A waiting request holds a pool connection; size the pool for
+// the waiters you accept. Session locks need a session: behind PgBouncer in
+// transaction pooling mode use Transaction scope.
+package echolock

@@ -1,0 +1,38 @@
+package echolock
+
+import "errors"
+
+// Sentinel errors. Match them with errors.Is: the *echo.HTTPError values the
+// middleware returns keep them as their Internal error (HTTPError unwraps to
+// it), wrapped with %w together with the cause.
+var (
+	// ErrNilLocker is returned by New and WithConfig when the Locker is nil.
+	ErrNilLocker = errors.New("echolock: nil *pglock.Locker")
+
+	// ErrNilKeyExtractor is returned by New and WithConfig when the
+	// KeyExtractor is nil.
+	ErrNilKeyExtractor = errors.New("echolock: nil KeyExtractor")
+
+	// ErrInvalidConfig is returned by WithConfig when a Config field is out
+	// of range.
+	ErrInvalidConfig = errors.New("echolock: invalid config")
+
+	// ErrKey wraps the KeyExtractor's error. The default ErrorHandler answers
+	// it with 400 Bad Request.
+	ErrKey = errors.New("echolock: bad lock key")
+
+	// ErrBusy means the key was held elsewhere and the request did not get
+	// it, at once or within Config.Wait. The default DenyHandler answers it
+	// with 409 Conflict.
+	ErrBusy = errors.New("echolock: lock busy")
+
+	// ErrDatabase wraps a failure to take, commit or release the lock that is
+	// not a busy key. The default ErrorHandler answers it with 503 Service
+	// Unavailable.
+	ErrDatabase = errors.New("echolock: lock failed")
+
+	// ErrRequestEnded wraps the lock error of a request whose context ended
+	// while it waited (the client went away): it is returned as a 503
+	// *echo.HTTPError that nobody is likely to read.
+	ErrRequestEnded = errors.New("echolock: request ended while waiting for the lock")
+)

@@ -1,0 +1,61 @@
+package echolock
+
+import (
+	"fmt"
+
+	"github.com/labstack/echo/v4"
+)
+
+// Param returns a KeyExtractor that keys the request by the route's path
+// parameter name ("/orders/:id"). An empty value is an error (the route has
+// no such parameter, or it matched empty), not a pass.
+func Param(name string) KeyExtractor {
+	return func(c echo.Context) (string, bool, error) {
+		v := c.Param(name)
+		if v == "" {
+			return "", false, fmt.Errorf("empty path parameter %q (does the route have :%s?)", name, name)
+		}
+		return v, true, nil
+	}
+}
+
+// Header returns a KeyExtractor that keys the request by the header name,
+// for example "Idempotency-Key". A request without it (or with an empty
+// value) passes through unlocked; one with several values of it is an error.
+func Header(name string) KeyExtractor {
+	return func(c echo.Context) (string, bool, error) {
+		vs := c.Request().Header.Values(name)
+		switch {
+		case len(vs) == 0 || (len(vs) == 1 && vs[0] == ""):
+			return "", false, nil
+		case len(vs) > 1:
+			return "", false, fmt.Errorf("header %s given %d times", name, len(vs))
+		}
+		return vs[0], true, nil
+	}
+}
+
+// QueryParam returns a KeyExtractor that keys the request by the query
+// parameter name. A request without it (or with an empty value) passes
+// through unlocked; one with several values of it is an error.
+func QueryParam(name string) KeyExtractor {
+	return func(c echo.Context) (string, bool, error) {
+		vs := c.QueryParams()[name]
+		switch {
+		case len(vs) == 0 || (len(vs) == 1 && vs[0] == ""):
+			return "", false, nil
+		case len(vs) > 1:
+			return "", false, fmt.Errorf("query parameter %s given %d times", name, len(vs))
+		}
+		return vs[0], true, nil
+	}
+}
+
+// MethodPath returns a KeyExtractor that keys the request by its method and
+// URL path, "POST /orders/42" (the query is not part of the key).
+func MethodPath() KeyExtractor {
+	return func(c echo.Context) (string, bool, error) {
+		r := c.Request()
+		return r.Method + " " + r.URL.Path, true, nil
+	}
+}

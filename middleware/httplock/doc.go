@@ -1,0 +1,104 @@
+// Package httplock is net/http middleware that runs a request's handler
+// while holding a PostgreSQL advisory lock named by the request: one request
+// at a time per order, account, idempotency key or tenant, across every
+// replica of a service that shares the database.
+//
+// It uses only the standard library and [pglock]: every lock decision is the
+// [pglock.Locker]'s, and this package holds no SQL.
+//
+// # The model
+//
+// [Middleware] (or [Handler], for one handler) takes a Locker and a
+// [KeyFunc]. For each request the KeyFunc names a key; the key, prefixed
+// with the namespace ([DefaultNamespace], "http:", see [WithNamespace]), is
+// locked through the Locker, the handler runs while the lock is held, and the
+// lock is released when the handler returns. Ready-made key functions read a
+// ServeMux path wildcard ([PathValue]), a header ([Header], for
+// Idempotency-Key), a query parameter ([Query]), or the method and path
+// ([MethodPath]).
+//
+//	orders, err := httplock.Middleware(locker, httplock.PathValue("id"),
+//		httplock.WithNamespace("orders:"), httplock.WithWait(5*time.Second))
+//	if err != nil { ... }
+//	mux.Handle("POST /orders/{id}/pay", orders(pay))
+//
+// r.PathValue is set only for the handler a pattern matched, so wrap each
+// route's handler, not the whole mux; [PathValue] answers 400 rather than
+// pass a request through when its value is empty. Routers such as chi take
+// the middleware as it is (r.With(orders).Post(...)) with a KeyFunc that
+// reads their parameter.
+//
+// A KeyFunc that reports no key (ok false) passes the request through
+// without a lock. A KeyFunc error is answered 400 Bad Request
+// ([WithKeyErrorHandler]), never passed through.
+//
+// # Busy keys
+//
+// By default a request whose key is held elsewhere is answered at once with
+// 409 Conflict and Retry-After: 1 ([WithRetryAfter], [WithOnBusy]). With
+// [WithWait] it waits for the key up to a limit instead, then gets the same
+// busy answer. A wait follows the request's context: when the client goes
+// away, or a server timeout ends the request, the wait stops at once, nothing
+// is answered (nobody is listening), and no lock, waiting session or pool
+// connection is left behind.
+//
+// Taking the lock first takes a connection from the Locker's pool; when the
+// pool is exhausted that waits as pgxpool does, bounded by the wait limit
+// (and answered busy when it passes) or, failing fast, by the request's
+// context only. Size the pool above the number of requests you expect to
+// hold or wait for locks at once.
+//
+// A database error (the pool is closed, the server is down, a connection
+// broke while taking the lock) is answered 503 Service Unavailable
+// ([WithErrorHandler]): a request never runs unlocked because the lock
+// failed.
+//
+// # Scopes
+//
+// The scope is the Locker's unless [WithScope] says otherwise.
+//
+// In Session scope ([pglock.Session]) the lock is held on a pinned pool
+// connection around the handler. If that connection dies while the handler
+// runs, the request's context is cancelled with cause [pglock.ErrLockLost]
+// (see [pglock.Lock.Lost]); the response is the handler's, and the failed
+// release is logged. Work that must never run twice even then belongs in
+// Transaction scope.
+//
+// In Transaction scope ([pglock.Transaction]) the middleware begins a
+// transaction, takes the lock in it, and gives the transaction to the handler
+// in the request's context: [pglock.TxFromContext] (pgx) or
+// [pglock.SQLTxFromContext] (database/sql). When the handler returns without
+// panicking and the commit rule agrees (the default: status below 500, see
+// [WithCommitRule]) the transaction commits, otherwise it rolls back; either
+// way the lock ends with it. A panic rolls back, releases and is raised again
+// with the same value. The handler's writes and the lock commit together, so
+// work is fenced even if the connection dies.
+//
+// In Transaction scope the response is held back until the transaction has
+// ended, so that a client never sees a success for writes that did not
+// commit: if the commit fails, the held response (status, body, and the
+// headers the handler set; those set before it, by outer middleware, stay) is
+// dropped and the error answered (503). A handler that flushes
+// (http.Flusher, [net/http.ResponseController]) or hijacks the connection
+// sends what is held at that moment and streams from then on; a commit that
+// fails after that can only be logged. The writer keeps http.Flusher,
+// http.Hijacker and http.ResponseController working (it implements Unwrap).
+// In Session scope the handler gets the ResponseWriter unwrapped.
+//
+// # Modes
+//
+// Requests take the key in the Locker's mode unless [WithMode] or
+// [WithModeFunc] say otherwise. [SharedForSafeMethods] lets GET, HEAD and
+// OPTIONS requests for one key run together while every other method runs
+// alone.
+//
+// # What it deliberately does not do
+//
+// It does not choose keys from client addresses (X-Forwarded-For can be
+// forged), does not retry busy requests itself, and does not queue requests
+// in memory: waiting is PostgreSQL's queue, so it is shared by every replica.
+// A waiting request holds a pool connection in both scopes; size the pool
+// (and the wait limit) for the waiters you accept. Session locks need a
+// session: behind PgBouncer in transaction pooling mode use Transaction
+// scope.
+package httplock

@@ -1,0 +1,35 @@
+package httplock
+
+import "errors"
+
+// Sentinel errors. Match them with errors.Is: the errors this package
+// returns or hands to the error handlers wrap them with %w, together with the
+// cause (a key function's error, a *pglock error, a context error).
+var (
+	// ErrNilLocker is returned by Middleware and Handler when the Locker is nil.
+	ErrNilLocker = errors.New("httplock: nil *pglock.Locker")
+
+	// ErrNilKeyFunc is returned by Middleware and Handler when the KeyFunc is nil.
+	ErrNilKeyFunc = errors.New("httplock: nil KeyFunc")
+
+	// ErrNilHandler is returned by Handler when the handler is nil.
+	ErrNilHandler = errors.New("httplock: nil http.Handler")
+
+	// ErrInvalidOption is returned by Middleware and Handler when an option's
+	// value is out of range, or an option is nil.
+	ErrInvalidOption = errors.New("httplock: invalid option")
+
+	// ErrKey wraps the error of a KeyFunc: the request names no usable key.
+	// It is answered 400 Bad Request by default (see [WithKeyErrorHandler]).
+	ErrKey = errors.New("httplock: bad lock key")
+
+	// ErrBusy means the key was held elsewhere and the request did not get
+	// it: at once (fail fast) or within the wait limit. It is answered 409
+	// Conflict with Retry-After by default (see [WithOnBusy]).
+	ErrBusy = errors.New("httplock: lock busy")
+
+	// ErrDatabase wraps a failure to take, commit or release the lock that is
+	// not a busy key: a database or connection error. It is answered 503
+	// Service Unavailable by default (see [WithErrorHandler]).
+	ErrDatabase = errors.New("httplock: lock failed")
+)
