@@ -147,7 +147,7 @@ func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error
 // have granted the lock as the cancel arrived, so it is looked up and given
 // back.
 func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
-	err, interrupted, broken := interruptible(ctx, l, conn, func(qctx context.Context) error {
+	interrupted, broken, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
 		_, err := conn.Exec(qctx, l.st.lock, l.st.args...)
 		return err
 	})
@@ -187,7 +187,7 @@ func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) 
 		return true, nil
 	}
 	var tx pgx.Tx
-	err, interrupted, broken := interruptible(ctx, b.l, b.conn, func(qctx context.Context) error {
+	interrupted, broken, err := interruptible(ctx, b.l, b.conn, func(qctx context.Context) error {
 		var err error
 		tx, err = b.conn.BeginTx(qctx, pgx.TxOptions{BeginQuery: "BEGIN; " + b.l.lockLiteral()})
 		return err
@@ -254,7 +254,7 @@ func (b *pgxBackend) acquireInCallerTx(ctx context.Context, wait bool) (bool, er
 // healthy reports whether that is known to be so.
 func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
 	const sp = "pglock_wait"
-	err, interrupted, broken := interruptible(ctx, l, conn, func(qctx context.Context) error {
+	interrupted, broken, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
 		_, err := conn.Exec(qctx, "SAVEPOINT "+sp+"; "+l.lockLiteral())
 		return err
 	})
@@ -289,9 +289,9 @@ func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool,
 // interrupted reports whether ctx ended while the statement ran: then the
 // caller must treat a success as a lock granted as the cancel arrived, and
 // give it back.
-func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(context.Context) error) (err error, interrupted, broken bool) {
+func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(context.Context) error) (interrupted, broken bool, err error) {
 	if ctx.Done() == nil {
-		return run(ctx), false, false
+		return false, false, run(ctx)
 	}
 	qctx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
 	defer hardStop()
@@ -327,7 +327,7 @@ func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(contex
 	// Wait for the cancel request to complete before the connection is used
 	// again, so that it cannot interrupt a later statement.
 	wg.Wait()
-	return err, fired.Load(), stopped.Load()
+	return fired.Load(), stopped.Load(), err
 }
 
 func (b *pgxBackend) release(ctx context.Context, commit bool) error {
@@ -395,10 +395,30 @@ func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
 	}
 	w := &pgxWatcher{interval: interval, lost: lost}
 	w.attach(b.conn)
+	return watchAfter(min(watchDelay, interval), w.run, w.stop)
+}
+
+// watchDelay is how long a hold lasts before its connection is watched: most
+// holds (a request, a job step) end sooner and never pay for a goroutine and
+// a blocked read. A connection that dies during the delay is noticed when the
+// watch starts.
+const watchDelay = 50 * time.Millisecond
+
+// watchAfter runs run in its own goroutine after delay. The returned function
+// cancels it if it has not started, else interrupts it, and waits for it.
+func watchAfter(delay time.Duration, run, interrupt func()) func() {
 	var wg sync.WaitGroup
-	wg.Go(w.run)
+	wg.Add(1)
+	t := time.AfterFunc(delay, func() {
+		defer wg.Done()
+		run()
+	})
 	return func() {
-		w.stop()
+		if t.Stop() {
+			wg.Done()
+		} else {
+			interrupt()
+		}
 		wg.Wait()
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"database/sql/driver"
 	"errors"
 	"math/rand/v2"
-	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -264,22 +263,17 @@ func (b *sqlBackend) watch(interval time.Duration, lost func(error)) func() {
 	}
 	stop := make(chan struct{})
 	w := &pgxWatcher{interval: interval, lost: lost}
-	var wg sync.WaitGroup
-	wg.Go(func() {
+	run := func() {
 		// With pgx's driver, watch the connection itself; else ping it.
 		if b.withPgx(func(pc *pgx.Conn) { w.attach(pc); w.run() }) {
 			return
 		}
 		b.pingLoop(interval, stop, lost)
-	})
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			close(stop)
-			w.stop()
-		})
-		wg.Wait()
 	}
+	return watchAfter(min(watchDelay, interval), run, func() {
+		close(stop)
+		w.stop()
+	})
 }
 
 // pingLoop pings the connection every interval until stop is closed or a

@@ -79,7 +79,8 @@
 //
 // A session lock lives exactly as long as its connection. While a session lock
 // on a pool is held its connection is watched: a connection the server closes
-// (pg_terminate_backend, a restart, a failover) is noticed at once (with
+// (pg_terminate_backend, a restart, a failover) is noticed at once, or 50 ms
+// into the hold for a connection that died sooner (with
 // drivers other than pgx's, within the check interval), and one that goes
 // silent within twice the check interval ([WithLostCheckInterval],
 // 500 ms by default, so within 1 s). Then [Lock.Lost] is closed, the context

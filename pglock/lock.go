@@ -104,7 +104,9 @@ func (l *Lock) Held() bool { return l.held.Load() }
 // simply never closed. Call Lost after Acquire to watch that hold.
 //
 // Only session locks on a pool (*pgxpool.Pool, *sql.DB) are watched, since
-// their connection belongs to the lock: a server-side close is seen at once,
+// their connection belongs to the lock: a server-side close is seen at once
+// (the watch starts 50 ms into the hold: most holds end sooner and never pay
+// for it),
 // a silent connection within twice the lost-check interval (see
 // [WithLostCheckInterval]). On a caller's connection or transaction the loss
 // is seen at release; in Transaction scope the work commits together with the

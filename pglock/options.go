@@ -58,7 +58,8 @@ func (m Mode) String() string {
 
 // DefaultLostCheckInterval is how often a held session lock on a pool checks
 // its connection when nothing has happened on it. A connection that the
-// server closes (pg_terminate_backend, a restart) is noticed at once; one
+// server closes (pg_terminate_backend, a restart) is noticed at once (from
+// 50 ms into the hold, when the watch starts); one
 // that goes silent is noticed within twice this interval.
 const DefaultLostCheckInterval = 500 * time.Millisecond
 
