@@ -1,7 +1,7 @@
 # pglockkit: every target loops over the modules of go.work.
-#   make demo   run the quickstart demo against PostgreSQL (found or started)
-#   make test   every test of every module, with -race, against PostgreSQL
-#   make bench  the benchmarks against raw pgx
+#   make demo   the demo: every capability in a few seconds (scripts/demo.sh)
+#   make test   every test of every module, with -race, then the demo, checked
+#   make bench  the benchmarks, each beside raw pgx doing the same SQL
 #   make lint   gofmt, go vet and staticcheck over every module
 
 GO       ?= go
@@ -9,10 +9,10 @@ MODULES  := $(shell $(GO) list -m -f '{{.Dir}}')
 WITHPG   := $(GO) run ./internal/pgtest/withpg -install --
 STATICCHECK_VERSION ?= v0.8.2
 
-.PHONY: test test-modules vet demo bench lint
+.PHONY: test test-modules vet demo demo-check bench bench-modules lint
 
 test:
-	$(WITHPG) $(MAKE) --no-print-directory test-modules
+	$(WITHPG) $(MAKE) --no-print-directory test-modules demo-check
 
 test-modules: vet
 	@set -e; for m in $(MODULES); do \
@@ -25,10 +25,19 @@ vet:
 	@test -z "$$(gofmt -l $(MODULES))" || (echo "gofmt needed:"; gofmt -l $(MODULES); exit 1)
 
 demo:
-	$(WITHPG) $(GO) run ./examples/quickstart
+	$(WITHPG) ./scripts/demo.sh
+
+# The demo, with its output checked section by section (part of make test).
+demo-check:
+	./scripts/check-demo.sh
 
 bench:
-	$(WITHPG) sh -c 'cd bench && $(GO) test -run XXX -bench . -benchmem -count 5 ./...'
+	$(WITHPG) $(MAKE) --no-print-directory bench-modules
+
+bench-modules:
+	@set -e; for m in $(MODULES); do \
+		(cd $$m && $(GO) test -run XXX -bench . -benchmem -count $${COUNT:-3} ./...); \
+	done
 
 lint: vet
 	@set -e; for m in $(MODULES); do \
