@@ -12,6 +12,7 @@ import (
 	"github.com/labstack/echo/v4"
 	"github.com/labstack/echo/v4/middleware"
 
+	"github.com/pglockkit/kit/internal/holdwriter"
 	"github.com/pglockkit/kit/pglock"
 )
 
@@ -257,10 +258,10 @@ func (m *lockMiddleware) handle(next echo.HandlerFunc) echo.HandlerFunc {
 		}
 
 		req, resp := c.Request(), c.Response()
-		var tw *txWriter
+		var tw *holdwriter.Writer
 		if cfg.Scope == pglock.Transaction {
 			orig := resp.Writer
-			tw = newTxWriter(orig)
+			tw = holdwriter.New(orig)
 			resp.Writer = tw
 			defer func() { resp.Writer = orig }()
 		}
@@ -298,13 +299,13 @@ func (m *lockMiddleware) handle(next echo.HandlerFunc) echo.HandlerFunc {
 			if err != nil && err != errRollback { // Do joined a rollback error
 				m.log(slog.LevelWarn, "echolock: rollback failed", name, err)
 			}
-			if err := tw.release(); err != nil {
+			if err := tw.Release(); err != nil {
 				m.log(slog.LevelDebug, "echolock: sending the held response", name, err)
 			}
 			return herr
 		default: // the commit failed
 			err = fmt.Errorf("%w: %w", ErrDatabase, err)
-			if tw.discard() {
+			if tw.Discard() {
 				resp.Committed, resp.Status, resp.Size = false, http.StatusOK, 0
 				return m.fail(c, name, err)
 			}

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/pglockkit/kit/internal/holdwriter"
 	"github.com/pglockkit/kit/pglock"
 )
 
@@ -149,10 +150,10 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	var tw *txWriter
+	var tw *holdwriter.Writer
 	hw := w
 	if m.scope == pglock.Transaction {
-		tw = newTxWriter(w)
+		tw = holdwriter.New(w)
 		hw = tw
 	}
 	ran := false
@@ -164,7 +165,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			if rule == nil {
 				rule = DefaultCommitRule
 			}
-			if !rule(r, tw.statusOrOK()) {
+			if !rule(r, tw.StatusOrOK()) {
 				return errRollback
 			}
 		}
@@ -192,12 +193,12 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if err != nil && err != errRollback { // Do joined a rollback error
 			m.log(slog.LevelWarn, "httplock: rollback failed", name, err)
 		}
-		if err := tw.release(); err != nil {
+		if err := tw.Release(); err != nil {
 			m.log(slog.LevelDebug, "httplock: sending the held response", name, err)
 		}
 	default: // the commit failed
 		err = fmt.Errorf("%w: %w", ErrDatabase, err)
-		if tw.discard() {
+		if tw.Discard() {
 			m.fail(w, r, name, err)
 			return
 		}

@@ -1,4 +1,4 @@
-package httplock
+package holdwriter
 
 import (
 	"bufio"
@@ -7,39 +7,43 @@ import (
 	"net/http"
 )
 
-// txWriter is the response writer a handler gets in Transaction scope. It
+// Writer is the response writer a handler gets in Transaction scope. It
 // records the status for the commit rule and holds the response back until
 // the lock's transaction has ended, so that a client never sees a success
 // for writes that did not commit: if the commit fails, the held response is
-// dropped and the error answered instead.
+// dropped (Discard) and the error answered instead; else it is sent (Release).
 //
 // Flush (http.Flusher, http.ResponseController) and Hijack (http.Hijacker)
 // work: they send what is held and stop holding, since the handler asked
 // for the bytes to go out now; a commit that fails after that can only be
 // logged. Unwrap gives http.ResponseController the underlying writer for
 // everything else (deadlines, full duplex).
-type txWriter struct {
+type Writer struct {
 	w      http.ResponseWriter
 	status int // the final status the handler set; 0 while none
 	hold   bool
 	buf    bytes.Buffer
 	// pre is the header as it was before the handler ran (set by outer
-	// middleware: CORS, request IDs), restored by discard.
+	// middleware: CORS, request IDs), restored by Discard.
 	pre http.Header
 }
 
-func newTxWriter(w http.ResponseWriter) *txWriter {
-	return &txWriter{w: w, hold: true, pre: w.Header().Clone()}
+// New returns a Writer that holds what is written to w.
+func New(w http.ResponseWriter) *Writer {
+	return &Writer{w: w, hold: true, pre: w.Header().Clone()}
 }
 
 var (
-	_ http.Flusher  = (*txWriter)(nil)
-	_ http.Hijacker = (*txWriter)(nil)
+	_ http.Flusher  = (*Writer)(nil)
+	_ http.Hijacker = (*Writer)(nil)
 )
 
-func (tw *txWriter) Header() http.Header { return tw.w.Header() }
+// Header returns the underlying writer's header.
+func (tw *Writer) Header() http.Header { return tw.w.Header() }
 
-func (tw *txWriter) WriteHeader(code int) {
+// WriteHeader records the final status; it is sent when the Writer stops
+// holding. Informational statuses (1xx) go out at once.
+func (tw *Writer) WriteHeader(code int) {
 	if code >= 100 && code < 200 && code != http.StatusSwitchingProtocols {
 		tw.w.WriteHeader(code) // informational (103 Early Hints): not final
 		return
@@ -53,7 +57,8 @@ func (tw *txWriter) WriteHeader(code int) {
 	}
 }
 
-func (tw *txWriter) Write(p []byte) (int, error) {
+// Write holds p, or writes it through once the Writer stopped holding.
+func (tw *Writer) Write(p []byte) (int, error) {
 	if tw.status == 0 {
 		tw.WriteHeader(http.StatusOK)
 	}
@@ -66,39 +71,39 @@ func (tw *txWriter) Write(p []byte) (int, error) {
 // FlushError sends what is held, then flushes the underlying writer. It
 // returns http.ErrNotSupported when the underlying writer cannot flush (the
 // held bytes are sent anyway). http.ResponseController.Flush calls it.
-func (tw *txWriter) FlushError() error {
-	if err := tw.release(); err != nil {
+func (tw *Writer) FlushError() error {
+	if err := tw.Release(); err != nil {
 		return err
 	}
 	return http.NewResponseController(tw.w).Flush()
 }
 
 // Flush is http.Flusher's form of FlushError.
-func (tw *txWriter) Flush() { _ = tw.FlushError() }
+func (tw *Writer) Flush() { _ = tw.FlushError() }
 
 // Hijack sends what is held, then hijacks the underlying connection; it
 // returns http.ErrNotSupported when the underlying writer cannot.
-func (tw *txWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	if err := tw.release(); err != nil {
+func (tw *Writer) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	if err := tw.Release(); err != nil {
 		return nil, nil, err
 	}
 	return http.NewResponseController(tw.w).Hijack()
 }
 
 // Unwrap returns the underlying writer, for http.ResponseController.
-func (tw *txWriter) Unwrap() http.ResponseWriter { return tw.w }
+func (tw *Writer) Unwrap() http.ResponseWriter { return tw.w }
 
-// statusOrOK is the status the commit rule sees: 200 when the handler set
+// StatusOrOK returns the status the commit rule sees: 200 when the handler set
 // none, as net/http would send.
-func (tw *txWriter) statusOrOK() int {
+func (tw *Writer) StatusOrOK() int {
 	if tw.status == 0 {
 		return http.StatusOK
 	}
 	return tw.status
 }
 
-// release stops holding and sends what was held.
-func (tw *txWriter) release() error {
+// Release stops holding and sends what was held.
+func (tw *Writer) Release() error {
 	if !tw.hold {
 		return nil
 	}
@@ -114,10 +119,10 @@ func (tw *txWriter) release() error {
 	return err
 }
 
-// discard drops the held response (status, body, and the headers the
+// Discard drops the held response (status, body, and the headers the
 // handler set) so that an error can be answered instead. It reports false
 // when part of the response was sent already.
-func (tw *txWriter) discard() bool {
+func (tw *Writer) Discard() bool {
 	if !tw.hold {
 		return false
 	}
