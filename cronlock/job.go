@@ -101,13 +101,21 @@ func newConfig(locker *pglock.Locker, name string, opts []Option) (config, error
 // newLock makes the lock of the job name: pglock checks the Locker, the key
 // and the scope against each other here.
 func (c *config) newLock(locker *pglock.Locker, name string) (*pglock.Lock, error) {
-	var opts []pglock.Option
+	// The job's success decides the commit, whatever the Locker's
+	// RollbackOnError says.
+	opts := []pglock.Option{pglock.WithRollbackOnError(true)}
 	if c.scopeSet {
 		opts = append(opts, pglock.WithScope(c.scope))
 	}
 	l, err := locker.Lock(c.namespace+name, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("cronlock: job %q: %w", name, err)
+	}
+	if !locker.Pooled() {
+		// Ticks run on goroutines of their own: each hold needs a connection
+		// of its own, or the session's locks stack instead of excluding.
+		return nil, fmt.Errorf("cronlock: job %q: %w: %w: the Locker is on one connection or transaction; give it a pool (*pgxpool.Pool or *sql.DB)",
+			name, ErrInvalidOption, pglock.ErrInvalidOption)
 	}
 	return l, nil
 }

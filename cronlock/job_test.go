@@ -77,6 +77,24 @@ func TestBadInputIsAConstructionError(t *testing.T) {
 			t.Error(err)
 		}
 	})
+	t.Run("a Locker on one connection", func(t *testing.T) {
+		conn, err := pgtest.Pool(t, 1).Acquire(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Release()
+		onConn, err := pglock.NewLocker(conn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Concurrent ticks on one session would stack, not exclude.
+		if _, err := cronlock.Func(onConn, "billing", nop); !errors.Is(err, cronlock.ErrInvalidOption) {
+			t.Errorf("Func: %v, want ErrInvalidOption", err)
+		}
+		if _, err := cronlock.SkipIfLocked(onConn, "billing"); !errors.Is(err, cronlock.ErrInvalidOption) {
+			t.Errorf("SkipIfLocked: %v, want ErrInvalidOption", err)
+		}
+	})
 	t.Run("Session scope on a caller's transaction", func(t *testing.T) {
 		tx, err := pgtest.Pool(t, 1).Begin(context.Background())
 		if err != nil {
@@ -423,11 +441,18 @@ func TestTransactionScope(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The job's success decides the commit even when the Locker would not
+	// roll back on error.
+	noRollbackLk := newLockers(t, 1, pglock.WithScope(pglock.Transaction), pglock.WithRollbackOnError(false))[0]
+	noRollback, err := cronlock.Func(noRollbackLk, name, fn)
+	if err != nil {
+		t.Fatal(err)
+	}
 	key = byOption.Key()
 	for _, c := range []struct {
 		job  *cronlock.Job
 		step string
-	}{{byOption, "commits"}, {byLocker, "commits too"}, {byOption, "fails"}, {byOption, "panics"}} {
+	}{{byOption, "commits"}, {byLocker, "commits too"}, {byOption, "fails"}, {byOption, "panics"}, {noRollback, "fails"}} {
 		step.Store(c.step)
 		func() {
 			defer func() {

@@ -60,7 +60,7 @@ func WithNamespace(ns string) Option {
 // pglock.Transaction runs the job inside the lock's transaction: a Func job
 // reaches it with pglock.TxFromContext (pglock.SQLTxFromContext on
 // database/sql), and it commits when the job returns nil and rolls back when
-// it returns an error or panics (with the Locker's default RollbackOnError).
+// it returns an error or panics, whatever the Locker's RollbackOnError says.
 // A cron.Job given to [Wrap] cannot see the transaction; it only gets the
 // lock. Any other value is an error.
 func WithScope(s pglock.Scope) Option {
