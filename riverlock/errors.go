@@ -7,9 +7,13 @@ import "errors"
 // the error of a [KeyFunc].
 var (
 	// ErrInvalidConfig means NewMiddleware or WorkTx was given a nil
-	// *pglock.Locker, a Locker that cannot hold session locks, a nil
-	// function, or a busy Policy out of range.
+	// *pglock.Locker, a Locker on one connection or a transaction (see
+	// pglock.Locker.Pooled), a nil function, or a busy Policy out of range.
 	ErrInvalidConfig = errors.New("riverlock: invalid configuration")
+
+	// ErrNilLocker means NewMiddleware or WorkTx was given a nil
+	// *pglock.Locker; the error matches ErrInvalidConfig too.
+	ErrNilLocker = errors.New("riverlock: nil *pglock.Locker")
 
 	// ErrBusy means another job (on this node or another) held the job's
 	// lock. Under the Snooze policy it wraps River's snooze error, under

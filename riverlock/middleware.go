@@ -34,19 +34,20 @@ var _ rivertype.WorkerMiddleware = (*Middleware)(nil)
 // runs, so size it for the workers of every queue, and prefer a pool of its
 // own to River's. (On a single connection, jobs running at once would share
 // it, and PostgreSQL stacks session locks of one session instead of making
-// them exclude each other. NewMiddleware rejects a Locker on a transaction;
-// it cannot tell a Locker on one connection from one on a pool.)
+// them exclude each other: NewMiddleware rejects a Locker on one connection
+// or on a transaction, see pglock.Locker.Pooled.)
 //
 // The middleware takes exclusive session locks, whatever the Locker's
 // default scope and mode; it keeps the Locker's namespace (applied before
 // its own), logger, lost-check interval and release timeout.
 //
-// A nil locker, a Locker that cannot hold session locks (one made on a
-// transaction) and an invalid Policy are errors matching [ErrInvalidConfig].
+// A nil locker (also matching [ErrNilLocker]), a Locker on one connection
+// or a transaction, and an invalid Policy are errors matching
+// [ErrInvalidConfig].
 // A nil cfg is the zero Config.
 func NewMiddleware(locker *pglock.Locker, cfg *Config) (*Middleware, error) {
 	if locker == nil {
-		return nil, fmt.Errorf("%w: nil *pglock.Locker", ErrInvalidConfig)
+		return nil, fmt.Errorf("%w: %w", ErrInvalidConfig, ErrNilLocker)
 	}
 	// Jobs run concurrently: each needs a connection of its own. On one
 	// connection session locks would stack instead of excluding.

@@ -433,7 +433,7 @@ func TestWaitPolicy(t *testing.T) {
 // Bad configuration is an error at construction, never a panic later.
 func TestConfigErrors(t *testing.T) {
 	t.Parallel()
-	if _, err := riverlock.NewMiddleware(nil, nil); !errors.Is(err, riverlock.ErrInvalidConfig) {
+	if _, err := riverlock.NewMiddleware(nil, nil); !errors.Is(err, riverlock.ErrInvalidConfig) || !errors.Is(err, riverlock.ErrNilLocker) {
 		t.Fatalf("nil locker: %v", err)
 	}
 	pool := pgtest.Pool(t, 2)

@@ -41,7 +41,7 @@ import (
 func WorkTx[T river.JobArgs](ctx context.Context, locker *pglock.Locker, job *river.Job[T], fn func(ctx context.Context, tx pgx.Tx) error) error {
 	switch {
 	case locker == nil:
-		return fmt.Errorf("%w: WorkTx: nil *pglock.Locker", ErrInvalidConfig)
+		return fmt.Errorf("%w: WorkTx: %w", ErrInvalidConfig, ErrNilLocker)
 	case job == nil || job.JobRow == nil:
 		return fmt.Errorf("%w: WorkTx: nil job", ErrInvalidConfig)
 	case fn == nil:
