@@ -56,6 +56,11 @@
 //	Canceled           the client cancelled while the call waited for the lock
 //	Unavailable        the database failed while taking the lock, or the
 //	                   commit of a Transaction-scope call failed
+//	Internal           the lock could not be made for a reason that is the
+//	                   server's, not the database's or the client's (the
+//	                   Locker rejected the namespaced key or the options):
+//	                   a bug or a misconfiguration, which retrying will not
+//	                   cure; it is logged at Warn
 //
 // Any other status is the handler's own.
 //
@@ -103,8 +108,10 @@
 // and it is held until the handler returns. For a server-streaming method
 // (one request, then responses) that is the whole method. When the key
 // function fails or the key is busy, that RecvMsg (and every later RecvMsg
-// and SendMsg) returns the status error, which the handler returns to the
-// client. Messages a handler sends before its first receive are not
+// and SendMsg) returns the status error, and that status is the call's
+// whatever the handler returns: a handler that wraps the error in another
+// code, or ignores it and returns nil, cannot turn a busy key's Aborted into
+// Internal or OK, so the client's retry policy still applies. Messages a handler sends before its first receive are not
 // covered, and a handler that never receives takes no lock. The stream's
 // Context carries the lock's transaction once the lock is held, even if
 // the handler took the context earlier.

@@ -3,6 +3,7 @@ package grpclock
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 
@@ -209,9 +210,18 @@ func (s *firstMessageStream) fail(err error) error {
 // nil, roll back otherwise. It returns the stream's error for the client.
 func (s *firstMessageStream) end(ctx context.Context, herr error) error {
 	s.mu.Lock()
-	l, key, stop := s.lock, s.key, s.stopWatch
+	l, key, stop, ferr := s.lock, s.key, s.stopWatch, s.err
 	s.state, s.lock, s.stopWatch = ended, nil, nil
 	s.mu.Unlock()
+	if ferr != nil {
+		// The key or the lock failed, so the handler never ran under the
+		// lock: that status is the call's, whatever the handler made of it
+		// (wrapped in another code, or ignored).
+		if herr != nil && herr != ferr && herr != errPanicked {
+			s.ic.log(slog.LevelDebug, "grpclock: handler's error replaced by the lock's status", s.method, "", herr)
+		}
+		return ferr
+	}
 	if l == nil {
 		return herr
 	}

@@ -60,25 +60,41 @@ idle_in_transaction_session_timeout (if longer than that) from ending it. An
 open transaction holds back vacuum's cleanup horizon: prefer the default for
 commands that run for hours on a busy database.
 
-COMMAND gets pglock's standard input, output and error, and a process group
-of its own. SIGINT, SIGTERM and SIGHUP sent to pglock are forwarded to
-COMMAND's process group (so a shell's children get them too); pglock waits
-for COMMAND and exits with its status. Ctrl-C at a terminal reaches pglock,
-which forwards it once. A signal ignored when pglock starts (nohup ignores
-SIGHUP; a non-interactive shell's background job, SIGINT) stays ignored, by
-pglock and by COMMAND. A signal that arrives while pglock still waits for
-the lock stops the wait: COMMAND never runs and pglock exits 128+N. Since
-COMMAND is not in the terminal's foreground process group, a COMMAND that
-reads the terminal is stopped (SIGTTIN): do not run interactive programs
-under pglock.
+COMMAND gets pglock's standard input, output and error. SIGINT, SIGTERM
+and SIGHUP sent to pglock are forwarded to COMMAND; pglock waits for
+COMMAND and exits with its status. A signal ignored when pglock starts
+(nohup ignores SIGHUP; a non-interactive shell's background job, SIGINT)
+stays ignored, by pglock and by COMMAND. A signal that arrives while pglock
+still waits for the lock stops the wait: COMMAND never runs and pglock
+exits 128+N.
+
+Where COMMAND runs depends on the terminal. When standard input is a
+terminal whose foreground process group is pglock's (an interactive shell
+runs pglock in the foreground), COMMAND stays in pglock's process group, as
+under flock(1): it may read the terminal, Ctrl-Z stops it with pglock and fg
+continues both, and Ctrl-C reaches it directly from the terminal, once:
+pglock does not forward a SIGINT that arrives while its group is the
+terminal's foreground group, since the terminal sent it to COMMAND too (so a
+"kill -INT" of pglock itself is not forwarded then either: send SIGTERM, or
+signal the process group). SIGTERM, SIGHUP and a lost lock's SIGTERM and
+SIGKILL go to COMMAND alone, not to the group, which holds pglock (and maybe
+the rest of a shell pipeline). pglock does not hand the terminal to a
+process group of COMMAND's (tcsetpgrp): COMMAND stopped by Ctrl-Z in a group
+of its own would leave pglock waiting and the shell unaware.
+
+Otherwise (no terminal, or pglock in the background) COMMAND gets a process
+group of its own, and signals go to that group, so a shell's children get
+them too. A COMMAND that then reads the terminal is stopped (SIGTTIN), as
+any background job is.
 
 A session lock lives as long as its connection, and pglock watches it while
 COMMAND runs. If the server ends the session (pg_terminate_backend, a
 restart, a failover) or the connection breaks, pglock notices at once (a
 connection that goes silent, within about a second; under --xact, at the
 next ping, or when a ping gets no answer for 5 s). It then prints one line,
-sends SIGTERM to COMMAND's process group, and SIGKILL if COMMAND still runs
-after --kill-after (10s by default; 0 never kills); it waits for COMMAND and
+sends SIGTERM to COMMAND (to its process group, unless COMMAND shares
+pglock's at a terminal), and SIGKILL if COMMAND still runs after
+--kill-after (10s by default; 0 never kills); it waits for COMMAND and
 exits 70 whatever COMMAND's status. From the moment the lock is lost another
 pglock may take it, so COMMAND can overlap with the next holder for as long
 as it takes to stop: make COMMAND stop promptly on SIGTERM, and keep work
@@ -145,7 +161,8 @@ that print a line starting with "pglock" on standard error.
 
 pglock does not retry, queue jobs or remember runs: wrap it in a loop or a
 scheduler for that. It does not lock across databases or servers. It does
-not stop COMMAND's grandchildren that leave its process group. It does not
+not stop COMMAND's grandchildren that leave its process group, nor, at a
+terminal, the ones COMMAND leaves behind when it exits on SIGTERM. It does not
 fence COMMAND's effects outside PostgreSQL against the short overlap after
 a lost lock. If pglock itself is killed with SIGKILL (or crashes), its
 session ends and frees the lock while COMMAND may still run: supervise

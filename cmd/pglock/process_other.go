@@ -8,12 +8,18 @@ import (
 	"syscall"
 )
 
-// newProcessGroup does nothing where there are no process groups.
-func newProcessGroup(*exec.Cmd) {}
+// jobControl is empty where there are no process groups.
+type jobControl struct{}
 
-// signalCommand sends s to the command; where only killing is supported,
-// SIGTERM and SIGINT kill it.
-func signalCommand(cmd *exec.Cmd, s os.Signal) error {
+// startJob does nothing where there are no process groups.
+func startJob(*exec.Cmd, *os.File) jobControl { return jobControl{} }
+
+// forward forwards every signal.
+func (jobControl) forward(os.Signal) bool { return true }
+
+// signal sends s to the command; where only killing is supported, SIGTERM
+// and SIGINT kill it.
+func (jobControl) signal(cmd *exec.Cmd, s os.Signal) error {
 	if err := cmd.Process.Signal(s); err != nil {
 		return cmd.Process.Kill()
 	}

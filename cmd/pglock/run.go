@@ -46,11 +46,14 @@ By default pglock waits for the lock as long as it takes.
 	--kill-after D after a lost lock's SIGTERM, send SIGKILL if COMMAND is still
 	               running after D (default 10s; 0: never)
 
-COMMAND runs in its own process group, with pglock's standard input, output
-and error. SIGINT, SIGTERM and SIGHUP sent to pglock are forwarded to that
-group, and pglock waits for COMMAND. If the lock is lost while COMMAND runs
-(the connection dies, or the server ends the session), pglock sends SIGTERM
-to the group, waits for COMMAND, and exits 70.
+COMMAND runs with pglock's standard input, output and error. SIGINT,
+SIGTERM and SIGHUP sent to pglock are forwarded to it, and pglock waits for
+COMMAND. At a terminal, in the foreground, COMMAND stays in pglock's process
+group, as under flock(1): it may read the terminal, and Ctrl-C reaches it
+once, from the terminal. Otherwise it runs in a process group of its own,
+which gets the signals. If the lock is lost while COMMAND runs (the
+connection dies, or the server ends the session), pglock sends SIGTERM to
+COMMAND, waits for it, and exits 70.
 
 Exit status: COMMAND's status (128+N if a signal N killed it); 75 when the
 lock is busy; 70 when the lock was lost; 2 for a usage error or when the
@@ -200,7 +203,7 @@ func (c *cli) runChild(ctx context.Context, argv []string, lost <-chan struct{},
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, c.stdout, c.stderr
 	cmd.WaitDelay = waitDelay
-	newProcessGroup(cmd)
+	job := startJob(cmd, os.Stdin)
 	if err := cmd.Start(); err != nil {
 		code := exitNoExec
 		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, fs.ErrNotExist) {
@@ -215,7 +218,7 @@ func (c *cli) runChild(ctx context.Context, argv []string, lost <-chan struct{},
 	var kill <-chan time.Time
 	terminate := func(why string) {
 		c.fail(0, "run", "%s: sending SIGTERM to %s", why, argv[0])
-		_ = signalCommand(cmd, syscall.SIGTERM)
+		_ = job.signal(cmd, syscall.SIGTERM)
 		if killAfter > 0 && kill == nil {
 			kill = time.After(killAfter)
 		}
@@ -227,7 +230,9 @@ loop:
 		case waitErr = <-exited:
 			break loop
 		case s := <-c.signals:
-			_ = signalCommand(cmd, s)
+			if job.forward(s) {
+				_ = job.signal(cmd, s)
+			}
 		case <-lost:
 			lost, wasLost = nil, true
 			terminate("lock " + label + " lost (its database connection ended)")
@@ -236,7 +241,7 @@ loop:
 			terminate("stopping")
 		case <-kill:
 			c.fail(0, "run", "%s still running %v after SIGTERM: sending SIGKILL", argv[0], killAfter)
-			_ = signalCommand(cmd, syscall.SIGKILL)
+			_ = job.signal(cmd, syscall.SIGKILL)
 		}
 	}
 	select {
