@@ -111,7 +111,9 @@ func (b *pgxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 func (b *pgxBackend) try(ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }) (bool, error) {
-	if b.pooled == nil {
+	// Never under a cancellable ctx: pgx would close the connection mid-try,
+	// and the server would keep a granted lock until it noticed.
+	if b.pooled == nil || ctx.Done() != nil {
 		var cancel context.CancelFunc
 		ctx, cancel = b.bounded(ctx)
 		defer cancel()
@@ -147,14 +149,14 @@ func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error
 // have granted the lock as the cancel arrived, so it is looked up and given
 // back.
 func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
-	interrupted, broken, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
+	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
 		_, err := conn.Exec(qctx, l.st.lock, l.st.args...)
 		return err
 	})
 	if err == nil && !interrupted {
 		return true, true, nil
 	}
-	if broken || conn.IsClosed() {
+	if conn.IsClosed() {
 		return false, false, err
 	}
 	cctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
@@ -187,7 +189,7 @@ func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) 
 		return true, nil
 	}
 	var tx pgx.Tx
-	interrupted, broken, err := interruptible(ctx, b.l, b.conn, func(qctx context.Context) error {
+	interrupted, err := interruptible(ctx, b.l, b.conn, func(qctx context.Context) error {
 		var err error
 		tx, err = b.conn.BeginTx(qctx, pgx.TxOptions{BeginQuery: "BEGIN; " + b.l.lockLiteral()})
 		return err
@@ -196,11 +198,7 @@ func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) 
 		b.ownTx = tx
 		return true, nil
 	}
-	if broken {
-		b.close(false)
-		return false, err
-	}
-	b.endFailedTx(ctx, tx)
+	b.endFailedTx(ctx, tx) // destroys a closed connection, rolls back on a live one
 	return false, err
 }
 
@@ -210,9 +208,11 @@ func (b *pgxBackend) beginBounded(ctx context.Context, opts pgx.TxOptions) (pgx.
 	return b.conn.BeginTx(qctx, opts)
 }
 
-// endFailedTx rolls back a transaction that did not get the lock (tx may be
-// nil when BEGIN itself reported the failure) and closes the backend.
-func (b *pgxBackend) endFailedTx(ctx context.Context, tx pgx.Tx) {
+// endFailedTx rolls back a transaction that did not get the lock and closes
+// the backend. It sends ROLLBACK itself rather than calling tx.Rollback (tx
+// may be nil when BEGIN itself reported the failure): pgx's Rollback closes
+// the connection on any error, even a late cancel that a retry would cure.
+func (b *pgxBackend) endFailedTx(ctx context.Context, _ pgx.Tx) {
 	if b.conn.IsClosed() {
 		b.close(false)
 		return
@@ -220,13 +220,6 @@ func (b *pgxBackend) endFailedTx(ctx context.Context, tx pgx.Tx) {
 	rctx, cancel := b.bounded(ctx)
 	defer cancel()
 	err := retryCanceled(func() error {
-		if tx != nil {
-			err := tx.Rollback(rctx)
-			if errors.Is(err, pgx.ErrTxClosed) {
-				return nil
-			}
-			return err
-		}
 		if b.conn.PgConn().TxStatus() == 'I' {
 			return nil
 		}
@@ -254,7 +247,7 @@ func (b *pgxBackend) acquireInCallerTx(ctx context.Context, wait bool) (bool, er
 // healthy reports whether that is known to be so.
 func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
 	const sp = "pglock_wait"
-	interrupted, broken, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
+	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
 		_, err := conn.Exec(qctx, "SAVEPOINT "+sp+"; "+l.lockLiteral())
 		return err
 	})
@@ -266,7 +259,7 @@ func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool,
 		}
 		return true, true, nil
 	}
-	if broken || conn.IsClosed() {
+	if conn.IsClosed() {
 		return false, false, err
 	}
 	rerr := retryCanceled(func() error {
@@ -284,18 +277,18 @@ func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool,
 //
 // The cancel request and the statement's end share one bound, the release
 // timeout: when the server cannot be reached in that time (a silent
-// network), the statement's own context is cancelled, pgx closes the
-// connection, and broken is true: the caller must not use it again.
-// interrupted reports whether ctx ended while the statement ran: then the
+// network), the statement's own context is cancelled and pgx closes the
+// connection (conn.IsClosed tells; a stop that came after the statement
+// ended leaves the connection usable). interrupted reports whether ctx ended while the statement ran: then the
 // caller must treat a success as a lock granted as the cancel arrived, and
 // give it back.
-func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(context.Context) error) (interrupted, broken bool, err error) {
+func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(context.Context) error) (interrupted bool, err error) {
 	if ctx.Done() == nil {
-		return false, false, run(ctx)
+		return false, run(ctx)
 	}
 	qctx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
 	defer hardStop()
-	var fired, stopped atomic.Bool
+	var fired atomic.Bool
 	finished := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Go(func() {
@@ -319,7 +312,6 @@ func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(contex
 			case <-bound.Done():
 			}
 		}
-		stopped.Store(true)
 		hardStop()
 	})
 	err = run(qctx)
@@ -327,7 +319,7 @@ func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(contex
 	// Wait for the cancel request to complete before the connection is used
 	// again, so that it cannot interrupt a later statement.
 	wg.Wait()
-	return fired.Load(), stopped.Load(), err
+	return fired.Load(), err
 }
 
 func (b *pgxBackend) release(ctx context.Context, commit bool) error {
@@ -355,8 +347,9 @@ func (b *pgxBackend) release(ctx context.Context, commit bool) error {
 		} else {
 			err = tx.Rollback(rctx)
 		}
-		b.close(err == nil)
-		if err != nil && b.conn.IsClosed() {
+		closed := b.conn.IsClosed()
+		b.close(err == nil || (!closed && b.conn.PgConn().TxStatus() == 'I'))
+		if err != nil && closed {
 			return errors.Join(ErrLockLost, err)
 		}
 		return err

@@ -69,6 +69,15 @@ type sqlBackend struct {
 	pinned   bool      // conn was taken from the *sql.DB for this hold
 	callerTx *sql.Tx
 	ownTx    *sql.Tx
+	// txCancel ends ownTx's context: database/sql runs Commit and Rollback
+	// under the context given to BeginTx, so this is how they are bounded.
+	txCancel context.CancelFunc
+}
+
+// boundTx cancels the own transaction's context if the returned stop is not
+// called within the release timeout.
+func (b *sqlBackend) boundTx() (stop func() bool) {
+	return time.AfterFunc(b.l.cfg.releaseTimeout, b.txCancel).Stop
 }
 
 type sqlQuerier interface {
@@ -183,8 +192,13 @@ func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 	if b.l.cfg.scope == Transaction && b.callerTx == nil {
 		// The transaction must outlive ctx: database/sql rolls back a
 		// transaction whose context ends.
-		tx, err := b.conn.BeginTx(context.WithoutCancel(ctx), nil)
+		txCtx, txCancel := context.WithCancel(context.WithoutCancel(ctx))
+		b.txCancel = txCancel
+		stop := b.boundTx()
+		tx, err := b.conn.BeginTx(txCtx, nil)
+		stop()
 		if err != nil {
+			txCancel()
 			b.close(false)
 			return false, err
 		}
@@ -205,7 +219,10 @@ func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 		return false, err
 	}
 	if b.ownTx != nil {
+		stop := b.boundTx()
 		rerr := b.ownTx.Rollback()
+		stop()
+		b.txCancel()
 		b.ownTx = nil
 		healthy = healthy && rerr == nil
 	}
@@ -220,9 +237,10 @@ func (b *sqlBackend) release(ctx context.Context, commit bool) error {
 		defer cancel()
 		var ok bool
 		err := b.conn.QueryRowContext(rctx, b.st.unlock, b.st.args...).Scan(&ok)
+		gone := err != nil && b.connGone()
 		b.close(err == nil)
 		switch {
-		case errors.Is(err, driver.ErrBadConn) || errors.Is(err, sql.ErrConnDone):
+		case gone || errors.Is(err, driver.ErrBadConn) || errors.Is(err, sql.ErrConnDone):
 			return errors.Join(ErrLockLost, err)
 		case err != nil:
 			return errors.Join(errUnlockFailed, err)
@@ -242,17 +260,34 @@ func (b *sqlBackend) release(ctx context.Context, commit bool) error {
 		tx := b.ownTx
 		b.ownTx = nil
 		var err error
+		stop := b.boundTx()
 		if commit {
 			err = tx.Commit()
 		} else {
 			err = tx.Rollback()
 		}
+		stop()
+		b.txCancel()
 		b.close(err == nil)
 		if errors.Is(err, driver.ErrBadConn) {
 			return errors.Join(ErrLockLost, err)
 		}
 		return err
 	}
+}
+
+// connGone reports whether the driver knows the connection is closed.
+func (b *sqlBackend) connGone() (gone bool) {
+	_ = b.conn.Raw(func(dc any) error {
+		switch c := dc.(type) {
+		case pgxConner: // pgx's stdlib
+			gone = c.Conn() == nil || c.Conn().IsClosed()
+		case driver.Validator: // lib/pq
+			gone = !c.IsValid()
+		}
+		return nil
+	})
+	return gone
 }
 
 func (b *sqlBackend) discard() { b.close(false) }

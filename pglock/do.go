@@ -80,13 +80,15 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 		if !panicked {
 			return
 		}
-		v := recover()
+		v := recover() // nil: fn called runtime.Goexit (t.FailNow)
 		if l.cfg.rollbackOnError || (l.cfg.scope == Transaction && !l.src.callerTx()) {
 			_ = l.end(ctx, false)
 		} else {
 			_ = l.end(ctx, true)
 		}
-		panic(v)
+		if v != nil {
+			panic(v)
+		}
 	}()
 	err = fn(fctx)
 	panicked = false

@@ -44,7 +44,8 @@
 // unknown, is destroyed rather than returned still holding the lock.
 //
 // In Transaction scope on a pool or a connection the lock opens its own
-// transaction (BEGIN and the lock travel in one round trip) and hands it to
+// transaction (with pgx, Acquire and Do send BEGIN and the lock in one round
+// trip) and hands it to
 // the protected work: [TxFromContext] (pgx) or [SQLTxFromContext]
 // (database/sql) inside Do, and [Lock.Tx] or [Lock.SQLTx]. The work commits
 // or rolls back together with the lock. On a caller's transaction the lock

@@ -37,7 +37,9 @@ func (k EventKind) String() string {
 // Event is one thing that happened to a lock, for metrics and tracing (see
 // [WithObserver]).
 type Event struct {
-	Kind  EventKind
+	// Kind says what happened.
+	Kind EventKind
+	// Key, Scope and Mode are the lock's.
 	Key   Key
 	Scope Scope
 	Mode  Mode

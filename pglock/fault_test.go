@@ -9,6 +9,8 @@ import (
 	"database/sql"
 	"errors"
 	"math/rand/v2"
+	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -1132,4 +1134,135 @@ func faultAlive(t *testing.T, watch *pgxpool.Pool, pid int32) bool {
 		t.Fatal(err)
 	}
 	return alive
+}
+
+// A context that ends during Acquire's first, non-waiting statement does not
+// interrupt it: the connection survives and, when Acquire fails, the lock is
+// not held at that moment (an interrupted statement would leave a granted
+// lock on a backend that has not yet seen its client go).
+func TestFaultCancelDuringTry(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t, 4)
+	watch := pgtest.Pool(t, 2)
+	n := 300
+	if testing.Short() {
+		n = 60
+	}
+	// Warm the pool, so that a new connection can only mean a destroyed one.
+	var warm []*pgxpool.Conn
+	for range 4 {
+		c, err := pool.Acquire(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		warm = append(warm, c)
+	}
+	for _, c := range warm {
+		c.Release()
+	}
+	failed := 0
+	for i := range n {
+		l, err := pglock.New(pool, pgtest.UniqueKey(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := pool.Stat().NewConnsCount()
+		c, cancel := context.WithTimeout(ctx, time.Duration(i%300)*time.Microsecond)
+		err = l.Acquire(c)
+		cancel()
+		if err == nil {
+			if err := l.Release(ctx); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		failed++
+		if h := pgtest.Granted(t, watch, l.Key()); len(h) != 0 {
+			t.Fatalf("Acquire failed (%v) yet pg_locks shows the key held: %+v", err, h)
+		}
+		if pool.Stat().NewConnsCount() != before {
+			t.Fatalf("a cancelled Acquire cost a connection (%v)", err)
+		}
+	}
+	t.Logf("%d of %d Acquires failed on their deadline", failed, n)
+}
+
+// When the cancel request cannot be delivered (a pooler or proxy that does not
+// forward it), a wait that ctx ends is cut off by closing the connection, or,
+// when the lock was granted as ctx ended, given back: a caller's connection
+// that stays open never holds the lock, nor an open transaction, after a
+// failed Acquire.
+func TestFaultCancelRequestUndeliverable(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	cfg, err := pgx.ParseConfig(pgtest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	holders := pgtest.Pool(t, 2)
+	watch := pgtest.Pool(t, 2)
+	connect := func() *pgx.Conn {
+		var dials atomic.Int32
+		c := cfg.Copy()
+		var d net.Dialer
+		c.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if dials.Add(1) > 1 {
+				return nil, errors.New("no cancel requests through here")
+			}
+			return d.DialContext(ctx, network, addr)
+		}
+		conn, err := pgx.ConnectConfig(ctx, c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return conn
+	}
+	n := 60
+	if testing.Short() {
+		n = 15
+	}
+	for _, scope := range []pglock.Scope{pglock.Session, pglock.Transaction} {
+		var conn *pgx.Conn
+		for i := range n {
+			if conn == nil || conn.IsClosed() {
+				conn = connect()
+				defer conn.Close(ctx)
+			}
+			key := pgtest.UniqueKey(t)
+			holder, _ := pglock.New(holders, key)
+			if err := holder.Acquire(ctx); err != nil {
+				t.Fatal(err)
+			}
+			l, _ := pglock.New(conn, key, pglock.WithScope(scope), pglock.WithReleaseTimeout(500*time.Millisecond))
+			c, cancel := context.WithCancel(ctx)
+			done := make(chan error, 1)
+			go func() { done <- l.Acquire(c) }()
+			time.Sleep(2 * time.Millisecond)
+			released := make(chan error, 1)
+			go func() { released <- holder.Release(ctx) }()
+			time.Sleep(time.Duration(i%40) * 10 * time.Microsecond)
+			cancel()
+			err := <-done
+			if rerr := <-released; rerr != nil {
+				t.Fatal(rerr)
+			}
+			if err == nil {
+				if err := l.Release(ctx); err != nil {
+					t.Fatal(err)
+				}
+			} else if !conn.IsClosed() {
+				var pid int32 = int32(conn.PgConn().PID())
+				for _, h := range pgtest.Granted(t, watch, l.Key()) {
+					if h.PID == pid {
+						t.Fatalf("%v: Acquire failed (%v) yet the caller's live connection holds the lock", scope, err)
+					}
+				}
+				if st := conn.PgConn().TxStatus(); st != 'I' {
+					t.Fatalf("%v: the caller's connection was left in a transaction (status %c)", scope, st)
+				}
+			}
+			pgtest.WaitFree(t, watch, l.Key())
+		}
+	}
 }

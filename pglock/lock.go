@@ -39,7 +39,10 @@ type Lock struct {
 	lostCh   chan struct{} // closed when the current (or last) hold is lost
 	lostErr  error
 	lostDone bool
-	onLost   context.CancelCauseFunc // cancels the context of Do's fn
+	// lostGiven: Lost handed out the current channel, so the next hold needs
+	// a channel of its own.
+	lostGiven bool
+	onLost    context.CancelCauseFunc // cancels the context of Do's fn
 }
 
 // New returns a Lock on key for conn, which is one of *pgxpool.Pool,
@@ -114,6 +117,7 @@ func (l *Lock) Held() bool { return l.held.Load() }
 func (l *Lock) Lost() <-chan struct{} {
 	l.lostMu.Lock()
 	defer l.lostMu.Unlock()
+	l.lostGiven = true
 	return l.lostCh
 }
 
@@ -150,7 +154,8 @@ func (l *Lock) SQLTx() *sql.Tx {
 // the connection stays usable (on database/sql, waits poll instead; see the
 // package documentation). A database error also matches ErrNotAcquired.
 //
-// Acquire on a Lock that is held returns [ErrAlreadyHeld].
+// Acquire on a Lock that is held returns [ErrAlreadyHeld]; a hold that was
+// lost (see [Lock.Lost]) does not count: it is let go first.
 func (l *Lock) Acquire(ctx context.Context) error {
 	_, err := l.acquire(ctx, true)
 	return err
@@ -170,7 +175,11 @@ func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.b != nil {
-		return false, fmt.Errorf("%w: key %s", ErrAlreadyHeld, l.key)
+		if !l.isLost() {
+			return false, fmt.Errorf("%w: key %s", ErrAlreadyHeld, l.key)
+		}
+		// The last hold was lost (and said so on Lost): let it go.
+		l.dropHold().discard()
 	}
 	if err := ctx.Err(); err != nil {
 		return false, l.notAcquired(ctx, nil)
@@ -198,8 +207,8 @@ func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
 	}
 	l.b = b
 	l.lostMu.Lock()
-	if l.lostDone {
-		l.lostCh, l.lostErr, l.lostDone = make(chan struct{}), nil, false
+	if l.lostDone || l.lostGiven {
+		l.lostCh, l.lostErr, l.lostDone, l.lostGiven = make(chan struct{}), nil, false, false
 	}
 	l.lostMu.Unlock()
 	l.held.Store(true)
@@ -222,6 +231,25 @@ func (l *Lock) notAcquired(ctx context.Context, err error) error {
 	default:
 		return fmt.Errorf("%w: key %s: %w: %w", ErrNotAcquired, l.key, ctxErr, err)
 	}
+}
+
+// dropHold stops watching the current hold and forgets it; the caller ends
+// it. l.mu must be held.
+func (l *Lock) dropHold() backend {
+	if l.stopWatch != nil {
+		l.stopWatch()
+		l.stopWatch = nil
+	}
+	b := l.b
+	l.b = nil
+	l.held.Store(false)
+	return b
+}
+
+func (l *Lock) isLost() bool {
+	l.lostMu.Lock()
+	defer l.lostMu.Unlock()
+	return l.lostDone
 }
 
 // markLost is called (once per hold, from the watcher) when the connection
@@ -281,16 +309,10 @@ func (l *Lock) end(ctx context.Context, commit bool) error {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	b := l.b
-	if b == nil {
+	if l.b == nil {
 		return nil
 	}
-	if l.stopWatch != nil {
-		l.stopWatch()
-		l.stopWatch = nil
-	}
-	l.b = nil
-	l.held.Store(false)
+	b := l.dropHold()
 	l.lostMu.Lock()
 	lost, lostErr := l.lostDone, l.lostErr
 	l.lostMu.Unlock()

@@ -331,3 +331,39 @@ func TestSQLTransactions(t *testing.T) {
 	pgtest.WaitFree(t, watch, k)
 	var _ *sql.Tx = l.SQLTx()
 }
+
+// A commit that fails (fn swallowed a statement error, so the transaction
+// was aborted) is the commit's error, not a lost lock: Lost stays open and
+// the healthy connection goes back to the pool.
+func TestFailedCommitIsNotALoss(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t, 2)
+	watch := pgtest.Pool(t, 2)
+	l, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pid int32
+	err = l.Do(ctx, func(ctx context.Context) error {
+		tx, _ := pglock.TxFromContext(ctx)
+		if err := tx.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+			return err
+		}
+		_, _ = tx.Exec(ctx, "SELECT 1/0") // swallowed: the transaction is aborted
+		return nil
+	})
+	if err == nil || errors.Is(err, pglock.ErrLockLost) {
+		t.Fatalf("Do = %v, want the commit's error and not ErrLockLost", err)
+	}
+	select {
+	case <-l.Lost():
+		t.Fatal("Lost closed for a failed commit")
+	default:
+	}
+	var alive bool
+	if err := watch.QueryRow(ctx, "SELECT EXISTS(SELECT 1 FROM pg_stat_activity WHERE pid = $1)", pid).Scan(&alive); err != nil || !alive {
+		t.Fatalf("the healthy connection %d was destroyed (err %v)", pid, err)
+	}
+	pgtest.WaitFree(t, watch, l.Key())
+}

@@ -1,0 +1,94 @@
+package pglock_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/pglockkit/kit/internal/pgtest"
+	"github.com/pglockkit/kit/pglock"
+)
+
+// Each hold has its own Lost channel: a channel taken during a hold that
+// ended cleanly is not closed by a later hold's loss. After a loss, Held is
+// false and Acquire lets the lost hold go instead of reporting ErrAlreadyHeld.
+func TestLostChannelPerHoldAndAcquireAfterLoss(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t, 4)
+	watch := pgtest.Pool(t, 2)
+	l, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithLostCheckInterval(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	first := l.Lost()
+	if err := l.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	second := l.Lost()
+	if first == second {
+		t.Fatal("two holds share one Lost channel")
+	}
+	pgtest.Terminate(t, watch, pgtest.Granted(t, watch, l.Key())[0].PID)
+	select {
+	case <-second:
+	case <-time.After(3 * time.Second):
+		t.Fatal("Lost not closed 3 s after the backend was terminated")
+	}
+	select {
+	case <-first:
+		t.Fatal("the first hold's channel was closed by the second hold's loss")
+	default:
+	}
+	if l.Held() {
+		t.Fatal("Held after the loss")
+	}
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatalf("Acquire after a loss = %v, want the lost hold let go and a new one taken", err)
+	}
+	if len(pgtest.Granted(t, watch, l.Key())) != 1 {
+		t.Fatal("the new hold is not in pg_locks")
+	}
+	if err := l.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.WaitFree(t, watch, l.Key())
+	if n := pool.Stat().AcquiredConns(); n != 0 {
+		t.Fatalf("%d connections acquired", n)
+	}
+}
+
+// Release after the backend was terminated reports ErrLockLost on database/sql
+// too: on a caller's *sql.Conn (not watched) and on a *sql.DB released before
+// its watch started.
+func TestSQLReleaseAfterTerminateIsLost(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db := openSQLDB(t)
+	watch := pgtest.Pool(t, 2)
+
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	onConn, _ := pglock.New(conn, pgtest.UniqueKey(t))
+	onDB, _ := pglock.New(db, pgtest.UniqueKey(t))
+	for _, l := range []*pglock.Lock{onConn, onDB} {
+		if err := l.Acquire(ctx); err != nil {
+			t.Fatal(err)
+		}
+		pgtest.Terminate(t, watch, pgtest.Granted(t, watch, l.Key())[0].PID)
+		if err := l.Release(ctx); !errors.Is(err, pglock.ErrLockLost) {
+			t.Errorf("Release after the backend died = %v, want ErrLockLost", err)
+		}
+		pgtest.WaitFree(t, watch, l.Key())
+	}
+}
