@@ -38,21 +38,27 @@
 // # Busy keys, cancellation, database errors
 //
 // With Wait zero (the default) a request whose key is held elsewhere goes to
-// the DenyHandler at once: 409 Conflict, with Retry-After (Config.RetryAfter,
-// one second by default). With Wait > 0 it waits up to Wait first. A wait
+// the DenyHandler at once (err matches [ErrBusy]): 409 Conflict by default.
+// With Wait > 0 it waits up to Wait first. Every busy answer gets a
+// Retry-After header, set before the DenyHandler runs: Config.RetryAfter
+// rounded up to whole seconds; zero means [DefaultRetryAfter] (one second),
+// negative means no header. A wait
 // follows the request's context: when the client goes away the wait stops at
 // once and leaves no lock, waiting session or pool connection behind (the
 // middleware returns a 503 *echo.HTTPError matching [ErrRequestEnded] that
 // nobody reads). Taking the lock first takes a connection from the Locker's
 // pool: when the pool is exhausted that waits too, bounded by Wait (or, with
-// Wait zero, by the request's context only). A lock that cannot be taken for any other reason goes to the
-// ErrorHandler as [ErrDatabase]: 503 Service Unavailable by default.
+// Wait zero, by the request's context only). A lock that cannot be taken for
+// any other reason goes to the ErrorHandler as [ErrDatabase]: 503 Service
+// Unavailable by default.
 //
 // # Scopes
 //
-// Config.Scope's zero value is [pglock.Session]: the lock is held on a
-// pinned pool connection around the handler; if that connection dies the
-// request's context is cancelled with cause [pglock.ErrLockLost].
+// The scope is the Locker's ([pglock.Locker.Scope]) unless Config.Scope says
+// otherwise (a non-zero Scope, or ScopeSet for an explicit Session). In
+// [pglock.Session] scope the lock is held on a pinned pool connection around
+// the handler; if that connection dies the request's context is cancelled
+// with cause [pglock.ErrLockLost].
 //
 // In [pglock.Transaction] scope the middleware begins a transaction, takes
 // the lock in it, and puts it in the request's context:
@@ -62,24 +68,31 @@
 // otherwise: on a returned error, a 5xx, or a panic, which is raised again
 // after the rollback (put Echo's Recover middleware outside this one). The
 // response is held back until the transaction has ended, so that a client
-// never sees a success for writes that did not commit: if the commit fails,
-// the held response (status, body, and the headers the handler set) is
-// dropped and the ErrorHandler answers (503). Flush and
+// never sees a success for writes that did not commit. If the commit fails,
+// the held response (status, body, and the headers the handler set; those
+// set by outer middleware stay) is dropped and the ErrorHandler answers
+// (503). If the handler returns an error, or panics, after writing a
+// response, the transaction rolls back and the held response is dropped the
+// same way: Echo's HTTPErrorHandler writes the error (or Recover's 500)
+// instead. A response the handler wrote without returning an error is sent
+// as written even when Commit rolls back (by default only a 5xx does). Flush and
 // Hijack (c.Response().Flush, http.ResponseController) send what is held and
 // stream from then on.
 //
 // # Modes
 //
-// Config.Mode (Exclusive by default) or Config.ModeFunc choose the mode;
-// [SharedForSafeMethods] lets GET, HEAD and OPTIONS requests share a key
-// while other methods run alone.
+// The mode is the Locker's ([pglock.Locker.Mode]) unless Config.Mode (a
+// non-zero Mode, or ModeSet for an explicit Exclusive) or Config.ModeFunc
+// say otherwise; [SharedForSafeMethods] lets GET, HEAD and OPTIONS requests
+// share a key while other methods run alone. A ModeFunc that returns
+// another value is a programming error: logged, and answered 500 with an
+// error matching [ErrInvalidConfig]; the handler does not run.
 //
 // # What it deliberately does not do
 //
-// It does not retry busy requests, does not queue them in memory (waiting
-// is PostgreSQL's queue, shared by every replica), and does not consult the
-// Locker's default scope or mode (Config's zero values are Session and
-// Exclusive). A waiting request holds a pool connection; size the pool for
-// the waiters you accept. Session locks need a session: behind PgBouncer in
-// transaction pooling mode use Transaction scope.
+// It does not retry busy requests and does not queue them in memory
+// (waiting is PostgreSQL's queue, shared by every replica). A waiting
+// request holds a pool connection; size the pool for the waiters you accept.
+// Session locks need a session: behind PgBouncer in transaction pooling mode
+// use Transaction scope.
 package echolock

@@ -54,19 +54,35 @@ type Config struct {
 	// away). Negative is an error.
 	Wait time.Duration
 
-	// Scope is the lock's scope. The zero value is pglock.Session (the
-	// Locker's own default scope is not consulted). In pglock.Transaction
-	// the handler finds the lock's transaction with pglock.TxFromContext(
-	// c.Request().Context()); it commits when Commit says so and rolls back
-	// otherwise (and on a panic).
+	// Scope is the lock's scope. The zero value follows the Locker's scope
+	// (pglock.Locker.Scope, itself Session unless pglock.WithScope said
+	// otherwise); pglock.Transaction, or ScopeSet, overrides it. In
+	// pglock.Transaction the handler finds the lock's transaction with
+	// pglock.TxFromContext(c.Request().Context()); it commits when Commit
+	// says so and rolls back otherwise (and on a panic).
 	Scope pglock.Scope
 
-	// Mode is the lock's mode for every request. The zero value is
-	// pglock.Exclusive. ModeFunc, when set, chooses per request instead.
+	// ScopeSet makes Scope apply even when it is the zero value: set it with
+	// Scope left zero to hold a Session lock through a Locker whose scope is
+	// Transaction. Default: false.
+	ScopeSet bool
+
+	// Mode is the lock's mode for every request. The zero value follows the
+	// Locker's mode (pglock.Locker.Mode, itself Exclusive unless
+	// pglock.WithMode said otherwise); pglock.Shared, or ModeSet, overrides
+	// it. ModeFunc, when set, chooses per request instead.
 	Mode pglock.Mode
 
+	// ModeSet makes Mode apply even when it is the zero value: set it with
+	// Mode left zero to take Exclusive locks through a Locker whose mode is
+	// Shared. Default: false.
+	ModeSet bool
+
 	// ModeFunc chooses the mode per request, for example
-	// SharedForSafeMethods. Default: nil (Mode for every request).
+	// SharedForSafeMethods. Default: nil (Mode for every request). A mode
+	// other than Exclusive or Shared is a configuration error: it is logged
+	// and answered with a 500 *echo.HTTPError matching ErrInvalidConfig (not
+	// through ErrorHandler), and the handler does not run.
 	ModeFunc func(c echo.Context) pglock.Mode
 
 	// Commit decides in Transaction scope whether the transaction commits,
@@ -79,9 +95,10 @@ type Config struct {
 	// "users:").
 	Namespace string
 
-	// RetryAfter is set as the Retry-After header before DenyHandler runs,
-	// rounded up to whole seconds. Zero: DefaultRetryAfter. Negative: no
-	// header.
+	// RetryAfter is set as the Retry-After header of every busy answer,
+	// before DenyHandler runs (so a custom DenyHandler sends it too unless it
+	// removes it), rounded up to whole seconds. Zero: DefaultRetryAfter (one
+	// second). Negative: no header.
 	RetryAfter time.Duration
 
 	// DenyHandler answers a busy key: err matches ErrBusy (and, after a
@@ -209,6 +226,12 @@ func newMiddleware(cfg Config) (*lockMiddleware, error) {
 	if cfg.ErrorHandler == nil {
 		cfg.ErrorHandler = DefaultConfig.ErrorHandler
 	}
+	if !cfg.ScopeSet && cfg.Scope == pglock.Session {
+		cfg.Scope = cfg.Locker.Scope()
+	}
+	if !cfg.ModeSet && cfg.Mode == pglock.Exclusive {
+		cfg.Mode = cfg.Locker.Mode()
+	}
 	m := &lockMiddleware{cfg: cfg}
 	for _, mode := range []pglock.Mode{pglock.Exclusive, pglock.Shared} {
 		o := []pglock.Option{pglock.WithMode(mode), pglock.WithScope(cfg.Scope)}
@@ -249,7 +272,10 @@ func (m *lockMiddleware) handle(next echo.HandlerFunc) echo.HandlerFunc {
 		if cfg.ModeFunc != nil {
 			mode = cfg.ModeFunc(c)
 			if mode != pglock.Exclusive && mode != pglock.Shared {
-				return m.fail(c, name, fmt.Errorf("%w: ModeFunc returned %v", ErrDatabase, mode))
+				err := fmt.Errorf("%w: ModeFunc returned %v", ErrInvalidConfig, mode)
+				m.log(slog.LevelError, "echolock: bad mode", name, err)
+				return &echo.HTTPError{Code: http.StatusInternalServerError,
+					Message: http.StatusText(http.StatusInternalServerError), Internal: err}
 			}
 		}
 		lock, err := cfg.Locker.Lock(name, m.lockOpts[mode]...)
@@ -264,6 +290,16 @@ func (m *lockMiddleware) handle(next echo.HandlerFunc) echo.HandlerFunc {
 			tw = holdwriter.New(orig)
 			resp.Writer = tw
 			defer func() { resp.Writer = orig }()
+		}
+		// A panic (raised again by Lock.Do after the rollback) must not leave
+		// the held response to go out: Recover, outside, answers instead.
+		returned := false
+		if tw != nil {
+			defer func() {
+				if !returned {
+					discard(tw, resp)
+				}
+			}()
 		}
 		defer c.SetRequest(req) // later middleware must not see an ended tx
 		var herr error
@@ -283,9 +319,11 @@ func (m *lockMiddleware) handle(next echo.HandlerFunc) echo.HandlerFunc {
 			var did bool
 			did, err = lock.TryDo(req.Context(), fn)
 			if err == nil && !did {
+				returned = true
 				return m.busy(c, name, ErrBusy)
 			}
 		}
+		returned = true
 
 		switch {
 		case !ran:
@@ -299,20 +337,38 @@ func (m *lockMiddleware) handle(next echo.HandlerFunc) echo.HandlerFunc {
 			if err != nil && err != errRollback { // Do joined a rollback error
 				m.log(slog.LevelWarn, "echolock: rollback failed", name, err)
 			}
+			if err != nil && herr != nil {
+				// Rolled back on the handler's error: the error is the
+				// answer, not what the handler wrote before returning it.
+				if !discard(tw, resp) {
+					m.log(slog.LevelWarn, "echolock: rolled back after the response was flushed", name, herr)
+				}
+				return herr
+			}
 			if err := tw.Release(); err != nil {
 				m.log(slog.LevelDebug, "echolock: sending the held response", name, err)
 			}
 			return herr
 		default: // the commit failed
 			err = fmt.Errorf("%w: %w", ErrDatabase, err)
-			if tw.Discard() {
-				resp.Committed, resp.Status, resp.Size = false, http.StatusOK, 0
+			if discard(tw, resp) {
 				return m.fail(c, name, err)
 			}
 			m.log(slog.LevelWarn, "echolock: commit failed after the response was flushed", name, err)
 			return errors.Join(herr, err)
 		}
 	}
+}
+
+// discard drops the held response and resets c.Response() so that the
+// error handler writes the answer. It reports false when part of the
+// response was flushed already (then nothing can be taken back).
+func discard(tw *holdwriter.Writer, resp *echo.Response) bool {
+	if !tw.Discard() {
+		return false
+	}
+	resp.Committed, resp.Status, resp.Size = false, http.StatusOK, 0
+	return true
 }
 
 func (m *lockMiddleware) notAcquired(c echo.Context, name string, err error) error {
@@ -330,7 +386,7 @@ func (m *lockMiddleware) notAcquired(c echo.Context, name string, err error) err
 }
 
 func (m *lockMiddleware) busy(c echo.Context, name string, err error) error {
-	m.log(slog.LevelDebug, "echolock: busy", name, nil)
+	m.log(slog.LevelDebug, "echolock: busy", name, err)
 	if d := m.cfg.RetryAfter; d > 0 {
 		secs := (d + time.Second - 1) / time.Second
 		c.Response().Header().Set(echo.HeaderRetryAfter, strconv.FormatInt(int64(secs), 10))

@@ -14,7 +14,9 @@ var (
 	ErrNilKeyExtractor = errors.New("echolock: nil KeyExtractor")
 
 	// ErrInvalidConfig is returned by WithConfig when a Config field is out
-	// of range.
+	// of range. At request time it is the Internal error of the 500
+	// *echo.HTTPError answering a ModeFunc that returned neither
+	// pglock.Exclusive nor pglock.Shared.
 	ErrInvalidConfig = errors.New("echolock: invalid config")
 
 	// ErrKey wraps the KeyExtractor's error. The default ErrorHandler answers
@@ -22,8 +24,8 @@ var (
 	ErrKey = errors.New("echolock: bad lock key")
 
 	// ErrBusy means the key was held elsewhere and the request did not get
-	// it, at once or within Config.Wait. The default DenyHandler answers it
-	// with 409 Conflict.
+	// it, at once or within Config.Wait. The DenyHandler gets it (and it is
+	// logged at Debug level); the default answers it with 409 Conflict.
 	ErrBusy = errors.New("echolock: lock busy")
 
 	// ErrDatabase wraps a failure to take, commit or release the lock that is

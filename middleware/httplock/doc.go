@@ -35,11 +35,17 @@
 // # Busy keys
 //
 // By default a request whose key is held elsewhere is answered at once with
-// 409 Conflict and Retry-After: 1 ([WithRetryAfter], [WithOnBusy]). With
-// [WithWait] it waits for the key up to a limit instead, then gets the same
-// busy answer. A wait follows the request's context: when the client goes
-// away, or a server timeout ends the request, the wait stops at once, nothing
-// is answered (nobody is listening), and no lock, waiting session or pool
+// 409 Conflict and a Retry-After header ([WithOnBusy] replaces the answer).
+// Retry-After is [DefaultRetryAfter] (one second) unless [WithRetryAfter]
+// sets it, rounded up to whole seconds; WithRetryAfter(0) sends none, and
+// with WithOnBusy the middleware sets none. Busy answers are logged with an
+// error matching [ErrBusy]. With [WithWait] a request waits for the key up
+// to a limit instead, then gets the same busy answer. A wait follows the
+// request's context: when the client goes away, or a server timeout (an
+// outer context.WithTimeout, http.TimeoutHandler) ends the request, the
+// wait stops at once, the request is answered 503 Service Unavailable (a
+// client still connected sees it; one that left does not read it) and
+// logged as [ErrRequestEnded], and no lock, waiting session or pool
 // connection is left behind.
 //
 // Taking the lock first takes a connection from the Locker's pool; when the
@@ -71,7 +77,9 @@
 // panicking and the commit rule agrees (the default: status below 500, see
 // [WithCommitRule]) the transaction commits, otherwise it rolls back; either
 // way the lock ends with it. A panic rolls back, releases and is raised again
-// with the same value. The handler's writes and the lock commit together, so
+// with the same value, after the held response (and the headers the handler
+// set) is dropped, so that a recovering middleware outside answers the panic
+// rather than the handler's response. The handler's writes and the lock commit together, so
 // work is fenced even if the connection dies.
 //
 // In Transaction scope the response is held back until the transaction has
@@ -90,7 +98,8 @@
 // Requests take the key in the Locker's mode unless [WithMode] or
 // [WithModeFunc] say otherwise. [SharedForSafeMethods] lets GET, HEAD and
 // OPTIONS requests for one key run together while every other method runs
-// alone.
+// alone. A mode func that returns another value is a programming error:
+// logged as [ErrInvalidOption] and answered 500; the handler does not run.
 //
 // # What it deliberately does not do
 //

@@ -16,7 +16,9 @@ var (
 	ErrNilHandler = errors.New("httplock: nil http.Handler")
 
 	// ErrInvalidOption is returned by Middleware and Handler when an option's
-	// value is out of range, or an option is nil.
+	// value is out of range, or an option is nil. At request time it is the
+	// logged error (Error level) of a mode func ([WithModeFunc]) that
+	// returned neither pglock.Exclusive nor pglock.Shared, answered 500.
 	ErrInvalidOption = errors.New("httplock: invalid option")
 
 	// ErrKey wraps the error of a KeyFunc: the request names no usable key.
@@ -24,12 +26,20 @@ var (
 	ErrKey = errors.New("httplock: bad lock key")
 
 	// ErrBusy means the key was held elsewhere and the request did not get
-	// it: at once (fail fast) or within the wait limit. It is answered 409
-	// Conflict with Retry-After by default (see [WithOnBusy]).
+	// it: at once (fail fast) or within the wait limit. Busy answers are
+	// logged (Debug level, see [WithLogger]) with an error matching it; they
+	// are 409 Conflict with Retry-After by default (see [WithOnBusy]).
 	ErrBusy = errors.New("httplock: lock busy")
 
 	// ErrDatabase wraps a failure to take, commit or release the lock that is
 	// not a busy key: a database or connection error. It is answered 503
 	// Service Unavailable by default (see [WithErrorHandler]).
 	ErrDatabase = errors.New("httplock: lock failed")
+
+	// ErrRequestEnded wraps the lock error of a request whose context ended
+	// while it waited for the lock or for a pool connection: the client went
+	// away, or an outer deadline (a timeout middleware) passed. It is logged
+	// (Debug level) and the request is answered 503 Service Unavailable,
+	// which a client that left does not read.
+	ErrRequestEnded = errors.New("httplock: request ended while waiting for the lock")
 )

@@ -140,7 +140,10 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if m.cfg.modeFunc != nil {
 		mode = m.cfg.modeFunc(r)
 		if mode != pglock.Exclusive && mode != pglock.Shared {
-			m.fail(w, r, name, fmt.Errorf("%w: mode func returned %v", ErrDatabase, mode))
+			// A programming error, not the database's: no 503 to retry.
+			m.log(slog.LevelError, "httplock: bad mode", name,
+				fmt.Errorf("%w: mode func returned %v", ErrInvalidOption, mode))
+			http.Error(w, "500 internal server error", http.StatusInternalServerError)
 			return
 		}
 	}
@@ -152,9 +155,18 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	var tw *holdwriter.Writer
 	hw := w
+	returned := false
 	if m.scope == pglock.Transaction {
 		tw = holdwriter.New(w)
 		hw = tw
+		// A panic (raised again by Lock.Do after the rollback) drops the held
+		// response and the headers the handler set, so that a recovering
+		// middleware outside answers on a clean slate.
+		defer func() {
+			if !returned {
+				tw.Discard()
+			}
+		}()
 	}
 	ran := false
 	fn := func(ctx context.Context) error {
@@ -171,15 +183,16 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		return nil
 	}
+	did := true
 	if m.cfg.wait > 0 {
 		err = lock.Do(r.Context(), fn)
 	} else {
-		var did bool
 		did, err = lock.TryDo(r.Context(), fn)
-		if err == nil && !did {
-			m.busy(w, r, name, 0)
-			return
-		}
+	}
+	returned = true
+	if err == nil && !did { // TryDo found the key busy
+		m.busy(w, r, name, 0, ErrBusy)
+		return
 	}
 
 	switch {
@@ -210,20 +223,24 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (m *middleware) notAcquired(w http.ResponseWriter, r *http.Request, name string, err error) {
 	switch {
 	case r.Context().Err() != nil:
-		// The client went away (or the server gave up on the request):
-		// nobody reads an answer.
-		m.log(slog.LevelDebug, "httplock: request ended while waiting", name, err)
+		// The client went away, or an outer deadline (a timeout middleware)
+		// ended the request: a client still connected gets 503 rather than
+		// net/http's empty 200; one that left does not read it.
+		m.log(slog.LevelDebug, "httplock: request ended while waiting", name,
+			fmt.Errorf("%w: %w", ErrRequestEnded, err))
+		http.Error(w, "503 service unavailable: the request ended while waiting for the lock", http.StatusServiceUnavailable)
 	case m.cfg.wait > 0 && errors.Is(err, pglock.ErrNotAcquired) && errors.Is(err, context.DeadlineExceeded):
-		m.busy(w, r, name, m.cfg.wait)
+		m.busy(w, r, name, m.cfg.wait, fmt.Errorf("%w: %w", ErrBusy, err))
 	default:
 		m.fail(w, r, name, fmt.Errorf("%w: %w", ErrDatabase, err))
 	}
 }
 
-func (m *middleware) busy(w http.ResponseWriter, r *http.Request, name string, waited time.Duration) {
+// busy answers a busy key; err matches ErrBusy.
+func (m *middleware) busy(w http.ResponseWriter, r *http.Request, name string, waited time.Duration, err error) {
 	if m.cfg.logger != nil {
 		m.cfg.logger.LogAttrs(r.Context(), slog.LevelDebug, "httplock: busy",
-			slog.String("key", name), slog.Duration("wait", waited))
+			slog.String("key", name), slog.Duration("wait", waited), slog.Any("error", err))
 	}
 	if m.cfg.onBusy != nil {
 		m.cfg.onBusy.ServeHTTP(w, r)

@@ -57,8 +57,9 @@ func (c *config) invalid(format string, args ...any) {
 
 // WithWait sets the busy policy. With d > 0 a request whose key is held
 // elsewhere waits up to d for it, and less if its context ends first (the
-// client went away, or a server timeout): then it stops waiting at once and
-// leaves no lock and no connection behind. With d == 0 (the default) it does
+// client went away, or a server timeout): then it stops waiting at once,
+// leaves no lock and no connection behind, and is answered 503 (see
+// [ErrRequestEnded]). With d == 0 (the default) it does
 // not wait: a busy key is answered at once (409 Conflict, see [WithOnBusy]).
 // A request still waiting when d passes gets the busy answer too. A
 // negative d is an error.
@@ -110,8 +111,9 @@ func WithMode(m pglock.Mode) Option {
 
 // WithModeFunc chooses the lock's mode per request, for example
 // [SharedForSafeMethods]: reads share the key, writes exclude everyone. A
-// mode other than Exclusive or Shared is answered as a database error (503).
-// A nil f is an error.
+// mode other than Exclusive or Shared is a programming error: it is logged
+// (Error level, matching [ErrInvalidOption]) and answered 500 Internal
+// Server Error, and the handler does not run. A nil f is an error.
 func WithModeFunc(f func(*http.Request) pglock.Mode) Option {
 	return func(c *config) {
 		if f == nil {
@@ -150,9 +152,11 @@ func WithRetryAfter(d time.Duration) Option {
 }
 
 // WithOnBusy replaces the busy answer: h answers a request whose key is
-// held elsewhere (at once, or after the wait limit of [WithWait]). The
-// default answers 409 Conflict with Retry-After (see [WithRetryAfter]) and
-// a short text body. A nil h keeps the default.
+// held elsewhere (at once, or after the wait limit of [WithWait]); the
+// middleware sets no Retry-After for it. The default answers 409 Conflict
+// with Retry-After (see [WithRetryAfter]) and a short text body. A nil h
+// keeps the default. Either way the busy answer is logged with an error
+// matching [ErrBusy] (see [WithLogger]).
 func WithOnBusy(h http.Handler) Option {
 	return func(c *config) { c.onBusy = h }
 }
