@@ -31,13 +31,15 @@ demo:
 demo-check:
 	./scripts/check-demo.sh
 
+# Every benchmark beside raw pgx, summarized by scripts/benchratio.awk (the
+# raw output is kept in bench.out). COUNT=n runs each n times (default 4).
 bench:
 	$(WITHPG) $(MAKE) --no-print-directory bench-modules
 
 bench-modules:
-	@set -e; for m in $(MODULES); do \
-		(cd $$m && $(GO) test -run XXX -bench . -benchmem -count $${COUNT:-3} ./...); \
-	done
+	@set -e; : > bench.out; for m in $(MODULES); do \
+		(cd $$m && $(GO) test -run XXX -bench . -benchmem -count $${COUNT:-4} ./...) | tee -a bench.out; \
+	done; echo; awk -f scripts/benchratio.awk bench.out
 
 lint: vet
 	@set -e; for m in $(MODULES); do \

@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -13,20 +14,75 @@ import (
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
 
-func setup(b *testing.B) (*pgxpool.Pool, pglock.Key) {
-	pool := pgtest.Pool(b, 4)
-	// Warm the pool and the statement caches outside the timed loop.
-	ctx := context.Background()
-	for range 4 {
-		if err := pool.Ping(ctx); err != nil {
+// pair is one comparison: the library's operation and raw pgx doing the same
+// SQL, each run once per call, on the same pool.
+type pair struct {
+	lib, raw func(b *testing.B)
+}
+
+// run measures p three ways: "pglock" and "raw" alone (ns/op, B/op,
+// allocs/op), and "paired", which alternates the two in one loop and reports
+// each one's ns/op and their ratio. On a shared or virtual machine the
+// paired ratio is the figure to trust: both sides see the same noise.
+func run(b *testing.B, setup func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair) {
+	mk := func(b *testing.B) pair {
+		pool := pgtest.Pool(b, 4)
+		ctx := context.Background()
+		for range 4 {
+			if err := pool.Ping(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+		k, err := pglock.KeyOf(pgtest.UniqueKey(b))
+		if err != nil {
 			b.Fatal(err)
 		}
+		rk, err := pglock.KeyOf(pgtest.UniqueKey(b))
+		if err != nil {
+			b.Fatal(err)
+		}
+		p := setup(b, pool, k, rk)
+		p.lib(b) // warm the statement caches
+		p.raw(b)
+		return p
 	}
-	k, err := pglock.KeyOf(pgtest.UniqueKey(b))
-	if err != nil {
-		b.Fatal(err)
-	}
-	return pool, k
+	b.Run("pglock", func(b *testing.B) {
+		p := mk(b)
+		b.ReportAllocs()
+		for b.Loop() {
+			p.lib(b)
+		}
+	})
+	b.Run("raw", func(b *testing.B) {
+		p := mk(b)
+		b.ReportAllocs()
+		for b.Loop() {
+			p.raw(b)
+		}
+	})
+	b.Run("paired", func(b *testing.B) {
+		p := mk(b)
+		var lib, raw time.Duration
+		i := 0
+		for b.Loop() {
+			t0 := time.Now()
+			if i%2 == 0 {
+				p.lib(b)
+				t1 := time.Now()
+				p.raw(b)
+				lib, raw = lib+t1.Sub(t0), raw+time.Since(t1)
+			} else {
+				p.raw(b)
+				t1 := time.Now()
+				p.lib(b)
+				raw, lib = raw+t1.Sub(t0), lib+time.Since(t1)
+			}
+			i++
+		}
+		b.ReportMetric(float64(lib.Nanoseconds())/float64(i), "pglock-ns/op")
+		b.ReportMetric(float64(raw.Nanoseconds())/float64(i), "raw-ns/op")
+		b.ReportMetric(float64(lib)/float64(raw), "pglock/raw")
+	})
 }
 
 func must(b *testing.B, err error) {
@@ -35,28 +91,43 @@ func must(b *testing.B, err error) {
 	}
 }
 
+// rawLockUnlock is what a service does without the library: pin a pool
+// connection, lock (lockSQL), unlock, and check the unlock's result.
+func rawLockUnlock(ctx context.Context, b *testing.B, pool *pgxpool.Pool, lockSQL string, k pglock.Key, work func()) {
+	c, err := pool.Acquire(ctx)
+	must(b, err)
+	defer c.Release()
+	var ok bool
+	if lockSQL == "SELECT pg_try_advisory_lock($1::bigint)" {
+		must(b, c.QueryRow(ctx, lockSQL, k.Int64()).Scan(&ok))
+		if !ok {
+			b.Fatal("busy")
+		}
+	} else {
+		_, err = c.Exec(ctx, lockSQL, k.Int64())
+		must(b, err)
+	}
+	work()
+	must(b, c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", k.Int64()).Scan(&ok))
+	if !ok {
+		b.Fatal("unlock: not held")
+	}
+}
+
 // Session Acquire + Release, uncontended, on a pool.
 func BenchmarkSessionAcquireRelease(b *testing.B) {
 	ctx := context.Background()
-	b.Run("pglock", func(b *testing.B) {
-		pool, k := setup(b)
+	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		l, err := pglock.New(pool, k)
 		must(b, err)
-		for b.Loop() {
-			must(b, l.Acquire(ctx))
-			must(b, l.Release(ctx))
-		}
-	})
-	b.Run("raw", func(b *testing.B) {
-		pool, k := setup(b)
-		for b.Loop() {
-			c, err := pool.Acquire(ctx)
-			must(b, err)
-			_, err = c.Exec(ctx, "SELECT pg_advisory_lock($1::bigint)", k.Int64())
-			must(b, err)
-			var ok bool
-			must(b, c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", k.Int64()).Scan(&ok))
-			c.Release()
+		return pair{
+			lib: func(b *testing.B) {
+				must(b, l.Acquire(ctx))
+				must(b, l.Release(ctx))
+			},
+			raw: func(b *testing.B) {
+				rawLockUnlock(ctx, b, pool, "SELECT pg_advisory_lock($1::bigint)", rk, func() {})
+			},
 		}
 	})
 }
@@ -64,31 +135,21 @@ func BenchmarkSessionAcquireRelease(b *testing.B) {
 // TryAcquire + Release, uncontended, on a pool.
 func BenchmarkTryAcquireRelease(b *testing.B) {
 	ctx := context.Background()
-	b.Run("pglock", func(b *testing.B) {
-		pool, k := setup(b)
+	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		l, err := pglock.New(pool, k)
 		must(b, err)
-		for b.Loop() {
-			ok, err := l.TryAcquire(ctx)
-			must(b, err)
-			if !ok {
-				b.Fatal("busy")
-			}
-			must(b, l.Release(ctx))
-		}
-	})
-	b.Run("raw", func(b *testing.B) {
-		pool, k := setup(b)
-		for b.Loop() {
-			c, err := pool.Acquire(ctx)
-			must(b, err)
-			var ok bool
-			must(b, c.QueryRow(ctx, "SELECT pg_try_advisory_lock($1::bigint)", k.Int64()).Scan(&ok))
-			if !ok {
-				b.Fatal("busy")
-			}
-			must(b, c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", k.Int64()).Scan(&ok))
-			c.Release()
+		return pair{
+			lib: func(b *testing.B) {
+				ok, err := l.TryAcquire(ctx)
+				must(b, err)
+				if !ok {
+					b.Fatal("busy")
+				}
+				must(b, l.Release(ctx))
+			},
+			raw: func(b *testing.B) {
+				rawLockUnlock(ctx, b, pool, "SELECT pg_try_advisory_lock($1::bigint)", rk, func() {})
+			},
 		}
 	})
 }
@@ -96,26 +157,24 @@ func BenchmarkTryAcquireRelease(b *testing.B) {
 // Transaction scope inside a caller's transaction: begin, lock, commit.
 func BenchmarkCallerTx(b *testing.B) {
 	ctx := context.Background()
-	b.Run("pglock", func(b *testing.B) {
-		pool, k := setup(b)
-		for b.Loop() {
-			tx, err := pool.Begin(ctx)
-			must(b, err)
-			l, err := pglock.New(tx, k)
-			must(b, err)
-			must(b, l.Acquire(ctx))
-			must(b, l.Release(ctx))
-			must(b, tx.Commit(ctx))
-		}
-	})
-	b.Run("raw", func(b *testing.B) {
-		pool, k := setup(b)
-		for b.Loop() {
-			tx, err := pool.Begin(ctx)
-			must(b, err)
-			_, err = tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1::bigint)", k.Int64())
-			must(b, err)
-			must(b, tx.Commit(ctx))
+	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+		return pair{
+			lib: func(b *testing.B) {
+				tx, err := pool.Begin(ctx)
+				must(b, err)
+				l, err := pglock.New(tx, k)
+				must(b, err)
+				must(b, l.Acquire(ctx))
+				must(b, l.Release(ctx))
+				must(b, tx.Commit(ctx))
+			},
+			raw: func(b *testing.B) {
+				tx, err := pool.Begin(ctx)
+				must(b, err)
+				_, err = tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1::bigint)", rk.Int64())
+				must(b, err)
+				must(b, tx.Commit(ctx))
+			},
 		}
 	})
 }
@@ -124,25 +183,14 @@ func BenchmarkCallerTx(b *testing.B) {
 func BenchmarkDoSession(b *testing.B) {
 	ctx := context.Background()
 	noop := func(context.Context) error { return nil }
-	b.Run("pglock", func(b *testing.B) {
-		pool, k := setup(b)
+	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		lk, err := pglock.NewLocker(pool)
 		must(b, err)
-		for b.Loop() {
-			must(b, lk.Do(ctx, k, noop))
-		}
-	})
-	b.Run("raw", func(b *testing.B) {
-		pool, k := setup(b)
-		for b.Loop() {
-			c, err := pool.Acquire(ctx)
-			must(b, err)
-			_, err = c.Exec(ctx, "SELECT pg_advisory_lock($1::bigint)", k.Int64())
-			must(b, err)
-			must(b, noop(ctx))
-			var ok bool
-			must(b, c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", k.Int64()).Scan(&ok))
-			c.Release()
+		return pair{
+			lib: func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) },
+			raw: func(b *testing.B) {
+				rawLockUnlock(ctx, b, pool, "SELECT pg_advisory_lock($1::bigint)", rk, func() { must(b, noop(ctx)) })
+			},
 		}
 	})
 }
@@ -151,23 +199,19 @@ func BenchmarkDoSession(b *testing.B) {
 func BenchmarkDoTransaction(b *testing.B) {
 	ctx := context.Background()
 	noop := func(context.Context) error { return nil }
-	b.Run("pglock", func(b *testing.B) {
-		pool, k := setup(b)
+	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		lk, err := pglock.NewLocker(pool, pglock.WithScope(pglock.Transaction))
 		must(b, err)
-		for b.Loop() {
-			must(b, lk.Do(ctx, k, noop))
-		}
-	})
-	b.Run("raw", func(b *testing.B) {
-		pool, k := setup(b)
-		for b.Loop() {
-			must(b, pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-				if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1::bigint)", k.Int64()); err != nil {
-					return err
-				}
-				return noop(ctx)
-			}))
+		return pair{
+			lib: func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) },
+			raw: func(b *testing.B) {
+				must(b, pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+					if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1::bigint)", rk.Int64()); err != nil {
+						return err
+					}
+					return noop(ctx)
+				}))
+			},
 		}
 	})
 }
