@@ -4,6 +4,8 @@ import (
 	"fmt"
 
 	"github.com/labstack/echo/v4"
+
+	"github.com/pglockkit/kit/internal/httpkey"
 )
 
 // Param returns a KeyExtractor that keys the request by the route's path
@@ -24,14 +26,7 @@ func Param(name string) KeyExtractor {
 // value) passes through unlocked; one with several values of it is an error.
 func Header(name string) KeyExtractor {
 	return func(c echo.Context) (string, bool, error) {
-		vs := c.Request().Header.Values(name)
-		switch {
-		case len(vs) == 0 || (len(vs) == 1 && vs[0] == ""):
-			return "", false, nil
-		case len(vs) > 1:
-			return "", false, fmt.Errorf("header %s given %d times", name, len(vs))
-		}
-		return vs[0], true, nil
+		return httpkey.One("header "+name, c.Request().Header.Values(name))
 	}
 }
 
@@ -40,14 +35,7 @@ func Header(name string) KeyExtractor {
 // through unlocked; one with several values of it is an error.
 func QueryParam(name string) KeyExtractor {
 	return func(c echo.Context) (string, bool, error) {
-		vs := c.QueryParams()[name]
-		switch {
-		case len(vs) == 0 || (len(vs) == 1 && vs[0] == ""):
-			return "", false, nil
-		case len(vs) > 1:
-			return "", false, fmt.Errorf("query parameter %s given %d times", name, len(vs))
-		}
-		return vs[0], true, nil
+		return httpkey.One("query parameter "+name, c.QueryParams()[name])
 	}
 }
 

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+
+	"github.com/pglockkit/kit/internal/httpkey"
 )
 
 // KeyFunc names the lock a request needs. ok false passes the request
@@ -40,14 +42,7 @@ func PathValue(name string) KeyFunc {
 func Header(name string) KeyFunc {
 	canon := http.CanonicalHeaderKey(name)
 	return func(r *http.Request) (string, bool, error) {
-		vs := r.Header[canon]
-		switch {
-		case len(vs) == 0 || (len(vs) == 1 && vs[0] == ""):
-			return "", false, nil
-		case len(vs) > 1:
-			return "", false, fmt.Errorf("header %s given %d times", canon, len(vs))
-		}
-		return vs[0], true, nil
+		return httpkey.One("header "+canon, r.Header[canon])
 	}
 }
 
@@ -56,14 +51,7 @@ func Header(name string) KeyFunc {
 // unlocked; one with several values of it is an error.
 func Query(name string) KeyFunc {
 	return func(r *http.Request) (string, bool, error) {
-		vs := r.URL.Query()[name]
-		switch {
-		case len(vs) == 0 || (len(vs) == 1 && vs[0] == ""):
-			return "", false, nil
-		case len(vs) > 1:
-			return "", false, fmt.Errorf("query parameter %s given %d times", name, len(vs))
-		}
-		return vs[0], true, nil
+		return httpkey.One("query parameter "+name, r.URL.Query()[name])
 	}
 }
 
