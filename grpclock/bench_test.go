@@ -3,7 +3,9 @@ package grpclock_test
 import (
 	"context"
 	"testing"
+	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/grpc"
 
 	"github.com/pglockkit/kit/grpclock"
@@ -41,10 +43,15 @@ var benchDesc = grpc.ServiceDesc{
 // interceptor (Session scope on a pool) with the same call whose handler
 // takes the same lock itself with raw pgx: a pinned pool connection,
 // pg_advisory_lock, pg_advisory_unlock (its boolean checked), release.
-// Both hash the request's key the same way. Report the ratio of ns/op.
+// Both hash the request's key the same way. The paired sub-benchmark
+// alternates an interceptor call and a raw one in one loop, on the same
+// pool and on different keys, and reports interceptor-ns/op, raw-ns/op and
+// their ratio interceptor/raw: both sides see the same noise, so on a shared
+// or virtual machine that ratio is the figure to trust
+// (scripts/benchratio.awk).
 func BenchmarkUnary(b *testing.B) {
-	b.Run("grpclock", func(b *testing.B) {
-		pool := pgtest.Pool(b, 4)
+	// interceptor serves the empty method behind the interceptor, on pool.
+	interceptor := func(b *testing.B, pool *pgxpool.Pool) *grpc.ClientConn {
 		locker, err := pglock.NewLocker(pool)
 		if err != nil {
 			b.Fatal(err)
@@ -55,10 +62,10 @@ func BenchmarkUnary(b *testing.B) {
 		}
 		srv := grpc.NewServer(grpc.UnaryInterceptor(ic))
 		srv.RegisterService(&benchDesc, benchHandler(func(context.Context, *workRequest) error { return nil }))
-		runBench(b, serve(b, srv))
-	})
-	b.Run("rawpgx", func(b *testing.B) {
-		pool := pgtest.Pool(b, 4)
+		return serve(b, srv)
+	}
+	// raw serves the method whose handler takes the lock itself, on pool.
+	raw := func(b *testing.B, pool *pgxpool.Pool) *grpc.ClientConn {
 		srv := grpc.NewServer()
 		srv.RegisterService(&benchDesc, benchHandler(func(ctx context.Context, req *workRequest) error {
 			k, err := pglock.KeyOf(grpclock.DefaultNamespace + req.LockKey())
@@ -79,17 +86,65 @@ func BenchmarkUnary(b *testing.B) {
 			}
 			return nil
 		}))
-		runBench(b, serve(b, srv))
+		return serve(b, srv)
+	}
+	b.Run("interceptor", func(b *testing.B) {
+		runBench(b, interceptor(b, pgtest.Pool(b, 4)))
+	})
+	b.Run("raw", func(b *testing.B) {
+		runBench(b, raw(b, pgtest.Pool(b, 4)))
+	})
+	b.Run("paired", func(b *testing.B) {
+		pool := pgtest.Pool(b, 4)
+		lib, rw := call(b, interceptor(b, pool)), call(b, raw(b, pool))
+		lib() // warm both sides' connections and statement caches
+		rw()
+		paired(b, "interceptor", lib, rw)
 	})
 }
 
-func runBench(b *testing.B, conn *grpc.ClientConn) {
+// call returns one unary call on conn, on a key of its own, as a function
+// that fails b if the call fails.
+func call(b *testing.B, conn *grpc.ClientConn) func() {
 	req := &workRequest{Key: pgtest.UniqueKey(b)}
 	ctx := context.Background()
-	b.ReportAllocs()
-	for b.Loop() {
+	return func() {
 		if err := conn.Invoke(ctx, methodBench, req, new(workResponse)); err != nil {
 			b.Fatal(err)
 		}
 	}
+}
+
+func runBench(b *testing.B, conn *grpc.ClientConn) {
+	do := call(b, conn)
+	b.ReportAllocs()
+	for b.Loop() {
+		do()
+	}
+}
+
+// paired runs lib and raw alternately in one loop, swapping their order
+// every iteration, and reports each one's mean wall time per call
+// (name-ns/op and raw-ns/op) and their ratio (name/raw).
+func paired(b *testing.B, name string, lib, raw func()) {
+	var libT, rawT time.Duration
+	i := 0
+	for b.Loop() {
+		t0 := time.Now()
+		if i%2 == 0 {
+			lib()
+			t1 := time.Now()
+			raw()
+			libT, rawT = libT+t1.Sub(t0), rawT+time.Since(t1)
+		} else {
+			raw()
+			t1 := time.Now()
+			lib()
+			rawT, libT = rawT+t1.Sub(t0), libT+time.Since(t1)
+		}
+		i++
+	}
+	b.ReportMetric(float64(libT.Nanoseconds())/float64(i), name+"-ns/op")
+	b.ReportMetric(float64(rawT.Nanoseconds())/float64(i), "raw-ns/op")
+	b.ReportMetric(float64(libT)/float64(rawT), name+"/raw")
 }
