@@ -111,6 +111,9 @@ func isNilTx(tx pgx.Tx) (isNil bool) {
 const queryCanceled = "57014"
 
 func isCanceled(err error) bool {
+	if err == nil {
+		return false
+	}
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && pgErr.Code == queryCanceled
 }

@@ -74,6 +74,27 @@ func (b *pgxBackend) bounded(ctx context.Context) (context.Context, context.Canc
 	return bounded(ctx, b.l.cfg.releaseTimeout)
 }
 
+// detach returns a context for statements that never wait for a lock and
+// must not be interrupted by ctx (unlock, commit, the first try), bounded
+// instead by a deadline on the connection's socket, set here and cleared by
+// reattach: a statement the deadline cuts off makes pgx close the
+// connection, as a cancelled context would, and close then destroys it. On
+// the hot path this costs no context, timer or context watch per statement.
+func (b *pgxBackend) detach(ctx context.Context) context.Context {
+	_ = b.conn.PgConn().Conn().SetDeadline(time.Now().Add(b.l.cfg.releaseTimeout))
+	if ctx.Done() == nil {
+		return ctx
+	}
+	return context.WithoutCancel(ctx)
+}
+
+// reattach clears detach's deadline.
+func (b *pgxBackend) reattach() {
+	if !b.conn.IsClosed() {
+		_ = b.conn.PgConn().Conn().SetDeadline(time.Time{})
+	}
+}
+
 // close gives the pinned connection back to the pool, or destroys it when
 // its state is in doubt (healthy false). A caller's connection is left alone.
 func (b *pgxBackend) close(healthy bool) {
@@ -113,11 +134,8 @@ func (b *pgxBackend) try(ctx context.Context, q interface {
 }) (bool, error) {
 	// Never under a cancellable ctx: pgx would close the connection mid-try,
 	// and the server would keep a granted lock until it noticed.
-	if b.pooled == nil || ctx.Done() != nil {
-		var cancel context.CancelFunc
-		ctx, cancel = b.bounded(ctx)
-		defer cancel()
-	}
+	ctx = b.detach(ctx)
+	defer b.reattach()
 	var ok bool
 	err := q.QueryRow(ctx, b.st.try, b.st.args...).Scan(&ok)
 	return ok, err
@@ -339,14 +357,14 @@ func (b *pgxBackend) release(ctx context.Context, commit bool) error {
 	default:
 		tx := b.ownTx
 		b.ownTx = nil
-		rctx, cancel := b.bounded(ctx)
-		defer cancel()
+		rctx := b.detach(ctx)
 		var err error
 		if commit {
 			err = tx.Commit(rctx)
 		} else {
 			err = tx.Rollback(rctx)
 		}
+		b.reattach() // before close: then the connection is no longer ours
 		closed := b.conn.IsClosed()
 		b.close(err == nil || (!closed && b.conn.PgConn().TxStatus() == 'I'))
 		if err != nil && closed {
@@ -363,12 +381,12 @@ func (b *pgxBackend) unlockSession(ctx context.Context) error {
 		b.close(false)
 		return ErrLockLost
 	}
-	rctx, cancel := b.bounded(ctx)
-	defer cancel()
+	rctx := b.detach(ctx)
 	var ok bool
 	err := retryCanceled(func() error {
 		return b.conn.QueryRow(rctx, b.st.unlock, b.st.args...).Scan(&ok)
 	})
+	b.reattach()
 	closed := b.conn.IsClosed()
 	b.close(err == nil)
 	switch {
