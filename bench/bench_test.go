@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -21,9 +20,10 @@ type pair struct {
 }
 
 // run measures p three ways: "pglock" and "raw" alone (ns/op, B/op,
-// allocs/op), and "paired", which alternates the two in one loop and reports
-// each one's ns/op and their ratio. On a shared or virtual machine the
-// paired ratio is the figure to trust: both sides see the same noise.
+// allocs/op), and "paired" (pgtest.Paired), which alternates the two in one
+// loop and reports each one's ns/op and their ratio. On a shared or virtual
+// machine the paired ratio is the figure to trust: both sides see the same
+// noise.
 func run(b *testing.B, setup func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair) {
 	mk := func(b *testing.B) pair {
 		pool := pgtest.Pool(b, 4)
@@ -62,26 +62,7 @@ func run(b *testing.B, setup func(b *testing.B, pool *pgxpool.Pool, k, rk pglock
 	})
 	b.Run("paired", func(b *testing.B) {
 		p := mk(b)
-		var lib, raw time.Duration
-		i := 0
-		for b.Loop() {
-			t0 := time.Now()
-			if i%2 == 0 {
-				p.lib(b)
-				t1 := time.Now()
-				p.raw(b)
-				lib, raw = lib+t1.Sub(t0), raw+time.Since(t1)
-			} else {
-				p.raw(b)
-				t1 := time.Now()
-				p.lib(b)
-				raw, lib = raw+t1.Sub(t0), lib+time.Since(t1)
-			}
-			i++
-		}
-		b.ReportMetric(float64(lib.Nanoseconds())/float64(i), "pglock-ns/op")
-		b.ReportMetric(float64(raw.Nanoseconds())/float64(i), "raw-ns/op")
-		b.ReportMetric(float64(lib)/float64(raw), "pglock/raw")
+		pgtest.Paired(b, "pglock", func() { p.lib(b) }, func() { p.raw(b) })
 	})
 }
 

@@ -3,7 +3,6 @@ package grpclock_test
 import (
 	"context"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/grpc"
@@ -99,7 +98,7 @@ func BenchmarkUnary(b *testing.B) {
 		lib, rw := call(b, interceptor(b, pool)), call(b, raw(b, pool))
 		lib() // warm both sides' connections and statement caches
 		rw()
-		paired(b, "interceptor", lib, rw)
+		pgtest.Paired(b, "interceptor", lib, rw)
 	})
 }
 
@@ -121,30 +120,4 @@ func runBench(b *testing.B, conn *grpc.ClientConn) {
 	for b.Loop() {
 		do()
 	}
-}
-
-// paired runs lib and raw alternately in one loop, swapping their order
-// every iteration, and reports each one's mean wall time per call
-// (name-ns/op and raw-ns/op) and their ratio (name/raw).
-func paired(b *testing.B, name string, lib, raw func()) {
-	var libT, rawT time.Duration
-	i := 0
-	for b.Loop() {
-		t0 := time.Now()
-		if i%2 == 0 {
-			lib()
-			t1 := time.Now()
-			raw()
-			libT, rawT = libT+t1.Sub(t0), rawT+time.Since(t1)
-		} else {
-			raw()
-			t1 := time.Now()
-			lib()
-			rawT, libT = rawT+t1.Sub(t0), libT+time.Since(t1)
-		}
-		i++
-	}
-	b.ReportMetric(float64(libT.Nanoseconds())/float64(i), name+"-ns/op")
-	b.ReportMetric(float64(rawT.Nanoseconds())/float64(i), "raw-ns/op")
-	b.ReportMetric(float64(libT)/float64(rawT), name+"/raw")
 }

@@ -1,0 +1,35 @@
+package pgtest
+
+import (
+	"testing"
+	"time"
+)
+
+// Paired measures lib and raw, two ways of doing the same work, by
+// alternating them in one benchmark loop (swapping their order every
+// iteration) and reports each one's ns/op ("<name>-ns/op", "raw-ns/op") and
+// their ratio ("<name>/raw"). On a shared or virtual machine both sides see
+// the same noise, so the ratio is steady where timings of separate
+// sub-benchmarks are not. scripts/benchratio.awk summarizes it.
+func Paired(b *testing.B, name string, lib, raw func()) {
+	var libT, rawT time.Duration
+	i := 0
+	for b.Loop() {
+		t0 := time.Now()
+		if i%2 == 0 {
+			lib()
+			t1 := time.Now()
+			raw()
+			libT, rawT = libT+t1.Sub(t0), rawT+time.Since(t1)
+		} else {
+			raw()
+			t1 := time.Now()
+			lib()
+			rawT, libT = rawT+t1.Sub(t0), libT+time.Since(t1)
+		}
+		i++
+	}
+	b.ReportMetric(float64(libT.Nanoseconds())/float64(i), name+"-ns/op")
+	b.ReportMetric(float64(rawT.Nanoseconds())/float64(i), "raw-ns/op")
+	b.ReportMetric(float64(libT)/float64(rawT), name+"/raw")
+}
