@@ -7,7 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/stdlib"
 
 	"github.com/pglockkit/kit/internal/faultproxy"
 	"github.com/pglockkit/kit/internal/pgtest"
@@ -133,4 +135,37 @@ func TestPoolDestroysConnectionWhenUnlockOutcomeUnknown(t *testing.T) {
 		t.Fatal(err)
 	}
 	pgtest.WaitFree(t, watch, l.Key())
+}
+
+// database/sql runs Commit and Rollback under the transaction's context, not
+// the caller's: the lock's own transaction must still end within the release
+// timeout when the network goes silent.
+func TestSQLTransactionReleaseIsBounded(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	_, proxy := proxiedPool(t, 1)
+	cfg, err := pgx.ParseConfig(pgtest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Host, cfg.Port, cfg.Fallbacks = proxy.Host(), proxy.Port(), nil
+	db := stdlib.OpenDB(*cfg)
+	defer db.Close()
+	l, err := pglock.New(db, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction),
+		pglock.WithReleaseTimeout(500*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	proxy.Blackhole()
+	defer proxy.Restore()
+	start := time.Now()
+	if err := l.Release(ctx); err == nil {
+		t.Fatal("a commit through a silent network reported success")
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("Release took %v; the release timeout is 500ms", d)
+	}
 }
