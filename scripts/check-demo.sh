@@ -30,8 +30,8 @@ balance 60 (want 60); most deposits running at once: 1
 exit status 75 (75: held elsewhere, skipped)
 nightly-report  exclusive  held
 replica 2 made the report
-no advisory locks in this database
-every lock was released
+nightly-report: released
+every lock the demo took was released
 WANT
 if [ "$missing" -ne 0 ]; then
 	cat "$out"

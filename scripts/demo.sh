@@ -56,7 +56,13 @@ wait "$holder"
 echo "\$ pglock run --no-wait nightly-report -- echo ...   (after replica 1 finished)"
 pglock run --no-wait nightly-report -- echo "replica 2 made the report"
 echo "\$ pglock locks --key nightly-report"
-pglock locks --key nightly-report
+after=$(pglock locks --key nightly-report)
+echo "$after"
+if grep -q ' nightly-report ' <<<"$after"; then
+	echo "nightly-report is still held" >&2
+	exit 1
+fi
+echo "nightly-report: released"
 
 section "done"
-echo "every lock was released; nothing is left running"
+echo "every lock the demo took was released; nothing it started is left running"
