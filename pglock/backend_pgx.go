@@ -125,15 +125,12 @@ func (b *pgxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 }
 
 // try runs the non-blocking lock function on q (the connection or a
-// transaction). On a connection of the lock's own it runs under ctx: pgx
-// closes a connection whose statement is interrupted, and close destroys it.
-// On a caller's connection it is not interrupted by ctx, only bounded, so
-// that an ended context cannot cost the caller's connection.
+// transaction). It is never interrupted by ctx, only bounded (see detach):
+// pgx would close the connection mid-statement, and the server would keep a
+// granted lock until it noticed, after Acquire had reported failure.
 func (b *pgxBackend) try(ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }) (bool, error) {
-	// Never under a cancellable ctx: pgx would close the connection mid-try,
-	// and the server would keep a granted lock until it noticed.
 	ctx = b.detach(ctx)
 	defer b.reattach()
 	var ok bool
@@ -193,14 +190,15 @@ func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bo
 // and the lock in one round trip.
 func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) {
 	if !wait {
-		tx, err := b.beginBounded(ctx, pgx.TxOptions{})
+		tx, err := b.conn.Begin(b.detach(ctx))
+		b.reattach()
 		if err != nil {
 			b.close(false)
 			return false, err
 		}
 		ok, err := b.try(ctx, tx)
 		if err != nil || !ok {
-			b.endFailedTx(ctx, tx)
+			b.endFailedTx(ctx)
 			return false, err
 		}
 		b.ownTx = tx
@@ -216,21 +214,15 @@ func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) 
 		b.ownTx = tx
 		return true, nil
 	}
-	b.endFailedTx(ctx, tx) // destroys a closed connection, rolls back on a live one
+	b.endFailedTx(ctx) // destroys a closed connection, rolls back on a live one
 	return false, err
 }
 
-func (b *pgxBackend) beginBounded(ctx context.Context, opts pgx.TxOptions) (pgx.Tx, error) {
-	qctx, cancel := b.bounded(ctx)
-	defer cancel()
-	return b.conn.BeginTx(qctx, opts)
-}
-
-// endFailedTx rolls back a transaction that did not get the lock and closes
-// the backend. It sends ROLLBACK itself rather than calling tx.Rollback (tx
-// may be nil when BEGIN itself reported the failure): pgx's Rollback closes
-// the connection on any error, even a late cancel that a retry would cure.
-func (b *pgxBackend) endFailedTx(ctx context.Context, _ pgx.Tx) {
+// endFailedTx rolls back the transaction that did not get the lock, if one
+// is open, and closes the backend. It sends ROLLBACK itself rather than
+// calling tx.Rollback: pgx's Rollback closes the connection on any error,
+// even a late cancel that a retry would cure.
+func (b *pgxBackend) endFailedTx(ctx context.Context) {
 	if b.conn.IsClosed() {
 		b.close(false)
 		return
