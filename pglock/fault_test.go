@@ -116,35 +116,7 @@ func faultTargets() []faultTarget {
 		{name: "pgx.Tx", setup: func(t *testing.T) func(t *testing.T) *faultWaiter {
 			conn := faultConnect(t)
 			return func(t *testing.T) *faultWaiter {
-				ctx := context.Background()
-				tx, err := conn.Begin(ctx)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { _ = tx.Rollback(ctx) }) // a no-op after finish
-				if _, err := tx.Exec(ctx, faultMark); err != nil {
-					t.Fatal(err)
-				}
-				return &faultWaiter{
-					conn: tx, pid: int32(conn.PgConn().PID()),
-					usable: func(t *testing.T) int32 {
-						t.Helper()
-						var mark string
-						var pid int32
-						if err := tx.QueryRow(ctx, faultReadMark).Scan(&mark, &pid); err != nil {
-							t.Errorf("caller's pgx.Tx unusable after Acquire: %v", err)
-						} else if mark != "kept" {
-							t.Errorf("caller's pgx.Tx lost its earlier work (mark %q)", mark)
-						}
-						return pid
-					},
-					finish: func(t *testing.T) {
-						t.Helper()
-						if err := tx.Commit(ctx); err != nil {
-							t.Errorf("commit of the caller's pgx.Tx: %v", err)
-						}
-					},
-				}
+				return faultTxWaiter(t, conn)
 			}
 		}},
 		{name: "sql.DB", setup: sqlDB()},
@@ -794,36 +766,8 @@ func TestFaultGrantedAsCancelArrives(t *testing.T) {
 			}
 		}},
 		{"pgx.Tx", func(t *testing.T) (*faultproxy.Proxy, *faultWaiter) {
-			ctx := context.Background()
 			p, conn := faultProxyConn(t)
-			tx, err := conn.Begin(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = tx.Rollback(ctx) })
-			if _, err := tx.Exec(ctx, faultMark); err != nil {
-				t.Fatal(err)
-			}
-			return p, &faultWaiter{
-				conn: tx, pid: int32(conn.PgConn().PID()),
-				usable: func(t *testing.T) int32 {
-					t.Helper()
-					var mark string
-					var pid int32
-					if err := tx.QueryRow(ctx, faultReadMark).Scan(&mark, &pid); err != nil {
-						t.Errorf("caller's pgx.Tx unusable after Acquire: %v", err)
-					} else if mark != "kept" {
-						t.Errorf("caller's pgx.Tx lost its earlier work (mark %q)", mark)
-					}
-					return pid
-				},
-				finish: func(t *testing.T) {
-					t.Helper()
-					if err := tx.Commit(ctx); err != nil {
-						t.Errorf("commit of the caller's pgx.Tx: %v", err)
-					}
-				},
-			}
+			return p, faultTxWaiter(t, conn)
 		}},
 	}
 	for _, tg := range targets {
@@ -1056,6 +1000,41 @@ func faultProxyConn(t *testing.T) (*faultproxy.Proxy, *pgx.Conn) {
 	}
 	t.Cleanup(func() { conn.Close(context.Background()) })
 	return p, conn
+}
+
+// faultTxWaiter is a waiter on a caller's pgx.Tx open on conn, which did
+// work (faultMark) before the lock: that work and the tx must survive a
+// cancelled wait, and the tx commits at finish.
+func faultTxWaiter(t *testing.T, conn *pgx.Conn) *faultWaiter {
+	ctx := context.Background()
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tx.Rollback(ctx) }) // a no-op after finish
+	if _, err := tx.Exec(ctx, faultMark); err != nil {
+		t.Fatal(err)
+	}
+	return &faultWaiter{
+		conn: tx, pid: int32(conn.PgConn().PID()),
+		usable: func(t *testing.T) int32 {
+			t.Helper()
+			var mark string
+			var pid int32
+			if err := tx.QueryRow(ctx, faultReadMark).Scan(&mark, &pid); err != nil {
+				t.Errorf("caller's pgx.Tx unusable after Acquire: %v", err)
+			} else if mark != "kept" {
+				t.Errorf("caller's pgx.Tx lost its earlier work (mark %q)", mark)
+			}
+			return pid
+		},
+		finish: func(t *testing.T) {
+			t.Helper()
+			if err := tx.Commit(ctx); err != nil {
+				t.Errorf("commit of the caller's pgx.Tx: %v", err)
+			}
+		},
+	}
 }
 
 // faultProxy starts a proxy to the server cfg names and points cfg at it.

@@ -2,16 +2,9 @@ package pglock_test
 
 import (
 	"context"
-	"net"
-	"strconv"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/jackc/pgx/v5/stdlib"
-
-	"github.com/pglockkit/kit/internal/faultproxy"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/pglock"
 )
@@ -67,36 +60,13 @@ func TestPoolPinsOneConnection(t *testing.T) {
 	}
 }
 
-// proxiedPool returns a pool whose connections go through a fault proxy.
-func proxiedPool(t *testing.T, maxConns int32) (*pgxpool.Pool, *faultproxy.Proxy) {
-	t.Helper()
-	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := faultproxy.New("tcp", net.JoinHostPort(cfg.ConnConfig.Host, strconv.Itoa(int(cfg.ConnConfig.Port))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
-	cfg.ConnConfig.Host, cfg.ConnConfig.Port = p.Host(), p.Port()
-	cfg.ConnConfig.Fallbacks = nil
-	cfg.MaxConns = maxConns
-	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	return pool, p
-}
-
 // Item 2: when the unlock's outcome is unknown (the network went silent
 // under it), Release reports it and the pooled connection is destroyed,
 // never handed out again; the server drops the lock with the session.
 func TestPoolDestroysConnectionWhenUnlockOutcomeUnknown(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	pool, proxy := proxiedPool(t, 2)
+	proxy, pool := faultProxyPool(t, 2)
 	watch := pgtest.Pool(t, 2)
 	l, err := pglock.New(pool, pgtest.UniqueKey(t),
 		pglock.WithReleaseTimeout(300*time.Millisecond), pglock.WithLostCheckInterval(time.Hour))
@@ -143,14 +113,7 @@ func TestPoolDestroysConnectionWhenUnlockOutcomeUnknown(t *testing.T) {
 func TestSQLTransactionReleaseIsBounded(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	_, proxy := proxiedPool(t, 1)
-	cfg, err := pgx.ParseConfig(pgtest.URL(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.Host, cfg.Port, cfg.Fallbacks = proxy.Host(), proxy.Port(), nil
-	db := stdlib.OpenDB(*cfg)
-	defer db.Close()
+	proxy, db := faultProxySQLDB(t, 1)
 	l, err := pglock.New(db, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction),
 		pglock.WithReleaseTimeout(500*time.Millisecond))
 	if err != nil {
