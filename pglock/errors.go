@@ -39,6 +39,17 @@ var (
 
 	// ErrNilFunc means Do or TryDo was given a nil function.
 	ErrNilFunc = errors.New("pglock: nil function")
+
+	// ErrLockerClosed means the Locker was closed (see [Locker.Close]): it
+	// makes and takes no more locks.
+	ErrLockerClosed = errors.New("pglock: locker closed")
+
+	// ErrTooManyLocks means a multiplexing Locker already holds as many
+	// session locks as its limit allows (see [WithMaxLocks]). Advisory locks
+	// live in the server's shared lock table; a full table makes every
+	// session of the server fail ("out of shared memory"), so the Locker
+	// refuses before that. The lock is not held.
+	ErrTooManyLocks = errors.New("pglock: too many locks held")
 )
 
 var (

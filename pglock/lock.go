@@ -43,6 +43,9 @@ type Lock struct {
 	// a channel of its own.
 	lostGiven bool
 	onLost    context.CancelCauseFunc // cancels the context of Do's fn
+
+	// lockerClosed is the Locker's closed flag, for Locks made by a Locker.
+	lockerClosed *atomic.Bool
 }
 
 // New returns a Lock on key for conn, which is one of *pgxpool.Pool,
@@ -59,24 +62,20 @@ type Lock struct {
 // or an invalid option is an error.
 func New(conn any, key any, opts ...Option) (*Lock, error) {
 	cfg := defaultConfig()
-	return newLock(conn, key, &cfg, opts)
-}
-
-func newLock(conn any, key any, cfg *config, opts []Option) (*Lock, error) {
-	for _, o := range opts {
-		if o == nil {
-			cfg.invalid("nil Option")
-			continue
-		}
-		o(cfg)
-	}
-	if err := errors.Join(cfg.errs...); err != nil {
+	if err := cfg.apply(opts); err != nil {
 		return nil, err
 	}
-	src, err := newSource(conn, cfg)
+	if err := cfg.lockOnly(); err != nil {
+		return nil, err
+	}
+	src, err := newSource(conn, &cfg)
 	if err != nil {
 		return nil, err
 	}
+	return newLock(src, key, &cfg)
+}
+
+func newLock(src source, key any, cfg *config) (*Lock, error) {
 	k, err := cfg.keyOf(key)
 	if err != nil {
 		return nil, err
@@ -183,6 +182,9 @@ func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
 	}
 	if err := ctx.Err(); err != nil {
 		return false, l.notAcquired(ctx, nil)
+	}
+	if l.lockerClosed != nil && l.lockerClosed.Load() {
+		return false, l.notAcquired(ctx, ErrLockerClosed)
 	}
 	start := time.Now()
 	if wait && l.cfg.waitTimeout > 0 {

@@ -2,32 +2,51 @@ package pglock
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
+	"sync/atomic"
+
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Locker makes Locks on one database with shared defaults (scope, mode,
 // logger, namespace, wait and check settings). It is what adapters take.
-// A Locker is safe for concurrent use; the Locks it makes are not shared.
+// A Locker is safe for concurrent use, and so is a Lock it makes, in the
+// sense that Locks of one Locker on one key exclude each other; a single Lock
+// is meant for one goroutine at a time.
+//
+// On a pool (*pgxpool.Pool, or *sql.DB with pgx's database/sql driver) the
+// Locker multiplexes: it holds the session locks of all its Locks on a few
+// connections of its own ("lock connections", see [WithLockConns]) opened
+// with the pool's settings, not on one pool connection per hold; a held lock
+// costs no pool connection. Close the Locker when done with it. Transaction
+// scope is not multiplexed: its transaction is the work's connection, taken
+// from the pool for the hold. See the package documentation, "Lock
+// connections".
+//
+// On one connection or transaction the Locker serializes its Locks'
+// statements on it and keeps exclusion by key in the process (PostgreSQL
+// would stack them), so it is safe for concurrent use too; but one
+// connection runs one statement at a time, and a wait holds it.
 type Locker struct {
 	conn   any
 	cfg    config
 	pooled bool
+	mux    *mux    // session locks on a pool, multiplexed
+	serial *serial // a Locker on one connection or transaction
+	closed atomic.Bool
 }
 
 // NewLocker returns a Locker for conn, which is one of the types [New]
 // takes; usually a *pgxpool.Pool or *sql.DB. opts are the defaults of every
-// Lock it makes. An unsupported conn or an invalid option is an error.
+// Lock it makes, and the Locker's own settings ([WithLockConns],
+// [WithWaitConns], [WithMaxLocks], [WithMultiplexing]). An unsupported conn or
+// an invalid option is an error. NewLocker does not talk to the database:
+// lock connections are opened on first use.
 func NewLocker(conn any, opts ...Option) (*Locker, error) {
 	cfg := defaultConfig()
-	for _, o := range opts {
-		if o == nil {
-			cfg.invalid("nil Option")
-			continue
-		}
-		o(&cfg)
-	}
-	if err := errors.Join(cfg.errs...); err != nil {
+	if err := cfg.apply(opts); err != nil {
 		return nil, err
 	}
 	// newSource settles the scope (Transaction on a caller's transaction).
@@ -35,17 +54,53 @@ func NewLocker(conn any, opts ...Option) (*Locker, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Locker{conn: conn, cfg: cfg, pooled: src.owned()}, nil
+	lk := &Locker{conn: conn, cfg: cfg, pooled: src.owned()}
+	switch {
+	case src.owned() && cfg.multiplex:
+		pool, _ := conn.(*pgxpool.Pool)
+		db, _ := conn.(*sql.DB)
+		lk.mux = newMux(pool, db, &cfg)
+	case !src.owned():
+		lk.serial = newSerial()
+	}
+	lk.cfg.lockerOpts = nil
+	return lk, nil
 }
 
 // Lock returns a new Lock on key with the Locker's options, then opts.
+// Options that configure the Locker itself (WithLockConns...) are an error
+// here.
 func (lk *Locker) Lock(key any, opts ...Option) (*Lock, error) {
 	if lk == nil {
 		return nil, fmt.Errorf("%w: nil *pglock.Locker", ErrUnsupportedConn)
 	}
+	if lk.closed.Load() {
+		return nil, ErrLockerClosed
+	}
 	cfg := lk.cfg
 	cfg.errs = nil
-	return newLock(lk.conn, key, &cfg, opts)
+	if err := cfg.apply(opts); err != nil {
+		return nil, err
+	}
+	if err := cfg.lockOnly(); err != nil {
+		return nil, err
+	}
+	src, err := newSource(lk.conn, &cfg)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case lk.mux != nil && cfg.scope == Session:
+		src = lk.mux
+	case lk.serial != nil:
+		src = &serialSource{s: lk.serial, inner: src}
+	}
+	l, err := newLock(src, key, &cfg)
+	if err != nil {
+		return nil, err
+	}
+	l.lockerClosed = &lk.closed
+	return l, nil
 }
 
 // Do runs fn while holding the lock on key, as [Lock.Do] does.
@@ -79,8 +134,62 @@ func (lk *Locker) Scope() Scope { return lk.cfg.scope }
 func (lk *Locker) Mode() Mode { return lk.cfg.mode }
 
 // Pooled reports whether the Locker is on a pool (*pgxpool.Pool, *sql.DB):
-// then each hold takes a connection of its own, so Locks used concurrently
-// exclude each other. On one connection (or transaction) concurrent use is a
-// data race, and PostgreSQL stacks a session's locks instead of excluding:
-// adapters that lock concurrent requests or jobs require a pooled Locker.
+// then Locks used concurrently exclude each other and do not wait for one
+// another's statements, and a hold does not take a pool connection (unless
+// multiplexing is off). On one connection (or transaction) the Locker is safe
+// for concurrent use but serializes on that connection: adapters that lock
+// concurrent requests or jobs require a pooled Locker.
 func (lk *Locker) Pooled() bool { return lk != nil && lk.pooled }
+
+// Close closes the Locker's lock connections, which ends every session lock
+// held on them (each such Lock reports [Lock.Lost]), and makes the Locker's
+// methods, and the acquires of its Locks, fail with [ErrLockerClosed]. It
+// does not close the pool or connection the Locker was made with; Locks in
+// Transaction scope end as their transactions do. Close is safe to call more
+// than once and returns nil.
+func (lk *Locker) Close() error {
+	if lk == nil || lk.closed.Swap(true) {
+		return nil
+	}
+	if lk.mux != nil {
+		return lk.mux.close()
+	}
+	if lk.serial != nil {
+		close(lk.serial.t.closing)
+	}
+	return nil
+}
+
+// LockerStats is what a Locker uses now (see [Locker.Stats]).
+type LockerStats struct {
+	// LockConns is the number of open lock connections (at most
+	// [WithLockConns]); WaitConns the number of open waiting connections (at
+	// most [WithWaitConns]). Both are 0 for a Locker that does not
+	// multiplex.
+	LockConns, WaitConns int
+	// ServerLocks is the number of session locks the Locker holds or is
+	// taking in the server; MaxLocks the cap on it (0 until the first lock
+	// connection has read the server's lock table size).
+	ServerLocks, MaxLocks int
+	// HeldKeys is the number of keys held by the Locker's Locks; Queued the
+	// number of goroutines waiting in the process for a key that another of
+	// its Locks holds or is taking.
+	HeldKeys, Queued int
+}
+
+// Stats returns what the Locker uses now.
+func (lk *Locker) Stats() LockerStats {
+	switch {
+	case lk == nil:
+		return LockerStats{}
+	case lk.mux != nil:
+		return lk.mux.stats()
+	case lk.serial != nil:
+		var s LockerStats
+		s.HeldKeys, s.Queued = lk.serial.t.counts()
+		return s
+	}
+	return LockerStats{}
+}
+
+var errLockerOnly = errors.New("is an option of NewLocker, not of a Lock")

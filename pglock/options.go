@@ -1,8 +1,10 @@
 package pglock
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 )
 
@@ -83,6 +85,13 @@ type config struct {
 	namespace       string
 	observer        func(Event)
 	errs            []error
+
+	// The Locker's own settings (see lockOnly).
+	multiplex  bool
+	lockConns  int
+	waitConns  int
+	maxLocks   int
+	lockerOpts []string // names of the Locker's own options given
 }
 
 func defaultConfig() config {
@@ -90,7 +99,30 @@ func defaultConfig() config {
 		rollbackOnError: true,
 		lostCheck:       DefaultLostCheckInterval,
 		releaseTimeout:  DefaultReleaseTimeout,
+		multiplex:       true,
+		lockConns:       DefaultLockConns,
+		waitConns:       DefaultWaitConns,
 	}
+}
+
+// apply applies opts and returns their errors, joined.
+func (c *config) apply(opts []Option) error {
+	for _, o := range opts {
+		if o == nil {
+			c.invalid("nil Option")
+			continue
+		}
+		o(c)
+	}
+	return errors.Join(c.errs...)
+}
+
+// lockOnly reports the Locker's own options given for a Lock.
+func (c *config) lockOnly() error {
+	if len(c.lockerOpts) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: %s %w", ErrInvalidOption, strings.Join(c.lockerOpts, ", "), errLockerOnly)
 }
 
 func (c *config) invalid(format string, args ...any) {
@@ -211,4 +243,87 @@ func (c *config) keyOf(v any) (Key, error) {
 		return Key{}, err
 	}
 	return KeyOf(fmt.Sprintf("%s%d", c.namespace, v))
+}
+
+// DefaultLockConns is the number of lock connections of a multiplexing
+// Locker (see [WithLockConns]).
+const DefaultLockConns = 2
+
+// DefaultWaitConns is the number of waiting connections a multiplexing
+// Locker opens at most (see [WithWaitConns]).
+const DefaultWaitConns = 4
+
+// WithMultiplexing sets whether a Locker on a pool (*pgxpool.Pool, or
+// *sql.DB with pgx's database/sql driver) holds its session locks on lock
+// connections of its own (true, the default) or takes one pool connection
+// per hold for its whole life (false, as [New] does). With another
+// database/sql driver the Locker always takes one connection per hold. An
+// option of [NewLocker].
+func WithMultiplexing(on bool) Option {
+	return func(c *config) {
+		c.multiplex = on
+		c.lockerOpts = append(c.lockerOpts, "WithMultiplexing")
+	}
+}
+
+// WithLockConns sets how many lock connections a multiplexing Locker opens
+// (see [DefaultLockConns], used when n is 0): PostgreSQL sessions of its
+// own, opened with the pool's connection settings but outside the pool, that
+// hold the session locks of all its Locks (one session holds thousands).
+// Each key is held on one of them, chosen by the key; the lock and unlock
+// requests that goroutines send to one connection at the same time share
+// one statement. A negative n is an error. An option of [NewLocker].
+func WithLockConns(n int) Option {
+	return func(c *config) {
+		c.lockerOpts = append(c.lockerOpts, "WithLockConns")
+		switch {
+		case n < 0:
+			c.invalid("lock connections %d is negative", n)
+		case n == 0:
+			c.lockConns = DefaultLockConns
+		default:
+			c.lockConns = n
+		}
+	}
+}
+
+// WithWaitConns bounds the waiting connections of a multiplexing Locker
+// (see [DefaultWaitConns], used when n is 0). A key that another session
+// holds is waited for in the server's queue, so that waiters of every
+// process are served in order: by one goroutine of the process per key (the
+// others queue behind it in the process), on a waiting connection, which
+// then holds the lock until it is released. When all n are waiting or
+// holding, further waits queue in the process until one is free. A negative
+// n is an error. An option of [NewLocker].
+func WithWaitConns(n int) Option {
+	return func(c *config) {
+		c.lockerOpts = append(c.lockerOpts, "WithWaitConns")
+		switch {
+		case n < 0:
+			c.invalid("waiting connections %d is negative", n)
+		case n == 0:
+			c.waitConns = DefaultWaitConns
+		default:
+			c.waitConns = n
+		}
+	}
+}
+
+// WithMaxLocks caps the session locks a multiplexing Locker holds at once;
+// past it, acquires fail with [ErrTooManyLocks] until some are released.
+// Advisory locks live in the server's lock table, which every session of the
+// server shares; when it is full, every session fails ("out of shared
+// memory"), new connections included. Zero (the default) derives the cap from
+// the server: half of max_locks_per_transaction * (max_connections +
+// max_prepared_transactions), read when the first lock connection opens. A
+// negative n is an error. An option of [NewLocker].
+func WithMaxLocks(n int) Option {
+	return func(c *config) {
+		c.lockerOpts = append(c.lockerOpts, "WithMaxLocks")
+		if n < 0 {
+			c.invalid("max locks %d is negative", n)
+			return
+		}
+		c.maxLocks = n
+	}
 }

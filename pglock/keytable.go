@@ -1,0 +1,192 @@
+package pglock
+
+import (
+	"context"
+	"sync"
+)
+
+// keyTable is a Locker's in-process table of keys. PostgreSQL stacks the
+// locks of one session (a session that takes a key twice holds it twice), so
+// when many Locks share a session, exclusion among them is the table's job:
+// at most one goroutine at a time (the key's "turn") takes or gives back the
+// server's lock on a key, the others queue behind it in FIFO order, and
+// shared holders in the process share one server-side shared lock,
+// reference counted.
+//
+// An entry exists while a key is held, taken or queued for; it is deleted
+// when the last of them is gone.
+type keyTable struct {
+	mu sync.Mutex
+	m  map[Key]*keyEntry
+	// closing is closed when the Locker closes: queued goroutines give up.
+	closing chan struct{}
+}
+
+// keyEntry is one key of a keyTable. Its fields are guarded by the table's
+// mutex (the owner of the turn may read conn without it).
+type keyEntry struct {
+	key     Key
+	holders int  // local holders of the server's lock (more than 1 only in Shared mode)
+	mode    Mode // the holders' mode
+	turn    bool // a goroutine is taking or giving back the server's lock
+	queue   []*keyWaiter
+
+	// Used by the multiplexer (mux.go): where the server's lock lives, and
+	// whether that connection was lost.
+	conn    *lockConn
+	lostErr error
+	onLost  map[*muxBackend]func(error)
+}
+
+// keyWaiter is a goroutine queued for a key. It is told once, on ch, either
+// that it now holds the key as a shared co-holder (true) or that it has the
+// turn (false).
+type keyWaiter struct {
+	mode Mode
+	ch   chan bool
+}
+
+// admission is how enter let a caller in.
+type admission int
+
+const (
+	admitTurn   admission = iota // take the server's lock, then call granted or passTurn
+	admitJoined                  // holds the key as a shared co-holder: no statement needed
+	admitBusy                    // held by another Lock of the process (only when !wait)
+)
+
+func newKeyTable() *keyTable {
+	return &keyTable{m: make(map[Key]*keyEntry), closing: make(chan struct{})}
+}
+
+// enter queues for key k. With wait false it never blocks: a key that
+// another Lock of the process holds, or is taking, is busy. With wait true it
+// blocks until the caller is let in or ctx ends (then the error is ctx's and
+// nothing is held).
+func (t *keyTable) enter(ctx context.Context, k Key, mode Mode, wait bool) (*keyEntry, admission, error) {
+	t.mu.Lock()
+	e := t.m[k]
+	if e == nil {
+		e = &keyEntry{key: k, turn: true}
+		t.m[k] = e
+		t.mu.Unlock()
+		return e, admitTurn, nil
+	}
+	// Shared holders join a shared hold, unless someone queues before them
+	// (an exclusive waiter must not starve).
+	if mode == Shared && e.holders > 0 && !e.turn && e.mode == Shared && len(e.queue) == 0 && e.lostErr == nil {
+		e.holders++
+		t.mu.Unlock()
+		return e, admitJoined, nil
+	}
+	if !wait {
+		t.mu.Unlock()
+		return e, admitBusy, nil
+	}
+	w := &keyWaiter{mode: mode, ch: make(chan bool, 1)}
+	e.queue = append(e.queue, w)
+	t.mu.Unlock()
+
+	select {
+	case joined := <-w.ch:
+		if joined {
+			return e, admitJoined, nil
+		}
+		return e, admitTurn, nil
+	case <-ctx.Done():
+	case <-t.closing:
+	}
+	err := ctx.Err()
+	if err == nil {
+		err = ErrLockerClosed
+	}
+	t.mu.Lock()
+	for i, q := range e.queue {
+		if q == w {
+			e.queue = append(e.queue[:i], e.queue[i+1:]...)
+			t.dropIfIdle(e)
+			t.mu.Unlock()
+			return nil, 0, err
+		}
+	}
+	t.mu.Unlock()
+	// Let in just as ctx ended: a shared grant that came first stands; a turn
+	// is passed on.
+	if <-w.ch {
+		return e, admitJoined, nil
+	}
+	t.passTurn(e)
+	return nil, 0, err
+}
+
+// granted records that the owner of e's turn now holds the server's lock in
+// mode, on conn (nil outside the multiplexer), and lets in the shared
+// waiters at the head of the queue when mode is Shared.
+func (t *keyTable) granted(e *keyEntry, mode Mode, conn *lockConn) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e.turn, e.holders, e.mode, e.conn, e.lostErr = false, 1, mode, conn, nil
+	if conn != nil && conn.lost != nil {
+		e.lostErr = conn.lost // lost before this grant was recorded
+	}
+	if mode != Shared {
+		return
+	}
+	for len(e.queue) > 0 && e.queue[0].mode == Shared {
+		w := e.queue[0]
+		e.queue = e.queue[1:]
+		e.holders++
+		w.ch <- true
+	}
+}
+
+// leave ends one local hold of e. It reports whether it was the last: then
+// the caller owns e's turn, must give back the server's lock, and then call
+// passTurn.
+func (t *keyTable) leave(e *keyEntry) (last bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e.holders--
+	if e.holders > 0 {
+		return false
+	}
+	e.turn = true
+	return true
+}
+
+// passTurn ends the caller's turn on e, which no one holds: the next waiter
+// gets the turn, or the entry is deleted.
+func (t *keyTable) passTurn(e *keyEntry) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e.turn, e.conn, e.lostErr, e.onLost = false, nil, nil, nil
+	if len(e.queue) > 0 {
+		w := e.queue[0]
+		e.queue = e.queue[1:]
+		e.turn = true
+		w.ch <- false
+		return
+	}
+	t.dropIfIdle(e)
+}
+
+// dropIfIdle deletes e when nobody holds, takes or waits for it. t.mu must
+// be held.
+func (t *keyTable) dropIfIdle(e *keyEntry) {
+	if e.holders == 0 && !e.turn && len(e.queue) == 0 && t.m[e.key] == e {
+		delete(t.m, e.key)
+	}
+}
+
+// counts returns the number of keys held and of goroutines queued.
+func (t *keyTable) counts() (held, queued int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, e := range t.m {
+		if e.holders > 0 {
+			held++
+		}
+		queued += len(e.queue)
+	}
+	return held, queued
+}

@@ -1,0 +1,391 @@
+package pglock
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// lockConn is one PostgreSQL session that a multiplexing Locker opened for
+// itself (a "lock connection"): it holds the session locks of many Locks at
+// once. Lock and unlock requests of concurrent goroutines are combined: the
+// goroutine that finds the connection free sends every queued request in one
+// statement (one round trip), and hands the connection to the next queued
+// goroutine when it is done, so no goroutine runs while the connection is
+// idle except its watch. A waiting connection (slot < 0) is a lockConn that
+// one goroutine uses alone, to wait in the server's queue and then hold what
+// it got.
+//
+// While it holds a lock and nobody uses it, the connection is watched (see
+// pgxWatcher); when it dies or goes silent every lock on it is lost at once.
+type lockConn struct {
+	m    *mux
+	slot int // index in mux.conns, or -1 for a waiting connection
+
+	mu     sync.Mutex
+	conn   *pgx.Conn // nil until the first use opens it
+	queue  []*connOp
+	active bool  // a goroutine owns the connection (flushes or waits)
+	dead   error // the connection was lost or closed: no new request is taken
+	holds  int   // server locks held on it
+
+	// stopWatch ends the watch; only the goroutine that owns the connection
+	// touches it.
+	stopWatch func()
+
+	// lost is set (under the key table's mutex) when the connection is lost,
+	// so that a grant recorded after the loss is known to be lost too.
+	lost error
+}
+
+// connOp is one request to a lockConn: a non-blocking lock or an unlock of
+// one key, or (fn) a use of the connection alone.
+type connOp struct {
+	unlock bool
+	key    Key
+	mode   Mode
+	fn     func(*pgx.Conn)
+	// closing closes the connection (for this reason) instead.
+	closing error
+
+	ok   bool  // the function's result
+	err  error // the request failed (see errConnGone)
+	lead bool  // handed the connection: the receiver flushes the queue
+	done chan struct{}
+}
+
+// isRequest reports whether o is a lock or unlock request, which can share a
+// statement with others.
+func (o *connOp) isRequest() bool { return o.fn == nil && o.closing == nil }
+
+// errConnGone: a lock connection that is lost or closed took a request; the
+// request was not sent, or was sent on a session that then ended, so it holds
+// nothing.
+var errConnGone = errors.New("pglock: lock connection gone")
+
+// do runs op on the connection and returns when op has its result.
+func (c *lockConn) do(op *connOp) {
+	op.done, op.lead = make(chan struct{}), false
+	c.mu.Lock()
+	if c.dead != nil {
+		c.mu.Unlock()
+		op.err = fmt.Errorf("%w: %w", errConnGone, c.dead)
+		return
+	}
+	c.queue = append(c.queue, op)
+	if c.active {
+		c.mu.Unlock()
+		<-op.done
+		if !op.lead {
+			return
+		}
+		c.mu.Lock()
+	} else {
+		c.active = true
+	}
+	// This goroutine owns the connection now, and op is first in the queue:
+	// flush requests up to the first fn (or the fn alone).
+	n := 1
+	if c.queue[0].isRequest() {
+		for n < len(c.queue) && c.queue[n].isRequest() {
+			n++
+		}
+	}
+	batch := c.queue[:n:n]
+	c.queue = c.queue[n:]
+	c.mu.Unlock()
+
+	c.flush(batch)
+
+	c.mu.Lock()
+	if len(c.queue) > 0 {
+		next := c.queue[0]
+		next.lead = true
+		close(next.done)
+	} else {
+		c.active = false
+		c.queue = nil
+	}
+	c.mu.Unlock()
+	for _, o := range batch {
+		if o != op {
+			close(o.done)
+		}
+	}
+}
+
+// flush runs batch on the connection, opening it first if needed. The
+// calling goroutine owns the connection.
+func (c *lockConn) flush(batch []*connOp) {
+	if c.stopWatch != nil {
+		c.stopWatch()
+		c.stopWatch = nil
+	}
+	if why := batch[0].closing; why != nil {
+		c.shut(why)
+		return
+	}
+	if err := c.open(); err != nil {
+		for _, o := range batch {
+			o.err = err
+		}
+		return
+	}
+	if batch[0].fn != nil {
+		batch[0].fn(c.conn)
+	} else {
+		c.exec(batch)
+	}
+	c.mu.Lock()
+	watch := c.dead == nil && c.holds > 0 && !c.conn.IsClosed()
+	c.mu.Unlock()
+	if watch {
+		w := &pgxWatcher{interval: c.m.lostCheck, lost: c.lose}
+		w.attach(c.conn)
+		c.stopWatch = watchAfter(min(watchDelay, c.m.lostCheck), w.run, w.stop)
+	}
+}
+
+// open connects on first use; a connection that died since is gone.
+func (c *lockConn) open() error {
+	c.mu.Lock()
+	dead, conn := c.dead, c.conn
+	c.mu.Unlock()
+	switch {
+	case dead != nil:
+		return fmt.Errorf("%w: %w", errConnGone, dead)
+	case conn != nil && conn.IsClosed():
+		c.lose(errors.New("connection closed"))
+		return errConnGone
+	case conn != nil:
+		return nil
+	}
+	conn, err := c.m.connect()
+	if err != nil {
+		c.markDead(err)
+		return fmt.Errorf("%w: %w", errConnGone, err)
+	}
+	c.mu.Lock()
+	c.conn = conn
+	c.mu.Unlock()
+	return nil
+}
+
+// exec sends the lock and unlock requests of batch in one statement, bounded
+// by a socket deadline (not by a context: see pgxBackend.detach).
+func (c *lockConn) exec(batch []*connOp) {
+	conn := c.conn
+	nc := conn.PgConn().Conn()
+	_ = nc.SetDeadline(time.Now().Add(c.m.releaseTimeout))
+	ctx := context.Background()
+	var err error
+	if len(batch) == 1 {
+		o := batch[0]
+		st := &fixed[Session][o.mode][pairIndex(o.key)]
+		q := st.try
+		if o.unlock {
+			q = st.unlock
+		}
+		err = conn.QueryRow(ctx, q, o.key.args()...).Scan(&o.ok)
+	} else {
+		err = execBatch(ctx, conn, batch)
+	}
+	if !conn.IsClosed() {
+		_ = nc.SetDeadline(time.Time{})
+	}
+	if err != nil {
+		c.failed(batch, err)
+		return
+	}
+	c.mu.Lock()
+	for _, o := range batch {
+		switch {
+		case o.unlock:
+			c.holds--
+		case o.ok:
+			c.holds++
+		}
+	}
+	c.mu.Unlock()
+}
+
+// batchSQL takes and gives back many keys in one statement: each row of the
+// arrays is one request (op: bit 0 shared, bit 1 pair key, bit 2 unlock),
+// answered by its ordinal and the function's boolean.
+const batchSQL = `SELECT t.i, CASE t.op
+ WHEN 0 THEN pg_try_advisory_lock(t.k) WHEN 1 THEN pg_try_advisory_lock_shared(t.k)
+ WHEN 2 THEN pg_try_advisory_lock(t.a, t.b) WHEN 3 THEN pg_try_advisory_lock_shared(t.a, t.b)
+ WHEN 4 THEN pg_advisory_unlock(t.k) WHEN 5 THEN pg_advisory_unlock_shared(t.k)
+ WHEN 6 THEN pg_advisory_unlock(t.a, t.b) ELSE pg_advisory_unlock_shared(t.a, t.b) END
+FROM unnest($1::int2[], $2::int8[], $3::int4[], $4::int4[]) WITH ORDINALITY AS t(op, k, a, b, i)`
+
+func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp) error {
+	ops := make([]int16, len(batch))
+	ks := make([]int64, len(batch))
+	as := make([]int32, len(batch))
+	bs := make([]int32, len(batch))
+	for i, o := range batch {
+		var op int16
+		if o.mode == Shared {
+			op |= 1
+		}
+		if o.key.pair {
+			op |= 2
+			as[i], bs[i] = o.key.halves()
+		} else {
+			ks[i] = o.key.v
+		}
+		if o.unlock {
+			op |= 4
+		}
+		ops[i] = op
+	}
+	rows, err := conn.Query(ctx, batchSQL, ops, ks, as, bs)
+	if err != nil {
+		return err
+	}
+	n := 0
+	for rows.Next() {
+		var i int64
+		var ok bool
+		if err := rows.Scan(&i, &ok); err != nil {
+			rows.Close()
+			return err
+		}
+		if i < 1 || int(i) > len(batch) {
+			rows.Close()
+			return fmt.Errorf("pglock: batch answered row %d of %d", i, len(batch))
+		}
+		batch[i-1].ok = ok
+		n++
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	if n != len(batch) {
+		return fmt.Errorf("pglock: batch answered %d rows of %d", n, len(batch))
+	}
+	return nil
+}
+
+// failed handles a statement of batch that failed. Session locks ignore
+// transactions: a statement that failed half way (the server's lock table
+// full, say) keeps the locks it took before the error. So every key of the
+// batch that this session holds is given back (looked up in pg_locks); when
+// even that fails, or the connection died, the connection is lost, and with
+// it every lock on it.
+func (c *lockConn) failed(batch []*connOp, err error) {
+	if !c.conn.IsClosed() {
+		if cerr := c.cleanup(batch); cerr == nil {
+			c.mu.Lock()
+			for _, o := range batch {
+				if o.unlock {
+					c.holds-- // given back by the cleanup
+					o.ok = true
+				} else {
+					o.ok, o.err = false, err
+				}
+			}
+			c.mu.Unlock()
+			return
+		} else {
+			err = errors.Join(err, cerr)
+		}
+	}
+	c.lose(err)
+	for _, o := range batch {
+		o.ok = false
+		o.err = fmt.Errorf("%w: %w", errConnGone, err)
+	}
+}
+
+// cleanup gives back every key of batch that this session holds.
+func (c *lockConn) cleanup(batch []*connOp) error {
+	ctx := context.Background()
+	nc := c.conn.PgConn().Conn()
+	_ = nc.SetDeadline(time.Now().Add(c.m.releaseTimeout))
+	defer func() {
+		if !c.conn.IsClosed() {
+			_ = nc.SetDeadline(time.Time{})
+		}
+	}()
+	var b pgx.Batch
+	for _, o := range batch {
+		st := &fixed[Session][o.mode][pairIndex(o.key)]
+		classid, objid, objsubid := o.key.LockTag()
+		b.Queue(st.cleanup, append(o.key.args(), int64(classid), int64(objid), objsubid)...)
+	}
+	return retryCanceled(func() error { return c.conn.SendBatch(ctx, &b).Close() })
+}
+
+func pairIndex(k Key) int {
+	if k.pair {
+		return 1
+	}
+	return 0
+}
+
+// markDead stops the connection taking requests.
+func (c *lockConn) markDead(err error) {
+	c.mu.Lock()
+	if c.dead == nil {
+		c.dead = err
+	}
+	c.mu.Unlock()
+}
+
+// lose ends the connection after a loss (from the watch, or from the
+// goroutine that owns it): it takes no more requests, is closed (which ends
+// the server's session, and every lock on it, if it still lives), and every
+// Lock held on it is told.
+func (c *lockConn) lose(err error) {
+	c.markDead(err)
+	c.mu.Lock()
+	conn := c.conn
+	c.mu.Unlock()
+	if conn != nil && !conn.IsClosed() {
+		ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
+		_ = conn.Close(ctx)
+		cancel()
+	}
+	c.m.connLost(c, err)
+}
+
+// addHolds changes the count of server locks held (for a waiting
+// connection's wait, which runs outside exec).
+func (c *lockConn) addHolds(n int) {
+	c.mu.Lock()
+	c.holds += n
+	c.mu.Unlock()
+}
+
+// isDead reports whether the connection takes no more requests.
+func (c *lockConn) isDead() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.dead != nil
+}
+
+// close closes the connection once the goroutine using it is done: every
+// lock on it is lost (the server ends them with the session).
+func (c *lockConn) close(why error) {
+	c.do(&connOp{closing: why})
+}
+
+// shut is close's work, run by the goroutine that owns the connection.
+func (c *lockConn) shut(why error) {
+	c.markDead(why)
+	c.mu.Lock()
+	conn := c.conn
+	c.mu.Unlock()
+	if conn != nil && !conn.IsClosed() {
+		ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
+		_ = conn.Close(ctx)
+		cancel()
+	}
+	c.m.connLost(c, why)
+}

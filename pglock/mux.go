@@ -1,0 +1,532 @@
+package pglock
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// mux is the source of a multiplexing Locker's session locks: they live on a
+// few connections of the Locker's own (lock connections), not on one pool
+// connection each. See the package documentation, "Lock connections".
+//
+// A key is taken in the server by the goroutine whose turn it is in the key
+// table: first with the non-blocking function on the key's lock connection
+// (combined with other goroutines' requests), then, if another session holds
+// it and the caller waits, with the blocking function on a waiting
+// connection, which keeps the lock until it is released.
+type mux struct {
+	t              *keyTable
+	pool           *pgxpool.Pool
+	db             *sql.DB
+	conns          int // lock connections
+	waitConns      int // waiting connections, at most
+	maxLocks       int // WithMaxLocks; 0: derived from the server
+	lostCheck      time.Duration
+	releaseTimeout time.Duration
+
+	closing   chan struct{} // closed by Close
+	closeOnce sync.Once
+
+	initMu  sync.Mutex
+	inited  atomic.Bool
+	connCfg *pgx.ConnConfig
+	perHold source // a database/sql driver other than pgx's: one connection per hold
+
+	mu       sync.Mutex
+	slots    []*lockConn
+	waitSem  chan struct{}
+	waitIdle []*lockConn
+	waitBusy map[*lockConn]struct{}
+	held     int // server locks held or being taken
+	limit    int // the cap on held; 0 until known
+	capacity int // the server's lock table, as configured (0 if unknown)
+	closed   bool
+}
+
+func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
+	return &mux{
+		t:              newKeyTable(),
+		pool:           pool,
+		db:             db,
+		conns:          cfg.lockConns,
+		waitConns:      cfg.waitConns,
+		maxLocks:       cfg.maxLocks,
+		lostCheck:      cfg.lostCheck,
+		releaseTimeout: cfg.releaseTimeout,
+		closing:        make(chan struct{}),
+		slots:          make([]*lockConn, cfg.lockConns),
+		waitSem:        make(chan struct{}, cfg.waitConns),
+		waitBusy:       make(map[*lockConn]struct{}),
+	}
+}
+
+func (m *mux) owned() bool    { return true }
+func (m *mux) callerTx() bool { return false }
+func (m *mux) kind() string {
+	if m.pool != nil {
+		return "pgxpool.Pool"
+	}
+	return "sql.DB"
+}
+
+func (m *mux) open(ctx context.Context, l *Lock) (backend, error) {
+	if err := m.init(ctx); err != nil {
+		return nil, err
+	}
+	if m.perHold != nil {
+		return m.perHold.open(ctx, l)
+	}
+	return &muxBackend{m: m, l: l}, nil
+}
+
+// init finds the connection settings (on a *sql.DB, those of pgx's driver;
+// with another driver the Locker keeps one connection per hold), opens the
+// first lock connection and reads the server's lock table size, once.
+func (m *mux) init(ctx context.Context) error {
+	if m.inited.Load() {
+		return nil
+	}
+	m.initMu.Lock()
+	defer m.initMu.Unlock()
+	if m.inited.Load() {
+		return nil
+	}
+	if m.isClosed() {
+		return ErrLockerClosed
+	}
+	if m.pool != nil {
+		m.connCfg = m.pool.Config().ConnConfig
+	} else {
+		c, err := m.db.Conn(ctx)
+		if err != nil {
+			return err
+		}
+		_ = c.Raw(func(dc any) error {
+			if pc, ok := dc.(pgxConner); ok && pc.Conn() != nil {
+				m.connCfg = pc.Conn().Config()
+			}
+			return nil
+		})
+		_ = c.Close()
+		if m.connCfg == nil {
+			m.perHold = &sqlSource{db: m.db}
+			m.inited.Store(true)
+			return nil
+		}
+	}
+	c := m.slot(0)
+	var err error
+	c.do(&connOp{fn: func(conn *pgx.Conn) { err = m.readLimit(conn) }})
+	if err == nil {
+		m.inited.Store(true)
+	}
+	return err
+}
+
+// readLimit sets the cap on locks held from the server's lock table size,
+// unless WithMaxLocks set it.
+func (m *mux) readLimit(conn *pgx.Conn) error {
+	if conn == nil {
+		return errConnGone
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), m.releaseTimeout)
+	defer cancel()
+	var capacity int
+	err := conn.QueryRow(ctx, `SELECT current_setting('max_locks_per_transaction')::int *
+		(current_setting('max_connections')::int + current_setting('max_prepared_transactions')::int)`).Scan(&capacity)
+	if err != nil {
+		return fmt.Errorf("pglock: read the server's lock table size: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.capacity = capacity
+	m.limit = m.maxLocks
+	if m.limit == 0 {
+		m.limit = max(capacity/lockTableShare, 1)
+	}
+	return nil
+}
+
+// lockTableShare: by default a Locker holds at most 1/lockTableShare of the
+// server's lock table, which every session of the server shares.
+const lockTableShare = 2
+
+// connect opens a lock connection.
+func (m *mux) connect() (*pgx.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), max(m.releaseTimeout, 5*time.Second))
+	defer cancel()
+	return pgx.ConnectConfig(ctx, m.connCfg.Copy())
+}
+
+// slot returns the live lock connection of slot i, replacing a lost one.
+func (m *mux) slot(i int) *lockConn {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c := m.slots[i]
+	if c == nil || c.isDead() {
+		c = &lockConn{m: m, slot: i}
+		m.slots[i] = c
+	}
+	return c
+}
+
+// slotOf spreads keys over the lock connections; a key's lock and unlock go
+// to the same one.
+func (m *mux) slotOf(k Key) int {
+	h := uint64(k.v) * 0x9E3779B97F4A7C15
+	if k.pair {
+		h ^= 0xBF58476D1CE4E5B9
+	}
+	return int((h >> 32) % uint64(m.conns))
+}
+
+// reserve counts one more server lock against the cap.
+func (m *mux) reserve(k Key) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return ErrLockerClosed
+	}
+	if m.limit > 0 && m.held >= m.limit {
+		return fmt.Errorf("%w: key %s: this Locker holds %d locks, its limit (WithMaxLocks; the server's lock table has %d slots, shared by every session)",
+			ErrTooManyLocks, k, m.held, m.capacity)
+	}
+	m.held++
+	return nil
+}
+
+func (m *mux) unreserve() {
+	m.mu.Lock()
+	m.held--
+	m.mu.Unlock()
+}
+
+func (m *mux) isClosed() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.closed
+}
+
+// take takes the server's lock on e's key; the caller owns e's turn, which
+// take passes on when the lock is not held afterwards.
+func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (bool, error) {
+	k, mode := e.key, b.l.cfg.mode
+	if err := m.reserve(k); err != nil {
+		m.t.passTurn(e)
+		return false, err
+	}
+	var c *lockConn
+	op := connOp{key: k, mode: mode}
+	// A connection lost before or during the statement holds nothing: try
+	// once more on a new one.
+	for range 2 {
+		c = m.slot(m.slotOf(k))
+		op.ok, op.err = false, nil
+		c.do(&op)
+		if !errors.Is(op.err, errConnGone) {
+			break
+		}
+	}
+	switch {
+	case op.err != nil:
+		m.unreserve()
+		m.t.passTurn(e)
+		return false, op.err
+	case op.ok:
+		m.t.granted(e, mode, c)
+		return true, nil
+	case !wait:
+		m.unreserve()
+		m.t.passTurn(e)
+		return false, nil
+	}
+	held, err := m.wait(ctx, b, e)
+	if !held {
+		m.unreserve()
+		m.t.passTurn(e)
+	}
+	return held, err
+}
+
+// wait waits for the key in the server's queue on a waiting connection.
+func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error) {
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(closedContext{m.closing}, cancel)
+	defer stop()
+	select {
+	case m.waitSem <- struct{}{}:
+	case <-wctx.Done():
+		return false, m.waitErr(ctx)
+	}
+	wc := m.waitConn()
+	var held, healthy bool
+	var err error
+	wc.do(&connOp{fn: func(conn *pgx.Conn) {
+		held, healthy, err = waitSession(wctx, b.l, conn)
+		if held {
+			wc.addHolds(1)
+		}
+	}})
+	if held {
+		m.t.granted(e, b.l.cfg.mode, wc)
+		return true, nil
+	}
+	if err == nil {
+		err = m.waitErr(ctx)
+	}
+	m.putWaitConn(wc, healthy && !errors.Is(err, errConnGone))
+	return false, err
+}
+
+// waitErr is the error of a wait that ended without the lock: ctx's, or the
+// Locker's closing.
+func (m *mux) waitErr(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return ErrLockerClosed
+}
+
+// closedContext is a context that is done when ch is closed.
+type closedContext struct{ ch chan struct{} }
+
+func (c closedContext) Deadline() (time.Time, bool) { return time.Time{}, false }
+func (c closedContext) Done() <-chan struct{}       { return c.ch }
+func (c closedContext) Value(any) any               { return nil }
+func (c closedContext) Err() error {
+	select {
+	case <-c.ch:
+		return context.Canceled
+	default:
+		return nil
+	}
+}
+
+// waitConn takes an idle waiting connection or makes one; the caller holds
+// a place in waitSem.
+func (m *mux) waitConn() *lockConn {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var c *lockConn
+	for len(m.waitIdle) > 0 && c == nil {
+		c = m.waitIdle[len(m.waitIdle)-1]
+		m.waitIdle = m.waitIdle[:len(m.waitIdle)-1]
+		if c.isDead() {
+			c = nil
+		}
+	}
+	if c == nil {
+		c = &lockConn{m: m, slot: -1}
+	}
+	m.waitBusy[c] = struct{}{}
+	return c
+}
+
+// putWaitConn gives back a waiting connection that holds nothing; one in
+// doubt is closed.
+func (m *mux) putWaitConn(c *lockConn, healthy bool) {
+	m.mu.Lock()
+	delete(m.waitBusy, c)
+	closed := m.closed
+	if healthy && !closed && !c.isDead() {
+		m.waitIdle = append(m.waitIdle, c)
+	}
+	m.mu.Unlock()
+	<-m.waitSem
+	if !healthy || closed {
+		c.close(errConnGone)
+	}
+}
+
+// connLost marks every key held on c as lost and tells its holders.
+func (m *mux) connLost(c *lockConn, err error) {
+	var fns []func(error)
+	m.t.mu.Lock()
+	if c.lost == nil {
+		c.lost = err
+	}
+	for _, e := range m.t.m {
+		if e.conn != c || e.lostErr != nil {
+			continue
+		}
+		e.lostErr = err
+		for _, f := range e.onLost {
+			fns = append(fns, f)
+		}
+	}
+	m.t.mu.Unlock()
+	for _, f := range fns {
+		f(err)
+	}
+}
+
+// give gives back the server's lock on e's key (the caller owns e's turn),
+// then passes the turn on. With send false (a lost hold) nothing is sent.
+func (m *mux) give(ctx context.Context, e *keyEntry, mode Mode, send bool) error {
+	m.t.mu.Lock()
+	c, lostErr := e.conn, e.lostErr
+	m.t.mu.Unlock()
+	var err error
+	switch {
+	case lostErr != nil:
+		err = errors.Join(ErrLockLost, lostErr)
+	case !send:
+	default:
+		op := connOp{unlock: true, key: e.key, mode: mode}
+		c.do(&op)
+		switch {
+		case errors.Is(op.err, errConnGone):
+			err = errors.Join(ErrLockLost, op.err)
+		case op.err != nil:
+			err = errors.Join(errUnlockFailed, op.err)
+		case !op.ok:
+			err = errServerNotHeld
+		}
+	}
+	m.unreserve()
+	if c != nil && c.slot < 0 {
+		m.putWaitConn(c, err == nil && send)
+	}
+	m.t.passTurn(e)
+	return err
+}
+
+// close closes every connection: the locks on them are lost.
+func (m *mux) close() error {
+	m.closeOnce.Do(func() { close(m.closing) })
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
+	var cs []*lockConn
+	for _, c := range m.slots {
+		if c != nil {
+			cs = append(cs, c)
+		}
+	}
+	cs = append(cs, m.waitIdle...)
+	m.waitIdle = nil
+	for c := range m.waitBusy {
+		cs = append(cs, c)
+	}
+	m.mu.Unlock()
+	close(m.t.closing)
+	for _, c := range cs {
+		c.close(ErrLockerClosed)
+	}
+	return nil
+}
+
+// stats counts what the multiplexer uses now.
+func (m *mux) stats() LockerStats {
+	var s LockerStats
+	s.HeldKeys, s.Queued = m.t.counts()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, c := range m.slots {
+		if c != nil && !c.isDead() && c.hasConn() {
+			s.LockConns++
+		}
+	}
+	s.WaitConns = len(m.waitBusy)
+	for _, c := range m.waitIdle {
+		if c.hasConn() {
+			s.WaitConns++
+		}
+	}
+	s.ServerLocks = m.held
+	s.MaxLocks = m.limit
+	return s
+}
+
+// muxBackend is one hold of a multiplexing Locker's Lock.
+type muxBackend struct {
+	m *mux
+	l *Lock
+	e *keyEntry
+}
+
+func (b *muxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
+	mode := b.l.cfg.mode
+	e, adm, err := b.m.t.enter(ctx, b.l.key, mode, wait)
+	switch {
+	case err != nil:
+		return false, err
+	case adm == admitBusy:
+		return false, nil
+	case adm == admitJoined:
+		b.e = e
+		return true, nil
+	}
+	ok, err := b.m.take(ctx, b, e, wait)
+	if ok {
+		b.e = e
+	}
+	return ok, err
+}
+
+func (b *muxBackend) release(ctx context.Context, _ bool) error { return b.end(ctx, true) }
+func (b *muxBackend) discard()                                  { _ = b.end(context.Background(), false) }
+
+func (b *muxBackend) end(ctx context.Context, send bool) error {
+	e := b.e
+	if e == nil {
+		return nil
+	}
+	b.e = nil
+	t := b.m.t
+	t.mu.Lock()
+	delete(e.onLost, b)
+	lostErr := e.lostErr
+	t.mu.Unlock()
+	if !t.leave(e) {
+		if lostErr != nil && send {
+			return errors.Join(ErrLockLost, lostErr)
+		}
+		return nil
+	}
+	return b.m.give(ctx, e, b.l.cfg.mode, send)
+}
+
+// watch registers lost to be called when the hold's connection is lost;
+// the lock connection is watched once for all its holds.
+func (b *muxBackend) watch(_ time.Duration, lost func(error)) func() {
+	e := b.e
+	t := b.m.t
+	t.mu.Lock()
+	if e.onLost == nil {
+		e.onLost = make(map[*muxBackend]func(error))
+	}
+	e.onLost[b] = lost
+	lostErr := e.lostErr
+	t.mu.Unlock()
+	if lostErr != nil {
+		lost(lostErr)
+	}
+	return func() {
+		t.mu.Lock()
+		delete(e.onLost, b)
+		t.mu.Unlock()
+	}
+}
+
+func (b *muxBackend) pgxTx() pgx.Tx  { return nil }
+func (b *muxBackend) sqlTx() *sql.Tx { return nil }
+
+// hasConn reports whether the lock connection has been opened.
+func (c *lockConn) hasConn() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.conn != nil
+}
