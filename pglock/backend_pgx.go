@@ -4,9 +4,6 @@ import (
 	"context"
 	"database/sql"
 	"errors"
-	"net"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -158,34 +155,6 @@ func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error
 	return false, err
 }
 
-// waitSession waits in the server's queue on conn until the session lock is
-// granted or ctx ends. When it is not held afterwards, healthy reports
-// whether conn is known to be usable and without the lock: the server may
-// have granted the lock as the cancel arrived, so it is looked up and given
-// back.
-func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
-	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
-		_, err := conn.Exec(qctx, l.st.lock, l.st.args...)
-		return err
-	})
-	if err == nil && !interrupted {
-		return true, true, nil
-	}
-	if conn.IsClosed() {
-		return false, false, err
-	}
-	cctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
-	defer cancel()
-	cerr := retryCanceled(func() error {
-		_, err := conn.Exec(cctx, l.st.cleanup, l.cleanupArgs()...)
-		return err
-	})
-	if cerr != nil {
-		return false, false, errors.Join(err, errUnlockFailed, cerr)
-	}
-	return false, true, err
-}
-
 // acquireOwnTx opens the lock's transaction. The blocking form sends BEGIN
 // and the lock in one round trip.
 func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) {
@@ -251,87 +220,6 @@ func (b *pgxBackend) acquireInCallerTx(ctx context.Context, wait bool) (bool, er
 	return held, err
 }
 
-// waitInTx waits for the xact lock inside the transaction open on conn. The
-// wait runs under a savepoint, so that a failed or cancelled wait leaves the
-// transaction usable and without the lock. When the lock is not held,
-// healthy reports whether that is known to be so.
-func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
-	const sp = "pglock_wait"
-	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
-		_, err := conn.Exec(qctx, "SAVEPOINT "+sp+"; "+l.lockLiteral())
-		return err
-	})
-	rctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
-	defer cancel()
-	if err == nil && !interrupted {
-		if _, err = conn.Exec(rctx, "RELEASE SAVEPOINT "+sp); err != nil {
-			return false, false, err
-		}
-		return true, true, nil
-	}
-	if conn.IsClosed() {
-		return false, false, err
-	}
-	rerr := retryCanceled(func() error {
-		_, err := conn.Exec(rctx, "ROLLBACK TO SAVEPOINT "+sp+"; RELEASE SAVEPOINT "+sp)
-		return err
-	})
-	return false, rerr == nil, errors.Join(err, rerr)
-}
-
-// interruptible runs a statement that waits for a lock. Its context is not
-// the caller's: pgx answers a cancelled context by closing the connection,
-// which would lose every other lock on it and break a caller's connection.
-// Instead, when ctx ends, a cancel request asks the server to stop the wait,
-// and the connection stays usable.
-//
-// The cancel request and the statement's end share one bound, the release
-// timeout: when the server cannot be reached in that time (a silent
-// network), the statement's own context is cancelled and pgx closes the
-// connection (conn.IsClosed tells; a stop that came after the statement
-// ended leaves the connection usable). interrupted reports whether ctx ended while the statement ran: then the
-// caller must treat a success as a lock granted as the cancel arrived, and
-// give it back.
-func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(context.Context) error) (interrupted bool, err error) {
-	if ctx.Done() == nil {
-		return false, run(ctx)
-	}
-	qctx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
-	defer hardStop()
-	var fired atomic.Bool
-	finished := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		select {
-		case <-finished:
-			return
-		case <-ctx.Done():
-		}
-		select {
-		case <-finished:
-			return
-		default:
-		}
-		fired.Store(true)
-		bound, cancel := context.WithTimeout(context.Background(), l.cfg.releaseTimeout)
-		defer cancel()
-		if conn.PgConn().CancelRequest(bound) == nil {
-			select {
-			case <-finished:
-				return
-			case <-bound.Done():
-			}
-		}
-		hardStop()
-	})
-	err = run(qctx)
-	close(finished)
-	// Wait for the cancel request to complete before the connection is used
-	// again, so that it cannot interrupt a later statement.
-	wg.Wait()
-	return fired.Load(), err
-}
-
 func (b *pgxBackend) release(ctx context.Context, commit bool) error {
 	switch {
 	case b.l.cfg.scope == Session:
@@ -390,112 +278,4 @@ func (b *pgxBackend) unlockSession(ctx context.Context) error {
 		return errServerNotHeld
 	}
 	return nil
-}
-
-func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
-	if b.pooled == nil || b.l.cfg.scope != Session {
-		return nil
-	}
-	w := &pgxWatcher{interval: interval, lost: lost}
-	w.attach(b.conn)
-	return watchAfter(min(watchDelay, interval), w.run, w.stop)
-}
-
-// watchDelay is how long a hold lasts before its connection is watched: most
-// holds (a request, a job step) end sooner and never pay for a goroutine and
-// a blocked read. A connection that dies during the delay is noticed when the
-// watch starts.
-const watchDelay = 50 * time.Millisecond
-
-// watchAfter runs run in its own goroutine after delay. The returned function
-// cancels it if it has not started, else interrupts it, and waits for it.
-func watchAfter(delay time.Duration, run, interrupt func()) func() {
-	var wg sync.WaitGroup
-	wg.Add(1)
-	t := time.AfterFunc(delay, func() {
-		defer wg.Done()
-		run()
-	})
-	return func() {
-		if t.Stop() {
-			wg.Done()
-		} else {
-			interrupt()
-		}
-		wg.Wait()
-	}
-}
-
-// pgxWatcher watches an idle pinned connection. It blocks reading from it, so
-// that a connection the server closes (pg_terminate_backend, shutdown) is
-// noticed at once; after each quiet interval it pings, so that a connection
-// that went silent is noticed within two intervals.
-type pgxWatcher struct {
-	interval time.Duration
-	lost     func(error)
-
-	mu       sync.Mutex
-	conn     *pgx.Conn
-	nc       net.Conn
-	reading  bool
-	stopping bool
-}
-
-func (w *pgxWatcher) attach(conn *pgx.Conn) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.conn, w.nc = conn, conn.PgConn().Conn()
-}
-
-// run watches until stop is called or the connection dies.
-func (w *pgxWatcher) run() {
-	for {
-		w.mu.Lock()
-		if w.stopping {
-			w.mu.Unlock()
-			return
-		}
-		w.reading = true
-		_ = w.nc.SetReadDeadline(time.Now().Add(w.interval))
-		w.mu.Unlock()
-
-		// No context: the read deadline above bounds the wait, and a timeout
-		// leaves the connection usable.
-		err := w.conn.PgConn().WaitForNotification(context.Background())
-
-		w.mu.Lock()
-		w.reading = false
-		_ = w.nc.SetReadDeadline(time.Time{})
-		stopping := w.stopping
-		w.mu.Unlock()
-
-		var netErr net.Error
-		timedOut := errors.As(err, &netErr) && netErr.Timeout()
-		switch {
-		case err != nil && !timedOut:
-			w.lost(err)
-			return
-		case stopping:
-			return
-		case err == nil:
-			continue // a notification: not ours to handle
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), w.interval)
-		err = w.conn.Ping(ctx)
-		cancel()
-		if err != nil {
-			w.lost(err)
-			return
-		}
-	}
-}
-
-// stop asks run to return soon: it interrupts a blocked read.
-func (w *pgxWatcher) stop() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.stopping = true
-	if w.reading {
-		_ = w.nc.SetReadDeadline(time.Now())
-	}
 }

@@ -1,0 +1,119 @@
+package pglock
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// waitSession waits in the server's queue on conn until the session lock is
+// granted or ctx ends. When it is not held afterwards, healthy reports
+// whether conn is known to be usable and without the lock: the server may
+// have granted the lock as the cancel arrived, so it is looked up and given
+// back.
+func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
+	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
+		_, err := conn.Exec(qctx, l.st.lock, l.st.args...)
+		return err
+	})
+	if err == nil && !interrupted {
+		return true, true, nil
+	}
+	if conn.IsClosed() {
+		return false, false, err
+	}
+	cctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
+	defer cancel()
+	cerr := retryCanceled(func() error {
+		_, err := conn.Exec(cctx, l.st.cleanup, l.cleanupArgs()...)
+		return err
+	})
+	if cerr != nil {
+		return false, false, errors.Join(err, errUnlockFailed, cerr)
+	}
+	return false, true, err
+}
+
+// waitInTx waits for the xact lock inside the transaction open on conn. The
+// wait runs under a savepoint, so that a failed or cancelled wait leaves the
+// transaction usable and without the lock. When the lock is not held,
+// healthy reports whether that is known to be so.
+func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
+	const sp = "pglock_wait"
+	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
+		_, err := conn.Exec(qctx, "SAVEPOINT "+sp+"; "+l.lockLiteral())
+		return err
+	})
+	rctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
+	defer cancel()
+	if err == nil && !interrupted {
+		if _, err = conn.Exec(rctx, "RELEASE SAVEPOINT "+sp); err != nil {
+			return false, false, err
+		}
+		return true, true, nil
+	}
+	if conn.IsClosed() {
+		return false, false, err
+	}
+	rerr := retryCanceled(func() error {
+		_, err := conn.Exec(rctx, "ROLLBACK TO SAVEPOINT "+sp+"; RELEASE SAVEPOINT "+sp)
+		return err
+	})
+	return false, rerr == nil, errors.Join(err, rerr)
+}
+
+// interruptible runs a statement that waits for a lock. Its context is not
+// the caller's: pgx answers a cancelled context by closing the connection,
+// which would lose every other lock on it and break a caller's connection.
+// Instead, when ctx ends, a cancel request asks the server to stop the wait,
+// and the connection stays usable.
+//
+// The cancel request and the statement's end share one bound, the release
+// timeout: when the server cannot be reached in that time (a silent
+// network), the statement's own context is cancelled and pgx closes the
+// connection (conn.IsClosed tells; a stop that came after the statement
+// ended leaves the connection usable). interrupted reports whether ctx ended while the statement ran: then the
+// caller must treat a success as a lock granted as the cancel arrived, and
+// give it back.
+func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(context.Context) error) (interrupted bool, err error) {
+	if ctx.Done() == nil {
+		return false, run(ctx)
+	}
+	qctx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
+	defer hardStop()
+	var fired atomic.Bool
+	finished := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		select {
+		case <-finished:
+			return
+		case <-ctx.Done():
+		}
+		select {
+		case <-finished:
+			return
+		default:
+		}
+		fired.Store(true)
+		bound, cancel := context.WithTimeout(context.Background(), l.cfg.releaseTimeout)
+		defer cancel()
+		if conn.PgConn().CancelRequest(bound) == nil {
+			select {
+			case <-finished:
+				return
+			case <-bound.Done():
+			}
+		}
+		hardStop()
+	})
+	err = run(qctx)
+	close(finished)
+	// Wait for the cancel request to complete before the connection is used
+	// again, so that it cannot interrupt a later statement.
+	wg.Wait()
+	return fired.Load(), err
+}

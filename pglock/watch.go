@@ -1,0 +1,119 @@
+package pglock
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
+	if b.pooled == nil || b.l.cfg.scope != Session {
+		return nil
+	}
+	w := &pgxWatcher{interval: interval, lost: lost}
+	w.attach(b.conn)
+	return watchAfter(min(watchDelay, interval), w.run, w.stop)
+}
+
+// watchDelay is how long a hold lasts before its connection is watched: most
+// holds (a request, a job step) end sooner and never pay for a goroutine and
+// a blocked read. A connection that dies during the delay is noticed when the
+// watch starts.
+const watchDelay = 50 * time.Millisecond
+
+// watchAfter runs run in its own goroutine after delay. The returned function
+// cancels it if it has not started, else interrupts it, and waits for it.
+func watchAfter(delay time.Duration, run, interrupt func()) func() {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	t := time.AfterFunc(delay, func() {
+		defer wg.Done()
+		run()
+	})
+	return func() {
+		if t.Stop() {
+			wg.Done()
+		} else {
+			interrupt()
+		}
+		wg.Wait()
+	}
+}
+
+// pgxWatcher watches an idle pinned connection. It blocks reading from it, so
+// that a connection the server closes (pg_terminate_backend, shutdown) is
+// noticed at once; after each quiet interval it pings, so that a connection
+// that went silent is noticed within two intervals.
+type pgxWatcher struct {
+	interval time.Duration
+	lost     func(error)
+
+	mu       sync.Mutex
+	conn     *pgx.Conn
+	nc       net.Conn
+	reading  bool
+	stopping bool
+}
+
+func (w *pgxWatcher) attach(conn *pgx.Conn) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.conn, w.nc = conn, conn.PgConn().Conn()
+}
+
+// run watches until stop is called or the connection dies.
+func (w *pgxWatcher) run() {
+	for {
+		w.mu.Lock()
+		if w.stopping {
+			w.mu.Unlock()
+			return
+		}
+		w.reading = true
+		_ = w.nc.SetReadDeadline(time.Now().Add(w.interval))
+		w.mu.Unlock()
+
+		// No context: the read deadline above bounds the wait, and a timeout
+		// leaves the connection usable.
+		err := w.conn.PgConn().WaitForNotification(context.Background())
+
+		w.mu.Lock()
+		w.reading = false
+		_ = w.nc.SetReadDeadline(time.Time{})
+		stopping := w.stopping
+		w.mu.Unlock()
+
+		var netErr net.Error
+		timedOut := errors.As(err, &netErr) && netErr.Timeout()
+		switch {
+		case err != nil && !timedOut:
+			w.lost(err)
+			return
+		case stopping:
+			return
+		case err == nil:
+			continue // a notification: not ours to handle
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), w.interval)
+		err = w.conn.Ping(ctx)
+		cancel()
+		if err != nil {
+			w.lost(err)
+			return
+		}
+	}
+}
+
+// stop asks run to return soon: it interrupts a blocked read.
+func (w *pgxWatcher) stop() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.stopping = true
+	if w.reading {
+		_ = w.nc.SetReadDeadline(time.Now())
+	}
+}
