@@ -37,11 +37,16 @@
 // pgx.Tx, *sql.DB, *sql.Conn or *sql.Tx; anything else is an error at
 // construction.
 //
-// On a pool a session lock pins one connection for its whole hold, since the
-// lock belongs to the connection: nobody else gets that connection until the
-// lock is released. After a successful unlock the connection goes back to the
-// pool holding nothing; a connection whose unlock failed, or whose outcome is
-// unknown, is destroyed rather than returned still holding the lock.
+// A [Locker] on a pool (*pgxpool.Pool, or *sql.DB with pgx's database/sql
+// driver) holds the session locks of all its Locks on a few connections of
+// its own, so a held lock costs no pool connection: see "Lock connections"
+// below. [New] on a pool is the simple form: each hold takes one connection
+// from the pool and keeps it until the lock is released, since the lock
+// belongs to the connection. After a successful unlock the connection goes
+// back to the pool holding nothing; a connection whose unlock failed, or whose
+// outcome is unknown, is destroyed rather than returned still holding the
+// lock. A Locker made with WithMultiplexing(false), and a Locker on a *sql.DB
+// with another driver (lib/pq), work the same way.
 //
 // In Transaction scope on a pool or a connection the lock opens its own
 // transaction (with pgx, Acquire and Do send BEGIN and the lock in one round
@@ -51,6 +56,60 @@
 // or rolls back together with the lock. On a caller's transaction the lock
 // joins it (pg_advisory_xact_lock), and Release leaves the transaction, and
 // so the lock, to the caller; Session scope there is refused.
+//
+// # Lock connections
+//
+// One PostgreSQL session can hold thousands of advisory locks; a pool
+// connection per held lock would cap a process at its pool size and deadlock
+// handlers that need the same pool for their work. So a Locker on a pool
+// multiplexes its session locks:
+//
+//   - Lock connections. The Locker opens [WithLockConns] connections of its
+//     own (2 by default) with the pool's connection settings, outside the
+//     pool, on first use, and holds its keys on them; a key always goes to
+//     the same one. [Locker.Close] closes them.
+//   - Exclusion in the process. PostgreSQL stacks a session's own locks (a
+//     session that takes a key twice holds it twice), so the Locker keeps a
+//     table of keys: two of its Locks never both hold an exclusive key; the
+//     second waits in the process, in FIFO order, or is told the key is busy
+//     by TryAcquire. Shared holders in the process share one server-side
+//     shared lock, unlocked when the last one lets go; a shared holder does
+//     not join while an exclusive one waits.
+//   - Shared round trips. Lock and unlock requests that goroutines make of one
+//     lock connection at the same time travel in one statement: concurrency
+//     raises throughput instead of queueing behind one socket.
+//   - Waiting in the server's queue. A key that another session holds (another
+//     replica, psql, the Python package) is waited for with the blocking
+//     function, so waiters of every process are served in the server's order:
+//     one goroutine per key waits in the server (the others of the process
+//     queue behind it), on a waiting connection, which keeps the lock once it
+//     is granted, until it is released. At most [WithWaitConns] (4 by
+//     default) exist; past that, waits queue in the process. A goroutine that
+//     holds a key it had to wait for, and then waits for another, needs a
+//     second waiting connection: size WithWaitConns for such nesting. No
+//     wait polls.
+//   - One watch per lock connection. A lock connection that dies or goes
+//     silent loses every lock on it at once: each [Lock.Lost] closes, each Do
+//     context ends with cause [ErrLockLost], no new lock is granted on it, and
+//     the next acquire opens a new connection.
+//   - A lock-table guard. Advisory locks live in the server's lock table,
+//     which every session of the server shares; when it is full every session
+//     fails with "out of shared memory", new connections included. A Locker
+//     holds at most [WithMaxLocks] session locks (by default half of the
+//     table: max_locks_per_transaction * (max_connections +
+//     max_prepared_transactions) / 2, read from the server) and refuses more
+//     with [ErrTooManyLocks].
+//
+// Transaction scope is not multiplexed: its transaction is the work's
+// connection, taken from the pool for the hold. [Locker.Stats] tells how many
+// connections, locks and waiters a Locker has now.
+//
+// A Locker on one connection or transaction (*pgx.Conn, *pgxpool.Conn,
+// pgx.Tx, *sql.Conn, *sql.Tx) is safe for concurrent use too: it keeps the
+// same table of keys and lets one goroutine at a time use the connection (for
+// the whole hold when the lock opens its own transaction there). A wait in
+// the server holds that connection, so other goroutines' statements wait
+// behind it: use a pool for concurrent work.
 //
 // # Waiting and cancelling
 //
@@ -79,7 +138,8 @@
 // # Knowing that a lock was lost
 //
 // A session lock lives exactly as long as its connection. While a session lock
-// on a pool is held its connection is watched: a connection the server closes
+// on a pool is held its connection is watched (a Locker's lock connection
+// once for all the locks on it): a connection the server closes
 // (pg_terminate_backend, a restart, a failover) is noticed at once, or 50 ms
 // into the hold for a connection that died sooner (with
 // drivers other than pgx's, within the check interval), and one that goes
@@ -106,16 +166,17 @@
 //
 // Errors wrap the sentinels of this package ([ErrNotAcquired], [ErrLockLost],
 // [ErrNotHeld], [ErrAlreadyHeld], [ErrUnsupportedConn], [ErrInvalidKey],
-// [ErrInvalidOption], [ErrNilFunc]) with %w; match them with errors.Is.
+// [ErrInvalidOption], [ErrNilFunc], [ErrLockerClosed], [ErrTooManyLocks])
+// with %w; match them with errors.Is.
 // Database errors stay reachable with errors.As (*pgconn.PgError).
 //
 // # Re-entrancy
 //
 // PostgreSQL stacks locks per session: a connection that takes a key twice
 // holds it twice and must unlock twice. A [Lock] value is not re-entrant:
-// Acquire on a held Lock returns [ErrAlreadyHeld]. Two Locks on one caller's
-// connection do stack, as PostgreSQL does; on a pool they are two sessions and
-// exclude each other.
+// Acquire on a held Lock returns [ErrAlreadyHeld]. Two Locks of one Locker
+// exclude each other, whatever the Locker runs on; two Locks made with [New]
+// on one caller's connection stack, as PostgreSQL does.
 //
 // # PgBouncer
 //

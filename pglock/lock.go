@@ -52,8 +52,10 @@ type Lock struct {
 // *pgxpool.Conn, *pgx.Conn, pgx.Tx, *sql.DB, *sql.Conn or *sql.Tx. The key
 // is anything [KeyOf] takes, or a [Key].
 //
-// On a pool (*pgxpool.Pool, *sql.DB) each hold takes one connection from the
-// pool and keeps it until the hold ends. On a connection the lock runs on
+// On a pool (*pgxpool.Pool, *sql.DB) each hold of a Lock made by New takes
+// one connection from the pool and keeps it until the hold ends; the Locks of
+// a [Locker] on a pool share a few lock connections instead (see
+// [NewLocker]). On a connection the lock runs on
 // that connection, which the caller must not use concurrently with the Lock's
 // methods (inside Do's function, it may). On a transaction the scope is
 // Transaction and the lock joins that transaction.
@@ -106,7 +108,8 @@ func (l *Lock) Held() bool { return l.held.Load() }
 // simply never closed. Call Lost after Acquire to watch that hold.
 //
 // Only session locks on a pool (*pgxpool.Pool, *sql.DB) are watched, since
-// their connection belongs to the lock: a server-side close is seen at once
+// their connection belongs to the lock (a Locker's lock connection is watched
+// once for all the locks on it, with the Locker's check interval): a server-side close is seen at once
 // (the watch starts 50 ms into the hold: most holds end sooner and never pay
 // for it),
 // a silent connection within twice the lost-check interval (see

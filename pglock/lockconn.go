@@ -33,9 +33,10 @@ type lockConn struct {
 	dead   error // the connection was lost or closed: no new request is taken
 	holds  int   // server locks held on it
 
-	// stopWatch ends the watch; only the goroutine that owns the connection
-	// touches it.
+	// stopWatch ends the watch and lastUsed is when the connection last ran
+	// a statement; only the goroutine that owns the connection touches them.
 	stopWatch func()
+	lastUsed  time.Time
 
 	// lost is set (under the key table's mutex) when the connection is lost,
 	// so that a grant recorded after the loss is known to be lost too.
@@ -140,6 +141,7 @@ func (c *lockConn) flush(batch []*connOp) {
 	} else {
 		c.exec(batch)
 	}
+	c.lastUsed = time.Now()
 	c.mu.Lock()
 	watch := c.dead == nil && c.holds > 0 && !c.conn.IsClosed()
 	c.mu.Unlock()
@@ -150,10 +152,12 @@ func (c *lockConn) flush(batch []*connOp) {
 	}
 }
 
-// open connects on first use; a connection that died since is gone.
+// open connects on first use; a connection that died since is gone. A
+// connection that held nothing and ran nothing for half the abandoned-session
+// bound is replaced before the server ends it as idle (see mux.connect).
 func (c *lockConn) open() error {
 	c.mu.Lock()
-	dead, conn := c.dead, c.conn
+	dead, conn, holds := c.dead, c.conn, c.holds
 	c.mu.Unlock()
 	switch {
 	case dead != nil:
@@ -161,6 +165,10 @@ func (c *lockConn) open() error {
 	case conn != nil && conn.IsClosed():
 		c.lose(errors.New("connection closed"))
 		return errConnGone
+	case conn != nil && holds == 0 && time.Since(c.lastUsed) > c.m.abandonBound()/2:
+		ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
+		_ = conn.Close(ctx)
+		cancel()
 	case conn != nil:
 		return nil
 	}
@@ -172,6 +180,7 @@ func (c *lockConn) open() error {
 	c.mu.Lock()
 	c.conn = conn
 	c.mu.Unlock()
+	c.lastUsed = time.Now()
 	return nil
 }
 

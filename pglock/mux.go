@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -123,6 +124,9 @@ func (m *mux) init(ctx context.Context) error {
 		}
 	}
 	c := m.slot(0)
+	if c == nil {
+		return ErrLockerClosed
+	}
 	var err error
 	c.do(&connOp{fn: func(conn *pgx.Conn) { err = m.readLimit(conn) }})
 	if err == nil {
@@ -159,17 +163,73 @@ func (m *mux) readLimit(conn *pgx.Conn) error {
 // server's lock table, which every session of the server shares.
 const lockTableShare = 2
 
-// connect opens a lock connection.
+// connect opens a lock connection, and tells the server to end its session
+// if the client vanishes: a client cut off by a dead network would otherwise
+// keep its locks for hours (TCP keepalives default to 2 h), or forever behind
+// a middlebox that keeps TCP open. Server-side keepalives end it when the
+// client's kernel no longer answers; idle_session_timeout (PostgreSQL 14 and
+// later) when nothing comes from it: while a lock is held the connection's
+// watch keeps it busy, so a live holder is never cut. Both bounds are well
+// past the client's own (twice the check interval), so the client sees the
+// loss first.
 func (m *mux) connect() (*pgx.Conn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), max(m.releaseTimeout, 5*time.Second))
 	defer cancel()
-	return pgx.ConnectConfig(ctx, m.connCfg.Copy())
+	cfg := m.connCfg.Copy()
+	bound := m.abandonBound()
+	secs := strconv.Itoa(int(max(bound/3, time.Second) / time.Second))
+	for name, v := range map[string]string{"tcp_keepalives_idle": secs, "tcp_keepalives_interval": "1", "tcp_keepalives_count": "2"} {
+		if _, set := cfg.RuntimeParams[name]; !set {
+			cfg.RuntimeParams[name] = v
+		}
+	}
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if serverMajor(conn) >= 14 {
+		if _, err := conn.Exec(ctx, "SELECT set_config('idle_session_timeout', $1, false)", strconv.FormatInt(bound.Milliseconds(), 10)); err != nil {
+			_ = conn.Close(ctx)
+			return nil, err
+		}
+	}
+	return conn, nil
 }
 
-// slot returns the live lock connection of slot i, replacing a lost one.
+// abandonBound is how long the server keeps the session of a lock connection
+// whose client went silent.
+func (m *mux) abandonBound() time.Duration {
+	return max(AbandonedSessionTimeout, 4*m.lostCheck)
+}
+
+// AbandonedSessionTimeout is the least time after which the server ends the
+// session of a multiplexing Locker's lock connection whose client has gone
+// silent, freeing its locks (the bound grows with the lost-check interval:
+// it is at least four of them).
+const AbandonedSessionTimeout = 6 * time.Second
+
+// serverMajor reads the server's major version from server_version ("15.4",
+// "16beta1"); 0 if unknown.
+func serverMajor(conn *pgx.Conn) int {
+	v := conn.PgConn().ParameterStatus("server_version")
+	n := 0
+	for _, r := range v {
+		if r < '0' || r > '9' {
+			break
+		}
+		n = n*10 + int(r-'0')
+	}
+	return n
+}
+
+// slot returns the live lock connection of slot i, replacing a lost one;
+// nil once the Locker is closed.
 func (m *mux) slot(i int) *lockConn {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.closed {
+		return nil
+	}
 	c := m.slots[i]
 	if c == nil || c.isDead() {
 		c = &lockConn{m: m, slot: i}
@@ -228,7 +288,10 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 	// A connection lost before or during the statement holds nothing: try
 	// once more on a new one.
 	for range 2 {
-		c = m.slot(m.slotOf(k))
+		if c = m.slot(m.slotOf(k)); c == nil {
+			op.err = ErrLockerClosed
+			break
+		}
 		op.ok, op.err = false, nil
 		c.do(&op)
 		if !errors.Is(op.err, errConnGone) {
@@ -268,6 +331,10 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 		return false, m.waitErr(ctx)
 	}
 	wc := m.waitConn()
+	if wc == nil {
+		<-m.waitSem
+		return false, ErrLockerClosed
+	}
 	var held, healthy bool
 	var err error
 	wc.do(&connOp{fn: func(conn *pgx.Conn) {
@@ -312,10 +379,13 @@ func (c closedContext) Err() error {
 }
 
 // waitConn takes an idle waiting connection or makes one; the caller holds
-// a place in waitSem.
+// a place in waitSem. It returns nil once the Locker is closed.
 func (m *mux) waitConn() *lockConn {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.closed {
+		return nil
+	}
 	var c *lockConn
 	for len(m.waitIdle) > 0 && c == nil {
 		c = m.waitIdle[len(m.waitIdle)-1]
@@ -341,10 +411,10 @@ func (m *mux) putWaitConn(c *lockConn, healthy bool) {
 		m.waitIdle = append(m.waitIdle, c)
 	}
 	m.mu.Unlock()
-	<-m.waitSem
 	if !healthy || closed {
 		c.close(errConnGone)
 	}
+	<-m.waitSem
 }
 
 // connLost marks every key held on c as lost and tells its holders.
@@ -370,17 +440,15 @@ func (m *mux) connLost(c *lockConn, err error) {
 }
 
 // give gives back the server's lock on e's key (the caller owns e's turn),
-// then passes the turn on. With send false (a lost hold) nothing is sent.
-func (m *mux) give(ctx context.Context, e *keyEntry, mode Mode, send bool) error {
+// then passes the turn on. A hold that was lost is not sent anything.
+func (m *mux) give(e *keyEntry, mode Mode) error {
 	m.t.mu.Lock()
 	c, lostErr := e.conn, e.lostErr
 	m.t.mu.Unlock()
 	var err error
-	switch {
-	case lostErr != nil:
+	if lostErr != nil {
 		err = errors.Join(ErrLockLost, lostErr)
-	case !send:
-	default:
+	} else {
 		op := connOp{unlock: true, key: e.key, mode: mode}
 		c.do(&op)
 		switch {
@@ -394,7 +462,7 @@ func (m *mux) give(ctx context.Context, e *keyEntry, mode Mode, send bool) error
 	}
 	m.unreserve()
 	if c != nil && c.slot < 0 {
-		m.putWaitConn(c, err == nil && send)
+		m.putWaitConn(c, err == nil)
 	}
 	m.t.passTurn(e)
 	return err
@@ -476,10 +544,15 @@ func (b *muxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 	return ok, err
 }
 
-func (b *muxBackend) release(ctx context.Context, _ bool) error { return b.end(ctx, true) }
-func (b *muxBackend) discard()                                  { _ = b.end(context.Background(), false) }
+// release ends the hold; the last local holder of the key unlocks it. The
+// unlock is bounded by the release timeout, not by ctx.
+func (b *muxBackend) release(context.Context, bool) error { return b.end() }
 
-func (b *muxBackend) end(ctx context.Context, send bool) error {
+// discard ends a hold that was lost: nothing is sent for it (unless it turns
+// out not to be lost, then it is unlocked).
+func (b *muxBackend) discard() { _ = b.end() }
+
+func (b *muxBackend) end() error {
 	e := b.e
 	if e == nil {
 		return nil
@@ -491,12 +564,12 @@ func (b *muxBackend) end(ctx context.Context, send bool) error {
 	lostErr := e.lostErr
 	t.mu.Unlock()
 	if !t.leave(e) {
-		if lostErr != nil && send {
+		if lostErr != nil {
 			return errors.Join(ErrLockLost, lostErr)
 		}
 		return nil
 	}
-	return b.m.give(ctx, e, b.l.cfg.mode, send)
+	return b.m.give(e, b.l.cfg.mode)
 }
 
 // watch registers lost to be called when the hold's connection is lost;

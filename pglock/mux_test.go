@@ -460,3 +460,94 @@ func TestMuxCounterExact(t *testing.T) {
 	k, _ := lk.Key(key)
 	pgtest.WaitFree(t, watch, k)
 }
+
+// A Locker on a *sql.DB with pgx's driver multiplexes too: held locks take
+// no connection of the *sql.DB.
+func TestMuxOnSQLDB(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db := faultSQLDB(t)
+	db.SetMaxOpenConns(1)
+	watch := pgtest.Pool(t, 2)
+	lk, err := pglock.NewLocker(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = lk.Close() })
+	names, keys := muxKeys(t, lk, 50)
+	var locks []*pglock.Lock
+	for _, n := range names {
+		l, _ := lk.Lock(n)
+		if err := l.Acquire(ctx); err != nil {
+			t.Fatal(err)
+		}
+		locks = append(locks, l)
+	}
+	if n := db.Stats().InUse; n != 0 {
+		t.Errorf("%d *sql.DB connections in use while 50 locks are held", n)
+	}
+	// The one connection of the *sql.DB is free for the work.
+	if _, err := db.ExecContext(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	byPID := advisoryByPID(t, watch, keys)
+	if len(byPID) == 0 || len(byPID) > pglock.DefaultLockConns {
+		t.Errorf("pg_locks by pid = %v", byPID)
+	}
+	for _, l := range locks {
+		if err := l.Release(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if byPID := advisoryByPID(t, watch, keys); len(byPID) != 0 {
+		t.Errorf("after release: %v", byPID)
+	}
+}
+
+// A lock connection cut off by a silent network: the holder sees the loss
+// within twice the check interval, and the server, told at connect to end an
+// abandoned session (idle_session_timeout, keepalives), frees the lock within
+// pglock.AbandonedSessionTimeout, so another replica gets it. Without the
+// bound the server would keep it for hours (forever behind this proxy,
+// which keeps TCP open).
+func TestMuxAbandonedSessionEnds(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	proxy, pool := faultProxyPool(t, 2)
+	other := pgtest.Pool(t, 2)
+	watch := pgtest.Pool(t, 2)
+	const interval = 200 * time.Millisecond
+	lk := muxLocker(t, pool, pglock.WithLostCheckInterval(interval))
+	l, _ := lk.Lock(pgtest.UniqueKey(t))
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // the watch starts 50 ms into the hold
+	cut := time.Now()
+	proxy.Blackhole()
+	select {
+	case <-l.Lost():
+	case <-time.After(2*interval + time.Second):
+		t.Fatalf("Lost not closed %v after the network went silent", time.Since(cut))
+	}
+	seen := time.Since(cut)
+	rival, _ := pglock.New(other, l.Key())
+	wctx, cancel := context.WithTimeout(ctx, pglock.AbandonedSessionTimeout+3*time.Second)
+	defer cancel()
+	if err := rival.Acquire(wctx); err != nil {
+		t.Fatalf("another session could not take the abandoned lock %v after the cut: %v", time.Since(cut), err)
+	}
+	freed := time.Since(cut)
+	t.Logf("loss seen by the holder after %v; lock taken by another session after %v", seen, freed)
+	if freed < seen {
+		t.Errorf("the server freed the lock (%v) before the holder saw the loss (%v)", freed, seen)
+	}
+	if err := rival.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	proxy.Restore()
+	if err := l.Release(ctx); !errors.Is(err, pglock.ErrLockLost) {
+		t.Errorf("Release after the loss = %v, want ErrLockLost", err)
+	}
+	pgtest.WaitFree(t, watch, l.Key())
+}
