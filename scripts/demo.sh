@@ -12,13 +12,16 @@ section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 echo "building the examples and the pglock command..."
 go build -o "$bin/" ./cmd/pglock
-(cd examples && go build -o "$bin/" ./quickstart ./http ./echo ./cron ./river ./grpc)
+(cd examples && go build -o "$bin/" ./quickstart ./http ./echo ./cron ./river ./grpc ./lockconns)
 
 section "1. quickstart: the Python package's README examples, in Go"
 "$bin/quickstart"
 
 section "2. net/http: two replicas of a service serialize requests for one key"
 "$bin/http"
+
+section "2b. lock connections: a held lock costs no pool connection"
+"$bin/lockconns"
 
 section "3. Echo: the same for an Echo service, with transaction scope"
 "$bin/echo"
