@@ -33,8 +33,8 @@ type mux struct {
 	lostCheck      time.Duration
 	releaseTimeout time.Duration
 
-	closing   chan struct{} // closed by Close
-	closeOnce sync.Once
+	closing       context.Context // ends when the Locker is closed
+	cancelClosing context.CancelFunc
 
 	initMu  sync.Mutex
 	inited  atomic.Bool
@@ -53,7 +53,10 @@ type mux struct {
 }
 
 func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
+	closing, cancel := context.WithCancel(context.Background())
 	return &mux{
+		closing:        closing,
+		cancelClosing:  cancel,
 		t:              newKeyTable(),
 		pool:           pool,
 		db:             db,
@@ -62,7 +65,6 @@ func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
 		maxLocks:       cfg.maxLocks,
 		lostCheck:      cfg.lostCheck,
 		releaseTimeout: cfg.releaseTimeout,
-		closing:        make(chan struct{}),
 		slots:          make([]*lockConn, cfg.lockConns),
 		waitSem:        make(chan struct{}, cfg.waitConns),
 		waitBusy:       make(map[*lockConn]struct{}),
@@ -323,7 +325,7 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error) {
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stop := context.AfterFunc(closedContext{m.closing}, cancel)
+	stop := context.AfterFunc(m.closing, cancel)
 	defer stop()
 	select {
 	case m.waitSem <- struct{}{}:
@@ -361,21 +363,6 @@ func (m *mux) waitErr(ctx context.Context) error {
 		return err
 	}
 	return ErrLockerClosed
-}
-
-// closedContext is a context that is done when ch is closed.
-type closedContext struct{ ch chan struct{} }
-
-func (c closedContext) Deadline() (time.Time, bool) { return time.Time{}, false }
-func (c closedContext) Done() <-chan struct{}       { return c.ch }
-func (c closedContext) Value(any) any               { return nil }
-func (c closedContext) Err() error {
-	select {
-	case <-c.ch:
-		return context.Canceled
-	default:
-		return nil
-	}
 }
 
 // waitConn takes an idle waiting connection or makes one; the caller holds
@@ -470,7 +457,7 @@ func (m *mux) give(e *keyEntry, mode Mode) error {
 
 // close closes every connection: the locks on them are lost.
 func (m *mux) close() error {
-	m.closeOnce.Do(func() { close(m.closing) })
+	m.cancelClosing()
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
