@@ -52,6 +52,9 @@ type connOp struct {
 	fn     func(*pgx.Conn)
 	// closing closes the connection (for this reason) instead.
 	closing error
+	// ctx bounds the connect, when the request is the first on a new
+	// connection (nil: only the connect bound).
+	ctx context.Context
 
 	ok   bool  // the function's result
 	err  error // the request failed (see errConnGone)
@@ -130,7 +133,7 @@ func (c *lockConn) flush(batch []*connOp) {
 		c.shut(why)
 		return
 	}
-	if err := c.open(); err != nil {
+	if err := c.open(batch[0].ctx); err != nil {
 		for _, o := range batch {
 			o.err = err
 		}
@@ -152,10 +155,11 @@ func (c *lockConn) flush(batch []*connOp) {
 	}
 }
 
-// open connects on first use; a connection that died since is gone. A
+// open connects on first use, within ctx (the first request's; nil: no
+// limit but the connect bound); a connection that died since is gone. A
 // connection that held nothing and ran nothing for half the abandoned-session
 // bound is replaced before the server ends it as idle (see mux.connect).
-func (c *lockConn) open() error {
+func (c *lockConn) open(ctx context.Context) error {
 	c.mu.Lock()
 	dead, conn, holds := c.dead, c.conn, c.holds
 	c.mu.Unlock()
@@ -172,7 +176,7 @@ func (c *lockConn) open() error {
 	case conn != nil:
 		return nil
 	}
-	conn, err := c.m.connect()
+	conn, err := c.m.connect(ctx)
 	if err != nil {
 		c.markDead(err)
 		return fmt.Errorf("%w: %w", errConnGone, err)

@@ -130,7 +130,11 @@ func (m *mux) init(ctx context.Context) error {
 		return ErrLockerClosed
 	}
 	var err error
-	c.do(&connOp{fn: func(conn *pgx.Conn) { err = m.readLimit(conn) }})
+	op := connOp{ctx: ctx, fn: func(conn *pgx.Conn) { err = m.readLimit(conn) }}
+	c.do(&op)
+	if err == nil {
+		err = op.err
+	}
 	if err == nil {
 		m.inited.Store(true)
 	}
@@ -174,8 +178,11 @@ const lockTableShare = 2
 // watch keeps it busy, so a live holder is never cut. Both bounds are well
 // past the client's own (twice the check interval), so the client sees the
 // loss first.
-func (m *mux) connect() (*pgx.Conn, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), max(m.releaseTimeout, 5*time.Second))
+func (m *mux) connect(ctx context.Context) (*pgx.Conn, error) {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, cancel := context.WithTimeout(ctx, max(m.releaseTimeout, 5*time.Second))
 	defer cancel()
 	cfg := m.connCfg.Copy()
 	bound := m.abandonBound()
@@ -286,7 +293,7 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 		return false, err
 	}
 	var c *lockConn
-	op := connOp{key: k, mode: mode}
+	op := connOp{ctx: ctx, key: k, mode: mode}
 	// A connection lost before or during the statement holds nothing: try
 	// once more on a new one.
 	for range 2 {
@@ -339,12 +346,16 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 	}
 	var held, healthy bool
 	var err error
-	wc.do(&connOp{fn: func(conn *pgx.Conn) {
+	op := connOp{ctx: wctx, fn: func(conn *pgx.Conn) {
 		held, healthy, err = waitSession(wctx, b.l, conn)
 		if held {
 			wc.addHolds(1)
 		}
-	}})
+	}}
+	wc.do(&op)
+	if op.err != nil {
+		err = op.err // the waiting connection could not be opened
+	}
 	if held {
 		m.t.granted(e, b.l.cfg.mode, wc)
 		return true, nil
