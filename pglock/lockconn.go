@@ -56,10 +56,11 @@ type connOp struct {
 	// connection (nil: only the connect bound).
 	ctx context.Context
 
-	ok   bool  // the function's result
-	err  error // the request failed (see errConnGone)
-	lead bool  // handed the connection: the receiver flushes the queue
-	done chan struct{}
+	ok    bool  // the function's result
+	err   error // the request failed (see errConnGone)
+	lead  bool  // handed the connection: the receiver flushes the queue
+	retry bool  // put back in the queue after a connect cut short
+	done  chan struct{}
 }
 
 // isRequest reports whether o is a lock or unlock request, which can share a
@@ -73,7 +74,7 @@ var errConnGone = errors.New("pglock: lock connection gone")
 
 // do runs op on the connection and returns when op has its result.
 func (c *lockConn) do(op *connOp) {
-	op.done, op.lead = make(chan struct{}), false
+	op.done, op.lead, op.retry = make(chan struct{}), false, false
 	c.mu.Lock()
 	if c.dead != nil {
 		c.mu.Unlock()
@@ -103,9 +104,12 @@ func (c *lockConn) do(op *connOp) {
 	c.queue = c.queue[n:]
 	c.mu.Unlock()
 
-	c.flush(batch)
+	retry := c.flush(batch)
 
 	c.mu.Lock()
+	if len(retry) > 0 {
+		c.queue = append(retry, c.queue...)
+	}
 	if len(c.queue) > 0 {
 		next := c.queue[0]
 		next.lead = true
@@ -116,28 +120,40 @@ func (c *lockConn) do(op *connOp) {
 	}
 	c.mu.Unlock()
 	for _, o := range batch {
-		if o != op {
+		if o != op && !o.retry {
 			close(o.done)
 		}
 	}
 }
 
 // flush runs batch on the connection, opening it first if needed. The
-// calling goroutine owns the connection.
-func (c *lockConn) flush(batch []*connOp) {
+// calling goroutine owns the connection. When a connect was cut short by the
+// context of the request it ran for, the requests whose contexts ended fail
+// and the others are returned, marked retry, for another attempt.
+func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 	if c.stopWatch != nil {
 		c.stopWatch()
 		c.stopWatch = nil
 	}
 	if why := batch[0].closing; why != nil {
 		c.shut(why)
-		return
+		return nil
 	}
-	if err := c.open(batch[0].ctx); err != nil {
+	if err := c.open(batch); err != nil {
 		for _, o := range batch {
-			o.err = err
+			switch {
+			case !errors.Is(err, errConnectCut):
+				o.err = err
+			case ctxEnded(o.ctx) != nil:
+				o.err = fmt.Errorf("%w: %w", ctxEnded(o.ctx), err)
+			case o == batch[0]: // the caller of flush does not wait again
+				o.err = err
+			default:
+				o.retry = true
+				retry = append(retry, o)
+			}
 		}
-		return
+		return retry
 	}
 	if batch[0].fn != nil {
 		batch[0].fn(c.conn)
@@ -153,13 +169,46 @@ func (c *lockConn) flush(batch []*connOp) {
 		w.attach(c.conn)
 		c.stopWatch = watchAfter(min(watchDelay, c.m.lostCheck), w.run, w.stop)
 	}
+	return nil
 }
 
-// open connects on first use, within ctx (the first request's; nil: no
-// limit but the connect bound); a connection that died since is gone. A
+// errConnectCut: a connect was cut short by the context of the request it
+// ran for; the connection is not lost, and other requests may try again.
+var errConnectCut = errors.New("pglock: connect cut short by the request's context")
+
+// connectContext returns the context for a connect on behalf of batch: that
+// of the first request whose context has not ended (nil when one has none).
+func connectContext(batch []*connOp) (context.Context, bool) {
+	for _, o := range batch {
+		if ctxEnded(o.ctx) == nil {
+			return o.ctx, true
+		}
+	}
+	return nil, false
+}
+
+// ctxEnded returns ctx's error, or DeadlineExceeded once its deadline has
+// passed (a dial cut by the deadline can return before ctx's timer fires);
+// nil for a nil ctx.
+func ctxEnded(ctx context.Context) error {
+	if ctx == nil {
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
+	}
+	return nil
+}
+
+// open connects on first use, within the context of the first request of
+// batch whose context has not ended (see flush); a connection that died since
+// is gone. A
 // connection that held nothing and ran nothing for half the abandoned-session
 // bound is replaced before the server ends it as idle (see mux.connect).
-func (c *lockConn) open(ctx context.Context) error {
+func (c *lockConn) open(batch []*connOp) error {
 	c.mu.Lock()
 	dead, conn, holds := c.dead, c.conn, c.holds
 	c.mu.Unlock()
@@ -176,8 +225,15 @@ func (c *lockConn) open(ctx context.Context) error {
 	case conn != nil:
 		return nil
 	}
+	ctx, ok := connectContext(batch)
+	if !ok {
+		return errConnectCut
+	}
 	conn, err := c.m.connect(ctx)
 	if err != nil {
+		if ctxEnded(ctx) != nil {
+			return fmt.Errorf("%w: %w", errConnectCut, err)
+		}
 		c.markDead(err)
 		return fmt.Errorf("%w: %w", errConnGone, err)
 	}
