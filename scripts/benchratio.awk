@@ -3,6 +3,8 @@
 # "pglock" (or adapter) and "raw" sub-benchmarks run alone, and the median
 # ratio reported by its "paired" sub-benchmark, which alternates the two in
 # one loop (the figure to trust on a noisy machine). make bench pipes into it.
+# Other figures a "paired" sub-benchmark reports (pairs/s, percentiles, bytes
+# per lock...; not its per-side ns/op) follow the ratio, as medians.
 function median(list,    n, a, i, j, t) {
 	n = split(list, a, " ")
 	for (i = 1; i <= n; i++) a[i] += 0
@@ -20,6 +22,10 @@ function median(list,    n, a, i, j, t) {
 	for (i = 4; i <= NF; i++) {
 		if ($(i) ~ /\/raw$/ && leaf == "paired") ratio[base] = ratio[base] " " $(i - 1)
 		if ($(i) == "allocs/op" && leaf != "paired") allocs[base, leaf] = $(i - 1)
+		if (leaf == "paired" && i % 2 == 0 && $(i) !~ /(\/raw|ns\/op|B\/op|allocs\/op)$/) {
+			if (!((base, $(i)) in extra)) units[base] = units[base] " " $(i)
+			extra[base, $(i)] = extra[base, $(i)] " " $(i - 1)
+		}
 	}
 	if (leaf != "paired") {
 		ns[base, leaf] = ns[base, leaf] " " $3
@@ -34,6 +40,12 @@ END {
 		n = split(substr(leaves[base], 2), ls, " ")
 		for (i = 1; i <= n; i++)
 			line = line sprintf("  %s %6.0f ns/op %3d allocs", ls[i], median(ns[base, ls[i]]), allocs[base, ls[i]])
-		printf "%s  paired ratio %.2f\n", line, median(ratio[base])
+		line = sprintf("%s  paired ratio %.2f", line, median(ratio[base]))
+		n = split(substr(units[base], 2), us, " ")
+		for (i = 1; i <= n; i++) {
+			v = median(extra[base, us[i]])
+			line = line sprintf((v >= 1000 || v <= -1000) ? "  %s %.0f" : "  %s %.3g", us[i], v)
+		}
+		print line
 	}
 }

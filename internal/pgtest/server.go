@@ -109,6 +109,22 @@ func version(binDir string) float64 {
 // loopback port, with trust authentication, fsync off and room for many
 // connections.
 func StartThrowaway(ctx context.Context) (*Server, error) {
+	return StartThrowawayWith(ctx, nil)
+}
+
+// StartThrowawayWith is StartThrowaway with extra server settings, each
+// passed to the server as -c name=value after StartThrowaway's own, so that
+// it overrides them (for example max_locks_per_transaction, max_connections).
+// Names are PostgreSQL parameter names; values are plain words (letters,
+// digits and _ . , : / + -), since pg_ctl hands them to a shell: a value that
+// would need quoting is an error. listen_addresses, port and
+// unix_socket_directories are the throwaway's own and cannot be set. Nothing
+// is started when a setting is invalid.
+func StartThrowawayWith(ctx context.Context, settings map[string]string) (*Server, error) {
+	extra, err := settingArgs(settings)
+	if err != nil {
+		return nil, err
+	}
 	bin, err := Binaries()
 	if err != nil {
 		return nil, err
@@ -149,6 +165,9 @@ func StartThrowaway(ctx context.Context) (*Server, error) {
 		"-c max_connections=300",
 		"-c max_locks_per_transaction=128",
 	}, " ")
+	for _, a := range extra {
+		opts += " " + a
+	}
 	if out, err := s.run(ctx, s.pgCtl, "-D", data, "-l", filepath.Join(dir, "server.log"), "-o", opts,
 		"-w", "-t", "60", "start"); err != nil {
 		logText, _ := os.ReadFile(filepath.Join(dir, "server.log"))
@@ -161,6 +180,48 @@ func StartThrowaway(ctx context.Context) (*Server, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// settingArgs checks settings and returns them as -c arguments, sorted by
+// name.
+func settingArgs(settings map[string]string) ([]string, error) {
+	names := make([]string, 0, len(settings))
+	for name := range settings {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	args := make([]string, 0, len(names))
+	for _, name := range names {
+		value := settings[name]
+		switch {
+		case !isWord(name, "_.") || name[0] == '.' || (name[0] >= '0' && name[0] <= '9'):
+			return nil, fmt.Errorf("pgtest: server setting name %q is not a parameter name", name)
+		case ownSettings[strings.ToLower(name)]:
+			return nil, fmt.Errorf("pgtest: server setting %s belongs to the throwaway cluster and cannot be set", name)
+		case !isWord(value, "_.,:/+-"):
+			return nil, fmt.Errorf("pgtest: server setting %s=%q: the value must be a plain word (letters, digits, _ . , : / + -)", name, value)
+		}
+		args = append(args, "-c "+name+"="+value)
+	}
+	return args, nil
+}
+
+// ownSettings are the settings StartThrowaway relies on to reach its server.
+var ownSettings = map[string]bool{"listen_addresses": true, "port": true, "unix_socket_directories": true}
+
+// isWord reports whether s is not empty and has only ASCII letters, digits
+// and the bytes of punct.
+func isWord(s, punct string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte(punct, c) >= 0) {
+			return false
+		}
+	}
+	return true
 }
 
 // Stop stops and removes a throwaway cluster; it does nothing for a server

@@ -1,0 +1,440 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/internal/pgtest"
+	"github.com/pglockkit/kit/pglock"
+)
+
+// The multiplexing Locker (session locks on lock connections of its own)
+// beside raw pgx doing the same SQL, in the same run. Every call gets a
+// cancellable context, as callers' contexts are (a request's, a job's): pgx
+// watches such a context for the length of each query, which it does not do
+// for context.Background().
+//
+// Benchmarks whose two sides are measured in rounds (many goroutines at
+// once) alternate library and raw rounds in one loop, swapping their order
+// every round, so that both see the same machine noise; like pgtest.Paired,
+// they report "pglock/raw", the library's time per operation over raw pgx's
+// (lower is better; scripts/benchratio.awk summarizes it with the other
+// figures of the "paired" sub-benchmark).
+
+// callerCtx returns a cancellable context, cancelled when b ends.
+func callerCtx(b *testing.B) context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	b.Cleanup(cancel)
+	return ctx
+}
+
+// newLocker returns a multiplexing Locker on pool, closed when b ends.
+func newLocker(b *testing.B, pool *pgxpool.Pool, opts ...pglock.Option) *pglock.Locker {
+	lk, err := pglock.NewLocker(pool, opts...)
+	must(b, err)
+	b.Cleanup(func() { _ = lk.Close() })
+	return lk
+}
+
+// keys returns n keys no other test or run uses.
+func keys(b *testing.B, n int) []pglock.Key {
+	ks := make([]pglock.Key, n)
+	for i := range ks {
+		k, err := pglock.KeyOf(pgtest.UniqueKey(b))
+		must(b, err)
+		ks[i] = k
+	}
+	return ks
+}
+
+// warmPool opens all n connections of pool at once and prepares the raw
+// side's statements on each.
+func warmPool(ctx context.Context, b *testing.B, pool *pgxpool.Pool, n int) {
+	cs := make([]*pgxpool.Conn, n)
+	for i := range cs {
+		c, err := pool.Acquire(ctx)
+		must(b, err)
+		cs[i] = c
+	}
+	k := keys(b, 1)[0].Int64()
+	for _, c := range cs {
+		_, err := c.Exec(ctx, "SELECT pg_advisory_lock($1::bigint)", k)
+		must(b, err)
+		var ok bool
+		must(b, c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", k).Scan(&ok))
+		if !ok {
+			b.Fatal("warm: unlock: not held")
+		}
+		c.Release()
+	}
+}
+
+// fanOut runs f(0..n-1) in n goroutines and returns how long they took
+// together. f reports failures with an error (b.Fatal is for the benchmark's
+// own goroutine).
+func fanOut(b *testing.B, n int, f func(i int) error) time.Duration {
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range n {
+		wg.Go(func() { errs[i] = f(i) })
+	}
+	wg.Wait()
+	d := time.Since(start)
+	must(b, errors.Join(errs...))
+	return d
+}
+
+// rounds alternates lib and raw, each one round of ops operations, in one
+// benchmark loop (swapping their order every round), and reports each one's
+// operations per second ("lib-<unit>/s", "raw-<unit>/s"), their quotient
+// ("lib/raw-<unit>/s", higher is better for the library) and pglock/raw, the
+// library's time per operation over raw pgx's. It returns the number of
+// rounds of each.
+func rounds(b *testing.B, unit string, ops int, lib, raw func() time.Duration) int {
+	var libT, rawT time.Duration
+	n := 0
+	for b.Loop() {
+		if n%2 == 0 {
+			libT += lib()
+			rawT += raw()
+		} else {
+			rawT += raw()
+			libT += lib()
+		}
+		n++
+	}
+	libRate := float64(n*ops) / libT.Seconds()
+	rawRate := float64(n*ops) / rawT.Seconds()
+	b.ReportMetric(libRate, "lib-"+unit+"/s")
+	b.ReportMetric(rawRate, "raw-"+unit+"/s")
+	b.ReportMetric(libRate/rawRate, "lib/raw-"+unit+"/s")
+	b.ReportMetric(float64(libT)/float64(rawT), "pglock/raw")
+	return n
+}
+
+// 1. Uncontended Acquire + Release of one Lock of a multiplexing Locker, and
+// Locker.Do with a function that does nothing, each beside raw pgx on a pool:
+// pool.Acquire, pg_advisory_lock, pg_advisory_unlock, release (two round
+// trips, as the library's lock connection needs).
+func BenchmarkMuxUncontended(b *testing.B) {
+	b.Run("AcquireRelease", func(b *testing.B) {
+		run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+			ctx := callerCtx(b)
+			l, err := newLocker(b, pool).Lock(k)
+			must(b, err)
+			return pair{
+				lib: func(b *testing.B) {
+					must(b, l.Acquire(ctx))
+					must(b, l.Release(ctx))
+				},
+				raw: func(b *testing.B) {
+					rawLockUnlock(ctx, b, pool, "SELECT pg_advisory_lock($1::bigint)", rk, func() {})
+				},
+			}
+		})
+	})
+	b.Run("Do", func(b *testing.B) {
+		noop := func(context.Context) error { return nil }
+		run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+			ctx := callerCtx(b)
+			lk := newLocker(b, pool)
+			return pair{
+				lib: func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) },
+				raw: func(b *testing.B) {
+					rawLockUnlock(ctx, b, pool, "SELECT pg_advisory_lock($1::bigint)", rk, func() { must(b, noop(ctx)) })
+				},
+			}
+		})
+	})
+}
+
+// 2. 64 goroutines, each looping lock + unlock on a key of its own: one
+// multiplexing Locker (on a pool of 4, which it does not use for its locks)
+// beside raw pgx on a pool of 64, where each pair is pool.Acquire,
+// pg_advisory_lock, pg_advisory_unlock, release. Reported in lock+unlock
+// pairs per second, with 1, 2 (the default) and 4 lock connections.
+func BenchmarkMuxParallelDistinctKeys(b *testing.B) {
+	const (
+		workers = 64
+		perLoop = 25 // pairs per goroutine per round
+	)
+	ctx := callerCtx(b)
+	libPool := pgtest.Pool(b, 4)
+	rawPool := pgtest.Pool(b, workers)
+	warmPool(ctx, b, rawPool, workers)
+	rawKeys := keys(b, workers)
+	for _, conns := range []int{1, 2, 4} {
+		b.Run(fmt.Sprintf("conns=%d/paired", conns), func(b *testing.B) {
+			lk := newLocker(b, libPool, pglock.WithLockConns(conns))
+			ls := make([]*pglock.Lock, workers)
+			for i, k := range keys(b, workers) {
+				l, err := lk.Lock(k)
+				must(b, err)
+				ls[i] = l
+			}
+			lib := func() time.Duration {
+				return fanOut(b, workers, func(i int) error {
+					for range perLoop {
+						if err := ls[i].Acquire(ctx); err != nil {
+							return err
+						}
+						if err := ls[i].Release(ctx); err != nil {
+							return err
+						}
+					}
+					return nil
+				})
+			}
+			raw := func() time.Duration {
+				return fanOut(b, workers, func(i int) error {
+					for range perLoop {
+						if err := rawPair(ctx, rawPool, rawKeys[i]); err != nil {
+							return err
+						}
+					}
+					return nil
+				})
+			}
+			lib() // open the lock connections, prepare their statements
+			rounds(b, "pairs", workers*perLoop, lib, raw)
+			if s := lk.Stats(); s.LockConns > conns || s.ServerLocks != 0 {
+				b.Fatalf("after the run: %+v", s)
+			}
+		})
+	}
+}
+
+// rawPair is one raw lock + unlock pair on a pool connection.
+func rawPair(ctx context.Context, pool *pgxpool.Pool, k pglock.Key) error {
+	c, err := pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1::bigint)", k.Int64()); err != nil {
+		return err
+	}
+	var ok bool
+	if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", k.Int64()).Scan(&ok); err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("raw unlock of %s: not held", k)
+	}
+	return nil
+}
+
+// 3. 10,000 locks held at once by one Locker, taken by 100 goroutines: the
+// time to take them all and to give them back, the lock connections used, and
+// the Go heap per held lock (the caller's *Lock included). Beside it, raw pgx
+// taking 10,000 locks on one connection in one pipelined batch (one round
+// trip: the floor, not what a service of many goroutines can do).
+//
+// The server's lock table must have room: this runs only on a throwaway
+// cluster started with max_locks_per_transaction=256, never on the shared
+// server (other tests run there, and the default table, 64 * 100 slots,
+// would fill).
+func BenchmarkMuxHoldTenThousand(b *testing.B) {
+	const (
+		total   = 10_000
+		workers = 100
+	)
+	if _, err := pgtest.Binaries(); err != nil {
+		b.Skip("needs a throwaway cluster with a raised max_locks_per_transaction, and there are no PostgreSQL server binaries:", err)
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	srv, err := pgtest.StartThrowawayWith(sctx, map[string]string{"max_locks_per_transaction": "256"})
+	cancel()
+	if err != nil {
+		b.Skip("needs a throwaway cluster with a raised max_locks_per_transaction, and none could be started:", err)
+	}
+	b.Cleanup(srv.Stop)
+	ctx := callerCtx(b)
+	cfg, err := pgxpool.ParseConfig(srv.URL)
+	must(b, err)
+	cfg.MaxConns = 4
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	must(b, err)
+	b.Cleanup(pool.Close)
+	rawConn, err := pgx.Connect(ctx, srv.URL)
+	must(b, err)
+	b.Cleanup(func() { _ = rawConn.Close(context.Background()) })
+
+	b.Run("paired", func(b *testing.B) {
+		lk := newLocker(b, pool)
+		must(b, lk.Do(ctx, "warm", func(context.Context) error { return nil })) // open a lock connection
+		var (
+			takeT, giveT, rawTakeT, rawGiveT time.Duration
+			heap                             float64
+			lockConns, waitConns             int
+			n                                int
+		)
+		var ms runtime.MemStats
+		lib := func() {
+			ks := keys(b, total)
+			runtime.GC()
+			runtime.ReadMemStats(&ms)
+			before := ms.HeapAlloc
+			ls := make([]*pglock.Lock, total)
+			takeT += fanOut(b, workers, func(w int) error {
+				for i := w; i < total; i += workers {
+					l, err := lk.Lock(ks[i])
+					if err != nil {
+						return err
+					}
+					if err := l.Acquire(ctx); err != nil {
+						return err
+					}
+					ls[i] = l
+				}
+				return nil
+			})
+			s := lk.Stats()
+			if s.HeldKeys != total || s.ServerLocks != total {
+				b.Fatalf("holding %d locks: %+v", total, s)
+			}
+			lockConns, waitConns = max(lockConns, s.LockConns), max(waitConns, s.WaitConns)
+			runtime.GC()
+			runtime.ReadMemStats(&ms)
+			heap += float64(int64(ms.HeapAlloc)-int64(before)) / total
+			giveT += fanOut(b, workers, func(w int) error {
+				for i := w; i < total; i += workers {
+					if err := ls[i].Release(ctx); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			runtime.KeepAlive(ls)
+		}
+		raw := func() {
+			ks := keys(b, total)
+			var batch pgx.Batch
+			for _, k := range ks {
+				batch.Queue("SELECT pg_advisory_lock($1::bigint)", k.Int64())
+			}
+			t0 := time.Now()
+			must(b, rawConn.SendBatch(ctx, &batch).Close())
+			t1 := time.Now()
+			var unlocked bool
+			must(b, rawConn.QueryRow(ctx, "SELECT pg_advisory_unlock_all() IS NULL").Scan(&unlocked))
+			rawTakeT, rawGiveT = rawTakeT+t1.Sub(t0), rawGiveT+time.Since(t1)
+		}
+		raw() // prepare the statement
+		rawTakeT, rawGiveT = 0, 0
+		for b.Loop() {
+			if n%2 == 0 {
+				lib()
+				raw()
+			} else {
+				raw()
+				lib()
+			}
+			n++
+		}
+		perRound := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(n) }
+		b.ReportMetric(perRound(takeT), "take-10k-ms")
+		b.ReportMetric(perRound(giveT), "release-10k-ms")
+		b.ReportMetric(float64(lockConns), "lock-conns")
+		b.ReportMetric(float64(waitConns), "wait-conns")
+		b.ReportMetric(heap/float64(n), "heap-B/lock")
+		b.ReportMetric(perRound(rawTakeT), "raw-take-10k-ms")
+		b.ReportMetric(perRound(rawGiveT), "raw-unlock-all-ms")
+		b.ReportMetric(float64(takeT)/float64(rawTakeT), "pglock/raw")
+	})
+}
+
+// 4. Hand-off under contention on one key: 8 goroutines looping on one key
+// with a tiny critical section (on the library's side a non-atomic counter,
+// checked: exclusion), through Locker.Do of one multiplexing Locker, beside 8
+// raw pgx sessions (pool
+// connections, pinned for the round) looping pg_advisory_lock /
+// pg_advisory_unlock. Reported in grants per second, and the wait for each
+// grant (from the call to the critical section) at the 50th and 99th
+// percentiles.
+func BenchmarkMuxHandoff(b *testing.B) {
+	const (
+		workers = 8
+		perLoop = 40 // grants per goroutine per round
+	)
+	ctx := callerCtx(b)
+	libPool := pgtest.Pool(b, 4)
+	rawPool := pgtest.Pool(b, workers)
+	warmPool(ctx, b, rawPool, workers)
+	b.Run("paired", func(b *testing.B) {
+		lk := newLocker(b, libPool)
+		ks := keys(b, 2)
+		k, rk := ks[0], ks[1]
+		var counter int           // guarded by the library's lock
+		var rawCount atomic.Int64 // the raw side's order is the server's, which the race detector cannot see
+		libWaits, rawWaits := make([][]time.Duration, workers), make([][]time.Duration, workers)
+		lib := func() time.Duration {
+			return fanOut(b, workers, func(w int) error {
+				for range perLoop {
+					t0 := time.Now()
+					err := lk.Do(ctx, k, func(context.Context) error {
+						libWaits[w] = append(libWaits[w], time.Since(t0))
+						counter++
+						return nil
+					})
+					if err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+		}
+		raw := func() time.Duration {
+			return fanOut(b, workers, func(w int) error {
+				c, err := rawPool.Acquire(ctx)
+				if err != nil {
+					return err
+				}
+				defer c.Release()
+				for range perLoop {
+					t0 := time.Now()
+					if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1::bigint)", rk.Int64()); err != nil {
+						return err
+					}
+					rawWaits[w] = append(rawWaits[w], time.Since(t0))
+					rawCount.Add(1)
+					var ok bool
+					if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", rk.Int64()).Scan(&ok); err != nil {
+						return err
+					}
+					if !ok {
+						return fmt.Errorf("raw unlock of %s: not held", rk)
+					}
+				}
+				return nil
+			})
+		}
+		lib() // open the lock connection, prepare its statements
+		libWaits = make([][]time.Duration, workers)
+		counter = 0
+		n := rounds(b, "grants", workers*perLoop, lib, raw)
+		if want := workers * perLoop * n; counter != want || rawCount.Load() != int64(want) {
+			b.Fatalf("library counter %d, raw %d, want %d: two holders at once", counter, rawCount.Load(), want)
+		}
+		for _, s := range []struct {
+			name  string
+			waits [][]time.Duration
+		}{{"lib", libWaits}, {"raw", rawWaits}} {
+			all := slices.Concat(s.waits...)
+			slices.Sort(all)
+			b.ReportMetric(float64(all[len(all)/2].Nanoseconds())/1e3, s.name+"-p50-wait-us")
+			b.ReportMetric(float64(all[len(all)*99/100].Nanoseconds())/1e3, s.name+"-p99-wait-us")
+		}
+	})
+}
