@@ -35,7 +35,23 @@ type keyEntry struct {
 	// whether that connection was lost.
 	conn    *lockConn
 	lostErr error
-	onLost  map[*muxBackend]func(error)
+	onLost  []lostHook // one per holder watching for the loss
+}
+
+// lostHook is a holder's function to call when its key is lost.
+type lostHook struct {
+	b  *muxBackend
+	fn func(error)
+}
+
+// dropHook removes b's hook from e. t.mu must be held.
+func (e *keyEntry) dropHook(b *muxBackend) {
+	for i, h := range e.onLost {
+		if h.b == b {
+			e.onLost = append(e.onLost[:i], e.onLost[i+1:]...)
+			return
+		}
+	}
 }
 
 // keyWaiter is a goroutine queued for a key. It is told once, on ch, either

@@ -33,10 +33,11 @@ type lockConn struct {
 	dead   error // the connection was lost or closed: no new request is taken
 	holds  int   // server locks held on it
 
-	// stopWatch ends the watch and lastUsed is when the connection last ran
-	// a statement; only the goroutine that owns the connection touches them.
-	stopWatch func()
-	lastUsed  time.Time
+	// watch watches the connection while it holds locks and nobody uses it,
+	// and lastUsed is when it last ran a statement; only the goroutine that
+	// owns the connection touches them.
+	watch    rewatch
+	lastUsed time.Time
 
 	// lost is set (under the key table's mutex) when the connection is lost,
 	// so that a grant recorded after the loss is known to be lost too.
@@ -131,10 +132,7 @@ func (c *lockConn) do(op *connOp) {
 // context of the request it ran for, the requests whose contexts ended fail
 // and the others are returned, marked retry, for another attempt.
 func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
-	if c.stopWatch != nil {
-		c.stopWatch()
-		c.stopWatch = nil
-	}
+	c.watch.stop()
 	if why := batch[0].closing; why != nil {
 		c.shut(why)
 		return nil
@@ -165,9 +163,7 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 	watch := c.dead == nil && c.holds > 0 && !c.conn.IsClosed()
 	c.mu.Unlock()
 	if watch {
-		w := &pgxWatcher{interval: c.m.lostCheck, lost: c.lose}
-		w.attach(c.conn)
-		c.stopWatch = watchAfter(min(watchDelay, c.m.lostCheck), w.run, w.stop)
+		c.watch.arm(c.conn, c.m.lostCheck, c.lose)
 	}
 	return nil
 }

@@ -427,8 +427,8 @@ func (m *mux) connLost(c *lockConn, err error) {
 			continue
 		}
 		e.lostErr = err
-		for _, f := range e.onLost {
-			fns = append(fns, f)
+		for _, h := range e.onLost {
+			fns = append(fns, h.fn)
 		}
 	}
 	m.t.mu.Unlock()
@@ -558,7 +558,7 @@ func (b *muxBackend) end() error {
 	b.e = nil
 	t := b.m.t
 	t.mu.Lock()
-	delete(e.onLost, b)
+	e.dropHook(b)
 	lostErr := e.lostErr
 	t.mu.Unlock()
 	if !t.leave(e) {
@@ -576,10 +576,7 @@ func (b *muxBackend) watch(_ time.Duration, lost func(error)) func() {
 	e := b.e
 	t := b.m.t
 	t.mu.Lock()
-	if e.onLost == nil {
-		e.onLost = make(map[*muxBackend]func(error))
-	}
-	e.onLost[b] = lost
+	e.onLost = append(e.onLost, lostHook{b, lost})
 	lostErr := e.lostErr
 	t.mu.Unlock()
 	if lostErr != nil {
@@ -587,7 +584,7 @@ func (b *muxBackend) watch(_ time.Duration, lost func(error)) func() {
 	}
 	return func() {
 		t.mu.Lock()
-		delete(e.onLost, b)
+		e.dropHook(b)
 		t.mu.Unlock()
 	}
 }

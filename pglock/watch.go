@@ -117,3 +117,50 @@ func (w *pgxWatcher) stop() {
 		_ = w.nc.SetReadDeadline(time.Now())
 	}
 }
+
+// rewatch is a watch armed and stopped many times, as a lock connection is
+// used and left idle: its timer, watcher and wait group are reused, so that
+// arming it costs no allocation. Like watchAfter, it starts watching after
+// watchDelay (or the interval, if shorter). Not safe for concurrent use: the
+// goroutine that owns the connection arms and stops it.
+type rewatch struct {
+	w     pgxWatcher
+	t     *time.Timer
+	wg    sync.WaitGroup
+	armed bool
+}
+
+// arm starts watching conn after the delay; lost is called if it dies.
+func (r *rewatch) arm(conn *pgx.Conn, interval time.Duration, lost func(error)) {
+	r.w.mu.Lock()
+	r.w.interval, r.w.lost = interval, lost
+	r.w.conn, r.w.nc, r.w.stopping = conn, conn.PgConn().Conn(), false
+	r.w.mu.Unlock()
+	r.wg.Add(1)
+	r.armed = true
+	delay := min(watchDelay, interval)
+	if r.t == nil {
+		r.t = time.AfterFunc(delay, r.fire)
+		return
+	}
+	r.t.Reset(delay)
+}
+
+func (r *rewatch) fire() {
+	defer r.wg.Done()
+	r.w.run()
+}
+
+// stop ends the watch, if armed, and waits for it.
+func (r *rewatch) stop() {
+	if !r.armed {
+		return
+	}
+	r.armed = false
+	if r.t.Stop() {
+		r.wg.Done()
+	} else {
+		r.w.stop()
+	}
+	r.wg.Wait()
+}
