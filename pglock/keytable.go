@@ -156,6 +156,33 @@ func (t *keyTable) granted(e *keyEntry, mode Mode, conn *lockConn) {
 	}
 }
 
+// nextExclusive reports whether the first goroutine queued for e waits for
+// an exclusive hold.
+func (t *keyTable) nextExclusive(e *keyEntry) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(e.queue) > 0 && e.queue[0].mode == Exclusive
+}
+
+// handOff gives the exclusive hold that the owner of e's turn has (on conn)
+// to the first goroutine queued, if it waits for an exclusive hold, and
+// reports whether it did.
+func (t *keyTable) handOff(e *keyEntry, conn *lockConn) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(e.queue) == 0 || e.queue[0].mode != Exclusive {
+		return false
+	}
+	w := e.queue[0]
+	e.queue = e.queue[1:]
+	e.turn, e.holders, e.mode, e.conn, e.lostErr = false, 1, Exclusive, conn, nil
+	if conn != nil && conn.lost != nil {
+		e.lostErr = conn.lost
+	}
+	w.ch <- true
+	return true
+}
+
 // leave ends one local hold of e. It reports whether it was the last: then
 // the caller owns e's turn, must give back the server's lock, and then call
 // passTurn.

@@ -48,9 +48,16 @@ type lockConn struct {
 // one key, or (fn) a use of the connection alone.
 type connOp struct {
 	unlock bool
-	key    Key
-	mode   Mode
-	fn     func(*pgx.Conn)
+	// retake (with unlock, Exclusive mode) takes the key again with the
+	// non-blocking function right after the unlock, in the same statement:
+	// a hand-off to the next waiter of the process in one round trip, in
+	// which a waiter of another session, queued in the server, is served
+	// first (the unlock grants it the key, so the retake fails).
+	retake  bool
+	retaken bool // the retake's result
+	key     Key
+	mode    Mode
+	fn      func(*pgx.Conn)
 	// closing closes the connection (for this reason) instead.
 	closing error
 	// ctx bounds the connect, when the request is the first on a new
@@ -251,11 +258,16 @@ func (c *lockConn) exec(batch []*connOp) {
 	if len(batch) == 1 {
 		o := batch[0]
 		st := &fixed[Session][o.mode][pairIndex(o.key)]
-		q := st.try
-		if o.unlock {
-			q = st.unlock
+		switch {
+		case o.retake:
+			var r int32
+			err = conn.QueryRow(ctx, retakeSQL[pairIndex(o.key)], o.key.args()...).Scan(&r)
+			o.ok, o.retaken = r >= 1, r == 2
+		case o.unlock:
+			err = conn.QueryRow(ctx, st.unlock, o.key.args()...).Scan(&o.ok)
+		default:
+			err = conn.QueryRow(ctx, st.try, o.key.args()...).Scan(&o.ok)
 		}
-		err = conn.QueryRow(ctx, q, o.key.args()...).Scan(&o.ok)
 	} else {
 		err = execBatch(ctx, conn, batch)
 	}
@@ -269,6 +281,7 @@ func (c *lockConn) exec(batch []*connOp) {
 	c.mu.Lock()
 	for _, o := range batch {
 		switch {
+		case o.retaken:
 		case o.unlock:
 			c.holds--
 		case o.ok:
@@ -278,14 +291,26 @@ func (c *lockConn) exec(batch []*connOp) {
 	c.mu.Unlock()
 }
 
+// retakeSQL is the retake of a bigint and of a pair key: 0 when the unlock
+// found the key not held, 1 when it was unlocked, 2 when it was unlocked and
+// taken again.
+var retakeSQL = [2]string{
+	`SELECT CASE WHEN pg_advisory_unlock($1::bigint) THEN CASE WHEN pg_try_advisory_lock($1::bigint) THEN 2 ELSE 1 END ELSE 0 END`,
+	`SELECT CASE WHEN pg_advisory_unlock($1::integer, $2::integer) THEN CASE WHEN pg_try_advisory_lock($1::integer, $2::integer) THEN 2 ELSE 1 END ELSE 0 END`,
+}
+
 // batchSQL takes and gives back many keys in one statement: each row of the
-// arrays is one request (op: bit 0 shared, bit 1 pair key, bit 2 unlock),
-// answered by its ordinal and the function's boolean.
+// arrays is one request (op: bit 0 shared, bit 1 pair key, bit 2 unlock, bit
+// 3 retake), answered by its ordinal and the function's result as 1 or 0
+// (a retake as retakeSQL answers).
 const batchSQL = `SELECT t.i, CASE t.op
- WHEN 0 THEN pg_try_advisory_lock(t.k) WHEN 1 THEN pg_try_advisory_lock_shared(t.k)
- WHEN 2 THEN pg_try_advisory_lock(t.a, t.b) WHEN 3 THEN pg_try_advisory_lock_shared(t.a, t.b)
- WHEN 4 THEN pg_advisory_unlock(t.k) WHEN 5 THEN pg_advisory_unlock_shared(t.k)
- WHEN 6 THEN pg_advisory_unlock(t.a, t.b) ELSE pg_advisory_unlock_shared(t.a, t.b) END
+ WHEN 0 THEN pg_try_advisory_lock(t.k)::int WHEN 1 THEN pg_try_advisory_lock_shared(t.k)::int
+ WHEN 2 THEN pg_try_advisory_lock(t.a, t.b)::int WHEN 3 THEN pg_try_advisory_lock_shared(t.a, t.b)::int
+ WHEN 4 THEN pg_advisory_unlock(t.k)::int WHEN 5 THEN pg_advisory_unlock_shared(t.k)::int
+ WHEN 6 THEN pg_advisory_unlock(t.a, t.b)::int WHEN 7 THEN pg_advisory_unlock_shared(t.a, t.b)::int
+ WHEN 12 THEN CASE WHEN pg_advisory_unlock(t.k) THEN CASE WHEN pg_try_advisory_lock(t.k) THEN 2 ELSE 1 END ELSE 0 END
+ WHEN 14 THEN CASE WHEN pg_advisory_unlock(t.a, t.b) THEN CASE WHEN pg_try_advisory_lock(t.a, t.b) THEN 2 ELSE 1 END ELSE 0 END
+ END::int
 FROM unnest($1::int2[], $2::int8[], $3::int4[], $4::int4[]) WITH ORDINALITY AS t(op, k, a, b, i)`
 
 func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp) error {
@@ -307,6 +332,9 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp) error {
 		if o.unlock {
 			op |= 4
 		}
+		if o.retake {
+			op |= 8
+		}
 		ops[i] = op
 	}
 	rows, err := conn.Query(ctx, batchSQL, ops, ks, as, bs)
@@ -316,8 +344,8 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp) error {
 	n := 0
 	for rows.Next() {
 		var i int64
-		var ok bool
-		if err := rows.Scan(&i, &ok); err != nil {
+		var r int32
+		if err := rows.Scan(&i, &r); err != nil {
 			rows.Close()
 			return err
 		}
@@ -325,7 +353,8 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp) error {
 			rows.Close()
 			return fmt.Errorf("pglock: batch answered row %d of %d", i, len(batch))
 		}
-		batch[i-1].ok = ok
+		o := batch[i-1]
+		o.ok, o.retaken = r >= 1, o.retake && r == 2
 		n++
 	}
 	if err := rows.Err(); err != nil {
@@ -350,7 +379,7 @@ func (c *lockConn) failed(batch []*connOp, err error) {
 			for _, o := range batch {
 				if o.unlock {
 					c.holds-- // given back by the cleanup
-					o.ok = true
+					o.ok, o.retaken = true, false
 				} else {
 					o.ok, o.err = false, err
 				}
@@ -363,7 +392,7 @@ func (c *lockConn) failed(batch []*connOp, err error) {
 	}
 	c.lose(err)
 	for _, o := range batch {
-		o.ok = false
+		o.ok, o.retaken = false, false
 		o.err = fmt.Errorf("%w: %w", errConnGone, err)
 	}
 }

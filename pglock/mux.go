@@ -438,32 +438,56 @@ func (m *mux) connLost(c *lockConn, err error) {
 }
 
 // give gives back the server's lock on e's key (the caller owns e's turn),
-// then passes the turn on. A hold that was lost is not sent anything.
+// then passes the turn on. A hold that was lost is not sent anything. When
+// the next goroutine of the process waits for the same exclusive key, the
+// unlock takes the key again in the same statement and hands it over: one
+// round trip per hand-off, and a waiter of another session, queued in the
+// server, still comes first (see connOp.retake).
 func (m *mux) give(e *keyEntry, mode Mode) error {
 	m.t.mu.Lock()
 	c, lostErr := e.conn, e.lostErr
 	m.t.mu.Unlock()
-	var err error
 	if lostErr != nil {
-		err = errors.Join(ErrLockLost, lostErr)
-	} else {
-		op := connOp{unlock: true, key: e.key, mode: mode}
-		c.do(&op)
-		switch {
-		case errors.Is(op.err, errConnGone):
-			err = errors.Join(ErrLockLost, op.err)
-		case op.err != nil:
-			err = errors.Join(errUnlockFailed, op.err)
-		case !op.ok:
-			err = errServerNotHeld
-		}
+		m.ended(e, c, false)
+		return errors.Join(ErrLockLost, lostErr)
 	}
+	op := connOp{unlock: true, key: e.key, mode: mode}
+	op.retake = mode == Exclusive && m.t.nextExclusive(e)
+	err := m.unlock(c, &op)
+	if err == nil && op.retaken {
+		if m.t.handOff(e, c) {
+			return nil
+		}
+		// The waiter left meanwhile: give the key back after all.
+		op = connOp{unlock: true, key: e.key, mode: mode}
+		err = m.unlock(c, &op)
+	}
+	m.ended(e, c, err == nil)
+	return err
+}
+
+// unlock sends an unlock (or retake) on c and says how it went.
+func (m *mux) unlock(c *lockConn, op *connOp) error {
+	c.do(op)
+	switch {
+	case errors.Is(op.err, errConnGone):
+		return errors.Join(ErrLockLost, op.err)
+	case op.err != nil:
+		return errors.Join(errUnlockFailed, op.err)
+	case !op.ok:
+		return errServerNotHeld
+	}
+	return nil
+}
+
+// ended records that e's key is no longer held on c: the cap, the waiting
+// connection and e's turn are given back.
+func (m *mux) ended(e *keyEntry, c *lockConn, healthy bool) {
 	m.unreserve()
 	if c != nil && c.slot < 0 {
-		m.putWaitConn(c, err == nil)
+		m.putWaitConn(c, healthy)
 	}
 	m.t.passTurn(e)
-	return err
 }
 
 // close closes every connection: the locks on them are lost.
