@@ -54,13 +54,8 @@ type serialBackend struct {
 	whole bool
 }
 
-// take waits for the connection; with ctx nil, as long as it takes (a
-// release, which must not leave a lock held).
+// take waits for the connection, until ctx ends.
 func (b *serialBackend) take(ctx context.Context) error {
-	if ctx == nil {
-		b.s.conn <- struct{}{}
-		return nil
-	}
 	select {
 	case b.s.conn <- struct{}{}:
 		return nil
@@ -117,7 +112,7 @@ func (b *serialBackend) release(ctx context.Context, commit bool) error {
 		return nil
 	}
 	if !b.whole {
-		_ = b.take(nil)
+		b.s.conn <- struct{}{} // as long as it takes: a lock must not be left held
 	}
 	b.whole = false
 	err := b.inner.release(ctx, commit)
@@ -136,7 +131,7 @@ func (b *serialBackend) discard() {
 		return
 	}
 	if !b.whole {
-		_ = b.take(nil)
+		b.s.conn <- struct{}{} // as long as it takes: a lock must not be left held
 	}
 	b.whole = false
 	b.inner.discard()
