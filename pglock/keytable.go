@@ -20,6 +20,10 @@ type keyTable struct {
 	m  map[Key]*keyEntry
 	// closing is closed when the Locker closes: queued goroutines give up.
 	closing chan struct{}
+	// sharedTries: a shared TryAcquire that finds a shared try of the same
+	// key in flight waits for its answer instead of calling the key busy
+	// (the multiplexer, whose tries never block, sets it).
+	sharedTries bool
 }
 
 // keyEntry is one key of a keyTable. Its fields are guarded by the table's
@@ -29,7 +33,10 @@ type keyEntry struct {
 	holders int  // local holders of the server's lock (more than 1 only in Shared mode)
 	mode    Mode // the holders' mode
 	turn    bool // a goroutine is taking or giving back the server's lock
-	queue   []*keyWaiter
+	// sharedTry: the owner of the turn is trying the key in Shared mode (the
+	// non-blocking step): a shared try can wait for its answer.
+	sharedTry bool
+	queue     []*keyWaiter
 
 	// Used by the multiplexer (mux.go): where the server's lock lives, and
 	// whether that connection was lost.
@@ -54,12 +61,13 @@ func (e *keyEntry) dropHook(b *muxBackend) {
 	}
 }
 
-// keyWaiter is a goroutine queued for a key. It is told once, on ch, either
-// that it now holds the key as a shared co-holder (true) or that it has the
-// turn (false).
+// keyWaiter is a goroutine queued for a key. It is told once, on ch, that it
+// now holds the key (admitJoined), that it has the turn (admitTurn), or, for
+// a non-blocking acquire (try), that the key is busy (admitBusy).
 type keyWaiter struct {
 	mode Mode
-	ch   chan bool
+	try  bool
+	ch   chan admission
 }
 
 // admission is how enter let a caller in.
@@ -75,15 +83,16 @@ func newKeyTable() *keyTable {
 	return &keyTable{m: make(map[Key]*keyEntry), closing: make(chan struct{})}
 }
 
-// enter queues for key k. With wait false it never blocks: a key that
-// another Lock of the process holds, or is taking, is busy. With wait true it
-// blocks until the caller is let in or ctx ends (then the error is ctx's and
-// nothing is held).
+// enter queues for key k. With wait false it does not wait for a holder: a
+// key that another Lock of the process holds, or is taking, is busy, except
+// that a shared try waits for the answer of a shared try in flight (see
+// keyTable.sharedTries). With wait true it blocks until the caller is let in
+// or ctx ends (then the error is ctx's and nothing is held).
 func (t *keyTable) enter(ctx context.Context, k Key, mode Mode, wait bool) (*keyEntry, admission, error) {
 	t.mu.Lock()
 	e := t.m[k]
 	if e == nil {
-		e = &keyEntry{key: k, turn: true}
+		e = &keyEntry{key: k, turn: true, sharedTry: t.sharedTries && mode == Shared}
 		t.m[k] = e
 		t.mu.Unlock()
 		return e, admitTurn, nil
@@ -95,20 +104,17 @@ func (t *keyTable) enter(ctx context.Context, k Key, mode Mode, wait bool) (*key
 		t.mu.Unlock()
 		return e, admitJoined, nil
 	}
-	if !wait {
+	if !wait && !(mode == Shared && e.sharedTry && onlyShared(e.queue)) {
 		t.mu.Unlock()
 		return e, admitBusy, nil
 	}
-	w := &keyWaiter{mode: mode, ch: make(chan bool, 1)}
+	w := &keyWaiter{mode: mode, try: !wait, ch: make(chan admission, 1)}
 	e.queue = append(e.queue, w)
 	t.mu.Unlock()
 
 	select {
-	case joined := <-w.ch:
-		if joined {
-			return e, admitJoined, nil
-		}
-		return e, admitTurn, nil
+	case adm := <-w.ch:
+		return e, adm, nil
 	case <-ctx.Done():
 	case <-t.closing:
 	}
@@ -126,13 +132,52 @@ func (t *keyTable) enter(ctx context.Context, k Key, mode Mode, wait bool) (*key
 		}
 	}
 	t.mu.Unlock()
-	// Let in just as ctx ended: a shared grant that came first stands; a turn
-	// is passed on.
-	if <-w.ch {
-		return e, admitJoined, nil
+	// Let in just as ctx ended: a grant that came first stands; a turn is
+	// passed on.
+	switch adm := <-w.ch; adm {
+	case admitJoined:
+		return e, adm, nil
+	case admitTurn:
+		t.passTurn(e)
 	}
-	t.passTurn(e)
 	return nil, 0, err
+}
+
+func onlyShared(q []*keyWaiter) bool {
+	for _, w := range q {
+		if w.mode != Shared {
+			return false
+		}
+	}
+	return true
+}
+
+// settleTries tells the tries queued on e that the key is busy, unless a
+// shared try is in flight to answer them. t.mu must be held.
+func (t *keyTable) settleTries(e *keyEntry) {
+	if e.sharedTry {
+		return
+	}
+	q := e.queue[:0]
+	for _, w := range e.queue {
+		if w.try {
+			w.ch <- admitBusy
+			continue
+		}
+		q = append(q, w)
+	}
+	clear(e.queue[len(q):])
+	e.queue = q
+}
+
+// tried records that the owner of e's turn did not get the key with the
+// non-blocking function and goes on to wait for it in the server: the tries
+// queued on e are answered busy.
+func (t *keyTable) tried(e *keyEntry) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e.sharedTry = false
+	t.settleTries(e)
 }
 
 // granted records that the owner of e's turn now holds the server's lock in
@@ -141,19 +186,17 @@ func (t *keyTable) enter(ctx context.Context, k Key, mode Mode, wait bool) (*key
 func (t *keyTable) granted(e *keyEntry, mode Mode, conn *lockConn) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	e.turn, e.holders, e.mode, e.conn, e.lostErr = false, 1, mode, conn, nil
+	e.turn, e.holders, e.mode, e.conn, e.lostErr, e.sharedTry = false, 1, mode, conn, nil, false
 	if conn != nil && conn.lost != nil {
 		e.lostErr = conn.lost // lost before this grant was recorded
 	}
-	if mode != Shared {
-		return
-	}
-	for len(e.queue) > 0 && e.queue[0].mode == Shared {
+	for mode == Shared && len(e.queue) > 0 && e.queue[0].mode == Shared {
 		w := e.queue[0]
 		e.queue = e.queue[1:]
 		e.holders++
-		w.ch <- true
+		w.ch <- admitJoined
 	}
+	t.settleTries(e)
 }
 
 // nextExclusive reports whether the first goroutine queued for e waits for
@@ -175,11 +218,12 @@ func (t *keyTable) handOff(e *keyEntry, conn *lockConn) bool {
 	}
 	w := e.queue[0]
 	e.queue = e.queue[1:]
-	e.turn, e.holders, e.mode, e.conn, e.lostErr = false, 1, Exclusive, conn, nil
+	e.turn, e.holders, e.mode, e.conn, e.lostErr, e.sharedTry = false, 1, Exclusive, conn, nil, false
 	if conn != nil && conn.lost != nil {
 		e.lostErr = conn.lost
 	}
-	w.ch <- true
+	w.ch <- admitJoined
+	t.settleTries(e)
 	return true
 }
 
@@ -202,14 +246,15 @@ func (t *keyTable) leave(e *keyEntry) (last bool) {
 func (t *keyTable) passTurn(e *keyEntry) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	e.turn, e.conn, e.lostErr, e.onLost = false, nil, nil, nil
+	e.turn, e.conn, e.lostErr, e.onLost, e.sharedTry = false, nil, nil, nil, false
 	if len(e.queue) > 0 {
 		w := e.queue[0]
 		e.queue = e.queue[1:]
 		e.turn = true
-		w.ch <- false
-		return
+		e.sharedTry = t.sharedTries && w.mode == Shared
+		w.ch <- admitTurn
 	}
+	t.settleTries(e)
 	t.dropIfIdle(e)
 }
 

@@ -54,10 +54,12 @@ type mux struct {
 
 func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
 	closing, cancel := context.WithCancel(context.Background())
+	t := newKeyTable()
+	t.sharedTries = true
 	return &mux{
 		closing:        closing,
 		cancelClosing:  cancel,
-		t:              newKeyTable(),
+		t:              t,
 		pool:           pool,
 		db:             db,
 		conns:          cfg.lockConns,
@@ -320,6 +322,7 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 		m.t.passTurn(e)
 		return false, nil
 	}
+	m.t.tried(e)
 	held, err := m.wait(ctx, b, e)
 	if !held {
 		m.unreserve()

@@ -551,3 +551,74 @@ func TestMuxAbandonedSessionEnds(t *testing.T) {
 	}
 	pgtest.WaitFree(t, watch, l.Key())
 }
+
+// Shared tries of one key at the same moment all get it: a shared try that
+// finds another shared try in flight waits for its answer rather than
+// calling the key busy. When the key is held exclusively elsewhere, shared
+// tries are busy at once, even while a shared Acquire of the process waits
+// for it in the server.
+func TestMuxConcurrentSharedTries(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t, 2)
+	other := pgtest.Pool(t, 2)
+	watch := pgtest.Pool(t, 2)
+	lk := muxLocker(t, pool)
+	for round := range 20 {
+		key := pgtest.UniqueKey(t)
+		var wg sync.WaitGroup
+		var got atomic.Int32
+		locks := make([]*pglock.Lock, 4)
+		for i := range locks {
+			locks[i], _ = lk.Lock(key, pglock.WithMode(pglock.Shared))
+			wg.Go(func() {
+				ok, err := locks[i].TryAcquire(ctx)
+				if err != nil {
+					t.Error(err)
+				}
+				if ok {
+					got.Add(1)
+				}
+			})
+		}
+		wg.Wait()
+		if n := got.Load(); n != 4 {
+			t.Errorf("round %d: %d of 4 concurrent shared tries of a free key got it", round, n)
+		}
+		if h := pgtest.Granted(t, watch, locks[0].Key()); len(h) != 1 || h[0].Mode != "ShareLock" {
+			t.Errorf("round %d: pg_locks = %+v, want one ShareLock", round, h)
+		}
+		for _, l := range locks {
+			if err := l.Release(ctx); err != nil {
+				t.Error(err)
+			}
+		}
+		pgtest.WaitFree(t, watch, locks[0].Key())
+	}
+
+	key := pgtest.UniqueKey(t)
+	x, _ := pglock.New(other, key)
+	if err := x.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waiter, _ := lk.Lock(key, pglock.WithMode(pglock.Shared))
+	got := make(chan error, 1)
+	go func() { got <- waiter.Acquire(ctx) }()
+	time.Sleep(100 * time.Millisecond) // the shared Acquire waits in the server
+	try, _ := lk.Lock(key, pglock.WithMode(pglock.Shared))
+	start := time.Now()
+	ok, err := try.TryAcquire(ctx)
+	if ok || err != nil || time.Since(start) > time.Second {
+		t.Errorf("shared try of a key held exclusively elsewhere = %v, %v after %v; want false at once", ok, err, time.Since(start))
+	}
+	if err := x.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-got; err != nil {
+		t.Fatal(err)
+	}
+	if err := waiter.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.WaitFree(t, watch, waiter.Key())
+}
