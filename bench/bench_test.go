@@ -167,6 +167,7 @@ func BenchmarkDoSession(b *testing.B) {
 	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		lk, err := pglock.NewLocker(pool)
 		must(b, err)
+		b.Cleanup(func() { _ = lk.Close() })
 		return pair{
 			lib: func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) },
 			raw: func(b *testing.B) {
@@ -183,6 +184,7 @@ func BenchmarkDoTransaction(b *testing.B) {
 	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		lk, err := pglock.NewLocker(pool, pglock.WithScope(pglock.Transaction))
 		must(b, err)
+		b.Cleanup(func() { _ = lk.Close() })
 		return pair{
 			lib: func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) },
 			raw: func(b *testing.B) {

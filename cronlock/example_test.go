@@ -34,6 +34,7 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	defer locker.Close()
 
 	done := make(chan struct{}, 1)
 	report, err := cronlock.Func(locker, "example-report", func(ctx context.Context) error {
@@ -66,6 +67,7 @@ func ExampleSkipIfLocked() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	defer locker.Close()
 	logger := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{
 		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
 			if a.Key == slog.TimeKey || a.Key == "key" {
@@ -104,6 +106,7 @@ func ExampleWithScope() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	defer locker.Close()
 	cleanup, err := cronlock.Func(locker, "example-cleanup", func(ctx context.Context) error {
 		tx, ok := pglock.TxFromContext(ctx)
 		if !ok {
@@ -133,6 +136,7 @@ func ExampleJob_RunContext() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	defer locker.Close()
 	job, err := cronlock.Func(locker, "example-reindex", func(ctx context.Context) error {
 		return errors.New("index busy")
 	})

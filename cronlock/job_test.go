@@ -28,6 +28,7 @@ func TestBadInputIsAConstructionError(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = txLocker.Close() })
 	job := cron.FuncJob(func() {})
 	cases := []struct {
 		name   string

@@ -28,6 +28,7 @@ func newLockers(t *testing.T, n int, opts ...pglock.Option) []*pglock.Locker {
 		if err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(func() { _ = lk.Close() })
 		out[i] = lk
 	}
 	return out

@@ -55,6 +55,7 @@ func BenchmarkUnary(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
+		b.Cleanup(func() { _ = locker.Close() })
 		ic, err := grpclock.UnaryServerInterceptor(locker)
 		if err != nil {
 			b.Fatal(err)

@@ -8,6 +8,7 @@
 // depending on it:
 //
 //	locker, err := pglock.NewLocker(pool)
+//	defer locker.Close()
 //	lockUnary, err := grpclock.UnaryServerInterceptor(locker)
 //	lockStream, err := grpclock.StreamServerInterceptor(locker)
 //	srv := grpc.NewServer(
@@ -84,9 +85,9 @@
 //
 // The scope is the Locker's, or [WithScope]'s.
 //
-// In pglock.Session scope the lock is held around the handler, on a
-// connection pinned from the Locker's pool for the call. The handler uses
-// the database as it likes; its work is not tied to the lock.
+// In pglock.Session scope the lock is held around the handler, on one of the
+// Locker's lock connections: it costs no connection of the pool, which the
+// handler uses as it likes; its work is not tied to the lock.
 //
 // In pglock.Transaction scope the lock is taken inside a transaction that
 // the handler finds with pglock.TxFromContext (pglock.SQLTxFromContext on

@@ -82,6 +82,7 @@ func ExampleUnaryServerInterceptor() {
 		fmt.Println(err)
 		return
 	}
+	defer locker.Close()
 	lockCalls, err := grpclock.UnaryServerInterceptor(locker)
 	if err != nil {
 		fmt.Println(err) // a nil locker or a bad option
@@ -121,6 +122,7 @@ func ExampleWithScope() {
 	}
 	defer pool.Close()
 	locker, _ := pglock.NewLocker(pool)
+	defer locker.Close()
 	lockCalls, err := grpclock.UnaryServerInterceptor(locker,
 		grpclock.WithScope(pglock.Transaction),
 		grpclock.WithWait(5*time.Second), // wait for a busy account, up to 5s or the call's deadline
@@ -153,6 +155,7 @@ func ExampleWithMethods() {
 	}
 	defer pool.Close()
 	locker, _ := pglock.NewLocker(pool)
+	defer locker.Close()
 
 	// Either the allow-list option...
 	_, err = grpclock.UnaryServerInterceptor(locker, grpclock.WithMethods("/bank.Accounts/Transfer"))
@@ -189,6 +192,7 @@ func ExampleStreamServerInterceptor() {
 	}
 	defer pool.Close()
 	locker, _ := pglock.NewLocker(pool)
+	defer locker.Close()
 	lockStreams, err := grpclock.StreamServerInterceptor(locker, grpclock.WithWait(5*time.Second))
 	if err != nil {
 		fmt.Println(err)
@@ -251,6 +255,7 @@ func ExampleMetadataKey() {
 	}
 	defer pool.Close()
 	locker, _ := pglock.NewLocker(pool)
+	defer locker.Close()
 	lockStreams, err := grpclock.StreamServerInterceptor(locker,
 		grpclock.WithStreamKeyFunc(grpclock.MetadataKey("x-lock-key")))
 	if err != nil {

@@ -22,6 +22,7 @@ func TestConstructorErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = locker.Close() })
 	tx, err := pool.Begin(t.Context())
 	if err != nil {
 		t.Fatal(err)

@@ -228,15 +228,21 @@ type replica struct {
 	conn   *grpc.ClientConn
 }
 
-// startReplica starts a server for w. lockerOpts configure its Locker, opts
-// both interceptors.
+// startReplica starts a server for w on a pool of its own. lockerOpts
+// configure its Locker, opts both interceptors.
 func startReplica(t testing.TB, w *worker, lockerOpts []pglock.Option, opts ...grpclock.Option) *replica {
 	t.Helper()
-	pool := pgtest.Pool(t, 8)
+	return startReplicaOn(t, pgtest.Pool(t, 8), w, lockerOpts, opts...)
+}
+
+// startReplicaOn is startReplica on pool.
+func startReplicaOn(t testing.TB, pool *pgxpool.Pool, w *worker, lockerOpts []pglock.Option, opts ...grpclock.Option) *replica {
+	t.Helper()
 	locker, err := pglock.NewLocker(pool, lockerOpts...)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = locker.Close() })
 	unary, err := grpclock.UnaryServerInterceptor(locker, opts...)
 	if err != nil {
 		t.Fatal(err)

@@ -82,6 +82,7 @@ func TestStreamLockStatusSurvivesHandler(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = locker.Close() })
 	errBadKey := errors.New("bad key")
 	keyFunc := func(_ context.Context, _ string, req any) (string, bool, error) {
 		if r, ok := req.(*workRequest); ok && r.Fail {

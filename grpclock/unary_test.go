@@ -240,10 +240,15 @@ func TestUnaryWaitLimitAndBusyCode(t *testing.T) {
 		t.Errorf("handler ran %d times, want 0", w.ran.Load())
 	}
 	// The client gives up at its deadline; the server stops waiting at the
-	// same deadline and then cleans up. Wait for that, so that the server
-	// cannot be granted the lock released below as its cancel arrives (it
-	// would give it back at once, but a 300ms limit is short on a busy
-	// machine).
+	// same deadline and then cleans up: its wait (on one of the Locker's
+	// waiting connections, not a pool connection) is cancelled in the server.
+	// Wait for that, so that the server cannot be granted the lock released
+	// below as its cancel arrives (it would give it back at once, but a
+	// 300ms limit is short on a busy machine).
+	waitFor(t, "the server's wait to leave pg_locks", func() bool {
+		hs, err := pgtest.Holders(t.Context(), r.pool, k)
+		return err == nil && len(hs) == 1
+	})
 	waitFor(t, "the server's pool to have no acquired connection", func() bool {
 		return r.pool.Stat().AcquiredConns() == 0
 	})
@@ -287,6 +292,17 @@ func TestCancelWhileWaiting(t *testing.T) {
 			if err := <-errc; codeOf(err) != codes.Canceled {
 				t.Fatalf("cancelled call: %v, want Canceled", err)
 			}
+			// The server's wait runs on one of its Locker's waiting
+			// connections (not a pool connection) and is cancelled in the
+			// server with a cancel request, which lands a moment after the
+			// call has returned: wait for it, while the key is still held
+			// outside (a wait that was not cancelled would stay).
+			cancelled := time.Now()
+			waitFor(t, "the server's wait to leave pg_locks", func() bool {
+				hs, err := pgtest.Holders(t.Context(), r.pool, k)
+				return err == nil && len(hs) == 1
+			})
+			t.Logf("the wait left pg_locks %v after the call returned", time.Since(cancelled).Round(time.Millisecond))
 			waitFor(t, "the server's pool to have no acquired connection", func() bool {
 				return r.pool.Stat().AcquiredConns() == 0
 			})
@@ -320,16 +336,17 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 
 // A database that fails while the lock is taken is Unavailable; the
 // handler does not run.
+//
+// The database is a port where nothing listens (pgtest.UnreachablePool).
 func TestUnaryDatabaseErrorUnavailable(t *testing.T) {
 	t.Parallel()
 	w := newWorker()
-	r := startReplica(t, w, nil)
-	r.pool.Close() // every Acquire now fails
+	r := startReplicaOn(t, pgtest.UnreachablePool(t), w, nil)
 	if _, err := r.work(t.Context(), &workRequest{Key: pgtest.UniqueKey(t)}); codeOf(err) != codes.Unavailable {
-		t.Fatalf("call on a closed pool: %v, want Unavailable", err)
+		t.Fatalf("call on an unreachable database: %v, want Unavailable", err)
 	}
 	if _, err := r.stream(t.Context(), &workRequest{Key: pgtest.UniqueKey(t)}); codeOf(err) != codes.Unavailable {
-		t.Fatalf("stream on a closed pool: %v, want Unavailable", err)
+		t.Fatalf("stream on an unreachable database: %v, want Unavailable", err)
 	}
 	if w.ran.Load() != 0 {
 		t.Errorf("handler ran %d times, want 0", w.ran.Load())

@@ -29,6 +29,7 @@ func BenchmarkWork(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	b.Cleanup(func() { _ = lk.Close() })
 	// The middleware locks name's key, raw pgx rname's: they never contend.
 	name, rname := pgtest.UniqueKey(b), pgtest.UniqueKey(b)
 	jobOf := func(name string) *rivertype.JobRow {

@@ -54,7 +54,7 @@
 // it runs. A lock taken in WorkBegin would have to be released in WorkEnd,
 // and River does not always call WorkEnd: it is skipped when the worker
 // panics and when an earlier WorkBegin hook returns an error, which would
-// leave the lock held on a pinned connection until the process ends. Hooks
+// leave the lock held until the process ends. Hooks
 // also cannot hand a context to the work, so a lost lock could not cancel
 // the job. Middleware releases the lock with a defer on every path and gives
 // the worker a context that is cancelled when the lock is lost; so every lock
@@ -64,9 +64,8 @@
 //
 // # Scopes
 //
-// The middleware holds a session lock, on a connection of the Locker's pool
-// that it pins while the job runs: size that pool for the workers of every
-// queue, and give the Locker a pool of its own rather than River's. For work
+// The middleware holds a session lock while the job runs, on one of the
+// Locker's lock connections: it costs no connection of the pool. For work
 // that must commit together with its lock, use [WorkTx] inside Work: it runs
 // the work, the transaction-scoped lock and river.JobCompleteTx in one
 // transaction, so they commit or roll back as one.

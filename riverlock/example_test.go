@@ -61,6 +61,7 @@ func ExampleNewMiddleware() {
 	if err != nil {
 		panic(err)
 	}
+	defer locker.Close()
 	mw, err := riverlock.NewMiddleware(locker, &riverlock.Config{
 		Busy: riverlock.Snooze(20 * time.Millisecond),
 		Kinds: map[string]riverlock.KindConfig{
@@ -144,6 +145,7 @@ func ExampleWorkTx() {
 	if err != nil {
 		panic(err)
 	}
+	defer locker.Close()
 
 	workers := river.NewWorkers()
 	river.AddWorker(workers, &LedgerWorker{locker: locker, table: table})

@@ -29,13 +29,13 @@ type Middleware struct {
 var _ rivertype.WorkerMiddleware = (*Middleware)(nil)
 
 // NewMiddleware returns the middleware for locker, which must be on a
-// *pgxpool.Pool (or *sql.DB) of the database River's jobs live in: each
-// running job with a key pins one of its connections for as long as it
-// runs, so size it for the workers of every queue, and prefer a pool of its
-// own to River's. (On a single connection, jobs running at once would share
-// it, and PostgreSQL stacks session locks of one session instead of making
-// them exclude each other: NewMiddleware rejects a Locker on one connection
-// or on a transaction, see pglock.Locker.Pooled.)
+// *pgxpool.Pool (or *sql.DB) of the database River's jobs live in. The
+// Locker holds the jobs' session locks on a few lock connections of its own
+// (see pglock's "Lock connections"), so a running job's lock costs no
+// connection of the pool, and River's own pool can serve. (On a single
+// connection, jobs running at once would take turns on it: NewMiddleware
+// rejects a Locker on one connection or on a transaction, see
+// pglock.Locker.Pooled.)
 //
 // The middleware takes exclusive session locks, whatever the Locker's
 // default scope and mode; it keeps the Locker's namespace (applied before

@@ -441,6 +441,7 @@ func TestConfigErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = lk.Close() })
 	if _, err := riverlock.NewMiddleware(lk, nil); err != nil {
 		t.Fatalf("nil config: %v", err)
 	}

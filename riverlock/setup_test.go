@@ -74,6 +74,7 @@ func (e *riverEnv) locker(t *testing.T, maxConns int32, opts ...pglock.Option) *
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = lk.Close() })
 	return lk
 }
 

@@ -75,6 +75,7 @@ func run() error {
 		if err != nil {
 			return err
 		}
+		defer locker.Close() // before the pool (defers run last first)
 
 		report, err := cronlock.Func(locker, "report", func(ctx context.Context) error {
 			fmt.Printf("%s  %s ran the tick\n", time.Now().Format("15:04:05.000"), name)

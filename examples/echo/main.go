@@ -123,6 +123,7 @@ func run(ctx context.Context, w io.Writer, url string) error {
 	defer func() {
 		for _, r := range reps {
 			r.srv.Close()
+			r.locker.Close()
 			r.pool.Close()
 		}
 	}()
@@ -149,6 +150,7 @@ func run(ctx context.Context, w io.Writer, url string) error {
 			Wait:         5 * time.Second,
 		})
 		if err != nil {
+			locker.Close()
 			pool.Close()
 			return err
 		}

@@ -196,6 +196,7 @@ func startReplica(ctx context.Context, svc *accounts, dbURL string) (*replica, e
 	lockTransfer, err := grpclock.UnaryServerInterceptor(locker,
 		grpclock.WithMethods(methodTransfer)) // busy: codes.Aborted at once
 	if err != nil {
+		locker.Close()
 		pool.Close()
 		return nil, err
 	}
@@ -204,6 +205,7 @@ func startReplica(ctx context.Context, svc *accounts, dbURL string) (*replica, e
 		grpclock.WithWait(3*time.Second),
 		grpclock.WithScope(pglock.Transaction))
 	if err != nil {
+		locker.Close()
 		pool.Close()
 		return nil, err
 	}
@@ -212,6 +214,7 @@ func startReplica(ctx context.Context, svc *accounts, dbURL string) (*replica, e
 
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
+		locker.Close()
 		pool.Close()
 		return nil, err
 	}
@@ -229,6 +232,7 @@ func startReplica(ctx context.Context, svc *accounts, dbURL string) (*replica, e
 		}
 		srv.GracefulStop()
 		<-done
+		locker.Close()
 		pool.Close()
 	}
 	if err != nil {

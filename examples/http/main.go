@@ -95,6 +95,7 @@ func run(ctx context.Context, w io.Writer, url string) error {
 	defer func() {
 		for _, r := range reps {
 			r.srv.Close()
+			r.locker.Close()
 			r.pool.Close()
 		}
 	}()
@@ -117,12 +118,14 @@ func run(ctx context.Context, w io.Writer, url string) error {
 		payLock, err := httplock.Middleware(locker, httplock.PathValue("id"),
 			httplock.WithNamespace("example-orders:"), httplock.WithWait(5*time.Second))
 		if err != nil {
+			locker.Close()
 			pool.Close()
 			return err
 		}
 		refundLock, err := httplock.Middleware(locker, httplock.PathValue("id"),
 			httplock.WithNamespace("example-orders:"))
 		if err != nil {
+			locker.Close()
 			pool.Close()
 			return err
 		}

@@ -125,6 +125,7 @@ func run(ctx context.Context, w io.Writer, url string) error {
 		if err != nil {
 			return err
 		}
+		defer locker.Close()
 		mw, err := riverlock.NewMiddleware(locker, &riverlock.Config{
 			Busy: riverlock.Snooze(25 * time.Millisecond),
 			Kinds: map[string]riverlock.KindConfig{

@@ -108,3 +108,18 @@ func Terminate(tb testing.TB, db *pgxpool.Pool, pid int32) {
 		tb.Fatalf("pgtest: pg_terminate_backend(%d) returned false", pid)
 	}
 }
+
+// UnreachablePool returns a pool whose server cannot be reached (a loopback
+// port where nothing listens; it dials lazily, so making it succeeds), closed
+// when the test ends: the database errors of a Locker on it are what a
+// server that is down gives. Closing a pool would not do: a multiplexing
+// Locker dials lock connections of its own with the pool's settings.
+func UnreachablePool(tb testing.TB) *pgxpool.Pool {
+	tb.Helper()
+	pool, err := pgxpool.New(context.Background(), "postgres://postgres@127.0.0.1:1/none?sslmode=disable&connect_timeout=5")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(pool.Close)
+	return pool
+}

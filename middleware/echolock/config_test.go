@@ -22,6 +22,7 @@ func TestConstructionErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = lk.Close() })
 	if mw, err := echolock.New(nil, echolock.Param("id")); mw != nil || !errors.Is(err, echolock.ErrNilLocker) {
 		t.Errorf("New(nil, f) = %v", err)
 	}
@@ -65,6 +66,7 @@ func TestKeys(t *testing.T) {
 	pool := pgtest.Pool(t, 2)
 	watch := pgtest.Pool(t, 2)
 	lk, _ := pglock.NewLocker(pool)
+	t.Cleanup(func() { _ = lk.Close() })
 	id := pgtest.UniqueKey(t)
 	key := lockKey(t, lk, id)
 	ran := 0
@@ -141,11 +143,15 @@ func TestKeys(t *testing.T) {
 
 // TestDatabaseError: an unreachable database is a 503 *echo.HTTPError that
 // matches ErrDatabase and pglock.ErrNotAcquired.
+//
+// The database is a port where nothing listens (pgtest.UnreachablePool).
 func TestDatabaseError(t *testing.T) {
 	t.Parallel()
-	pool := pgtest.Pool(t, 1)
-	lk, _ := pglock.NewLocker(pool)
-	pool.Close()
+	lk, err := pglock.NewLocker(pgtest.UnreachablePool(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = lk.Close() })
 	mw, err := echolock.New(lk, echolock.MethodPath())
 	if err != nil {
 		t.Fatal(err)

@@ -56,9 +56,10 @@
 //
 // The scope is the Locker's ([pglock.Locker.Scope]) unless Config.Scope says
 // otherwise (a non-zero Scope, or ScopeSet for an explicit Session). In
-// [pglock.Session] scope the lock is held on a pinned pool connection around
-// the handler; if that connection dies the request's context is cancelled
-// with cause [pglock.ErrLockLost].
+// [pglock.Session] scope the lock is held around the handler on one of the
+// Locker's lock connections (a held lock costs no pool connection); if that
+// connection dies the request's context is cancelled with cause
+// [pglock.ErrLockLost].
 //
 // In [pglock.Transaction] scope the middleware begins a transaction, takes
 // the lock in it, and puts it in the request's context:
@@ -91,8 +92,9 @@
 // # What it deliberately does not do
 //
 // It does not retry busy requests and does not queue them in memory
-// (waiting is PostgreSQL's queue, shared by every replica). A waiting
-// request holds a pool connection; size the pool for the waiters you accept.
+// (waiting is PostgreSQL's queue, shared by every replica). In Transaction
+// scope a waiting request holds a pool connection; size the pool for the
+// waiters you accept.
 // Session locks need a session: behind PgBouncer in transaction pooling mode
 // use Transaction scope.
 package echolock

@@ -30,6 +30,7 @@ func ExampleNew() {
 		fmt.Println(err)
 		return
 	}
+	defer locker.Close()
 	orders, err := echolock.New(locker, echolock.Param("id"))
 	if err != nil {
 		fmt.Println(err)
@@ -81,6 +82,7 @@ func ExampleWithConfig() {
 		fmt.Println(err)
 		return
 	}
+	defer locker.Close()
 	mw, err := echolock.WithConfig(echolock.Config{
 		Locker:       locker,
 		KeyExtractor: echolock.Header("Idempotency-Key"),

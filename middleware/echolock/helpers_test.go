@@ -53,6 +53,7 @@ func newReplica(t *testing.T, cfg echolock.Config, h echo.HandlerFunc) *replica 
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = lk.Close() })
 	cfg.Locker = lk
 	if cfg.KeyExtractor == nil {
 		cfg.KeyExtractor = echolock.Param("id")

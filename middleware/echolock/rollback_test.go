@@ -90,10 +90,12 @@ func TestFollowsLocker(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = txShared.Close() })
 	plain, err := pglock.NewLocker(pool)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = plain.Close() })
 	cases := []struct {
 		name     string
 		locker   *pglock.Locker

@@ -34,6 +34,7 @@ func BenchmarkRequest(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	b.Cleanup(func() { _ = lk.Close() })
 	// Open the pool's connections before timing, so that no sub-benchmark
 	// pays for dialing.
 	var warm []*pgxpool.Conn

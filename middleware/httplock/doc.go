@@ -48,11 +48,15 @@
 // logged as [ErrRequestEnded], and no lock, waiting session or pool
 // connection is left behind.
 //
-// Taking the lock first takes a connection from the Locker's pool; when the
-// pool is exhausted that waits as pgxpool does, bounded by the wait limit
-// (and answered busy when it passes) or, failing fast, by the request's
-// context only. Size the pool above the number of requests you expect to
-// hold or wait for locks at once.
+// In Session scope a held or waited-for lock costs no pool connection: the
+// Locker holds its session locks on a few lock connections of its own (see
+// pglock's "Lock connections"), so handlers can use the same pool freely. In
+// Transaction scope the lock's transaction is a connection from the pool for
+// the whole request; when the pool is exhausted, taking it waits as pgxpool
+// does, bounded by the wait limit (and answered busy when it passes) or,
+// failing fast, by the request's context only. Size the pool above the
+// number of requests you expect to hold or wait for locks at once in that
+// scope.
 //
 // A database error (the pool is closed, the server is down, a connection
 // broke while taking the lock) is answered 503 Service Unavailable
@@ -106,8 +110,8 @@
 // It does not choose keys from client addresses (X-Forwarded-For can be
 // forged), does not retry busy requests itself, and does not queue requests
 // in memory: waiting is PostgreSQL's queue, so it is shared by every replica.
-// A waiting request holds a pool connection in both scopes; size the pool
-// (and the wait limit) for the waiters you accept. Session locks need a
+// A waiting request holds a pool connection only in Transaction scope; size
+// the pool (and the wait limit) for the waiters you accept there. Session locks need a
 // session: behind PgBouncer in transaction pooling mode use Transaction
 // scope.
 package httplock

@@ -29,6 +29,7 @@ func ExampleMiddleware() {
 		fmt.Println(err)
 		return
 	}
+	defer locker.Close()
 	orders, err := httplock.Middleware(locker, httplock.PathValue("id"),
 		httplock.WithNamespace("httplock-example-orders:"))
 	if err != nil {
@@ -90,6 +91,7 @@ func ExampleWithScope() {
 		fmt.Println(err)
 		return
 	}
+	defer locker.Close()
 	h, err := httplock.Handler(locker, httplock.Header("Idempotency-Key"),
 		http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			tx, ok := pglock.TxFromContext(r.Context())

@@ -45,6 +45,7 @@ func newReplica(t *testing.T, maxConns int32, opts ...pglock.Option) replica {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = lk.Close() })
 	return replica{pool: pool, locker: lk}
 }
 

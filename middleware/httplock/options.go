@@ -64,8 +64,11 @@ func (c *config) invalid(format string, args ...any) {
 // A request still waiting when d passes gets the busy answer too. A
 // negative d is an error.
 //
-// A waiting request holds a pool connection in Session scope (the wait runs
-// on the connection that will hold the lock): size the pool for the waiters.
+// In Session scope a waiting request costs no pool connection: a Locker on a
+// pool waits on its own waiting connections (see pglock.WithWaitConns),
+// one per key, and holds locks on its lock connections. In Transaction scope
+// the wait, like the hold, is on the request's transaction, a pool
+// connection: size the pool for the waiters.
 func WithWait(d time.Duration) Option {
 	return func(c *config) {
 		if d < 0 {
