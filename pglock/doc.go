@@ -100,6 +100,19 @@
 //     max_prepared_transactions) / 2, read from the server) and refuses more
 //     with [ErrTooManyLocks].
 //
+// A session pays for the locks it holds: PostgreSQL walks all of them at the
+// end of each of its transactions, so every lock or unlock statement on a
+// lock connection holding 5,000 locks costs about 0.3 ms of server time, and
+// at 10,000 about 1 ms (PostgreSQL 15 here; 20 us with none). A Locker that
+// holds thousands of locks at once should spread them over more lock
+// connections.
+//
+// A lock connection whose client vanishes (a cut network, a killed process
+// behind a proxy that keeps TCP open) is ended by the server within
+// [AbandonedSessionTimeout], which frees its locks: the Locker sets
+// server-side TCP keepalives and, on PostgreSQL 14 and later,
+// idle_session_timeout on it, and keeps it busy while it holds locks.
+//
 // Transaction scope is not multiplexed: its transaction is the work's
 // connection, taken from the pool for the hold. [Locker.Stats] tells how many
 // connections, locks and waiters a Locker has now.

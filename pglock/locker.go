@@ -23,7 +23,8 @@ import (
 // costs no pool connection. Close the Locker when done with it. Transaction
 // scope is not multiplexed: its transaction is the work's connection, taken
 // from the pool for the hold. See the package documentation, "Lock
-// connections".
+// connections". The lock connections are the Locker's, not the pool's:
+// closing the pool does not close them; close the Locker first.
 //
 // On one connection or transaction the Locker serializes its Locks'
 // statements on it and keeps exclusion by key in the process (PostgreSQL
