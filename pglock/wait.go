@@ -3,7 +3,6 @@ package pglock
 import (
 	"context"
 	"errors"
-	"sync"
 	"sync/atomic"
 
 	"github.com/jackc/pgx/v5"
@@ -75,9 +74,11 @@ func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool,
 // timeout: when the server cannot be reached in that time (a silent
 // network), the statement's own context is cancelled and pgx closes the
 // connection (conn.IsClosed tells; a stop that came after the statement
-// ended leaves the connection usable). interrupted reports whether ctx ended while the statement ran: then the
-// caller must treat a success as a lock granted as the cancel arrived, and
-// give it back.
+// ended leaves the connection usable). interrupted reports whether ctx ended
+// while the statement ran: then the caller must treat a success as a lock
+// granted as the cancel arrived, and give it back.
+//
+// No goroutine runs unless ctx ends during the statement (context.AfterFunc).
 func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(context.Context) error) (interrupted bool, err error) {
 	if ctx.Done() == nil {
 		return false, run(ctx)
@@ -86,13 +87,9 @@ func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(contex
 	defer hardStop()
 	var fired atomic.Bool
 	finished := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		select {
-		case <-finished:
-			return
-		case <-ctx.Done():
-		}
+	done := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		defer close(done)
 		select {
 		case <-finished:
 			return
@@ -112,8 +109,10 @@ func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(contex
 	})
 	err = run(qctx)
 	close(finished)
-	// Wait for the cancel request to complete before the connection is used
-	// again, so that it cannot interrupt a later statement.
-	wg.Wait()
+	// Wait for a cancel request under way to complete before the connection
+	// is used again, so that it cannot interrupt a later statement.
+	if !stop() {
+		<-done
+	}
 	return fired.Load(), err
 }
