@@ -92,8 +92,7 @@ func (c *lockConn) do(op *connOp) {
 	c.queue = append(c.queue, op)
 	if c.active {
 		c.mu.Unlock()
-		<-op.done
-		if !op.lead {
+		if !c.await(op) {
 			return
 		}
 		c.mu.Lock()
@@ -134,11 +133,42 @@ func (c *lockConn) do(op *connOp) {
 	}
 }
 
+// await waits until op is done, or is handed the connection (then it
+// reports true). A request whose context ends while it is still queued, not
+// yet sent, leaves the queue and fails with its context's error; one already
+// sent is waited for: its result may be a lock to own.
+func (c *lockConn) await(op *connOp) bool {
+	var ended <-chan struct{}
+	if op.ctx != nil {
+		ended = op.ctx.Done()
+	}
+	select {
+	case <-op.done:
+		return op.lead
+	case <-ended:
+	}
+	c.mu.Lock()
+	for i, q := range c.queue {
+		if q == op && !op.lead {
+			c.queue = append(c.queue[:i], c.queue[i+1:]...)
+			c.mu.Unlock()
+			op.err = op.ctx.Err()
+			return false
+		}
+	}
+	c.mu.Unlock()
+	<-op.done
+	return op.lead
+}
+
 // flush runs batch on the connection, opening it first if needed. The
 // calling goroutine owns the connection. When a connect was cut short by the
 // context of the request it ran for, the requests whose contexts ended fail
 // and the others are returned, marked retry, for another attempt.
 func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
+	for _, o := range batch {
+		o.retry = false // set again below if the connect is cut short again
+	}
 	c.watch.stop()
 	if why := batch[0].closing; why != nil {
 		c.shut(why)
