@@ -43,6 +43,7 @@ type Lock struct {
 	// a channel of its own.
 	lostGiven bool
 	onLost    context.CancelCauseFunc // cancels the context of Do's fn
+	hold      uint64                  // counts the holds, for their watches
 
 	// lockerClosed is the Locker's closed flag, for Locks made by a Locker.
 	lockerClosed *atomic.Bool
@@ -215,9 +216,13 @@ func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
 	if l.lostDone || l.lostGiven {
 		l.lostCh, l.lostErr, l.lostDone, l.lostGiven = make(chan struct{}), nil, false, false
 	}
+	l.hold++
+	hold := l.hold
 	l.lostMu.Unlock()
 	l.held.Store(true)
-	l.stopWatch = b.watch(l.cfg.lostCheck, l.markLost)
+	// The watch reports the loss of this hold only: a report that comes late,
+	// after the hold ended, must not mark a later one lost.
+	l.stopWatch = b.watch(l.cfg.lostCheck, func(err error) { l.markLostOf(hold, err) })
 	l.emit(EventAcquired, waited, nil)
 	return true, nil
 }
@@ -248,6 +253,9 @@ func (l *Lock) dropHold() backend {
 	b := l.b
 	l.b = nil
 	l.held.Store(false)
+	l.lostMu.Lock()
+	l.hold++ // a late report of this hold's loss is ignored
+	l.lostMu.Unlock()
 	return b
 }
 
@@ -257,11 +265,25 @@ func (l *Lock) isLost() bool {
 	return l.lostDone
 }
 
-// markLost is called (once per hold, from the watcher) when the connection
-// of a held lock died.
+// markLost is called when the connection of the current hold died.
 func (l *Lock) markLost(err error) {
 	l.lostMu.Lock()
 	defer l.lostMu.Unlock()
+	l.markLostLocked(err)
+}
+
+// markLostOf is markLost for hold number hold, from its watch: a report for
+// an earlier hold is ignored.
+func (l *Lock) markLostOf(hold uint64, err error) {
+	l.lostMu.Lock()
+	defer l.lostMu.Unlock()
+	if hold == l.hold {
+		l.markLostLocked(err)
+	}
+}
+
+// markLostLocked marks the current hold lost, once. l.lostMu must be held.
+func (l *Lock) markLostLocked(err error) {
 	if l.lostDone {
 		return
 	}
