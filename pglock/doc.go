@@ -84,10 +84,8 @@
 //     one goroutine per key waits in the server (the others of the process
 //     queue behind it), on a waiting connection, which keeps the lock once it
 //     is granted, until it is released. At most [WithWaitConns] (4 by
-//     default) exist; past that, waits queue in the process. A goroutine that
-//     holds a key it had to wait for, and then waits for another, needs a
-//     second waiting connection: size WithWaitConns for such nesting. No
-//     wait polls.
+//     default) wait at once; past that, waits queue in the process. No wait
+//     polls.
 //   - One watch per lock connection. A lock connection that dies or goes
 //     silent loses every lock on it at once: each [Lock.Lost] closes, each Do
 //     context ends with cause [ErrLockLost], no new lock is granted on it, and
@@ -95,10 +93,11 @@
 //   - A lock-table guard. Advisory locks live in the server's lock table,
 //     which every session of the server shares; when it is full every session
 //     fails with "out of shared memory", new connections included. A Locker
-//     holds at most [WithMaxLocks] session locks (by default half of the
+//     holds at most [WithMaxLocks] session locks (by default a quarter of the
 //     table: max_locks_per_transaction * (max_connections +
-//     max_prepared_transactions) / 2, read from the server) and refuses more
-//     with [ErrTooManyLocks].
+//     max_prepared_transactions) / 4, read from the server) and refuses more
+//     with [ErrTooManyLocks]. The cap is per Locker: size it for the replicas
+//     that share the server.
 //
 // A session pays for the locks it holds: PostgreSQL walks all of them at the
 // end of each of its transactions, so every lock or unlock statement on a
@@ -109,7 +108,8 @@
 //
 // A lock connection whose client vanishes (a cut network, a killed process
 // behind a proxy that keeps TCP open) is ended by the server within
-// [AbandonedSessionTimeout], which frees its locks: the Locker sets
+// [AbandonedSessionTimeout] of silence, which frees its locks, and not before
+// the client has seen the loss: the Locker sets
 // server-side TCP keepalives and, on PostgreSQL 14 and later,
 // idle_session_timeout on it, and keeps it busy while it holds locks.
 //

@@ -182,14 +182,16 @@ func (t *keyTable) tried(e *keyEntry) {
 
 // granted records that the owner of e's turn now holds the server's lock in
 // mode, on conn (nil outside the multiplexer), and lets in the shared
-// waiters at the head of the queue when mode is Shared.
-func (t *keyTable) granted(e *keyEntry, mode Mode, conn *lockConn) {
+// waiters at the head of the queue when mode is Shared. When conn was lost
+// before the grant could be recorded, nothing is held: granted reports false
+// and the caller keeps the turn.
+func (t *keyTable) granted(e *keyEntry, mode Mode, conn *lockConn) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	e.turn, e.holders, e.mode, e.conn, e.lostErr, e.sharedTry = false, 1, mode, conn, nil, false
 	if conn != nil && conn.lost != nil {
-		e.lostErr = conn.lost // lost before this grant was recorded
+		return false
 	}
+	e.turn, e.holders, e.mode, e.conn, e.lostErr, e.sharedTry = false, 1, mode, conn, nil, false
 	for mode == Shared && len(e.queue) > 0 && e.queue[0].mode == Shared {
 		w := e.queue[0]
 		e.queue = e.queue[1:]
@@ -197,6 +199,7 @@ func (t *keyTable) granted(e *keyEntry, mode Mode, conn *lockConn) {
 		w.ch <- admitJoined
 	}
 	t.settleTries(e)
+	return true
 }
 
 // nextExclusive reports whether the first goroutine queued for e waits for
@@ -209,22 +212,23 @@ func (t *keyTable) nextExclusive(e *keyEntry) bool {
 
 // handOff gives the exclusive hold that the owner of e's turn has (on conn)
 // to the first goroutine queued, if it waits for an exclusive hold, and
-// reports whether it did.
-func (t *keyTable) handOff(e *keyEntry, conn *lockConn) bool {
+// reports whether it did. It does not when conn was lost meanwhile (lost
+// reports it): the hold is gone with the connection.
+func (t *keyTable) handOff(e *keyEntry, conn *lockConn) (handed, lost bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if conn != nil && conn.lost != nil {
+		return false, true
+	}
 	if len(e.queue) == 0 || e.queue[0].mode != Exclusive {
-		return false
+		return false, false
 	}
 	w := e.queue[0]
 	e.queue = e.queue[1:]
 	e.turn, e.holders, e.mode, e.conn, e.lostErr, e.sharedTry = false, 1, Exclusive, conn, nil, false
-	if conn != nil && conn.lost != nil {
-		e.lostErr = conn.lost
-	}
 	w.ch <- admitJoined
 	t.settleTries(e)
-	return true
+	return true, false
 }
 
 // leave ends one local hold of e. It reports whether it was the last: then

@@ -268,7 +268,7 @@ func (c *lockConn) open(batch []*connOp) error {
 			return fmt.Errorf("%w: %w", errConnectCut, err)
 		}
 		c.markDead(err)
-		return fmt.Errorf("%w: %w", errConnGone, err)
+		return fmt.Errorf("pglock: open a lock connection: %w", err)
 	}
 	c.mu.Lock()
 	c.conn = conn
@@ -278,11 +278,14 @@ func (c *lockConn) open(batch []*connOp) error {
 }
 
 // exec sends the lock and unlock requests of batch in one statement, bounded
-// by a socket deadline (not by a context: see pgxBackend.detach).
+// by a socket deadline (not by a context: see pgxBackend.detach) of
+// mux.statementBound, so that a connection that goes silent while requests
+// keep it busy (and its watch stopped) is lost within the same bound as an
+// idle one.
 func (c *lockConn) exec(batch []*connOp) {
 	conn := c.conn
 	nc := conn.PgConn().Conn()
-	_ = nc.SetDeadline(time.Now().Add(c.m.releaseTimeout))
+	_ = nc.SetDeadline(time.Now().Add(c.m.statementBound()))
 	ctx := context.Background()
 	var err error
 	if len(batch) == 1 {

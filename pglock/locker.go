@@ -104,9 +104,11 @@ func (lk *Locker) Lock(key any, opts ...Option) (*Lock, error) {
 	return l, nil
 }
 
-// Do runs fn while holding the lock on key, as [Lock.Do] does.
+// Do runs fn while holding the lock on key, as [Lock.Do] does. After
+// [Locker.Close] it fails with an error matching [ErrNotAcquired] and
+// [ErrLockerClosed].
 func (lk *Locker) Do(ctx context.Context, key any, fn func(ctx context.Context) error) error {
-	l, err := lk.Lock(key)
+	l, err := lk.lockFor(key)
 	if err != nil {
 		return err
 	}
@@ -115,11 +117,21 @@ func (lk *Locker) Do(ctx context.Context, key any, fn func(ctx context.Context) 
 
 // TryDo runs fn only if the lock on key is free now, as [Lock.TryDo] does.
 func (lk *Locker) TryDo(ctx context.Context, key any, fn func(ctx context.Context) error) (bool, error) {
-	l, err := lk.Lock(key)
+	l, err := lk.lockFor(key)
 	if err != nil {
 		return false, err
 	}
 	return l.TryDo(ctx, fn)
+}
+
+// lockFor is Lock for Do and TryDo: a closed Locker's error says the lock
+// was not acquired, as Acquire's does.
+func (lk *Locker) lockFor(key any) (*Lock, error) {
+	l, err := lk.Lock(key)
+	if errors.Is(err, ErrLockerClosed) {
+		return nil, fmt.Errorf("%w: %w", ErrNotAcquired, err)
+	}
+	return l, err
 }
 
 // Key returns the Key that key maps to under the Locker's namespace: the key
@@ -164,8 +176,9 @@ func (lk *Locker) Close() error {
 // LockerStats is what a Locker uses now (see [Locker.Stats]).
 type LockerStats struct {
 	// LockConns is the number of open lock connections (at most
-	// [WithLockConns]); WaitConns the number of open waiting connections (at
-	// most [WithWaitConns]). Both are 0 for a Locker that does not
+	// [WithLockConns]); WaitConns the number of open waiting connections:
+	// waiting (at most [WithWaitConns]), holding what they waited for, or
+	// idle (at most WithWaitConns). Both are 0 for a Locker that does not
 	// multiplex.
 	LockConns, WaitConns int
 	// ServerLocks is the number of session locks the Locker holds or is

@@ -169,7 +169,7 @@ func (m *mux) readLimit(conn *pgx.Conn) error {
 
 // lockTableShare: by default a Locker holds at most 1/lockTableShare of the
 // server's lock table, which every session of the server shares.
-const lockTableShare = 2
+const lockTableShare = 4
 
 // connect opens a lock connection, and tells the server to end its session
 // if the client vanishes: a client cut off by a dead network would otherwise
@@ -184,11 +184,17 @@ func (m *mux) connect(ctx context.Context) (*pgx.Conn, error) {
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	ctx, cancel := context.WithTimeout(ctx, max(m.releaseTimeout, 5*time.Second))
-	defer cancel()
 	cfg := m.connCfg.Copy()
+	limit := cfg.ConnectTimeout
+	if limit <= 0 {
+		limit = m.releaseTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
 	bound := m.abandonBound()
-	secs := strconv.Itoa(int(max(bound/3, time.Second) / time.Second))
+	// Keepalives end a silent session after idle + 2 probes 1 s apart: at
+	// least bound/2 + 2 s, which is past the client's 2 x lostCheck.
+	secs := strconv.Itoa(int(max(bound/2, time.Second) / time.Second))
 	for name, v := range map[string]string{"tcp_keepalives_idle": secs, "tcp_keepalives_interval": "1", "tcp_keepalives_count": "2"} {
 		if _, set := cfg.RuntimeParams[name]; !set {
 			cfg.RuntimeParams[name] = v
@@ -213,10 +219,19 @@ func (m *mux) abandonBound() time.Duration {
 	return max(AbandonedSessionTimeout, 4*m.lostCheck)
 }
 
-// AbandonedSessionTimeout is the least time after which the server ends the
-// session of a multiplexing Locker's lock connection whose client has gone
-// silent, freeing its locks (the bound grows with the lost-check interval:
-// it is at least four of them).
+// statementBound bounds each statement on a lock connection: twice the
+// lost-check interval (the bound in which a silent connection is noticed),
+// or the release timeout if shorter.
+func (m *mux) statementBound() time.Duration {
+	return min(m.releaseTimeout, 2*m.lostCheck)
+}
+
+// AbandonedSessionTimeout bounds how long the server keeps the session of a
+// multiplexing Locker's lock connection whose client has gone silent, and so
+// its locks: it ends it within this time of silence (by server-side TCP
+// keepalives from half of it, or idle_session_timeout), and never before
+// the client has seen the loss (twice the lost-check interval). With a
+// lost-check interval above a quarter of it, the bound is four intervals.
 const AbandonedSessionTimeout = 6 * time.Second
 
 // serverMajor reads the server's major version from server_version ("15.4",
@@ -296,15 +311,18 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 	}
 	var c *lockConn
 	op := connOp{ctx: ctx, key: k, mode: mode}
-	// A connection lost before or during the statement holds nothing: try
-	// once more on a new one.
-	for range 2 {
+	// A connection lost before or during the statement, or before its grant
+	// was recorded, holds nothing: try again on a new one.
+	for range 3 {
 		if c = m.slot(m.slotOf(k)); c == nil {
 			op.err = ErrLockerClosed
 			break
 		}
 		op.ok, op.err = false, nil
 		c.do(&op)
+		if op.err == nil && op.ok && !m.t.granted(e, mode, c) {
+			op.ok, op.err = false, fmt.Errorf("%w: lost before the grant was recorded", errConnGone)
+		}
 		if !errors.Is(op.err, errConnGone) {
 			break
 		}
@@ -315,7 +333,6 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 		m.t.passTurn(e)
 		return false, op.err
 	case op.ok:
-		m.t.granted(e, mode, c)
 		return true, nil
 	case !wait:
 		m.unreserve()
@@ -359,14 +376,20 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 	if op.err != nil {
 		err = op.err // the waiting connection could not be opened
 	}
-	if held {
-		m.t.granted(e, b.l.cfg.mode, wc)
+	if held && m.t.granted(e, b.l.cfg.mode, wc) {
+		// The connection now holds what it waited for, until its release: it
+		// no longer counts among the waiting, so a long hold does not keep
+		// other keys from being waited for.
+		<-m.waitSem
 		return true, nil
+	}
+	if held { // granted on a connection lost since: gone with it
+		healthy, err = false, fmt.Errorf("%w: lost as the wait ended", errConnGone)
 	}
 	if err == nil {
 		err = m.waitErr(ctx)
 	}
-	m.putWaitConn(wc, healthy && !errors.Is(err, errConnGone))
+	m.putWaitConn(wc, healthy && !errors.Is(err, errConnGone), true)
 	return false, err
 }
 
@@ -402,20 +425,25 @@ func (m *mux) waitConn() *lockConn {
 	return c
 }
 
-// putWaitConn gives back a waiting connection that holds nothing; one in
-// doubt is closed.
-func (m *mux) putWaitConn(c *lockConn, healthy bool) {
+// putWaitConn gives back a waiting connection that holds nothing: after a
+// wait that failed (waiting: it gives back its place in waitSem too), or after
+// the release of what it waited for. One in doubt is closed, and so is one
+// that would make more idle ones than WithWaitConns.
+func (m *mux) putWaitConn(c *lockConn, healthy, waiting bool) {
 	m.mu.Lock()
 	delete(m.waitBusy, c)
 	closed := m.closed
-	if healthy && !closed && !c.isDead() {
+	keep := healthy && !closed && !c.isDead() && len(m.waitIdle) < m.waitConns
+	if keep {
 		m.waitIdle = append(m.waitIdle, c)
 	}
 	m.mu.Unlock()
-	if !healthy || closed {
+	if !keep {
 		c.close(errConnGone)
 	}
-	<-m.waitSem
+	if waiting {
+		<-m.waitSem
+	}
 }
 
 // connLost marks every key held on c as lost and tells its holders.
@@ -458,7 +486,12 @@ func (m *mux) give(e *keyEntry, mode Mode) error {
 	op.retake = mode == Exclusive && m.t.nextExclusive(e)
 	err := m.unlock(c, &op)
 	if err == nil && op.retaken {
-		if m.t.handOff(e, c) {
+		handed, lost := m.t.handOff(e, c)
+		switch {
+		case handed:
+			return nil
+		case lost: // the key taken again is gone with the connection
+			m.ended(e, c, false)
 			return nil
 		}
 		// The waiter left meanwhile: give the key back after all.
@@ -488,7 +521,7 @@ func (m *mux) unlock(c *lockConn, op *connOp) error {
 func (m *mux) ended(e *keyEntry, c *lockConn, healthy bool) {
 	m.unreserve()
 	if c != nil && c.slot < 0 {
-		m.putWaitConn(c, healthy)
+		m.putWaitConn(c, healthy, false)
 	}
 	m.t.passTurn(e)
 }

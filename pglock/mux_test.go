@@ -335,8 +335,8 @@ func TestMuxMaxLocks(t *testing.T) {
 		(current_setting('max_connections')::int + current_setting('max_prepared_transactions')::int)`).Scan(&capacity); err != nil {
 		t.Fatal(err)
 	}
-	if s := def.Stats(); s.MaxLocks != capacity/2 {
-		t.Errorf("default MaxLocks = %d, want half the lock table (%d)", s.MaxLocks, capacity/2)
+	if s := def.Stats(); s.MaxLocks != capacity/4 {
+		t.Errorf("default MaxLocks = %d, want a quarter of the lock table (%d)", s.MaxLocks, capacity/4)
 	}
 }
 
@@ -375,7 +375,7 @@ func TestMuxClose(t *testing.T) {
 	if _, err := lk.Lock(key); !errors.Is(err, pglock.ErrLockerClosed) {
 		t.Errorf("Lock after Close = %v", err)
 	}
-	if err := lk.Do(ctx, key, func(context.Context) error { return nil }); !errors.Is(err, pglock.ErrLockerClosed) {
+	if err := lk.Do(ctx, key, func(context.Context) error { return nil }); !errors.Is(err, pglock.ErrLockerClosed) || !errors.Is(err, pglock.ErrNotAcquired) {
 		t.Errorf("Do after Close = %v", err)
 	}
 	if err := lk.Close(); err != nil {
@@ -621,4 +621,80 @@ func TestMuxConcurrentSharedTries(t *testing.T) {
 		t.Fatal(err)
 	}
 	pgtest.WaitFree(t, watch, waiter.Key())
+}
+
+// A key got after a wait stays on its waiting connection, which then no
+// longer counts as waiting: with one waiting connection, holding a key that
+// was waited for does not keep another key from being waited for.
+func TestMuxHoldAfterWaitFreesWaitPlace(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t, 2)
+	other := pgtest.Pool(t, 2)
+	watch := pgtest.Pool(t, 2)
+	lk := muxLocker(t, pool, pglock.WithWaitConns(1))
+	k1, k2 := pgtest.UniqueKey(t), pgtest.UniqueKey(t)
+	for _, k := range []string{k1, k2} {
+		o, _ := pglock.New(other, k)
+		if err := o.Acquire(ctx); err != nil {
+			t.Fatal(err)
+		}
+		l, _ := lk.Lock(k)
+		time.AfterFunc(100*time.Millisecond, func() { _ = o.Release(ctx) })
+		wctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		start := time.Now()
+		err := l.Acquire(wctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("Acquire(%s) after waiting, with the other key held after a wait: %v (after %v)", k, err, time.Since(start))
+		}
+		defer func() {
+			if err := l.Release(ctx); err != nil {
+				t.Error(err)
+			}
+			pgtest.WaitFree(t, watch, l.Key())
+		}()
+	}
+	if s := lk.Stats(); s.WaitConns != 2 || s.HeldKeys != 2 {
+		t.Errorf("Stats = %+v, want 2 waiting connections holding the 2 keys", s)
+	}
+}
+
+// A lock connection that goes silent while requests keep it busy (so its
+// watch does not run) is lost within twice the check interval too, not only
+// when the release timeout cuts its statement.
+func TestMuxLossUnderTraffic(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	proxy, pool := faultProxyPool(t, 2)
+	const interval = 200 * time.Millisecond
+	lk := muxLocker(t, pool, pglock.WithLockConns(1), pglock.WithLostCheckInterval(interval), pglock.WithReleaseTimeout(time.Second))
+	a, _ := lk.Lock(pgtest.UniqueKey(t))
+	if err := a.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	proxy.Blackhole()
+	cut := time.Now()
+	b, _ := lk.Lock(pgtest.UniqueKey(t))
+	tried := make(chan error, 1)
+	go func() {
+		_, err := b.TryAcquire(ctx)
+		tried <- err
+	}()
+	select {
+	case <-a.Lost():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Lost not closed 5 s after the network went silent")
+	}
+	if took := time.Since(cut); took > 2*interval+500*time.Millisecond {
+		t.Errorf("loss seen after %v with a request in flight, want within 2 x %v (+ margin)", took, interval)
+	}
+	if err := <-tried; err == nil {
+		_ = b.Release(ctx)
+		t.Error("TryAcquire on the silent connection succeeded")
+	}
+	proxy.Restore()
+	if err := a.Release(ctx); !errors.Is(err, pglock.ErrLockLost) {
+		t.Errorf("Release = %v, want ErrLockLost", err)
+	}
 }

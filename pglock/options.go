@@ -272,7 +272,10 @@ func WithMultiplexing(on bool) Option {
 // hold the session locks of all its Locks (one session holds thousands).
 // Each key is held on one of them, chosen by the key; the lock and unlock
 // requests that goroutines send to one connection at the same time share
-// one statement. A negative n is an error. An option of [NewLocker].
+// one statement. A lock connection is opened on first use, within the
+// context of the request that needs it, bounded by the pool's ConnectTimeout
+// or else the release timeout. A negative n is an error. An option of
+// [NewLocker].
 func WithLockConns(n int) Option {
 	return func(c *config) {
 		c.lockerOpts = append(c.lockerOpts, "WithLockConns")
@@ -291,10 +294,12 @@ func WithLockConns(n int) Option {
 // (see [DefaultWaitConns], used when n is 0). A key that another session
 // holds is waited for in the server's queue, so that waiters of every
 // process are served in order: by one goroutine of the process per key (the
-// others queue behind it in the process), on a waiting connection, which
-// then holds the lock until it is released. When all n are waiting or
-// holding, further waits queue in the process until one is free. A negative
-// n is an error. An option of [NewLocker].
+// others queue behind it in the process), on a waiting connection. At most n
+// wait at once; further waits queue in the process until one ends. A waiting
+// connection that got its lock holds it until it is released, and no longer
+// counts as waiting (a long hold does not keep other keys from being waited
+// for); at most n idle ones are kept for later waits. A negative n is an
+// error. An option of [NewLocker].
 func WithWaitConns(n int) Option {
 	return func(c *config) {
 		c.lockerOpts = append(c.lockerOpts, "WithWaitConns")
@@ -314,8 +319,10 @@ func WithWaitConns(n int) Option {
 // Advisory locks live in the server's lock table, which every session of the
 // server shares; when it is full, every session fails ("out of shared
 // memory"), new connections included. Zero (the default) derives the cap from
-// the server: half of max_locks_per_transaction * (max_connections +
-// max_prepared_transactions), read when the first lock connection opens. A
+// the server: a quarter of max_locks_per_transaction * (max_connections +
+// max_prepared_transactions), read when the first lock connection opens. The
+// cap is per Locker: with several replicas (or several Lockers per process)
+// on one server, set it so that together they stay well under the table. A
 // negative n is an error. An option of [NewLocker].
 func WithMaxLocks(n int) Option {
 	return func(c *config) {
