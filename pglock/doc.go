@@ -118,11 +118,13 @@
 // connections, locks and waiters a Locker has now.
 //
 // A Locker on one connection or transaction (*pgx.Conn, *pgxpool.Conn,
-// pgx.Tx, *sql.Conn, *sql.Tx) is safe for concurrent use too: it keeps the
-// same table of keys and lets one goroutine at a time use the connection (for
-// the whole hold when the lock opens its own transaction there). A wait in
-// the server holds that connection, so other goroutines' statements wait
-// behind it: use a pool for concurrent work.
+// pgx.Tx, *sql.Conn, *sql.Tx) is safe for concurrent use too: its holds take
+// turns on the connection, each keeping it from the start of its acquire to
+// its release, so that the protected work can use it; other goroutines'
+// acquires (TryAcquire too) wait for it until their contexts end. Inside
+// Do's function, Locks of the same Locker acquired with the function's
+// context nest on the connection. One connection does one thing at a time:
+// use a pool for concurrent work.
 //
 // # Waiting and cancelling
 //

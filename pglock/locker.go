@@ -26,10 +26,13 @@ import (
 // connections". The lock connections are the Locker's, not the pool's:
 // closing the pool does not close them; close the Locker first.
 //
-// On one connection or transaction the Locker serializes its Locks'
-// statements on it and keeps exclusion by key in the process (PostgreSQL
-// would stack them), so it is safe for concurrent use too; but one
-// connection runs one statement at a time, and a wait holds it.
+// On one connection or transaction the Locker is safe for concurrent use
+// too: its holds take turns on the connection, each from the start of its
+// acquire to its release (the protected work may use the connection), and
+// other goroutines' acquires wait for it, until their contexts end. Inside
+// Do's function, Locks of the same Locker acquired with the function's
+// context (from its goroutine) nest on the connection; there, as on a
+// connection given to New, PostgreSQL stacks a key taken twice.
 type Locker struct {
 	conn   any
 	cfg    config
@@ -168,7 +171,7 @@ func (lk *Locker) Close() error {
 		return lk.mux.close()
 	}
 	if lk.serial != nil {
-		close(lk.serial.t.closing)
+		close(lk.serial.closing)
 	}
 	return nil
 }
@@ -199,9 +202,7 @@ func (lk *Locker) Stats() LockerStats {
 	case lk.mux != nil:
 		return lk.mux.stats()
 	case lk.serial != nil:
-		var s LockerStats
-		s.HeldKeys, s.Queued = lk.serial.t.counts()
-		return s
+		return LockerStats{HeldKeys: int(lk.serial.holds.Load())}
 	}
 	return LockerStats{}
 }

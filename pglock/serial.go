@@ -3,6 +3,7 @@ package pglock
 import (
 	"context"
 	"database/sql"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -11,20 +12,26 @@ import (
 // serial makes a Locker on one connection or transaction (*pgx.Conn,
 // *pgxpool.Conn, pgx.Tx, *sql.Conn, *sql.Tx) safe for concurrent use. A
 // connection runs one statement at a time, and PostgreSQL stacks a session's
-// own locks instead of excluding, so the Locker keeps a key table (at most one
-// holder of an exclusive key in the process) and lets one goroutine at a time
-// use the connection: for each statement in Session scope and on a caller's
-// transaction; for the whole hold when the lock opens its own transaction on
-// the connection. A goroutine waiting in the server's queue holds the
-// connection, so on one connection the others' statements wait behind it.
+// own locks instead of excluding; the protected work may use the connection
+// too (Do's function may). So the Locker's holds take turns on it: a hold
+// keeps the connection from the moment it starts taking its lock until it is
+// released, and other goroutines' acquires wait for it (until their context
+// ends). Inside Do's function, whose context says that its hold has the
+// connection, further Locks of the Locker nest on it without waiting (and
+// stack in PostgreSQL, as on a connection given to New).
 type serial struct {
-	t    *keyTable
-	conn chan struct{} // a place: the connection is in use
+	conn    chan struct{} // a place: a hold has the connection
+	closing chan struct{} // closed by Locker.Close
+	holds   atomic.Int64
 }
 
 func newSerial() *serial {
-	return &serial{t: newKeyTable(), conn: make(chan struct{}, 1)}
+	return &serial{conn: make(chan struct{}, 1), closing: make(chan struct{})}
 }
+
+// serialHeld is the context key that marks a context whose hold has the
+// serial's connection.
+type serialHeld struct{ s *serial }
 
 // serialSource wraps the Locker's source with its serial.
 type serialSource struct {
@@ -41,102 +48,63 @@ func (s *serialSource) open(ctx context.Context, l *Lock) (backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &serialBackend{s: s.s, inner: b, l: l}, nil
+	return &serialBackend{s: s.s, inner: b}, nil
 }
 
 type serialBackend struct {
 	s     *serial
 	inner backend
-	l     *Lock
-	e     *keyEntry
-	// whole: the connection is kept for the whole hold (the lock's own
-	// transaction is open on it).
-	whole bool
+	// has: this hold took the connection (not nested in another's).
+	has bool
 }
-
-// take waits for the connection, until ctx ends.
-func (b *serialBackend) take(ctx context.Context) error {
-	select {
-	case b.s.conn <- struct{}{}:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-func (b *serialBackend) give() { <-b.s.conn }
 
 func (b *serialBackend) acquire(ctx context.Context, wait bool) (bool, error) {
-	// Shared holders of the lock's own transaction cannot share it: they
-	// queue like exclusive ones.
-	mode := b.l.cfg.mode
-	ownTx := b.l.cfg.scope == Transaction && !b.l.src.callerTx()
-	if ownTx {
-		mode = Exclusive
-	}
-	e, adm, err := b.s.t.enter(ctx, b.l.key, mode, wait)
-	switch {
-	case err != nil:
-		return false, err
-	case adm == admitBusy:
-		return false, nil
-	case adm == admitJoined:
-		b.e = e
-		return true, nil
-	}
-	if err := b.take(ctx); err != nil {
-		b.s.t.passTurn(e)
-		return false, err
+	nested := ctx.Value(serialHeld{b.s}) != nil
+	if !nested {
+		select {
+		case b.s.conn <- struct{}{}:
+		case <-ctx.Done():
+			return false, ctx.Err()
+		case <-b.s.closing:
+			return false, ErrLockerClosed
+		}
 	}
 	ok, err := b.inner.acquire(ctx, wait)
-	if !ok || !ownTx {
-		b.give()
-	}
 	if !ok {
-		b.s.t.passTurn(e)
+		if !nested {
+			<-b.s.conn
+		}
 		return false, err
 	}
-	b.whole = ownTx
-	b.s.t.granted(e, mode, nil)
-	b.e = e
+	b.has = !nested
+	b.s.holds.Add(1)
 	return true, nil
 }
 
+// end gives the connection back after the hold ended.
+func (b *serialBackend) end() {
+	b.s.holds.Add(-1)
+	if b.has {
+		b.has = false
+		<-b.s.conn
+	}
+}
+
 func (b *serialBackend) release(ctx context.Context, commit bool) error {
-	e := b.e
-	if e == nil {
-		return nil
-	}
-	b.e = nil
-	if !b.s.t.leave(e) {
-		return nil
-	}
-	if !b.whole {
-		b.s.conn <- struct{}{} // as long as it takes: a lock must not be left held
-	}
-	b.whole = false
 	err := b.inner.release(ctx, commit)
-	b.give()
-	b.s.t.passTurn(e)
+	b.end()
 	return err
 }
 
 func (b *serialBackend) discard() {
-	e := b.e
-	if e == nil {
-		return
-	}
-	b.e = nil
-	if !b.s.t.leave(e) {
-		return
-	}
-	if !b.whole {
-		b.s.conn <- struct{}{} // as long as it takes: a lock must not be left held
-	}
-	b.whole = false
 	b.inner.discard()
-	b.give()
-	b.s.t.passTurn(e)
+	b.end()
+}
+
+// workContext marks the context of Do's function: its hold has the
+// connection, so Locks of the same Locker nest on it.
+func (b *serialBackend) workContext(ctx context.Context) context.Context {
+	return context.WithValue(ctx, serialHeld{b.s}, true)
 }
 
 func (b *serialBackend) watch(interval time.Duration, lost func(error)) func() {
