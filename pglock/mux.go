@@ -282,7 +282,7 @@ func (m *mux) reserve(k Key) error {
 		return ErrLockerClosed
 	}
 	if m.limit > 0 && m.held >= m.limit {
-		return fmt.Errorf("%w: key %s: this Locker holds %d locks, its limit (WithMaxLocks; the server's lock table has %d slots, shared by every session)",
+		return fmt.Errorf("%w: key %s: this Locker holds %d locks, its limit (see WithMaxLocks; the server's lock table has %d slots for every session of the server)",
 			ErrTooManyLocks, k, m.held, m.capacity)
 	}
 	m.held++

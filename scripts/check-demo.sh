@@ -23,8 +23,8 @@ ErrNotAcquired=true DeadlineExceeded=true held=false
 most handlers inside at once for order 42: 1
 409 Conflict, Retry-After: 1
 each holding its key while it queries the pool: 64 x 200 OK
-2000 locks held at once by one Locker: 2 lock connections, 0 pool connections in use
-pg_locks: 2000 advisory locks on 2 sessions
+1000 locks held at once by one Locker: 2 lock connections, 0 pool connections in use
+pg_locks: 1000 advisory locks on 2 sessions
 balance: 60 (6 x 10: no update was lost)
 ran the tick
 most postings of one account at once: 1

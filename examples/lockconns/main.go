@@ -1,7 +1,7 @@
 // Command lockconns shows what a Locker on a pool does with its connections:
 // a held lock costs no pool connection. A service on a pool of 4 serves 64
 // requests at once, each holding its own key while its handler queries the
-// same pool; then one process holds 2,000 locks at once on 2 lock
+// same pool; then one process holds 1,000 locks at once on 2 lock
 // connections. It runs against DATABASE_URL (make demo finds or starts a
 // server).
 package main
@@ -103,10 +103,10 @@ func serve(ctx context.Context, w io.Writer, pool *pgxpool.Pool, locker *pglock.
 	return nil
 }
 
-// holdMany holds 2,000 keys at once from 100 goroutines, and shows where
+// holdMany holds 1,000 keys at once from 1,000 goroutines, and shows where
 // the locks are.
 func holdMany(ctx context.Context, w io.Writer, pool *pgxpool.Pool, locker *pglock.Locker) error {
-	const goroutines, each = 100, 20
+	const goroutines, each = 50, 20
 	var held, done sync.WaitGroup
 	release := make(chan struct{})
 	errs := make(chan error, goroutines*each)

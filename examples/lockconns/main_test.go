@@ -11,7 +11,7 @@ import (
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
 
-// The example serves 64 requests on a pool of 4 and holds 2,000 locks on 2
+// The example serves 64 requests on a pool of 4 and holds 1,000 locks on 2
 // lock connections; make demo runs it.
 func TestLockConns(t *testing.T) {
 	var out bytes.Buffer
@@ -20,7 +20,7 @@ func TestLockConns(t *testing.T) {
 	}
 	for _, want := range []string{
 		"64 requests at once on a pool of 4, each holding its key while it queries the pool: 64 x 200 OK",
-		"2000 locks held at once by one Locker: 2 lock connections, 0 pool connections in use",
+		"1000 locks held at once by one Locker: 2 lock connections, 0 pool connections in use",
 		"released: 0 held now",
 	} {
 		if !strings.Contains(out.String(), want) {
