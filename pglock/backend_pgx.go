@@ -135,24 +135,27 @@ func (b *pgxBackend) try(ctx context.Context, q interface {
 	return ok, err
 }
 
+// acquireSession takes the session lock. A blocking acquire goes straight to
+// the server's queue (pg_advisory_lock): one round trip whether the key is
+// free or held, and no try before it that a busy key would pay for.
 func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error) {
+	if wait {
+		held, healthy, err := waitSession(ctx, b.l, b.conn)
+		if held {
+			return true, nil
+		}
+		b.close(healthy) // a pooled connection in doubt is destroyed
+		return false, err
+	}
 	ok, err := b.try(ctx, b.conn)
 	if err != nil {
 		b.close(false)
 		return false, err
 	}
-	if ok || !wait {
-		if !ok {
-			b.close(true)
-		}
-		return ok, nil
+	if !ok {
+		b.close(true)
 	}
-	held, healthy, err := waitSession(ctx, b.l, b.conn)
-	if held {
-		return true, nil
-	}
-	b.close(healthy) // a pooled connection in doubt is destroyed
-	return false, err
+	return ok, nil
 }
 
 // acquireOwnTx opens the lock's transaction. The blocking form sends BEGIN

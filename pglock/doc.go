@@ -128,8 +128,13 @@
 //
 // # Waiting and cancelling
 //
-// [Lock.Acquire] first tries the lock, then waits in the server's queue until
-// it is granted or the context ends. A cancelled wait is stopped with a
+// [Lock.Acquire] waits in the server's queue until the lock is granted or the
+// context ends: on a connection of its own (a Lock made by New) it sends the
+// blocking function at once, one round trip whether the key is free or not;
+// a Locker's Lock first tries the key on its lock connection (with others'
+// requests) and waits on a waiting connection only when another session
+// holds it. A waiting goroutine costs no goroutine of the library: the
+// context is watched with context.AfterFunc. A cancelled wait is stopped with a
 // PostgreSQL cancel request rather than by closing the connection (which is
 // what pgx does with a cancelled query): a pinned or caller's connection stays
 // usable. The server may grant the lock in the instant the cancel arrives, so
