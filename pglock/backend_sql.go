@@ -119,11 +119,37 @@ func (b *sqlBackend) target() sqlQuerier {
 }
 
 func (b *sqlBackend) try(ctx context.Context) (bool, error) {
+	var ok bool
+	if b.ownTx == nil && b.callerTx == nil {
+		if ran, err := b.onPgx(ctx, func(ctx context.Context, pc *pgx.Conn) error {
+			return pc.QueryRow(ctx, b.st.try, b.st.args...).Scan(&ok)
+		}); ran {
+			return ok, err
+		}
+	}
 	qctx, cancel := bounded(ctx, b.l.cfg.releaseTimeout)
 	defer cancel()
-	var ok bool
 	err := b.target().QueryRowContext(qctx, b.st.try, b.st.args...).Scan(&ok)
 	return ok, err
+}
+
+// onPgx runs a statement that never waits for a lock on the *pgx.Conn under
+// the lock's connection, when the driver is pgx's: bounded by a deadline on
+// the socket (see pgxBackend.detach), not by a context and a timer per
+// statement. It reports whether it ran (false with another driver).
+func (b *sqlBackend) onPgx(ctx context.Context, f func(context.Context, *pgx.Conn) error) (ran bool, err error) {
+	ran = b.withPgx(func(pc *pgx.Conn) {
+		nc := pc.PgConn().Conn()
+		_ = nc.SetDeadline(time.Now().Add(b.l.cfg.releaseTimeout))
+		if ctx.Done() != nil {
+			ctx = context.WithoutCancel(ctx)
+		}
+		err = f(ctx, pc)
+		if !pc.IsClosed() {
+			_ = nc.SetDeadline(time.Time{})
+		}
+	})
+	return ran, err
 }
 
 // pgxConner is what pgx's database/sql driver (stdlib.Conn) offers: the
@@ -148,18 +174,22 @@ func (b *sqlBackend) withPgx(f func(*pgx.Conn)) bool {
 }
 
 // wait blocks until the lock is held or ctx ends. With pgx's driver it waits
-// in the server's queue as the pgx backend does; with other drivers it polls.
-// When the lock is not held, healthy reports whether the connection is known
-// to be usable and without the lock.
+// in the server's queue as the pgx backend does: in Session scope at once
+// (one round trip whether the key is free or not); in the lock's own
+// transaction after a try (a wait there needs a savepoint, which an
+// uncontended lock should not pay for). With other drivers, and on a caller's
+// *sql.Tx, it tries, then polls. When the lock is not held, healthy reports
+// whether the connection is known to be usable and without the lock.
 func (b *sqlBackend) wait(ctx context.Context) (held, healthy bool, err error) {
-	ran := b.withPgx(func(pc *pgx.Conn) {
-		if b.ownTx != nil {
-			held, healthy, err = waitInTx(ctx, b.l, pc)
-			return
+	if b.ownTx == nil && b.callerTx == nil {
+		if b.withPgx(func(pc *pgx.Conn) { held, healthy, err = waitSession(ctx, b.l, pc) }) {
+			return held, healthy, err
 		}
-		held, healthy, err = waitSession(ctx, b.l, pc)
-	})
-	if ran {
+	}
+	if held, err = b.try(ctx); err != nil || held {
+		return held, err == nil, err
+	}
+	if b.ownTx != nil && b.withPgx(func(pc *pgx.Conn) { held, healthy, err = waitInTx(ctx, b.l, pc) }) {
 		return held, healthy, err
 	}
 	held, err = b.poll(ctx)
@@ -205,9 +235,12 @@ func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 		b.ownTx = tx
 	}
 	healthy := true
-	ok, err := b.try(ctx)
-	if err == nil && !ok && wait {
+	var ok bool
+	var err error
+	if wait {
 		ok, healthy, err = b.wait(ctx)
+	} else {
+		ok, err = b.try(ctx)
 	}
 	if ok {
 		return true, nil
@@ -233,10 +266,15 @@ func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 func (b *sqlBackend) release(ctx context.Context, commit bool) error {
 	switch {
 	case b.l.cfg.scope == Session:
-		rctx, cancel := bounded(ctx, b.l.cfg.releaseTimeout)
-		defer cancel()
 		var ok bool
-		err := b.conn.QueryRowContext(rctx, b.st.unlock, b.st.args...).Scan(&ok)
+		ran, err := b.onPgx(ctx, func(ctx context.Context, pc *pgx.Conn) error {
+			return retryCanceled(func() error { return pc.QueryRow(ctx, b.st.unlock, b.st.args...).Scan(&ok) })
+		})
+		if !ran {
+			rctx, cancel := bounded(ctx, b.l.cfg.releaseTimeout)
+			defer cancel()
+			err = b.conn.QueryRowContext(rctx, b.st.unlock, b.st.args...).Scan(&ok)
+		}
 		gone := err != nil && b.connGone()
 		b.close(err == nil)
 		switch {
