@@ -230,7 +230,9 @@ func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
 // notAcquired builds Acquire's error: ErrNotAcquired, the context's error
 // when it ended, and the database's error when there was one.
 func (l *Lock) notAcquired(ctx context.Context, err error) error {
-	ctxErr := ctx.Err()
+	// A dial or read cut by the deadline can fail before ctx's own timer
+	// fires: a passed deadline counts as ended.
+	ctxErr := ctxEnded(ctx)
 	switch {
 	case err == nil && ctxErr == nil:
 		return fmt.Errorf("%w: key %s", ErrNotAcquired, l.key)
