@@ -89,13 +89,22 @@ func newSource(conn any, cfg *config) (source, error) {
 	default:
 		return nil, fmt.Errorf("%w: %T (want *pgxpool.Pool, *pgxpool.Conn, *pgx.Conn, pgx.Tx, *sql.DB, *sql.Conn or *sql.Tx)", ErrUnsupportedConn, conn)
 	}
+	if err := settleScope(s, cfg); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// settleScope checks the scope against the source: on a caller's
+// transaction it is Transaction, and asking for Session there is an error.
+func settleScope(s source, cfg *config) error {
 	if s.callerTx() {
 		if cfg.scopeSet && cfg.scope == Session {
-			return nil, fmt.Errorf("%w: Session scope on a transaction (%s): the lock would outlive it; use pglock.Transaction, or pass the pool or connection", ErrInvalidOption, s.kind())
+			return fmt.Errorf("%w: Session scope on a transaction (%s): the lock would outlive it; use pglock.Transaction, or pass the pool or connection", ErrInvalidOption, s.kind())
 		}
 		cfg.scope = Transaction
 	}
-	return s, nil
+	return nil
 }
 
 func isNilTx(tx pgx.Tx) (isNil bool) {

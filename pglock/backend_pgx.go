@@ -32,7 +32,7 @@ func (s *pgxSource) kind() string {
 }
 
 func (s *pgxSource) open(ctx context.Context, l *Lock) (backend, error) {
-	b := &pgxBackend{l: l, st: l.st}
+	b := &pgxBackend{l: l, st: &l.st}
 	switch {
 	case s.pool != nil:
 		pc, err := s.pool.Acquire(ctx)

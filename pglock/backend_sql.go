@@ -46,7 +46,7 @@ func (s *sqlSource) kind() string {
 }
 
 func (s *sqlSource) open(ctx context.Context, l *Lock) (backend, error) {
-	b := &sqlBackend{l: l, st: l.st}
+	b := &sqlBackend{l: l, st: &l.st}
 	switch {
 	case s.db != nil:
 		c, err := s.db.Conn(ctx)

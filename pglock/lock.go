@@ -26,7 +26,7 @@ type Lock struct {
 	key Key
 	cfg config
 	src source
-	st  *statements
+	st  statements
 	log *slog.Logger
 
 	mu sync.Mutex // serializes hold changes
@@ -47,6 +47,8 @@ type Lock struct {
 
 	// lockerClosed is the Locker's closed flag, for Locks made by a Locker.
 	lockerClosed *atomic.Bool
+	// muxb is the backend of the current hold on a multiplexing Locker.
+	muxb muxBackend
 }
 
 // New returns a Lock on key for conn, which is one of *pgxpool.Pool,
@@ -85,7 +87,7 @@ func newLock(src source, key any, cfg *config) (*Lock, error) {
 	}
 	l := &Lock{key: k, cfg: *cfg, src: src, lostCh: make(chan struct{})}
 	l.cfg.errs = nil
-	l.st = newStatements(k, l.cfg.scope, l.cfg.mode)
+	l.st.set(k, l.cfg.scope, l.cfg.mode)
 	if cfg.logger != nil {
 		l.log = cfg.logger.With(
 			slog.String("key", k.String()),

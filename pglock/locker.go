@@ -36,6 +36,7 @@ import (
 type Locker struct {
 	conn   any
 	cfg    config
+	src    source // what the Locker runs on, as newSource made it
 	pooled bool
 	mux    *mux    // session locks on a pool, multiplexed
 	serial *serial // a Locker on one connection or transaction
@@ -58,7 +59,7 @@ func NewLocker(conn any, opts ...Option) (*Locker, error) {
 	if err != nil {
 		return nil, err
 	}
-	lk := &Locker{conn: conn, cfg: cfg, pooled: src.owned()}
+	lk := &Locker{conn: conn, cfg: cfg, src: src, pooled: src.owned()}
 	switch {
 	case src.owned() && cfg.multiplex:
 		pool, _ := conn.(*pgxpool.Pool)
@@ -89,8 +90,8 @@ func (lk *Locker) Lock(key any, opts ...Option) (*Lock, error) {
 	if err := cfg.lockOnly(); err != nil {
 		return nil, err
 	}
-	src, err := newSource(lk.conn, &cfg)
-	if err != nil {
+	src := lk.src
+	if err := settleScope(src, &cfg); err != nil {
 		return nil, err
 	}
 	switch {

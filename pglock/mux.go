@@ -89,7 +89,9 @@ func (m *mux) open(ctx context.Context, l *Lock) (backend, error) {
 	if m.perHold != nil {
 		return m.perHold.open(ctx, l)
 	}
-	return &muxBackend{m: m, l: l}, nil
+	// A Lock has one hold at a time: its backend lives in the Lock.
+	l.muxb = muxBackend{m: m, l: l}
+	return &l.muxb, nil
 }
 
 // init finds the connection settings (on a *sql.DB, those of pgx's driver;

@@ -16,6 +16,7 @@ type statements struct {
 	// WARNING when the lock is not held.
 	cleanup string
 	args    []any
+	argv    [2]any
 }
 
 // fixed holds the statements that do not depend on the key's value, per
@@ -61,14 +62,23 @@ func buildFixed(scope Scope, mode Mode, pair bool) statements {
 	}
 }
 
-func newStatements(k Key, scope Scope, mode Mode) *statements {
+// set makes st the statements of key k in scope and mode. The arguments live
+// in st itself (argv), so that a Lock's statements cost no allocation of
+// their own but the key's boxing.
+func (st *statements) set(k Key, scope Scope, mode Mode) {
 	pair := 0
 	if k.pair {
 		pair = 1
 	}
-	st := fixed[scope][mode][pair]
-	st.args = k.args()
-	return &st
+	*st = fixed[scope][mode][pair]
+	if k.pair {
+		a, b := k.halves()
+		st.argv[0], st.argv[1] = a, b
+		st.args = st.argv[:2]
+		return
+	}
+	st.argv[0] = k.v
+	st.args = st.argv[:1]
 }
 
 // lockLiteral is the blocking lock statement with the key as a literal, for
