@@ -114,6 +114,14 @@ func (c *lockConn) do(op *connOp) {
 	retry := c.flush(batch)
 
 	c.mu.Lock()
+	// Wake the batch's requests, but those put back (retry): read under
+	// c.mu, since one of them may lead the next flush as soon as it is
+	// handed the connection.
+	for _, o := range batch {
+		if o != op && !o.retry {
+			close(o.done)
+		}
+	}
 	if len(retry) > 0 {
 		c.queue = append(retry, c.queue...)
 	}
@@ -126,11 +134,6 @@ func (c *lockConn) do(op *connOp) {
 		c.queue = nil
 	}
 	c.mu.Unlock()
-	for _, o := range batch {
-		if o != op && !o.retry {
-			close(o.done)
-		}
-	}
 }
 
 // await waits until op is done, or is handed the connection (then it
