@@ -3,7 +3,8 @@ package pglock
 import (
 	"context"
 	"errors"
-	"sync/atomic"
+	"sync"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -72,9 +73,8 @@ func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool,
 //
 // The cancel request and the statement's end share one bound, the release
 // timeout: when the server cannot be reached in that time (a silent
-// network), the statement's own context is cancelled and pgx closes the
-// connection (conn.IsClosed tells; a stop that came after the statement
-// ended leaves the connection usable). interrupted reports whether ctx ended
+// network), a deadline on the socket stops the statement and pgx closes the
+// connection (conn.IsClosed tells). interrupted reports whether ctx ended
 // while the statement ran: then the caller must treat a success as a lock
 // granted as the cancel arrived, and give it back.
 //
@@ -83,36 +83,70 @@ func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(contex
 	if ctx.Done() == nil {
 		return false, run(ctx)
 	}
-	qctx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
-	defer hardStop()
-	var fired atomic.Bool
-	finished := make(chan struct{})
-	done := make(chan struct{})
-	stop := context.AfterFunc(ctx, func() {
-		defer close(done)
-		select {
-		case <-finished:
-			return
-		default:
-		}
-		fired.Store(true)
-		bound, cancel := context.WithTimeout(context.Background(), l.cfg.releaseTimeout)
-		defer cancel()
-		if conn.PgConn().CancelRequest(bound) == nil {
-			select {
-			case <-finished:
-				return
-			case <-bound.Done():
-			}
-		}
-		hardStop()
-	})
-	err = run(qctx)
-	close(finished)
-	// Wait for a cancel request under way to complete before the connection
-	// is used again, so that it cannot interrupt a later statement.
-	if !stop() {
-		<-done
+	w := &waitStop{conn: conn, bound: l.cfg.releaseTimeout}
+	w.wg.Add(1)
+	stop := context.AfterFunc(ctx, w.fire)
+	err = run(context.WithoutCancel(ctx))
+	return w.finish(stop), err
+}
+
+// waitStop stops a waiting statement when its context ends (see
+// interruptible).
+type waitStop struct {
+	conn  *pgx.Conn
+	bound time.Duration
+	wg    sync.WaitGroup // fire has run, or will not
+
+	mu       sync.Mutex
+	finished bool          // the statement returned
+	fired    bool          // ctx ended while it ran
+	ended    chan struct{} // closed when it returns, once fired
+}
+
+// fire runs (in its own goroutine) when the context ends: it sends a cancel
+// request and, if the statement does not end within the bound, cuts it off.
+func (w *waitStop) fire() {
+	defer w.wg.Done()
+	w.mu.Lock()
+	if w.finished {
+		w.mu.Unlock()
+		return
 	}
-	return fired.Load(), err
+	w.fired, w.ended = true, make(chan struct{})
+	w.mu.Unlock()
+	bound := time.NewTimer(w.bound)
+	defer bound.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), w.bound)
+	defer cancel()
+	if w.conn.PgConn().CancelRequest(ctx) == nil {
+		select {
+		case <-w.ended:
+			return
+		case <-bound.C:
+		}
+	}
+	// The server did not answer in time: a deadline in the past makes the
+	// blocked read fail, and pgx close the connection.
+	_ = w.conn.PgConn().Conn().SetDeadline(time.Now())
+}
+
+// finish records that the statement returned and waits for a cancel under
+// way, so that it cannot interrupt a later statement; it reports whether
+// the context ended while the statement ran.
+func (w *waitStop) finish(stop func() bool) bool {
+	w.mu.Lock()
+	w.finished = true
+	if w.ended != nil {
+		close(w.ended)
+	}
+	fired := w.fired
+	w.mu.Unlock()
+	if stop() {
+		w.wg.Done() // fire will not run
+	}
+	w.wg.Wait()
+	if fired && !w.conn.IsClosed() {
+		_ = w.conn.PgConn().Conn().SetDeadline(time.Time{})
+	}
+	return fired
 }
