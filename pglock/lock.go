@@ -49,6 +49,10 @@ type Lock struct {
 	lockerClosed *atomic.Bool
 	// muxb is the backend of the current hold on a multiplexing Locker.
 	muxb muxBackend
+	// watch watches the connection of a hold on a pool connection of its
+	// own (pgxBackend.watch); stopRewatch is its stop, made once.
+	watch       rewatch
+	stopRewatch func()
 }
 
 // New returns a Lock on key for conn, which is one of *pgxpool.Pool,

@@ -14,9 +14,14 @@ func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
 	if b.pooled == nil || b.l.cfg.scope != Session {
 		return nil
 	}
-	w := &pgxWatcher{interval: interval, lost: lost}
-	w.attach(b.conn)
-	return watchAfter(min(watchDelay, interval), w.run, w.stop)
+	// A Lock has one hold at a time: its watch lives in the Lock and is
+	// reused by its next holds.
+	l := b.l
+	l.watch.arm(b.conn, interval, lost)
+	if l.stopRewatch == nil {
+		l.stopRewatch = l.watch.stop
+	}
+	return l.stopRewatch
 }
 
 // watchDelay is how long a hold lasts before its connection is watched: most
