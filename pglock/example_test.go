@@ -32,6 +32,7 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	defer locker.Close() // it holds its locks on connections of its own
 	err = locker.Do(ctx, "example:invoice:42", func(ctx context.Context) error {
 		fmt.Println("sending invoice 42, alone in the cluster")
 		return nil
@@ -151,4 +152,50 @@ func ExampleLock_Lost() {
 	// Output:
 	// did the work while the lock was held
 	// <nil>
+}
+
+// A Locker on a pool holds its locks on a few lock connections of its own,
+// not on a pool connection each: here 100 locks held at once on a pool of 2,
+// whose connections stay free for the work.
+func ExampleLocker_Stats() {
+	ctx := context.Background()
+	cfg, err := pgxpool.ParseConfig(os.Getenv("DATABASE_URL"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	cfg.MaxConns = 2
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool, pglock.WithLockConns(2))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+
+	var locks []*pglock.Lock
+	for i := range 100 {
+		l, err := locker.Lock(fmt.Sprintf("example:stats:%d", i))
+		if err != nil {
+			log.Fatal(err)
+		}
+		if err := l.Acquire(ctx); err != nil {
+			log.Fatal(err)
+		}
+		locks = append(locks, l)
+	}
+	s := locker.Stats()
+	fmt.Printf("%d keys held on %d lock connections; pool connections in use: %d\n",
+		s.HeldKeys, s.LockConns, pool.Stat().AcquiredConns())
+	for _, l := range locks {
+		if err := l.Release(ctx); err != nil {
+			log.Fatal(err)
+		}
+	}
+	fmt.Println("held after release:", locker.Stats().HeldKeys)
+	// Output:
+	// 100 keys held on 2 lock connections; pool connections in use: 0
+	// held after release: 0
 }
