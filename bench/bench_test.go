@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
@@ -14,55 +15,89 @@ import (
 func TestMain(m *testing.M) { pgtest.Main(m) }
 
 // pair is one comparison: the library's operation and raw pgx doing the same
-// SQL, each run once per call, on the same pool.
+// SQL, each run once per call.
 type pair struct {
 	lib, raw func(b *testing.B)
 }
 
-// run measures p three ways: "pglock" and "raw" alone (ns/op, B/op,
-// allocs/op), and "paired" (pgtest.Paired), which alternates the two in one
-// loop and reports each one's ns/op and their ratio. On a shared or virtual
-// machine the paired ratio is the figure to trust: both sides see the same
-// noise.
-func run(b *testing.B, setup func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair) {
-	mk := func(b *testing.B) pair {
-		pool := pgtest.Pool(b, 4)
-		ctx := context.Background()
-		for range 4 {
-			if err := pool.Ping(ctx); err != nil {
-				b.Fatal(err)
+// contexts are the contexts every comparison runs with, each as a
+// sub-benchmark of its own. "cancellable" is what callers pass (a request's,
+// an RPC's, a job's context: context.WithCancel here, cancelled when the
+// sub-benchmark ends), so it is the figure the targets are about.
+// "background" is context.Background(), whose Done() is nil: pgx does not
+// watch it during a query, and the library skips its cancel machinery.
+var contexts = []struct {
+	name        string
+	cancellable bool
+}{{"cancellable", true}, {"background", false}}
+
+// eachContext runs f once per entry of contexts, as sub-benchmarks named
+// after them, with that context.
+func eachContext(b *testing.B, f func(b *testing.B, ctx context.Context)) {
+	for _, c := range contexts {
+		b.Run(c.name, func(b *testing.B) {
+			ctx := context.Background()
+			if c.cancellable {
+				ctx = callerCtx(b)
 			}
-		}
-		k, err := pglock.KeyOf(pgtest.UniqueKey(b))
-		if err != nil {
-			b.Fatal(err)
-		}
-		rk, err := pglock.KeyOf(pgtest.UniqueKey(b))
-		if err != nil {
-			b.Fatal(err)
-		}
-		p := setup(b, pool, k, rk)
-		p.lib(b) // warm the statement caches
-		p.raw(b)
-		return p
+			f(b, ctx)
+		})
 	}
-	b.Run("pglock", func(b *testing.B) {
-		p := mk(b)
-		b.ReportAllocs()
-		for b.Loop() {
+}
+
+// callerCtx returns a cancellable context, cancelled when b ends.
+func callerCtx(b *testing.B) context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	b.Cleanup(cancel)
+	return ctx
+}
+
+// runPair measures, for each context (see contexts), the pair that mk
+// returns three ways: "pglock" and "raw" alone (ns/op, B/op, allocs/op), and
+// "paired" (pgtest.Paired), which alternates the two in one loop and reports
+// each one's ns/op and their ratio. On a shared or virtual machine the
+// paired ratio is the figure to trust: both sides see the same noise. mk is
+// called once per sub-benchmark, with its context; each side runs once before
+// the measurement, to warm statement caches.
+func runPair(b *testing.B, mk func(b *testing.B, ctx context.Context) pair) {
+	eachContext(b, func(b *testing.B, ctx context.Context) {
+		setup := func(b *testing.B) pair {
+			p := mk(b, ctx)
 			p.lib(b)
-		}
-	})
-	b.Run("raw", func(b *testing.B) {
-		p := mk(b)
-		b.ReportAllocs()
-		for b.Loop() {
 			p.raw(b)
+			return p
 		}
+		b.Run("pglock", func(b *testing.B) {
+			p := setup(b)
+			b.ReportAllocs()
+			for b.Loop() {
+				p.lib(b)
+			}
+		})
+		b.Run("raw", func(b *testing.B) {
+			p := setup(b)
+			b.ReportAllocs()
+			for b.Loop() {
+				p.raw(b)
+			}
+		})
+		b.Run("paired", func(b *testing.B) {
+			p := setup(b)
+			pgtest.Paired(b, "pglock", func() { p.lib(b) }, func() { p.raw(b) })
+		})
 	})
-	b.Run("paired", func(b *testing.B) {
-		p := mk(b)
-		pgtest.Paired(b, "pglock", func() { p.lib(b) }, func() { p.raw(b) })
+}
+
+// run is runPair on a pgx pool of 4 (its connections opened beforehand)
+// with two fresh keys: k for the library, rk for raw pgx.
+func run(b *testing.B, setup func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair) {
+	runPair(b, func(b *testing.B, ctx context.Context) pair {
+		pool := pgtest.Pool(b, 4)
+		for range 4 {
+			must(b, pool.Ping(ctx))
+		}
+		ks := keys(b, 2)
+		return setup(b, ctx, pool, ks[0], ks[1])
 	})
 }
 
@@ -71,6 +106,9 @@ func must(b *testing.B, err error) {
 		b.Fatal(err)
 	}
 }
+
+// noop is the protected work of the Do benchmarks.
+func noop(context.Context) error { return nil }
 
 // rawLockUnlock is what a service does without the library: pin a pool
 // connection, lock (lockSQL), unlock, and check the unlock's result.
@@ -95,10 +133,15 @@ func rawLockUnlock(ctx context.Context, b *testing.B, pool *pgxpool.Pool, lockSQ
 	}
 }
 
-// Session Acquire + Release, uncontended, on a pool.
+// rawSession is rawLockUnlock with pg_advisory_lock.
+func rawSession(ctx context.Context, b *testing.B, pool *pgxpool.Pool, k pglock.Key, work func()) {
+	rawLockUnlock(ctx, b, pool, "SELECT pg_advisory_lock($1::bigint)", k, work)
+}
+
+// Session Acquire + Release, uncontended, of a Lock made by pglock.New on a
+// pool (one pool connection per hold).
 func BenchmarkSessionAcquireRelease(b *testing.B) {
-	ctx := context.Background()
-	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		l, err := pglock.New(pool, k)
 		must(b, err)
 		return pair{
@@ -106,17 +149,14 @@ func BenchmarkSessionAcquireRelease(b *testing.B) {
 				must(b, l.Acquire(ctx))
 				must(b, l.Release(ctx))
 			},
-			raw: func(b *testing.B) {
-				rawLockUnlock(ctx, b, pool, "SELECT pg_advisory_lock($1::bigint)", rk, func() {})
-			},
+			raw: func(b *testing.B) { rawSession(ctx, b, pool, rk, func() {}) },
 		}
 	})
 }
 
-// TryAcquire + Release, uncontended, on a pool.
+// TryAcquire + Release, uncontended, of a Lock made by pglock.New on a pool.
 func BenchmarkTryAcquireRelease(b *testing.B) {
-	ctx := context.Background()
-	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		l, err := pglock.New(pool, k)
 		must(b, err)
 		return pair{
@@ -137,8 +177,7 @@ func BenchmarkTryAcquireRelease(b *testing.B) {
 
 // Transaction scope inside a caller's transaction: begin, lock, commit.
 func BenchmarkCallerTx(b *testing.B) {
-	ctx := context.Background()
-	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		return pair{
 			lib: func(b *testing.B) {
 				tx, err := pool.Begin(ctx)
@@ -160,41 +199,131 @@ func BenchmarkCallerTx(b *testing.B) {
 	})
 }
 
-// Do on a pool in Session scope, with a function that does nothing.
-func BenchmarkDoSession(b *testing.B) {
-	ctx := context.Background()
-	noop := func(context.Context) error { return nil }
-	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
-		lk, err := pglock.NewLocker(pool)
-		must(b, err)
-		b.Cleanup(func() { _ = lk.Close() })
-		return pair{
-			lib: func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) },
-			raw: func(b *testing.B) {
-				rawLockUnlock(ctx, b, pool, "SELECT pg_advisory_lock($1::bigint)", rk, func() { must(b, noop(ctx)) })
-			},
-		}
-	})
+// lockers are the two kinds of Locker on a pool: "mux", the default, which
+// holds session locks on lock connections of its own, and "perhold"
+// (WithMultiplexing(false)), which takes one pool connection per hold, as
+// pglock.New does.
+var lockers = []struct {
+	name string
+	opts []pglock.Option
+}{{"mux", nil}, {"perhold", []pglock.Option{pglock.WithMultiplexing(false)}}}
+
+// newLocker returns a Locker on conn, closed when b ends.
+func newLocker(b *testing.B, conn any, opts ...pglock.Option) *pglock.Locker {
+	lk, err := pglock.NewLocker(conn, opts...)
+	must(b, err)
+	b.Cleanup(func() { _ = lk.Close() })
+	return lk
 }
 
-// Do on a pool in Transaction scope: the lock's own transaction, committed.
+// Locker.Do on a pool in Session scope, with a function that does nothing,
+// for each kind of Locker (see lockers), beside raw pgx on the pool:
+// pool.Acquire, pg_advisory_lock, pg_advisory_unlock, release.
+func BenchmarkDoSession(b *testing.B) {
+	for _, kind := range lockers {
+		b.Run(kind.name, func(b *testing.B) {
+			run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+				lk := newLocker(b, pool, kind.opts...)
+				return pair{
+					lib: func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) },
+					raw: func(b *testing.B) { rawSession(ctx, b, pool, rk, func() { must(b, noop(ctx)) }) },
+				}
+			})
+		})
+	}
+}
+
+// Do on a pool in Transaction scope (the lock's own transaction, committed),
+// with a function that does nothing: Lock.Do of a Lock made by pglock.New
+// ("LockDo") and Locker.Do ("LockerDo"), each beside raw pgx doing the same
+// two round trips on a pool connection ("vs-2rt": BEGIN and the lock sent
+// as one simple-protocol query by BeginTx, then COMMIT), and Lock.Do beside
+// the three round trips a hand-written transaction usually takes ("vs-3rt":
+// BEGIN, the lock, COMMIT, by pgx.BeginFunc).
 func BenchmarkDoTransaction(b *testing.B) {
-	ctx := context.Background()
-	noop := func(context.Context) error { return nil }
-	run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
-		lk, err := pglock.NewLocker(pool, pglock.WithScope(pglock.Transaction))
+	twoRT := func(ctx context.Context, b *testing.B, pool *pgxpool.Pool, begin string) {
+		tx, err := pool.BeginTx(ctx, pgx.TxOptions{BeginQuery: begin})
 		must(b, err)
-		b.Cleanup(func() { _ = lk.Close() })
-		return pair{
-			lib: func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) },
-			raw: func(b *testing.B) {
-				must(b, pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-					if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1::bigint)", rk.Int64()); err != nil {
-						return err
+		must(b, noop(ctx))
+		must(b, tx.Commit(ctx))
+	}
+	threeRT := func(ctx context.Context, b *testing.B, pool *pgxpool.Pool, rk pglock.Key) {
+		must(b, pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1::bigint)", rk.Int64()); err != nil {
+				return err
+			}
+			return noop(ctx)
+		}))
+	}
+	for _, c := range []struct {
+		name   string
+		locker bool
+		rts    int
+	}{{"LockDo/vs-2rt", false, 2}, {"LockDo/vs-3rt", false, 3}, {"LockerDo/vs-2rt", true, 2}} {
+		b.Run(c.name, func(b *testing.B) {
+			run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+				var lib func(b *testing.B)
+				if c.locker {
+					lk := newLocker(b, pool, pglock.WithScope(pglock.Transaction))
+					lib = func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) }
+				} else {
+					l, err := pglock.New(pool, k, pglock.WithScope(pglock.Transaction))
+					must(b, err)
+					lib = func(b *testing.B) { must(b, l.Do(ctx, noop)) }
+				}
+				begin := fmt.Sprintf("BEGIN; SELECT pg_advisory_xact_lock(%d::bigint)", rk.Int64())
+				raw := func(b *testing.B) { twoRT(ctx, b, pool, begin) }
+				if c.rts == 3 {
+					raw = func(b *testing.B) { threeRT(ctx, b, pool, rk) }
+				}
+				return pair{lib: lib, raw: raw}
+			})
+		})
+	}
+}
+
+// The allocations of Locker.Do, uncontended, in Session scope on a pool,
+// for each kind of Locker, beside what it is made of: "LockerDo" (a Lock
+// made per call, then its Do), "LockDo" (Do of a Lock made once) and
+// "AcquireRelease" (Acquire and Release of a Lock made once). allocs/op is
+// the figure (LockerDo - AcquireRelease: what Do adds); ns/op is each alone,
+// unpaired.
+func BenchmarkDoAllocs(b *testing.B) {
+	for _, kind := range lockers {
+		b.Run(kind.name, func(b *testing.B) {
+			eachContext(b, func(b *testing.B, ctx context.Context) {
+				mk := func(b *testing.B) (*pglock.Locker, *pglock.Lock, pglock.Key) {
+					pool := pgtest.Pool(b, 4)
+					lk := newLocker(b, pool, kind.opts...)
+					k := keys(b, 1)[0]
+					l, err := lk.Lock(k)
+					must(b, err)
+					must(b, l.Do(ctx, noop)) // open a lock connection, warm the caches
+					return lk, l, k
+				}
+				b.Run("LockerDo", func(b *testing.B) {
+					lk, _, k := mk(b)
+					b.ReportAllocs()
+					for b.Loop() {
+						must(b, lk.Do(ctx, k, noop))
 					}
-					return noop(ctx)
-				}))
-			},
-		}
-	})
+				})
+				b.Run("LockDo", func(b *testing.B) {
+					_, l, _ := mk(b)
+					b.ReportAllocs()
+					for b.Loop() {
+						must(b, l.Do(ctx, noop))
+					}
+				})
+				b.Run("AcquireRelease", func(b *testing.B) {
+					_, l, _ := mk(b)
+					b.ReportAllocs()
+					for b.Loop() {
+						must(b, l.Acquire(ctx))
+						must(b, l.Release(ctx))
+					}
+				})
+			})
+		})
+	}
 }

@@ -5,9 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
-	"slices"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -19,10 +17,11 @@ import (
 )
 
 // The multiplexing Locker (session locks on lock connections of its own)
-// beside raw pgx doing the same SQL, in the same run. Every call gets a
-// cancellable context, as callers' contexts are (a request's, a job's): pgx
-// watches such a context for the length of each query, which it does not do
-// for context.Background().
+// beside raw pgx doing the same SQL, in the same run, with a cancellable
+// context as callers' contexts are (a request's, a job's); the uncontended
+// comparisons also with context.Background() (see contexts). Its Do is in
+// BenchmarkDoSession/mux and BenchmarkDoAllocs/mux, its behaviour under
+// contention in contention_bench_test.go.
 //
 // Benchmarks whose two sides are measured in rounds (many goroutines at
 // once) alternate library and raw rounds in one loop, swapping their order
@@ -30,21 +29,6 @@ import (
 // they report "pglock/raw", the library's time per operation over raw pgx's
 // (lower is better; scripts/benchratio.awk summarizes it with the other
 // figures of the "paired" sub-benchmark).
-
-// callerCtx returns a cancellable context, cancelled when b ends.
-func callerCtx(b *testing.B) context.Context {
-	ctx, cancel := context.WithCancel(context.Background())
-	b.Cleanup(cancel)
-	return ctx
-}
-
-// newLocker returns a multiplexing Locker on pool, closed when b ends.
-func newLocker(b *testing.B, pool *pgxpool.Pool, opts ...pglock.Option) *pglock.Locker {
-	lk, err := pglock.NewLocker(pool, opts...)
-	must(b, err)
-	b.Cleanup(func() { _ = lk.Close() })
-	return lk
-}
 
 // keys returns n keys no other test or run uses.
 func keys(b *testing.B, n int) []pglock.Key {
@@ -123,14 +107,13 @@ func rounds(b *testing.B, unit string, ops int, lib, raw func() time.Duration) i
 	return n
 }
 
-// 1. Uncontended Acquire + Release of one Lock of a multiplexing Locker, and
-// Locker.Do with a function that does nothing, each beside raw pgx on a pool:
-// pool.Acquire, pg_advisory_lock, pg_advisory_unlock, release (two round
-// trips, as the library's lock connection needs).
+// 1. Uncontended Acquire + Release and TryAcquire + Release of one Lock of
+// a multiplexing Locker, each beside raw pgx on a pool: pool.Acquire,
+// pg_advisory_lock (pg_try_advisory_lock), pg_advisory_unlock, release (two
+// round trips, as the library's lock connection needs).
 func BenchmarkMuxUncontended(b *testing.B) {
 	b.Run("AcquireRelease", func(b *testing.B) {
-		run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
-			ctx := callerCtx(b)
+		run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 			l, err := newLocker(b, pool).Lock(k)
 			must(b, err)
 			return pair{
@@ -138,21 +121,25 @@ func BenchmarkMuxUncontended(b *testing.B) {
 					must(b, l.Acquire(ctx))
 					must(b, l.Release(ctx))
 				},
-				raw: func(b *testing.B) {
-					rawLockUnlock(ctx, b, pool, "SELECT pg_advisory_lock($1::bigint)", rk, func() {})
-				},
+				raw: func(b *testing.B) { rawSession(ctx, b, pool, rk, func() {}) },
 			}
 		})
 	})
-	b.Run("Do", func(b *testing.B) {
-		noop := func(context.Context) error { return nil }
-		run(b, func(b *testing.B, pool *pgxpool.Pool, k, rk pglock.Key) pair {
-			ctx := callerCtx(b)
-			lk := newLocker(b, pool)
+	b.Run("TryAcquireRelease", func(b *testing.B) {
+		run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+			l, err := newLocker(b, pool).Lock(k)
+			must(b, err)
 			return pair{
-				lib: func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) },
+				lib: func(b *testing.B) {
+					ok, err := l.TryAcquire(ctx)
+					must(b, err)
+					if !ok {
+						b.Fatal("busy")
+					}
+					must(b, l.Release(ctx))
+				},
 				raw: func(b *testing.B) {
-					rawLockUnlock(ctx, b, pool, "SELECT pg_advisory_lock($1::bigint)", rk, func() { must(b, noop(ctx)) })
+					rawLockUnlock(ctx, b, pool, "SELECT pg_try_advisory_lock($1::bigint)", rk, func() {})
 				},
 			}
 		})
@@ -352,89 +339,5 @@ func BenchmarkMuxHoldTenThousand(b *testing.B) {
 		b.ReportMetric(perRound(rawTakeT), "raw-take-10k-ms")
 		b.ReportMetric(perRound(rawGiveT), "raw-unlock-all-ms")
 		b.ReportMetric(float64(takeT)/float64(rawTakeT), "pglock/raw")
-	})
-}
-
-// 4. Hand-off under contention on one key: 8 goroutines looping on one key
-// with a tiny critical section (on the library's side a non-atomic counter,
-// checked: exclusion), through Locker.Do of one multiplexing Locker, beside 8
-// raw pgx sessions (pool
-// connections, pinned for the round) looping pg_advisory_lock /
-// pg_advisory_unlock. Reported in grants per second, and the wait for each
-// grant (from the call to the critical section) at the 50th and 99th
-// percentiles.
-func BenchmarkMuxHandoff(b *testing.B) {
-	const (
-		workers = 8
-		perLoop = 40 // grants per goroutine per round
-	)
-	ctx := callerCtx(b)
-	libPool := pgtest.Pool(b, 4)
-	rawPool := pgtest.Pool(b, workers)
-	warmPool(ctx, b, rawPool, workers)
-	b.Run("paired", func(b *testing.B) {
-		lk := newLocker(b, libPool)
-		ks := keys(b, 2)
-		k, rk := ks[0], ks[1]
-		var counter int           // guarded by the library's lock
-		var rawCount atomic.Int64 // the raw side's order is the server's, which the race detector cannot see
-		libWaits, rawWaits := make([][]time.Duration, workers), make([][]time.Duration, workers)
-		lib := func() time.Duration {
-			return fanOut(b, workers, func(w int) error {
-				for range perLoop {
-					t0 := time.Now()
-					err := lk.Do(ctx, k, func(context.Context) error {
-						libWaits[w] = append(libWaits[w], time.Since(t0))
-						counter++
-						return nil
-					})
-					if err != nil {
-						return err
-					}
-				}
-				return nil
-			})
-		}
-		raw := func() time.Duration {
-			return fanOut(b, workers, func(w int) error {
-				c, err := rawPool.Acquire(ctx)
-				if err != nil {
-					return err
-				}
-				defer c.Release()
-				for range perLoop {
-					t0 := time.Now()
-					if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1::bigint)", rk.Int64()); err != nil {
-						return err
-					}
-					rawWaits[w] = append(rawWaits[w], time.Since(t0))
-					rawCount.Add(1)
-					var ok bool
-					if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", rk.Int64()).Scan(&ok); err != nil {
-						return err
-					}
-					if !ok {
-						return fmt.Errorf("raw unlock of %s: not held", rk)
-					}
-				}
-				return nil
-			})
-		}
-		lib() // open the lock connection, prepare its statements
-		libWaits = make([][]time.Duration, workers)
-		counter = 0
-		n := rounds(b, "grants", workers*perLoop, lib, raw)
-		if want := workers * perLoop * n; counter != want || rawCount.Load() != int64(want) {
-			b.Fatalf("library counter %d, raw %d, want %d: two holders at once", counter, rawCount.Load(), want)
-		}
-		for _, s := range []struct {
-			name  string
-			waits [][]time.Duration
-		}{{"lib", libWaits}, {"raw", rawWaits}} {
-			all := slices.Concat(s.waits...)
-			slices.Sort(all)
-			b.ReportMetric(float64(all[len(all)/2].Nanoseconds())/1e3, s.name+"-p50-wait-us")
-			b.ReportMetric(float64(all[len(all)*99/100].Nanoseconds())/1e3, s.name+"-p99-wait-us")
-		}
 	})
 }

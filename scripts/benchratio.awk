@@ -1,30 +1,59 @@
 # Summarizes `go test -bench` output of benchmarks that compare the library
-# with raw pgx: for each benchmark, the median ns/op and allocs/op of its
-# "pglock" (or adapter) and "raw" sub-benchmarks run alone, and the median
-# ratio reported by its "paired" sub-benchmark, which alternates the two in
-# one loop (the figure to trust on a noisy machine). make bench pipes into it.
-# Other figures a "paired" sub-benchmark reports (pairs/s, percentiles, bytes
-# per lock...; not its per-side ns/op) follow the ratio, as medians.
+# with raw pgx, one line per comparison, every figure the median over the
+# runs (-count). make bench pipes into it. Three kinds of line:
+#
+# - A comparison: a benchmark with a "paired" sub-benchmark (pgtest.Paired,
+#   or rounds of many goroutines) and usually "pglock" (or adapter) and "raw"
+#   ones run alone. The line gives the paired ratio first (the unit it was
+#   reported in, e.g. pglock/raw: the library's time per operation over raw
+#   pgx's, measured alternately in one loop; the figure to trust on a noisy
+#   machine), then each side's ns/op and allocs/op run alone, then the other
+#   figures the paired sub-benchmark reports (pairs/s, percentiles, bytes per
+#   lock...; not its per-side ns/op).
+# - Contention (bench.BenchmarkContention): a paired sub-benchmark that
+#   reports <side>-grants/s, -p50-wait-us, -p99-wait-us and -fairness for
+#   raw and for library sides, with <side>/raw-grants and <side>/raw-p99.
+#   One line per library side, beside raw: grants/s (and the ratio), the
+#   wait's p50 and p99 (and the p99 ratio), fairness (max/min grants per
+#   goroutine).
+# - Anything else with sub-benchmarks run alone (no paired one, e.g.
+#   BenchmarkDoAllocs): each sub-benchmark's ns/op and allocs/op.
+# Lines are grouped by package ("== <package>"), so that benchmarks of the
+# same name in two packages stay apart.
 function median(list,    n, a, i, j, t) {
 	n = split(list, a, " ")
+	if (n == 0) return ""
 	for (i = 1; i <= n; i++) a[i] += 0
 	for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
 	return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
 }
+function num(v) {
+	return sprintf((v >= 100 || v <= -100) ? "%.0f" : "%.3g", v)
+}
+function med(base, unit) { return median(extra[base, unit]) }
+/^pkg: / { pkg = $2 }
 /^Benchmark/ {
 	name = $1
 	sub(/-[0-9]+$/, "", name)
 	k = split(name, parts, "/")
 	if (k < 2) next
 	leaf = parts[k]
-	base = substr(name, 1, length(name) - length(leaf) - 1)
+	# base: the package, a tab, the benchmark's name without its leaf
+	base = pkg "\t" substr(name, 1, length(name) - length(leaf) - 1)
 	if (!(base in seen)) { seen[base] = 1; order[++nb] = base }
-	for (i = 4; i <= NF; i++) {
-		if ($(i) ~ /\/raw$/ && leaf == "paired") ratio[base] = ratio[base] " " $(i - 1)
-		if ($(i) == "allocs/op" && leaf != "paired") allocs[base, leaf] = $(i - 1)
-		if (leaf == "paired" && i % 2 == 0 && $(i) !~ /(\/raw|ns\/op|B\/op|allocs\/op)$/) {
-			if (!((base, $(i)) in extra)) units[base] = units[base] " " $(i)
-			extra[base, $(i)] = extra[base, $(i)] " " $(i - 1)
+	for (i = 4; i <= NF; i += 2) {
+		v = $(i - 1); u = $(i)
+		if (leaf != "paired") {
+			if (u == "allocs/op") allocs[base, leaf] = allocs[base, leaf] " " v
+			continue
+		}
+		if (u == "raw-grants/s") contention[base] = 1
+		if (u ~ /\/raw$/) {
+			ratio[base] = ratio[base] " " v
+			rname[base] = u
+		} else if (u !~ /(ns\/op|B\/op|allocs\/op)$/) {
+			if (!((base, u) in extra)) units[base] = units[base] " " u
+			extra[base, u] = extra[base, u] " " v
 		}
 	}
 	if (leaf != "paired") {
@@ -32,20 +61,45 @@ function median(list,    n, a, i, j, t) {
 		if (!((base, leaf) in has)) { has[base, leaf] = 1; leaves[base] = leaves[base] " " leaf }
 	}
 }
+function alone(base,    n, ls, i, line) {
+	line = ""
+	n = split(substr(leaves[base], 2), ls, " ")
+	for (i = 1; i <= n; i++)
+		line = line sprintf("  %s %6.0f ns/op %3d allocs", ls[i], median(ns[base, ls[i]]), median(allocs[base, ls[i]]))
+	return line
+}
 END {
+	w = 20
+	for (b = 1; b <= nb; b++) {
+		split(order[b], pn, "\t")
+		if (length(pn[2]) > w) w = length(pn[2])
+	}
 	for (b = 1; b <= nb; b++) {
 		base = order[b]
-		if (ratio[base] == "") continue
-		line = sprintf("%-40s", base)
-		n = split(substr(leaves[base], 2), ls, " ")
-		for (i = 1; i <= n; i++)
-			line = line sprintf("  %s %6.0f ns/op %3d allocs", ls[i], median(ns[base, ls[i]]), allocs[base, ls[i]])
-		line = sprintf("%s  paired ratio %.2f", line, median(ratio[base]))
-		n = split(substr(units[base], 2), us, " ")
-		for (i = 1; i <= n; i++) {
-			v = median(extra[base, us[i]])
-			line = line sprintf((v >= 1000 || v <= -1000) ? "  %s %.0f" : "  %s %.3g", us[i], v)
+		split(base, pn, "\t")
+		if (pn[1] != lastpkg) { lastpkg = pn[1]; print "== " pn[1] }
+		bname = pn[2]
+		if (base in contention) {
+			# the library sides: every <side>/raw-grants
+			n = split(substr(units[base], 2), us, " ")
+			for (i = 1; i <= n; i++) {
+				if (us[i] !~ /\/raw-grants$/) continue
+				s = us[i]; sub(/\/raw-grants$/, "", s)
+				printf "%-" w "s  %-7s grants/s %6s vs raw %6s = %.2fx  wait p50 %5s vs %5s us  p99 %6s vs %6s us = %.2fx  fairness %.3g vs %.3g\n", \
+					bname, s, num(med(base, s "-grants/s")), num(med(base, "raw-grants/s")), med(base, s "/raw-grants"), \
+					num(med(base, s "-p50-wait-us")), num(med(base, "raw-p50-wait-us")), \
+					num(med(base, s "-p99-wait-us")), num(med(base, "raw-p99-wait-us")), med(base, s "/raw-p99"), \
+					med(base, s "-fairness"), med(base, "raw-fairness")
+			}
+			continue
 		}
+		if (ratio[base] == "") {
+			if (leaves[base] != "") printf "%-" w "s%s\n", bname, alone(base)
+			continue
+		}
+		line = sprintf("%-" w "s  %s %.2f%s", bname, rname[base], median(ratio[base]), alone(base))
+		n = split(substr(units[base], 2), us, " ")
+		for (i = 1; i <= n; i++) line = line "  " us[i] " " num(med(base, us[i]))
 		print line
 	}
 }
