@@ -82,15 +82,18 @@ var errConnGone = errors.New("pglock: lock connection gone")
 
 // do runs op on the connection and returns when op has its result.
 func (c *lockConn) do(op *connOp) {
-	op.done, op.lead, op.retry = make(chan struct{}), false, false
+	op.done, op.lead, op.retry = nil, false, false
 	c.mu.Lock()
 	if c.dead != nil {
 		c.mu.Unlock()
 		op.err = fmt.Errorf("%w: %w", errConnGone, c.dead)
 		return
 	}
-	c.queue = append(c.queue, op)
 	if c.active {
+		// Another goroutine owns the connection: wait to be served or handed
+		// it. (A request that finds it free needs no channel.)
+		op.done = make(chan struct{})
+		c.queue = append(c.queue, op)
 		c.mu.Unlock()
 		if !c.await(op) {
 			return
@@ -98,6 +101,7 @@ func (c *lockConn) do(op *connOp) {
 		c.mu.Lock()
 	} else {
 		c.active = true
+		c.queue = append(c.queue, op)
 	}
 	// This goroutine owns the connection now, and op is first in the queue:
 	// flush requests up to the first fn (or the fn alone).
@@ -194,6 +198,7 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 		return retry
 	}
 	if batch[0].fn != nil {
+		_ = c.conn.PgConn().Conn().SetDeadline(time.Time{}) // one a statement left
 		batch[0].fn(c.conn)
 	} else {
 		c.exec(batch)
@@ -307,9 +312,9 @@ func (c *lockConn) exec(batch []*connOp) {
 	} else {
 		err = execBatch(ctx, conn, batch)
 	}
-	if !conn.IsClosed() {
-		_ = nc.SetDeadline(time.Time{})
-	}
+	// The deadline is left in place (one timer change less per statement):
+	// the next statement sets its own, and the watch and the connection's
+	// other uses clear it first (see flush and pgxWatcher.run).
 	if err != nil {
 		c.failed(batch, err)
 		return

@@ -79,7 +79,9 @@ func (w *pgxWatcher) run() {
 			return
 		}
 		w.reading = true
-		_ = w.nc.SetReadDeadline(time.Now().Add(w.interval))
+		// Both: the write side may keep the deadline of a lock connection's
+		// last statement (lockConn.exec leaves it).
+		_ = w.nc.SetDeadline(time.Now().Add(w.interval))
 		w.mu.Unlock()
 
 		// No context: the read deadline above bounds the wait, and a timeout
@@ -88,7 +90,7 @@ func (w *pgxWatcher) run() {
 
 		w.mu.Lock()
 		w.reading = false
-		_ = w.nc.SetReadDeadline(time.Time{})
+		_ = w.nc.SetDeadline(time.Time{})
 		stopping := w.stopping
 		w.mu.Unlock()
 
