@@ -178,7 +178,7 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 	}
 	c.watch.stop()
 	if why := batch[0].closing; why != nil {
-		c.shut(why)
+		c.lose(why) // run by the goroutine that owns the connection
 		return nil
 	}
 	if err := c.open(batch); err != nil {
@@ -509,18 +509,4 @@ func (c *lockConn) isDead() bool {
 // lock on it is lost (the server ends them with the session).
 func (c *lockConn) close(why error) {
 	c.do(&connOp{closing: why})
-}
-
-// shut is close's work, run by the goroutine that owns the connection.
-func (c *lockConn) shut(why error) {
-	c.markDead(why)
-	c.mu.Lock()
-	conn := c.conn
-	c.mu.Unlock()
-	if conn != nil && !conn.IsClosed() {
-		ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
-		_ = conn.Close(ctx)
-		cancel()
-	}
-	c.m.connLost(c, why)
 }

@@ -39,11 +39,7 @@ type proofRow struct {
 // test database, read through watch.
 func proofRows(t testing.TB, watch *pgxpool.Pool, keys []pglock.Key) []proofRow {
 	t.Helper()
-	var classids, objids []int64
-	for _, k := range keys {
-		c, o, _ := k.LockTag()
-		classids, objids = append(classids, int64(c)), append(objids, int64(o))
-	}
+	classids, objids := lockTags(keys)
 	rows, err := watch.Query(context.Background(), `
 		SELECT l.pid, l.mode, l.granted, l.objid::int8 FROM pg_catalog.pg_locks l
 		JOIN unnest($1::bigint[], $2::bigint[]) AS k(c, o) ON l.classid = k.c::oid AND l.objid = k.o::oid

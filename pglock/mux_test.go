@@ -30,11 +30,7 @@ func muxLocker(t testing.TB, pool *pgxpool.Pool, opts ...pglock.Option) *pglock.
 // test's keys' database, read from a second pool.
 func advisoryByPID(t testing.TB, watch *pgxpool.Pool, keys []pglock.Key) map[int32]int {
 	t.Helper()
-	var classids, objids []int64
-	for _, k := range keys {
-		c, o, _ := k.LockTag()
-		classids, objids = append(classids, int64(c)), append(objids, int64(o))
-	}
+	classids, objids := lockTags(keys)
 	rows, err := watch.Query(context.Background(), `
 		SELECT l.pid, count(*) FROM pg_catalog.pg_locks l
 		JOIN unnest($1::bigint[], $2::bigint[]) AS k(c, o) ON l.classid = k.c::oid AND l.objid = k.o::oid
@@ -58,6 +54,16 @@ func advisoryByPID(t testing.TB, watch *pgxpool.Pool, keys []pglock.Key) map[int
 		t.Fatal(err)
 	}
 	return out
+}
+
+// lockTags returns the classid and objid columns of keys (bigint keys) in
+// pg_locks, for a query that unnests them.
+func lockTags(keys []pglock.Key) (classids, objids []int64) {
+	for _, k := range keys {
+		c, o, _ := k.LockTag()
+		classids, objids = append(classids, int64(c)), append(objids, int64(o))
+	}
+	return classids, objids
 }
 
 func muxKeys(t testing.TB, lk *pglock.Locker, n int) ([]string, []pglock.Key) {
