@@ -267,3 +267,21 @@ func TestLockerPooled(t *testing.T) {
 		t.Error("nil Locker is pooled")
 	}
 }
+
+// A zero Locker (not made by NewLocker) is an error, never a panic.
+func TestZeroLocker(t *testing.T) {
+	t.Parallel()
+	var lk pglock.Locker
+	if _, err := lk.Lock("k"); !errors.Is(err, pglock.ErrUnsupportedConn) {
+		t.Errorf("zero Locker's Lock = %v, want ErrUnsupportedConn", err)
+	}
+	if err := lk.Do(context.Background(), "k", func(context.Context) error { return nil }); !errors.Is(err, pglock.ErrUnsupportedConn) {
+		t.Errorf("zero Locker's Do = %v, want ErrUnsupportedConn", err)
+	}
+	if s := lk.Stats(); s != (pglock.LockerStats{}) {
+		t.Errorf("zero Locker's Stats = %+v", s)
+	}
+	if err := lk.Close(); err != nil {
+		t.Errorf("zero Locker's Close = %v", err)
+	}
+}

@@ -79,6 +79,9 @@ func (lk *Locker) Lock(key any, opts ...Option) (*Lock, error) {
 	if lk == nil {
 		return nil, fmt.Errorf("%w: nil *pglock.Locker", ErrUnsupportedConn)
 	}
+	if lk.src == nil {
+		return nil, fmt.Errorf("%w: zero pglock.Locker (make one with NewLocker)", ErrUnsupportedConn)
+	}
 	if lk.closed.Load() {
 		return nil, ErrLockerClosed
 	}
