@@ -159,20 +159,26 @@ func BenchmarkTryAcquireRelease(b *testing.B) {
 	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		l, err := pglock.New(pool, k)
 		must(b, err)
-		return pair{
-			lib: func(b *testing.B) {
-				ok, err := l.TryAcquire(ctx)
-				must(b, err)
-				if !ok {
-					b.Fatal("busy")
-				}
-				must(b, l.Release(ctx))
-			},
-			raw: func(b *testing.B) {
-				rawLockUnlock(ctx, b, pool, "SELECT pg_try_advisory_lock($1::bigint)", rk, func() {})
-			},
-		}
+		return tryPair(ctx, pool, l, rk)
 	})
+}
+
+// tryPair is TryAcquire + Release of l beside raw pgx's try and unlock of
+// the same key (rk) on a connection of pool.
+func tryPair(ctx context.Context, pool *pgxpool.Pool, l *pglock.Lock, rk pglock.Key) pair {
+	return pair{
+		lib: func(b *testing.B) {
+			ok, err := l.TryAcquire(ctx)
+			must(b, err)
+			if !ok {
+				b.Fatal("busy")
+			}
+			must(b, l.Release(ctx))
+		},
+		raw: func(b *testing.B) {
+			rawLockUnlock(ctx, b, pool, "SELECT pg_try_advisory_lock($1::bigint)", rk, func() {})
+		},
+	}
 }
 
 // Transaction scope inside a caller's transaction: begin, lock, commit.

@@ -129,19 +129,7 @@ func BenchmarkMuxUncontended(b *testing.B) {
 		run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 			l, err := newLocker(b, pool).Lock(k)
 			must(b, err)
-			return pair{
-				lib: func(b *testing.B) {
-					ok, err := l.TryAcquire(ctx)
-					must(b, err)
-					if !ok {
-						b.Fatal("busy")
-					}
-					must(b, l.Release(ctx))
-				},
-				raw: func(b *testing.B) {
-					rawLockUnlock(ctx, b, pool, "SELECT pg_try_advisory_lock($1::bigint)", rk, func() {})
-				},
-			}
+			return tryPair(ctx, pool, l, rk)
 		})
 	})
 }
