@@ -67,11 +67,6 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 		l.lostMu.Unlock()
 	}()
 	if b != nil {
-		if w, ok := b.(interface {
-			workContext(context.Context) context.Context
-		}); ok {
-			fctx = w.workContext(fctx)
-		}
 		if tx := b.pgxTx(); tx != nil {
 			fctx = ContextWithTx(fctx, tx)
 		}

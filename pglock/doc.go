@@ -121,10 +121,9 @@
 // pgx.Tx, *sql.Conn, *sql.Tx) is safe for concurrent use too: its holds take
 // turns on the connection, each keeping it from the start of its acquire to
 // its release, so that the protected work can use it; other goroutines'
-// acquires (TryAcquire too) wait for it until their contexts end. Inside
-// Do's function, Locks of the same Locker acquired with the function's
-// context nest on the connection. One connection does one thing at a time:
-// use a pool for concurrent work.
+// acquires (TryAcquire too) wait for it until their contexts end. It holds
+// one lock at a time, so an acquire made while holding one waits as well.
+// One connection does one thing at a time: use a pool for concurrent work.
 //
 // # Waiting and cancelling
 //

@@ -29,10 +29,9 @@ import (
 // On one connection or transaction the Locker is safe for concurrent use
 // too: its holds take turns on the connection, each from the start of its
 // acquire to its release (the protected work may use the connection), and
-// other goroutines' acquires wait for it, until their contexts end. Inside
-// Do's function, Locks of the same Locker acquired with the function's
-// context (from its goroutine) nest on the connection; there, as on a
-// connection given to New, PostgreSQL stacks a key taken twice.
+// other acquires wait for it, until their contexts end. It holds one lock at
+// a time: an acquire made while holding waits too (to nest locks on one
+// connection, use New, where PostgreSQL stacks them; or a pool).
 type Locker struct {
 	conn   any
 	cfg    config

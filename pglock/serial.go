@@ -15,10 +15,10 @@ import (
 // own locks instead of excluding; the protected work may use the connection
 // too (Do's function may). So the Locker's holds take turns on it: a hold
 // keeps the connection from the moment it starts taking its lock until it is
-// released, and other goroutines' acquires wait for it (until their context
-// ends). Inside Do's function, whose context says that its hold has the
-// connection, further Locks of the Locker nest on it without waiting (and
-// stack in PostgreSQL, as on a connection given to New).
+// released, and every other acquire waits for it (until its context ends),
+// including one made while holding: a Locker on one connection holds one lock
+// at a time. (Letting a holder nest a second lock would send a second BEGIN
+// into the first's transaction, or wait outside a savepoint in it.)
 type serial struct {
 	conn    chan struct{} // a place: a hold has the connection
 	closing chan struct{} // closed by Locker.Close
@@ -28,10 +28,6 @@ type serial struct {
 func newSerial() *serial {
 	return &serial{conn: make(chan struct{}, 1), closing: make(chan struct{})}
 }
-
-// serialHeld is the context key that marks a context whose hold has the
-// serial's connection.
-type serialHeld struct{ s *serial }
 
 // serialSource wraps the Locker's source with its serial.
 type serialSource struct {
@@ -54,29 +50,21 @@ func (s *serialSource) open(ctx context.Context, l *Lock) (backend, error) {
 type serialBackend struct {
 	s     *serial
 	inner backend
-	// has: this hold took the connection (not nested in another's).
-	has bool
 }
 
 func (b *serialBackend) acquire(ctx context.Context, wait bool) (bool, error) {
-	nested := ctx.Value(serialHeld{b.s}) != nil
-	if !nested {
-		select {
-		case b.s.conn <- struct{}{}:
-		case <-ctx.Done():
-			return false, ctx.Err()
-		case <-b.s.closing:
-			return false, ErrLockerClosed
-		}
+	select {
+	case b.s.conn <- struct{}{}:
+	case <-ctx.Done():
+		return false, ctx.Err()
+	case <-b.s.closing:
+		return false, ErrLockerClosed
 	}
 	ok, err := b.inner.acquire(ctx, wait)
 	if !ok {
-		if !nested {
-			<-b.s.conn
-		}
+		<-b.s.conn
 		return false, err
 	}
-	b.has = !nested
 	b.s.holds.Add(1)
 	return true, nil
 }
@@ -84,10 +72,7 @@ func (b *serialBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 // end gives the connection back after the hold ended.
 func (b *serialBackend) end() {
 	b.s.holds.Add(-1)
-	if b.has {
-		b.has = false
-		<-b.s.conn
-	}
+	<-b.s.conn
 }
 
 func (b *serialBackend) release(ctx context.Context, commit bool) error {
@@ -99,12 +84,6 @@ func (b *serialBackend) release(ctx context.Context, commit bool) error {
 func (b *serialBackend) discard() {
 	b.inner.discard()
 	b.end()
-}
-
-// workContext marks the context of Do's function: its hold has the
-// connection, so Locks of the same Locker nest on it.
-func (b *serialBackend) workContext(ctx context.Context) context.Context {
-	return context.WithValue(ctx, serialHeld{b.s}, true)
 }
 
 func (b *serialBackend) watch(interval time.Duration, lost func(error)) func() {

@@ -48,44 +48,39 @@ func TestLockerOnOneConnWorkUsesConn(t *testing.T) {
 	}
 }
 
-// Inside Do on a Locker on one connection, a Lock of the same Locker taken
-// with the function's context nests on the connection (here a Session lock
-// inside a Transaction-scope Do, whose transaction keeps the connection);
-// another goroutine's acquire waits for the connection until its context
-// ends, TryAcquire too.
-func TestLockerOnOneConnNesting(t *testing.T) {
+// A Locker on one connection holds one lock at a time: inside a
+// Transaction-scope Do, an acquire of another key (with the function's
+// context, or from another goroutine, TryAcquire too) waits for the
+// connection until its context ends, and breaks nothing: the outer
+// transaction still holds its lock and commits its work. (Nesting would send
+// a second BEGIN into the outer transaction, whose COMMIT would then end the
+// outer lock early.)
+func TestLockerOnOneConnOneHoldAtATime(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	conn := faultConnect(t)
 	watch := pgtest.Pool(t, 2)
-	lk, err := pglock.NewLocker(conn)
+	lk, err := pglock.NewLocker(conn, pglock.WithScope(pglock.Transaction))
 	if err != nil {
 		t.Fatal(err)
 	}
-	outer, _ := lk.Lock(pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
+	outer, _ := lk.Lock(pgtest.UniqueKey(t))
 	inner, _ := lk.Lock(pgtest.UniqueKey(t))
-	other, _ := lk.Lock(pgtest.UniqueKey(t))
+	other, _ := lk.Lock(pgtest.UniqueKey(t), pglock.WithScope(pglock.Session))
+	table := "pglock_one_hold_" + randomSuffix()
 	err = outer.Do(ctx, func(ctx context.Context) error {
 		tx, ok := pglock.TxFromContext(ctx)
 		if !ok {
 			return errors.New("no transaction in Do's context")
 		}
-		var one int
-		if err := tx.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil {
+		if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+table+" (v int)"); err != nil {
 			return err
 		}
-		nctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		nctx, cancel := context.WithTimeout(ctx, 150*time.Millisecond)
 		defer cancel()
-		if err := inner.Acquire(nctx); err != nil {
-			return fmt.Errorf("nested Acquire: %w", err)
+		if err := inner.Do(nctx, func(context.Context) error { return nil }); !errors.Is(err, context.DeadlineExceeded) || !errors.Is(err, pglock.ErrNotAcquired) {
+			return fmt.Errorf("nested Do while the connection is held = %v, want a deadline", err)
 		}
-		if len(pgtest.Granted(t, watch, inner.Key())) != 1 {
-			return errors.New("nested lock not in pg_locks")
-		}
-		if err := inner.Release(ctx); err != nil {
-			return fmt.Errorf("nested Release: %w", err)
-		}
-		// Another goroutine (no nesting context) waits for the connection.
 		res := make(chan error, 1)
 		go func() {
 			octx, cancel := context.WithTimeout(context.Background(), 150*time.Millisecond)
@@ -96,17 +91,25 @@ func TestLockerOnOneConnNesting(t *testing.T) {
 		if err := <-res; !errors.Is(err, context.DeadlineExceeded) || !errors.Is(err, pglock.ErrNotAcquired) {
 			return fmt.Errorf("TryAcquire from another goroutine while the connection is held = %v, want a deadline", err)
 		}
-		return nil
+		if len(pgtest.Granted(t, watch, outer.Key())) != 1 {
+			return errors.New("the outer lock is no longer held")
+		}
+		_, err := tx.Exec(ctx, "INSERT INTO "+table+" VALUES (1)")
+		return err
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// With the connection free again, the other goroutine gets it.
+	// With the connection free again, the others get it.
 	if ok, err := other.TryAcquire(ctx); !ok || err != nil {
 		t.Fatalf("TryAcquire after Do = %v, %v", ok, err)
 	}
 	if err := other.Release(ctx); err != nil {
 		t.Fatal(err)
+	}
+	var n int
+	if err := conn.QueryRow(ctx, "SELECT count(*) FROM "+table).Scan(&n); err != nil || n != 1 {
+		t.Fatalf("the outer transaction's work: %d rows (err %v), want 1", n, err)
 	}
 	for _, l := range []*pglock.Lock{outer, inner, other} {
 		pgtest.WaitFree(t, watch, l.Key())
