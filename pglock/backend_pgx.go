@@ -251,7 +251,7 @@ func (b *pgxBackend) release(ctx context.Context, commit bool) error {
 		closed := b.conn.IsClosed()
 		b.close(err == nil || (!closed && b.conn.PgConn().TxStatus() == 'I'))
 		if err != nil && closed {
-			return errors.Join(ErrLockLost, err)
+			return join(ErrLockLost, err)
 		}
 		return err
 	}
@@ -274,9 +274,9 @@ func (b *pgxBackend) unlockSession(ctx context.Context) error {
 	b.close(err == nil)
 	switch {
 	case err != nil && closed:
-		return errors.Join(ErrLockLost, err)
+		return join(ErrLockLost, err)
 	case err != nil:
-		return errors.Join(errUnlockFailed, err)
+		return join(errUnlockFailed, err)
 	case !ok:
 		return errServerNotHeld
 	}

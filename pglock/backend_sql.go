@@ -279,9 +279,9 @@ func (b *sqlBackend) release(ctx context.Context, commit bool) error {
 		b.close(err == nil)
 		switch {
 		case gone || errors.Is(err, driver.ErrBadConn) || errors.Is(err, sql.ErrConnDone):
-			return errors.Join(ErrLockLost, err)
+			return join(ErrLockLost, err)
 		case err != nil:
-			return errors.Join(errUnlockFailed, err)
+			return join(errUnlockFailed, err)
 		case !ok:
 			return errServerNotHeld
 		}
@@ -308,7 +308,7 @@ func (b *sqlBackend) release(ctx context.Context, commit bool) error {
 		b.txCancel()
 		b.close(err == nil)
 		if errors.Is(err, driver.ErrBadConn) {
-			return errors.Join(ErrLockLost, err)
+			return join(ErrLockLost, err)
 		}
 		return err
 	}

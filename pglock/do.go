@@ -3,7 +3,6 @@ package pglock
 import (
 	"context"
 	"database/sql"
-	"errors"
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
@@ -96,7 +95,7 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 	if err != nil {
 		commit := !(l.cfg.rollbackOnError && l.cfg.scope == Transaction)
 		if rerr := l.end(ctx, commit); rerr != nil {
-			return errors.Join(err, rerr)
+			return join(err, rerr)
 		}
 		return err
 	}

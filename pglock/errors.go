@@ -3,6 +3,7 @@ package pglock
 import (
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // Sentinel errors. Match them with errors.Is: errors returned by this package
@@ -61,3 +62,38 @@ var (
 	// connection is destroyed, which ends the lock with the session.
 	errUnlockFailed = errors.New("pglock: unlock failed")
 )
+
+// join is errors.Join on one line: it drops nil errors, returns a single one
+// as it is, and writes several as "a: b: c", so that a log line stays one
+// line; errors.Is and errors.As see every one of them.
+func join(errs ...error) error {
+	var c chain
+	for _, err := range errs {
+		if err != nil {
+			c = append(c, err)
+		}
+	}
+	switch len(c) {
+	case 0:
+		return nil
+	case 1:
+		return c[0]
+	}
+	return c
+}
+
+// chain is join's result.
+type chain []error
+
+func (c chain) Error() string {
+	var b strings.Builder
+	for i, err := range c {
+		if i > 0 {
+			b.WriteString(": ")
+		}
+		b.WriteString(err.Error())
+	}
+	return b.String()
+}
+
+func (c chain) Unwrap() []error { return c }

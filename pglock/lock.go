@@ -332,7 +332,7 @@ func (l *Lock) HandleError(ctx context.Context, err error) error {
 		return err
 	}
 	if rerr := l.end(ctx, false); rerr != nil {
-		return errors.Join(err, rerr)
+		return join(err, rerr)
 	}
 	return err
 }
@@ -355,7 +355,7 @@ func (l *Lock) end(ctx context.Context, commit bool) error {
 	if lost {
 		// The watcher saw the connection die: nothing more is sent on it.
 		b.discard()
-		err = errors.Join(ErrLockLost, lostErr)
+		err = join(ErrLockLost, lostErr)
 	} else if err = b.release(ctx, commit); errors.Is(err, ErrLockLost) {
 		l.markLost(err)
 	}

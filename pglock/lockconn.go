@@ -428,7 +428,7 @@ func (c *lockConn) failed(batch []*connOp, err error) {
 			c.mu.Unlock()
 			return
 		} else {
-			err = errors.Join(err, cerr)
+			err = join(err, cerr)
 		}
 	}
 	c.lose(err)

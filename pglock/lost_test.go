@@ -3,8 +3,11 @@ package pglock_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/pglock"
@@ -90,5 +93,42 @@ func TestSQLReleaseAfterTerminateIsLost(t *testing.T) {
 			t.Errorf("Release after the backend died = %v, want ErrLockLost", err)
 		}
 		pgtest.WaitFree(t, watch, l.Key())
+	}
+}
+
+// Errors are one line (a log line stays a line), and still match every
+// sentinel and the server's error: here a release after the lock's
+// connection was terminated, on a pool connection of its own and on a
+// Locker's lock connection.
+func TestErrorsAreOneLine(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t, 2)
+	watch := pgtest.Pool(t, 2)
+	lk := muxLocker(t, pool)
+	own, _ := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithLostCheckInterval(100*time.Millisecond))
+	shared, _ := lk.Lock(pgtest.UniqueKey(t))
+	for _, l := range []*pglock.Lock{own, shared} {
+		if err := l.Acquire(ctx); err != nil {
+			t.Fatal(err)
+		}
+		pgtest.Terminate(t, watch, pgtest.Granted(t, watch, l.Key())[0].PID)
+		select {
+		case <-l.Lost():
+		case <-time.After(3 * time.Second):
+			t.Fatal("Lost not closed 3 s after the backend was terminated")
+		}
+		err := l.Release(ctx)
+		if !errors.Is(err, pglock.ErrLockLost) {
+			t.Fatalf("Release after the loss = %v, want ErrLockLost", err)
+		}
+		if strings.Contains(err.Error(), "\n") {
+			t.Errorf("error spans lines: %q", err.Error())
+		}
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code != "57P01" {
+			t.Errorf("server error %s, want 57P01 (admin shutdown)", pgErr.Code)
+		}
+		t.Logf("%q", err.Error())
 	}
 }

@@ -482,7 +482,7 @@ func (m *mux) give(e *keyEntry, mode Mode) error {
 	m.t.mu.Unlock()
 	if lostErr != nil {
 		m.ended(e, c, false)
-		return errors.Join(ErrLockLost, lostErr)
+		return join(ErrLockLost, lostErr)
 	}
 	op := connOp{unlock: true, key: e.key, mode: mode}
 	op.retake = mode == Exclusive && m.t.nextExclusive(e)
@@ -509,9 +509,9 @@ func (m *mux) unlock(c *lockConn, op *connOp) error {
 	c.do(op)
 	switch {
 	case errors.Is(op.err, errConnGone):
-		return errors.Join(ErrLockLost, op.err)
+		return join(ErrLockLost, op.err)
 	case op.err != nil:
-		return errors.Join(errUnlockFailed, op.err)
+		return join(errUnlockFailed, op.err)
 	case !op.ok:
 		return errServerNotHeld
 	}
@@ -625,7 +625,7 @@ func (b *muxBackend) end() error {
 	t.mu.Unlock()
 	if !t.leave(e) {
 		if lostErr != nil {
-			return errors.Join(ErrLockLost, lostErr)
+			return join(ErrLockLost, lostErr)
 		}
 		return nil
 	}

@@ -2,7 +2,6 @@ package pglock
 
 import (
 	"context"
-	"errors"
 	"sync"
 	"time"
 
@@ -32,7 +31,7 @@ func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bo
 		return err
 	})
 	if cerr != nil {
-		return false, false, errors.Join(err, errUnlockFailed, cerr)
+		return false, false, join(err, errUnlockFailed, cerr)
 	}
 	return false, true, err
 }
@@ -62,7 +61,7 @@ func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool,
 		_, err := conn.Exec(rctx, "ROLLBACK TO SAVEPOINT "+sp+"; RELEASE SAVEPOINT "+sp)
 		return err
 	})
-	return false, rerr == nil, errors.Join(err, rerr)
+	return false, rerr == nil, join(err, rerr)
 }
 
 // interruptible runs a statement that waits for a lock. Its context is not
