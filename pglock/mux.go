@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -193,23 +194,42 @@ func (m *mux) connect(ctx context.Context) (*pgx.Conn, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
-	bound := m.abandonBound()
-	// Keepalives end a silent session after idle + 2 probes 1 s apart: at
-	// least bound/2 + 2 s, which is past the client's 2 x lostCheck.
-	secs := strconv.Itoa(int(max(bound/2, time.Second) / time.Second))
-	for name, v := range map[string]string{"tcp_keepalives_idle": secs, "tcp_keepalives_interval": "1", "tcp_keepalives_count": "2"} {
-		if _, set := cfg.RuntimeParams[name]; !set {
-			cfg.RuntimeParams[name] = v
-		}
-	}
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
+	// One statement after the connect, not startup parameters: a pooler
+	// such as PgBouncer refuses startup parameters it does not know.
+	// Keepalives end a silent session after idle + 2 probes 1 s apart: at
+	// least bound/2 + 2 s, which is past the client's 2 x lostCheck. A
+	// setting the pool's configuration gives is left as it is.
+	bound := m.abandonBound()
+	settings := [][2]string{
+		{"tcp_keepalives_idle", strconv.Itoa(int(max(bound/2, time.Second) / time.Second))},
+		{"tcp_keepalives_interval", "1"},
+		{"tcp_keepalives_count", "2"},
+	}
 	if serverMajor(conn) >= 14 {
-		if _, err := conn.Exec(ctx, "SELECT set_config('idle_session_timeout', $1, false)", strconv.FormatInt(bound.Milliseconds(), 10)); err != nil {
+		settings = append(settings, [2]string{"idle_session_timeout", strconv.FormatInt(bound.Milliseconds(), 10)})
+	}
+	var q strings.Builder
+	var args []any
+	for _, kv := range settings {
+		if _, set := cfg.RuntimeParams[kv[0]]; set {
+			continue
+		}
+		if len(args) == 0 {
+			q.WriteString("SELECT ")
+		} else {
+			q.WriteString(", ")
+		}
+		args = append(args, kv[0], kv[1])
+		fmt.Fprintf(&q, "set_config($%d, $%d, false)", len(args)-1, len(args))
+	}
+	if len(args) > 0 {
+		if _, err := conn.Exec(ctx, q.String(), args...); err != nil {
 			_ = conn.Close(ctx)
-			return nil, err
+			return nil, fmt.Errorf("pglock: set the lock connection's session bounds: %w", err)
 		}
 	}
 	return conn, nil
