@@ -237,6 +237,49 @@ func (s *Server) Stop() {
 	s.dir = ""
 }
 
+// Restart restarts a throwaway cluster (pg_ctl restart -m fast: sessions are
+// terminated with SQLSTATE 57P01), keeping its settings and port. It is an
+// error for a server it did not start.
+func (s *Server) Restart(ctx context.Context) error {
+	return s.ctl(ctx, "-m", "fast", "restart")
+}
+
+// StopServer stops a throwaway cluster's server and keeps its data, so that
+// Start can start it again; Stop still removes it.
+func (s *Server) StopServer(ctx context.Context) error {
+	return s.ctl(ctx, "-m", "fast", "stop")
+}
+
+// Start starts a throwaway cluster's server stopped by StopServer.
+func (s *Server) Start(ctx context.Context) error {
+	return s.ctl(ctx, "start")
+}
+
+// ctl runs pg_ctl on the throwaway cluster's data directory, waiting for it
+// to finish; the server's settings are the ones it last started with
+// (postmaster.opts).
+func (s *Server) ctl(ctx context.Context, args ...string) error {
+	if s == nil || s.dir == "" {
+		return errors.New("pgtest: not a throwaway cluster this process started")
+	}
+	data := filepath.Join(s.dir, "data")
+	if args[len(args)-1] == "start" { // restart reuses them itself
+		opts, err := os.ReadFile(filepath.Join(data, "postmaster.opts"))
+		if err != nil {
+			return fmt.Errorf("pgtest: read postmaster.opts: %w", err)
+		}
+		// postmaster.opts is the binary's path, then its arguments.
+		if i := strings.IndexByte(string(opts), ' '); i > 0 {
+			args = append([]string{"-o", strings.TrimSpace(string(opts[i+1:]))}, args...)
+		}
+	}
+	args = append([]string{"-D", data, "-l", filepath.Join(s.dir, "server.log"), "-w", "-t", "60"}, args...)
+	if out, err := s.run(ctx, s.pgCtl, args...); err != nil {
+		return fmt.Errorf("pgtest: pg_ctl %s: %w\n%s", strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
 func (s *Server) run(ctx context.Context, name string, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Dir = s.dir

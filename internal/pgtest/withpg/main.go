@@ -4,8 +4,10 @@
 //
 //	go run ./internal/pgtest/withpg [-throwaway] [-install] -- make test-modules
 //
-// With -install, running as root on Debian or Ubuntu with no server and no
-// binaries, it installs the postgresql package with apt-get first.
+// With -install, running as root on Debian or Ubuntu, it installs with
+// apt-get what the tests need and the machine lacks: the postgresql package
+// when there is no server and no binaries, and the pgbouncer package (the
+// PgBouncer tests run a real one).
 package main
 
 import (
@@ -28,7 +30,7 @@ func main() {
 
 func run() int {
 	throwaway := flag.Bool("throwaway", false, "always start a throwaway cluster")
-	install := flag.Bool("install", false, "as root on Debian, apt-get install postgresql when no server or binaries are found")
+	install := flag.Bool("install", false, "as root on Debian, apt-get install postgresql when no server or binaries are found, and pgbouncer when missing")
 	flag.Usage = func() {
 		fmt.Fprintln(os.Stderr, "usage: withpg [-throwaway] [-install] -- command [args...]")
 		flag.PrintDefaults()
@@ -50,7 +52,7 @@ func run() int {
 	}
 	if errors.Is(err, pgtest.ErrNoPostgres) && *install && canInstall() {
 		fmt.Fprintln(os.Stderr, "withpg: no PostgreSQL found; installing Debian's postgresql package")
-		if err = aptInstall(ctx); err == nil {
+		if err = aptInstall(ctx, "postgresql"); err == nil {
 			s, err = pgtest.StartThrowaway(ctx)
 		}
 	}
@@ -60,6 +62,13 @@ func run() int {
 	}
 	defer s.Stop()
 	fmt.Fprintf(os.Stderr, "withpg: PostgreSQL (%s) at %s\n", s.Source, s.URL)
+	if _, err := pgtest.PgBouncerBinary(); err != nil && *install && canInstall() {
+		fmt.Fprintln(os.Stderr, "withpg: no pgbouncer found; installing Debian's pgbouncer package")
+		if err := aptInstall(ctx, "pgbouncer"); err != nil {
+			fmt.Fprintln(os.Stderr, "withpg:", err)
+			return 1
+		}
+	}
 
 	cmd := exec.Command(flag.Arg(0), flag.Args()[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
@@ -96,8 +105,8 @@ func canInstall() bool {
 	return err == nil
 }
 
-func aptInstall(ctx context.Context) error {
-	for _, args := range [][]string{{"update"}, {"install", "-y", "--no-install-recommends", "postgresql"}} {
+func aptInstall(ctx context.Context, pkg string) error {
+	for _, args := range [][]string{{"update"}, {"install", "-y", "--no-install-recommends", pkg}} {
 		cmd := exec.CommandContext(ctx, "apt-get", args...)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
