@@ -139,6 +139,10 @@ func (b *pgxBackend) try(ctx context.Context, q interface {
 // the server's queue (pg_advisory_lock): one round trip whether the key is
 // free or held, and no try before it that a busy key would pay for.
 func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error) {
+	if err := checkSession(ctx, b.conn, b.l.cfg.releaseTimeout); err != nil {
+		b.close(errors.Is(err, ErrTransactionPooler) && !b.conn.IsClosed())
+		return false, err
+	}
 	if wait {
 		held, healthy, err := waitSession(ctx, b.l, b.conn)
 		if held {
@@ -240,6 +244,13 @@ func (b *pgxBackend) release(ctx context.Context, commit bool) error {
 	default:
 		tx := b.ownTx
 		b.ownTx = nil
+		if !b.conn.IsClosed() && b.conn.PgConn().TxStatus() == 'I' {
+			// The user ended the transaction (Commit or Rollback on it, or a
+			// statement), and the lock with it: a COMMIT now would say
+			// nothing of the work, and end nothing.
+			b.close(true)
+			return errTxEndedByStatement
+		}
 		rctx := b.detach(ctx)
 		var err error
 		if commit {
@@ -250,6 +261,11 @@ func (b *pgxBackend) release(ctx context.Context, commit bool) error {
 		b.reattach() // before close: then the connection is no longer ours
 		closed := b.conn.IsClosed()
 		b.close(err == nil || (!closed && b.conn.PgConn().TxStatus() == 'I'))
+		if errors.Is(err, pgx.ErrTxClosed) {
+			// Ended by the user's Commit or Rollback, which then closed the
+			// connection (or it left it in another transaction).
+			return errTxEndedByStatement
+		}
 		if err != nil && closed {
 			return join(ErrLockLost, err)
 		}

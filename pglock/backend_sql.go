@@ -219,6 +219,16 @@ func (b *sqlBackend) poll(ctx context.Context) (bool, error) {
 }
 
 func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
+	if b.l.cfg.scope == Session {
+		// Only pgx's driver shows the connection's cancel key, which the
+		// check needs: with other drivers a transaction pooler goes unseen.
+		var err error
+		b.withPgx(func(pc *pgx.Conn) { err = checkSession(ctx, pc, b.l.cfg.releaseTimeout) })
+		if err != nil {
+			b.close(errors.Is(err, ErrTransactionPooler) && !b.connGone())
+			return false, err
+		}
+	}
 	if b.l.cfg.scope == Transaction && b.callerTx == nil {
 		// The transaction must outlive ctx: database/sql rolls back a
 		// transaction whose context ends.
@@ -297,17 +307,36 @@ func (b *sqlBackend) release(ctx context.Context, commit bool) error {
 	default:
 		tx := b.ownTx
 		b.ownTx = nil
+		// With pgx's driver the connection tells whether the transaction is
+		// still open: a COMMIT or ROLLBACK statement of the user's ended it
+		// without database/sql knowing. (Other drivers do not tell.)
+		idle := false
+		pgxDriver := b.withPgx(func(pc *pgx.Conn) { idle = !pc.IsClosed() && pc.PgConn().TxStatus() == 'I' })
 		var err error
 		stop := b.boundTx()
-		if commit {
+		if commit && !idle {
 			err = tx.Commit()
 		} else {
+			// When idle, this only ends the *sql.Tx: the ROLLBACK it sends
+			// changes nothing.
 			err = tx.Rollback()
 		}
 		stop()
 		b.txCancel()
+		switch {
+		case errors.Is(err, sql.ErrTxDone):
+			// The user's Commit or Rollback on the *sql.Tx ended it.
+			b.close(idle || (!pgxDriver && !b.connGone()))
+			return errTxEndedSQL
+		case idle:
+			b.close(err == nil)
+			return errTxEndedByStatement
+		}
+		// A connection that died took the transaction, and the lock, with it
+		// (as on pgx: see pgxBackend.release).
+		lost := err != nil && (errors.Is(err, driver.ErrBadConn) || b.connGone())
 		b.close(err == nil)
-		if errors.Is(err, driver.ErrBadConn) {
+		if lost {
 			return join(ErrLockLost, err)
 		}
 		return err

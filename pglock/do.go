@@ -3,9 +3,12 @@ package pglock
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Do is the with statement: it acquires the lock (waiting as Acquire does),
@@ -22,11 +25,25 @@ import (
 // when RollbackOnError is on (always, for the lock's own transaction: work
 // cut short by a panic is never committed), releases, and panics again with
 // the same value. A nil fn is an error ([ErrNilFunc]) and takes no lock.
+//
+// Do owns its hold: only Do ends it, when fn returns. While fn runs,
+// [Lock.Release] and [Lock.HandleError] on the same Lock, from fn or from
+// another goroutine, change nothing and return an error matching [ErrInDo],
+// and Acquire and TryAcquire return [ErrAlreadyHeld]. To stop early, fn
+// returns (with an error to roll back); another goroutine cancels ctx.
+//
+// In Transaction scope on a pool or connection the transaction is the lock's:
+// if fn commits or rolls it back itself (Commit or Rollback on it, or a COMMIT
+// or ROLLBACK statement), the lock ends with it at that moment, and Do returns
+// an error matching [ErrTxEnded] (joined with fn's error, if any) that says
+// whether the work was committed, as far as can be known; it never reports a
+// plain failure for work that fn committed, nor success for work that fn
+// rolled back.
 func (l *Lock) Do(ctx context.Context, fn func(ctx context.Context) error) error {
 	if fn == nil {
 		return fmt.Errorf("%w: Do on key %s", ErrNilFunc, l.key)
 	}
-	if err := l.Acquire(ctx); err != nil {
+	if _, err := l.acquire(ctx, true, true); err != nil {
 		return err
 	}
 	return l.run(ctx, fn)
@@ -34,11 +51,14 @@ func (l *Lock) Do(ctx context.Context, fn func(ctx context.Context) error) error
 
 // TryDo is the non-blocking Do: it runs fn only if the lock is free now, and
 // reports whether fn ran. (false, nil) means another session holds the lock.
+// While fn runs, the hold is TryDo's, as it is Do's: Release and HandleError
+// on the Lock return [ErrInDo] and change nothing, and a transaction that fn
+// ends itself is reported with [ErrTxEnded] (see [Lock.Do]).
 func (l *Lock) TryDo(ctx context.Context, fn func(ctx context.Context) error) (bool, error) {
 	if fn == nil {
 		return false, fmt.Errorf("%w: TryDo on key %s", ErrNilFunc, l.key)
 	}
-	ok, err := l.TryAcquire(ctx)
+	ok, err := l.acquire(ctx, false, true)
 	if err != nil || !ok {
 		return false, err
 	}
@@ -50,7 +70,7 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 	fctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	l.mu.Lock()
-	b := l.b
+	b, given := l.b, l.tx
 	l.mu.Unlock()
 	// A loss while fn runs cancels fn's context (markLost calls onLost).
 	l.lostMu.Lock()
@@ -66,7 +86,9 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 		l.lostMu.Unlock()
 	}()
 	if b != nil {
-		if tx := b.pgxTx(); tx != nil {
+		if given != nil {
+			fctx = ContextWithTx(fctx, given)
+		} else if tx := b.pgxTx(); tx != nil {
 			fctx = ContextWithTx(fctx, tx)
 		}
 		if tx := b.sqlTx(); tx != nil {
@@ -81,9 +103,9 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 		}
 		v := recover() // nil: fn called runtime.Goexit (t.FailNow)
 		if l.cfg.rollbackOnError || (l.cfg.scope == Transaction && !l.src.callerTx()) {
-			_ = l.end(ctx, false)
+			_ = l.end(ctx, false, true)
 		} else {
-			_ = l.end(ctx, true)
+			_ = l.end(ctx, true, true)
 		}
 		if v != nil {
 			panic(v)
@@ -94,15 +116,86 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 
 	if err != nil {
 		commit := !(l.cfg.rollbackOnError && l.cfg.scope == Transaction)
-		if rerr := l.end(ctx, commit); rerr != nil {
+		if rerr := l.end(ctx, commit, true); rerr != nil {
 			return join(err, rerr)
 		}
 		return err
 	}
-	if rerr := l.end(ctx, true); rerr != nil {
+	if rerr := l.end(ctx, true, true); rerr != nil {
 		return rerr
 	}
 	return nil
+}
+
+// givenTx is the lock's own pgx transaction as the Lock hands it out
+// ([Lock.Tx], [TxFromContext]). It remembers how its user ended it, if they
+// did, with Commit or Rollback, so that the end of the hold can say whether
+// the work was committed (see [ErrTxEnded]). Everything else is the
+// transaction's own.
+type givenTx struct {
+	pgx.Tx
+	mu    sync.Mutex
+	ended error // nil while the user has not ended it
+}
+
+func (t *givenTx) Commit(ctx context.Context) error {
+	// A COMMIT or ROLLBACK statement ended it already: Commit sends a COMMIT
+	// that changes nothing, so its outcome says nothing of the work.
+	open := t.open()
+	err := t.Tx.Commit(ctx)
+	if !open || errors.Is(err, pgx.ErrTxClosed) {
+		return err
+	}
+	var pgErr *pgconn.PgError
+	switch {
+	case err == nil:
+		t.record("Commit on its pgx.Tx: the work is committed", nil)
+	case errors.Is(err, pgx.ErrTxCommitRollback):
+		t.record("Commit on its pgx.Tx found it failed and rolled it back: the work is not committed", nil)
+	case errors.As(err, &pgErr) || pgconn.SafeToRetry(err):
+		// The server refused the COMMIT, or it was never sent (and pgx
+		// closed the connection): rolled back either way.
+		t.record("Commit on its pgx.Tx failed: the work is not committed", err)
+	default:
+		t.record("Commit on its pgx.Tx failed on the way: whether the work is committed is unknown", err)
+	}
+	return err
+}
+
+func (t *givenTx) Rollback(ctx context.Context) error {
+	open := t.open()
+	err := t.Tx.Rollback(ctx)
+	if open && !errors.Is(err, pgx.ErrTxClosed) {
+		// A failed rollback closes the connection: rolled back either way.
+		t.record("Rollback on its pgx.Tx: the work is not committed", nil)
+	}
+	return err
+}
+
+// open reports whether the connection is in a transaction, as far as the
+// client knows.
+func (t *givenTx) open() bool {
+	c := t.Tx.Conn()
+	return c != nil && !c.IsClosed() && c.PgConn().TxStatus() != 'I'
+}
+
+func (t *givenTx) record(what string, err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	switch {
+	case t.ended != nil:
+	case err != nil:
+		t.ended = fmt.Errorf("%w: %s: %w", ErrTxEnded, what, err)
+	default:
+		t.ended = fmt.Errorf("%w: %s", ErrTxEnded, what)
+	}
+}
+
+// endedErr returns how the user ended the transaction, or nil.
+func (t *givenTx) endedErr() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.ended
 }
 
 type pgxTxKey struct{}

@@ -181,11 +181,16 @@
 // [Lock.Do] is Python's with statement: acquire, run, release. When the
 // function fails or panics the lock's transaction is rolled back first (see
 // [WithRollbackOnError]); a panic is re-raised. [Lock.HandleError] is the same
-// rollback for code that manages Acquire and Release itself.
+// rollback for code that manages Acquire and Release itself. Do owns its
+// hold: while its function runs, Release and HandleError on the same Lock
+// return [ErrInDo] and change nothing; a function that commits or rolls back
+// the lock's own transaction itself ends the lock with it, and Do says so
+// with [ErrTxEnded].
 //
 // Errors wrap the sentinels of this package ([ErrNotAcquired], [ErrLockLost],
 // [ErrNotHeld], [ErrAlreadyHeld], [ErrUnsupportedConn], [ErrInvalidKey],
-// [ErrInvalidOption], [ErrNilFunc], [ErrLockerClosed], [ErrTooManyLocks])
+// [ErrInvalidOption], [ErrNilFunc], [ErrLockerClosed], [ErrTooManyLocks],
+// [ErrTransactionPooler], [ErrUnavailable], [ErrInDo], [ErrTxEnded])
 // with %w; match them with errors.Is.
 // Database errors stay reachable with errors.As (*pgconn.PgError).
 //
@@ -197,14 +202,73 @@
 // exclude each other, whatever the Locker runs on; two Locks made with [New]
 // on one caller's connection stack, as PostgreSQL does.
 //
-// # PgBouncer
+// # Running in production
 //
-// A pooler in transaction mode (PgBouncer's pool_mode = transaction) hands
-// each transaction to any server session, so a session lock is taken in one
-// session and unlocked (or not) in another: session locks do not work
-// through it. Use Transaction scope there, or connect to the server (or a
-// session-mode pool) directly. When an unlock reports that the session did not
-// hold the key, the error says so.
+// Connections. A [Locker] on a pool holds its session locks on
+// [WithLockConns] lock connections (2 by default) and waits for busy keys on
+// at most [WithWaitConns] more (4): connections of its own, outside the pool,
+// opened with the pool's settings. Count them in the server's
+// max_connections for every replica. [New] on a pool takes one pool
+// connection per hold, for as long as the hold: size the pool for the holds
+// and for the work's own connections, or use a Locker. Transaction scope
+// takes one pool connection per hold (the work's transaction) in both.
+//
+// Poolers. A session lock needs a server session of its own: connect
+// directly, or through a session pooler (PgBouncer's pool_mode = session,
+// whose server_reset_query, DISCARD ALL by default, drops a departed
+// client's locks: keep it). A transaction pooler (pool_mode = transaction or
+// statement) hands each transaction to any server session, so two clients
+// could both "hold" a key: Session scope through one is refused with
+// [ErrTransactionPooler]. It is detected at a connection's first session
+// lock: one statement compares the server's pg_backend_pid() with the pid of
+// the connection's cancel key (they differ only through a pooler) and claims
+// the server session for the connection (a session setting, pglock.session);
+// through a pooler, a session claimed by another client, or a probe (a second
+// connection that the pooler hands the session just used, or moves between
+// sessions), proves transaction pooling. The outcome is remembered per
+// connection; through a session pooler the probe costs one short connection
+// per connection (bounded by 1 s when the pooler has no free session). It needs
+// pgx (pgxpool, pgx.Conn, or database/sql with pgx's stdlib driver): with
+// other drivers a transaction pooler goes unseen. Transaction scope works
+// through every pooling mode. pgx's default exec mode caches prepared
+// statements, which a transaction pooler moves between sessions: with
+// PgBouncer before 1.21 (Debian 12 ships 1.18) set default_query_exec_mode
+// to exec (or simple_protocol) in the connection string; PgBouncer 1.21 and
+// later with max_prepared_statements > 0 takes the default.
+//
+// Abandoned locks. A client that vanishes (a dead network, a frozen host)
+// keeps its session, and its locks, on the server until the server notices:
+// about 2 h 11 min with the default TCP keepalives, forever behind a
+// middlebox that keeps the TCP session open. On its lock connections a
+// Locker sets tcp_keepalives_idle (half the bound), tcp_keepalives_interval
+// (1 s), tcp_keepalives_count (2) and, on PostgreSQL 14 and later,
+// idle_session_timeout (the bound), so that the server ends an abandoned
+// session within [AbandonedSessionTimeout] (6 s), always after the client
+// itself has seen the loss (twice the check interval); the watch's checks
+// keep a live holder's session busy, so it is never cut. A setting the pool's
+// configuration gives (RuntimeParams) is kept. Connections the caller owns,
+// and the pool connections of New, keep the server's settings: set
+// tcp_keepalives_idle, tcp_keepalives_interval and tcp_keepalives_count in
+// postgresql.conf or in the pool's RuntimeParams (not idle_session_timeout
+// on a pool: it ends idle pool connections).
+//
+// The lock table. Every advisory lock held takes a slot in the server's
+// shared lock table, max_locks_per_transaction x (max_connections +
+// max_prepared_transactions) slots (6,400 with the defaults), shared by every
+// session: a full table fails every statement that needs a lock, in every
+// session, with "out of shared memory". A Locker holds at most a quarter of
+// it (see [WithMaxLocks], [ErrTooManyLocks]); raise
+// max_locks_per_transaction for more.
+//
+// Restarts and failover. A restart ends every session: the server frees
+// every lock, and each holder's Lost closes at once (the server closes the
+// connection). An idle pool connection that the restart killed is destroyed
+// and replaced when an acquire finds it dead, so the first acquires after a
+// restart succeed; while the server is down they fail with [ErrUnavailable]
+// (which tells "down" from "busy"). Advisory locks are not replicated: a
+// promoted standby starts with none, and the old primary's holders see Lost
+// when their connections die (within twice the check interval when the
+// network goes silent).
 //
 // # Logging
 //
@@ -216,6 +280,6 @@
 //
 // It does not fence writes made outside the database (use Transaction scope
 // and keep the work in the database), renew or lease anything (a PostgreSQL
-// lock needs no renewal), or retry: a busy lock is reported, and the
+// lock needs no renewal), or retry a busy lock: it is reported, and the
 // caller decides.
 package pglock

@@ -31,6 +31,29 @@ var (
 	// the supported types, or is nil.
 	ErrUnsupportedConn = errors.New("pglock: unsupported connection")
 
+	// ErrTransactionPooler means a Session-scope lock was refused because the
+	// connection's statements do not all reach one server session of its
+	// own: a transaction-pooling proxy (PgBouncer with pool_mode transaction
+	// or statement, or a pooler like it) is between the client and the
+	// server, and would let two clients hold the key at once. Use
+	// Transaction scope (which works through such a pooler), a session
+	// pooling mode, or a direct connection. It also matches ErrNotAcquired;
+	// the lock is not held. See the package documentation, "Running in
+	// production".
+	ErrTransactionPooler = errors.New("pglock: session lock through a transaction pooler" +
+		" (use Transaction scope, session pooling, or a direct connection)")
+
+	// ErrUnavailable means the database could not be reached or its
+	// connection failed (the server is down, restarting or refusing
+	// connections, or the network is cut): the lock was not taken, and
+	// nothing is known of whether another session holds it. It comes with
+	// [ErrNotAcquired], so that a caller can tell "unavailable" (retry
+	// later, alert) from "busy" (TryAcquire's false, or a wait that timed
+	// out). A connection that was already dead before the lock's first
+	// statement reached it (an idle pool connection after a server restart)
+	// is retried once on a new connection before this is returned.
+	ErrUnavailable = errors.New("pglock: database unavailable")
+
 	// ErrInvalidKey means the key is not a supported type.
 	ErrInvalidKey = errors.New("pglock: invalid key")
 
@@ -51,6 +74,34 @@ var (
 	// session of the server fail ("out of shared memory"), so the Locker
 	// refuses before that. The lock is not held.
 	ErrTooManyLocks = errors.New("pglock: too many locks held")
+
+	// ErrInDo is returned by Release and HandleError while Do or TryDo runs
+	// on the same Lock, called from its function or from another goroutine:
+	// they change nothing, because Do ends the hold itself when the function
+	// returns (committing, or rolling back on an error). To end the work
+	// early, return from the function (with an error to roll back), or cancel
+	// the context given to Do, which the function watches.
+	ErrInDo = errors.New("pglock: Do is running on this lock (it ends the hold when its function returns)")
+
+	// ErrTxEnded means the lock's own transaction (Transaction scope on a
+	// pool or connection) was committed or rolled back by its user before
+	// the lock ended it: by Commit or Rollback on the transaction from
+	// [TxFromContext], [SQLTxFromContext], [Lock.Tx] or [Lock.SQLTx], or by a
+	// COMMIT or ROLLBACK statement sent in it. The advisory lock ended with
+	// that transaction, at that moment: work done after it ran without the
+	// lock. Do and Release return it after sending nothing more (they commit
+	// or roll back nothing), and the connection goes back to the pool (it is
+	// destroyed when its state is in doubt).
+	//
+	// The error says what is known of the work. With pgx, after Commit or
+	// Rollback on the lock's pgx.Tx, it says whether the work was committed
+	// ("the work is committed", "the work is not committed", or, when Commit
+	// failed on the way, that this is unknown). After a COMMIT or ROLLBACK
+	// statement, and with database/sql, the lock cannot tell which it was
+	// ("committed or rolled back"): check the work before doing it again.
+	// With a database/sql driver other than pgx's, a COMMIT or ROLLBACK
+	// statement is not seen at all.
+	ErrTxEnded = errors.New("pglock: the lock's transaction was ended by its user, not by the lock (the lock ended with it)")
 )
 
 var (
@@ -61,6 +112,14 @@ var (
 	// errUnlockFailed: an unlock whose outcome is unknown. On a pool the
 	// connection is destroyed, which ends the lock with the session.
 	errUnlockFailed = errors.New("pglock: unlock failed")
+	// errTxEndedByStatement, errTxEndedSQL: the lock's own transaction was
+	// found ended at release, by a statement or by database/sql's methods,
+	// which leave no trace of which it was. (Commit and Rollback on the
+	// lock's pgx.Tx are told apart: see givenTx.)
+	errTxEndedByStatement = fmt.Errorf("%w: by a COMMIT or ROLLBACK statement:"+
+		" committed or rolled back, the lock cannot tell which", ErrTxEnded)
+	errTxEndedSQL = fmt.Errorf("%w: by Commit or Rollback on its *sql.Tx:"+
+		" committed or rolled back, the lock cannot tell which", ErrTxEnded)
 )
 
 // join is errors.Join on one line: it drops nil errors, returns a single one

@@ -22,6 +22,13 @@ import (
 // again. Acquire, TryAcquire, Release, HandleError, Do and TryDo are meant to
 // be called by one goroutine at a time (they serialize if not); Held, Lost
 // and Key may be called from any goroutine.
+//
+// A hold taken by Do or TryDo is theirs until their function returns: Release
+// and HandleError called meanwhile (from the function or from another
+// goroutine) change nothing and return [ErrInDo]. In Transaction scope on a
+// pool or connection the transaction is the lock's: ending it by hand (Commit,
+// Rollback, a COMMIT or ROLLBACK statement) ends the lock with it, and the
+// next Release, or Do, reports it with [ErrTxEnded].
 type Lock struct {
 	key Key
 	cfg config
@@ -31,6 +38,12 @@ type Lock struct {
 
 	mu sync.Mutex // serializes hold changes
 	b  backend    // the current hold's backend; nil when not held
+	// tx is the current hold's own pgx transaction as handed out (Tx, Do);
+	// nil without one. l.mu guards it.
+	tx *givenTx
+	// inDo: Do or TryDo owns the current hold, and ends it; Release and
+	// HandleError refuse. Set and cleared under l.mu.
+	inDo atomic.Bool
 	// stopWatch ends the current hold's connection watch.
 	stopWatch func()
 
@@ -132,12 +145,16 @@ func (l *Lock) Lost() <-chan struct{} {
 
 // Tx returns the pgx transaction the lock runs in while it is held in
 // Transaction scope on a pgx connection or pool, else nil. Work done in it
-// commits or rolls back together with the lock.
+// commits or rolls back together with the lock. Committing or rolling it back
+// by hand ends the lock too; Release then reports it ([ErrTxEnded]).
 func (l *Lock) Tx() pgx.Tx {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.b == nil {
 		return nil
+	}
+	if l.tx != nil {
+		return l.tx
 	}
 	return l.b.pgxTx()
 }
@@ -166,7 +183,7 @@ func (l *Lock) SQLTx() *sql.Tx {
 // Acquire on a Lock that is held returns [ErrAlreadyHeld]; a hold that was
 // lost (see [Lock.Lost]) does not count: it is let go first.
 func (l *Lock) Acquire(ctx context.Context) error {
-	_, err := l.acquire(ctx, true)
+	_, err := l.acquire(ctx, true, false)
 	return err
 }
 
@@ -174,15 +191,21 @@ func (l *Lock) Acquire(ctx context.Context) error {
 // returns (true, nil) when the lock is now held and (false, nil) when another
 // session holds it. An error means the lock is not held.
 func (l *Lock) TryAcquire(ctx context.Context) (bool, error) {
-	return l.acquire(ctx, false)
+	return l.acquire(ctx, false, false)
 }
 
-func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
+// acquire is Acquire (wait) or TryAcquire; for Do and TryDo (do), the hold
+// it takes is theirs (see Lock.inDo).
+func (l *Lock) acquire(ctx context.Context, wait, do bool) (bool, error) {
 	if ctx == nil {
 		return false, fmt.Errorf("%w: key %s: nil context", ErrNotAcquired, l.key)
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.inDo.Load() {
+		// Even a lost hold stays Do's until its function returns.
+		return false, fmt.Errorf("%w: key %s: %w", ErrAlreadyHeld, l.key, ErrInDo)
+	}
 	if l.b != nil {
 		if !l.isLost() {
 			return false, fmt.Errorf("%w: key %s", ErrAlreadyHeld, l.key)
@@ -202,11 +225,7 @@ func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
 		ctx, cancel = context.WithTimeout(ctx, l.cfg.waitTimeout)
 		defer cancel()
 	}
-	b, err := l.src.open(ctx, l)
-	if err != nil {
-		return false, l.notAcquired(ctx, err)
-	}
-	ok, err := b.acquire(ctx, wait)
+	b, ok, err := l.open(ctx, wait)
 	waited := time.Since(start)
 	switch {
 	case err != nil || (wait && !ok):
@@ -218,6 +237,10 @@ func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
 		return false, nil
 	}
 	l.b = b
+	if tx := b.pgxTx(); tx != nil && !l.src.callerTx() {
+		l.tx = &givenTx{Tx: tx}
+	}
+	l.inDo.Store(do)
 	l.lostMu.Lock()
 	if l.lostDone || l.lostGiven {
 		l.lostCh, l.lostErr, l.lostDone, l.lostGiven = make(chan struct{}), nil, false, false
@@ -233,6 +256,36 @@ func (l *Lock) acquire(ctx context.Context, wait bool) (bool, error) {
 	return true, nil
 }
 
+// open opens a backend on the source and takes the lock on it. A pool's
+// connection that turns out to have been dead before the lock's first
+// statement reached it (see retryable) is destroyed and replaced: after a
+// server restart, each idle pool connection would otherwise fail one
+// acquire.
+func (l *Lock) open(ctx context.Context, wait bool) (backend, bool, error) {
+	r, _ := l.src.(retrier)
+	budget := -1 // unknown until the first retryable failure
+	for {
+		b, err := l.src.open(ctx, l)
+		if err != nil {
+			return nil, false, err
+		}
+		ok, err := b.acquire(ctx, wait)
+		if err == nil || r == nil || !retryable(err) || ctx.Err() != nil {
+			return b, ok, err
+		}
+		if budget < 0 {
+			budget = r.retries()
+		}
+		if budget == 0 {
+			return b, ok, err
+		}
+		budget--
+		if l.log != nil {
+			l.log.Debug("pglock: connection was dead before the lock's statement; retrying on a new one", slog.Any("error", err))
+		}
+	}
+}
+
 // notAcquired builds Acquire's error: ErrNotAcquired, the context's error
 // when it ended, and the database's error when there was one.
 func (l *Lock) notAcquired(ctx context.Context, err error) error {
@@ -244,6 +297,8 @@ func (l *Lock) notAcquired(ctx context.Context, err error) error {
 		return fmt.Errorf("%w: key %s", ErrNotAcquired, l.key)
 	case err == nil:
 		return fmt.Errorf("%w: key %s: %w", ErrNotAcquired, l.key, ctxErr)
+	case ctxErr == nil && unavailable(err):
+		return fmt.Errorf("%w: key %s: %w: %w", ErrNotAcquired, l.key, ErrUnavailable, err)
 	case ctxErr == nil || errors.Is(err, ctxErr):
 		return fmt.Errorf("%w: key %s: %w", ErrNotAcquired, l.key, err)
 	default:
@@ -259,7 +314,7 @@ func (l *Lock) dropHold() backend {
 		l.stopWatch = nil
 	}
 	b := l.b
-	l.b = nil
+	l.b, l.tx = nil, nil
 	l.held.Store(false)
 	l.lostMu.Lock()
 	l.hold++ // a late report of this hold's loss is ignored
@@ -317,8 +372,18 @@ func (l *Lock) markLostLocked(err error) {
 // When the hold was lost (the connection died), Release cleans up and returns
 // an error matching [ErrLockLost]. The statements run even when ctx has ended,
 // bounded by [WithReleaseTimeout].
+//
+// When the lock's own transaction was already committed or rolled back by its
+// user (Commit or Rollback on [Lock.Tx], or a COMMIT or ROLLBACK statement),
+// the lock ended with it: Release commits nothing, gives the connection back
+// and returns an error matching [ErrTxEnded], which says what is known of the
+// work.
+//
+// While Do or TryDo runs on the Lock, the hold is theirs: Release, from their
+// function or from another goroutine, changes nothing and returns an error
+// matching [ErrInDo] (Do ends the hold when the function returns).
 func (l *Lock) Release(ctx context.Context) error {
-	return l.end(ctx, true)
+	return l.end(ctx, true, false)
 }
 
 // HandleError is the Python package's handle_error: when err is not nil and
@@ -327,26 +392,47 @@ func (l *Lock) Release(ctx context.Context) error {
 // rolls back the caller's transaction). It returns err, joined with any
 // rollback error. With err nil, RollbackOnError off, or in Session scope it
 // changes nothing and returns err.
+//
+// While Do or TryDo runs on the Lock (HandleError called from their function
+// or from another goroutine), it changes nothing either: it returns err
+// joined with an error matching [ErrInDo]. Return err from the function
+// instead: Do then rolls back as HandleError would, and ends the hold.
 func (l *Lock) HandleError(ctx context.Context, err error) error {
-	if err == nil || !l.cfg.rollbackOnError || l.cfg.scope != Transaction {
+	if err == nil {
+		return nil
+	}
+	if l.inDo.Load() {
+		return join(err, fmt.Errorf("pglock: HandleError on key %s: %w", l.key, ErrInDo))
+	}
+	if !l.cfg.rollbackOnError || l.cfg.scope != Transaction {
 		return err
 	}
-	if rerr := l.end(ctx, false); rerr != nil {
+	if rerr := l.end(ctx, false, false); rerr != nil {
 		return join(err, rerr)
 	}
 	return err
 }
 
 // end ends the hold: commit (Release) or roll back (HandleError, a failed Do).
-func (l *Lock) end(ctx context.Context, commit bool) error {
+// A hold that Do owns is ended by Do only (do); others are refused.
+func (l *Lock) end(ctx context.Context, commit, do bool) error {
 	if ctx == nil {
 		ctx = context.Background()
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if do {
+		l.inDo.Store(false)
+	} else if l.inDo.Load() {
+		if commit {
+			return fmt.Errorf("pglock: release key %s: %w", l.key, ErrInDo)
+		}
+		return fmt.Errorf("pglock: HandleError on key %s: %w", l.key, ErrInDo)
+	}
 	if l.b == nil {
 		return nil
 	}
+	given := l.tx
 	b := l.dropHold()
 	l.lostMu.Lock()
 	lost, lostErr := l.lostDone, l.lostErr
@@ -358,6 +444,12 @@ func (l *Lock) end(ctx context.Context, commit bool) error {
 		err = join(ErrLockLost, lostErr)
 	} else if err = b.release(ctx, commit); errors.Is(err, ErrLockLost) {
 		l.markLost(err)
+	}
+	if given != nil && errors.Is(err, ErrTxEnded) {
+		// The user ended it with Commit or Rollback: that says more.
+		if e := given.endedErr(); e != nil {
+			err = e
+		}
 	}
 	if err != nil {
 		err = fmt.Errorf("pglock: release key %s: %w", l.key, err)

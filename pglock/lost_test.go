@@ -3,6 +3,7 @@ package pglock_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -91,6 +92,29 @@ func TestSQLReleaseAfterTerminateIsLost(t *testing.T) {
 		pgtest.Terminate(t, watch, pgtest.Granted(t, watch, l.Key())[0].PID)
 		if err := l.Release(ctx); !errors.Is(err, pglock.ErrLockLost) {
 			t.Errorf("Release after the backend died = %v, want ErrLockLost", err)
+		}
+		pgtest.WaitFree(t, watch, l.Key())
+	}
+}
+
+// In Transaction scope, a lock whose connection was killed while fn ran ends
+// Do with ErrLockLost on every backend (on *sql.DB it used to be a bare
+// driver error): the work was not committed.
+func TestTransactionScopeTerminatedIsLost(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	watch := pgtest.Pool(t, 2)
+	for name, conn := range map[string]any{"pgxpool": pgtest.Pool(t, 2), "sql.DB": openSQLDB(t)} {
+		l, _ := pglock.New(conn, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
+		err := l.Do(ctx, func(context.Context) error {
+			pgtest.Terminate(t, watch, pgtest.Granted(t, watch, l.Key())[0].PID)
+			return nil
+		})
+		if !errors.Is(err, pglock.ErrLockLost) {
+			t.Errorf("%s: Do whose connection was terminated = %v, want ErrLockLost", name, err)
+		}
+		if strings.Contains(fmt.Sprint(err), "\n") {
+			t.Errorf("%s: the error spans lines: %q", name, err)
 		}
 		pgtest.WaitFree(t, watch, l.Key())
 	}

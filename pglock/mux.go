@@ -41,6 +41,9 @@ type mux struct {
 	inited  atomic.Bool
 	connCfg *pgx.ConnConfig
 	perHold source // a database/sql driver other than pgx's: one connection per hold
+	// refused is the error of a connect that found a transaction pooler:
+	// every later connect fails with it at once.
+	refused atomic.Pointer[error]
 
 	mu       sync.Mutex
 	slots    []*lockConn
@@ -187,6 +190,9 @@ func (m *mux) connect(ctx context.Context) (*pgx.Conn, error) {
 	if ctx == nil {
 		ctx = context.Background()
 	}
+	if err := m.refused.Load(); err != nil {
+		return nil, *err
+	}
 	cfg := m.connCfg.Copy()
 	limit := cfg.ConnectTimeout
 	if limit <= 0 {
@@ -198,18 +204,31 @@ func (m *mux) connect(ctx context.Context) (*pgx.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := checkSession(ctx, conn, m.releaseTimeout); err != nil {
+		if errors.Is(err, ErrTransactionPooler) {
+			m.refused.Store(&err)
+		}
+		_ = conn.Close(ctx)
+		return nil, err
+	}
 	// One statement after the connect, not startup parameters: a pooler
 	// such as PgBouncer refuses startup parameters it does not know.
-	// Keepalives end a silent session after idle + 2 probes 1 s apart: at
-	// least bound/2 + 2 s, which is past the client's 2 x lostCheck. A
-	// setting the pool's configuration gives is left as it is.
+	// Keepalives end a silent session bound/2 + 2 probes 1 s apart after the
+	// last packet the server received, which is past the client's
+	// 2 x lostCheck; tcp_user_timeout (PostgreSQL 12 and later) covers
+	// the case keepalives do not, data the server sent that is never
+	// acknowledged. A setting the pool's configuration gives is left as it is.
 	bound := m.abandonBound()
 	settings := [][2]string{
 		{"tcp_keepalives_idle", strconv.Itoa(int(max(bound/2, time.Second) / time.Second))},
 		{"tcp_keepalives_interval", "1"},
 		{"tcp_keepalives_count", "2"},
 	}
-	if serverMajor(conn) >= 14 {
+	major := serverMajor(conn)
+	if major >= 12 {
+		settings = append(settings, [2]string{"tcp_user_timeout", strconv.FormatInt(bound.Milliseconds(), 10)})
+	}
+	if major >= 14 {
 		settings = append(settings, [2]string{"idle_session_timeout", strconv.FormatInt(bound.Milliseconds(), 10)})
 	}
 	var q strings.Builder
@@ -227,7 +246,7 @@ func (m *mux) connect(ctx context.Context) (*pgx.Conn, error) {
 		fmt.Fprintf(&q, "set_config($%d, $%d, false)", len(args)-1, len(args))
 	}
 	if len(args) > 0 {
-		if _, err := conn.Exec(ctx, q.String(), args...); err != nil {
+		if _, err := conn.Exec(ctx, q.String(), append([]any{pgx.QueryExecModeSimpleProtocol}, args...)...); err != nil {
 			_ = conn.Close(ctx)
 			return nil, fmt.Errorf("pglock: set the lock connection's session bounds: %w", err)
 		}
@@ -251,9 +270,13 @@ func (m *mux) statementBound() time.Duration {
 // AbandonedSessionTimeout bounds how long the server keeps the session of a
 // multiplexing Locker's lock connection whose client has gone silent, and so
 // its locks: it ends it within this time of silence (by server-side TCP
-// keepalives from half of it, or idle_session_timeout), and never before
-// the client has seen the loss (twice the lost-check interval). With a
-// lost-check interval above a quarter of it, the bound is four intervals.
+// keepalives from half of it, tcp_user_timeout, or idle_session_timeout),
+// and never before the client has seen the loss (twice the lost-check
+// interval). With a lost-check interval above a quarter of it, the bound is
+// four intervals. The bound holds on PostgreSQL 14 and later; before 14
+// there is no idle_session_timeout, and behind a proxy or middlebox that
+// answers TCP for a vanished client (so that keepalives never fail), the
+// server keeps the session until the proxy closes it.
 const AbandonedSessionTimeout = 6 * time.Second
 
 // serverMajor reads the server's major version from server_version ("15.4",

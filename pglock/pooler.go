@@ -1,0 +1,153 @@
+package pglock
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Transaction poolers.
+//
+// A session lock belongs to a server session. Through a proxy that pools
+// server sessions per transaction (PgBouncer's pool_mode = transaction or
+// statement, and poolers like it), two clients' statements can reach the same
+// server session, which stacks their locks: both would "hold" the key, with
+// no error. So before its first session lock on a connection, the lock
+// checks, once per connection, that the connection's statements reach a
+// server session of their own:
+//
+//  1. One statement returns pg_backend_pid() and claims the session for this
+//     client (a session-level setting, pglock.session, set to a token made of
+//     the connection's own cancel key, unless the session already carries
+//     another client's). On a direct connection, or through a plain TCP proxy,
+//     the pid equals the one the server gave the client at connect
+//     (BackendKeyData): the session is the connection's own, and that is all.
+//     A pooler hands the client a cancel key of its own, so the pids differ.
+//  2. Through a pooler, a session that already carries another client's token
+//     proves that clients share sessions: refused.
+//  3. Else a probe: a second connection through the same pooler runs a few
+//     statements at once. A transaction pooler hands it the session that the
+//     first statement just freed (PgBouncer reuses the most recently freed
+//     first), or a session claimed by another client, or moves it between
+//     sessions from one statement to the next: refused. A session pooler
+//     keeps the probe on one unclaimed session of its own. A session pooler
+//     resets a session (DISCARD ALL) before it serves another client, which
+//     drops the claim and the locks; one configured without that reset leaks
+//     locks between clients and is refused too, rightly.
+//
+// The outcome is remembered on the connection (pgconn's CustomData), so the
+// check costs one statement per connection, and through a pooler one probe
+// connection more.
+
+// sessionSetting is the session-level setting that claims a server session
+// for one client connection.
+const sessionSetting = "pglock.session"
+
+// sessionDataKey is the key of the check's outcome in a connection's
+// CustomData.
+const sessionDataKey = "pglock.session"
+
+// probeStatements is how many statements the probe runs.
+const probeStatements = 3
+
+// maxProbeTime bounds the probe: through a session pooler whose server
+// sessions are all taken, its statements wait for one.
+const maxProbeTime = time.Second
+
+// processNonce makes the session tokens of this process its own.
+var processNonce = func() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}()
+
+const (
+	claimSQL = "SELECT pg_backend_pid(), coalesce(nullif(current_setting('" + sessionSetting + "', true), ''), " +
+		"set_config('" + sessionSetting + "', $1, false))"
+	probeSQL = "SELECT pg_backend_pid(), coalesce(current_setting('" + sessionSetting + "', true), '')"
+)
+
+// checkSession verifies, once per connection, that conn's statements reach a
+// server session of conn's own (see above). It returns an error matching
+// ErrTransactionPooler when they do not, and a database error when the check
+// could not run (then it runs again on the next use). bound limits each
+// statement.
+func checkSession(ctx context.Context, conn *pgx.Conn, bound time.Duration) error {
+	data := conn.PgConn().CustomData()
+	if v, done := data[sessionDataKey]; done {
+		err, _ := v.(error)
+		return err
+	}
+	err := verifySession(ctx, conn, bound)
+	if err == nil || errors.Is(err, ErrTransactionPooler) {
+		data[sessionDataKey] = err
+	}
+	return err
+}
+
+func verifySession(ctx context.Context, conn *pgx.Conn, bound time.Duration) error {
+	pc := conn.PgConn()
+	token := processNonce + "." + strconv.FormatUint(uint64(pc.PID()), 10) + "." + hex.EncodeToString(pc.SecretKey())
+	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), bound)
+	defer cancel()
+	var pid uint32
+	var owner string
+	// The simple protocol: a transaction pooler without prepared-statement
+	// support would fail a prepared statement for reasons of its own.
+	if err := conn.QueryRow(qctx, claimSQL, pgx.QueryExecModeSimpleProtocol, token).Scan(&pid, &owner); err != nil {
+		return fmt.Errorf("pglock: check the connection's server session: %w", err)
+	}
+	if pid == pc.PID() {
+		return nil // the connection's own session
+	}
+	if owner != token {
+		return fmt.Errorf("%w: the server session (pid %d) this connection reached serves another client too",
+			ErrTransactionPooler, pid)
+	}
+	return probePooler(ctx, conn.Config(), pid, token)
+}
+
+// probePooler tells a session pooler from a transaction pooler (see above):
+// pid and token are the session the first connection reached and its claim.
+// A probe that cannot connect or answer in time proves nothing: the lock goes
+// on.
+func probePooler(ctx context.Context, cfg *pgx.ConnConfig, pid uint32, token string) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), maxProbeTime)
+	defer cancel()
+	cfg.ConnectTimeout = maxProbeTime
+	probe, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil
+	}
+	defer probe.Close(context.Background())
+	var first uint32
+	for i := range probeStatements {
+		var got uint32
+		var owner string
+		if err := probe.QueryRow(ctx, probeSQL, pgx.QueryExecModeSimpleProtocol).Scan(&got, &owner); err != nil {
+			return nil
+		}
+		if i == 0 {
+			first = got
+		}
+		if got == pid || owner != "" || got != first {
+			why := "moves a client between server sessions"
+			switch {
+			case got == pid:
+				why = fmt.Sprintf("handed another client the server session (pid %d) this connection had just used", pid)
+			case owner == token:
+				why = "handed another client a server session this connection had claimed"
+			case owner != "":
+				why = fmt.Sprintf("handed a new client a server session (pid %d) another client had used", got)
+			}
+			return fmt.Errorf("%w: the pooler %s", ErrTransactionPooler, why)
+		}
+	}
+	return nil
+}
