@@ -202,6 +202,19 @@
 // exclude each other, whatever the Locker runs on; two Locks made with [New]
 // on one caller's connection stack, as PostgreSQL does.
 //
+// # Leader election
+//
+// [Locker.Leader] makes a [Leader]: of all the processes that run
+// [Leader.Run] for a key, one at a time leads and runs the function given to
+// Run, with a context that ends when its term does (the lock lost, the
+// caller stopping); the others wait in the server's queue and the next one is
+// elected at once when a term ends. A leader whose function fails steps
+// down and campaigns again after a backoff; one whose function returns nil
+// is done. [LeaderConfig] has OnElected and OnDeposed callbacks in the
+// manner of client-go's leaderelection, and [Leader.IsLeader] tells a
+// scheduler whether to run. The lock is an ordinary Session-scope lock of
+// the Locker, so it costs no pool connection and shows in pg_locks.
+//
 // # Running in production
 //
 // Connections. A [Locker] on a pool holds its session locks on

@@ -54,6 +54,10 @@ var (
 	// is retried once on a new connection before this is returned.
 	ErrUnavailable = errors.New("pglock: database unavailable")
 
+	// ErrLeaderRunning is returned by [Leader.Run] when Run is already
+	// running on the Leader: a Leader campaigns once at a time.
+	ErrLeaderRunning = errors.New("pglock: leader is already running")
+
 	// ErrInvalidKey means the key is not a supported type.
 	ErrInvalidKey = errors.New("pglock: invalid key")
 

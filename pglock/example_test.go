@@ -199,3 +199,38 @@ func ExampleLocker_Stats() {
 	// 100 keys held on 2 lock connections; pool connections in use: 0
 	// held after release: 0
 }
+
+// Leader election: of all the replicas that run this, one at a time runs the
+// outbox relay, for as long as it holds the lock; when it stops or its
+// connection dies, another takes over at once. Here one replica leads and
+// then stops.
+func ExampleLeader() {
+	pool := examplePool()
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+
+	leader, err := locker.Leader("example:outbox-relay", pglock.LeaderConfig{
+		OnElected: func(context.Context) { fmt.Println("elected") },
+		OnDeposed: func(why error) { fmt.Println("stepped down:", why) },
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	err = leader.Run(ctx, func(ctx context.Context) error {
+		fmt.Println("relaying the outbox; leader:", leader.IsLeader())
+		stop() // a shutdown signal, in a real service
+		<-ctx.Done()
+		return nil
+	})
+	fmt.Println("Run:", err, "leader:", leader.IsLeader())
+	// Output:
+	// elected
+	// relaying the outbox; leader: true
+	// stepped down: context canceled
+	// Run: context canceled leader: false
+}
