@@ -92,6 +92,9 @@ COMMAND runs. If the server ends the session (pg_terminate_backend, a
 restart, a failover) or the connection breaks, pglock notices at once (a
 connection that goes silent, within about a second; under --xact, at the
 next ping, or when a ping gets no answer for 5 s). It then prints one line,
+which says that the lock's database connection "ended" (the server closed
+it, or it broke) or, when pglock got no answer in time (a server or
+network gone silent: a timeout), that it "stopped answering"; it
 sends SIGTERM to COMMAND (to its process group, unless COMMAND shares
 pglock's at a terminal), and SIGKILL if COMMAND still runs after
 --kill-after (10s by default; 0 never kills); it waits for COMMAND and
@@ -165,7 +168,23 @@ not stop COMMAND's grandchildren that leave its process group, nor, at a
 terminal, the ones COMMAND leaves behind when it exits on SIGTERM. It does not
 fence COMMAND's effects outside PostgreSQL against the short overlap after
 a lost lock. If pglock itself is killed with SIGKILL (or crashes), its
-session ends and frees the lock while COMMAND may still run: supervise
-pglock, not COMMAND.
+session ends and frees the lock while COMMAND may still run (on Linux
+COMMAND gets SIGTERM, see below, but may take time to stop or ignore it):
+supervise pglock, not COMMAND.
+
+# When pglock dies
+
+On Linux, COMMAND is started with a parent death signal
+(prctl PR_SET_PDEATHSIG): if pglock dies while COMMAND runs (kill -9, the
+OOM killer, a crash), the kernel sends SIGTERM to COMMAND, which the freed
+lock no longer protects. SIGTERM, not SIGKILL, so that COMMAND may clean
+up; pglock is gone, so --kill-after does not apply. The signal goes to
+COMMAND alone, not to its process group: a shell COMMAND should pass it on
+to its children (or exec the last one), and a COMMAND that traps or ignores
+SIGTERM (or that inherits it ignored from pglock's parent) keeps running.
+pglock starts COMMAND, and waits for it, on an operating-system thread that
+it keeps for that alone, since Linux sends the signal when the thread that
+started the child exits, not only when the process does. Other systems have
+no such signal: there COMMAND keeps running after pglock dies.
 */
 package main

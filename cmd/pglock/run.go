@@ -6,9 +6,12 @@ import (
 	"flag"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -24,6 +27,11 @@ const lostCheckInterval = 500 * time.Millisecond
 // output it copies (only when pglock's own output is not a file, as in
 // tests): a background process left by COMMAND may keep it open.
 const waitDelay = 2 * time.Second
+
+// lostCauseWait bounds how long pglock waits, once Lost() is closed, for
+// the error that says why (the Lock hands it to its observer right after
+// it closes the channel), before it prints the lost line without it.
+const lostCauseWait = 250 * time.Millisecond
 
 const runUsage = `usage: pglock run [--wait DURATION | --no-wait] [--shared] [--xact]
                   [--kill-after DURATION] [--database-url URL] KEY -- COMMAND [ARGS...]
@@ -53,7 +61,14 @@ group, as under flock(1): it may read the terminal, and Ctrl-C reaches it
 once, from the terminal. Otherwise it runs in a process group of its own,
 which gets the signals. If the lock is lost while COMMAND runs (the
 connection dies, or the server ends the session), pglock sends SIGTERM to
-COMMAND, waits for it, and exits 70.
+COMMAND, waits for it, and exits 70; its line says the connection "ended",
+or "stopped answering" when the server or the network went silent (a ping
+got no answer in time).
+
+On Linux, if pglock itself dies while COMMAND runs (kill -9, a crash), which
+ends its session and frees the lock, the kernel sends SIGTERM to COMMAND
+(a parent death signal): to COMMAND alone, not to its process group, and
+never SIGKILL. Elsewhere COMMAND goes on running then.
 
 Exit status: COMMAND's status (128+N if a signal N killed it); 75 when the
 lock is busy; 70 when the lock was lost; 2 for a usage error or when the
@@ -116,7 +131,15 @@ func (c *cli) runCommand(ctx context.Context, url string, args []string) int {
 // runLocked takes the lock on name, runs argv while holding it, and
 // releases it.
 func (c *cli) runLocked(ctx context.Context, url, name string, argv []string, opts runOptions) int {
-	lockOpts := []pglock.Option{pglock.WithLostCheckInterval(lostCheckInterval)}
+	cause := newLostCause()
+	lockOpts := []pglock.Option{
+		pglock.WithLostCheckInterval(lostCheckInterval),
+		pglock.WithObserver(func(e pglock.Event) {
+			if e.Kind == pglock.EventLost {
+				cause.set(e.Err)
+			}
+		}),
+	}
 	if opts.shared {
 		lockOpts = append(lockOpts, pglock.WithMode(pglock.Shared))
 	}
@@ -175,15 +198,15 @@ func (c *cli) runLocked(ctx context.Context, url, name string, argv []string, op
 	if opts.xact {
 		// pglock watches only session locks on a pool: check the
 		// transaction's connection here, since nobody else uses it.
-		lost, stopWatch = watchTx(lock, lostCheckInterval, pglock.DefaultReleaseTimeout)
+		lost, stopWatch = watchTx(lock, lostCheckInterval, pglock.DefaultReleaseTimeout, cause)
 	}
-	status, lostWhileRunning := c.runChild(ctx, argv, lost, label, opts.killAfter)
+	status, lostWhileRunning := c.runChild(ctx, argv, lost, cause, label, opts.killAfter)
 	stopWatch()
 	err = lock.Release(context.Background())
 	switch {
 	case err != nil && errors.Is(err, pglock.ErrLockLost):
 		if !lostWhileRunning {
-			c.fail(0, "run", "lock %s was lost before %s ended", label, argv[0])
+			c.fail(0, "run", "lock %s was lost before %s ended (%s)", label, argv[0], lostReason(err))
 		}
 		return exitLost
 	case err != nil:
@@ -198,21 +221,22 @@ func (c *cli) runLocked(ctx context.Context, url, name string, argv []string, op
 
 // runChild runs argv and returns its exit status. It forwards c.signals to
 // it, sends it SIGTERM when lost closes (then SIGKILL after killAfter), and
-// reports whether lost closed.
-func (c *cli) runChild(ctx context.Context, argv []string, lost <-chan struct{}, label string, killAfter time.Duration) (status int, wasLost bool) {
+// reports whether lost closed; cause says why it closed. On Linux argv
+// also gets SIGTERM from the kernel if pglock dies while it runs.
+func (c *cli) runChild(ctx context.Context, argv []string, lost <-chan struct{}, cause *lostCause, label string, killAfter time.Duration) (status int, wasLost bool) {
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, c.stdout, c.stderr
 	cmd.WaitDelay = waitDelay
 	job := startJob(cmd, os.Stdin)
-	if err := cmd.Start(); err != nil {
+	setParentDeathSignal(cmd)
+	exited, err := startLocked(cmd)
+	if err != nil {
 		code := exitNoExec
 		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, fs.ErrNotExist) {
 			code = exitNotFound
 		}
 		return c.fail(code, "run", "%v", err), false
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
 
 	done := ctx.Done()
 	var kill <-chan time.Time
@@ -235,7 +259,7 @@ loop:
 			}
 		case <-lost:
 			lost, wasLost = nil, true
-			terminate("lock " + label + " lost (its database connection ended)")
+			terminate("lock " + label + " lost (" + cause.reason(lostCauseWait) + ")")
 		case <-done:
 			done = nil
 			terminate("stopping")
@@ -247,10 +271,93 @@ loop:
 	select {
 	case <-lost: // lost as the command ended: it may have run unprotected
 		wasLost = true
-		c.fail(0, "run", "lock %s lost (its database connection ended)", label)
+		c.fail(0, "run", "lock %s lost (%s)", label, cause.reason(lostCauseWait))
 	default:
 	}
 	return exitStatus(cmd, waitErr), wasLost
+}
+
+// startLocked starts cmd on a goroutine locked to its OS thread, which then
+// waits for cmd and unlocks the thread only once cmd has exited. Linux sends
+// the parent death signal (setParentDeathSignal) when the thread that
+// started the child exits, not the process; Go ends a thread when a
+// goroutine locked to it returns without unlocking it, which any code in the
+// process may do on any thread that is not locked to another goroutine. It
+// returns Start's error, or a channel that gets Wait's.
+func startLocked(cmd *exec.Cmd) (<-chan error, error) {
+	started := make(chan error, 1)
+	exited := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		exited <- cmd.Wait()
+	}()
+	if err := <-started; err != nil {
+		return nil, err
+	}
+	return exited, nil
+}
+
+// lostCause keeps the error with which a held lock's connection was lost,
+// set by the Lock's observer (EventLost) or by the --xact watch.
+type lostCause struct {
+	once sync.Once
+	done chan struct{} // closed by set
+	err  error
+}
+
+// newLostCause returns a lostCause that nothing has set yet.
+func newLostCause() *lostCause { return &lostCause{done: make(chan struct{})} }
+
+// set records err; only the first call counts.
+func (lc *lostCause) set(err error) {
+	lc.once.Do(func() {
+		lc.err = err
+		close(lc.done)
+	})
+}
+
+// reason is lostReason of the recorded error, waiting up to d for it (the
+// Lock closes Lost() just before it tells its observer why); without it,
+// the connection "ended".
+func (lc *lostCause) reason(d time.Duration) string {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-lc.done:
+		return lostReason(lc.err)
+	case <-t.C:
+		return lostReason(nil)
+	}
+}
+
+// lostReason says, for the line about a lost lock, what happened to its
+// connection, given the error with which it was lost: a timeout (the watch's
+// ping or a read got no answer in time, TCP keepalives went unanswered)
+// means the server or the network went silent and the connection "stopped
+// answering"; any other error (the server closed the session, a reset) means
+// it "ended".
+func lostReason(err error) string {
+	if silent(err) {
+		return "its database connection stopped answering"
+	}
+	return "its database connection ended"
+}
+
+// silent reports whether err is a timeout: a context deadline, an I/O
+// deadline, or a net.Error whose Timeout() is true.
+func silent(err error) bool {
+	if err == nil {
+		return false
+	}
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) ||
+		(errors.As(err, &ne) && ne.Timeout())
 }
 
 // errText is err's message without the "pglock: " that the pglock

@@ -13,9 +13,9 @@ import (
 // scope the lock's transaction belongs to the protected work. Here nobody
 // else uses it, so it is pinged every interval (each ping bounded by
 // timeout); lost closes when a ping fails, which means the connection, the
-// transaction and the lock are gone. stop ends the watch and waits for it;
-// call it before the lock is released.
-func watchTx(lock *pglock.Lock, interval, timeout time.Duration) (lost <-chan struct{}, stop func()) {
+// transaction and the lock are gone, after cause is given the ping's error.
+// stop ends the watch and waits for it; call it before the lock is released.
+func watchTx(lock *pglock.Lock, interval, timeout time.Duration, cause *lostCause) (lost <-chan struct{}, stop func()) {
 	tx := lock.Tx()
 	ch := make(chan struct{})
 	if tx == nil {
@@ -36,6 +36,7 @@ func watchTx(lock *pglock.Lock, interval, timeout time.Duration) (lost <-chan st
 			err := tx.Conn().Ping(ctx)
 			cancel()
 			if err != nil {
+				cause.set(err)
 				close(ch)
 				return
 			}
