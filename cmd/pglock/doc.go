@@ -11,6 +11,7 @@ The commands are:
 	run     run a command while holding a lock
 	locks   list the advisory locks of the database and who waits for them
 	key     print the advisory key that a name maps to
+	sql     print SQL functions that compute the key rule in the database
 	help    show help for a command
 
 Install it with
@@ -110,9 +111,9 @@ COMMAND has ended.
 	pglock locks [--json] [--key NAME ...]
 
 Locks lists every advisory lock of the current database, held or waited
-for, read from pg_locks and pg_stat_activity: the key, the NAME that maps
-to it when --key NAME was given (NAME is hashed as it is: include an adapter's
-namespace, such as "cron:"), the mode (exclusive or shared), whether it
+for, read from pg_locks and pg_stat_activity (with --key NAME, only the
+key that NAME maps to, labelled with NAME; NAME is hashed as it is: include
+an adapter's namespace, such as "cron:"): the key, the mode (exclusive or shared), whether it
 is held or waited for, the session's pid, application_name and client
 address, since when, and who waits behind whom (pg_blocking_pids). A key of
 the bigint space (objsubid 1) is shown as its int64; one of the (integer,
@@ -143,6 +144,19 @@ pg_advisory_lock(HIGH, LOW) is another lock. It needs no database.
 	$ pglock key test
 	                 INT64         HIGH         LOW  NAME
 	  -6248023315878667354  -1454731291  -860775514  test
+
+# The key rule in SQL
+
+	pglock sql | psql "$DATABASE_URL"
+
+Sql prints SQL (pglock.KeyFunctionsSQL) that creates pglock_key(text), the
+bigint key of a name, and pglock_key_tag(text), its columns in pg_locks,
+with pgcrypto's SHA-1 digest (the extension is created if missing), so that
+psql, PL/pgSQL, pg_cron jobs and other languages take the same locks:
+
+	SELECT pg_advisory_lock(pglock_key('cron:nightly-report'));
+
+It needs no database.
 
 # Exit status
 

@@ -2,9 +2,11 @@ package main
 
 import (
 	"encoding/json"
+	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pglockkit/kit/internal/pgtest"
 )
@@ -48,5 +50,37 @@ func TestKey(t *testing.T) {
 			e.ClassID != classid || e.ObjID != objid || e.ObjSubID != objsubid {
 			t.Fatalf("json entry %d = %+v, want key %s of %q", i, e, k, name)
 		}
+	}
+}
+
+// pglock sql prints SQL that, run by psql, makes pglock_key agree with
+// pglock key.
+func TestSQL(t *testing.T) {
+	t.Parallel()
+	r := pglockRun(t, "sql")
+	if r.code != 0 || r.stderr != "" || !strings.Contains(r.stdout, "CREATE OR REPLACE FUNCTION pglock_key(") {
+		t.Fatalf("pglock sql = %+v", r)
+	}
+	psql, err := exec.LookPath("psql")
+	if err != nil {
+		t.Skip("no psql to run the SQL with")
+	}
+	schema := "pglock_cli_sql_" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	name := pgtest.UniqueKey(t)
+	script := "CREATE SCHEMA " + schema + ";\nSET search_path = " + schema + ", public;\n" + r.stdout +
+		"SELECT pglock_key('" + name + "');\nDROP SCHEMA " + schema + " CASCADE;\n"
+	cmd := exec.Command(psql, "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", pgtest.URL(t))
+	cmd.Stdin = strings.NewReader(script)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr // NOTICEs of the DROP
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("psql: %v\n%s%s", err, out, stderr.String())
+	}
+	if got, want := strings.TrimSpace(string(out)), strconv.FormatInt(keyOf(t, name).Int64(), 10); got != want {
+		t.Fatalf("pglock_key(%q) through psql = %q, want %s", name, got, want)
+	}
+	if r := pglockRun(t, "sql", "extra"); r.code != exitUsage {
+		t.Fatalf("pglock sql extra = %+v, want a usage error", r)
 	}
 }

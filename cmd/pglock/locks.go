@@ -26,9 +26,10 @@ it is held or waited for, the session's pid, application_name and client
 address, since when, and who waits behind whom (pg_blocking_pids).
 
 	--json       print a JSON array instead of a table
-	--key NAME   name the key that NAME maps to (as "pglock key NAME" prints
-	             it) in the output; give --key once per name. NAME is hashed
-	             as it is: include an adapter's namespace (e.g. "cron:NAME")
+	--key NAME   list only the key that NAME maps to (as "pglock key NAME"
+	             prints it), labelled with NAME; give --key once per name.
+	             NAME is hashed as it is: include an adapter's namespace
+	             (e.g. "cron:NAME")
 
 A key of the bigint space is shown as one number, a key of the (integer,
 integer) space as "a,b". SINCE is when the wait began for a waiting session;
@@ -89,7 +90,7 @@ func (c *cli) locksCommand(ctx context.Context, url string, args []string) int {
 	fset.StringVar(&url, "database-url", url, "PostgreSQL connection URL or DSN")
 	asJSON := fset.Bool("json", false, "print JSON")
 	var names []string
-	fset.Func("key", "name the key NAME maps to (repeatable)", func(s string) error {
+	fset.Func("key", "list only the key NAME maps to (repeatable)", func(s string) error {
 		names = append(names, s)
 		return nil
 	})
@@ -119,8 +120,8 @@ func (c *cli) locksCommand(ctx context.Context, url string, args []string) int {
 	return exitOK
 }
 
-// listLocks reads the advisory locks of the database, naming those that
-// one of names maps to.
+// listLocks reads the advisory locks of the database; with names, only
+// those of the keys that names map to, each labelled with its name.
 func listLocks(ctx context.Context, url string, names []string) ([]*lockEntry, error) {
 	pool, err := connect(ctx, url)
 	if err != nil {
@@ -159,6 +160,9 @@ func listLocks(ctx context.Context, url string, names []string) ([]*lockEntry, e
 		e.fill(byKey)
 	}
 	linkWaiters(entries)
+	if len(names) > 0 {
+		entries = slices.DeleteFunc(entries, func(e *lockEntry) bool { return e.Name == "" })
+	}
 	return entries, nil
 }
 

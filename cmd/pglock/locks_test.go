@@ -110,7 +110,8 @@ func TestLocks(t *testing.T) {
 	pairPID := grantedPID(t, watch, pair.Key())
 
 	hp, wp, pp := strconv.Itoa(int(holderPID)), strconv.Itoa(int(waiterPID)), strconv.Itoa(int(pairPID))
-	r := pglockRun(t, "locks", "--key", name, "--key", "some-other-name")
+	// Every lock, none named.
+	r := pglockRun(t, "locks")
 	if r.code != 0 || r.stderr != "" {
 		t.Fatalf("pglock locks = %+v", r)
 	}
@@ -118,9 +119,18 @@ func TestLocks(t *testing.T) {
 		"KEY NAME MODE STATE PID APPLICATION CLIENT SINCE QUEUE" {
 		t.Fatalf("header = %q", h)
 	}
+	lineWith(t, r.stdout, key.String(), "-", "exclusive", "held", hp, app, "blocks", wp)
+	lineWith(t, r.stdout, pair.Key().String(), "-", "exclusive", "held", pp, app+"-p")
+	// --key filters (and labels): the pair key, named by nobody, is gone.
+	r = pglockRun(t, "locks", "--key", name, "--key", "some-other-name")
+	if r.code != 0 || r.stderr != "" {
+		t.Fatalf("pglock locks --key = %+v", r)
+	}
 	lineWith(t, r.stdout, key.String(), name, "exclusive", "held", hp, app, "blocks", wp)
 	lineWith(t, r.stdout, key.String(), name, "exclusive", "waiting", wp, app+"-w", "behind", hp)
-	lineWith(t, r.stdout, pair.Key().String(), "-", "exclusive", "held", pp, app+"-p")
+	if lines := strings.Split(strings.TrimSpace(r.stdout), "\n"); len(lines) != 3 {
+		t.Fatalf("pglock locks --key NAME printed %d lines, want the header and the key's 2:\n%s", len(lines), r.stdout)
+	}
 
 	r = pglockRun(t, "locks", "--json", "--key", name)
 	var entries []lockEntry
@@ -136,7 +146,16 @@ func TestLocks(t *testing.T) {
 		t.Fatalf("pid %d not in %s", pid, r.stdout)
 		return lockEntry{}
 	}
-	h, w, p := find(holderPID), find(waiterPID), find(pairPID)
+	if len(entries) != 2 {
+		t.Fatalf("pglock locks --json --key NAME gave %d entries, want the holder and the waiter: %s", len(entries), r.stdout)
+	}
+	h, w := find(holderPID), find(waiterPID)
+	r = pglockRun(t, "locks", "--json")
+	entries = nil
+	if err := json.Unmarshal([]byte(r.stdout), &entries); err != nil || r.code != 0 {
+		t.Fatalf("pglock locks --json = %+v: %v", r, err)
+	}
+	p := find(pairPID)
 	classid, objid, _ := key.LockTag()
 	switch {
 	case h.Key != key.String() || h.Int64 == nil || *h.Int64 != key.Int64() || h.Name != name ||

@@ -59,6 +59,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, signals <
 		return c.locksCommand(ctx, *url, rest)
 	case "key":
 		return c.keyCommand(rest)
+	case "sql":
+		return c.sqlCommand(rest)
 	case "help":
 		return c.help(rest)
 	default:
@@ -148,6 +150,8 @@ func (c *cli) help(args []string) int {
 		fmt.Fprint(c.stdout, locksUsage)
 	case "key":
 		fmt.Fprint(c.stdout, keyUsage)
+	case "sql":
+		fmt.Fprint(c.stdout, sqlUsage)
 	case "help":
 		fmt.Fprint(c.stdout, usage)
 	default:
@@ -167,6 +171,7 @@ The commands are:
 	run     run a command while holding a lock (flock(1) for a cluster)
 	locks   list the advisory locks of the database and who waits for them
 	key     print the advisory key that a name maps to
+	sql     print SQL functions that compute the key rule in the database
 
 The database is --database-url, else $DATABASE_URL, else the libpq
 environment variables (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD...).
