@@ -39,13 +39,24 @@ import (
 // whether the work was committed, as far as can be known; it never reports a
 // plain failure for work that fn committed, nor success for work that fn
 // rolled back.
-func (l *Lock) Do(ctx context.Context, fn func(ctx context.Context) error) error {
+func (l *Lock) Do(ctx context.Context, fn func(ctx context.Context) error) (err error) {
 	if fn == nil {
 		return fmt.Errorf("%w: Do on key %s", ErrNilFunc, l.key)
 	}
-	if _, err := l.acquire(ctx, true, true); err != nil {
+	ctx, end := l.trace(ctx, "do")
+	held := false
+	if end != nil {
+		defer endTraced(end, &held, &err)
+	}
+	actx, aend := l.trace(ctx, "acquire")
+	_, err = l.acquire(actx, true, true)
+	if aend != nil {
+		aend(err == nil, err)
+	}
+	if err != nil {
 		return err
 	}
+	held = true
 	return l.run(ctx, fn)
 }
 
@@ -54,11 +65,15 @@ func (l *Lock) Do(ctx context.Context, fn func(ctx context.Context) error) error
 // While fn runs, the hold is TryDo's, as it is Do's: Release and HandleError
 // on the Lock return [ErrInDo] and change nothing, and a transaction that fn
 // ends itself is reported with [ErrTxEnded] (see [Lock.Do]).
-func (l *Lock) TryDo(ctx context.Context, fn func(ctx context.Context) error) (bool, error) {
+func (l *Lock) TryDo(ctx context.Context, fn func(ctx context.Context) error) (ok bool, err error) {
 	if fn == nil {
 		return false, fmt.Errorf("%w: TryDo on key %s", ErrNilFunc, l.key)
 	}
-	ok, err := l.acquire(ctx, false, true)
+	ctx, end := l.trace(ctx, "trydo")
+	if end != nil {
+		defer endTraced(end, &ok, &err)
+	}
+	ok, err = l.acquire(ctx, false, true)
 	if err != nil || !ok {
 		return false, err
 	}

@@ -46,6 +46,9 @@ type Event struct {
 	// Wait is how long Acquire or TryAcquire took, for EventAcquired, EventBusy
 	// and EventNotAcquired.
 	Wait time.Duration
+	// Held is how long the hold lasted, for EventReleased and
+	// EventReleaseFailed (to the release) and EventLost (to the loss).
+	Held time.Duration
 	// Err is the error, for EventNotAcquired, EventReleaseFailed and EventLost.
 	Err error
 }
@@ -60,9 +63,18 @@ func WithObserver(fn func(Event)) Option {
 }
 
 // emit logs an event and hands it to the observer.
-func (l *Lock) emit(kind EventKind, wait time.Duration, err error) {
+// d is the wait for EventAcquired, EventBusy and EventNotAcquired, else the
+// hold's length.
+func (l *Lock) emit(kind EventKind, d time.Duration, err error) {
+	var wait, held time.Duration
+	switch kind {
+	case EventAcquired, EventBusy, EventNotAcquired:
+		wait = d
+	default:
+		held = d
+	}
 	if l.cfg.observer != nil {
-		l.cfg.observer(Event{Kind: kind, Key: l.key, Scope: l.cfg.scope, Mode: l.cfg.mode, Wait: wait, Err: err})
+		l.cfg.observer(Event{Kind: kind, Key: l.key, Scope: l.cfg.scope, Mode: l.cfg.mode, Wait: wait, Held: held, Err: err})
 	}
 	if l.log == nil {
 		return
@@ -71,9 +83,12 @@ func (l *Lock) emit(kind EventKind, wait time.Duration, err error) {
 	if kind == EventLost || kind == EventReleaseFailed {
 		level = slog.LevelWarn
 	}
-	attrs := make([]slog.Attr, 0, 2)
+	attrs := make([]slog.Attr, 0, 3)
 	if wait > 0 {
 		attrs = append(attrs, slog.Duration("wait", wait))
+	}
+	if held > 0 {
+		attrs = append(attrs, slog.Duration("held", held))
 	}
 	if err != nil {
 		attrs = append(attrs, slog.Any("error", err))

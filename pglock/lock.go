@@ -57,6 +57,7 @@ type Lock struct {
 	lostGiven bool
 	onLost    context.CancelCauseFunc // cancels the context of Do's fn
 	hold      uint64                  // counts the holds, for their watches
+	since     time.Time               // when the current (or last) hold began
 
 	// lockerClosed is the Locker's closed flag, for Locks made by a Locker.
 	lockerClosed *atomic.Bool
@@ -183,7 +184,11 @@ func (l *Lock) SQLTx() *sql.Tx {
 // Acquire on a Lock that is held returns [ErrAlreadyHeld]; a hold that was
 // lost (see [Lock.Lost]) does not count: it is let go first.
 func (l *Lock) Acquire(ctx context.Context) error {
+	ctx, end := l.trace(ctx, "acquire")
 	_, err := l.acquire(ctx, true, false)
+	if end != nil {
+		end(err == nil, err)
+	}
 	return err
 }
 
@@ -247,6 +252,7 @@ func (l *Lock) acquire(ctx context.Context, wait, do bool) (bool, error) {
 	}
 	l.hold++
 	hold := l.hold
+	l.since = time.Now()
 	l.lostMu.Unlock()
 	l.held.Store(true)
 	// The watch reports the loss of this hold only: a report that comes late,
@@ -356,7 +362,7 @@ func (l *Lock) markLostLocked(err error) {
 	if l.onLost != nil {
 		l.onLost(ErrLockLost)
 	}
-	l.emit(EventLost, 0, err)
+	l.emit(EventLost, time.Since(l.since), err)
 }
 
 // Release ends the hold. It is safe to call whether or not the lock is held,
@@ -433,6 +439,7 @@ func (l *Lock) end(ctx context.Context, commit, do bool) error {
 		return nil
 	}
 	given := l.tx
+	held := time.Since(l.since)
 	b := l.dropHold()
 	l.lostMu.Lock()
 	lost, lostErr := l.lostDone, l.lostErr
@@ -453,9 +460,9 @@ func (l *Lock) end(ctx context.Context, commit, do bool) error {
 	}
 	if err != nil {
 		err = fmt.Errorf("pglock: release key %s: %w", l.key, err)
-		l.emit(EventReleaseFailed, 0, err)
+		l.emit(EventReleaseFailed, held, err)
 		return err
 	}
-	l.emit(EventReleased, 0, nil)
+	l.emit(EventReleased, held, nil)
 	return nil
 }

@@ -84,6 +84,7 @@ type config struct {
 	waitTimeout     time.Duration
 	namespace       string
 	observer        func(Event)
+	tracer          Tracer
 	errs            []error
 
 	// The Locker's own settings (see lockOnly).
