@@ -4,14 +4,13 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/labstack/echo/v4"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/middleware/echolock"
 	"github.com/pglockkit/kit/pglock"
@@ -77,11 +76,11 @@ func BenchmarkRequest(b *testing.B) {
 	run := func(b *testing.B, e *echo.Echo, name string) {
 		do := request(b, e, name)
 		b.ReportAllocs()
-		cpu := cpuNow()
+		cpu := locktest.CPUTime()
 		for b.Loop() {
 			do()
 		}
-		b.ReportMetric(float64(cpuNow()-cpu)/float64(b.N), "cpu-ns/op")
+		b.ReportMetric(float64(locktest.CPUTime()-cpu)/float64(b.N), "cpu-ns/op")
 	}
 	middleware := func(b *testing.B) *echo.Echo {
 		mw, err := echolock.New(lk, echolock.Param("id"))
@@ -153,13 +152,4 @@ func BenchmarkRequest(b *testing.B) {
 		rw()
 		pgtest.Paired(b, "middleware", lib, rw)
 	})
-}
-
-// cpuNow returns the CPU time (user + system) the process has used so far.
-func cpuNow() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/labstack/echo/v4"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/middleware/echolock"
 	"github.com/pglockkit/kit/pglock"
@@ -38,47 +39,41 @@ func TestClientGoneWhileWaiting(t *testing.T) {
 				}
 			})
 			watch := pgtest.Pool(t, 2)
-			key := lockKey(t, rep.locker, id)
-			hl, err := pglock.New(pgtest.Pool(t, 1), key)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := hl.Acquire(ctx); err != nil {
-				t.Fatal(err)
-			}
+			key := lockKey(t, rep.Locker, id)
+			hl := locktest.HoldElsewhere(t, key)
 
 			cctx, cancel := context.WithCancel(ctx)
 			errc := make(chan error, 1)
 			go func() {
-				req, _ := http.NewRequestWithContext(cctx, http.MethodPost, rep.srv.URL+"/orders/"+id, nil)
-				resp, err := rep.srv.Client().Do(req)
+				req, _ := http.NewRequestWithContext(cctx, http.MethodPost, rep.Server.URL+"/orders/"+id, nil)
+				resp, err := rep.Server.Client().Do(req)
 				if err == nil {
 					resp.Body.Close()
 				}
 				errc <- err
 			}()
-			waitFor(t, "the request to wait for the key", func() bool { return waiters(t, watch, key) == 1 })
+			locktest.WaitFor(t, "the request to wait for the key", func() bool { return locktest.Waiters(t, watch, key) == 1 })
 			cancel()
 			if err := <-errc; !errors.Is(err, context.Canceled) {
 				t.Fatalf("client: %v, want context.Canceled", err)
 			}
-			waitFor(t, "the middleware to return", func() bool { return returned.Load() == 1 })
+			locktest.WaitFor(t, "the middleware to return", func() bool { return returned.Load() == 1 })
 			if ran.Load() {
 				t.Fatal("the handler ran without the lock")
 			}
-			if n := waiters(t, watch, key); n != 0 {
+			if n := locktest.Waiters(t, watch, key); n != 0 {
 				t.Fatalf("%d sessions still wait for the key", n)
 			}
-			noConnsLeft(t, rep.pool)
+			locktest.NoConnsLeft(t, rep.Pool)
 			if err := hl.Release(ctx); err != nil {
 				t.Fatal(err)
 			}
 			pgtest.WaitFree(t, watch, key)
-			if r := do(rep.srv, http.MethodPost, "/orders/"+id); r.status != http.StatusOK || !ran.Load() {
+			if r := post(rep, id); r.Status != http.StatusOK || !ran.Load() {
 				t.Fatalf("request after the holder left: %+v, ran %v", r, ran.Load())
 			}
 			pgtest.WaitFree(t, watch, key)
-			noConnsLeft(t, rep.pool)
+			locktest.NoConnsLeft(t, rep.Pool)
 		})
 	}
 }
@@ -86,27 +81,22 @@ func TestClientGoneWhileWaiting(t *testing.T) {
 // TestWaitLimit: a request that waits longer than Wait gets the busy answer.
 func TestWaitLimit(t *testing.T) {
 	t.Parallel()
-	ctx := context.Background()
 	id := pgtest.UniqueKey(t)
 	rep := newReplica(t, echolock.Config{Wait: 300 * time.Millisecond, RetryAfter: 2500 * time.Millisecond},
 		func(c echo.Context) error { t.Error("handler ran"); return nil })
-	key := lockKey(t, rep.locker, id)
-	hl, _ := pglock.New(pgtest.Pool(t, 1), key)
-	if err := hl.Acquire(ctx); err != nil {
-		t.Fatal(err)
-	}
-	defer hl.Release(ctx)
+	key := lockKey(t, rep.Locker, id)
+	locktest.HoldElsewhere(t, key)
 	start := time.Now()
-	r := do(rep.srv, http.MethodPost, "/orders/"+id)
+	r := post(rep, id)
 	if took := time.Since(start); took < 250*time.Millisecond || took > 5*time.Second {
 		t.Fatalf("busy answer after %v, want about 300ms", took)
 	}
-	if r.status != http.StatusConflict || r.retryAfter != "3" {
+	if r.Status != http.StatusConflict || r.RetryAfter != "3" {
 		t.Fatalf("%+v, want 409 with Retry-After 3", r)
 	}
 	watch := pgtest.Pool(t, 2)
-	if n := waiters(t, watch, key); n != 0 {
+	if n := locktest.Waiters(t, watch, key); n != 0 {
 		t.Fatalf("%d sessions still wait", n)
 	}
-	noConnsLeft(t, rep.pool)
+	locktest.NoConnsLeft(t, rep.Pool)
 }

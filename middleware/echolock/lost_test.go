@@ -10,6 +10,7 @@ import (
 
 	"github.com/labstack/echo/v4"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/middleware/echolock"
 	"github.com/pglockkit/kit/pglock"
@@ -33,7 +34,7 @@ func TestLostLockCancelsRequest(t *testing.T) {
 		return nil
 	})
 	id := pgtest.UniqueKey(t)
-	key := lockKey(t, rep.locker, id)
+	key := lockKey(t, rep.Locker, id)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -50,7 +51,7 @@ func TestLostLockCancelsRequest(t *testing.T) {
 		t.Fatalf("request context cause = %v, want pglock.ErrLockLost", cause)
 	}
 	pgtest.WaitFree(t, watch, key)
-	noConnsLeft(t, rep.pool)
+	locktest.NoConnsLeft(t, rep.Pool)
 }
 
 // TestSessionPanic: in Session scope a panicking handler's lock is released
@@ -68,6 +69,6 @@ func TestSessionPanic(t *testing.T) {
 	if recovered != "boom" {
 		t.Fatalf("recovered %v, want the handler's panic", recovered)
 	}
-	pgtest.WaitFree(t, watch, lockKey(t, rep.locker, id))
-	noConnsLeft(t, rep.pool)
+	pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
+	locktest.NoConnsLeft(t, rep.Pool)
 }

@@ -1,19 +1,18 @@
 package echolock_test
 
 import (
-	"bytes"
 	"errors"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/labstack/echo/v4"
 	"github.com/labstack/echo/v4/middleware"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/middleware/echolock"
 	"github.com/pglockkit/kit/pglock"
@@ -27,7 +26,7 @@ import (
 func TestRollbackIsNotASuccess(t *testing.T) {
 	t.Parallel()
 	watch := pgtest.Pool(t, 2)
-	tbl := table(t, watch)
+	tbl := locktest.Table(t, watch)
 	cases := []struct {
 		name     string
 		after    func() error // runs after the handler wrote 200
@@ -59,7 +58,7 @@ func TestRollbackIsNotASuccess(t *testing.T) {
 					return next(c)
 				}
 			})
-			resp, err := rep.srv.Client().Post(rep.srv.URL+"/orders/"+id, "", nil)
+			resp, err := rep.Server.Client().Post(rep.Server.URL+"/orders/"+id, "", nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -70,11 +69,11 @@ func TestRollbackIsNotASuccess(t *testing.T) {
 				t.Errorf("response %d %q %v; want %d without the handler's body and headers, with the outer ones",
 					resp.StatusCode, body, resp.Header, c.wantCode)
 			}
-			if n := count(t, watch, tbl, id); n != 0 {
+			if n := locktest.Count(t, watch, tbl, id); n != 0 {
 				t.Errorf("%d rows after a rollback", n)
 			}
-			pgtest.WaitFree(t, watch, lockKey(t, rep.locker, id))
-			noConnsLeft(t, rep.pool)
+			pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
+			locktest.NoConnsLeft(t, rep.Pool)
 		})
 	}
 }
@@ -131,25 +130,7 @@ func TestFollowsLocker(t *testing.T) {
 		}
 		pgtest.WaitFree(t, watch, key)
 	}
-	noConnsLeft(t, pool)
-}
-
-// syncBuffer is a bytes.Buffer safe for a logger and a test to share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	locktest.NoConnsLeft(t, pool)
 }
 
 // TestBadModeFunc: a ModeFunc that returns a mode other than Exclusive or
@@ -158,7 +139,7 @@ func (s *syncBuffer) String() string {
 // nothing is locked.
 func TestBadModeFunc(t *testing.T) {
 	t.Parallel()
-	var logs syncBuffer
+	var logs locktest.SyncBuffer
 	var ran bool
 	var herr error
 	rep := newReplica(t, echolock.Config{
@@ -179,6 +160,6 @@ func TestBadModeFunc(t *testing.T) {
 		t.Fatalf("logs %q, want the error logged", logs.String())
 	}
 	watch := pgtest.Pool(t, 2)
-	pgtest.WaitFree(t, watch, lockKey(t, rep.locker, id))
-	noConnsLeft(t, rep.pool)
+	pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
+	locktest.NoConnsLeft(t, rep.Pool)
 }

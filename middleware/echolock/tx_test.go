@@ -13,6 +13,7 @@ import (
 
 	"github.com/labstack/echo/v4"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/middleware/echolock"
 	"github.com/pglockkit/kit/pglock"
@@ -25,7 +26,7 @@ import (
 func TestTransactionScope(t *testing.T) {
 	t.Parallel()
 	watch := pgtest.Pool(t, 2)
-	tbl := table(t, watch)
+	tbl := locktest.Table(t, watch)
 	cases := []struct {
 		name      string
 		answer    func(c echo.Context) error
@@ -53,7 +54,7 @@ func TestTransactionScope(t *testing.T) {
 			if _, err := tx.Exec(ec.Request().Context(), "INSERT INTO "+tbl+" VALUES ($1, $2)", id, i); err != nil {
 				t.Errorf("%s: insert: %v", c.name, err)
 			}
-			heldInside = pgtest.Granted(t, watch, lockKey(t, rep.locker, id))
+			heldInside = pgtest.Granted(t, watch, lockKey(t, rep.Locker, id))
 			if c.panic {
 				panic("boom")
 			}
@@ -81,11 +82,11 @@ func TestTransactionScope(t *testing.T) {
 		if c.committed {
 			want = 1
 		}
-		if n := count(t, watch, tbl, id); n != want {
+		if n := locktest.Count(t, watch, tbl, id); n != want {
 			t.Errorf("%s: %d rows after the request, want %d", c.name, n, want)
 		}
-		pgtest.WaitFree(t, watch, lockKey(t, rep.locker, id))
-		noConnsLeft(t, rep.pool)
+		pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
+		locktest.NoConnsLeft(t, rep.Pool)
 	}
 }
 
@@ -94,7 +95,7 @@ func TestTransactionScope(t *testing.T) {
 func TestCommitFailureIsNotASuccess(t *testing.T) {
 	t.Parallel()
 	watch := pgtest.Pool(t, 2)
-	tbl := table(t, watch)
+	tbl := locktest.Table(t, watch)
 	id := pgtest.UniqueKey(t)
 	var got error
 	rep := newReplica(t, echolock.Config{
@@ -117,7 +118,7 @@ func TestCommitFailureIsNotASuccess(t *testing.T) {
 			return next(c)
 		}
 	})
-	resp, err := rep.srv.Client().Post(rep.srv.URL+"/orders/"+id, "", nil)
+	resp, err := rep.Server.Client().Post(rep.Server.URL+"/orders/"+id, "", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,11 +131,11 @@ func TestCommitFailureIsNotASuccess(t *testing.T) {
 	if !errors.Is(got, echolock.ErrDatabase) {
 		t.Fatalf("ErrorHandler got %v", got)
 	}
-	if n := count(t, watch, tbl, id); n != 0 {
+	if n := locktest.Count(t, watch, tbl, id); n != 0 {
 		t.Fatalf("%d rows after a failed commit", n)
 	}
-	pgtest.WaitFree(t, watch, lockKey(t, rep.locker, id))
-	noConnsLeft(t, rep.pool)
+	pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
+	locktest.NoConnsLeft(t, rep.Pool)
 }
 
 // TestFlushAndHijack: in Transaction scope c.Response().Flush,
@@ -165,7 +166,7 @@ func TestFlushAndHijack(t *testing.T) {
 		return nil
 	})
 	id := pgtest.UniqueKey(t)
-	resp, err := rep.srv.Client().Post(rep.srv.URL+"/orders/"+id, "", nil)
+	resp, err := rep.Server.Client().Post(rep.Server.URL+"/orders/"+id, "", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,10 +180,10 @@ func TestFlushAndHijack(t *testing.T) {
 	if string(rest) != "second\n" {
 		t.Fatalf("rest %q", rest)
 	}
-	if r := do(rep.srv, http.MethodPost, "/orders/"+id+"?hijack=1"); r.body != "hijacked" {
+	if r := locktest.Do(rep.Server, http.MethodPost, "/orders/"+id+"?hijack=1"); r.Body != "hijacked" {
 		t.Fatalf("hijack: %+v", r)
 	}
 	watch := pgtest.Pool(t, 2)
-	pgtest.WaitFree(t, watch, lockKey(t, rep.locker, id))
-	noConnsLeft(t, rep.pool)
+	pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
+	locktest.NoConnsLeft(t, rep.Pool)
 }
