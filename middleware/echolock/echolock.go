@@ -102,12 +102,15 @@ type Config struct {
 	RetryAfter time.Duration
 
 	// DenyHandler answers a busy key: err matches ErrBusy (and, after a
-	// wait, pglock.ErrNotAcquired). Default: a 409 Conflict *echo.HTTPError.
+	// wait, pglock.ErrNotAcquired). It may return an error for Echo's
+	// HTTPErrorHandler or write the answer itself. Default: a 409 Conflict
+	// *echo.HTTPError.
 	DenyHandler func(c echo.Context, key string, err error) error
 
 	// ErrorHandler answers a KeyExtractor error (err matches ErrKey) and a
 	// lock that could not be taken or committed (err matches ErrDatabase).
-	// Default: a 400 or 503 *echo.HTTPError.
+	// It may return an error or write the answer itself. Default: a 400 or
+	// 503 *echo.HTTPError.
 	ErrorHandler func(c echo.Context, err error) error
 
 	// Logger logs busy answers and cancelled waits at Debug level, database
@@ -283,25 +286,35 @@ func (m *lockMiddleware) handle(next echo.HandlerFunc) echo.HandlerFunc {
 			return m.fail(c, name, fmt.Errorf("%w: %w", ErrDatabase, err))
 		}
 
+		// In Transaction scope the handler writes through a holdwriter.Writer
+		// that holds its response back until the transaction has ended.
+		// restore puts the request and the original writer back; it runs as
+		// soon as the hold ends, before the DenyHandler or the ErrorHandler
+		// may write an answer of their own, which must reach the client, not
+		// the held-back writer.
 		req, resp := c.Request(), c.Response()
 		var tw *holdwriter.Writer
+		orig := resp.Writer
 		if cfg.Scope == pglock.Transaction {
-			orig := resp.Writer
 			tw = holdwriter.New(orig)
 			resp.Writer = tw
-			defer func() { resp.Writer = orig }()
 		}
-		// A panic (raised again by Lock.Do after the rollback) must not leave
-		// the held response to go out: Recover, outside, answers instead.
+		restore := func() {
+			c.SetRequest(req) // later middleware must not see an ended tx
+			resp.Writer = orig
+		}
 		returned := false
-		if tw != nil {
-			defer func() {
-				if !returned {
-					discard(tw, resp)
-				}
-			}()
-		}
-		defer c.SetRequest(req) // later middleware must not see an ended tx
+		defer func() {
+			if returned {
+				return
+			}
+			// A panic, raised again by Lock.Do after the rollback: the held
+			// response must not go out; Recover, outside, answers instead.
+			if tw != nil {
+				discard(tw, resp)
+			}
+			restore()
+		}()
 		var herr error
 		ran := false
 		fn := func(ctx context.Context) error {
@@ -313,18 +326,20 @@ func (m *lockMiddleware) handle(next echo.HandlerFunc) echo.HandlerFunc {
 			}
 			return nil
 		}
+		busy := false
 		if cfg.Wait > 0 {
 			err = lock.Do(req.Context(), fn)
 		} else {
 			var did bool
 			did, err = lock.TryDo(req.Context(), fn)
-			if err == nil && !did {
-				returned = true
-				return m.busy(c, name, ErrBusy)
-			}
+			busy = err == nil && !did
 		}
+		restore()
 		returned = true
 
+		if busy {
+			return m.busy(c, name, ErrBusy)
+		}
 		switch {
 		case !ran:
 			return m.notAcquired(c, name, err)

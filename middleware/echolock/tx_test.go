@@ -187,3 +187,95 @@ func TestFlushAndHijack(t *testing.T) {
 	pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
 	locktest.NoConnsLeft(t, rep.Pool)
 }
+
+// TestAnswerHandlersMayWrite: in Transaction scope, where the handler's
+// response is held back until the commit, a DenyHandler or ErrorHandler
+// that writes its answer itself reaches the client: the busy answer, a
+// database error (no server) and a KeyExtractor error; no lock or
+// connection is left.
+func TestAnswerHandlersMayWrite(t *testing.T) {
+	t.Parallel()
+	// Keys named here: a subtest's name has a slash, a path segment cannot.
+	busyID, downID := pgtest.UniqueKey(t), pgtest.UniqueKey(t)
+	t.Run("busy", func(t *testing.T) {
+		t.Parallel()
+		id := busyID
+		rep := newReplica(t, answeringConfig(t), answeringHandler(t))
+		key := lockKey(t, rep.Locker, id)
+		held := locktest.HoldElsewhere(t, key)
+		r := post(rep, id)
+		if r.Status != http.StatusTooManyRequests || r.Body != `{"busy":"http:`+id+`"}`+"\n" || r.RetryAfter != "1" {
+			t.Errorf("busy: %+v, want the DenyHandler's 429 with its JSON body and Retry-After 1", r)
+		}
+		if r := post(rep, "bad"); r.Status != http.StatusServiceUnavailable || r.Body != "no key" {
+			t.Errorf("bad key: %+v, want the ErrorHandler's 503 \"no key\"", r)
+		}
+		if err := held.Release(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		pgtest.WaitFree(t, pgtest.Pool(t, 1), key)
+		locktest.NoConnsLeft(t, rep.Pool)
+	})
+
+	t.Run("database error", func(t *testing.T) {
+		t.Parallel()
+		pool := pgtest.UnreachablePool(t)
+		lk, err := pglock.NewLocker(pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = lk.Close() })
+		cfg := answeringConfig(t)
+		cfg.Locker = lk
+		mw, err := echolock.WithConfig(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := echo.New()
+		e.HideBanner, e.HidePort = true, true
+		e.POST("/orders/:id", answeringHandler(t), mw)
+		srv := httptest.NewServer(e)
+		t.Cleanup(srv.Close)
+		if r := locktest.Do(srv, http.MethodPost, "/orders/"+downID); r.Status != http.StatusServiceUnavailable || r.Body != "no database" {
+			t.Errorf("database error: %+v, want the ErrorHandler's 503 \"no database\"", r)
+		}
+		locktest.NoConnsLeft(t, pool)
+	})
+}
+
+// answeringHandler is the handler of TestAnswerHandlersMayWrite: it must not
+// run.
+func answeringHandler(t *testing.T) echo.HandlerFunc {
+	return func(echo.Context) error { t.Error("handler ran"); return nil }
+}
+
+// answeringConfig is the Config of TestAnswerHandlersMayWrite (Locker left
+// nil): Transaction scope, no wait, the id "bad" a KeyExtractor error, and a
+// DenyHandler and an ErrorHandler that write their answers themselves.
+func answeringConfig(t *testing.T) echolock.Config {
+	return echolock.Config{
+		Scope: pglock.Transaction,
+		KeyExtractor: func(c echo.Context) (string, bool, error) {
+			if c.Param("id") == "bad" {
+				return "", false, errors.New("bad id")
+			}
+			return c.Param("id"), true, nil
+		},
+		DenyHandler: func(c echo.Context, key string, err error) error {
+			if !errors.Is(err, echolock.ErrBusy) {
+				t.Errorf("DenyHandler got %v", err)
+			}
+			return c.JSON(http.StatusTooManyRequests, map[string]string{"busy": key})
+		},
+		ErrorHandler: func(c echo.Context, err error) error {
+			switch {
+			case errors.Is(err, echolock.ErrKey):
+				return c.String(http.StatusServiceUnavailable, "no key")
+			case errors.Is(err, echolock.ErrDatabase):
+				return c.String(http.StatusServiceUnavailable, "no database")
+			}
+			t.Errorf("ErrorHandler got %v", err)
+			return err
+		},
+	}
+}

@@ -3,6 +3,7 @@ package httplock_test
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/middleware/httplock"
 	"github.com/pglockkit/kit/pglock"
@@ -265,4 +267,83 @@ func TestWriterFlushHijackController(t *testing.T) {
 	watch := pgtest.Pool(t, 2)
 	pgtest.WaitFree(t, watch, lockKey(t, rep.locker, id))
 	noConnsLeft(t, rep.pool)
+}
+
+// TestAnswerHandlersMayWrite: in Transaction scope, where the handler's
+// response is held back until the commit, WithOnBusy's handler and the
+// error handlers write their answers to the client: the busy answer, a
+// database error (no server) and a KeyFunc error; no lock or connection is
+// left.
+func TestAnswerHandlersMayWrite(t *testing.T) {
+	t.Parallel()
+	// Keys named here: a subtest's name has a slash, a path segment cannot.
+	busyID, downID := pgtest.UniqueKey(t), pgtest.UniqueKey(t)
+	key := func(r *http.Request) (string, bool, error) {
+		if r.PathValue("id") == "bad" {
+			return "", false, errors.New("bad id")
+		}
+		return r.PathValue("id"), true, nil
+	}
+	serve := func(t *testing.T, lk *pglock.Locker) *httptest.Server {
+		mw := mustMiddleware(t, lk, key,
+			httplock.WithScope(pglock.Transaction),
+			httplock.WithOnBusy(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusTooManyRequests)
+				fmt.Fprint(w, `{"busy":true}`)
+			})),
+			httplock.WithErrorHandler(func(w http.ResponseWriter, _ *http.Request, err error) {
+				if !errorsIs(err, httplock.ErrDatabase) {
+					t.Errorf("error handler got %v", err)
+				}
+				w.WriteHeader(http.StatusServiceUnavailable)
+				fmt.Fprint(w, "no database")
+			}),
+			httplock.WithKeyErrorHandler(func(w http.ResponseWriter, _ *http.Request, err error) {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				fmt.Fprint(w, "no key")
+			}))
+		mux := http.NewServeMux()
+		mux.Handle("POST /orders/{id}", mw(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {
+			t.Error("handler ran")
+		})))
+		srv := httptest.NewServer(mux)
+		t.Cleanup(srv.Close)
+		return srv
+	}
+
+	t.Run("busy", func(t *testing.T) {
+		t.Parallel()
+		rep := newReplica(t, 2)
+		srv := serve(t, rep.locker)
+		id := busyID
+		k := lockKey(t, rep.locker, id)
+		held := locktest.HoldElsewhere(t, k)
+		if r := locktest.Do(srv, http.MethodPost, "/orders/"+id); r.Status != http.StatusTooManyRequests || r.Body != `{"busy":true}` {
+			t.Errorf("busy: %+v, want the busy handler's 429 and its body", r)
+		}
+		if r := locktest.Do(srv, http.MethodPost, "/orders/bad"); r.Status != http.StatusServiceUnavailable || r.Body != "no key" {
+			t.Errorf("bad key: %+v, want the key error handler's 503 \"no key\"", r)
+		}
+		if err := held.Release(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		pgtest.WaitFree(t, pgtest.Pool(t, 1), k)
+		noConnsLeft(t, rep.pool)
+	})
+
+	t.Run("database error", func(t *testing.T) {
+		t.Parallel()
+		pool := pgtest.UnreachablePool(t)
+		lk, err := pglock.NewLocker(pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = lk.Close() })
+		srv := serve(t, lk)
+		if r := locktest.Do(srv, http.MethodPost, "/orders/"+downID); r.Status != http.StatusServiceUnavailable || r.Body != "no database" {
+			t.Errorf("database error: %+v, want the error handler's 503 \"no database\"", r)
+		}
+		noConnsLeft(t, pool)
+	})
 }
