@@ -43,6 +43,9 @@ type backend interface {
 	watch(interval time.Duration, lost func(error)) (stop func())
 	pgxTx() pgx.Tx
 	sqlTx() *sql.Tx
+	// token takes the next fencing token of the held key on the lock's own
+	// session or transaction (see WithToken).
+	token(ctx context.Context) (int64, error)
 }
 
 // newSource checks the connection value and the options against each other.

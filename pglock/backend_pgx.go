@@ -298,3 +298,10 @@ func (b *pgxBackend) unlockSession(ctx context.Context) error {
 	}
 	return nil
 }
+
+func (b *pgxBackend) token(ctx context.Context) (int64, error) {
+	if tx := b.pgxTx(); tx != nil {
+		return b.l.takeToken(ctx, tx)
+	}
+	return b.l.takeToken(ctx, b.conn)
+}

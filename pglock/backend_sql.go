@@ -402,3 +402,7 @@ func (b *sqlBackend) pingLoop(interval time.Duration, stop <-chan struct{}, lost
 		}
 	}
 }
+
+func (b *sqlBackend) token(ctx context.Context) (int64, error) {
+	return b.l.takeToken(ctx, b.target())
+}

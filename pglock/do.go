@@ -100,6 +100,9 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 		l.onLost = nil
 		l.lostMu.Unlock()
 	}()
+	if token := l.Token(); token != 0 {
+		fctx = ContextWithToken(fctx, token)
+	}
 	if b != nil {
 		if given != nil {
 			fctx = ContextWithTx(fctx, given)

@@ -190,7 +190,8 @@
 // Errors wrap the sentinels of this package ([ErrNotAcquired], [ErrLockLost],
 // [ErrNotHeld], [ErrAlreadyHeld], [ErrUnsupportedConn], [ErrInvalidKey],
 // [ErrInvalidOption], [ErrNilFunc], [ErrLockerClosed], [ErrTooManyLocks],
-// [ErrTransactionPooler], [ErrUnavailable], [ErrInDo], [ErrTxEnded])
+// [ErrTransactionPooler], [ErrUnavailable], [ErrInDo], [ErrTxEnded],
+// [ErrLeaderRunning], [ErrFenced], [ErrSchema])
 // with %w; match them with errors.Is.
 // Database errors stay reachable with errors.As (*pgconn.PgError).
 //
@@ -214,6 +215,32 @@
 // manner of client-go's leaderelection, and [Leader.IsLeader] tells a
 // scheduler whether to run. The lock is an ordinary Session-scope lock of
 // the Locker, so it costs no pool connection and shows in pg_locks.
+//
+// # Fencing tokens and exactly-once runs
+//
+// A lock bounds who runs, not what lands. Three tools, by what the work is:
+//
+//   - Work inside PostgreSQL, in one transaction: Transaction scope. The lock
+//     and the work commit together; a holder whose connection died cannot
+//     commit anything. Nothing else is needed.
+//   - Work inside PostgreSQL but not in the lock's transaction (Session
+//     scope, another connection): a fencing token ([WithToken]) and
+//     [CheckFence] in the work's transaction. A stale holder's transaction
+//     fails with [ErrFenced] once a newer token was granted, and one that
+//     passed its check holds the next grant back until it commits.
+//   - Work outside PostgreSQL (an API, a file store): pass [Lock.Token] with
+//     each write and have the other side refuse a token lower than the
+//     highest it has seen. This is the only protection against a holder
+//     paused past its loss; no lock library can give it without the other
+//     side's help.
+//
+// A scheduled job that must run once per tick, whatever the replicas'
+// clocks: [ClaimTick] in the job's transaction records (job, scheduled time)
+// and refuses a second run of it; cronlock and gocronlock do it for you
+// (their Transaction-scope jobs with ticks on).
+//
+// Tokens and ticks keep their state in the pglock schema: create it with
+// [Migrate] or `pglock migrate` (plain locks need nothing).
 //
 // # Running in production
 //

@@ -58,6 +58,7 @@ type Lock struct {
 	onLost    context.CancelCauseFunc // cancels the context of Do's fn
 	hold      uint64                  // counts the holds, for their watches
 	since     time.Time               // when the current (or last) hold began
+	tokenV    atomic.Int64            // the current hold's fencing token (WithToken)
 
 	// lockerClosed is the Locker's closed flag, for Locks made by a Locker.
 	lockerClosed *atomic.Bool
@@ -102,6 +103,9 @@ func newLock(src source, key any, cfg *config) (*Lock, error) {
 	k, err := cfg.keyOf(key)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.token && cfg.mode == Shared {
+		return nil, fmt.Errorf("%w: key %s: a fencing token (WithToken) needs Exclusive mode", ErrInvalidOption, k)
 	}
 	l := &Lock{key: k, cfg: *cfg, src: src, lostCh: make(chan struct{})}
 	l.cfg.errs = nil
@@ -276,6 +280,14 @@ func (l *Lock) open(ctx context.Context, wait bool) (backend, bool, error) {
 			return nil, false, err
 		}
 		ok, err := b.acquire(ctx, wait)
+		if err == nil && ok && l.cfg.token {
+			token, terr := b.token(ctx)
+			if terr != nil {
+				_ = b.release(ctx, false) // a grant without its token is let go
+				return b, false, terr
+			}
+			l.tokenV.Store(token)
+		}
 		if err == nil || r == nil || !retryable(err) || ctx.Err() != nil {
 			return b, ok, err
 		}
@@ -322,6 +334,7 @@ func (l *Lock) dropHold() backend {
 	b := l.b
 	l.b, l.tx = nil, nil
 	l.held.Store(false)
+	l.tokenV.Store(0)
 	l.lostMu.Lock()
 	l.hold++ // a late report of this hold's loss is ignored
 	l.lostMu.Unlock()

@@ -703,3 +703,33 @@ func (c *lockConn) hasConn() bool {
 	defer c.mu.Unlock()
 	return c.conn != nil
 }
+
+// token takes the fencing token on the connection that holds the key's
+// server lock: the key's lock connection, or the waiting connection that
+// was granted it.
+func (b *muxBackend) token(ctx context.Context) (int64, error) {
+	t := b.m.t
+	t.mu.Lock()
+	var c *lockConn
+	if b.e != nil {
+		c = b.e.conn
+	}
+	t.mu.Unlock()
+	if c == nil {
+		return 0, fmt.Errorf("%w: take a fencing token: the key's connection is gone", ErrLockLost)
+	}
+	var token int64
+	var err error
+	op := connOp{ctx: ctx, fn: func(conn *pgx.Conn) {
+		if conn == nil {
+			err = errConnGone
+			return
+		}
+		token, err = b.l.takeToken(ctx, conn)
+	}}
+	c.do(&op)
+	if err == nil {
+		err = op.err
+	}
+	return token, err
+}

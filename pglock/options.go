@@ -85,6 +85,7 @@ type config struct {
 	namespace       string
 	observer        func(Event)
 	tracer          Tracer
+	token           bool // WithToken
 	errs            []error
 
 	// The Locker's own settings (see lockOnly).

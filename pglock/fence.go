@@ -1,0 +1,228 @@
+package pglock
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Fencing tokens.
+//
+// A lock bounds who runs, not what lands: a holder paused (by GC, a slow
+// disk) after its connection died can still write after the next holder
+// started. A fencing token is a number that grows with every grant of a key;
+// the protected resource remembers the highest it has seen and refuses lower
+// ones. With [WithToken] a Lock takes a token with each grant of its key
+// (pglock.fence, see [Migrate]) on the lock's own session, right after the
+// grant; [Lock.Token] returns it, and the function given to Do finds it with
+// [TokenFromContext] (so the adapters' request, job and call contexts carry
+// it).
+//
+// For work in PostgreSQL, [CheckFence] inside the work's own transaction (on
+// any connection) fails with [ErrFenced] when a newer token was granted, and
+// otherwise keeps the next grant from being recorded until that transaction
+// ends (it share-locks the key's row, which the next grant updates): a stale
+// holder's transaction cannot commit after a newer holder got its token. For
+// an outside system, pass the token with each write and have it refuse a
+// token lower than the highest it has seen.
+
+// ErrFenced means a fencing check failed: a newer token was granted for the
+// key than the one presented (the holder is stale), or none was ever granted.
+var ErrFenced = errors.New("pglock: fenced off: a newer fencing token was granted")
+
+const (
+	// tokenSQL takes the next token of a key; run on the session (or in the
+	// transaction) that holds the key's lock, so that a holder whose session
+	// died cannot take one after the next holder did.
+	tokenSQL = `INSERT INTO pglock.fence AS f (key_space, key, token) VALUES ($1, $2, 1)
+ON CONFLICT (key_space, key) DO UPDATE SET token = f.token + 1, granted_at = clock_timestamp()
+RETURNING f.token`
+	fenceSQL = `SELECT token FROM pglock.fence WHERE key_space = $1 AND key = $2 FOR SHARE`
+)
+
+// WithToken makes the lock take a fencing token with each grant (see
+// [Lock.Token]); it needs the pglock schema ([Migrate]) and Exclusive mode.
+// In Session scope the token is taken on the lock's session right after the
+// grant, one more round trip; in Transaction scope, in the lock's
+// transaction, so that a transaction that rolls back gives its number back
+// (its work did not land either). A grant whose token cannot be taken (the
+// schema is missing: [ErrSchema]) is let go and the acquire fails.
+func WithToken() Option {
+	return func(c *config) { c.token = true }
+}
+
+// Token returns the fencing token of the current hold, taken at its grant
+// (see [WithToken]); 0 when the lock is not held or takes no tokens. Tokens
+// of a key strictly increase from one grant to the next, across every
+// process.
+func (l *Lock) Token() int64 {
+	return l.tokenV.Load()
+}
+
+type tokenKey struct{}
+
+// TokenFromContext returns the fencing token of the lock held around the
+// function given to Do or TryDo (of a Lock or Locker made WithToken), and
+// so of the adapters' request, job and call contexts.
+func TokenFromContext(ctx context.Context) (int64, bool) {
+	t, ok := ctx.Value(tokenKey{}).(int64)
+	return t, ok
+}
+
+// ContextWithToken returns a copy of ctx that carries a fencing token, for
+// adapters that hold a lock without Do: TokenFromContext returns it.
+func ContextWithToken(ctx context.Context, token int64) context.Context {
+	return context.WithValue(ctx, tokenKey{}, token)
+}
+
+// keySpace is the key's pg_locks.objsubid: 1 for a bigint key, 2 for a pair.
+func (k Key) keySpace() int16 {
+	if k.pair {
+		return 2
+	}
+	return 1
+}
+
+// takeToken takes the next token of the lock's key on q, which runs on the
+// session or in the transaction that holds the lock.
+func (l *Lock) takeToken(ctx context.Context, q any) (int64, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.releaseTimeout)
+	defer cancel()
+	var token int64
+	var err error
+	space, key := l.key.keySpace(), l.key.v
+	switch q := q.(type) {
+	case interface {
+		QueryRow(context.Context, string, ...any) pgx.Row
+	}:
+		err = q.QueryRow(ctx, tokenSQL, space, key).Scan(&token)
+	case interface {
+		QueryRowContext(context.Context, string, ...any) *sql.Row
+	}:
+		err = q.QueryRowContext(ctx, tokenSQL, space, key).Scan(&token)
+	default:
+		err = fmt.Errorf("pglock: no connection to take a token on (%T)", q)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("pglock: take a fencing token: %w", schemaErr(err))
+	}
+	return token, nil
+}
+
+// CheckFence checks, inside tx (the work's transaction: a pgx.Tx or a
+// *sql.Tx, on any connection), that token is still the newest fencing token
+// of key: it returns an error matching [ErrFenced] when a newer one was
+// granted, or none was. When it returns nil, no newer token can be granted
+// until tx ends (the next grant waits for it): commit the work in tx, and a
+// stale holder's work can never land after a newer holder's grant. It needs
+// the pglock schema ([Migrate]) and the UPDATE privilege on pglock.fence
+// (for the row lock).
+func CheckFence(ctx context.Context, tx any, key Key, token int64) error {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	var current int64
+	var err error
+	space := key.keySpace()
+	switch tx := tx.(type) {
+	case pgx.Tx:
+		if isNilTx(tx) {
+			return fmt.Errorf("%w: CheckFence: nil pgx.Tx", ErrUnsupportedConn)
+		}
+		err = tx.QueryRow(ctx, fenceSQL, space, key.v).Scan(&current)
+	case *sql.Tx:
+		if tx == nil {
+			return fmt.Errorf("%w: CheckFence: nil *sql.Tx", ErrUnsupportedConn)
+		}
+		err = tx.QueryRowContext(ctx, fenceSQL, space, key.v).Scan(&current)
+	default:
+		return fmt.Errorf("%w: CheckFence needs the work's transaction (pgx.Tx or *sql.Tx), got %T", ErrUnsupportedConn, tx)
+	}
+	switch {
+	case errors.Is(err, pgx.ErrNoRows) || errors.Is(err, sql.ErrNoRows):
+		return fmt.Errorf("%w: key %s: no token was ever granted (token %d presented)", ErrFenced, key, token)
+	case err != nil:
+		return fmt.Errorf("pglock: fence check of key %s: %w", key, schemaErr(err))
+	case current != token:
+		return fmt.Errorf("%w: key %s: token %d presented, %d is the newest", ErrFenced, key, token, current)
+	}
+	return nil
+}
+
+// Fence is [CheckFence] for the lock's current hold: its key and token. It
+// fails with ErrFenced too when the lock holds no token (not held, or not
+// made WithToken).
+func (l *Lock) Fence(ctx context.Context, tx any) error {
+	token := l.Token()
+	if token == 0 {
+		return fmt.Errorf("%w: key %s: the lock holds no token (not held, or made without WithToken)", ErrFenced, l.key)
+	}
+	return CheckFence(ctx, tx, l.key, token)
+}
+
+// ClaimTick records, inside tx (the job's transaction: a pgx.Tx or a
+// *sql.Tx), that the run of job scheduled at tick (the schedule's time, not
+// the clock's: the same on every replica) ran. It returns false when that run
+// was already recorded, by any replica: roll back and skip the run. Recorded
+// in the same transaction as the job's work, a run happens exactly once
+// whatever the replicas' clocks say, and even after the replica that ran it
+// first exited. Records older than a week (of the schedule's time) are
+// pruned now and then. It needs the pglock schema ([Migrate]).
+func ClaimTick(ctx context.Context, tx any, job string, tick time.Time) (bool, error) {
+	if job == "" {
+		return false, fmt.Errorf("%w: ClaimTick: empty job name", ErrInvalidOption)
+	}
+	if tick.IsZero() {
+		return false, fmt.Errorf("%w: ClaimTick: zero tick time for job %q", ErrInvalidOption, job)
+	}
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	const claim = `INSERT INTO pglock.tick (job, tick) VALUES ($1, $2) ON CONFLICT DO NOTHING`
+	// Pruning is cheap (the primary key leads with job), but need not run on
+	// every tick.
+	const prune = `DELETE FROM pglock.tick WHERE job = $1 AND tick < $2`
+	tick = tick.Truncate(time.Microsecond) // timestamptz's precision
+	doPrune := rand.IntN(16) == 0
+	var n int64
+	switch tx := tx.(type) {
+	case pgx.Tx:
+		if isNilTx(tx) {
+			return false, fmt.Errorf("%w: ClaimTick: nil pgx.Tx", ErrUnsupportedConn)
+		}
+		tag, err := tx.Exec(ctx, claim, job, tick)
+		if err != nil {
+			return false, fmt.Errorf("pglock: claim tick %s of job %q: %w", tick.Format(time.RFC3339Nano), job, schemaErr(err))
+		}
+		n = tag.RowsAffected()
+		if n == 1 && doPrune {
+			if _, err := tx.Exec(ctx, prune, job, tick.Add(-tickRetention)); err != nil {
+				return false, fmt.Errorf("pglock: prune the ticks of job %q: %w", job, err)
+			}
+		}
+	case *sql.Tx:
+		if tx == nil {
+			return false, fmt.Errorf("%w: ClaimTick: nil *sql.Tx", ErrUnsupportedConn)
+		}
+		res, err := tx.ExecContext(ctx, claim, job, tick)
+		if err != nil {
+			return false, fmt.Errorf("pglock: claim tick %s of job %q: %w", tick.Format(time.RFC3339Nano), job, schemaErr(err))
+		}
+		if n, err = res.RowsAffected(); err != nil {
+			return false, err
+		}
+		if n == 1 && doPrune {
+			if _, err := tx.ExecContext(ctx, prune, job, tick.Add(-tickRetention)); err != nil {
+				return false, fmt.Errorf("pglock: prune the ticks of job %q: %w", job, err)
+			}
+		}
+	default:
+		return false, fmt.Errorf("%w: ClaimTick needs the job's transaction (pgx.Tx or *sql.Tx), got %T", ErrUnsupportedConn, tx)
+	}
+	return n == 1, nil
+}

@@ -1,0 +1,395 @@
+package pglock_test
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/url"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/internal/pgtest"
+	"github.com/pglockkit/kit/pglock"
+)
+
+// migrated returns a pool on the test database with the pglock schema.
+func migrated(t *testing.T, conns int32) *pgxpool.Pool {
+	t.Helper()
+	pool := pgtest.Pool(t, conns)
+	if _, err := pglock.Migrate(context.Background(), pool); err != nil {
+		t.Fatal(err)
+	}
+	return pool
+}
+
+// freshDatabase creates an empty database for one test and returns its URL;
+// it is dropped when the test ends.
+func freshDatabase(t *testing.T) string {
+	t.Helper()
+	ctx := context.Background()
+	admin := pgtest.Pool(t, 1)
+	name := fmt.Sprintf("pglock_fresh_%d", rand.Uint32())
+	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_, _ = admin.Exec(context.Background(), "DROP DATABASE "+name+" WITH (FORCE)")
+	})
+	u, err := url.Parse(pgtest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Path = "/" + name
+	return u.String()
+}
+
+// Five replicas migrate a new database at once: one schema, each migration
+// applied once, every Migrate reports the same final version; a second round
+// applies nothing.
+func TestMigrateConcurrent(t *testing.T) {
+	t.Parallel()
+	dbURL := freshDatabase(t)
+	ctx := context.Background()
+	const n = 5
+	results := make([]pglock.MigrateResult, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range n {
+		wg.Go(func() {
+			var db any
+			if i%2 == 0 {
+				pool, err := pgxpool.New(ctx, dbURL)
+				if err != nil {
+					errs[i] = err
+					return
+				}
+				defer pool.Close()
+				db = pool
+			} else {
+				sdb, err := sql.Open("pgx", dbURL)
+				if err != nil {
+					errs[i] = err
+					return
+				}
+				defer sdb.Close()
+				db = sdb
+			}
+			<-start
+			results[i], errs[i] = pglock.Migrate(ctx, db)
+		})
+	}
+	close(start)
+	wg.Wait()
+	applied := 0
+	for i := range n {
+		if errs[i] != nil {
+			t.Fatalf("Migrate %d: %v", i, errs[i])
+		}
+		if results[i].To != pglock.SchemaVersion {
+			t.Errorf("Migrate %d: %+v, want To = %d", i, results[i], pglock.SchemaVersion)
+		}
+		applied += len(results[i].Applied)
+	}
+	if applied != pglock.SchemaVersion {
+		t.Errorf("%d migrations applied across %d Migrates, want each of %d once", applied, n, pglock.SchemaVersion)
+	}
+	conn, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var schemas, versions int
+	if err := conn.QueryRow(ctx, "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = 'pglock'), (SELECT count(*) FROM pglock.migration)").Scan(&schemas, &versions); err != nil {
+		t.Fatal(err)
+	}
+	if schemas != 1 || versions != pglock.SchemaVersion {
+		t.Errorf("%d pglock schemas and %d migration rows, want 1 and %d", schemas, versions, pglock.SchemaVersion)
+	}
+	again, err := pglock.Migrate(ctx, conn)
+	if err != nil || len(again.Applied) != 0 || again.From != pglock.SchemaVersion {
+		t.Errorf("a second Migrate = %+v, %v; want nothing applied", again, err)
+	}
+}
+
+// Without the schema, a lock made WithToken is not acquired and says why;
+// WithToken in Shared mode is an error.
+func TestTokenNeedsSchema(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, freshDatabase(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	for _, multiplex := range []bool{true, false} {
+		lk, err := pglock.NewLocker(pool, pglock.WithToken(), pglock.WithMultiplexing(multiplex))
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, _ := lk.Lock(pgtest.UniqueKey(t))
+		ok, err := l.TryAcquire(ctx)
+		if ok || !errors.Is(err, pglock.ErrSchema) || !errors.Is(err, pglock.ErrNotAcquired) {
+			t.Errorf("multiplex %v: TryAcquire WithToken without the schema = %v, %v; want ErrSchema", multiplex, ok, err)
+		}
+		if l.Held() {
+			t.Error("held after a failed token")
+		}
+		lk.Close()
+		var n int
+		if err := pool.QueryRow(ctx, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())").Scan(&n); err != nil || n != 0 {
+			t.Errorf("advisory locks left in the fresh database: %d, %v", n, err)
+		}
+	}
+	if _, err := pglock.New(pool, "k", pglock.WithToken(), pglock.WithMode(pglock.Shared)); !errors.Is(err, pglock.ErrInvalidOption) {
+		t.Errorf("WithToken in Shared mode = %v, want ErrInvalidOption", err)
+	}
+}
+
+// 1,000 grants of one key across three Lockers (multiplexed, one pool
+// connection per hold, database/sql), in Session and Transaction scope:
+// tokens strictly increase in the order of the grants.
+func TestTokensIncrease(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := migrated(t, 8)
+	key := pgtest.UniqueKey(t)
+	db := openSQLDB(t)
+	var lockers []*pglock.Locker
+	for _, mk := range []func() (*pglock.Locker, error){
+		func() (*pglock.Locker, error) { return pglock.NewLocker(pool, pglock.WithToken()) },
+		func() (*pglock.Locker, error) {
+			return pglock.NewLocker(pool, pglock.WithToken(), pglock.WithMultiplexing(false))
+		},
+		func() (*pglock.Locker, error) {
+			return pglock.NewLocker(db, pglock.WithToken(), pglock.WithScope(pglock.Transaction))
+		},
+	} {
+		lk, err := mk()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer lk.Close()
+		lockers = append(lockers, lk)
+	}
+	var mu sync.Mutex
+	var tokens []int64
+	var wg sync.WaitGroup
+	const grants = 1000
+	per := grants / 4
+	for i := range 4 { // 4 goroutines over 3 Lockers: some contend within a Locker
+		lk := lockers[i%3]
+		n := per
+		if i == 3 {
+			n = grants - 3*per
+		}
+		wg.Go(func() {
+			for range n {
+				err := lk.Do(ctx, key, func(ctx context.Context) error {
+					token, ok := pglock.TokenFromContext(ctx)
+					if !ok || token == 0 {
+						return errors.New("no token in Do's context")
+					}
+					mu.Lock()
+					tokens = append(tokens, token)
+					mu.Unlock()
+					return nil
+				})
+				if err != nil {
+					t.Errorf("Do: %v", err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if len(tokens) != grants {
+		t.Fatalf("%d grants, want %d", len(tokens), grants)
+	}
+	for i := 1; i < len(tokens); i++ {
+		if tokens[i] <= tokens[i-1] {
+			t.Fatalf("grant %d got token %d after %d: not strictly increasing", i, tokens[i], tokens[i-1])
+		}
+	}
+	t.Logf("tokens %d .. %d over %d grants", tokens[0], tokens[len(tokens)-1], grants)
+	pgtest.WaitFree(t, pool, mustKey(t, key))
+}
+
+// A holder whose connection was killed while it was paused holds a stale
+// token: after a second holder was granted a newer one, the stale holder's
+// write through CheckFence fails with ErrFenced and the new holder's lands.
+// A write that passed its fence check before the kill holds the next grant
+// back until it commits, so it lands before the newer token exists.
+func TestFencingStaleHolder(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := migrated(t, 8)
+	watch := pgtest.Pool(t, 2)
+	table := fmt.Sprintf("fence_writes_%d", rand.Uint32())
+	if _, err := pool.Exec(ctx, "CREATE TABLE "+table+" (who text, token bigint)"); err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Exec(context.Background(), "DROP TABLE "+table)
+	key := pgtest.UniqueKey(t)
+	lkA, _ := pglock.NewLocker(pgtest.Pool(t, 4), pglock.WithToken())
+	defer lkA.Close()
+	lkB, _ := pglock.NewLocker(pgtest.Pool(t, 4), pglock.WithToken())
+	defer lkB.Close()
+	write := func(l *pglock.Lock, who string, token int64) error {
+		return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+			if err := pglock.CheckFence(ctx, tx, l.Key(), token); err != nil {
+				return err
+			}
+			_, err := tx.Exec(ctx, "INSERT INTO "+table+" VALUES ($1, $2)", who, token)
+			return err
+		})
+	}
+
+	a, _ := lkA.Lock(key)
+	if err := a.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tokenA := a.Token()
+	if err := write(a, "A", tokenA); err != nil {
+		t.Fatalf("the holder's fenced write: %v", err)
+	}
+	// A pauses; its session is killed; B is granted the key.
+	pgtest.Terminate(t, watch, pgtest.Granted(t, watch, a.Key())[0].PID)
+	b, _ := lkB.Lock(key)
+	if err := b.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tokenB := b.Token()
+	if tokenB <= tokenA {
+		t.Fatalf("the new holder's token %d is not above the stale holder's %d", tokenB, tokenA)
+	}
+	// A wakes up and writes with its stale token.
+	if err := write(a, "A-stale", tokenA); !errors.Is(err, pglock.ErrFenced) {
+		t.Fatalf("the stale holder's write = %v, want ErrFenced", err)
+	}
+	if err := a.Fence(ctx, nil); !errors.Is(err, pglock.ErrFenced) && !errors.Is(err, pglock.ErrUnsupportedConn) {
+		t.Errorf("Fence of a lost hold = %v", err)
+	}
+	if err := write(b, "B", tokenB); err != nil {
+		t.Fatalf("the new holder's write: %v", err)
+	}
+	_ = a.Release(ctx)
+
+	// B passes its fence check and keeps its transaction open; its session
+	// is killed; C's grant (and token) waits for B's commit.
+	tx, err := pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Fence(ctx, tx); err != nil {
+		t.Fatalf("B's fence: %v", err)
+	}
+	pgtest.Terminate(t, watch, pgtest.Granted(t, watch, b.Key())[0].PID)
+	lkC, _ := pglock.NewLocker(pgtest.Pool(t, 4), pglock.WithToken())
+	defer lkC.Close()
+	c, _ := lkC.Lock(key)
+	granted := make(chan error, 1)
+	go func() { granted <- c.Acquire(ctx) }()
+	select {
+	case err := <-granted:
+		t.Fatalf("C was granted (%v) while B's fenced transaction is open", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	if _, err := tx.Exec(ctx, "INSERT INTO "+table+" VALUES ('B-late', $1)", tokenB); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatalf("B's late commit: %v", err)
+	}
+	if err := <-granted; err != nil {
+		t.Fatal(err)
+	}
+	if c.Token() <= tokenB {
+		t.Errorf("C's token %d is not above B's %d", c.Token(), tokenB)
+	}
+	if err := write(b, "B-stale", tokenB); !errors.Is(err, pglock.ErrFenced) {
+		t.Errorf("B's write after C's grant = %v, want ErrFenced", err)
+	}
+	_ = b.Release(ctx)
+	if err := c.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c.Token() != 0 {
+		t.Error("Token after release is not 0")
+	}
+	var got []string
+	rows, _ := pool.Query(ctx, "SELECT who FROM "+table+" ORDER BY token, who")
+	got, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(got) != "[A B B-late]" {
+		t.Errorf("writes that landed = %v, want [A B B-late]", got)
+	}
+	pgtest.WaitFree(t, watch, c.Key())
+}
+
+// ClaimTick records a run once: a second claim of the same (job, tick), by
+// any transaction, is refused; a claim rolled back frees it; concurrent
+// claims admit one.
+func TestClaimTick(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := migrated(t, 12)
+	job := pgtest.UniqueKey(t)
+	tick := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
+	claim := func(commit bool) (bool, error) {
+		tx, err := pool.Begin(ctx)
+		if err != nil {
+			return false, err
+		}
+		ok, err := pglock.ClaimTick(ctx, tx, job, tick)
+		if err != nil || !commit {
+			_ = tx.Rollback(ctx)
+			return ok, err
+		}
+		return ok, tx.Commit(ctx)
+	}
+	if ok, err := claim(false); !ok || err != nil {
+		t.Fatalf("first claim = %v, %v", ok, err)
+	}
+	if ok, err := claim(true); !ok || err != nil {
+		t.Fatalf("claim after a rolled-back one = %v, %v; want true", ok, err)
+	}
+	if ok, err := claim(true); ok || err != nil {
+		t.Fatalf("second claim = %v, %v; want false", ok, err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	won := 0
+	tick = tick.Add(time.Second)
+	for range 10 {
+		wg.Go(func() {
+			ok, err := claim(true)
+			if err != nil {
+				t.Error(err)
+			}
+			if ok {
+				mu.Lock()
+				won++
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if won != 1 {
+		t.Errorf("%d of 10 concurrent claims won, want 1", won)
+	}
+	if _, err := pglock.ClaimTick(ctx, nil, job, tick); !errors.Is(err, pglock.ErrUnsupportedConn) {
+		t.Errorf("ClaimTick without a transaction = %v", err)
+	}
+	if _, err := pglock.ClaimTick(ctx, nil, "", tick); !errors.Is(err, pglock.ErrInvalidOption) {
+		t.Errorf("ClaimTick with no job = %v", err)
+	}
+}
