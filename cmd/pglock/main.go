@@ -61,6 +61,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, signals <
 		return c.keyCommand(rest)
 	case "sql":
 		return c.sqlCommand(rest)
+	case "migrate":
+		return c.migrateCommand(ctx, *url, rest)
 	case "help":
 		return c.help(rest)
 	default:
@@ -152,6 +154,8 @@ func (c *cli) help(args []string) int {
 		fmt.Fprint(c.stdout, keyUsage)
 	case "sql":
 		fmt.Fprint(c.stdout, sqlUsage)
+	case "migrate":
+		fmt.Fprint(c.stdout, migrateUsage)
 	case "help":
 		fmt.Fprint(c.stdout, usage)
 	default:
@@ -172,6 +176,7 @@ The commands are:
 	locks   list the advisory locks of the database and who waits for them
 	key     print the advisory key that a name maps to
 	sql     print SQL functions that compute the key rule in the database
+	migrate create or upgrade the pglock schema (fencing tokens, ticks)
 
 The database is --database-url, else $DATABASE_URL, else the libpq
 environment variables (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD...).
