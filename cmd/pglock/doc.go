@@ -12,6 +12,7 @@ The commands are:
 	locks   list the advisory locks of the database and who waits for them
 	key     print the advisory key that a name maps to
 	sql     print SQL functions that compute the key rule in the database
+	migrate create or upgrade the pglock schema (fencing tokens, ticks)
 	help    show help for a command
 
 Install it with
@@ -108,7 +109,7 @@ COMMAND has ended.
 
 # List locks
 
-	pglock locks [--json] [--key NAME ...]
+	pglock locks [--json] [--key NAME ...] [--watch [--interval D]]
 
 Locks lists every advisory lock of the current database, held or waited
 for, read from pg_locks and pg_stat_activity (with --key NAME, only the
@@ -127,8 +128,71 @@ holder ("blocks 456"). The table is aligned with text/tabwriter; --json
 prints an array of objects with every column (key, int64 or pair, name,
 classid, objid, objsubid, mode, granted, pid, application_name, user,
 client_addr, client_port, state, backend_start, xact_start, query_start,
-wait_start, since, blocked_by, waiters). Without the pg_read_all_stats
-role, other users' sessions show no client address or times.
+wait_start, since, blocked_by, waiters, and query, the statement of a
+waiting session). Without the pg_read_all_stats role, other users'
+sessions show no client address or times, and their query reads
+"<insufficient privilege>".
+
+Below the table, a line counts the advisory locks of the whole server
+against the size of its lock table, and a warning follows when they take
+more than half of it:
+
+	advisory locks, all databases: 7,001 of 12,800 lock-table slots (54.7%)
+	warning: the lock table is more than half full: a full table fails every session of the server with 'out of shared memory'; raise max_locks_per_transaction or hold fewer locks
+
+The count is the number of advisory rows of pg_locks, which shows the lock
+table of the whole server: every database, held or waited for, one row per
+holder and per waiter (sessions that share a key, in shared mode or in its
+queue, share one entry of the table but count once each). --key does not
+change it. The size is max_locks_per_transaction * (max_connections +
+max_prepared_transactions), read with current_setting: the size that
+PostgreSQL documents, and the least it reserves (it adds room for its
+background processes and may borrow spare shared memory), so the line errs
+towards alarm. The same formula sizes pglock.WithMaxLocks's default cap.
+--json without --watch prints the array of locks alone, as it always did;
+the count is in the snapshots of --watch --json.
+
+A full lock table stops every session of the server, not only the
+application that fills it. Every lock that a process cannot keep in its
+few fast-path slots takes an entry of that one table in shared memory,
+sized when the server starts and shared by every database: every advisory
+lock (they never take the fast path), and the table locks of a query that
+touches many tables or partitions, of DDL and of autovacuum. A session lock
+keeps its entry until it is unlocked or its session ends, idle or not.
+When no entry is left, any session of any database that needs one more
+fails with "ERROR: out of shared memory" (HINT: You might need to increase
+max_locks_per_transaction): queries, migrations, autovacuum. Raising
+max_locks_per_transaction takes a restart; ending the sessions that hold
+the locks (pg_terminate_backend) frees their entries at once. The usual
+cause is an application that takes a lock per row or item and forgets to
+release it.
+
+	pglock locks --watch [--interval D] [--json] [--key NAME ...]
+
+With --watch, locks takes a snapshot every D (1s by default; from 100ms to
+1h: reading pg_locks takes every lock-manager partition's lock in turn, so
+a busy server should not be polled much faster) until SIGINT (Ctrl-C) or
+SIGTERM, and then exits 0. It keeps one connection for the whole watch; a
+database error, or a snapshot without an answer within 10 seconds, ends it
+with one line on standard error and status 2. The table gains two columns:
+SESSION, the session's pg_stat_activity.state (active, idle, idle in
+transaction...), and QUERY, the statement of a waiting session, on one
+line and cut at 100 characters; SINCE and QUEUE come before the session's
+columns, so that a narrow terminal cuts the least useful ones. When
+standard output is a terminal, each snapshot redraws the screen in place
+(ANSI escape sequences: cursor home, each line erased and rewritten, the
+rest of the screen erased; no alternate screen, the cursor not hidden, so
+nothing to restore, and the last snapshot stays on the screen), its lines
+cut at the terminal's width, and rows beyond its height counted on one
+line. Otherwise (a file, a pipe) each snapshot is printed whole after a
+line with its time, and a blank line separates snapshots. With --json,
+each line is one snapshot, a JSON object (JSON Lines):
+
+	{"time": "...", "locks": [...], "health": {"advisory_locks": 7001, "capacity": 12800,
+	  "max_locks_per_transaction": 64, "max_connections": 200,
+	  "max_prepared_transactions": 0, "percent": 54.6953125, "warning": "..."}}
+
+where locks is the array of --json and warning is there only above half.
 
 # Print keys
 
@@ -158,9 +222,17 @@ psql, PL/pgSQL, pg_cron jobs and other languages take the same locks:
 
 It needs no database.
 
+# The pglock schema
+
+	pglock migrate
+
+Migrate creates or upgrades the schema that fencing tokens and exactly-once
+ticks keep their state in (see pglock.Migrate); safe to run from many
+replicas at once.
+
 # Exit status
 
-	0       locks, key: done
+	0       locks, key: done; locks --watch: stopped by SIGINT or SIGTERM
 	0-255   run: COMMAND's status; 128+N when signal N killed it
 	2       usage error, bad URL, unreachable database, or a database error
 	        before COMMAND started (one line on standard error)

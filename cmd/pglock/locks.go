@@ -12,24 +12,34 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglockkit/kit/pglock"
 )
 
-const locksUsage = `usage: pglock locks [--json] [--key NAME ...] [--database-url URL]
+const locksUsage = `usage: pglock locks [--json] [--key NAME ...] [--watch [--interval D]]
+                    [--database-url URL]
 
 Locks lists every advisory lock of the current database, held or waited
 for, from pg_locks joined with pg_stat_activity: the key, its mode, whether
 it is held or waited for, the session's pid, application_name and client
-address, since when, and who waits behind whom (pg_blocking_pids).
+address, since when, and who waits behind whom (pg_blocking_pids). Below
+the table, it counts the advisory locks of the whole server against the
+size of its lock table, and warns when the table is more than half full.
 
-	--json       print a JSON array instead of a table
+	--json       print a JSON array instead of a table (with --watch, one
+	             JSON object per line and snapshot; see below)
 	--key NAME   list only the key that NAME maps to (as "pglock key NAME"
 	             prints it), labelled with NAME; give --key once per name.
 	             NAME is hashed as it is: include an adapter's namespace
 	             (e.g. "cron:NAME")
+	--watch      refresh until interrupted (Ctrl-C, SIGTERM: status 0)
+	--interval D time between refreshes with --watch, from 100ms to 1h
+	             (default 1s)
 
 A key of the bigint space is shown as one number, a key of the (integer,
 integer) space as "a,b". SINCE is when the wait began for a waiting session;
@@ -37,6 +47,27 @@ for a holder, when its current transaction began, or if it is not in one,
 when its connection began: PostgreSQL does not record when a lock was
 granted. QUEUE says which pids a waiting session waits for ("behind"), and
 which pids wait for a holder ("blocks").
+
+With --watch, the table has two more columns: SESSION, the session's
+pg_stat_activity.state (active, idle, idle in transaction...), and QUERY,
+the statement a waiting session runs, on one line and cut at 100
+characters; SINCE and QUEUE come before the session's columns. At a
+terminal, it redraws in place, cut to the terminal's width and height;
+otherwise each snapshot is printed whole after a line with its time, and a
+blank line separates snapshots. With --watch --json, each line is one
+snapshot: {"time": ..., "locks": [...], "health": {...}}; the lock table's
+health is in those objects only, as --json without --watch prints the
+array of locks alone.
+
+The lock-table line counts the advisory locks of every database of the
+server, held or waited for (the advisory rows of pg_locks: one per holder
+and per waiter), against max_locks_per_transaction * (max_connections +
+max_prepared_transactions), the size that PostgreSQL documents for its
+shared lock table (it reserves at least that much). That table is shared
+by every database and session and sized when the server starts: when
+advisory locks fill it, every session of the server that needs one more
+lock fails with "out of shared memory", ordinary queries included, until
+locks are released or max_locks_per_transaction is raised (a restart).
 `
 
 // lockEntry is one row of pg_locks for an advisory lock; its JSON form is
@@ -62,15 +93,17 @@ type lockEntry struct {
 	QueryStart      *time.Time `json:"query_start,omitempty"`
 	WaitStart       *time.Time `json:"wait_start,omitempty"`
 	Since           *time.Time `json:"since,omitempty"`
-	BlockedBy       []int32    `json:"blocked_by"` // pids a waiting session waits for
-	Waiters         []int32    `json:"waiters"`    // pids that wait for this session on this key
+	BlockedBy       []int32    `json:"blocked_by"`      // pids a waiting session waits for
+	Waiters         []int32    `json:"waiters"`         // pids that wait for this session on this key
+	Query           string     `json:"query,omitempty"` // the statement of a waiting session
 
 	now time.Time // the server's time of the query
 }
 
 // locksQuery lists the advisory locks of the current database. waitstart
 // (PostgreSQL 14+) is read through to_jsonb so that older servers answer
-// NULL instead of failing. pg_blocking_pids is asked only for waiters.
+// NULL instead of failing. pg_blocking_pids and the query are asked only
+// for waiters.
 const locksQuery = `
 SELECT l.classid::int8, l.objid::int8, l.objsubid::int2, l.mode, l.granted,
        coalesce(l.pid, 0), coalesce(a.application_name, ''), coalesce(a.usename::text, ''),
@@ -78,12 +111,22 @@ SELECT l.classid::int8, l.objid::int8, l.objsubid::int2, l.mode, l.granted,
        a.backend_start, a.xact_start, a.query_start,
        (pg_catalog.to_jsonb(l) ->> 'waitstart')::timestamptz,
        CASE WHEN l.granted OR l.pid IS NULL THEN NULL ELSE pg_catalog.pg_blocking_pids(l.pid) END,
-       pg_catalog.statement_timestamp()
+       pg_catalog.statement_timestamp(),
+       CASE WHEN l.granted THEN '' ELSE coalesce(a.query, '') END
 FROM pg_catalog.pg_locks l
 LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory'
   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
 ORDER BY l.objsubid, l.classid, l.objid, l.granted DESC, 15 NULLS FIRST, l.pid`
+
+// Bounds of --interval: pg_locks is read at every refresh, and reading it
+// takes every lock-manager partition's lock in turn, so a busy server should
+// not be polled much faster; an hour is already a log, not a view.
+const (
+	defaultWatchInterval = time.Second
+	minWatchInterval     = 100 * time.Millisecond
+	maxWatchInterval     = time.Hour
+)
 
 func (c *cli) locksCommand(ctx context.Context, url string, args []string) int {
 	fset := flag.NewFlagSet("locks", flag.ContinueOnError)
@@ -94,15 +137,44 @@ func (c *cli) locksCommand(ctx context.Context, url string, args []string) int {
 		names = append(names, s)
 		return nil
 	})
+	watch := fset.Bool("watch", false, "refresh until interrupted")
+	interval := fset.Duration("interval", defaultWatchInterval, "time between refreshes with --watch")
 	if code, done := c.parse(fset, args, locksUsage); done {
 		return code
 	}
 	if fset.NArg() > 0 {
 		return c.usageError("locks", "unexpected argument %q (use --key NAME to name a key)", fset.Arg(0))
 	}
+	intervalSet := false
+	fset.Visit(func(f *flag.Flag) { intervalSet = intervalSet || f.Name == "interval" })
+	switch {
+	case intervalSet && !*watch:
+		return c.usageError("locks", "--interval needs --watch")
+	case *interval < minWatchInterval || *interval > maxWatchInterval:
+		return c.usageError("locks", "--interval %v: must be from 100ms to 1h", *interval)
+	}
+	byKey, err := keyNames(names)
+	if err != nil {
+		return c.usageError("locks", "--key: %v", err)
+	}
+	q := locksQuerier{byKey: byKey, filter: len(names) > 0}
+	if *watch {
+		return c.watchLocks(ctx, url, q, *interval, *asJSON)
+	}
 	ictx, stop := c.interruptible(ctx)
 	defer stop()
-	entries, err := listLocks(ictx, url, names)
+	var (
+		entries []*lockEntry
+		health  *lockHealth
+	)
+	pool, err := connect(ictx, url)
+	if err == nil {
+		entries, err = q.locks(ictx, pool)
+		if err == nil && !*asJSON {
+			health, err = readLockHealth(ictx, pool)
+		}
+		pool.Close()
+	}
 	if err != nil {
 		if s := stop(); s != nil {
 			return c.fail(signalStatus(s), "locks", "%v", s)
@@ -111,8 +183,8 @@ func (c *cli) locksCommand(ctx context.Context, url string, args []string) int {
 	}
 	if *asJSON {
 		err = writeLocksJSON(c.stdout, entries)
-	} else {
-		err = writeLocksTable(c.stdout, entries)
+	} else if err = writeLocksTable(c.stdout, entries); err == nil {
+		err = writeLockHealth(c.stdout, health)
 	}
 	if err != nil {
 		return c.fail(exitUsage, "locks", "%v", err)
@@ -120,22 +192,28 @@ func (c *cli) locksCommand(ctx context.Context, url string, args []string) int {
 	return exitOK
 }
 
-// listLocks reads the advisory locks of the database; with names, only
-// those of the keys that names map to, each labelled with its name.
-func listLocks(ctx context.Context, url string, names []string) ([]*lockEntry, error) {
-	pool, err := connect(ctx, url)
-	if err != nil {
-		return nil, err
-	}
-	defer pool.Close()
+// keyNames maps the key of each name to the name; the first name of a key
+// wins.
+func keyNames(names []string) (map[int64]string, error) {
 	byKey := map[int64]string{}
-	for _, n := range slices.Backward(names) { // the first NAME wins
+	for _, n := range slices.Backward(names) {
 		k, err := pglock.KeyOf(n)
 		if err != nil {
 			return nil, err
 		}
 		byKey[k.Int64()] = n
 	}
+	return byKey, nil
+}
+
+// locksQuerier reads the advisory locks of the database, each labelled
+// with its name in byKey; with filter, only those of byKey's keys.
+type locksQuerier struct {
+	byKey  map[int64]string
+	filter bool
+}
+
+func (q locksQuerier) locks(ctx context.Context, pool *pgxpool.Pool) ([]*lockEntry, error) {
 	rows, err := pool.Query(ctx, locksQuery)
 	if err != nil {
 		return nil, err
@@ -148,7 +226,7 @@ func listLocks(ctx context.Context, url string, names []string) ([]*lockEntry, e
 		)
 		err := r.Scan(&classid, &objid, &e.ObjSubID, &mode, &e.Granted,
 			&e.PID, &e.ApplicationName, &e.User, &e.ClientAddr, &e.ClientPort, &e.State,
-			&e.BackendStart, &e.XactStart, &e.QueryStart, &e.WaitStart, &e.BlockedBy, &e.now)
+			&e.BackendStart, &e.XactStart, &e.QueryStart, &e.WaitStart, &e.BlockedBy, &e.now, &e.Query)
 		e.ClassID, e.ObjID = uint32(classid), uint32(objid)
 		e.Mode = modeName(mode)
 		return &e, err
@@ -157,10 +235,10 @@ func listLocks(ctx context.Context, url string, names []string) ([]*lockEntry, e
 		return nil, err
 	}
 	for _, e := range entries {
-		e.fill(byKey)
+		e.fill(q.byKey)
 	}
 	linkWaiters(entries)
-	if len(names) > 0 {
+	if q.filter {
 		entries = slices.DeleteFunc(entries, func(e *lockEntry) bool { return e.Name == "" })
 	}
 	return entries, nil
@@ -231,22 +309,64 @@ func writeLocksJSON(w io.Writer, entries []*lockEntry) error {
 }
 
 func writeLocksTable(w io.Writer, entries []*lockEntry) error {
+	return writeLocksColumns(w, entries, false)
+}
+
+// maxQueryLen is where the QUERY column cuts a statement (in runes); a
+// terminal cuts it further, at its width.
+const maxQueryLen = 100
+
+// writeLocksColumns writes the table of entries; wide (--watch) adds the
+// columns SESSION (pg_stat_activity.state) and QUERY (a waiter's
+// statement, on one line, cut at maxQueryLen), and puts SINCE and QUEUE
+// before the columns of the session, as a terminal cuts lines at its
+// width.
+func writeLocksColumns(w io.Writer, entries []*lockEntry, wide bool) error {
 	if len(entries) == 0 {
 		_, err := fmt.Fprintln(w, "no advisory locks in this database")
 		return err
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "KEY\tNAME\tMODE\tSTATE\tPID\tAPPLICATION\tCLIENT\tSINCE\tQUEUE")
+	if wide {
+		fmt.Fprintln(tw, "KEY\tNAME\tMODE\tSTATE\tPID\tSINCE\tQUEUE\tSESSION\tAPPLICATION\tCLIENT\tQUERY")
+	} else {
+		fmt.Fprintln(tw, "KEY\tNAME\tMODE\tSTATE\tPID\tAPPLICATION\tCLIENT\tSINCE\tQUEUE")
+	}
 	for _, e := range entries {
 		state := "held"
 		if !e.Granted {
 			state = "waiting"
+		}
+		if wide {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
+				e.Key, orDash(printable(e.Name)), e.Mode, state, pidText(e.PID),
+				orDash(e.since()), orDash(e.queue()), orDash(e.State),
+				orDash(printable(e.ApplicationName)), orDash(e.client()), orDash(queryText(e.Query, maxQueryLen)))
+			continue
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
 			e.Key, orDash(printable(e.Name)), e.Mode, state, pidText(e.PID),
 			orDash(printable(e.ApplicationName)), orDash(e.client()), orDash(e.since()), orDash(e.queue()))
 	}
 	return tw.Flush()
+}
+
+// queryText puts a statement on one line for a table cell: runs of white
+// space become one space, other control characters (a terminal's escape
+// sequences) "?", and it is cut to limit runes, "..." included.
+func queryText(q string, limit int) string {
+	q = strings.Join(strings.Fields(q), " ")
+	q = strings.Map(func(r rune) rune {
+		if !unicode.IsPrint(r) {
+			return '?'
+		}
+		return r
+	}, q)
+	if utf8.RuneCountInString(q) <= limit {
+		return q
+	}
+	r := []rune(q)
+	return string(r[:limit-3]) + "..."
 }
 
 func (e *lockEntry) client() string {

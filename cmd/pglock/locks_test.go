@@ -128,8 +128,9 @@ func TestLocks(t *testing.T) {
 	}
 	lineWith(t, r.stdout, key.String(), name, "exclusive", "held", hp, app, "blocks", wp)
 	lineWith(t, r.stdout, key.String(), name, "exclusive", "waiting", wp, app+"-w", "behind", hp)
-	if lines := strings.Split(strings.TrimSpace(r.stdout), "\n"); len(lines) != 3 {
-		t.Fatalf("pglock locks --key NAME printed %d lines, want the header and the key's 2:\n%s", len(lines), r.stdout)
+	if lines := strings.Split(strings.TrimSpace(r.stdout), "\n"); len(lines) != 5 || lines[3] != "" ||
+		!strings.HasPrefix(lines[4], "advisory locks, all databases: ") {
+		t.Fatalf("pglock locks --key NAME printed %d lines, want the header, the key's 2, a blank line and the lock-table line:\n%s", len(lines), r.stdout)
 	}
 
 	r = pglockRun(t, "locks", "--json", "--key", name)

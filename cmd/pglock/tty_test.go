@@ -65,7 +65,20 @@ func openPty(t *testing.T) (master, slave *os.File) {
 // Write to master to type at the terminal.
 func ttyProcess(t *testing.T, args ...string) (cmd *exec.Cmd, master *os.File, out *syncBuffer) {
 	t.Helper()
+	return ttyProcessSized(t, 0, 0, args...)
+}
+
+// ttyProcessSized is ttyProcess on a terminal of cols x rows characters
+// (0 x 0: a new pty's size, which says nothing).
+func ttyProcessSized(t *testing.T, cols, rows uint16, args ...string) (cmd *exec.Cmd, master *os.File, out *syncBuffer) {
+	t.Helper()
 	master, slave := openPty(t)
+	if cols > 0 || rows > 0 {
+		ws := struct{ Row, Col, Xpixel, Ypixel uint16 }{Row: rows, Col: cols}
+		if _, _, errno := syscall.Syscall(syscall.SYS_IOCTL, slave.Fd(), syscall.TIOCSWINSZ, uintptr(unsafe.Pointer(&ws))); errno != 0 {
+			t.Fatalf("TIOCSWINSZ: %v", errno)
+		}
+	}
 	cmd = exec.Command(os.Args[0], args...)
 	cmd.Env = append(os.Environ(), asCommand+"=1")
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
