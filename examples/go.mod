@@ -5,9 +5,12 @@ go 1.26.0
 replace github.com/pglockkit/kit => ..
 
 require (
+	github.com/go-co-op/gocron/v2 v2.21.2
+	github.com/google/uuid v1.6.0
 	github.com/jackc/pgx/v5 v5.12.0
 	github.com/labstack/echo/v4 v4.16.0
 	github.com/pglockkit/kit v0.0.0-00010101000000-000000000000
+	github.com/pglockkit/kit/gocronlock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/grpclock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/middleware/echolock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/riverlock v0.0.0-00010101000000-000000000000
@@ -22,6 +25,7 @@ require (
 	github.com/jackc/pgpassfile v1.0.0 // indirect
 	github.com/jackc/pgservicefile v0.0.0-20240606120523-5a60cdf6a761 // indirect
 	github.com/jackc/puddle/v2 v2.2.3 // indirect
+	github.com/jonboulle/clockwork v0.5.0 // indirect
 	github.com/labstack/gommon v0.5.0 // indirect
 	github.com/mattn/go-colorable v0.1.15 // indirect
 	github.com/mattn/go-isatty v0.0.22 // indirect
@@ -49,3 +53,5 @@ replace github.com/pglockkit/kit/middleware/echolock => ../middleware/echolock
 replace github.com/pglockkit/kit/riverlock => ../riverlock
 
 replace github.com/pglockkit/kit/grpclock => ../grpclock
+
+replace github.com/pglockkit/kit/gocronlock => ../gocronlock

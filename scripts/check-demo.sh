@@ -27,6 +27,8 @@ each holding its key while it queries the pool: 64 x 200 OK
 pg_locks: 1000 advisory locks on 2 sessions
 balance: 60 (6 x 10: no update was lost)
 ran the tick
+msg="gocronlock: skip" replica=replica-
+each tick ran on exactly one scheduler
 most postings of one account at once: 1
 transfer 2: Aborted
 balance 60 (want 60); most deposits running at once: 1

@@ -12,7 +12,7 @@ section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 echo "building the examples and the pglock command..."
 go build -o "$bin/" ./cmd/pglock
-(cd examples && go build -o "$bin/" ./quickstart ./http ./echo ./cron ./river ./grpc ./lockconns)
+(cd examples && go build -o "$bin/" ./quickstart ./http ./echo ./cron ./gocron ./river ./grpc ./lockconns)
 
 section "1. quickstart: the Python package's README examples, in Go"
 "$bin/quickstart"
@@ -28,6 +28,9 @@ section "3. Echo: the same for an Echo service, with transaction scope"
 
 section "4. cron: one of three schedulers runs each tick"
 "$bin/cron" 2>/dev/null
+
+section "4b. gocron v2: the same with three gocron schedulers and gocronlock's Locker"
+"$bin/gocron" 2>/dev/null
 
 section "5. River: jobs of one key run one at a time across two nodes"
 "$bin/river"

@@ -1,0 +1,156 @@
+// Package gocronlock runs go-co-op/gocron v2 jobs on one replica at a time,
+// on PostgreSQL advisory locks taken through a [pglock.Locker]: every
+// replica schedules the jobs, and the database they share decides which one
+// runs each. It offers the three ways gocron has for that, and a fourth for
+// work that must commit with its lock.
+//
+//   - [Locker] is a gocron.Locker (gocron.WithDistributedLocker, or
+//     gocron.WithDistributedJobLocker for one job): at each run the replica
+//     that gets the job's lock runs it, and the others skip the run.
+//   - [Elector] is a gocron.Elector (gocron.WithDistributedElector): the
+//     replicas elect a leader on a [pglock.Leader], and only the leader's
+//     scheduler runs jobs.
+//   - [Func] wraps a job's function (gocron.NewTask(job.Run)): it holds
+//     the lock itself, so it can run the function inside the lock's
+//     transaction, cancel its context when the lock is lost, and bound it
+//     with MaxRun.
+//
+// # The Locker
+//
+//	locker, err := pglock.NewLocker(pool)
+//	gl, err := gocronlock.NewLocker(locker, gocronlock.WithMinHold(10*time.Second))
+//	s, err := gocron.NewScheduler(gocron.WithDistributedLocker(gl))
+//	_, err = s.NewJob(gocron.CronJob("0 2 * * *", false), gocron.NewTask(report),
+//		gocron.WithName("nightly-report")) // the lock's key
+//
+// At each run gocron calls [Locker.Lock] with the job's name and the job's
+// context. Lock tries the lock of [DefaultNamespace] + name
+// ("gocron:nightly-report") and never waits: a run that another replica
+// holds is skipped, not run late. Then gocron counts the run as skipped and
+// calls the job's AfterLockError listener with an error matching [ErrBusy];
+// an error that does not match it is a database problem (it matches
+// pglock.ErrNotAcquired, and pglock.ErrUnavailable when the server could not
+// be reached). When the job returns, gocron calls Unlock with the job's
+// context, which its Shutdown has cancelled by then if that is why the job
+// returned; the lock is released all the same: the release runs on
+// context.WithoutCancel, bounded by the Locker's release timeout. The locks are Session-scope locks on the pglock.Locker's
+// lock connections: a held lock costs no pool connection, and it lives as
+// long as the run, however long that is. There is no lease to renew, and
+// none to expire under a long job: the trouble of TTL-based lockers, where
+// a job that outlives its lock's expiry runs twice at once (gocron issue
+// #799), does not arise. A lock ends early only with its connection (see
+// below).
+//
+// Name every job (gocron.WithName), the same on every replica. Without a
+// name gocron uses the Go function's name ("main.main.func1"), which changes
+// when code moves: two versions of a service during a rolling deploy would
+// not exclude each other.
+//
+// # When is a tick? MinHold
+//
+// gocron's Locker contract leaves it to the locker to handle the splay
+// between schedulers, and there is some: a DurationJob counts its interval
+// from each scheduler's start (unless gocron.WithStartAt aligns them), so
+// three replicas fire "the same" run at three instants; a CronJob fires at
+// each replica's clock, give or take the clock skew and the scheduler's
+// jitter. A job that finishes before a later replica fires would run again
+// there. [WithMinHold] keeps the lock for at least the given time after it
+// was taken (ShedLock's lockAtLeastFor), so that the later replicas find it
+// held and skip: set it above the splay and below the interval. The default
+// is zero, which suits jobs that run longer than the splay; this package
+// cannot guess a job's interval. With a Locker the wait happens in Unlock,
+// so the job's goroutine stays busy until the hold ends; gocron's Shutdown,
+// StopJobs and RemoveJob cut it short (they cancel the job's context), and
+// the lock is released at once.
+//
+// # The Elector
+//
+//	elector, err := gocronlock.NewElector(ctx, locker, "billing-scheduler")
+//	defer elector.Close()
+//	s, err := gocron.NewScheduler(gocron.WithDistributedElector(elector))
+//
+// [NewElector] starts campaigning in the background on the lock of
+// [DefaultElectorNamespace] + name. The replicas that do not lead wait in the
+// server's queue; when the leader stops (Close, its context, its process, a
+// lost connection) the next one is elected at once. [Elector.IsLeader]
+// answers gocron from memory: nil while leading, an error matching
+// [ErrNotLeader] otherwise. gocron asks it before each run, and a run that
+// started stays running when the term ends: the old leader's running job
+// and the new leader's first can overlap. For jobs that must never overlap,
+// use a Locker (gocron ignores the Locker when an Elector is set) or [Func].
+//
+// # Func and Transaction scope
+//
+//	job, err := gocronlock.Func(locker, "invoices", func(ctx context.Context) error {
+//		tx, _ := pglock.TxFromContext(ctx)
+//		_, err := tx.Exec(ctx, "UPDATE invoices SET sent = true WHERE ...")
+//		return err // nil commits, an error rolls back
+//	}, gocronlock.WithScope(pglock.Transaction))
+//	_, err = s.NewJob(gocron.DurationJob(time.Minute), gocron.NewTask(job.Run),
+//		gocron.WithName(job.Name()),
+//		gocron.WithDisabledDistributedJobLocker(true)) // if the scheduler has a Locker
+//
+// A [Job] made by Func tries its lock at each run, as a Locker does, and
+// skips the run when the lock is held elsewhere (logged; Run returns nil,
+// since a skip is no failure). In Transaction scope ([WithScope]) the lock
+// is taken in a transaction of its own that the function finds with
+// [pglock.TxFromContext] ([pglock.SQLTxFromContext] on database/sql): its
+// writes commit together with the lock when it returns nil, and roll back
+// when it returns an error or panics. That fences the job's writes: they
+// cannot commit without the lock, even when the connection dies mid-run.
+// In Session scope (the Locker's default) the function's context is
+// cancelled with cause pglock.ErrLockLost when the lock is lost.
+// [WithMaxRun] puts a deadline on the function's context.
+//
+// A Func job holds its own lock, on the key a Locker would take for a job of
+// the same name: do not give it to a scheduler's gocronlock Locker too, or
+// every run would find its own lock held. Such a run fails with
+// [ErrLockedTwice] (at every tick, to be seen) rather than being skipped as
+// "held elsewhere"; add gocron.WithDisabledDistributedJobLocker(true) to the
+// job.
+//
+// # Construction errors
+//
+// gocron's own options check little, and a job cannot report a
+// configuration error before its first run, possibly at night. The
+// constructors here therefore return an error: a nil Locker ([ErrNilLocker]),
+// an empty name ([ErrEmptyName]), a nil function ([ErrNilFunc]), a bad
+// option or one that does not apply to the constructor, or a pglock.Locker
+// on one connection ([ErrInvalidOption]), or options that do not fit the
+// Locker (pglock's error). Nothing here panics; nil receivers return errors.
+//
+// # Lost connections
+//
+// A session lock lives as long as its connection. pglock watches it, and
+// when it dies (pg_terminate_backend, a network failure, a server restart)
+// the lock is gone at once for the other replicas, which may run the next
+// tick. A Func job's context is cancelled then, with cause
+// pglock.ErrLockLost, within pglock's lost-check bound; a job run under a
+// Locker cannot be told (gocron gives it a context the Locker does not
+// see): the loss is logged and Unlock returns an error matching
+// pglock.ErrLockLost, which gocron ignores. In Transaction scope the job's
+// writes die with the transaction and cannot commit.
+//
+// # Logging
+//
+// [WithLogger] takes a gocron.Logger, such as the one given to
+// gocron.WithLogger, or a *slog.Logger. It logs what gocron does not see:
+// skips and why, locks lost during a run, lock and unlock errors (gocron
+// ignores Unlock's error), elections won and lost. The default is silence.
+//
+// # What it deliberately does not do
+//
+//   - It does not wait for a busy lock, and does not run skipped runs later:
+//     a run happens on one replica or on none (at most one, given a MinHold
+//     that covers the splay between replicas).
+//   - It keeps no record of past runs. Exactly-once across restarts needs a
+//     record of the last tick run; keep it in your own table, written in the
+//     lock's transaction (Func in Transaction scope).
+//   - It does not combine with gocron's singleton or limit modes into
+//     anything cluster-wide: those limit one scheduler's concurrency.
+//   - It talks no SQL of its own: every lock goes through the
+//     *pglock.Locker.
+//   - Session locks need a real session: behind PgBouncer in transaction
+//     pooling mode, pglock refuses them (pglock.ErrTransactionPooler); use
+//     Func in Transaction scope there (see package pglock).
+package gocronlock

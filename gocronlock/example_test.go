@@ -1,0 +1,187 @@
+package gocronlock_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-co-op/gocron/v2"
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/gocronlock"
+	"github.com/pglockkit/kit/pglock"
+)
+
+func examplePool() *pgxpool.Pool {
+	pool, err := pgxpool.New(context.Background(), os.Getenv("DATABASE_URL"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	return pool
+}
+
+// Three schedulers (three replicas of a service, here in one process) run
+// the same job at the same instant: one of them runs it. MinHold keeps the
+// lock a little past the run, so that a replica that fires a moment late
+// skips the run instead of repeating it.
+func Example() {
+	pool := examplePool()
+	defer pool.Close()
+	at := time.Now().Add(300 * time.Millisecond)
+	var runs atomic.Int32
+	var schedulers []gocron.Scheduler
+	for range 3 {
+		locker, err := pglock.NewLocker(pool) // each replica has its own
+		if err != nil {
+			log.Fatal(err)
+		}
+		defer locker.Close()
+		gl, err := gocronlock.NewLocker(locker, gocronlock.WithMinHold(500*time.Millisecond))
+		if err != nil {
+			log.Fatal(err) // a nil locker, a bad option
+		}
+		s, err := gocron.NewScheduler(gocron.WithDistributedLocker(gl))
+		if err != nil {
+			log.Fatal(err)
+		}
+		_, err = s.NewJob(gocron.OneTimeJob(gocron.OneTimeJobStartDateTime(at)),
+			gocron.NewTask(func() { runs.Add(1) }),
+			gocron.WithName("example-report")) // the lock's key: name every job
+		if err != nil {
+			log.Fatal(err)
+		}
+		s.Start()
+		schedulers = append(schedulers, s)
+	}
+	time.Sleep(time.Until(at) + 200*time.Millisecond)
+	for _, s := range schedulers {
+		_ = s.Shutdown() // waits for the run and ends a MinHold wait
+	}
+	fmt.Println("runs across 3 schedulers:", runs.Load())
+	// Output: runs across 3 schedulers: 1
+}
+
+// A replica whose job another replica runs gets ErrBusy, through gocron's
+// AfterLockError listener; a database error matches pglock's errors
+// instead, so that the listener can tell the two apart.
+func ExampleLocker_Lock() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+	gl, err := gocronlock.NewLocker(locker)
+	if err != nil {
+		log.Fatal(err)
+	}
+	onLockError := gocron.AfterLockError(func(_ uuid.UUID, name string, err error) {
+		if errors.Is(err, gocronlock.ErrBusy) {
+			return // another replica runs this tick
+		}
+		log.Printf("job %s: cannot lock: %v", name, err) // the database is down
+	})
+	_ = onLockError // give it to the job: gocron.WithEventListeners(onLockError)
+
+	held, err := gl.Lock(ctx, "example-billing") // what gocron does at a run
+	if err != nil {
+		log.Fatal(err)
+	}
+	_, err = gl.Lock(ctx, "example-billing") // another run of the job, meanwhile
+	fmt.Println("busy:", errors.Is(err, gocronlock.ErrBusy))
+	fmt.Println("database error:", errors.Is(err, pglock.ErrNotAcquired))
+	_ = held.Unlock(ctx)
+	// Output:
+	// busy: true
+	// database error: false
+}
+
+// With an Elector, only the scheduler of the elected replica runs jobs. The
+// Elector campaigns in the background until its context ends or Close.
+func ExampleNewElector() {
+	pool := examplePool()
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+	elector, err := gocronlock.NewElector(context.Background(), locker, "example-scheduler")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer elector.Close() // steps down: another replica takes over at once
+
+	// Wait for the election, so that the example's one run is not skipped.
+	for elector.IsLeader(context.Background()) != nil {
+		time.Sleep(10 * time.Millisecond)
+	}
+	s, err := gocron.NewScheduler(gocron.WithDistributedElector(elector))
+	if err != nil {
+		log.Fatal(err)
+	}
+	done := make(chan struct{})
+	_, err = s.NewJob(gocron.OneTimeJob(gocron.OneTimeJobStartImmediately()), gocron.NewTask(func() {
+		fmt.Println("the leader's scheduler ran the job")
+		close(done)
+	}))
+	if err != nil {
+		log.Fatal(err)
+	}
+	s.Start()
+	<-done
+	_ = s.Shutdown()
+	// Output: the leader's scheduler ran the job
+}
+
+// Func holds the job's lock itself, so it can run the job inside the lock's
+// transaction: its writes commit with the lock when it returns nil, and
+// roll back when it fails. Give job.Run to gocron.NewTask; if the scheduler
+// has a gocronlock Locker, disable it for this job.
+func ExampleFunc() {
+	pool := examplePool()
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+	done := make(chan struct{})
+	job, err := gocronlock.Func(locker, "example-cleanup", func(ctx context.Context) error {
+		defer close(done)
+		tx, ok := pglock.TxFromContext(ctx)
+		if !ok {
+			return errors.New("no transaction")
+		}
+		// DELETE FROM sessions WHERE expires < now(), for instance.
+		var n int
+		if err := tx.QueryRow(ctx, "SELECT 1").Scan(&n); err != nil {
+			return err
+		}
+		fmt.Println("cleaned up inside the lock's transaction")
+		return nil
+	}, gocronlock.WithScope(pglock.Transaction))
+	if err != nil {
+		log.Fatal(err) // a nil locker, an empty name, a nil function, a bad option
+	}
+	s, err := gocron.NewScheduler()
+	if err != nil {
+		log.Fatal(err)
+	}
+	_, err = s.NewJob(gocron.OneTimeJob(gocron.OneTimeJobStartImmediately()), gocron.NewTask(job.Run),
+		gocron.WithName(job.Name()), gocron.WithDisabledDistributedJobLocker(true))
+	if err != nil {
+		log.Fatal(err)
+	}
+	s.Start()
+	<-done
+	_ = s.Shutdown()
+	// Output: cleaned up inside the lock's transaction
+}

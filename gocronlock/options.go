@@ -1,0 +1,216 @@
+package gocronlock
+
+import (
+	"errors"
+	"fmt"
+	"reflect"
+	"slices"
+	"time"
+
+	"github.com/go-co-op/gocron/v2"
+
+	"github.com/pglockkit/kit/pglock"
+)
+
+// DefaultNamespace is put in front of a job's name to make its lock key, so
+// that a gocron job never collides with a key of another feature (HTTP
+// routes, River jobs, cronlock's "cron:" jobs) on the same database: the job
+// named "billing" locks "gocron:billing" (under the Locker's own namespace,
+// if it has one). [NewLocker] and [Func] use it, so that a job locked by
+// either takes the same key. Change it with [WithNamespace].
+const DefaultNamespace = "gocron:"
+
+// DefaultElectorNamespace is put in front of an election's name to make the
+// key of an [Elector]'s lock: the election "scheduler" locks
+// "gocron-elector:scheduler". It differs from [DefaultNamespace] so that an
+// election never shares a key with a job of the same name. Change it with
+// [WithNamespace].
+const DefaultElectorNamespace = "gocron-elector:"
+
+// Option configures [NewLocker], [Func] and [NewElector]. Every option states
+// its default and the constructors it applies to; an option given to another
+// constructor, or with a bad value, makes the constructor return an error
+// matching [ErrInvalidOption].
+type Option func(*config)
+
+// target is the constructor a config is for.
+type target int
+
+const (
+	forLocker target = iota
+	forFunc
+	forElector
+)
+
+func (t target) String() string {
+	switch t {
+	case forLocker:
+		return "NewLocker"
+	case forFunc:
+		return "Func"
+	default:
+		return "NewElector"
+	}
+}
+
+type config struct {
+	target    target
+	namespace string
+	minHold   time.Duration
+	maxRun    time.Duration
+	// lockOpts are pglock options for the job's lock (Func's scope): none
+	// means the Locker's own.
+	lockOpts []pglock.Option
+	leader   pglock.LeaderConfig
+	log      gocron.Logger
+	errs     []error
+}
+
+// newConfig applies opts over the defaults of the constructor t.
+func newConfig(t target, opts []Option) (config, error) {
+	c := config{target: t, namespace: DefaultNamespace}
+	if t == forElector {
+		c.namespace = DefaultElectorNamespace
+	}
+	for _, o := range opts {
+		if o == nil {
+			c.invalid("nil Option")
+			continue
+		}
+		o(&c)
+	}
+	return c, errors.Join(c.errs...)
+}
+
+func (c *config) invalid(format string, args ...any) {
+	c.errs = append(c.errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalidOption}, args...)...))
+}
+
+// appliesTo reports whether the option name applies to the constructor being
+// configured, and records an error if not.
+func (c *config) appliesTo(name string, ts ...target) bool {
+	if slices.Contains(ts, c.target) {
+		return true
+	}
+	c.invalid("%s does not apply to %v", name, c.target)
+	return false
+}
+
+// WithNamespace sets the prefix of the lock key: the key is the Locker's key
+// for ns + name. The default is [DefaultNamespace] ("gocron:") for
+// [NewLocker] and [Func], and [DefaultElectorNamespace] ("gocron-elector:")
+// for [NewElector]; an empty ns locks the bare name. Every replica must use
+// the same. It applies to every constructor.
+func WithNamespace(ns string) Option {
+	return func(c *config) { c.namespace = ns }
+}
+
+// WithMinHold keeps a job's lock for at least d after it was taken, even
+// when the job finishes sooner (ShedLock's lockAtLeastFor), so that a
+// replica that fires the same tick a little later finds the lock held and
+// skips the tick instead of running it again. gocron's schedulers do not
+// agree on when a tick is: a DurationJob counts from each scheduler's start
+// (unless gocron.WithStartAt aligns them), and even a CronJob fires at each
+// replica's clock, give or take its skew and its scheduling jitter. Pick d
+// above that difference and below the interval between ticks.
+//
+// With [NewLocker] the wait happens in Unlock, which gocron calls when the
+// job returns: the job's goroutine (and its singleton or limit-mode slot)
+// stays busy until the hold ends. With [Func] the wait happens before the
+// lock's release (in Transaction scope, before the commit). Either way the
+// wait ends early when gocron cancels the job's context (Shutdown,
+// StopJobs, RemoveJob) or the lock is lost; the lock is then released at
+// once. It lasts only while the holding replica lives: a hold ends with its
+// connection.
+//
+// Zero (the default) releases the lock as soon as the job returns. A
+// negative d is an error. It applies to NewLocker and Func.
+func WithMinHold(d time.Duration) Option {
+	return func(c *config) {
+		if !c.appliesTo("WithMinHold", forLocker, forFunc) {
+			return
+		}
+		if d < 0 {
+			c.invalid("WithMinHold(%v): negative", d)
+			return
+		}
+		c.minHold = d
+	}
+}
+
+// WithMaxRun bounds a [Func] job's run: its context is cancelled after d,
+// with cause [ErrMaxRunExceeded]; the lock is released when the job returns,
+// never under a running job. (A gocron.Locker cannot do this: gocron gives
+// the job a context the Locker does not see.) Zero (the default) sets no
+// bound. A negative d is an error. It applies to Func.
+func WithMaxRun(d time.Duration) Option {
+	return func(c *config) {
+		if !c.appliesTo("WithMaxRun", forFunc) {
+			return
+		}
+		if d < 0 {
+			c.invalid("WithMaxRun(%v): negative", d)
+			return
+		}
+		c.maxRun = d
+	}
+}
+
+// WithScope sets the scope of a [Func] job's lock. The default (without this
+// option) is the Locker's scope, which is pglock.Session unless the Locker
+// was made with pglock.WithScope.
+//
+// pglock.Session holds the lock on the Locker's lock connections for the
+// run (it costs no pool connection); its loss cancels the job's context.
+//
+// pglock.Transaction runs the job inside the lock's transaction: the job
+// reaches it with pglock.TxFromContext (pglock.SQLTxFromContext on
+// database/sql), and it commits when the job returns nil and rolls back when
+// it returns an error or panics, whatever the Locker's RollbackOnError says.
+// The transaction takes a pool connection for the run.
+//
+// Any other value is an error. It applies to Func; a [Locker] always takes
+// Session locks, since gocron gives its job no way to reach a transaction.
+func WithScope(s pglock.Scope) Option {
+	return func(c *config) {
+		if !c.appliesTo("WithScope", forFunc) {
+			return
+		}
+		if s != pglock.Session && s != pglock.Transaction {
+			c.invalid("WithScope(%v): want pglock.Session or pglock.Transaction", s)
+			return
+		}
+		c.lockOpts = append(c.lockOpts, pglock.WithScope(s))
+	}
+}
+
+// WithLogger logs what gocron cannot see to a gocron.Logger, such as the one
+// given to gocron.WithLogger, or a *slog.Logger (which is one): a skipped
+// tick at Info ("gocronlock: skip", with the reason: "held elsewhere",
+// "still running here"), a lock lost during a run at Warn, a lock or unlock
+// error at Error (gocron ignores the error of Unlock), an election won or
+// lost at Info. Every message names the job (or election) and its key. A nil
+// l (the default) logs nothing. It applies to every constructor.
+func WithLogger(l gocron.Logger) Option {
+	return func(c *config) {
+		if v := reflect.ValueOf(l); v.Kind() == reflect.Pointer && v.IsNil() {
+			l = nil // a typed nil, such as a nil *slog.Logger
+		}
+		c.log = l
+	}
+}
+
+// WithLeaderConfig sets the configuration of an [Elector]'s pglock.Leader:
+// its OnElected and OnDeposed callbacks (called besides the Elector's own
+// logging) and its backoffs after a lost term or a failed campaign (the
+// database down). The zero value (the default) is pglock's defaults. A
+// negative backoff is an error, reported by pglock as
+// pglock.ErrInvalidOption. It applies to NewElector.
+func WithLeaderConfig(cfg pglock.LeaderConfig) Option {
+	return func(c *config) {
+		if !c.appliesTo("WithLeaderConfig", forElector) {
+			return
+		}
+		c.leader = cfg
+	}
+}
