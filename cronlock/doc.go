@@ -63,6 +63,20 @@
 // it above the skew and below the interval between ticks. It lasts only
 // while the holding replica lives: a hold ends with its connection.
 //
+// # Exactly once per tick
+//
+// MinHold narrows the window in which a lagging replica runs a tick again,
+// but only while the first replica lives, and only for the skew it was sized
+// for. [WithTicks] closes it: in Transaction scope, each run first records
+// its tick (the time the schedule fired for, named by the replica's own
+// clock, which is what every replica's scheduler fires at, so the same on
+// all of them) in the pglock schema, in the job's own transaction; a replica
+// whose run finds the tick recorded skips it ("tick already ran"). The
+// record commits with the work, or rolls back with it, so a tick runs
+// exactly once: not twice (clock skew, restarts), and not never because of
+// a run that failed (a later replica's firing of the same tick runs it).
+// Create the schema once with pglock.Migrate or `pglock migrate`.
+//
 // # Cancellation and lost connections
 //
 // A session lock lives as long as its connection. pglock watches it, and
@@ -102,13 +116,13 @@
 //   - It does not wait for a busy lock, and does not run skipped or missed
 //     ticks later: a tick runs on one replica or on none (at most one, given
 //     a MinHold that covers the skew between replicas).
-//   - It keeps no record of past runs. Exactly-once across restarts needs a
-//     record of the last tick run; keep it in your own table, written in
-//     the lock's transaction (Transaction scope) with an
-//     INSERT ... ON CONFLICT DO NOTHING on (job, tick), which commits with
-//     the lock. cron does not tell a job which tick it is running; derive it
-//     from the schedule.
-//   - It talks no SQL of its own: every lock goes through the *pglock.Locker.
+//   - It keeps no record of past runs unless asked: [WithTicks] records
+//     each (job, scheduled time) with pglock.ClaimTick in the lock's
+//     transaction, so that each tick runs exactly once across the cluster,
+//     whatever the clocks, even after the replica that ran it exited (see
+//     "Exactly once per tick" below).
+//   - It talks no SQL of its own: every lock goes through the *pglock.Locker,
+//     and every tick record through pglock.ClaimTick.
 //   - Session locks need a real session: behind PgBouncer in transaction
 //     pooling mode, use Transaction scope (see package pglock).
 package cronlock

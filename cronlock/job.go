@@ -130,6 +130,9 @@ func newJob(locker *pglock.Locker, name string, cfg config, fn func(context.Cont
 	if err != nil {
 		return nil, err
 	}
+	if cfg.ticks != nil && (cfg.scopeSet && cfg.scope != pglock.Transaction || !cfg.scopeSet && locker.Scope() != pglock.Transaction) {
+		return nil, fmt.Errorf("cronlock: job %q: %w: WithTicks records each tick in the lock's transaction: it needs Transaction scope (cronlock.WithScope(pglock.Transaction))", name, ErrInvalidOption)
+	}
 	return &Job{name: name, lock: l, cfg: cfg, fn: fn, job: job, log: cfg.logger(name, l.Key())}, nil
 }
 
@@ -165,6 +168,8 @@ func (j *Job) Run() {
 		j.log.info(slog.LevelInfo, "cronlock: skip", "reason", "held elsewhere")
 	case runningHere:
 		j.log.info(slog.LevelInfo, "cronlock: skip", "reason", "still running here")
+	case tickRan:
+		j.log.info(slog.LevelInfo, "cronlock: skip", "reason", "tick already ran")
 	case notAcquired:
 		j.log.error(slog.LevelError, err, "cronlock: lock not acquired")
 	case ran:
@@ -182,8 +187,8 @@ func (j *Job) Run() {
 // button, a test).
 //
 // It tries the lock without waiting. (false, nil) means the tick was
-// skipped: the lock is held elsewhere, or an earlier run of this Job is
-// still going on this replica. (false, err) means the lock could not be
+// skipped: the lock is held elsewhere, an earlier run of this Job is still
+// going on this replica, or (with [WithTicks]) the tick already ran. (false, err) means the lock could not be
 // tried (err matches pglock.ErrNotAcquired; a cancelled ctx is one case).
 // (true, err) means the work ran: err is its error (matching
 // [ErrMaxRunExceeded] when it ran past MaxRun), joined with a release
@@ -204,7 +209,11 @@ const (
 	heldElsewhere
 	runningHere
 	notAcquired
+	tickRan // WithTicks: the tick was run already, by this replica or another
 )
+
+// errTickRan ends a run whose tick was already recorded: it rolls back.
+var errTickRan = errors.New("cronlock: tick already ran")
 
 func (j *Job) tick(ctx context.Context) (result, error) {
 	if !j.running.CompareAndSwap(false, true) {
@@ -213,6 +222,8 @@ func (j *Job) tick(ctx context.Context) (result, error) {
 	defer j.running.Store(false)
 	ok, err := j.lock.TryDo(ctx, j.hold)
 	switch {
+	case ok && errors.Is(err, errTickRan):
+		return tickRan, nil
 	case ok:
 		return ran, err
 	case err != nil:
@@ -236,6 +247,11 @@ func (j *Job) hold(ctx context.Context) error {
 	}
 	if j.cfg.minHold > 0 {
 		defer holdUntil(ctx, start.Add(j.cfg.minHold))
+	}
+	if j.cfg.ticks != nil {
+		if err := j.claimTick(ctx); err != nil {
+			return err
+		}
 	}
 	if j.job != nil {
 		return j.runJob()
@@ -286,4 +302,49 @@ func holdUntil(ctx context.Context, t time.Time) {
 	case <-timer.C:
 	case <-ctx.Done():
 	}
+}
+
+// claimTick records the tick this run is for (see WithTicks) in the lock's
+// transaction; errTickRan when it was recorded already.
+func (j *Job) claimTick(ctx context.Context) error {
+	now := j.cfg.now()
+	tick := lastTick(j.cfg.ticks, now)
+	if tick.IsZero() {
+		return fmt.Errorf("cronlock: job %q: no tick of its schedule in the year before %s", j.name, now.Format(time.RFC3339))
+	}
+	var tx any
+	if t, ok := pglock.TxFromContext(ctx); ok {
+		tx = t
+	} else if t, ok := pglock.SQLTxFromContext(ctx); ok {
+		tx = t
+	}
+	claimed, err := pglock.ClaimTick(ctx, tx, j.cfg.namespace+j.name, tick)
+	switch {
+	case err != nil:
+		return fmt.Errorf("cronlock: job %q: %w", j.name, err)
+	case !claimed:
+		return errTickRan
+	}
+	return nil
+}
+
+// lastTick returns the last time at or before now that s fires at (the tick
+// a run that starts now is for), or the zero time if there is none in the
+// year before now. It looks back a second first, then further, so that a
+// frequent schedule costs a few calls of Next.
+func lastTick(s cron.Schedule, now time.Time) time.Time {
+	for _, back := range []time.Duration{time.Second, time.Minute, time.Hour, 24 * time.Hour, 32 * 24 * time.Hour, 366 * 24 * time.Hour} {
+		t := s.Next(now.Add(-back))
+		if t.IsZero() || t.After(now) {
+			continue
+		}
+		for {
+			n := s.Next(t)
+			if n.IsZero() || n.After(now) {
+				return t
+			}
+			t = n
+		}
+	}
+	return time.Time{}
 }

@@ -32,11 +32,13 @@ type config struct {
 	cronLog   cron.Logger
 	slog      *slog.Logger
 	base      context.Context
+	ticks     cron.Schedule    // WithTicks
+	now       func() time.Time // WithClock
 	errs      []error
 }
 
 func defaultConfig() config {
-	return config{namespace: DefaultNamespace, base: context.Background()}
+	return config{namespace: DefaultNamespace, base: context.Background(), now: time.Now}
 }
 
 func (c *config) invalid(format string, args ...any) {
@@ -142,5 +144,49 @@ func WithBaseContext(ctx context.Context) Option {
 			return
 		}
 		c.base = ctx
+	}
+}
+
+// WithTicks makes the job run once per scheduled time across the cluster:
+// each run records its tick (the job's key name and the time schedule fired
+// for, not the clock's time) with pglock.ClaimTick in the lock's transaction,
+// and a run whose tick is already recorded, by any replica, is skipped ("tick
+// already ran"). The record commits with the job's work, so a tick runs
+// exactly once whatever the replicas' clocks say (no [WithMinHold] needed)
+// and even after the replica that ran it first exited; a run that fails rolls
+// its record back, and a replica that fires the tick later runs it. Pass the
+// schedule the job is added with (cron.ParseStandard, or the Cron's parser).
+//
+// It needs Transaction scope ([WithScope], or the Locker's) and the pglock
+// schema (pglock.Migrate, or `pglock migrate`: a run without it fails with
+// an error matching pglock.ErrSchema). The schedule must name absolute times:
+// "@every" (cron.ConstantDelaySchedule) counts from each replica's start, so
+// its ticks are not the same on two replicas, and is an error. A cron.Job
+// given to [Wrap] runs outside the transaction: its tick is recorded, but its
+// work may not commit with it. Records older than a week are pruned.
+func WithTicks(schedule cron.Schedule) Option {
+	return func(c *config) {
+		switch schedule.(type) {
+		case nil:
+			c.invalid("WithTicks(nil)")
+			return
+		case cron.ConstantDelaySchedule, *cron.ConstantDelaySchedule:
+			c.invalid("WithTicks: an @every schedule has no ticks common to the replicas (it counts from each one's start); use a cron spec")
+			return
+		}
+		c.ticks = schedule
+	}
+}
+
+// WithClock sets the clock a job reads to name the tick it runs for (see
+// [WithTicks]): for tests and simulations of replicas whose clocks differ.
+// The default is time.Now; nil is an error.
+func WithClock(now func() time.Time) Option {
+	return func(c *config) {
+		if now == nil {
+			c.invalid("WithClock(nil)")
+			return
+		}
+		c.now = now
 	}
 }
