@@ -78,6 +78,19 @@ func ownRows(t *testing.T, watch *pgxpool.Pool, table, v string) int {
 
 // otherTakes reports whether another session (a Lock on other, a pool of its
 // own) can take key now; it lets go at once.
+// assertDoEnded fails the test unless l's hold ended with its Do: not held,
+// gone from pg_locks, and free for another session.
+func assertDoEnded(t *testing.T, l *pglock.Lock, watch, other *pgxpool.Pool) {
+	t.Helper()
+	if l.Held() {
+		t.Fatal("held after Do returned")
+	}
+	pgtest.WaitFree(t, watch, l.Key())
+	if !otherTakes(t, other, l.Key()) {
+		t.Fatal("key not free after Do returned")
+	}
+}
+
 func otherTakes(t *testing.T, other *pgxpool.Pool, key pglock.Key) bool {
 	t.Helper()
 	o, err := pglock.New(other, key)
@@ -188,13 +201,7 @@ func TestReleaseInsideDoIsRefused(t *testing.T) {
 								t.Fatalf("%d rows after fn failed, want 0 (rolled back)", n)
 							}
 						}
-						if l.Held() {
-							t.Fatal("held after Do returned")
-						}
-						pgtest.WaitFree(t, watch, l.Key())
-						if !otherTakes(t, other, l.Key()) {
-							t.Fatal("key not free after Do returned")
-						}
+						assertDoEnded(t, l, watch, other)
 						if err := l.Release(ctx); err != nil {
 							t.Fatalf("Release after Do = %v, want nil", err)
 						}
@@ -297,13 +304,7 @@ func TestReleaseFromAnotherGoroutineDuringDo(t *testing.T) {
 							t.Fatalf("%d rows, want 2: fn's work, all committed by Do", n)
 						}
 					}
-					if l.Held() {
-						t.Fatal("held after Do returned")
-					}
-					pgtest.WaitFree(t, watch, l.Key())
-					if !otherTakes(t, other, l.Key()) {
-						t.Fatal("key not free after Do returned")
-					}
+					assertDoEnded(t, l, watch, other)
 				})
 			}
 		}

@@ -243,14 +243,34 @@ func TestLeaderKillAndStop(t *testing.T) {
 		t.Fatal("no leader within 5 s")
 		return nil
 	}
+	// nextElected waits for a replica other than prev to be elected.
+	nextElected := func(t *testing.T, prev *replica, after string) (*replica, time.Time) {
+		t.Helper()
+		deadline := time.After(3 * time.Second)
+		for {
+			for _, r := range rs {
+				if r == prev {
+					continue
+				}
+				select {
+				case at := <-r.elected:
+					return r, at
+				default:
+				}
+			}
+			select {
+			case <-deadline:
+				t.Fatalf("no new leader within 3 s of %s", after)
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}
 	first := leader()
 	<-first.elected
 
 	// Kill the leader's lock connection.
 	killed := time.Now()
 	pgtest.Terminate(t, watch, pgtest.Granted(t, watch, first.ld.Key())[0].PID)
-	var next *replica
-	var electedAt time.Time
 	select {
 	case why := <-first.deposed:
 		if !errors.Is(why, pglock.ErrLockLost) {
@@ -259,27 +279,7 @@ func TestLeaderKillAndStop(t *testing.T) {
 	case <-time.After(3 * time.Second):
 		t.Fatal("the killed leader was not deposed within 3 s")
 	}
-	deadline := time.After(3 * time.Second)
-	for next == nil {
-		for _, r := range rs {
-			if r == first {
-				continue
-			}
-			select {
-			case electedAt = <-r.elected:
-				next = r
-			default:
-			}
-		}
-		if next != nil {
-			break
-		}
-		select {
-		case <-deadline:
-			t.Fatal("no new leader within 3 s of the kill")
-		case <-time.After(time.Millisecond):
-		}
-	}
+	next, electedAt := nextElected(t, first, "the kill")
 	t.Logf("a new leader was elected %v after the old one's backend was killed", electedAt.Sub(killed).Round(time.Millisecond))
 	if d := electedAt.Sub(killed); d > time.Second {
 		t.Errorf("new leader %v after the kill, want within 1 s", d)
@@ -292,28 +292,7 @@ func TestLeaderKillAndStop(t *testing.T) {
 	if err := <-next.done; !errors.Is(err, context.Canceled) {
 		t.Errorf("Run after its context was cancelled = %v, want context.Canceled", err)
 	}
-	var third *replica
-	deadline = time.After(3 * time.Second)
-	for third == nil {
-		for _, r := range rs {
-			if r == next {
-				continue
-			}
-			select {
-			case electedAt = <-r.elected:
-				third = r
-			default:
-			}
-		}
-		if third != nil {
-			break
-		}
-		select {
-		case <-deadline:
-			t.Fatal("no new leader within 3 s of the stop")
-		case <-time.After(time.Millisecond):
-		}
-	}
+	_, electedAt = nextElected(t, next, "the stop")
 	t.Logf("a new leader was elected %v after the leader was stopped", electedAt.Sub(stopped).Round(time.Millisecond))
 	if d := electedAt.Sub(stopped); d > time.Second {
 		t.Errorf("new leader %v after the stop, want within 1 s", d)
