@@ -52,6 +52,11 @@
 // the job's writes: they cannot commit without the lock, even when the
 // connection dies mid-run.
 //
+// With a Locker made [pglock.WithToken], a [Func] job's context carries the
+// lock's fencing token in either scope: [pglock.TokenFromContext] returns
+// it, to pass to outside systems with the job's writes or to
+// [pglock.CheckFence] in the job's transaction.
+//
 // # Clock skew and MinHold
 //
 // Replicas fire "the same" tick at slightly different instants: their

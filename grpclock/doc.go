@@ -100,6 +100,11 @@
 // scope for work that must be fenced by the lock, and behind a PgBouncer in
 // transaction pooling mode, which breaks session locks.
 //
+// With a Locker made [pglock.WithToken], the call's context (a stream's
+// Context) carries the lock's fencing token in either scope:
+// [pglock.TokenFromContext] returns it, to pass to outside systems with the
+// call's writes or to [pglock.CheckFence] in the work's transaction.
+//
 // # Streams
 //
 // The stream interceptor holds the lock while the handler runs. By default
@@ -114,8 +119,8 @@
 // code, or ignores it and returns nil, cannot turn a busy key's Aborted into
 // Internal or OK, so the client's retry policy still applies. Messages a handler sends before its first receive are not
 // covered, and a handler that never receives takes no lock. The stream's
-// Context carries the lock's transaction once the lock is held, even if
-// the handler took the context earlier.
+// Context carries the lock's transaction (and fencing token) once the lock
+// is held, even if the handler took the context earlier.
 //
 // In Transaction scope a stream commits when its handler returns nil; the
 // messages it sent are already on their way, so a failed commit reaches the

@@ -55,6 +55,10 @@ func (r *workRequest) LockKey() string { return r.Key }
 
 type workResponse struct {
 	HasTx bool `json:"has_tx"`
+	// Token is the fencing token in the handler's context (HasToken: there
+	// is one).
+	Token    int64 `json:"token"`
+	HasToken bool  `json:"has_token"`
 }
 
 const (
@@ -148,7 +152,8 @@ func (w *worker) work(ctx context.Context, req *workRequest) (*workResponse, err
 	if req.Fail {
 		return nil, status.Error(codes.FailedPrecondition, "worker: asked to fail")
 	}
-	return &workResponse{HasTx: hasTx}, nil
+	token, hasToken := pglock.TokenFromContext(ctx)
+	return &workResponse{HasTx: hasTx, Token: token, HasToken: hasToken}, nil
 }
 
 // stream receives requests until the client closes its side; the first one

@@ -111,9 +111,10 @@ type firstMessageStream struct {
 	stopWatch func()
 }
 
-// Context returns the stream's context: once the lock is held in
-// Transaction scope it carries the lock's transaction, and it is cancelled
-// with cause pglock.ErrLockLost if a session lock is lost.
+// Context returns the stream's context: once the lock is held it carries
+// the lock's transaction (in Transaction scope) and fencing token (with a
+// Locker made WithToken), and it is cancelled with cause pglock.ErrLockLost
+// if a session lock is lost.
 func (s *firstMessageStream) Context() context.Context { return s.ctx }
 
 // RecvMsg receives a message; the first one is handed over only once its
@@ -176,10 +177,17 @@ func (s *firstMessageStream) lockFor(m any) error {
 	if err != nil {
 		return s.fail(s.ic.notAcquired(ctx, s.method, key, err))
 	}
+	lctx := s.ctx.Context
 	if tx := l.Tx(); tx != nil {
-		s.ctx.setLocked(pglock.ContextWithTx(s.ctx.Context, tx))
+		lctx = pglock.ContextWithTx(lctx, tx)
 	} else if tx := l.SQLTx(); tx != nil {
-		s.ctx.setLocked(pglock.ContextWithSQLTx(s.ctx.Context, tx))
+		lctx = pglock.ContextWithSQLTx(lctx, tx)
+	}
+	if token := l.Token(); token != 0 {
+		lctx = pglock.ContextWithToken(lctx, token)
+	}
+	if lctx != s.ctx.Context {
+		s.ctx.setLocked(lctx)
 	}
 	stop := watchLost(l, s.cancel)
 	s.mu.Lock()

@@ -46,7 +46,10 @@ RETURNING f.token`
 )
 
 // WithToken makes the lock take a fencing token with each grant (see
-// [Lock.Token]); it needs the pglock schema ([Migrate]) and Exclusive mode.
+// [Lock.Token]); it needs the pglock schema ([Migrate]). Only exclusive
+// grants take one: a shared hold, which others hold at the same time, gets
+// none (Token is 0), so that a Locker made WithToken may still lock some
+// keys in Shared mode (httplock's SharedForSafeMethods).
 // In Session scope the token is taken on the lock's session right after the
 // grant, one more round trip; in Transaction scope, in the lock's
 // transaction, so that a transaction that rolls back gives its number back

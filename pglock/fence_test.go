@@ -147,8 +147,39 @@ func TestTokenNeedsSchema(t *testing.T) {
 			t.Errorf("advisory locks left in the fresh database: %d, %v", n, err)
 		}
 	}
-	if _, err := pglock.New(pool, "k", pglock.WithToken(), pglock.WithMode(pglock.Shared)); !errors.Is(err, pglock.ErrInvalidOption) {
-		t.Errorf("WithToken in Shared mode = %v, want ErrInvalidOption", err)
+}
+
+// A shared hold takes no token (others hold the key at the same time), so a
+// Locker made WithToken still locks in Shared mode; exclusive holds of the
+// same key do take one.
+func TestTokenSharedTakesNone(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := migrated(t, 4)
+	lk, err := pglock.NewLocker(pool, pglock.WithToken())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lk.Close()
+	key := pgtest.UniqueKey(t)
+	shared, _ := lk.Lock(key, pglock.WithMode(pglock.Shared))
+	if err := shared.Do(ctx, func(ctx context.Context) error {
+		if token, ok := pglock.TokenFromContext(ctx); ok || shared.Token() != 0 {
+			t.Errorf("a shared hold has token %d (%v), want none", token, ok)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	excl, _ := lk.Lock(key)
+	if err := excl.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if excl.Token() == 0 {
+		t.Error("an exclusive hold of a WithToken Locker has no token")
+	}
+	if err := excl.Release(ctx); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -104,9 +104,6 @@ func newLock(src source, key any, cfg *config) (*Lock, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.token && cfg.mode == Shared {
-		return nil, fmt.Errorf("%w: key %s: a fencing token (WithToken) needs Exclusive mode", ErrInvalidOption, k)
-	}
 	l := &Lock{key: k, cfg: *cfg, src: src, lostCh: make(chan struct{})}
 	l.cfg.errs = nil
 	l.st.set(k, l.cfg.scope, l.cfg.mode)
@@ -280,7 +277,7 @@ func (l *Lock) open(ctx context.Context, wait bool) (backend, bool, error) {
 			return nil, false, err
 		}
 		ok, err := b.acquire(ctx, wait)
-		if err == nil && ok && l.cfg.token {
+		if err == nil && ok && l.cfg.token && l.cfg.mode == Exclusive {
 			token, terr := b.token(ctx)
 			if terr != nil {
 				_ = b.release(ctx, false) // a grant without its token is let go

@@ -70,6 +70,12 @@
 // the work, the transaction-scoped lock and river.JobCompleteTx in one
 // transaction, so they commit or roll back as one.
 //
+// With a Locker made [pglock.WithToken], the job's context carries the lock's
+// fencing token: the worker's context under the middleware, and the context
+// WorkTx gives fn. [pglock.TokenFromContext] returns it, to pass to outside
+// systems with the job's writes or to [pglock.CheckFence] in the work's
+// transaction.
+//
 // # Cancellation and lost connections
 //
 // The job's context (River's, with its job timeout) bounds the work as usual.

@@ -92,6 +92,12 @@
 // (c.Response().(http.Flusher), http.ResponseController) send what is held
 // and stream from then on.
 //
+// With a Locker made [pglock.WithToken], the request's context carries the
+// lock's fencing token in either scope:
+// pglock.TokenFromContext(c.Request().Context()) returns it, to pass to
+// outside systems with the request's writes or to [pglock.CheckFence] in the
+// work's transaction.
+//
 // # Modes
 //
 // The mode is the Locker's ([pglock.Locker.Mode]) unless Config.Mode

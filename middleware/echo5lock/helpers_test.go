@@ -20,9 +20,9 @@ type replica struct {
 }
 
 // newReplica starts an Echo server with h on POST and GET /orders/:id behind
-// the middleware configured by cfg (Locker and, if nil, KeyExtractor
-// filled in). Echo's own log is discarded.
-func newReplica(t *testing.T, cfg echo5lock.Config, h echo.HandlerFunc) *replica {
+// the middleware configured by cfg (Locker, made with opts, and, if nil,
+// KeyExtractor filled in). Echo's own log is discarded.
+func newReplica(t *testing.T, cfg echo5lock.Config, h echo.HandlerFunc, opts ...pglock.Option) *replica {
 	t.Helper()
 	e := echo.New()
 	e.Logger = slog.New(slog.DiscardHandler)
@@ -38,7 +38,7 @@ func newReplica(t *testing.T, cfg echo5lock.Config, h echo.HandlerFunc) *replica
 		e.POST("/orders/:id", h, mw)
 		e.GET("/orders/:id", h, mw)
 		return e
-	})
+	}, opts...)
 	return &replica{Replica: r, e: e}
 }
 

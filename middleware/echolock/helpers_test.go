@@ -19,9 +19,9 @@ type replica struct {
 }
 
 // newReplica starts an Echo server with h on POST and GET /orders/:id behind
-// the middleware configured by cfg (Locker and, if nil, KeyExtractor
-// filled in).
-func newReplica(t *testing.T, cfg echolock.Config, h echo.HandlerFunc) *replica {
+// the middleware configured by cfg (Locker, made with opts, and, if nil,
+// KeyExtractor filled in).
+func newReplica(t *testing.T, cfg echolock.Config, h echo.HandlerFunc, opts ...pglock.Option) *replica {
 	t.Helper()
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
@@ -37,7 +37,7 @@ func newReplica(t *testing.T, cfg echolock.Config, h echo.HandlerFunc) *replica 
 		e.POST("/orders/:id", h, mw)
 		e.GET("/orders/:id", h, mw)
 		return e
-	})
+	}, opts...)
 	return &replica{Replica: r, e: e}
 }
 

@@ -97,6 +97,11 @@
 // http.Hijacker and http.ResponseController working (it implements Unwrap).
 // In Session scope the handler gets the ResponseWriter unwrapped.
 //
+// With a Locker made [pglock.WithToken], the request's context carries the
+// lock's fencing token in either scope: [pglock.TokenFromContext] returns it,
+// to pass to outside systems with the request's writes or to
+// [pglock.CheckFence] in the work's transaction.
+//
 // # Modes
 //
 // Requests take the key in the Locker's mode unless [WithMode] or
