@@ -43,6 +43,9 @@ type Event struct {
 	Key   Key
 	Scope Scope
 	Mode  Mode
+	// KeyName is the name the key was hashed from (see [Lock.Name]); it may
+	// carry user data.
+	KeyName string
 	// Wait is how long Acquire or TryAcquire took, for EventAcquired, EventBusy
 	// and EventNotAcquired.
 	Wait time.Duration
@@ -74,7 +77,7 @@ func (l *Lock) emit(kind EventKind, d time.Duration, err error) {
 		held = d
 	}
 	if l.cfg.observer != nil {
-		l.cfg.observer(Event{Kind: kind, Key: l.key, Scope: l.cfg.scope, Mode: l.cfg.mode, Wait: wait, Held: held, Err: err})
+		l.cfg.observer(Event{Kind: kind, Key: l.key, Scope: l.cfg.scope, Mode: l.cfg.mode, KeyName: l.name, Wait: wait, Held: held, Err: err})
 	}
 	if l.log == nil {
 		return

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"log/slog"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -233,4 +235,63 @@ func ExampleLeader() {
 	// relaying the outbox; leader: true
 	// stepped down: context canceled
 	// Run: context canceled leader: false
+}
+
+// An observer sees every event of a lock, for metrics: here a count of
+// outcomes (package otelpglock turns them into OpenTelemetry metrics).
+func ExampleWithObserver() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+
+	counts := map[pglock.EventKind]int{}
+	var mu sync.Mutex
+	locker, err := pglock.NewLocker(pool, pglock.WithObserver(func(e pglock.Event) {
+		mu.Lock()
+		counts[e.Kind]++
+		mu.Unlock()
+	}))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+	for range 3 {
+		if err := locker.Do(ctx, "example:observer", func(context.Context) error { return nil }); err != nil {
+			log.Fatal(err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	fmt.Println(pglock.EventAcquired, counts[pglock.EventAcquired], pglock.EventReleased, counts[pglock.EventReleased])
+	// Output: acquired 3 released 3
+}
+
+// A logger gets one line per event: acquired, busy, not acquired and
+// released at Debug level, a lost lock or failed release at Warn, each with
+// the key, scope, mode, and the wait or the hold's length.
+func ExampleWithLogger() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+
+	logger := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{
+		Level: slog.LevelDebug,
+		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+			switch a.Key {
+			case slog.TimeKey, "wait", "held":
+				return slog.Attr{} // they vary from run to run
+			}
+			return a
+		},
+	}))
+	l, err := pglock.New(pool, pglock.Int64Key(4242), pglock.WithLogger(logger))
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := l.Do(ctx, func(context.Context) error { return nil }); err != nil {
+		log.Fatal(err)
+	}
+	// Output:
+	// level=DEBUG msg="pglock: acquired" key=4242 scope=session mode=exclusive
+	// level=DEBUG msg="pglock: released" key=4242 scope=session mode=exclusive
 }

@@ -30,7 +30,8 @@ import (
 // Rollback, a COMMIT or ROLLBACK statement) ends the lock with it, and the
 // next Release, or Do, reports it with [ErrTxEnded].
 type Lock struct {
-	key Key
+	key  Key
+	name string // what key was hashed from, with the namespace ("" for a Key)
 	cfg config
 	src source
 	st  statements
@@ -100,11 +101,11 @@ func New(conn any, key any, opts ...Option) (*Lock, error) {
 }
 
 func newLock(src source, key any, cfg *config) (*Lock, error) {
-	k, err := cfg.keyOf(key)
+	k, name, err := cfg.keyName(key)
 	if err != nil {
 		return nil, err
 	}
-	l := &Lock{key: k, cfg: *cfg, src: src, lostCh: make(chan struct{})}
+	l := &Lock{key: k, name: name, cfg: *cfg, src: src, lostCh: make(chan struct{})}
 	l.cfg.errs = nil
 	l.st.set(k, l.cfg.scope, l.cfg.mode)
 	if cfg.logger != nil {
@@ -119,6 +120,12 @@ func newLock(src source, key any, cfg *config) (*Lock, error) {
 
 // Key returns the lock's key (after the namespace, if any, was applied).
 func (l *Lock) Key() Key { return l.key }
+
+// Name returns the name the lock's key was hashed from, namespace included
+// (the decimal text of an integer key), or "" when the key was given as a
+// [Key]. Names can carry user data (customer ids): think before logging or
+// exporting them.
+func (l *Lock) Name() string { return l.name }
 
 // Held reports whether the lock is held now: acquired, not yet released, and
 // not known to be lost.
@@ -216,8 +223,14 @@ func (l *Lock) acquire(ctx context.Context, wait, do bool) (bool, error) {
 		if !l.isLost() {
 			return false, fmt.Errorf("%w: key %s", ErrAlreadyHeld, l.key)
 		}
-		// The last hold was lost (and said so on Lost): let it go.
+		// The last hold was lost (and said so on Lost): let it go, and say
+		// that it ended, as a Release would have.
+		held := time.Since(l.since)
 		l.dropHold().discard()
+		l.lostMu.Lock()
+		lostErr := l.lostErr
+		l.lostMu.Unlock()
+		l.emit(EventReleaseFailed, held, fmt.Errorf("pglock: release key %s: %w", l.key, join(ErrLockLost, lostErr)))
 	}
 	if err := ctx.Err(); err != nil {
 		return false, l.notAcquired(ctx, nil)

@@ -230,21 +230,33 @@ func WithNamespace(ns string) Option {
 
 // keyOf applies the namespace to v and hashes it.
 func (c *config) keyOf(v any) (Key, error) {
-	if c.namespace == "" {
-		return KeyOf(v)
-	}
+	k, _, err := c.keyName(v)
+	return k, err
+}
+
+// keyName is keyOf, and the name the key was hashed from (the namespace and
+// the key's text form), or "" for a Key.
+func (c *config) keyName(v any) (Key, string, error) {
 	switch k := v.(type) {
 	case Key:
-		return k, nil
+		return k, "", nil
 	case []byte:
-		return KeyOf(append([]byte(c.namespace), k...))
+		name := c.namespace + string(k)
+		return hashKey([]byte(name)), name, nil
 	case string:
-		return KeyOf(c.namespace + k)
+		name := k
+		if c.namespace != "" {
+			name = c.namespace + k
+		}
+		key, err := KeyOf(name)
+		return key, name, err
 	}
 	if _, err := KeyOf(v); err != nil {
-		return Key{}, err
+		return Key{}, "", err
 	}
-	return KeyOf(fmt.Sprintf("%s%d", c.namespace, v))
+	name := fmt.Sprintf("%s%d", c.namespace, v)
+	key, err := KeyOf(name)
+	return key, name, err
 }
 
 // DefaultLockConns is the number of lock connections of a multiplexing

@@ -30,6 +30,9 @@ type TraceOp struct {
 	Key   Key
 	Scope Scope
 	Mode  Mode
+	// KeyName is the name the key was hashed from (see [Lock.Name]); it may
+	// carry user data.
+	KeyName string
 }
 
 // WithTracer sets a Tracer for the lock's blocking acquires, Dos and
@@ -44,7 +47,7 @@ func (l *Lock) trace(ctx context.Context, name string) (context.Context, func(bo
 	if l.cfg.tracer == nil || ctx == nil {
 		return ctx, nil
 	}
-	tctx, end := l.cfg.tracer.Start(ctx, TraceOp{Name: name, Key: l.key, Scope: l.cfg.scope, Mode: l.cfg.mode})
+	tctx, end := l.cfg.tracer.Start(ctx, TraceOp{Name: name, Key: l.key, Scope: l.cfg.scope, Mode: l.cfg.mode, KeyName: l.name})
 	if tctx == nil {
 		tctx = ctx
 	}

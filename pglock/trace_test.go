@@ -176,3 +176,57 @@ func TestTracerAndHeld(t *testing.T) {
 		t.Error("no EventLost")
 	}
 }
+
+// A hold that was lost and then let go by the next Acquire (without a
+// Release) still ends with an event, so that counts of held locks come back
+// to zero; events and traces carry the key's name.
+func TestLostHoldDroppedByAcquireEnds(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t, 4)
+	var mu sync.Mutex
+	held := 0
+	var names []string
+	l, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithNamespace("ns:"), pglock.WithObserver(func(e pglock.Event) {
+		mu.Lock()
+		defer mu.Unlock()
+		names = append(names, e.KeyName)
+		switch e.Kind {
+		case pglock.EventAcquired:
+			held++
+		case pglock.EventReleased, pglock.EventReleaseFailed:
+			held--
+		}
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(l.Name(), "ns:pgtest:") {
+		t.Errorf("Name() = %q, want the namespace and the name", l.Name())
+	}
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	pgtest.Terminate(t, pool, pgtest.Granted(t, pool, l.Key())[0].PID)
+	<-l.Lost()
+	if err := l.Acquire(ctx); err != nil { // no Release: the lost hold is let go
+		t.Fatal(err)
+	}
+	if err := l.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if held != 0 {
+		t.Errorf("acquired minus ended events = %d, want 0", held)
+	}
+	for _, n := range names {
+		if n != l.Name() {
+			t.Errorf("event KeyName %q, want %q", n, l.Name())
+		}
+	}
+	if k, _ := pglock.New(pool, pglock.Int64Key(7)); k.Name() != "" {
+		t.Errorf("Name of a Key = %q, want empty", k.Name())
+	}
+}
