@@ -32,10 +32,10 @@ import (
 type Lock struct {
 	key  Key
 	name string // what key was hashed from, with the namespace ("" for a Key)
-	cfg config
-	src source
-	st  statements
-	log *slog.Logger
+	cfg  config
+	src  source
+	st   statements
+	log  *slog.Logger
 
 	mu sync.Mutex // serializes hold changes
 	b  backend    // the current hold's backend; nil when not held
