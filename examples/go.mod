@@ -13,12 +13,34 @@ require (
 	github.com/pglockkit/kit/gocronlock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/grpclock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/middleware/echolock v0.0.0-00010101000000-000000000000
+	github.com/pglockkit/kit/otelpglock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/riverlock v0.0.0-00010101000000-000000000000
+	github.com/prometheus/client_golang v1.24.1
 	github.com/riverqueue/river v0.51.2
 	github.com/riverqueue/river/riverdriver/riverpgxv5 v0.51.2
 	github.com/riverqueue/river/rivertype v0.51.2
 	github.com/robfig/cron/v3 v3.0.1
+	go.opentelemetry.io/otel v1.47.0
+	go.opentelemetry.io/otel/exporters/prometheus v0.69.0
+	go.opentelemetry.io/otel/sdk/metric v1.47.0
 	google.golang.org/grpc v1.85.0
+)
+
+require (
+	github.com/beorn7/perks v1.0.1 // indirect
+	github.com/cespare/xxhash/v2 v2.3.0 // indirect
+	github.com/go-logr/logr v1.4.4 // indirect
+	github.com/go-logr/stdr v1.2.2 // indirect
+	github.com/munnerz/goautoneg v0.0.0-20191010083416-a7dc8b61c822 // indirect
+	github.com/prometheus/client_model v0.6.3 // indirect
+	github.com/prometheus/common v0.72.0 // indirect
+	github.com/prometheus/otlptranslator v1.0.0 // indirect
+	github.com/prometheus/procfs v0.22.0 // indirect
+	go.opentelemetry.io/auto/sdk v1.2.1 // indirect
+	go.opentelemetry.io/otel/log v1.47.0 // indirect
+	go.opentelemetry.io/otel/metric v1.47.0 // indirect
+	go.opentelemetry.io/otel/sdk v1.47.0 // indirect
+	go.opentelemetry.io/otel/trace v1.47.0 // indirect
 )
 
 require (
@@ -55,3 +77,5 @@ replace github.com/pglockkit/kit/riverlock => ../riverlock
 replace github.com/pglockkit/kit/grpclock => ../grpclock
 
 replace github.com/pglockkit/kit/gocronlock => ../gocronlock
+
+replace github.com/pglockkit/kit/otelpglock => ../otelpglock
