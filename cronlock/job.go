@@ -318,7 +318,8 @@ func (j *Job) claimTick(ctx context.Context) error {
 	} else if t, ok := pglock.SQLTxFromContext(ctx); ok {
 		tx = t
 	}
-	claimed, err := pglock.ClaimTick(ctx, tx, j.cfg.namespace+j.name, tick)
+	// The lock's name: the Locker's namespace and the job's, as its key.
+	claimed, err := pglock.ClaimTick(ctx, tx, j.lock.Name(), tick)
 	switch {
 	case err != nil:
 		return fmt.Errorf("cronlock: job %q: %w", j.name, err)

@@ -13,7 +13,8 @@
 //   - [Func] wraps a job's function (gocron.NewTask(job.Run)): it holds
 //     the lock itself, so it can run the function inside the lock's
 //     transaction, cancel its context when the lock is lost, and bound it
-//     with MaxRun.
+//     with MaxRun; with [WithTicks] it runs each scheduled time once across
+//     the cluster.
 //
 // # The Locker
 //
@@ -61,7 +62,8 @@
 // cannot guess a job's interval. With a Locker the wait happens in Unlock,
 // so the job's goroutine stays busy until the hold ends; gocron's Shutdown,
 // StopJobs and RemoveJob cut it short (they cancel the job's context), and
-// the lock is released at once.
+// the lock is released at once. For work in the database, [WithTicks] needs
+// no such guess (see "Exactly-once ticks").
 //
 // # The Elector
 //
@@ -109,6 +111,75 @@
 // "held elsewhere"; add gocron.WithDisabledDistributedJobLocker(true) to the
 // job.
 //
+// # Exactly-once ticks
+//
+//	ticks := gocronlock.NewTicks(nil) // one per scheduler
+//	s, err := gocron.NewScheduler(gocron.WithSchedulerMonitor(ticks))
+//	job, err := gocronlock.Func(locker, "invoices", sendInvoices,
+//		gocronlock.WithScope(pglock.Transaction), gocronlock.WithTicks(ticks))
+//	_, err = s.NewJob(gocron.CronJob("0 2 * * *", false), gocron.NewTask(job.Run),
+//		gocron.WithName(job.Name()))
+//
+// A lock keeps two replicas from running a job at once, not from running the
+// same tick one after the other: a replica whose clock is a second behind
+// fires the 02:00 run after the first one finished. [WithTicks] closes that
+// gap for a Func job in Transaction scope: before the function runs, the run
+// records (job, tick) with pglock.ClaimTick in the lock's transaction, where
+// the tick is the time gocron scheduled the run for; a tick recorded already,
+// by any replica, is skipped (logged: "tick already ran"; Run returns nil).
+// The function finds its tick with [TickFromContext]. Since the record
+// decides, a run waits for the lock rather than skip when another replica
+// holds it: that replica may be checking, or running, another tick.
+//
+// The tick is the schedule's time, not the clock's. gocron hands a task no
+// scheduled time; its scheduler monitor does: gocron calls
+// JobSchedulingDelay on the run's goroutine just before the task, with the
+// time it had set the run's timer for, computed from the job's definition on
+// the scheduler's clock (gocron.WithClock). [Ticks] is that monitor: it keeps
+// the time for the job's Run, which takes it. Each replica's scheduler
+// computes the same cron times, whenever its own clock reaches them, so the
+// replicas agree on the ticks whatever their clocks' skew; and a run that
+// starts late (a busy host, a slow BeforeJobRuns listener) records the tick
+// it was scheduled for, not the time it started.
+//
+// What it guarantees: each scheduled time runs at most once across the
+// replicas, and its record commits in the same transaction as the job's
+// work, so a tick counts as run exactly when its work committed. It holds
+// after the replica that ran a tick exited (the record is in the database,
+// kept a week), and whatever the skew, since no clock is compared. A run
+// that failed (an error, a panic, a lost connection) leaves its tick
+// unrecorded: a replica that fires it later, one whose clock is behind, runs
+// it.
+//
+// What it does not do:
+//
+//   - It does not run missed ticks: a tick at which no replica fired (all
+//     down, all busy) stays unrun. [Job.TryRunTick] runs a given tick by hand.
+//   - It covers the work done in the lock's transaction. Effects outside the
+//     database (an e-mail, an API call) may happen in a run whose commit then
+//     fails, and happen again when the tick is run again.
+//   - The replicas share ticks only when their schedules give the same times:
+//     CronJob, OneTimeJob at given times, and DailyJob, WeeklyJob and
+//     MonthlyJob with an interval of 1 do (in the same location:
+//     gocron.WithLocation or CRON_TZ); longer intervals count from each
+//     scheduler's start. So does a DurationJob: align it, with
+//     gocron.WithStartAt(gocron.WithStartDateTime(now.Truncate(d).Add(d))) on
+//     every replica, or each replica's ticks are its own and nothing is
+//     deduplicated (the lock still keeps runs apart). A DurationRandomJob, a
+//     job WithIntervalFromCompletion and a first run WithStartImmediately
+//     (the scheduler's start time) have no shared ticks.
+//   - gocron reports for a run it did not schedule (Job.RunNow) the job's next
+//     scheduled time: such a run claims that tick, and the scheduled run is
+//     then skipped everywhere. Use TryRunTick for runs off the schedule. A
+//     run that gocron queued (singleton or limit mode LimitModeWait) is
+//     reported with the scheduled time current when it starts, which may be
+//     a later tick than the one that queued it.
+//
+// It needs the pglock schema: run pglock.Migrate (or `pglock migrate`) once;
+// without it a run fails with an error matching pglock.ErrSchema. A run that
+// gocron reported no scheduled time for (a scheduler without the Ticks, a
+// gocron job not named job.Name(), TryRun by hand) fails with [ErrNoTick].
+//
 // # Construction errors
 //
 // gocron's own options check little, and a job cannot report a
@@ -140,16 +211,16 @@
 //
 // # What it deliberately does not do
 //
-//   - It does not wait for a busy lock, and does not run skipped runs later:
-//     a run happens on one replica or on none (at most one, given a MinHold
-//     that covers the splay between replicas).
-//   - It keeps no record of past runs. Exactly-once across restarts needs a
-//     record of the last tick run; keep it in your own table, written in the
-//     lock's transaction (Func in Transaction scope).
+//   - It does not wait for a busy lock (except with WithTicks), and does not
+//     run skipped runs later: a run happens on one replica or on none (at
+//     most one, given a MinHold that covers the splay between replicas, or
+//     WithTicks).
+//   - It keeps no record of past runs unless asked: [WithTicks] records each
+//     scheduled time run, in the lock's transaction.
 //   - It does not combine with gocron's singleton or limit modes into
 //     anything cluster-wide: those limit one scheduler's concurrency.
 //   - It talks no SQL of its own: every lock goes through the
-//     *pglock.Locker.
+//     *pglock.Locker, and every tick record through pglock.ClaimTick.
 //   - Session locks need a real session: behind PgBouncer in transaction
 //     pooling mode, pglock refuses them (pglock.ErrTransactionPooler); use
 //     Func in Transaction scope there (see package pglock).

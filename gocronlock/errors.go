@@ -52,4 +52,14 @@ var (
 	// gocron.WithDisabledDistributedJobLocker(true) to it.
 	ErrLockedTwice = errors.New("gocronlock: job locked twice (a Func job under a scheduler's gocronlock Locker;" +
 		" add gocron.WithDisabledDistributedJobLocker(true) to the job)")
+
+	// ErrNoTick means a run of a [Func] job made [WithTicks] found no
+	// scheduled time to record: gocron did not report one to the job's
+	// [Ticks] (the scheduler was not given it with
+	// gocron.WithSchedulerMonitor, or the gocron job is not named
+	// job.Name()), or [Job.TryRun] was called by hand (use
+	// [Job.TryRunTick]). The function does not run; Run returns the error at
+	// every run, to be seen.
+	ErrNoTick = errors.New("gocronlock: no scheduled time for the run (give the scheduler the job's Ticks:" +
+		" gocron.WithSchedulerMonitor, and name the gocron job job.Name())")
 )

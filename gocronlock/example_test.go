@@ -185,3 +185,58 @@ func ExampleFunc() {
 	_ = s.Shutdown()
 	// Output: cleaned up inside the lock's transaction
 }
+
+// WithTicks runs each scheduled time once across the replicas: each run
+// records its tick (the time gocron scheduled it for) in the lock's
+// transaction, and a replica that fires a tick already run skips it, however
+// late (its clock behind) it fires. Each scheduler gets a Ticks, the gocron
+// monitor that tells the job its scheduled time.
+func ExampleWithTicks() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+	if _, err := pglock.Migrate(ctx, pool); err != nil { // once, at deploy time
+		log.Fatal(err)
+	}
+	at := time.Now().Add(300 * time.Millisecond)
+	var runs atomic.Int32
+	var schedulers []gocron.Scheduler
+	for range 2 { // two replicas
+		locker, err := pglock.NewLocker(pool)
+		if err != nil {
+			log.Fatal(err)
+		}
+		defer locker.Close()
+		ticks := gocronlock.NewTicks(nil)
+		job, err := gocronlock.Func(locker, "example-ticks", func(ctx context.Context) error {
+			tx, _ := pglock.TxFromContext(ctx)
+			tick, _ := gocronlock.TickFromContext(ctx) // the same on every replica
+			// INSERT INTO reports (day) ..., in the transaction that records the tick:
+			if _, err := tx.Exec(ctx, "SELECT $1::timestamptz", tick); err != nil {
+				return err
+			}
+			runs.Add(1)
+			return nil
+		}, gocronlock.WithScope(pglock.Transaction), gocronlock.WithTicks(ticks))
+		if err != nil {
+			log.Fatal(err)
+		}
+		s, err := gocron.NewScheduler(gocron.WithSchedulerMonitor(ticks))
+		if err != nil {
+			log.Fatal(err)
+		}
+		_, err = s.NewJob(gocron.OneTimeJob(gocron.OneTimeJobStartDateTime(at)), gocron.NewTask(job.Run),
+			gocron.WithName(job.Name()))
+		if err != nil {
+			log.Fatal(err)
+		}
+		s.Start()
+		schedulers = append(schedulers, s)
+	}
+	time.Sleep(time.Until(at) + 500*time.Millisecond)
+	for _, s := range schedulers {
+		_ = s.Shutdown()
+	}
+	fmt.Println("runs of the tick across 2 schedulers:", runs.Load())
+	// Output: runs of the tick across 2 schedulers: 1
+}

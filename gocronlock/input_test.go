@@ -56,6 +56,7 @@ func TestBadInput(t *testing.T) {
 			{"negative MinHold", lk, []gocronlock.Option{gocronlock.WithMinHold(-time.Second)}, gocronlock.ErrInvalidOption},
 			{"WithScope", lk, []gocronlock.Option{gocronlock.WithScope(pglock.Transaction)}, gocronlock.ErrInvalidOption},
 			{"WithMaxRun", lk, []gocronlock.Option{gocronlock.WithMaxRun(time.Second)}, gocronlock.ErrInvalidOption},
+			{"WithTicks", lk, []gocronlock.Option{gocronlock.WithTicks(gocronlock.NewTicks(nil))}, gocronlock.ErrInvalidOption},
 			{"WithLeaderConfig", lk, []gocronlock.Option{gocronlock.WithLeaderConfig(pglock.LeaderConfig{})}, gocronlock.ErrInvalidOption},
 			{"nil option", lk, []gocronlock.Option{nil}, gocronlock.ErrInvalidOption},
 		} {
@@ -113,10 +114,21 @@ func TestBadInput(t *testing.T) {
 			{"negative MinHold", lk, "billing", nop, []gocronlock.Option{gocronlock.WithMinHold(-1)}, gocronlock.ErrInvalidOption},
 			{"negative MaxRun", lk, "billing", nop, []gocronlock.Option{gocronlock.WithMaxRun(-1)}, gocronlock.ErrInvalidOption},
 			{"WithLeaderConfig", lk, "billing", nop, []gocronlock.Option{gocronlock.WithLeaderConfig(pglock.LeaderConfig{})}, gocronlock.ErrInvalidOption},
+			{"WithTicks(nil)", lk, "billing", nop, []gocronlock.Option{gocronlock.WithScope(pglock.Transaction), gocronlock.WithTicks(nil)}, gocronlock.ErrInvalidOption},
+			{"WithTicks in Session scope", lk, "billing", nop, []gocronlock.Option{gocronlock.WithScope(pglock.Session), gocronlock.WithTicks(gocronlock.NewTicks(nil))}, gocronlock.ErrInvalidOption},
+			{"WithTicks in the Locker's Session scope", lk, "billing", nop, []gocronlock.Option{gocronlock.WithTicks(gocronlock.NewTicks(nil))}, gocronlock.ErrInvalidOption},
 		} {
 			if j, err := gocronlock.Func(c.locker, c.job, c.fn, c.opts...); !errors.Is(err, c.want) || j != nil {
 				t.Errorf("%s: Func = (%v, %v), want (nil, %v)", c.name, j, err, c.want)
 			}
+		}
+		txLocker, err := pglock.NewLocker(pgtest.Pool(t, 1), pglock.WithScope(pglock.Transaction))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer txLocker.Close()
+		if _, err := gocronlock.Func(txLocker, "billing", nop, gocronlock.WithTicks(gocronlock.NewTicks(nil))); err != nil {
+			t.Errorf("WithTicks on a Locker in Transaction scope: %v", err)
 		}
 		j, err := gocronlock.Func(lk, "billing", nop)
 		if err != nil {
@@ -145,6 +157,7 @@ func TestBadInput(t *testing.T) {
 			{"negative backoff", ctx, lk, "scheduler", []gocronlock.Option{gocronlock.WithLeaderConfig(pglock.LeaderConfig{MinBackoff: -1})}, pglock.ErrInvalidOption},
 			{"WithMinHold", ctx, lk, "scheduler", []gocronlock.Option{gocronlock.WithMinHold(time.Second)}, gocronlock.ErrInvalidOption},
 			{"WithScope", ctx, lk, "scheduler", []gocronlock.Option{gocronlock.WithScope(pglock.Session)}, gocronlock.ErrInvalidOption},
+			{"WithTicks", ctx, lk, "scheduler", []gocronlock.Option{gocronlock.WithTicks(gocronlock.NewTicks(nil))}, gocronlock.ErrInvalidOption},
 		} {
 			if e, err := gocronlock.NewElector(c.ctx, c.locker, c.elect, c.opts...); !errors.Is(err, c.want) || e != nil {
 				t.Errorf("%s: NewElector = (%v, %v), want (nil, %v)", c.name, e, err, c.want)
@@ -169,6 +182,12 @@ func TestBadInput(t *testing.T) {
 		if err := j.Run(ctx); !errors.Is(err, gocronlock.ErrNilFunc) {
 			t.Errorf("(*Job)(nil).Run = %v, want ErrNilFunc", err)
 		}
+		if ran, err := j.TryRunTick(ctx, time.Now()); ran || !errors.Is(err, gocronlock.ErrNilFunc) {
+			t.Errorf("(*Job)(nil).TryRunTick = (%v, %v), want ErrNilFunc", ran, err)
+		}
+		var ticks *gocronlock.Ticks
+		ticks.JobSchedulingDelay(nil, time.Now(), time.Now()) // nothing to keep, no panic
+		ticks.SchedulerStarted()
 	})
 
 	t.Run("typed nil logger", func(t *testing.T) {

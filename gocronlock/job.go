@@ -12,8 +12,9 @@ import (
 
 // Job is a gocron task that runs its function on one replica at a time:
 // at each run it tries the job's lock without waiting; the replica that gets
-// it runs the function, and the others skip the run. Make it with [Func] and
-// give its Run method to gocron.NewTask:
+// it runs the function, and the others skip the run (with [WithTicks] each
+// run waits for the lock, and the tick's record decides). Make it with
+// [Func] and give its Run method to gocron.NewTask:
 //
 //	job, err := gocronlock.Func(locker, "billing", bill, gocronlock.WithScope(pglock.Transaction))
 //	if err != nil {
@@ -30,7 +31,8 @@ import (
 // Unlike a [Locker], which gocron asks for a lock around the job, a Job
 // holds its lock itself, so it can give the function what gocron cannot:
 // the lock's transaction (Transaction scope, see [WithScope]), a context
-// cancelled when the lock is lost, and a MaxRun deadline. A Job takes its own
+// cancelled when the lock is lost, a MaxRun deadline, and a record of the
+// ticks run (exactly-once ticks, see [WithTicks]). A Job takes its own
 // lock: do not also lock it with a scheduler's Locker under the same name
 // (see [ErrLockedTwice]).
 //
@@ -43,6 +45,8 @@ type Job struct {
 	fn      func(ctx context.Context) error
 	minHold time.Duration
 	maxRun  time.Duration
+	ticks   *Ticks // WithTicks
+	tickJob string // the job's name in pglock's tick records: its lock's name, namespaces included
 	log     logger
 	running atomic.Bool
 }
@@ -50,7 +54,7 @@ type Job struct {
 // Func returns a Job that runs fn under the lock of the key
 // [DefaultNamespace] + name (see [WithNamespace]): the key a [Locker] takes
 // for a gocron job of that name, so that replicas that lock the job either
-// way exclude each other. Options: [WithScope], [WithMinHold],
+// way exclude each other. Options: [WithScope], [WithTicks], [WithMinHold],
 // [WithMaxRun], [WithNamespace], [WithLogger].
 //
 // fn's context is the one gocron gives Run, cancelled also when the lock is
@@ -58,7 +62,8 @@ type Job struct {
 // [WithMaxRun] passes (cause [ErrMaxRunExceeded]). In Transaction scope it
 // carries the lock's transaction (pglock.TxFromContext): fn's writes commit
 // with the lock when fn returns nil, and roll back when it returns an error
-// or panics.
+// or panics. With [WithTicks] it carries the run's tick too
+// ([TickFromContext]), recorded in that transaction before fn runs.
 //
 // A nil locker, an empty name, a nil fn, a bad option or a Locker that does
 // not fit is an error ([ErrNilLocker], [ErrEmptyName], [ErrNilFunc],
@@ -81,13 +86,23 @@ func Func(locker *pglock.Locker, name string, fn func(ctx context.Context) error
 	}
 	// The function's outcome decides the commit, whatever the Locker's
 	// RollbackOnError says.
-	lockOpts := append([]pglock.Option{pglock.WithRollbackOnError(true)}, cfg.lockOpts...)
+	lockOpts := []pglock.Option{pglock.WithRollbackOnError(true)}
+	scope := locker.Scope()
+	if cfg.scope != nil {
+		scope = *cfg.scope
+		lockOpts = append(lockOpts, pglock.WithScope(scope))
+	}
+	if cfg.ticks != nil && scope != pglock.Transaction {
+		return nil, fmt.Errorf("gocronlock: job %q: %w: WithTicks records each tick in the lock's transaction:"+
+			" it needs Transaction scope (gocronlock.WithScope(pglock.Transaction))", name, ErrInvalidOption)
+	}
 	l, err := lockOf(locker, cfg.namespace+name, lockOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("gocronlock: job %q: %w", name, err)
 	}
 	return &Job{
 		name: name, lock: l, fn: fn, minHold: cfg.minHold, maxRun: cfg.maxRun,
+		ticks: cfg.ticks, tickJob: l.Name(),
 		log: logger{l: cfg.log, kv: []any{"job", name, "key", l.Key().String()}},
 	}, nil
 }
@@ -102,12 +117,15 @@ func (j *Job) Key() pglock.Key { return j.lock.Key() }
 // Run is the task function to give to gocron.NewTask: it runs one tick with
 // ctx (gocron's job context) as the parent of the function's context.
 //
-// It returns nil when the run was skipped (the lock is held elsewhere, or an
-// earlier run of this Job is still going here; logged, see [WithLogger]):
-// a skip is not a failure of the job. It returns the function's error when
-// the function ran (joined with a release error, matching
-// pglock.ErrLockLost when the lock was lost during the run), and pglock's
-// error (matching pglock.ErrNotAcquired) when the lock could not be tried.
+// It returns nil when the run was skipped (the lock is held elsewhere, an
+// earlier run of this Job is still going here, or, with [WithTicks], the
+// tick already ran; logged, see [WithLogger]): a skip is not a failure of
+// the job. It returns the function's error when the function ran (joined
+// with a release error, matching pglock.ErrLockLost when the lock was lost
+// during the run), pglock's error (matching pglock.ErrNotAcquired) when the
+// lock could not be tried, and with WithTicks an error when the tick could
+// not be recorded (matching pglock.ErrSchema without the pglock schema) or
+// gocron reported none ([ErrNoTick]).
 // gocron hands a returned error to the job's AfterJobRunsWithError
 // listener. Use [Job.TryRun] to know whether the function ran.
 //
@@ -122,9 +140,11 @@ func (j *Job) Run(ctx context.Context) error {
 // TryRun is [Job.Run] that also reports whether the function ran, for
 // callers that drive a Job themselves (a "run now" button, a test).
 // (false, nil) means the run was skipped; (false, err) that the lock could
-// not be tried (err matches pglock.ErrNotAcquired), or that the job is
-// locked twice ([ErrLockedTwice]); (true, err) that the function ran and
-// err is its error, joined with any release error.
+// not be tried (err matches pglock.ErrNotAcquired), that the job is
+// locked twice ([ErrLockedTwice]), or, with [WithTicks], that the tick could
+// not be recorded or gocron reported none ([ErrNoTick]: a Job with ticks run
+// by hand needs [Job.TryRunTick]); (true, err) that the function ran and err
+// is its error, joined with any release error.
 //
 // The lock is released when the function returns and [WithMinHold] has
 // passed.
@@ -132,44 +152,113 @@ func (j *Job) TryRun(ctx context.Context) (bool, error) {
 	if j == nil {
 		return false, fmt.Errorf("%w: Run called on a nil *gocronlock.Job", ErrNilFunc)
 	}
+	var tick time.Time
+	if j.ticks != nil {
+		at, ok := j.ticks.take(j.name)
+		if !ok {
+			err := fmt.Errorf("%w: job %q", ErrNoTick, j.name)
+			j.log.error(err, "gocronlock: job not run")
+			return false, err
+		}
+		tick = at
+	}
+	return j.run(ctx, tick)
+}
+
+// TryRunTick is [Job.TryRun] for the run scheduled at tick, for a Job made
+// [WithTicks] that the caller drives itself: a catch-up of a tick that no
+// replica ran, a simulation, a test. The tick is recorded as gocron's would
+// be, so a tick that already ran, by any replica, is skipped ((false, nil)).
+// A zero tick is an error matching [ErrNoTick]. Without WithTicks the tick
+// is ignored and TryRunTick is TryRun.
+func (j *Job) TryRunTick(ctx context.Context, tick time.Time) (bool, error) {
+	if j == nil {
+		return false, fmt.Errorf("%w: Run called on a nil *gocronlock.Job", ErrNilFunc)
+	}
+	if j.ticks == nil {
+		tick = time.Time{}
+	} else if tick.IsZero() {
+		return false, fmt.Errorf("%w: job %q: TryRunTick was given a zero tick", ErrNoTick, j.name)
+	}
+	return j.run(ctx, tick)
+}
+
+// run is one run, for the scheduled time tick (zero without WithTicks).
+func (j *Job) run(ctx context.Context, tick time.Time) (bool, error) {
+	log := j.log
+	if !tick.IsZero() {
+		log = logger{l: j.log.l, kv: j.log.with("tick", tick)}
+	}
 	if ctx == nil {
 		return false, fmt.Errorf("gocronlock: job %q: %w: nil context", j.name, pglock.ErrNotAcquired)
 	}
 	if !j.running.CompareAndSwap(false, true) {
-		j.log.info("gocronlock: skip", "reason", "still running here")
+		log.info("gocronlock: skip", "reason", "still running here")
 		return false, nil
 	}
 	defer j.running.Store(false)
-	ok, err := j.lock.TryDo(ctx, j.hold)
+	var (
+		held     bool  // the lock was taken
+		claimErr error // the tick was not recorded: the function did not run
+	)
+	fn := func(ctx context.Context) error {
+		held = true
+		if !tick.IsZero() {
+			if claimErr = j.claim(ctx, tick); claimErr != nil {
+				return claimErr // rolls the transaction back
+			}
+			ctx = context.WithValue(ctx, tickKey{}, tick)
+		}
+		return j.hold(ctx, log)
+	}
+	var err error
+	if tick.IsZero() {
+		held, err = j.lock.TryDo(ctx, fn)
+	} else if !outer.has(j.lock.Key()) {
+		// With ticks the record decides whether a tick runs, and the lock
+		// only keeps runs apart: a run waits for it rather than skip its
+		// tick because another run holds it (often a replica that is
+		// behind, checking a tick that already ran).
+		err = j.lock.Do(ctx, fn)
+	}
 	switch {
-	case ok:
+	case held && errors.Is(claimErr, errTickRan):
+		log.info("gocronlock: skip", "reason", "tick already ran")
+		if err != claimErr { // joined with a release error
+			log.error(err, "gocronlock: release failed")
+		}
+		return false, nil
+	case held && claimErr != nil:
+		log.error(err, "gocronlock: tick not recorded")
+		return false, err
+	case held:
 		return true, err
 	case err != nil:
 		err = fmt.Errorf("gocronlock: job %q: %w", j.name, err)
-		j.log.error(err, "gocronlock: lock not acquired")
+		log.error(err, "gocronlock: lock not acquired")
 		return false, err
 	case outer.has(j.lock.Key()):
 		err = fmt.Errorf("%w: job %q (key %s)", ErrLockedTwice, j.name, j.lock.Key())
-		j.log.error(err, "gocronlock: job not run")
+		log.error(err, "gocronlock: job not run")
 		return false, err
 	default:
-		j.log.info("gocronlock: skip", "reason", "held elsewhere")
+		log.info("gocronlock: skip", "reason", "held elsewhere")
 		return false, nil
 	}
 }
 
 // hold runs the function on the held lock, and keeps the lock until MinHold
 // has passed since the start, even when the function fails or panics.
-func (j *Job) hold(ctx context.Context) error {
+func (j *Job) hold(ctx context.Context, log logger) error {
 	start := time.Now()
-	if j.log.enabled() {
+	if log.enabled() {
 		// Log a loss when it happens, not when the function gets round to
 		// returning; and before the run returns.
 		logged := make(chan struct{})
 		stop := context.AfterFunc(ctx, func() {
 			defer close(logged)
 			if cause := context.Cause(ctx); errors.Is(cause, pglock.ErrLockLost) {
-				j.log.warn(cause, "gocronlock: lock lost during run")
+				log.warn(cause, "gocronlock: lock lost during run")
 			}
 		})
 		defer func() {

@@ -58,12 +58,12 @@ type config struct {
 	namespace string
 	minHold   time.Duration
 	maxRun    time.Duration
-	// lockOpts are pglock options for the job's lock (Func's scope): none
-	// means the Locker's own.
-	lockOpts []pglock.Option
-	leader   pglock.LeaderConfig
-	log      gocron.Logger
-	errs     []error
+	// scope is Func's scope (WithScope): nil means the Locker's own.
+	scope  *pglock.Scope
+	ticks  *Ticks
+	leader pglock.LeaderConfig
+	log    gocron.Logger
+	errs   []error
 }
 
 // newConfig applies opts over the defaults of the constructor t.
@@ -180,16 +180,58 @@ func WithScope(s pglock.Scope) Option {
 			c.invalid("WithScope(%v): want pglock.Session or pglock.Transaction", s)
 			return
 		}
-		c.lockOpts = append(c.lockOpts, pglock.WithScope(s))
+		c.scope = &s
+	}
+}
+
+// WithTicks makes a [Func] job run once per scheduled time across the
+// cluster ("exactly-once ticks"): each run first records the time gocron
+// scheduled it for (the tick; the schedule's time, not the clock's) with
+// pglock.ClaimTick in the lock's transaction, and a tick recorded already,
+// by any replica, is skipped (logged: "tick already ran"; Run returns nil).
+// The record commits or rolls back with the job's work, so a tick counts as
+// run only when its work committed. ticks is the [Ticks] given to the job's
+// scheduler (gocron.WithSchedulerMonitor), from which the run learns its
+// scheduled time; a run without one fails with [ErrNoTick]. See
+// "Exactly-once ticks" in the package documentation for what it guarantees,
+// and for the schedules whose ticks the replicas share.
+//
+// Since the record decides whether a tick runs, a run waits for the job's
+// lock instead of skipping when it is held elsewhere: the lock only keeps
+// the replicas' runs apart, and a run must not lose its tick to a replica
+// that holds the lock for another one (typically a replica whose clock is
+// behind, checking a tick that already ran). The wait ends with gocron's job
+// context (Shutdown, StopJobs, RemoveJob) or the Locker's
+// pglock.WithWaitTimeout; the ticks that this replica fires meanwhile are
+// skipped ("still running here"). [WithMinHold] is not needed.
+//
+// It needs Transaction scope ([WithScope], or a Locker made with
+// pglock.WithScope(pglock.Transaction)) and the pglock schema
+// (pglock.Migrate, or `pglock migrate`): a run without it fails with an
+// error matching pglock.ErrSchema. The ticks are recorded under the name the
+// job's key is made from (the namespace + name, "gocron:billing"). The
+// default, without this option, records nothing. A nil ticks, or Session
+// scope, is an error. It applies to Func.
+func WithTicks(ticks *Ticks) Option {
+	return func(c *config) {
+		if !c.appliesTo("WithTicks", forFunc) {
+			return
+		}
+		if ticks == nil {
+			c.invalid("WithTicks(nil)")
+			return
+		}
+		c.ticks = ticks
 	}
 }
 
 // WithLogger logs what gocron cannot see to a gocron.Logger, such as the one
 // given to gocron.WithLogger, or a *slog.Logger (which is one): a skipped
 // tick at Info ("gocronlock: skip", with the reason: "held elsewhere",
-// "still running here"), a lock lost during a run at Warn, a lock or unlock
-// error at Error (gocron ignores the error of Unlock), an election won or
-// lost at Info. Every message names the job (or election) and its key. A nil
+// "still running here", "tick already ran"), a lock lost during a run at
+// Warn, a lock, unlock or tick error at Error (gocron ignores the error of
+// Unlock), an election won or lost at Info. Every message names the job (or
+// election) and its key, and the tick with WithTicks. A nil
 // l (the default) logs nothing. It applies to every constructor.
 func WithLogger(l gocron.Logger) Option {
 	return func(c *config) {
