@@ -1,8 +1,6 @@
 package echo5lock
 
 import (
-	"errors"
-	"fmt"
 	"log/slog"
 	"net/http"
 	"time"
@@ -10,6 +8,7 @@ import (
 	"github.com/labstack/echo/v5"
 	"github.com/labstack/echo/v5/middleware"
 
+	"github.com/pglockkit/kit/internal/echocore"
 	"github.com/pglockkit/kit/pglock"
 )
 
@@ -134,24 +133,12 @@ func DefaultCommit(c *echo.Context, err error) bool {
 // key in pglock.Shared mode (they run together), every other method in
 // pglock.Exclusive mode.
 func SharedForSafeMethods(c *echo.Context) pglock.Mode {
-	switch c.Request().Method {
-	case http.MethodGet, http.MethodHead, http.MethodOptions:
-		return pglock.Shared
-	default:
-		return pglock.Exclusive
-	}
+	return echocore.SharedForSafeMethods(c.Request())
 }
 
-func defaultDeny(_ *echo.Context, _ string, err error) error {
-	return echo.NewHTTPError(http.StatusConflict, "another request holds the lock for this resource").Wrap(err)
-}
+func defaultDeny(_ *echo.Context, _ string, err error) error { return framework.DefaultDeny(err) }
 
-func defaultError(_ *echo.Context, err error) error {
-	if errors.Is(err, ErrKey) {
-		return echo.NewHTTPError(http.StatusBadRequest, "the request does not name a valid lock key").Wrap(err)
-	}
-	return echo.NewHTTPError(http.StatusServiceUnavailable, "the lock for this resource could not be taken").Wrap(err)
-}
+func defaultError(_ *echo.Context, err error) error { return framework.DefaultError(err) }
 
 // New returns the middleware with DefaultConfig, locker and extractor. A nil
 // locker or extractor is an error (ErrNilLocker, ErrNilKeyExtractor), never a
@@ -174,77 +161,29 @@ func WithConfig(cfg Config) (echo.MiddlewareFunc, error) {
 // values; a nil Locker or KeyExtractor, a Locker that is not on a pool, or a
 // field out of range is an error, never a panic.
 func (config Config) ToMiddleware() (echo.MiddlewareFunc, error) {
-	m, err := newMiddleware(config)
+	m, err := echocore.New(&framework, config.core(), DefaultConfig.core())
 	if err != nil {
 		return nil, err
 	}
-	return m.handle, nil
+	return func(next echo.HandlerFunc) echo.HandlerFunc { return m.Handle(next) }, nil
 }
 
-func newMiddleware(cfg Config) (*lockMiddleware, error) {
-	var errs []error
-	switch {
-	case cfg.Locker == nil:
-		errs = append(errs, ErrNilLocker)
-	case !cfg.Locker.Pooled():
-		// Requests run concurrently: each hold needs a connection of its own.
-		errs = append(errs, fmt.Errorf("%w: the Locker is on one connection or transaction; give it a pool (*pgxpool.Pool or *sql.DB)", ErrInvalidConfig))
+// core is config for package echocore, which copies Scope and Mode out of
+// their pointers.
+func (config Config) core() echocore.Config[*echo.Context] {
+	return echocore.Config[*echo.Context]{
+		Skipper:      config.Skipper,
+		Locker:       config.Locker,
+		KeyExtractor: config.KeyExtractor,
+		Wait:         config.Wait,
+		Scope:        config.Scope,
+		Mode:         config.Mode,
+		ModeFunc:     config.ModeFunc,
+		Commit:       config.Commit,
+		Namespace:    config.Namespace,
+		RetryAfter:   config.RetryAfter,
+		DenyHandler:  config.DenyHandler,
+		ErrorHandler: config.ErrorHandler,
+		Logger:       config.Logger,
 	}
-	if cfg.KeyExtractor == nil {
-		errs = append(errs, ErrNilKeyExtractor)
-	}
-	if cfg.Wait < 0 {
-		errs = append(errs, fmt.Errorf("%w: Wait %v is negative", ErrInvalidConfig, cfg.Wait))
-	}
-	if s := cfg.Scope; s != nil && *s != pglock.Session && *s != pglock.Transaction {
-		errs = append(errs, fmt.Errorf("%w: Scope %d", ErrInvalidConfig, int(*s)))
-	}
-	if md := cfg.Mode; md != nil && *md != pglock.Exclusive && *md != pglock.Shared {
-		errs = append(errs, fmt.Errorf("%w: Mode %d", ErrInvalidConfig, int(*md)))
-	}
-	if err := errors.Join(errs...); err != nil {
-		return nil, err
-	}
-	if cfg.Skipper == nil {
-		cfg.Skipper = DefaultConfig.Skipper
-	}
-	if cfg.Commit == nil {
-		cfg.Commit = DefaultConfig.Commit
-	}
-	if cfg.Namespace == "" {
-		cfg.Namespace = DefaultConfig.Namespace
-	}
-	if cfg.RetryAfter == 0 {
-		cfg.RetryAfter = DefaultConfig.RetryAfter
-	}
-	if cfg.DenyHandler == nil {
-		cfg.DenyHandler = DefaultConfig.DenyHandler
-	}
-	if cfg.ErrorHandler == nil {
-		cfg.ErrorHandler = DefaultConfig.ErrorHandler
-	}
-	// Copy Scope and Mode out of the caller's pointers: changing them later
-	// changes nothing.
-	m := &lockMiddleware{cfg: cfg, scope: cfg.Locker.Scope(), mode: cfg.Locker.Mode()}
-	if cfg.Scope != nil {
-		m.scope = *cfg.Scope
-	}
-	if cfg.Mode != nil {
-		m.mode = *cfg.Mode
-	}
-	m.cfg.Scope, m.cfg.Mode = nil, nil
-	for _, mode := range []pglock.Mode{pglock.Exclusive, pglock.Shared} {
-		o := []pglock.Option{pglock.WithMode(mode), pglock.WithScope(m.scope)}
-		if m.scope == pglock.Transaction {
-			o = append(o, pglock.WithRollbackOnError(true)) // Commit decides
-		}
-		if cfg.Wait > 0 {
-			o = append(o, pglock.WithWaitTimeout(cfg.Wait))
-		}
-		m.lockOpts[mode] = o
-	}
-	if _, err := cfg.Locker.Lock("echo5lock:check", m.lockOpts[pglock.Exclusive]...); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
-	}
-	return m, nil
 }

@@ -1,15 +1,8 @@
 package echo5lock_test
 
 import (
-	"bufio"
-	"errors"
-	"fmt"
-	"io"
 	"net/http"
-	"net/http/httptest"
-	"strings"
 	"testing"
-	"time"
 
 	"github.com/labstack/echo/v5"
 
@@ -19,240 +12,46 @@ import (
 	"github.com/pglockkit/kit/pglock"
 )
 
-// TestTransactionScope: the handler's writes in the request's transaction
-// commit on 2xx and 4xx written by the handler, and roll back on 5xx, on a
-// returned error (an *echo.HTTPError or any other) and on a panic (which is
-// raised again); the lock is free afterwards in every case.
-func TestTransactionScope(t *testing.T) {
-	t.Parallel()
-	watch := pgtest.Pool(t, 2)
-	tbl := locktest.Table(t, watch)
-	cases := []struct {
-		name      string
-		answer    func(c *echo.Context) error
-		panic     bool
-		wantCode  int
-		committed bool
-	}{
-		{"200 commits", func(c *echo.Context) error { return c.String(http.StatusOK, "body") }, false, 200, true},
-		{"nothing written commits", func(c *echo.Context) error { return nil }, false, 200, true},
-		{"404 written commits", func(c *echo.Context) error { return c.String(http.StatusNotFound, "body") }, false, 404, true},
-		{"JSON commits", func(c *echo.Context) error { return c.JSON(http.StatusCreated, map[string]int{"id": 7}) }, false, 201, true},
-		{"500 written rolls back", func(c *echo.Context) error { return c.String(http.StatusInternalServerError, "body") }, false, 500, false},
-		{"HTTPError rolls back", func(c *echo.Context) error { return echo.NewHTTPError(http.StatusUnprocessableEntity, "no") }, false, 422, false},
-		{"error rolls back", func(c *echo.Context) error { return errors.New("boom") }, false, 500, false},
-		{"panic rolls back", nil, true, 0, false},
-	}
-	for i, c := range cases {
-		var heldInside []pgtest.Holder
-		var id string
-		var rep *replica
-		rep = newReplica(t, echo5lock.Config{Scope: new(pglock.Transaction)}, func(ec *echo.Context) error {
-			tx, ok := pglock.TxFromContext(ec.Request().Context())
-			if !ok {
-				t.Errorf("%s: no transaction in the request context", c.name)
-				return nil
-			}
-			if _, err := tx.Exec(ec.Request().Context(), "INSERT INTO "+tbl+" VALUES ($1, $2)", id, i); err != nil {
-				t.Errorf("%s: insert: %v", c.name, err)
-			}
-			heldInside = pgtest.Granted(t, watch, lockKey(t, rep.Locker, id))
-			if c.panic {
-				panic("boom")
-			}
-			return c.answer(ec)
-		})
-		id = pgtest.UniqueKey(t)
-		rec := httptest.NewRecorder()
-		var recovered any
-		func() {
-			defer func() { recovered = recover() }()
-			rep.e.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/orders/"+id, nil))
-		}()
-		switch {
-		case c.panic && recovered != "boom":
-			t.Errorf("%s: recovered %v, want the handler's panic", c.name, recovered)
-		case !c.panic && recovered != nil:
-			t.Errorf("%s: unexpected panic %v", c.name, recovered)
-		case !c.panic && rec.Code != c.wantCode:
-			t.Errorf("%s: status %d, want %d", c.name, rec.Code, c.wantCode)
-		}
-		if len(heldInside) != 1 {
-			t.Errorf("%s: pg_locks inside the handler = %+v, want one holder", c.name, heldInside)
-		}
-		want := 0
-		if c.committed {
-			want = 1
-		}
-		if n := locktest.Count(t, watch, tbl, id); n != want {
-			t.Errorf("%s: %d rows after the request, want %d", c.name, n, want)
-		}
-		pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
-		locktest.NoConnsLeft(t, rep.Pool)
-	}
-}
-
-// TestCommitRule: a Commit function decides; the default reads the status
-// the handler wrote through echo.ResolveResponseStatus.
-func TestCommitRule(t *testing.T) {
-	t.Parallel()
-	watch := pgtest.Pool(t, 2)
-	tbl := locktest.Table(t, watch)
-	id := pgtest.UniqueKey(t)
-	var seen []int
-	rep := newReplica(t, echo5lock.Config{
-		Scope: new(pglock.Transaction),
-		Commit: func(c *echo.Context, err error) bool {
-			_, status := echo.ResolveResponseStatus(c.Response(), err)
-			seen = append(seen, status)
-			return err == nil && status != http.StatusAccepted
-		},
-	}, func(c *echo.Context) error {
-		tx, _ := pglock.TxFromContext(c.Request().Context())
-		if _, err := tx.Exec(c.Request().Context(), "INSERT INTO "+tbl+" VALUES ($1, 1)", id); err != nil {
-			t.Error(err)
-		}
-		return c.NoContent(http.StatusAccepted)
-	})
-	if r := post(rep, id); r.Status != http.StatusAccepted {
-		t.Fatalf("%+v, want the 202 the handler wrote, sent although Commit rolled back", r)
-	}
-	if n := locktest.Count(t, watch, tbl, id); n != 0 || len(seen) != 1 || seen[0] != http.StatusAccepted {
-		t.Fatalf("%d rows, Commit saw %v; want 0 rows, [202]", n, seen)
-	}
-	pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
-	locktest.NoConnsLeft(t, rep.Pool)
-}
-
-// TestCommitFailureIsNotASuccess: when COMMIT fails, the client gets 503,
-// not the 201 the handler wrote, and the lock is free.
-func TestCommitFailureIsNotASuccess(t *testing.T) {
-	t.Parallel()
-	watch := pgtest.Pool(t, 2)
-	tbl := locktest.Table(t, watch)
-	id := pgtest.UniqueKey(t)
-	var got error
-	rep := newReplica(t, echo5lock.Config{
-		Scope: new(pglock.Transaction),
-		ErrorHandler: func(c *echo.Context, err error) error {
-			got = err
-			return echo5lock.DefaultConfig.ErrorHandler(c, err)
-		},
-	}, func(c *echo.Context) error {
-		tx, _ := pglock.TxFromContext(c.Request().Context())
-		if _, err := tx.Exec(c.Request().Context(), "INSERT INTO "+tbl+" VALUES ($1, 7), ($1, 7)", id); err != nil {
-			t.Error(err)
-		}
-		c.Response().Header().Set("Location", "/orders/7")
-		return c.String(http.StatusCreated, "created")
-	})
-	rep.e.Pre(func(next echo.HandlerFunc) echo.HandlerFunc {
-		return func(c *echo.Context) error {
-			c.Response().Header().Set("X-Request-Id", "abc") // outer middleware's: kept
-			return next(c)
-		}
-	})
-	resp, err := rep.Server.Client().Post(rep.Server.URL+"/orders/"+id, "", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusServiceUnavailable || strings.Contains(string(body), "created") ||
-		resp.Header.Get("Location") != "" || resp.Header.Get("X-Request-Id") != "abc" {
-		t.Fatalf("response %d %q %v; want 503 without the handler's headers and body, with the outer ones", resp.StatusCode, body, resp.Header)
-	}
-	if !errors.Is(got, echo5lock.ErrDatabase) {
-		t.Fatalf("ErrorHandler got %v", got)
-	}
-	if n := locktest.Count(t, watch, tbl, id); n != 0 {
-		t.Fatalf("%d rows after a failed commit", n)
-	}
-	pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
-	locktest.NoConnsLeft(t, rep.Pool)
-}
-
 // TestOuterResponseSeesOnlyWhatIsSent: in Transaction scope, outer
 // middleware sees the request's *echo.Response untouched while the
-// handler's response is held, and the status finally sent afterwards.
+// handler's response (an *echo.Response of its own) is held, and the status
+// finally sent afterwards.
 func TestOuterResponseSeesOnlyWhatIsSent(t *testing.T) {
 	t.Parallel()
 	var duringHandler, after int
 	var committedDuring bool
 	var outer *echo.Response
-	rep := newReplica(t, echo5lock.Config{Scope: new(pglock.Transaction)}, func(c *echo.Context) error {
-		if err := c.String(http.StatusCreated, "made"); err != nil {
-			return err
+	rep := locktest.NewReplica(t, 4, func(lk *pglock.Locker) http.Handler {
+		mw, err := echo5lock.Config{Locker: lk, KeyExtractor: echo5lock.Param("id"), Scope: new(pglock.Transaction)}.ToMiddleware()
+		if err != nil {
+			t.Fatal(err)
 		}
-		committedDuring, duringHandler = outer.Committed, outer.Status
-		inner, err := echo.UnwrapResponse(c.Response())
-		if err != nil || inner == outer || !inner.Committed || inner.Status != http.StatusCreated {
-			t.Errorf("the handler's own response: %+v, %v", inner, err)
-		}
-		return nil
+		e := echo.New()
+		e.Use(func(next echo.HandlerFunc) echo.HandlerFunc {
+			return func(c *echo.Context) error {
+				outer, _ = echo.UnwrapResponse(c.Response())
+				err := next(c)
+				_, after = echo.ResolveResponseStatus(c.Response(), err)
+				return err
+			}
+		})
+		e.POST("/orders/:id", func(c *echo.Context) error {
+			if err := c.String(http.StatusCreated, "made"); err != nil {
+				return err
+			}
+			committedDuring, duringHandler = outer.Committed, outer.Status
+			inner, err := echo.UnwrapResponse(c.Response())
+			if err != nil || inner == outer || !inner.Committed || inner.Status != http.StatusCreated {
+				t.Errorf("the handler's own response: %+v, %v", inner, err)
+			}
+			return nil
+		}, mw)
+		return e
 	})
-	rep.e.Use(func(next echo.HandlerFunc) echo.HandlerFunc {
-		return func(c *echo.Context) error {
-			outer, _ = echo.UnwrapResponse(c.Response())
-			err := next(c)
-			_, after = echo.ResolveResponseStatus(c.Response(), err)
-			return err
-		}
-	})
-	if r := post(rep, pgtest.UniqueKey(t)); r.Status != http.StatusCreated || r.Body != "made" {
+	if r := locktest.Do(rep.Server, http.MethodPost, "/orders/"+pgtest.UniqueKey(t)); r.Status != http.StatusCreated || r.Body != "made" {
 		t.Fatalf("%+v", r)
 	}
 	if committedDuring || duringHandler != http.StatusOK || after != http.StatusCreated {
 		t.Fatalf("outer response while held: committed %v, status %d; after: %d", committedDuring, duringHandler, after)
 	}
-}
-
-// TestFlushAndHijack: in Transaction scope c.Response()'s Flush,
-// http.ResponseController and Hijack work through the held writer.
-func TestFlushAndHijack(t *testing.T) {
-	t.Parallel()
-	flushed := make(chan struct{})
-	rep := newReplica(t, echo5lock.Config{Scope: new(pglock.Transaction)}, func(c *echo.Context) error {
-		rc := http.NewResponseController(c.Response())
-		if err := rc.SetWriteDeadline(time.Now().Add(10 * time.Second)); err != nil {
-			t.Errorf("SetWriteDeadline: %v", err)
-		}
-		if c.QueryParam("hijack") != "" {
-			conn, brw, err := rc.Hijack()
-			if err != nil {
-				t.Errorf("Hijack: %v", err)
-				return nil
-			}
-			defer conn.Close()
-			fmt.Fprint(brw, "HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nhijacked")
-			return brw.Flush()
-		}
-		c.Response().WriteHeader(http.StatusOK)
-		fmt.Fprint(c.Response(), "first\n")
-		c.Response().(http.Flusher).Flush()
-		<-flushed
-		fmt.Fprint(c.Response(), "second\n")
-		return nil
-	})
-	id := pgtest.UniqueKey(t)
-	resp, err := rep.Server.Client().Post(rep.Server.URL+"/orders/"+id, "", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	br := bufio.NewReader(resp.Body)
-	if line, err := br.ReadString('\n'); err != nil || line != "first\n" {
-		t.Fatalf("first line %q, %v", line, err)
-	}
-	close(flushed)
-	rest, _ := io.ReadAll(br)
-	resp.Body.Close()
-	if string(rest) != "second\n" {
-		t.Fatalf("rest %q", rest)
-	}
-	if r := locktest.Do(rep.Server, http.MethodPost, "/orders/"+id+"?hijack=1"); r.Body != "hijacked" {
-		t.Fatalf("hijack: %+v", r)
-	}
-	watch := pgtest.Pool(t, 2)
-	pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
-	locktest.NoConnsLeft(t, rep.Pool)
 }

@@ -1,42 +1,38 @@
-package echo5lock_test
+package echosuite
 
 import (
 	"context"
 	"errors"
 	"net/http"
-	"net/http/httptest"
 	"testing"
 
-	"github.com/labstack/echo/v5"
-
-	"github.com/pglockkit/kit/internal/pgtest"
-	"github.com/pglockkit/kit/middleware/echo5lock"
 	"github.com/pglockkit/kit/pglock"
 )
 
-// TestToken: with a Locker made WithToken, the request's context carries the
+// token: with a Locker made WithToken, the request's context carries the
 // lock's fencing token (pglock.TokenFromContext), non-zero and strictly
 // increasing from one request for a key to the next, in Session and
 // Transaction scope (where pglock.CheckFence in the request's transaction
 // accepts it and refuses the previous request's); without WithToken it
 // carries none.
-func TestToken(t *testing.T) {
-	t.Parallel()
+func (s *suite[C]) token(t *testing.T) {
+	a := s.a
 	for _, scope := range []pglock.Scope{pglock.Session, pglock.Transaction} {
-		id := pgtest.UniqueKey(t) // named by the parent test: no slash
 		t.Run(scope.String(), func(t *testing.T) {
 			t.Parallel()
+			id := uniqueID(t)
 			var tokens []int64
+			var herr error
 			var rep *replica
-			rep = newReplica(t, echo5lock.Config{Scope: &scope}, func(c *echo.Context) error {
-				ctx := c.Request().Context()
+			rep = s.replica(t, config[C]{Scope: &scope}, App{Handled: func(err error) { herr = err }}, func(c C) error {
+				ctx := a.Request(c).Context()
 				tok, ok := pglock.TokenFromContext(ctx)
 				if !ok || tok == 0 {
 					t.Errorf("TokenFromContext = %d, %v; want a token", tok, ok)
 				}
 				if scope == pglock.Transaction {
 					tx, _ := pglock.TxFromContext(ctx)
-					key := lockKey(t, rep.Locker, c.Param("id"))
+					key := s.lockKey(t, rep.Locker, a.PathParam(c, "id"))
 					if err := pglock.CheckFence(ctx, tx, key, tok); err != nil {
 						t.Errorf("CheckFence of the request's token: %v", err)
 					}
@@ -47,15 +43,14 @@ func TestToken(t *testing.T) {
 					}
 				}
 				tokens = append(tokens, tok)
-				return c.NoContent(http.StatusOK)
+				return a.NoContent(c, http.StatusOK)
 			}, pglock.WithToken())
 			if _, err := pglock.Migrate(context.Background(), rep.Pool); err != nil {
 				t.Fatal(err)
 			}
 			for range 2 {
-				rec, err := serve(rep.e, httptest.NewRequest(http.MethodPost, "/orders/"+id, nil))
-				if err != nil || rec.Code != http.StatusOK {
-					t.Fatalf("status %d %q, error %v", rec.Code, rec.Body.String(), err)
+				if rec := serve(rep.e, http.MethodPost, "/orders/"+id); herr != nil || rec.Code != http.StatusOK {
+					t.Fatalf("status %d %q, error %v", rec.Code, rec.Body.String(), herr)
 				}
 			}
 			if len(tokens) != 2 || tokens[0] == 0 || tokens[1] <= tokens[0] {
@@ -64,20 +59,19 @@ func TestToken(t *testing.T) {
 		})
 	}
 
-	plainID := pgtest.UniqueKey(t)
 	t.Run("without WithToken", func(t *testing.T) {
 		t.Parallel()
 		ran := false
-		rep := newReplica(t, echo5lock.Config{}, func(c *echo.Context) error {
+		var herr error
+		rep := s.replica(t, config[C]{}, App{Handled: func(err error) { herr = err }}, func(c C) error {
 			ran = true
-			if tok, ok := pglock.TokenFromContext(c.Request().Context()); ok {
+			if tok, ok := pglock.TokenFromContext(a.Request(c).Context()); ok {
 				t.Errorf("TokenFromContext = %d, true; want none without WithToken", tok)
 			}
-			return c.NoContent(http.StatusOK)
+			return a.NoContent(c, http.StatusOK)
 		})
-		rec, err := serve(rep.e, httptest.NewRequest(http.MethodPost, "/orders/"+plainID, nil))
-		if err != nil || rec.Code != http.StatusOK || !ran {
-			t.Fatalf("status %d, error %v, ran %v", rec.Code, err, ran)
+		if rec := serve(rep.e, http.MethodPost, "/orders/"+uniqueID(t)); herr != nil || rec.Code != http.StatusOK || !ran {
+			t.Fatalf("status %d, error %v, ran %v", rec.Code, herr, ran)
 		}
 	})
 }

@@ -1,4 +1,4 @@
-package echo5lock_test
+package echosuite
 
 import (
 	"errors"
@@ -8,33 +8,30 @@ import (
 	"testing"
 	"time"
 
-	"github.com/labstack/echo/v5"
-
 	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
-	"github.com/pglockkit/kit/middleware/echo5lock"
 	"github.com/pglockkit/kit/middleware/httplock"
 	"github.com/pglockkit/kit/pglock"
 )
 
-// TestSerializeAcrossReplicas: 20 concurrent requests for one key over two
-// Echo servers with their own pools and Lockers never overlap in the
-// handler, and with waiting all of them succeed. A counter that the
-// handlers read, and write back one more after a pause, with no atomics or
-// mutex of its own, ends exact: an overlap would lose an update (and -race
-// would report it).
-func TestSerializeAcrossReplicas(t *testing.T) {
-	t.Parallel()
-	id := pgtest.UniqueKey(t)
+// serializeAcrossReplicas: 20 concurrent requests for one key over two Echo
+// servers with their own pools and Lockers never overlap in the handler,
+// and with waiting all of them succeed. A counter that the handlers read,
+// and write back one more after a pause, with no atomics or mutex of its
+// own, ends exact: an overlap would lose an update (and -race would report
+// it).
+func (s *suite[C]) serializeAcrossReplicas(t *testing.T) {
+	a := s.a
+	id := uniqueID(t)
 	var o locktest.Overlap
 	counter := 0
-	reps := twoReplicas(t, echo5lock.Config{Wait: time.Minute}, func(c *echo.Context) error {
+	reps := s.twoReplicas(t, config[C]{Wait: time.Minute}, App{}, func(c C) error {
 		o.Enter()
 		defer o.Leave()
 		n := counter
 		time.Sleep(10 * time.Millisecond)
 		counter = n + 1
-		return c.String(http.StatusOK, "ok")
+		return a.String(c, http.StatusOK, "ok")
 	})
 	const requests = 20
 	for i, r := range fire(reps, requests, func(int) string { return id }) {
@@ -49,46 +46,42 @@ func TestSerializeAcrossReplicas(t *testing.T) {
 		t.Fatalf("counter = %d after %d requests: updates were lost", counter, requests)
 	}
 	watch := pgtest.Pool(t, 2)
-	pgtest.WaitFree(t, watch, lockKey(t, reps[0].Locker, id))
+	pgtest.WaitFree(t, watch, s.lockKey(t, reps[0].Locker, id))
 	locktest.NoConnsLeft(t, reps[0].Pool, reps[1].Pool)
 }
 
-// TestFailFastBusy: without waiting, the requests that overlap a holder get
-// 409 with Retry-After, returned to Echo's HTTPErrorHandler as an
+// failFastBusy: without waiting, the requests that overlap a holder get 409
+// with Retry-After, returned to Echo's HTTPErrorHandler as an
 // *echo.HTTPError that matches ErrBusy, from either replica; the holder and
 // the requests after it succeed.
-func TestFailFastBusy(t *testing.T) {
-	t.Parallel()
-	id := pgtest.UniqueKey(t)
+func (s *suite[C]) failFastBusy(t *testing.T) {
+	a := s.a
+	id := uniqueID(t)
 	var o locktest.Overlap
 	inside, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	var mu sync.Mutex
 	var denied, handled []error
-	cfg := echo5lock.Config{DenyHandler: func(c *echo.Context, key string, err error) error {
+	cfg := config[C]{DenyHandler: func(c C, key string, err error) error {
 		mu.Lock()
 		denied = append(denied, err)
 		mu.Unlock()
-		return echo5lock.DefaultConfig.DenyHandler(c, key, err)
+		return a.DefaultDeny(c, key, err)
 	}}
-	reps := twoReplicas(t, cfg, func(c *echo.Context) error {
+	app := App{Handled: func(err error) {
+		mu.Lock()
+		handled = append(handled, err)
+		mu.Unlock()
+	}}
+	reps := s.twoReplicas(t, cfg, app, func(c C) error {
 		o.Enter()
 		defer o.Leave()
-		if c.QueryParam("hold") != "" {
+		if a.QueryParam(c, "hold") != "" {
 			once.Do(func() { close(inside) })
 			<-release
 		}
-		return c.NoContent(http.StatusOK)
+		return a.NoContent(c, http.StatusOK)
 	})
-	for _, rep := range reps {
-		def := rep.e.HTTPErrorHandler
-		rep.e.HTTPErrorHandler = func(c *echo.Context, err error) {
-			mu.Lock()
-			handled = append(handled, err)
-			mu.Unlock()
-			def(c, err)
-		}
-	}
 	holder := make(chan locktest.Result, 1)
 	go func() { holder <- locktest.Do(reps[0].Server, http.MethodPost, "/orders/"+id+"?hold=1") }()
 	<-inside
@@ -111,39 +104,37 @@ func TestFailFastBusy(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if len(denied) != 19 || !errors.Is(denied[0], echo5lock.ErrBusy) {
+	if len(denied) != 19 || !errors.Is(denied[0], a.Errors.Busy) {
 		t.Fatalf("DenyHandler called %d times, first with %v", len(denied), denied)
 	}
 	if len(handled) != 19 {
 		t.Fatalf("HTTPErrorHandler called %d times, want 19", len(handled))
 	}
 	for _, err := range handled {
-		var he *echo.HTTPError
-		if !errors.As(err, &he) || he.Code != http.StatusConflict || !errors.Is(err, echo5lock.ErrBusy) {
+		if code, ok := a.HTTPErrorCode(err); !ok || code != http.StatusConflict || !errors.Is(err, a.Errors.Busy) {
 			t.Fatalf("HTTPErrorHandler got %v, want a 409 *echo.HTTPError matching ErrBusy", err)
 		}
 	}
 	watch := pgtest.Pool(t, 2)
-	pgtest.WaitFree(t, watch, lockKey(t, reps[0].Locker, id))
+	pgtest.WaitFree(t, watch, s.lockKey(t, reps[0].Locker, id))
 	locktest.NoConnsLeft(t, reps[0].Pool, reps[1].Pool)
 }
 
-// TestWaitGetsTheLock: with Wait > 0 a request for a key held elsewhere
-// waits in PostgreSQL's queue and runs its handler once the holder lets
-// go, in both scopes.
-func TestWaitGetsTheLock(t *testing.T) {
-	t.Parallel()
+// waitGetsTheLock: with Wait > 0 a request for a key held elsewhere waits
+// in PostgreSQL's queue and runs its handler once the holder lets go, in
+// both scopes.
+func (s *suite[C]) waitGetsTheLock(t *testing.T) {
+	a := s.a
 	for _, scope := range []pglock.Scope{pglock.Session, pglock.Transaction} {
 		t.Run(scope.String(), func(t *testing.T) {
 			t.Parallel()
-			cfg := echo5lock.Config{Wait: 30 * time.Second, Scope: new(scope)}
-			id := pgtest.UniqueKey(t)
+			id := uniqueID(t)
 			ran := make(chan time.Time, 1)
-			rep := newReplica(t, cfg, func(c *echo.Context) error {
+			rep := s.replica(t, config[C]{Wait: 30 * time.Second, Scope: &scope}, App{}, func(c C) error {
 				ran <- time.Now()
-				return c.String(http.StatusOK, "got it")
+				return a.String(c, http.StatusOK, "got it")
 			})
-			key := lockKey(t, rep.Locker, id)
+			key := s.lockKey(t, rep.Locker, id)
 			held := locktest.HoldElsewhere(t, key)
 			res := make(chan locktest.Result, 1)
 			go func() { res <- post(rep, id) }()
@@ -171,12 +162,11 @@ func TestWaitGetsTheLock(t *testing.T) {
 	}
 }
 
-// TestDifferentKeysOverlap: requests for different keys run at the same time.
-func TestDifferentKeysOverlap(t *testing.T) {
-	t.Parallel()
-	base := pgtest.UniqueKey(t)
+// differentKeysOverlap: requests for different keys run at the same time.
+func (s *suite[C]) differentKeysOverlap(t *testing.T) {
+	base := uniqueID(t)
 	var o locktest.Overlap
-	reps := twoReplicas(t, echo5lock.Config{Wait: 30 * time.Second}, func(c *echo.Context) error {
+	reps := s.twoReplicas(t, config[C]{Wait: 30 * time.Second}, App{}, func(C) error {
 		o.Enter()
 		defer o.Leave()
 		deadline := time.Now().Add(5 * time.Second)
@@ -194,18 +184,19 @@ func TestDifferentKeysOverlap(t *testing.T) {
 	if m := o.Max(); m < 2 {
 		t.Fatalf("max handlers at once for different keys = %d, want > 1", m)
 	}
+	t.Logf("max overlap for 6 different keys: %d", o.Max())
 	locktest.NoConnsLeft(t, reps[0].Pool, reps[1].Pool)
 }
 
-// TestSharedReads: with SharedForSafeMethods, GETs of one key run together
-// and a POST is refused while they run.
-func TestSharedReads(t *testing.T) {
-	t.Parallel()
-	id := pgtest.UniqueKey(t)
+// sharedReads: with SharedForSafeMethods, GETs of one key run together and
+// a POST is refused while they run.
+func (s *suite[C]) sharedReads(t *testing.T) {
+	a := s.a
+	id := uniqueID(t)
 	var o locktest.Overlap
 	release := make(chan struct{})
-	reps := twoReplicas(t, echo5lock.Config{ModeFunc: echo5lock.SharedForSafeMethods}, func(c *echo.Context) error {
-		if c.Request().Method == http.MethodGet {
+	reps := s.twoReplicas(t, config[C]{ModeFunc: a.SharedForSafeMethods}, App{}, func(c C) error {
+		if a.Request(c).Method == http.MethodGet {
 			o.Enter()
 			defer o.Leave()
 			<-release
@@ -224,7 +215,7 @@ func TestSharedReads(t *testing.T) {
 	}
 	locktest.WaitFor(t, "4 GETs inside the handler at once", func() bool { return o.Now() == 4 })
 	watch := pgtest.Pool(t, 2)
-	key := lockKey(t, reps[0].Locker, id)
+	key := s.lockKey(t, reps[0].Locker, id)
 	// Each replica's Locker holds the key in share mode, once: the readers of
 	// one Locker share its server-side lock.
 	if hs := pgtest.Granted(t, watch, key); len(hs) != 2 || hs[0].Mode != "ShareLock" || hs[1].Mode != "ShareLock" {
@@ -244,12 +235,12 @@ func TestSharedReads(t *testing.T) {
 	locktest.NoConnsLeft(t, reps[0].Pool, reps[1].Pool)
 }
 
-// TestSharesKeysWithHTTPLock: an Echo v5 service and a net/http service
-// (package httplock; package echolock uses the same namespace) that name
-// the same key contend for one lock, each through its own pool and Locker.
-func TestSharesKeysWithHTTPLock(t *testing.T) {
-	t.Parallel()
-	id := pgtest.UniqueKey(t)
+// sharesKeysWithHTTPLock: an Echo service and a net/http service (package
+// httplock) that name the same key contend for one lock, each through its
+// own pool and Locker.
+func (s *suite[C]) sharesKeysWithHTTPLock(t *testing.T) {
+	a := s.a
+	id := uniqueID(t)
 	inside, release := make(chan struct{}), make(chan struct{})
 	var letOut sync.Once
 	t.Cleanup(func() { letOut.Do(func() { close(release) }) })
@@ -265,22 +256,22 @@ func TestSharesKeysWithHTTPLock(t *testing.T) {
 		})))
 		return mux
 	})
-	rep := newReplica(t, echo5lock.Config{}, func(c *echo.Context) error { return c.NoContent(http.StatusOK) })
+	rep := s.replica(t, config[C]{}, App{}, func(c C) error { return a.NoContent(c, http.StatusOK) })
 	holder := make(chan locktest.Result, 1)
 	go func() { holder <- locktest.Do(std.Server, http.MethodPost, "/orders/"+id) }()
 	<-inside
 	if r := post(rep, id); r.Status != http.StatusConflict {
-		t.Errorf("Echo v5 request while net/http holds the key: %+v, want 409", r)
+		t.Errorf("Echo request while net/http holds the key: %+v, want 409", r)
 	}
 	letOut.Do(func() { close(release) })
 	if r := <-holder; r.Status != http.StatusOK {
 		t.Fatalf("net/http holder: %+v", r)
 	}
 	if r := post(rep, id); r.Status != http.StatusOK {
-		t.Errorf("Echo v5 request after net/http let go: %+v", r)
+		t.Errorf("Echo request after net/http let go: %+v", r)
 	}
-	if echo5lock.DefaultNamespace != httplock.DefaultNamespace {
-		t.Errorf("namespaces %q and %q differ", echo5lock.DefaultNamespace, httplock.DefaultNamespace)
+	if a.Namespace != httplock.DefaultNamespace {
+		t.Errorf("namespaces %q and %q differ", a.Namespace, httplock.DefaultNamespace)
 	}
-	pgtest.WaitFree(t, pgtest.Pool(t, 1), lockKey(t, rep.Locker, id))
+	pgtest.WaitFree(t, pgtest.Pool(t, 1), s.lockKey(t, rep.Locker, id))
 }

@@ -1,4 +1,4 @@
-package echolock_test
+package echosuite
 
 import (
 	"context"
@@ -8,33 +8,31 @@ import (
 	"testing"
 	"time"
 
-	"github.com/labstack/echo/v4"
-
 	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
-	"github.com/pglockkit/kit/middleware/echolock"
 	"github.com/pglockkit/kit/pglock"
 )
 
-// TestLostLockCancelsRequest: in Session scope, when the lock's connection
-// dies while the handler runs, the request's context is cancelled with cause
+// lostLockCancelsRequest: in Session scope, when the lock's connection dies
+// while the handler runs, the request's context is cancelled with cause
 // pglock.ErrLockLost.
-func TestLostLockCancelsRequest(t *testing.T) {
-	t.Parallel()
+func (s *suite[C]) lostLockCancelsRequest(t *testing.T) {
+	a := s.a
 	watch := pgtest.Pool(t, 2)
 	inside := make(chan struct{})
 	var cause error
-	rep := newReplica(t, echolock.Config{}, func(c echo.Context) error {
+	rep := s.replica(t, config[C]{}, App{}, func(c C) error {
+		ctx := a.Request(c).Context()
 		close(inside)
 		select {
-		case <-c.Request().Context().Done():
-			cause = context.Cause(c.Request().Context())
+		case <-ctx.Done():
+			cause = context.Cause(ctx)
 		case <-time.After(10 * time.Second):
 		}
 		return nil
 	})
-	id := pgtest.UniqueKey(t)
-	key := lockKey(t, rep.Locker, id)
+	id := uniqueID(t)
+	key := s.lockKey(t, rep.Locker, id)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -54,13 +52,12 @@ func TestLostLockCancelsRequest(t *testing.T) {
 	locktest.NoConnsLeft(t, rep.Pool)
 }
 
-// TestSessionPanic: in Session scope a panicking handler's lock is released
-// and the panic raised again (for Echo's Recover middleware, outside).
-func TestSessionPanic(t *testing.T) {
-	t.Parallel()
+// sessionPanic: in Session scope a panicking handler's lock is released and
+// the panic raised again (for Echo's Recover middleware, outside).
+func (s *suite[C]) sessionPanic(t *testing.T) {
 	watch := pgtest.Pool(t, 2)
-	rep := newReplica(t, echolock.Config{}, func(echo.Context) error { panic("boom") })
-	id := pgtest.UniqueKey(t)
+	rep := s.replica(t, config[C]{}, App{}, func(C) error { panic("boom") })
+	id := uniqueID(t)
 	var recovered any
 	func() {
 		defer func() { recovered = recover() }()
@@ -69,6 +66,6 @@ func TestSessionPanic(t *testing.T) {
 	if recovered != "boom" {
 		t.Fatalf("recovered %v, want the handler's panic", recovered)
 	}
-	pgtest.WaitFree(t, watch, lockKey(t, rep.Locker, id))
+	pgtest.WaitFree(t, watch, s.lockKey(t, rep.Locker, id))
 	locktest.NoConnsLeft(t, rep.Pool)
 }

@@ -1,4 +1,4 @@
-package echo5lock_test
+package echosuite
 
 import (
 	"context"
@@ -8,42 +8,36 @@ import (
 	"testing"
 	"time"
 
-	"github.com/labstack/echo/v5"
-
 	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
-	"github.com/pglockkit/kit/middleware/echo5lock"
 	"github.com/pglockkit/kit/pglock"
 )
 
-// TestClientGoneWhileWaiting: a client that disconnects while its request
-// waits for a held key stops the wait at once; the handler never runs, and
-// no lock, waiter or pool connection is left behind, in both scopes.
-func TestClientGoneWhileWaiting(t *testing.T) {
-	t.Parallel()
+// clientGoneWhileWaiting: a client that disconnects while its request waits
+// for a held key stops the wait at once; the handler never runs, the
+// middleware returns an error matching ErrRequestEnded, and no lock, waiter
+// or pool connection is left behind, in both scopes.
+func (s *suite[C]) clientGoneWhileWaiting(t *testing.T) {
+	a := s.a
 	for _, scope := range []pglock.Scope{pglock.Session, pglock.Transaction} {
 		t.Run(scope.String(), func(t *testing.T) {
 			t.Parallel()
-			id := pgtest.UniqueKey(t)
+			id := uniqueID(t)
 			var ran atomic.Bool
 			var returned atomic.Int64
 			var ended atomic.Value
-			rep := newReplica(t, echo5lock.Config{Wait: time.Minute, Scope: new(scope)}, func(c *echo.Context) error {
+			app := App{Returned: func(err error) {
+				if err != nil {
+					ended.Store(err)
+				}
+				returned.Add(1)
+			}}
+			rep := s.replica(t, config[C]{Wait: time.Minute, Scope: &scope}, app, func(C) error {
 				ran.Store(true)
 				return nil
 			})
-			rep.e.Use(func(next echo.HandlerFunc) echo.HandlerFunc {
-				return func(c *echo.Context) error {
-					defer returned.Add(1)
-					err := next(c)
-					if err != nil {
-						ended.Store(err)
-					}
-					return err
-				}
-			})
 			watch := pgtest.Pool(t, 2)
-			key := lockKey(t, rep.Locker, id)
+			key := s.lockKey(t, rep.Locker, id)
 			held := locktest.HoldElsewhere(t, key)
 
 			cctx, cancel := context.WithCancel(context.Background())
@@ -65,7 +59,7 @@ func TestClientGoneWhileWaiting(t *testing.T) {
 			if ran.Load() {
 				t.Fatal("the handler ran without the lock")
 			}
-			if err, _ := ended.Load().(error); !errors.Is(err, echo5lock.ErrRequestEnded) || !errors.Is(err, pglock.ErrNotAcquired) {
+			if err, _ := ended.Load().(error); !errors.Is(err, a.Errors.RequestEnded) || !errors.Is(err, pglock.ErrNotAcquired) {
 				t.Fatalf("the middleware returned %v, want ErrRequestEnded and pglock.ErrNotAcquired", err)
 			}
 			if n := locktest.Waiters(t, watch, key); n != 0 {
@@ -85,14 +79,13 @@ func TestClientGoneWhileWaiting(t *testing.T) {
 	}
 }
 
-// TestWaitLimit: a request that waits longer than Wait gets the busy answer,
+// waitLimit: a request that waits longer than Wait gets the busy answer,
 // with Retry-After rounded up to whole seconds.
-func TestWaitLimit(t *testing.T) {
-	t.Parallel()
-	id := pgtest.UniqueKey(t)
-	rep := newReplica(t, echo5lock.Config{Wait: 300 * time.Millisecond, RetryAfter: 2500 * time.Millisecond},
-		func(c *echo.Context) error { t.Error("handler ran"); return nil })
-	key := lockKey(t, rep.Locker, id)
+func (s *suite[C]) waitLimit(t *testing.T) {
+	id := uniqueID(t)
+	rep := s.replica(t, config[C]{Wait: 300 * time.Millisecond, RetryAfter: 2500 * time.Millisecond}, App{},
+		func(C) error { t.Error("handler ran"); return nil })
+	key := s.lockKey(t, rep.Locker, id)
 	locktest.HoldElsewhere(t, key)
 	start := time.Now()
 	r := post(rep, id)
