@@ -13,7 +13,7 @@ require (
 	github.com/pglockkit/kit/gocronlock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/grpclock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/middleware/echolock v0.0.0-00010101000000-000000000000
-	github.com/pglockkit/kit/otelpglock v0.0.0-00010101000000-000000000000
+	github.com/pglockkit/kit/otellock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/riverlock v0.0.0-00010101000000-000000000000
 	github.com/prometheus/client_golang v1.24.1
 	github.com/riverqueue/river v0.51.2
@@ -78,4 +78,4 @@ replace github.com/pglockkit/kit/grpclock => ../grpclock
 
 replace github.com/pglockkit/kit/gocronlock => ../gocronlock
 
-replace github.com/pglockkit/kit/otelpglock => ../otelpglock
+replace github.com/pglockkit/kit/otellock => ../otellock

@@ -238,7 +238,7 @@ func ExampleLeader() {
 }
 
 // An observer sees every event of a lock, for metrics: here a count of
-// outcomes (package otelpglock turns them into OpenTelemetry metrics).
+// outcomes (package otellock turns them into OpenTelemetry metrics).
 func ExampleWithObserver() {
 	ctx := context.Background()
 	pool := examplePool()

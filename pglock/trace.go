@@ -6,7 +6,7 @@ import (
 )
 
 // Tracer traces a lock's blocking acquires and its Do and TryDo calls, for
-// tracing systems (package otelpglock implements it with OpenTelemetry)
+// tracing systems (package otellock implements it with OpenTelemetry)
 // without a dependency in pglock. Set it with [WithTracer].
 type Tracer interface {
 	// Start is called when an operation begins, with the caller's context.

@@ -1,4 +1,4 @@
-// Command otel shows otelpglock: a Locker's locks recorded with
+// Command otel shows otellock: a Locker's locks recorded with
 // OpenTelemetry and exported for Prometheus. It takes a few locks (two
 // invoices sent, a report found busy, a wait that times out), then scrapes
 // its own /metrics and prints the pglock series. With -listen it goes on
@@ -30,7 +30,7 @@ import (
 	otelprometheus "go.opentelemetry.io/otel/exporters/prometheus"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 
-	"github.com/pglockkit/kit/otelpglock"
+	"github.com/pglockkit/kit/otellock"
 	"github.com/pglockkit/kit/pglock"
 )
 
@@ -46,7 +46,7 @@ func main() {
 
 func run(ctx context.Context, w io.Writer, url, listen string) error {
 	// The program's OpenTelemetry setup: a MeterProvider whose reader is
-	// the Prometheus exporter, made the global one. otelpglock.New() uses
+	// the Prometheus exporter, made the global one. otellock.New() uses
 	// the global providers.
 	registry := prometheus.NewRegistry()
 	exporter, err := otelprometheus.New(otelprometheus.WithRegisterer(registry),
@@ -63,7 +63,7 @@ func run(ctx context.Context, w io.Writer, url, listen string) error {
 		return err
 	}
 	defer pool.Close()
-	inst, err := otelpglock.New()
+	inst, err := otellock.New()
 	if err != nil {
 		return err
 	}

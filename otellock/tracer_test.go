@@ -1,4 +1,4 @@
-package otelpglock_test
+package otellock_test
 
 import (
 	"context"
@@ -11,7 +11,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 
-	"github.com/pglockkit/kit/otelpglock"
+	"github.com/pglockkit/kit/otellock"
 	"github.com/pglockkit/kit/pglock"
 )
 
@@ -20,7 +20,7 @@ import (
 // status of each way an operation ends.
 func TestTracerSpans(t *testing.T) {
 	t.Parallel()
-	tel := newTelemetry(t, otelpglock.WithAttributes(attribute.String("pglock.locker", "jobs")))
+	tel := newTelemetry(t, otellock.WithAttributes(attribute.String("pglock.locker", "jobs")))
 	tr := tel.inst.Tracer()
 	parentCtx, parent := tel.tp.Tracer("test").Start(context.Background(), "job")
 	pair := pglock.Int32PairKey(1, 2)
@@ -92,7 +92,7 @@ func TestTracerSpans(t *testing.T) {
 // context and an end that may be called.
 func TestTracerNoop(t *testing.T) {
 	t.Parallel()
-	inst, err := otelpglock.New(otelpglock.WithTracerProvider(noop.NewTracerProvider()))
+	inst, err := otellock.New(otellock.WithTracerProvider(noop.NewTracerProvider()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +108,7 @@ func TestTracerKeyNames(t *testing.T) {
 	t.Parallel()
 	op := pglock.TraceOp{Name: "acquire", Key: pglock.Int64Key(7), KeyName: "http:customer-42"}
 	for _, on := range []bool{false, true} {
-		tel := newTelemetry(t, otelpglock.WithKeyNames(on))
+		tel := newTelemetry(t, otellock.WithKeyNames(on))
 		_, end := tel.inst.Tracer().Start(context.Background(), op)
 		end(true, nil)
 		spans := tel.ownSpans()

@@ -1,4 +1,4 @@
-package otelpglock_test
+package otellock_test
 
 import (
 	"context"
@@ -9,7 +9,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 
 	"github.com/pglockkit/kit/internal/pgtest"
-	"github.com/pglockkit/kit/otelpglock"
+	"github.com/pglockkit/kit/otellock"
 	"github.com/pglockkit/kit/pglock"
 )
 
@@ -128,8 +128,8 @@ func TestWithAttributesTellsLockersApart(t *testing.T) {
 	tel := newTelemetry(t)
 	pool := pgtest.Pool(t, 2)
 	for _, name := range []string{"jobs", "http"} {
-		inst, err := otelpglock.New(otelpglock.WithMeterProvider(tel.mp), otelpglock.WithTracerProvider(tel.tp),
-			otelpglock.WithAttributes(attribute.String("pglock.locker", name)))
+		inst, err := otellock.New(otellock.WithMeterProvider(tel.mp), otellock.WithTracerProvider(tel.tp),
+			otellock.WithAttributes(attribute.String("pglock.locker", name)))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -1,4 +1,4 @@
-package otelpglock
+package otellock
 
 import (
 	"errors"
@@ -13,7 +13,7 @@ import (
 
 // ScopeName is the instrumentation scope (the meter's and tracer's name) of
 // everything this package records.
-const ScopeName = "github.com/pglockkit/kit/otelpglock"
+const ScopeName = "github.com/pglockkit/kit/otellock"
 
 // Instrumentation records the locks of the Lockers it is given to as
 // OpenTelemetry metrics and spans. Make it with [New], pass

@@ -1,4 +1,4 @@
-package otelpglock_test
+package otellock_test
 
 import (
 	"context"
@@ -13,7 +13,7 @@ import (
 
 	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
-	"github.com/pglockkit/kit/otelpglock"
+	"github.com/pglockkit/kit/otellock"
 	"github.com/pglockkit/kit/pglock"
 )
 
@@ -34,13 +34,13 @@ import (
 func BenchmarkAcquireRelease(b *testing.B) {
 	for _, providers := range []struct {
 		name string
-		opts func(b *testing.B) []otelpglock.Option
+		opts func(b *testing.B) []otellock.Option
 	}{
 		{"sdk", sdkProviders},
-		{"noop", func(*testing.B) []otelpglock.Option {
-			return []otelpglock.Option{
-				otelpglock.WithMeterProvider(metricnoop.NewMeterProvider()),
-				otelpglock.WithTracerProvider(tracenoop.NewTracerProvider()),
+		{"noop", func(*testing.B) []otellock.Option {
+			return []otellock.Option{
+				otellock.WithMeterProvider(metricnoop.NewMeterProvider()),
+				otellock.WithTracerProvider(tracenoop.NewTracerProvider()),
 			}
 		}},
 	} {
@@ -49,7 +49,7 @@ func BenchmarkAcquireRelease(b *testing.B) {
 				ctx, cancel := context.WithCancel(context.Background())
 				b.Cleanup(cancel)
 				pool := pgtest.Pool(b, 4)
-				inst, err := otelpglock.New(providers.opts(b)...)
+				inst, err := otellock.New(providers.opts(b)...)
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -87,14 +87,14 @@ func BenchmarkAcquireRelease(b *testing.B) {
 
 // sdkProviders returns the SDK's providers, shut down when b ends: spans
 // sampled and exported to nowhere as they end, metrics aggregated.
-func sdkProviders(b *testing.B) []otelpglock.Option {
+func sdkProviders(b *testing.B) []otellock.Option {
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewManualReader()))
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSampler(sdktrace.AlwaysSample()), sdktrace.WithSyncer(discard{}))
 	b.Cleanup(func() {
 		_ = tp.Shutdown(context.Background())
 		_ = mp.Shutdown(context.Background())
 	})
-	return []otelpglock.Option{otelpglock.WithMeterProvider(mp), otelpglock.WithTracerProvider(tp)}
+	return []otellock.Option{otellock.WithMeterProvider(mp), otellock.WithTracerProvider(tp)}
 }
 
 // BenchmarkHooks measures the instrumentation alone, without a database:
@@ -102,7 +102,7 @@ func sdkProviders(b *testing.B) []otelpglock.Option {
 // sdkProviders). "span" is one traced operation (Start and its end), "events"
 // the two events of a hold (EventAcquired, EventReleased).
 func BenchmarkHooks(b *testing.B) {
-	inst, err := otelpglock.New(sdkProviders(b)...)
+	inst, err := otellock.New(sdkProviders(b)...)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package otelpglock_test
+package otellock_test
 
 import (
 	"context"

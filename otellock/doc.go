@@ -1,14 +1,14 @@
-// Package otelpglock records pglock's locks with OpenTelemetry: metrics of
+// Package otellock records pglock's locks with OpenTelemetry: metrics of
 // every acquire, hold and loss, a Locker's connections and lock-table use,
 // and a span of each blocking acquire, Do and TryDo, nested under the span of
 // the request, job or call that took the lock.
 //
-//	inst, err := otelpglock.New() // the global MeterProvider and TracerProvider
+//	inst, err := otellock.New() // the global MeterProvider and TracerProvider
 //	locker, err := pglock.NewLocker(pool, inst.Options()...)
 //	stats, err := inst.RecordStats(locker) // the Locker's gauges
 //	defer stats.Unregister()
 //
-// It is a module of its own (github.com/pglockkit/kit/otelpglock), so that
+// It is a module of its own (github.com/pglockkit/kit/otellock), so that
 // pglock does not depend on OpenTelemetry: pglock offers hooks
 // (pglock.WithObserver for events, pglock.WithTracer for spans), and this
 // package implements them.
@@ -93,4 +93,4 @@
 // carry no context. A Leader's lock is recorded as any other lock of its
 // Locker: a replica that campaigns has a pglock.acquire span as long as its
 // wait.
-package otelpglock
+package otellock

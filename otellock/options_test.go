@@ -1,4 +1,4 @@
-package otelpglock_test
+package otellock_test
 
 import (
 	"context"
@@ -11,29 +11,29 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
-	"github.com/pglockkit/kit/otelpglock"
+	"github.com/pglockkit/kit/otellock"
 	"github.com/pglockkit/kit/pglock"
 )
 
 // Bad configuration is an error, never a panic.
 func TestNewInvalidOptions(t *testing.T) {
 	t.Parallel()
-	for name, opt := range map[string]otelpglock.Option{
+	for name, opt := range map[string]otellock.Option{
 		"nil option":            nil,
-		"empty key":             otelpglock.WithAttributes(attribute.String("", "x")),
-		"replaces pglock.scope": otelpglock.WithAttributes(attribute.String("pglock.scope", "x")),
-		"replaces pglock.key":   otelpglock.WithAttributes(attribute.Int64("pglock.key", 1)),
-		"replaces error.type":   otelpglock.WithAttributes(attribute.String("error.type", "x")),
+		"empty key":             otellock.WithAttributes(attribute.String("", "x")),
+		"replaces pglock.scope": otellock.WithAttributes(attribute.String("pglock.scope", "x")),
+		"replaces pglock.key":   otellock.WithAttributes(attribute.Int64("pglock.key", 1)),
+		"replaces error.type":   otellock.WithAttributes(attribute.String("error.type", "x")),
 	} {
-		if inst, err := otelpglock.New(opt); !errors.Is(err, otelpglock.ErrInvalidOption) || inst != nil {
+		if inst, err := otellock.New(opt); !errors.Is(err, otellock.ErrInvalidOption) || inst != nil {
 			t.Errorf("%s: New = %v, %v; want nil, ErrInvalidOption", name, inst, err)
 		}
 	}
-	inst, err := otelpglock.New(otelpglock.WithMeterProvider(nil), otelpglock.WithTracerProvider(nil))
+	inst, err := otellock.New(otellock.WithMeterProvider(nil), otellock.WithTracerProvider(nil))
 	if err != nil {
 		t.Fatalf("nil providers (the globals): %v", err)
 	}
-	if reg, err := inst.RecordStats(nil); !errors.Is(err, otelpglock.ErrNilLocker) || reg != nil {
+	if reg, err := inst.RecordStats(nil); !errors.Is(err, otellock.ErrNilLocker) || reg != nil {
 		t.Errorf("RecordStats(nil) = %v, %v; want nil, ErrNilLocker", reg, err)
 	}
 }
@@ -53,7 +53,7 @@ func TestNewUsesGlobalProviders(t *testing.T) {
 	otel.SetMeterProvider(mp)
 	otel.SetTracerProvider(tp)
 
-	inst, err := otelpglock.New()
+	inst, err := otellock.New()
 	if err != nil {
 		t.Fatal(err)
 	}

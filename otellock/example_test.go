@@ -1,4 +1,4 @@
-package otelpglock_test
+package otellock_test
 
 import (
 	"context"
@@ -15,7 +15,7 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
-	"github.com/pglockkit/kit/otelpglock"
+	"github.com/pglockkit/kit/otellock"
 	"github.com/pglockkit/kit/pglock"
 )
 
@@ -28,7 +28,7 @@ func examplePool() *pgxpool.Pool {
 }
 
 // A Locker instrumented with OpenTelemetry. A program sets its providers
-// once (otel.SetMeterProvider) and calls otelpglock.New() without options;
+// once (otel.SetMeterProvider) and calls otellock.New() without options;
 // here a ManualReader stands in for an exporter, so that the example can
 // print what was recorded.
 func Example() {
@@ -39,7 +39,7 @@ func Example() {
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
 	defer mp.Shutdown(ctx)
 
-	inst, err := otelpglock.New(otelpglock.WithMeterProvider(mp))
+	inst, err := otellock.New(otellock.WithMeterProvider(mp))
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -80,7 +80,7 @@ func ExampleInstrumentation_Tracer() {
 	defer tp.Shutdown(ctx)
 	tracer := tp.Tracer("example")
 
-	inst, err := otelpglock.New(otelpglock.WithTracerProvider(tp))
+	inst, err := otellock.New(otellock.WithTracerProvider(tp))
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -128,7 +128,7 @@ func ExampleInstrumentation_Observer() {
 	pool := examplePool()
 	defer pool.Close()
 
-	inst, err := otelpglock.New() // the global providers
+	inst, err := otellock.New() // the global providers
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -159,7 +159,7 @@ func ExampleInstrumentation_Options() {
 	ctx := context.Background()
 	pool := examplePool()
 	defer pool.Close()
-	inst, err := otelpglock.New()
+	inst, err := otellock.New()
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package otelpglock
+package otellock
 
 import (
 	"errors"
@@ -16,11 +16,11 @@ var (
 	// an attribute this package sets (pglock.scope, pglock.mode,
 	// pglock.outcome, pglock.key, pglock.key_pair, pglock.key_name, pglock.connection.type,
 	// error.type).
-	ErrInvalidOption = errors.New("otelpglock: invalid option")
+	ErrInvalidOption = errors.New("otellock: invalid option")
 
 	// ErrNilLocker is returned by [Instrumentation.RecordStats] for a nil
 	// *pglock.Locker.
-	ErrNilLocker = errors.New("otelpglock: nil *pglock.Locker")
+	ErrNilLocker = errors.New("otellock: nil *pglock.Locker")
 )
 
 // Option configures [New].
@@ -84,7 +84,7 @@ func newConfig(opts []Option) (*config, error) {
 			return nil, fmt.Errorf("%w: an attribute with an empty key", ErrInvalidOption)
 		}
 		if ownKey(a.Key) {
-			return nil, fmt.Errorf("%w: attribute %q is set by otelpglock itself", ErrInvalidOption, a.Key)
+			return nil, fmt.Errorf("%w: attribute %q is set by otellock itself", ErrInvalidOption, a.Key)
 		}
 	}
 	return c, nil

@@ -1,4 +1,4 @@
-package otelpglock
+package otellock
 
 import (
 	"context"

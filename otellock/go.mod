@@ -1,4 +1,4 @@
-module github.com/pglockkit/kit/otelpglock
+module github.com/pglockkit/kit/otellock
 
 go 1.26.0
 

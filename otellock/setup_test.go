@@ -1,4 +1,4 @@
-package otelpglock_test
+package otellock_test
 
 import (
 	"context"
@@ -14,7 +14,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
 	"github.com/pglockkit/kit/internal/pgtest"
-	"github.com/pglockkit/kit/otelpglock"
+	"github.com/pglockkit/kit/otellock"
 )
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
@@ -26,10 +26,10 @@ type telemetry struct {
 	mp     *sdkmetric.MeterProvider
 	spans  *tracetest.SpanRecorder
 	tp     *sdktrace.TracerProvider
-	inst   *otelpglock.Instrumentation
+	inst   *otellock.Instrumentation
 }
 
-func newTelemetry(tb testing.TB, opts ...otelpglock.Option) *telemetry {
+func newTelemetry(tb testing.TB, opts ...otellock.Option) *telemetry {
 	tb.Helper()
 	t := &telemetry{reader: sdkmetric.NewManualReader(), spans: tracetest.NewSpanRecorder()}
 	t.mp = sdkmetric.NewMeterProvider(sdkmetric.WithReader(t.reader))
@@ -38,8 +38,8 @@ func newTelemetry(tb testing.TB, opts ...otelpglock.Option) *telemetry {
 		_ = t.mp.Shutdown(context.Background())
 		_ = t.tp.Shutdown(context.Background())
 	})
-	inst, err := otelpglock.New(append([]otelpglock.Option{
-		otelpglock.WithMeterProvider(t.mp), otelpglock.WithTracerProvider(t.tp),
+	inst, err := otellock.New(append([]otellock.Option{
+		otellock.WithMeterProvider(t.mp), otellock.WithTracerProvider(t.tp),
 	}, opts...)...)
 	if err != nil {
 		tb.Fatal(err)
@@ -72,7 +72,7 @@ func (p point) String() string {
 	return fmt.Sprintf("%s{%s} value=%v count=%d", p.metric, p.attrs.Encoded(attribute.DefaultEncoder()), p.value, p.count)
 }
 
-// collect reads every data point of the otelpglock scope now.
+// collect reads every data point of the otellock scope now.
 func (t *telemetry) collect(tb testing.TB) []point {
 	tb.Helper()
 	var rm metricdata.ResourceMetrics
@@ -81,7 +81,7 @@ func (t *telemetry) collect(tb testing.TB) []point {
 	}
 	var out []point
 	for _, sm := range rm.ScopeMetrics {
-		if sm.Scope.Name != otelpglock.ScopeName {
+		if sm.Scope.Name != otellock.ScopeName {
 			tb.Errorf("unexpected scope %q", sm.Scope.Name)
 			continue
 		}
@@ -176,11 +176,11 @@ func spanAttr(s sdktrace.ReadOnlySpan, k string) (attribute.Value, bool) {
 	return attribute.Value{}, false
 }
 
-// ownSpans returns the spans of the otelpglock scope, in the order they ended.
+// ownSpans returns the spans of the otellock scope, in the order they ended.
 func (t *telemetry) ownSpans() []sdktrace.ReadOnlySpan {
 	var out []sdktrace.ReadOnlySpan
 	for _, s := range t.spans.Ended() {
-		if s.InstrumentationScope().Name == otelpglock.ScopeName {
+		if s.InstrumentationScope().Name == otellock.ScopeName {
 			out = append(out, s)
 		}
 	}
