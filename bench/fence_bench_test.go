@@ -10,8 +10,12 @@ import (
 	"github.com/pglockkit/kit/pglock"
 )
 
-const rawTokenSQL = `INSERT INTO pglock.fence AS f (key_space, key, token) VALUES (1, $1, 1)
-ON CONFLICT (key_space, key) DO UPDATE SET token = f.token + 1, granted_at = clock_timestamp()
+// rawTokenSQL is the statement pglock runs to take a token on a session.
+const rawTokenSQL = `WITH held AS (
+	SELECT 1 FROM pglock.fence WHERE key_space = 1 AND key = $1::bigint FOR UPDATE NOWAIT)
+INSERT INTO pglock.fence AS f (key_space, key, token)
+SELECT 1, $1::bigint, nextval('pglock.fence_token') FROM (SELECT count(*) FROM held) AS h
+ON CONFLICT (key_space, key) DO UPDATE SET token = EXCLUDED.token, granted_at = clock_timestamp()
 RETURNING f.token`
 
 // Session Acquire + Release of a Lock made WithToken (a fencing token taken

@@ -301,7 +301,9 @@ func (b *pgxBackend) unlockSession(ctx context.Context) error {
 
 func (b *pgxBackend) token(ctx context.Context) (int64, error) {
 	if tx := b.pgxTx(); tx != nil {
-		return b.l.takeToken(ctx, tx)
+		// In the transaction: a NOWAIT failure would abort it, so the
+		// statement waits (bounded by the release timeout).
+		return b.l.takeToken(ctx, func() (int64, error) { return b.l.tokenOnce(ctx, tx, false) })
 	}
-	return b.l.takeToken(ctx, b.conn)
+	return b.l.takeToken(ctx, func() (int64, error) { return b.l.tokenOnce(ctx, b.conn, true) })
 }

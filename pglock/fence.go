@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Fencing tokens.
@@ -36,25 +37,49 @@ import (
 var ErrFenced = errors.New("pglock: fenced off: a newer fencing token was granted")
 
 const (
-	// tokenSQL takes the next token of a key; run on the session (or in the
-	// transaction) that holds the key's lock, so that a holder whose session
-	// died cannot take one after the next holder did.
-	tokenSQL = `INSERT INTO pglock.fence AS f (key_space, key, token) VALUES ($1, $2, 1)
-ON CONFLICT (key_space, key) DO UPDATE SET token = f.token + 1, granted_at = clock_timestamp()
+	// tokenSQL takes the next token of a key from a sequence (never given
+	// back, even by a grant whose transaction rolls back); run on the
+	// session (or in the transaction) that holds the key's lock, so that a
+	// holder whose session died cannot take one after the next holder did.
+	tokenSQL = `INSERT INTO pglock.fence AS f (key_space, key, token)
+VALUES ($1::smallint, $2::bigint, nextval('pglock.fence_token'))
+ON CONFLICT (key_space, key) DO UPDATE SET token = EXCLUDED.token, granted_at = clock_timestamp()
+RETURNING f.token`
+	// tokenNoWaitSQL is tokenSQL that fails at once (55P03) instead of
+	// waiting while a transaction that passed CheckFence keeps the key's row
+	// share-locked: on a session the lock shares with others' requests, the
+	// wait happens between attempts, not in a statement.
+	tokenNoWaitSQL = `WITH held AS (
+	SELECT 1 FROM pglock.fence WHERE key_space = $1::smallint AND key = $2::bigint FOR UPDATE NOWAIT)
+INSERT INTO pglock.fence AS f (key_space, key, token)
+SELECT $1::smallint, $2::bigint, nextval('pglock.fence_token') FROM (SELECT count(*) FROM held) AS h
+ON CONFLICT (key_space, key) DO UPDATE SET token = EXCLUDED.token, granted_at = clock_timestamp()
 RETURNING f.token`
 	fenceSQL = `SELECT token FROM pglock.fence WHERE key_space = $1 AND key = $2 FOR SHARE`
 )
+
+// lockNotAvailable is the SQLSTATE of a NOWAIT row lock that was taken.
+const lockNotAvailable = "55P03"
 
 // WithToken makes the lock take a fencing token with each grant (see
 // [Lock.Token]); it needs the pglock schema ([Migrate]). Only exclusive
 // grants take one: a shared hold, which others hold at the same time, gets
 // none (Token is 0), so that a Locker made WithToken may still lock some
 // keys in Shared mode (httplock's SharedForSafeMethods).
-// In Session scope the token is taken on the lock's session right after the
-// grant, one more round trip; in Transaction scope, in the lock's
-// transaction, so that a transaction that rolls back gives its number back
-// (its work did not land either). A grant whose token cannot be taken (the
-// schema is missing: [ErrSchema]) is let go and the acquire fails.
+//
+// Tokens come from a sequence (pglock.fence_token), so a key's tokens
+// strictly increase from one grant to the next, and a grant whose
+// transaction rolls back never gives its number to the next one. In Session
+// scope the token is taken on the lock's own session right after the grant
+// (one more round trip, a durable write); in Transaction scope, in the
+// lock's transaction, where the work must be too (the key's row is updated
+// there, so a CheckFence from another connection would see the previous
+// token until it commits). While a transaction that passed [CheckFence] on
+// the key is still open, the grant waits for it (polling, without holding
+// a shared connection); after the release timeout ([WithReleaseTimeout]),
+// or if the token cannot be taken (the schema is missing: [ErrSchema]), the
+// grant is let go and the acquire fails. On a caller's transaction (pgx.Tx,
+// *sql.Tx) a failed token aborts that transaction.
 func WithToken() Option {
 	return func(c *config) { c.token = true }
 }
@@ -91,11 +116,17 @@ func (k Key) keySpace() int16 {
 	return 1
 }
 
-// takeToken takes the next token of the lock's key on q, which runs on the
-// session or in the transaction that holds the lock.
-func (l *Lock) takeToken(ctx context.Context, q any) (int64, error) {
+// tokenOnce runs the token statement once on q, which runs on the session
+// or in the transaction that holds the lock; nowait (on a session) fails at
+// once with 55P03 when the key's row is share-locked by a fenced
+// transaction, instead of waiting in the statement.
+func (l *Lock) tokenOnce(ctx context.Context, q any, nowait bool) (int64, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.releaseTimeout)
 	defer cancel()
+	query := tokenSQL
+	if nowait {
+		query = tokenNoWaitSQL
+	}
 	var token int64
 	var err error
 	space, key := l.key.keySpace(), l.key.v
@@ -103,18 +134,47 @@ func (l *Lock) takeToken(ctx context.Context, q any) (int64, error) {
 	case interface {
 		QueryRow(context.Context, string, ...any) pgx.Row
 	}:
-		err = q.QueryRow(ctx, tokenSQL, space, key).Scan(&token)
+		err = q.QueryRow(ctx, query, space, key).Scan(&token)
 	case interface {
 		QueryRowContext(context.Context, string, ...any) *sql.Row
 	}:
-		err = q.QueryRowContext(ctx, tokenSQL, space, key).Scan(&token)
+		err = q.QueryRowContext(ctx, query, space, key).Scan(&token)
 	default:
 		err = fmt.Errorf("pglock: no connection to take a token on (%T)", q)
 	}
-	if err != nil {
-		return 0, fmt.Errorf("pglock: take a fencing token: %w", schemaErr(err))
+	return token, err
+}
+
+// takeToken takes the token with attempt (tokenOnce on the lock's session
+// or transaction), trying again with a growing pause while a transaction
+// that passed CheckFence keeps the key's row locked (the next grant waits
+// for it to end), until ctx ends or the release timeout passes: then the
+// grant is let go.
+func (l *Lock) takeToken(ctx context.Context, attempt func() (int64, error)) (int64, error) {
+	deadline := time.Now().Add(l.cfg.releaseTimeout)
+	pause := minPollInterval
+	for {
+		token, err := attempt()
+		var pgErr *pgconn.PgError
+		if err == nil || !errors.As(err, &pgErr) || pgErr.Code != lockNotAvailable {
+			if err != nil {
+				return 0, fmt.Errorf("pglock: take a fencing token: %w", schemaErr(err))
+			}
+			return token, nil
+		}
+		if time.Now().Add(pause).After(deadline) {
+			return 0, fmt.Errorf("pglock: take a fencing token: a transaction that passed its fence check on key %s is still open after %v: %w",
+				l.key, l.cfg.releaseTimeout, err)
+		}
+		t := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return 0, fmt.Errorf("pglock: take a fencing token: %w", ctx.Err())
+		case <-t.C:
+		}
+		pause = min(2*pause, maxPollInterval)
 	}
-	return token, nil
 }
 
 // CheckFence checks, inside tx (the work's transaction: a pgx.Tx or a

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/url"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -422,5 +423,109 @@ func TestClaimTick(t *testing.T) {
 	}
 	if _, err := pglock.ClaimTick(ctx, nil, "", tick); !errors.Is(err, pglock.ErrInvalidOption) {
 		t.Errorf("ClaimTick with no job = %v", err)
+	}
+}
+
+// A grant that must wait for a fenced transaction (one that passed
+// CheckFence and is still open) waits without holding up the Locker's other
+// keys on the same lock connection, gets its token once that transaction
+// ends, and is let go (the acquire fails, nothing stays locked) when it
+// stays open past the release timeout; the other key is never lost. Tokens
+// of grants rolled back are not given again.
+func TestTokenWaitsForFencedTransaction(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := migrated(t, 6)
+	watch := pgtest.Pool(t, 2)
+	lk, err := pglock.NewLocker(pgtest.Pool(t, 4), pglock.WithToken(), pglock.WithLockConns(1), pglock.WithReleaseTimeout(time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lk.Close()
+	keyA, keyB := pgtest.UniqueKey(t)+"-a", pgtest.UniqueKey(t)+"-b"
+	a, _ := lk.Lock(keyA)
+	if err := a.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	first := a.Token()
+	fenced, err := pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Fence(ctx, fenced); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// a's next grant must wait for the fenced transaction.
+	done := make(chan error, 1)
+	go func() { done <- a.Acquire(ctx) }()
+	time.Sleep(100 * time.Millisecond)
+	b, _ := lk.Lock(keyB)
+	start := time.Now()
+	if ok, err := b.TryAcquire(ctx); !ok || err != nil {
+		t.Fatalf("TryAcquire of another key on the same lock connection = %v, %v", ok, err)
+	}
+	if took := time.Since(start); took > 300*time.Millisecond {
+		t.Errorf("another key's TryAcquire took %v while a grant waited for a fenced transaction", took)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("the grant did not wait for the fenced transaction: %v", err)
+	default:
+	}
+	if err := fenced.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("the grant after the fenced transaction ended: %v", err)
+	}
+	if a.Token() <= first {
+		t.Errorf("token %d after %d", a.Token(), first)
+	}
+	if err := a.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	// Past the release timeout the grant is let go.
+	fenced, err = pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fenced.Rollback(ctx)
+	// a is released (its Token is 0): hold the key's row as a fenced
+	// transaction would.
+	var newest int64
+	if err := fenced.QueryRow(ctx, "SELECT token FROM pglock.fence WHERE key_space = 1 AND key = $1 FOR SHARE", a.Key().Int64()).Scan(&newest); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	err = a.Acquire(ctx)
+	if err == nil || !errors.Is(err, pglock.ErrNotAcquired) || !strings.Contains(err.Error(), "still open") {
+		t.Fatalf("Acquire while a fenced transaction stays open = %v, want not acquired, saying why", err)
+	}
+	t.Logf("let go after %v: %v", time.Since(start).Round(time.Millisecond), err)
+	pgtest.WaitFree(t, watch, a.Key())
+	if !b.Held() {
+		t.Error("the other key was lost")
+	}
+	if err := b.Release(ctx); err != nil {
+		t.Errorf("the other key's release: %v", err)
+	}
+	_ = fenced.Rollback(ctx)
+
+	// A Transaction-scope grant rolled back does not give its number again.
+	tx, _ := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithToken(), pglock.WithScope(pglock.Transaction))
+	var tokens []int64
+	for range 2 {
+		_ = tx.Do(ctx, func(ctx context.Context) error {
+			token, _ := pglock.TokenFromContext(ctx)
+			tokens = append(tokens, token)
+			return errors.New("roll back")
+		})
+	}
+	if len(tokens) != 2 || tokens[1] <= tokens[0] {
+		t.Errorf("tokens of two rolled-back grants: %v, want increasing", tokens)
 	}
 }

@@ -718,18 +718,22 @@ func (b *muxBackend) token(ctx context.Context) (int64, error) {
 	if c == nil {
 		return 0, fmt.Errorf("%w: take a fencing token: the key's connection is gone", ErrLockLost)
 	}
-	var token int64
-	var err error
-	op := connOp{ctx: ctx, fn: func(conn *pgx.Conn) {
-		if conn == nil {
-			err = errConnGone
-			return
+	// One statement per attempt, which never waits: the connection serves
+	// other keys between attempts.
+	return b.l.takeToken(ctx, func() (int64, error) {
+		var token int64
+		var err error
+		op := connOp{ctx: ctx, fn: func(conn *pgx.Conn) {
+			if conn == nil {
+				err = errConnGone
+				return
+			}
+			token, err = b.l.tokenOnce(ctx, conn, true)
+		}}
+		c.do(&op)
+		if err == nil {
+			err = op.err
 		}
-		token, err = b.l.takeToken(ctx, conn)
-	}}
-	c.do(&op)
-	if err == nil {
-		err = op.err
-	}
-	return token, err
+		return token, err
+	})
 }

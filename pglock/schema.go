@@ -18,7 +18,7 @@ import (
 // in a schema named pglock that the library owns and migrates:
 //
 //   - fencing tokens ([WithToken]): pglock.fence, the last token granted per
-//     key;
+//     key, and pglock.fence_token, the sequence they are drawn from;
 //   - exactly-once ticks ([ClaimTick]; cronlock and gocronlock use it):
 //     pglock.tick, the (job, scheduled time) pairs that ran.
 //
@@ -30,7 +30,7 @@ import (
 
 // SchemaVersion is the version of the pglock schema this package needs: the
 // last migration [Migrate] applies.
-const SchemaVersion = 1
+const SchemaVersion = 2
 
 // migrations are the schema's versions, in order; migration i+1 is
 // migrations[i]. Never change one that was released: add one.
@@ -54,6 +54,11 @@ CREATE TABLE pglock.tick (
 	PRIMARY KEY (job, tick)
 );
 COMMENT ON TABLE pglock.tick IS 'pglock: the scheduled runs (job, scheduled time) that ran, for exactly-once ticks';
+`},
+	{"fencing tokens from a sequence", `
+CREATE SEQUENCE pglock.fence_token AS bigint CACHE 1;
+COMMENT ON SEQUENCE pglock.fence_token IS 'pglock: fencing tokens; a sequence, so that a grant rolled back never gives its number to the next';
+SELECT setval('pglock.fence_token', coalesce(max(token), 1), max(token) IS NOT NULL) FROM pglock.fence;
 `},
 }
 

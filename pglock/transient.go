@@ -1,6 +1,7 @@
 package pglock
 
 import (
+	"context"
 	"database/sql"
 	"database/sql/driver"
 	"errors"
@@ -21,7 +22,10 @@ import (
 // unavailable. The caller's own context ending does not (see
 // Lock.notAcquired, which checks it first).
 func unavailable(err error) bool {
-	if err == nil || errors.Is(err, ErrTransactionPooler) {
+	if err == nil || errors.Is(err, ErrTransactionPooler) ||
+		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		// A context's end is a bound of ours or the caller's, not the
+		// database's failure (context.DeadlineExceeded is a net.Error too).
 		return false
 	}
 	var pgErr *pgconn.PgError
