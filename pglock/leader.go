@@ -67,9 +67,13 @@ type LeaderConfig struct {
 //
 // The lock is a Session-scope, exclusive lock of the Locker (a term can last
 // for days; a transaction open that long would hold back vacuum). On a
-// Locker on a pool it rides on the Locker's lock connections, so it costs no
-// pool connection. A Locker on one connection holds one lock at a time, so
-// its other locks wait for the whole term there.
+// multiplexing Locker a Leader costs no pool connection: while it
+// campaigns it waits in the server's queue on a waiting connection of its
+// own, which does not count among [WithWaitConns] (so campaigns never starve
+// other waits), and it leads on that connection. With one connection per
+// hold ([WithMultiplexing](false)) a campaign takes a pool connection for as
+// long as it waits and leads. A Locker on one connection holds one lock at a
+// time, so its other locks wait for the whole term there.
 type Leader struct {
 	lk      *Locker
 	l       *Lock
@@ -97,7 +101,7 @@ func (lk *Locker) Leader(key any, cfg LeaderConfig) (*Leader, error) {
 	if cfg.MaxBackoff < cfg.MinBackoff {
 		return nil, fmt.Errorf("%w: leader MaxBackoff %v is below MinBackoff %v", ErrInvalidOption, cfg.MaxBackoff, cfg.MinBackoff)
 	}
-	l, err := lk.Lock(key, WithScope(Session), WithMode(Exclusive), WithWaitTimeout(0))
+	l, err := lk.Lock(key, WithScope(Session), WithMode(Exclusive), WithWaitTimeout(0), func(c *config) { c.campaign = true })
 	if err != nil {
 		return nil, err
 	}
@@ -127,9 +131,11 @@ func (ld *Leader) Terms() int64 { return ld.terms.Load() }
 //   - ctx ends: fn's context ends; once fn has returned, Run steps down and
 //     returns ctx's error. A Run that is only campaigning returns at once.
 //
-// A panic in fn steps down, then goes on up. Run returns [ErrLeaderRunning]
-// when called while another Run of the same Leader runs, and [ErrNilFunc]
-// for a nil fn.
+// A campaign that cannot succeed by trying again ends Run with its error:
+// the Locker was closed ([ErrLockerClosed]), or its connection cannot hold
+// session locks ([ErrTransactionPooler]). A panic in fn steps down, then
+// goes on up. Run returns [ErrLeaderRunning] when called while another Run
+// of the same Leader runs, and [ErrNilFunc] for a nil fn.
 func (ld *Leader) Run(ctx context.Context, fn func(ctx context.Context) error) error {
 	if fn == nil {
 		return fmt.Errorf("%w: Leader.Run on key %s", ErrNilFunc, ld.Key())
@@ -149,6 +155,9 @@ func (ld *Leader) Run(ctx context.Context, fn func(ctx context.Context) error) e
 				_ = ld.l.Release(ctx)
 			}
 			return ctx.Err()
+		}
+		if err != nil && permanent(err) {
+			return err
 		}
 		if err != nil {
 			ld.logf(slog.LevelWarn, "pglock: leader campaign failed", err)
@@ -180,6 +189,14 @@ func (ld *Leader) Run(ctx context.Context, fn func(ctx context.Context) error) e
 		}
 		backoff = min(2*backoff, ld.cfg.MaxBackoff)
 	}
+}
+
+// permanent reports whether a failed campaign cannot succeed by trying
+// again: the Locker was closed, or its connection cannot hold session locks
+// (a transaction pooler) or was refused.
+func permanent(err error) bool {
+	return errors.Is(err, ErrLockerClosed) || errors.Is(err, ErrTransactionPooler) ||
+		errors.Is(err, ErrInvalidOption) || errors.Is(err, ErrUnsupportedConn)
 }
 
 // term runs one term: fn with the term's context, then the release. It

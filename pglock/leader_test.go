@@ -385,3 +385,80 @@ func TestLeaderRunOnceAndErrors(t *testing.T) {
 		t.Errorf("Run took %v to return after its context ended", took)
 	}
 }
+
+// Campaigning Leaders do not use up a Locker's waiting connections: with six
+// Leaders (of six elections) campaigning on a Locker allowed two waits, a blocking Acquire of a
+// busy key still waits in the server's queue and gets the key when it is
+// freed. A Run on a closed Locker ends at once with ErrLockerClosed.
+func TestLeaderCampaignsDoNotStarveWaits(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	watch := pgtest.Pool(t, 2)
+	lk, err := pglock.NewLocker(pgtest.Pool(t, 4), pglock.WithWaitConns(2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lk.Close()
+	others := pgtest.Pool(t, 8) // the other process: one connection per key it leads
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel() // before the Wait: the campaigns end with ctx
+	for i := range 6 {
+		// Six elections (six keys), each led by another process: every
+		// Leader here campaigns, each in the server's queue.
+		leaderKey := fmt.Sprintf("%s-%d", pgtest.UniqueKey(t), i)
+		other, _ := pglock.New(others, mustKey(t, leaderKey))
+		if err := other.Acquire(ctx); err != nil {
+			t.Fatal(err)
+		}
+		defer other.Release(context.Background())
+		ld, err := lk.Leader(leaderKey, pglock.LeaderConfig{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Go(func() { _ = ld.Run(ctx, func(ctx context.Context) error { <-ctx.Done(); return nil }) })
+	}
+	time.Sleep(300 * time.Millisecond) // the campaigns are waiting
+
+	busyKey := pgtest.UniqueKey(t) + "-busy"
+	holder, _ := pglock.New(watch, mustKey(t, busyKey))
+	if err := holder.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(300*time.Millisecond, func() { _ = holder.Release(context.Background()) })
+	l, _ := lk.Lock(busyKey)
+	actx, acancel := context.WithTimeout(ctx, 5*time.Second)
+	defer acancel()
+	start := time.Now()
+	if err := l.Acquire(actx); err != nil {
+		t.Fatalf("Acquire of a busy key while six Leaders campaign = %v (stats %+v)", err, lk.Stats())
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("Acquire took %v, want the key soon after its holder let it go (300 ms)", took)
+	}
+	if err := l.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	wg.Wait()
+
+	closed, err := pglock.NewLocker(pgtest.Pool(t, 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ld, err := closed.Leader(pgtest.UniqueKey(t), pglock.LeaderConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = closed.Close()
+	rctx, rcancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer rcancel()
+	start = time.Now()
+	if err := ld.Run(rctx, func(context.Context) error { return nil }); !errors.Is(err, pglock.ErrLockerClosed) {
+		t.Errorf("Run on a closed Locker = %v, want ErrLockerClosed", err)
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("Run on a closed Locker took %v to return", took)
+	}
+}

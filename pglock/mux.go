@@ -399,14 +399,21 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 	defer cancel()
 	stop := context.AfterFunc(m.closing, cancel)
 	defer stop()
-	select {
-	case m.waitSem <- struct{}{}:
-	case <-wctx.Done():
-		return false, m.waitErr(ctx)
+	// A Leader's campaign waits for as long as the process lives: it does
+	// not count among the waits WithWaitConns bounds.
+	counted := !b.l.cfg.campaign
+	if counted {
+		select {
+		case m.waitSem <- struct{}{}:
+		case <-wctx.Done():
+			return false, m.waitErr(ctx)
+		}
 	}
 	wc := m.waitConn()
 	if wc == nil {
-		<-m.waitSem
+		if counted {
+			<-m.waitSem
+		}
 		return false, ErrLockerClosed
 	}
 	var held, healthy bool
@@ -425,7 +432,9 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 		// The connection now holds what it waited for, until its release: it
 		// no longer counts among the waiting, so a long hold does not keep
 		// other keys from being waited for.
-		<-m.waitSem
+		if counted {
+			<-m.waitSem
+		}
 		return true, nil
 	}
 	if held { // granted on a connection lost since: gone with it
@@ -434,7 +443,7 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 	if err == nil {
 		err = m.waitErr(ctx)
 	}
-	m.putWaitConn(wc, healthy && !errors.Is(err, errConnGone), true)
+	m.putWaitConn(wc, healthy && !errors.Is(err, errConnGone), counted)
 	return false, err
 }
 

@@ -86,6 +86,10 @@ type config struct {
 	observer        func(Event)
 	tracer          Tracer
 	token           bool // WithToken
+	// campaign: a Leader's lock, whose wait may last as long as the
+	// process: on a multiplexing Locker it waits on a connection of its
+	// own, outside WithWaitConns, so that it never starves other waits.
+	campaign bool
 	errs            []error
 
 	// The Locker's own settings (see lockOnly).
