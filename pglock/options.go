@@ -90,7 +90,7 @@ type config struct {
 	// process: on a multiplexing Locker it waits on a connection of its
 	// own, outside WithWaitConns, so that it never starves other waits.
 	campaign bool
-	errs            []error
+	errs     []error
 
 	// The Locker's own settings (see lockOnly).
 	multiplex  bool
