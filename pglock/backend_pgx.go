@@ -247,8 +247,13 @@ func (b *pgxBackend) release(ctx context.Context, commit bool) error {
 		if !b.conn.IsClosed() && b.conn.PgConn().TxStatus() == 'I' {
 			// The user ended the transaction (Commit or Rollback on it, or a
 			// statement), and the lock with it: a COMMIT now would say
-			// nothing of the work, and end nothing.
-			b.close(true)
+			// nothing of the work, and end nothing. The pgx.Tx is ended
+			// still (its ROLLBACK on an idle session changes nothing), so
+			// that a stale Rollback or Commit of it, later, cannot end
+			// another user's transaction on this pooled connection.
+			rerr := tx.Rollback(b.detach(ctx))
+			b.reattach()
+			b.close(rerr == nil || errors.Is(rerr, pgx.ErrTxClosed))
 			return errTxEndedByStatement
 		}
 		rctx := b.detach(ctx)

@@ -131,6 +131,9 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 	}()
 	err = fn(fctx)
 	panicked = false
+	if h := l.handled.Swap(nil); h != nil && err == nil {
+		err = *h // HandleError during fn: roll back, and say why
+	}
 
 	if err != nil {
 		commit := !(l.cfg.rollbackOnError && l.cfg.scope == Transaction)

@@ -5,10 +5,12 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglockkit/kit/internal/pgtest"
@@ -296,13 +298,18 @@ func TestReleaseFromAnotherGoroutineDuringDo(t *testing.T) {
 					}
 
 					close(proceed)
-					if err := <-done; err != nil {
-						t.Fatalf("Do = %v", err)
-					}
+					err := <-done
 					if scope == pglock.Transaction {
-						if n := ownRows(t, watch, table, name); n != 2 {
-							t.Fatalf("%d rows, want 2: fn's work, all committed by Do", n)
+						// The HandleError marked the work for rollback: Do
+						// rolled it back when fn returned, and says why.
+						if !errors.Is(err, errBoom) {
+							t.Fatalf("Do after a HandleError during it = %v, want errBoom", err)
 						}
+						if n := ownRows(t, watch, table, name); n != 0 {
+							t.Fatalf("%d rows, want 0: HandleError during Do rolls fn's work back", n)
+						}
+					} else if err != nil {
+						t.Fatalf("Do = %v", err)
 					}
 					assertDoEnded(t, l, watch, other)
 				})
@@ -485,5 +492,44 @@ func TestReleaseReportsTxEnded(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// After fn ended the lock's transaction with a COMMIT statement, the pgx.Tx
+// it was given is ended too: a stale Rollback of it, later, must not roll
+// back another user's transaction on the same pooled connection.
+func TestStaleTxAfterStatementCommit(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t, 1) // one connection: the next user gets the same one
+	table := fmt.Sprintf("stale_tx_%d", rand.Uint32())
+	if _, err := pool.Exec(ctx, "CREATE TABLE "+table+" (v int)"); err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Exec(context.Background(), "DROP TABLE "+table)
+	l, _ := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
+	var stale pgx.Tx
+	err := l.Do(ctx, func(ctx context.Context) error {
+		stale, _ = pglock.TxFromContext(ctx)
+		_, err := stale.Exec(ctx, "COMMIT")
+		return err
+	})
+	if !errors.Is(err, pglock.ErrTxEnded) {
+		t.Fatalf("Do after a COMMIT statement = %v, want ErrTxEnded", err)
+	}
+	other, err := pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Exec(ctx, "INSERT INTO "+table+" VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	_ = stale.Rollback(ctx) // a deferred Rollback in the user's code
+	if err := other.Commit(ctx); err != nil {
+		t.Fatalf("the other user's commit: %v", err)
+	}
+	var n int
+	if err := pool.QueryRow(ctx, "SELECT count(*) FROM "+table).Scan(&n); err != nil || n != 1 {
+		t.Errorf("the other user's row: %d rows, %v; want 1 (a stale Rollback ended its transaction)", n, err)
 	}
 }

@@ -45,6 +45,9 @@ type Lock struct {
 	// inDo: Do or TryDo owns the current hold, and ends it; Release and
 	// HandleError refuse. Set and cleared under l.mu.
 	inDo atomic.Bool
+	// handled is the error given to HandleError while Do owns the hold: Do
+	// then rolls back when its function returns, whatever it returns.
+	handled atomic.Pointer[error]
 	// stopWatch ends the current hold's connection watch.
 	stopWatch func()
 
@@ -260,6 +263,7 @@ func (l *Lock) acquire(ctx context.Context, wait, do bool) (bool, error) {
 		l.tx = &givenTx{Tx: tx}
 	}
 	l.inDo.Store(do)
+	l.handled.Store(nil)
 	l.lostMu.Lock()
 	if l.lostDone || l.lostGiven {
 		l.lostCh, l.lostErr, l.lostDone, l.lostGiven = make(chan struct{}), nil, false, false
@@ -423,17 +427,25 @@ func (l *Lock) Release(ctx context.Context) error {
 // changes nothing and returns err.
 //
 // While Do or TryDo runs on the Lock (HandleError called from their function
-// or from another goroutine), it changes nothing either: it returns err
-// joined with an error matching [ErrInDo]. Return err from the function
-// instead: Do then rolls back as HandleError would, and ends the hold.
+// or from another goroutine), the hold is theirs: HandleError returns err
+// joined with an error matching [ErrInDo], and where it would roll back it
+// marks the transaction instead, which Do rolls back when the function
+// returns, even if it returns nil (Do then returns err). Returning err from
+// the function does the same.
 func (l *Lock) HandleError(ctx context.Context, err error) error {
 	if err == nil {
 		return nil
 	}
+	rollback := l.cfg.rollbackOnError && l.cfg.scope == Transaction
 	if l.inDo.Load() {
+		// Do ends the hold: it rolls back when its function returns.
+		if rollback {
+			l.handled.CompareAndSwap(nil, &err)
+			return join(err, fmt.Errorf("pglock: HandleError on key %s: Do rolls back when its function returns: %w", l.key, ErrInDo))
+		}
 		return join(err, fmt.Errorf("pglock: HandleError on key %s: %w", l.key, ErrInDo))
 	}
-	if !l.cfg.rollbackOnError || l.cfg.scope != Transaction {
+	if !rollback {
 		return err
 	}
 	if rerr := l.end(ctx, false, false); rerr != nil {
