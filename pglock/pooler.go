@@ -4,9 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
-	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -23,9 +21,9 @@ import (
 // server session of their own:
 //
 //  1. One statement returns pg_backend_pid() and claims the session for this
-//     client (a session-level setting, pglock.session, set to a token made of
-//     the connection's own cancel key, unless the session already carries
-//     another client's). On a direct connection, or through a plain TCP proxy,
+//     client (a session-level setting, pglock.session, set to a random token
+//     of the connection's, unless the session already carries another
+//     client's). On a direct connection, or through a plain TCP proxy,
 //     the pid equals the one the server gave the client at connect
 //     (BackendKeyData): the session is the connection's own, and that is all.
 //     A pooler hands the client a cancel key of its own, so the pids differ.
@@ -43,15 +41,28 @@ import (
 //
 // The outcome is remembered on the connection (pgconn's CustomData), so the
 // check costs one statement per connection, and through a pooler one probe
-// connection more.
+// connection more. A probe that proves nothing (it could not connect or
+// answer within its bound: a pooler with no free server session) lets the
+// lock go on but is not remembered for good: the connection's locks check
+// again a minute later. Meanwhile the claim still refuses a second client
+// that reaches the session.
 
 // sessionSetting is the session-level setting that claims a server session
 // for one client connection.
 const sessionSetting = "pglock.session"
 
 // sessionDataKey is the key of the check's outcome in a connection's
-// CustomData.
-const sessionDataKey = "pglock.session"
+// CustomData; tokenDataKey the key of the connection's token.
+const (
+	sessionDataKey = "pglock.session"
+	tokenDataKey   = "pglock.session.token"
+	retryDataKey   = "pglock.session.retry" // when an inconclusive probe may run again
+)
+
+// probeRetry is how long a connection whose probe proved nothing goes
+// without another: a full session pooler would otherwise cost every lock the
+// probe's bound.
+const probeRetry = time.Minute
 
 // probeStatements is how many statements the probe runs.
 const probeStatements = 3
@@ -59,13 +70,6 @@ const probeStatements = 3
 // maxProbeTime bounds the probe: through a session pooler whose server
 // sessions are all taken, its statements wait for one.
 const maxProbeTime = time.Second
-
-// processNonce makes the session tokens of this process its own.
-var processNonce = func() string {
-	var b [8]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
-}()
 
 const (
 	claimSQL = "SELECT pg_backend_pid(), coalesce(nullif(current_setting('" + sessionSetting + "', true), ''), " +
@@ -84,16 +88,39 @@ func checkSession(ctx context.Context, conn *pgx.Conn, bound time.Duration) erro
 		err, _ := v.(error)
 		return err
 	}
-	err := verifySession(ctx, conn, bound)
-	if err == nil || errors.Is(err, ErrTransactionPooler) {
+	if until, ok := data[retryDataKey].(time.Time); ok && time.Now().Before(until) {
+		return nil // a probe proved nothing a moment ago: not again yet
+	}
+	conclusive, err := verifySession(ctx, conn, bound)
+	switch {
+	case conclusive:
 		data[sessionDataKey] = err
+	case err == nil:
+		data[retryDataKey] = time.Now().Add(probeRetry)
 	}
 	return err
 }
 
-func verifySession(ctx context.Context, conn *pgx.Conn, bound time.Duration) error {
+// sessionToken returns the connection's claim token: random, made once per
+// connection. (Not its cancel key: other clients of a pooler's session can
+// read the setting.)
+func sessionToken(data map[string]any) string {
+	if t, ok := data[tokenDataKey].(string); ok {
+		return t
+	}
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	t := hex.EncodeToString(b[:])
+	data[tokenDataKey] = t
+	return t
+}
+
+// verifySession runs the check; conclusive reports whether its outcome
+// holds for the connection's life (a database error, or a probe that proved
+// nothing, does not).
+func verifySession(ctx context.Context, conn *pgx.Conn, bound time.Duration) (conclusive bool, err error) {
 	pc := conn.PgConn()
-	token := processNonce + "." + strconv.FormatUint(uint64(pc.PID()), 10) + "." + hex.EncodeToString(pc.SecretKey())
+	token := sessionToken(pc.CustomData())
 	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), bound)
 	defer cancel()
 	var pid uint32
@@ -101,13 +128,13 @@ func verifySession(ctx context.Context, conn *pgx.Conn, bound time.Duration) err
 	// The simple protocol: a transaction pooler without prepared-statement
 	// support would fail a prepared statement for reasons of its own.
 	if err := conn.QueryRow(qctx, claimSQL, pgx.QueryExecModeSimpleProtocol, token).Scan(&pid, &owner); err != nil {
-		return fmt.Errorf("pglock: check the connection's server session: %w", err)
+		return false, fmt.Errorf("pglock: check the connection's server session: %w", err)
 	}
 	if pid == pc.PID() {
-		return nil // the connection's own session
+		return true, nil // the connection's own session
 	}
 	if owner != token {
-		return fmt.Errorf("%w: the server session (pid %d) this connection reached serves another client too",
+		return true, fmt.Errorf("%w: the server session (pid %d) this connection reached serves another client too",
 			ErrTransactionPooler, pid)
 	}
 	return probePooler(ctx, conn.Config(), pid, token)
@@ -116,14 +143,14 @@ func verifySession(ctx context.Context, conn *pgx.Conn, bound time.Duration) err
 // probePooler tells a session pooler from a transaction pooler (see above):
 // pid and token are the session the first connection reached and its claim.
 // A probe that cannot connect or answer in time proves nothing: the lock goes
-// on.
-func probePooler(ctx context.Context, cfg *pgx.ConnConfig, pid uint32, token string) error {
+// on, and conclusive is false.
+func probePooler(ctx context.Context, cfg *pgx.ConnConfig, pid uint32, token string) (conclusive bool, err error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), maxProbeTime)
 	defer cancel()
 	cfg.ConnectTimeout = maxProbeTime
 	probe, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
-		return nil
+		return false, nil
 	}
 	defer probe.Close(context.Background())
 	var first uint32
@@ -131,7 +158,7 @@ func probePooler(ctx context.Context, cfg *pgx.ConnConfig, pid uint32, token str
 		var got uint32
 		var owner string
 		if err := probe.QueryRow(ctx, probeSQL, pgx.QueryExecModeSimpleProtocol).Scan(&got, &owner); err != nil {
-			return nil
+			return false, nil
 		}
 		if i == 0 {
 			first = got
@@ -146,8 +173,8 @@ func probePooler(ctx context.Context, cfg *pgx.ConnConfig, pid uint32, token str
 			case owner != "":
 				why = fmt.Sprintf("handed a new client a server session (pid %d) another client had used", got)
 			}
-			return fmt.Errorf("%w: the pooler %s", ErrTransactionPooler, why)
+			return true, fmt.Errorf("%w: the pooler %s", ErrTransactionPooler, why)
 		}
 	}
-	return nil
+	return true, nil
 }
