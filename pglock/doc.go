@@ -281,8 +281,9 @@
 // about 2 h 11 min with the default TCP keepalives, forever behind a
 // middlebox that keeps the TCP session open. On its lock connections a
 // Locker sets tcp_keepalives_idle (half the bound), tcp_keepalives_interval
-// (1 s), tcp_keepalives_count (2) and, on PostgreSQL 14 and later,
-// idle_session_timeout (the bound), so that the server ends an abandoned
+// (1 s), tcp_keepalives_count (2), on PostgreSQL 12 and later
+// tcp_user_timeout (the bound), and on 14 and later idle_session_timeout
+// (the bound), so that the server ends an abandoned
 // session within [AbandonedSessionTimeout] (6 s), always after the client
 // itself has seen the loss (twice the check interval); the watch's checks
 // keep a live holder's session busy, so it is never cut. A setting the pool's
@@ -318,8 +319,8 @@
 //
 // # What it does not do
 //
-// It does not fence writes made outside the database (use Transaction scope
-// and keep the work in the database), renew or lease anything (a PostgreSQL
-// lock needs no renewal), or retry a busy lock: it is reported, and the
-// caller decides.
+// It does not stop a paused holder's writes to a system outside the database
+// by itself (that system must check the fencing token: see "Fencing tokens
+// and exactly-once runs"), renew or lease anything (a PostgreSQL lock needs
+// no renewal), or retry a busy lock: it is reported, and the caller decides.
 package pglock

@@ -51,7 +51,8 @@ var (
 	// later, alert) from "busy" (TryAcquire's false, or a wait that timed
 	// out). A connection that was already dead before the lock's first
 	// statement reached it (an idle pool connection after a server restart)
-	// is retried once on a new connection before this is returned.
+	// is destroyed and the acquire runs again on another, at most once per
+	// idle connection of the pool and once more, before this is returned.
 	ErrUnavailable = errors.New("pglock: database unavailable")
 
 	// ErrLeaderRunning is returned by [Leader.Run] when Run is already

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglockkit/kit/pglock"
@@ -295,3 +296,47 @@ func ExampleWithLogger() {
 	// level=DEBUG msg="pglock: acquired" key=4242 scope=session mode=exclusive
 	// level=DEBUG msg="pglock: released" key=4242 scope=session mode=exclusive
 }
+
+// Fencing: the holder's write checks, in its own transaction, that its
+// token is still the newest; a stale holder's (here: an older token) is
+// refused. Migrate creates the schema tokens live in (once, from any
+// replica).
+func ExampleCheckFence() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+	if _, err := pglock.Migrate(ctx, pool); err != nil {
+		log.Fatal(err)
+	}
+	locker, err := pglock.NewLocker(pool, pglock.WithToken())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+	key, err := locker.Key("example:ledger:7")
+	if err != nil {
+		log.Fatal(err)
+	}
+	var token int64
+	err = locker.Do(ctx, "example:ledger:7", func(ctx context.Context) error {
+		token, _ = pglock.TokenFromContext(ctx) // strictly increasing per key
+		return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+			if err := pglock.CheckFence(ctx, tx, key, token); err != nil {
+				return err // a newer holder exists: this write must not land
+			}
+			fmt.Println("writing with the newest token")
+			return nil // the write, in tx
+		})
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		return pglock.CheckFence(ctx, tx, key, token-1) // a stale holder's
+	})
+	fmt.Println("stale token refused:", errors.Is(err, pglock.ErrFenced))
+	// Output:
+	// writing with the newest token
+	// stale token refused: true
+}
+

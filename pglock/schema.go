@@ -65,8 +65,9 @@ SELECT setval('pglock.fence_token', coalesce(max(token), 1), max(token) IS NOT N
 // migrateKey is the advisory lock that serializes migrations.
 var migrateKey = hashKey([]byte("pglock:migrate"))
 
-// ErrSchema means the pglock schema is missing or older than this package
-// needs: run [Migrate] (or `pglock migrate`). Features that keep state in the
+// ErrSchema means the pglock schema, or a part of it this package needs, is
+// missing (the database says a relation of it does not exist): run
+// [Migrate] (or `pglock migrate`). Features that keep state in the
 // database (fencing tokens, exactly-once ticks) fail with it.
 var ErrSchema = errors.New("pglock: the pglock schema is missing or out of date (run pglock migrate, or pglock.Migrate)")
 
@@ -85,8 +86,9 @@ type MigrateResult struct {
 // apply each migration once, and a failed one changes nothing. A schema newer
 // than this package is left alone (From > To is not an error: a newer
 // release migrated it). It needs the rights to create a schema in the
-// database; the tables belong to the role that ran it, and the roles that use
-// fencing or ticks need SELECT, INSERT, UPDATE and DELETE on them.
+// database; the schema belongs to the role that ran it, and the roles that
+// use fencing or ticks need USAGE on schema pglock, SELECT, INSERT, UPDATE
+// and DELETE on its tables, and USAGE on the sequence pglock.fence_token.
 func Migrate(ctx context.Context, db any) (MigrateResult, error) {
 	var run func(func(tx sqlTx) error) error
 	switch c := db.(type) {
