@@ -339,4 +339,3 @@ func ExampleCheckFence() {
 	// writing with the newest token
 	// stale token refused: true
 }
-
