@@ -77,9 +77,13 @@
 // clock, which is what every replica's scheduler fires at, so the same on
 // all of them) in the pglock schema, in the job's own transaction; a replica
 // whose run finds the tick recorded skips it ("tick already ran"). The
-// record commits with the work, or rolls back with it, so a tick runs
-// exactly once: not twice (clock skew, restarts), and not never because of
-// a run that failed (a later replica's firing of the same tick runs it).
+// record commits with the work, or rolls back with it, so a tick never
+// runs twice (clock skew, restarts). A run that fails rolls its record back,
+// so a replica that fires the same tick later (its clock behind) runs it;
+// one that fires while the failing run still holds the lock skips it as
+// busy, as without ticks. Ticks are named by the schedule in the Cron's
+// time zone: give a Cron made with cron.WithLocation(loc) a clock in that
+// zone too (WithClock(func() time.Time { return time.Now().In(loc) })).
 // Create the schema once with pglock.Migrate or `pglock migrate`.
 //
 // # Cancellation and lost connections

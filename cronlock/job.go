@@ -91,7 +91,12 @@ func newConfig(locker *pglock.Locker, name string, opts []Option) (config, error
 		}
 		o(&cfg)
 	}
-	if err := errors.Join(cfg.errs...); err != nil {
+	if len(cfg.errs) > 0 {
+		// The first on one line (errors.Join would write each on its own).
+		err := cfg.errs[0]
+		if n := len(cfg.errs) - 1; n > 0 {
+			err = fmt.Errorf("%w (and %d more)", err, n)
+		}
 		return cfg, fmt.Errorf("cronlock: job %q: %w", name, err)
 	}
 	cfg.errs = nil

@@ -137,6 +137,9 @@ func (e *Elector) Key() pglock.Key { return e.leader.Key() }
 // Stop the scheduler first if its jobs must not run past the term: the
 // Elector is asked only when a run starts, and does not stop a running job.
 func (e *Elector) Close() error {
+	if e == nil {
+		return nil
+	}
 	e.cancel()
 	<-e.done
 	return nil

@@ -1,7 +1,6 @@
 package gocronlock
 
 import (
-	"errors"
 	"fmt"
 	"reflect"
 	"slices"
@@ -79,7 +78,19 @@ func newConfig(t target, opts []Option) (config, error) {
 		}
 		o(&c)
 	}
-	return c, errors.Join(c.errs...)
+	return c, firstErr(c.errs)
+}
+
+// firstErr returns the first of errs, saying how many more there are, on one
+// line (errors.Join would put each on a line of its own); nil for none.
+func firstErr(errs []error) error {
+	switch len(errs) {
+	case 0:
+		return nil
+	case 1:
+		return errs[0]
+	}
+	return fmt.Errorf("%w (and %d more)", errs[0], len(errs)-1)
 }
 
 func (c *config) invalid(format string, args ...any) {

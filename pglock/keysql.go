@@ -19,8 +19,10 @@ package pglock
 // The statements create pgcrypto (for digest; PostgreSQL ships it in its
 // contrib package, and it is a trusted extension from PostgreSQL 13, which a
 // database owner may create) if it is missing, then the functions in the
-// first schema of search_path; run them again to replace them. `pglock sql`
-// prints them.
+// first schema of search_path; run them again to replace them. The functions
+// keep the search_path they were created with (pgcrypto may live in a schema
+// of its own, such as extensions: have it on the path when you run them).
+// `pglock sql` prints them.
 const KeyFunctionsSQL = `CREATE EXTENSION IF NOT EXISTS pgcrypto;
 
 -- pglock_key(name): the advisory lock key of a name, as pglock.KeyOf (Go) and
@@ -28,6 +30,7 @@ const KeyFunctionsSQL = `CREATE EXTENSION IF NOT EXISTS pgcrypto;
 -- of the name's UTF-8 form, as a big-endian signed bigint.
 CREATE OR REPLACE FUNCTION pglock_key(name text) RETURNS bigint
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path FROM CURRENT -- where pgcrypto's digest was found, whatever the caller's
 AS $$
   SELECT ('x' || encode(substr(digest(convert_to(name, 'UTF8'), 'sha1'), 1, 8), 'hex'))::bit(64)::bigint
 $$;
@@ -37,6 +40,7 @@ $$;
 -- bigint key.
 CREATE OR REPLACE FUNCTION pglock_key_tag(name text, OUT classid oid, OUT objid oid, OUT objsubid smallint)
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path FROM CURRENT
 AS $$
   SELECT ((k >> 32) & 4294967295)::oid, (k & 4294967295)::oid, 1::smallint
   FROM (SELECT pglock_key(name) AS k) AS key
