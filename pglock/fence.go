@@ -189,25 +189,14 @@ func CheckFence(ctx context.Context, tx any, key Key, token int64) error {
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	var current int64
-	var err error
-	space := key.keySpace()
-	switch tx := tx.(type) {
-	case pgx.Tx:
-		if isNilTx(tx) {
-			return fmt.Errorf("%w: CheckFence: nil pgx.Tx", ErrUnsupportedConn)
-		}
-		err = tx.QueryRow(ctx, fenceSQL, space, key.v).Scan(&current)
-	case *sql.Tx:
-		if tx == nil {
-			return fmt.Errorf("%w: CheckFence: nil *sql.Tx", ErrUnsupportedConn)
-		}
-		err = tx.QueryRowContext(ctx, fenceSQL, space, key.v).Scan(&current)
-	default:
-		return fmt.Errorf("%w: CheckFence needs the work's transaction (pgx.Tx or *sql.Tx), got %T", ErrUnsupportedConn, tx)
+	q, err := txOf("CheckFence", tx)
+	if err != nil {
+		return err
 	}
+	var current int64
+	err = q.scan(ctx, fenceSQL, &current, key.keySpace(), key.v)
 	switch {
-	case errors.Is(err, pgx.ErrNoRows) || errors.Is(err, sql.ErrNoRows):
+	case errors.Is(err, errNoRow):
 		return fmt.Errorf("%w: key %s: no token was ever granted (token %d presented)", ErrFenced, key, token)
 	case err != nil:
 		return fmt.Errorf("pglock: fence check of key %s: %w", key, schemaErr(err))
@@ -246,46 +235,23 @@ func ClaimTick(ctx context.Context, tx any, job string, tick time.Time) (bool, e
 	if ctx == nil {
 		ctx = context.Background()
 	}
+	q, err := txOf("ClaimTick", tx)
+	if err != nil {
+		return false, err
+	}
 	const claim = `INSERT INTO pglock.tick (job, tick) VALUES ($1, $2) ON CONFLICT DO NOTHING`
 	// Pruning is cheap (the primary key leads with job), but need not run on
 	// every tick.
 	const prune = `DELETE FROM pglock.tick WHERE job = $1 AND tick < $2`
 	tick = tick.Truncate(time.Microsecond) // timestamptz's precision
-	doPrune := rand.IntN(16) == 0
-	var n int64
-	switch tx := tx.(type) {
-	case pgx.Tx:
-		if isNilTx(tx) {
-			return false, fmt.Errorf("%w: ClaimTick: nil pgx.Tx", ErrUnsupportedConn)
+	n, err := q.exec(ctx, claim, job, tick)
+	if err != nil {
+		return false, fmt.Errorf("pglock: claim tick %s of job %q: %w", tick.Format(time.RFC3339Nano), job, schemaErr(err))
+	}
+	if n == 1 && rand.IntN(16) == 0 {
+		if _, err := q.exec(ctx, prune, job, tick.Add(-tickRetention)); err != nil {
+			return false, fmt.Errorf("pglock: prune the ticks of job %q: %w", job, err)
 		}
-		tag, err := tx.Exec(ctx, claim, job, tick)
-		if err != nil {
-			return false, fmt.Errorf("pglock: claim tick %s of job %q: %w", tick.Format(time.RFC3339Nano), job, schemaErr(err))
-		}
-		n = tag.RowsAffected()
-		if n == 1 && doPrune {
-			if _, err := tx.Exec(ctx, prune, job, tick.Add(-tickRetention)); err != nil {
-				return false, fmt.Errorf("pglock: prune the ticks of job %q: %w", job, err)
-			}
-		}
-	case *sql.Tx:
-		if tx == nil {
-			return false, fmt.Errorf("%w: ClaimTick: nil *sql.Tx", ErrUnsupportedConn)
-		}
-		res, err := tx.ExecContext(ctx, claim, job, tick)
-		if err != nil {
-			return false, fmt.Errorf("pglock: claim tick %s of job %q: %w", tick.Format(time.RFC3339Nano), job, schemaErr(err))
-		}
-		if n, err = res.RowsAffected(); err != nil {
-			return false, err
-		}
-		if n == 1 && doPrune {
-			if _, err := tx.ExecContext(ctx, prune, job, tick.Add(-tickRetention)); err != nil {
-				return false, fmt.Errorf("pglock: prune the ticks of job %q: %w", job, err)
-			}
-		}
-	default:
-		return false, fmt.Errorf("%w: ClaimTick needs the job's transaction (pgx.Tx or *sql.Tx), got %T", ErrUnsupportedConn, tx)
 	}
 	return n == 1, nil
 }

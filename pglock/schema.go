@@ -91,21 +91,24 @@ type MigrateResult struct {
 // and DELETE on its tables, and USAGE on the sequence pglock.fence_token.
 func Migrate(ctx context.Context, db any) (MigrateResult, error) {
 	var run func(func(tx sqlTx) error) error
+	beginFunc := func(db interface {
+		Begin(context.Context) (pgx.Tx, error)
+	}) {
+		run = func(f func(sqlTx) error) error {
+			return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error { return f(pgxTxRunner{tx}) })
+		}
+	}
 	switch c := db.(type) {
 	case *pgxpool.Pool:
 		if c == nil {
 			return MigrateResult{}, fmt.Errorf("%w: nil *pgxpool.Pool", ErrUnsupportedConn)
 		}
-		run = func(f func(sqlTx) error) error {
-			return pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error { return f(pgxTxRunner{tx}) })
-		}
+		beginFunc(c)
 	case *pgx.Conn:
 		if c == nil {
 			return MigrateResult{}, fmt.Errorf("%w: nil *pgx.Conn", ErrUnsupportedConn)
 		}
-		run = func(f func(sqlTx) error) error {
-			return pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error { return f(pgxTxRunner{tx}) })
-		}
+		beginFunc(c)
 	case *sql.DB:
 		if c == nil {
 			return MigrateResult{}, fmt.Errorf("%w: nil *sql.DB", ErrUnsupportedConn)
@@ -127,7 +130,7 @@ func Migrate(ctx context.Context, db any) (MigrateResult, error) {
 	var res MigrateResult
 	err := run(func(tx sqlTx) error {
 		res = MigrateResult{}
-		if err := tx.exec(ctx, "SELECT pg_advisory_xact_lock($1)", migrateKey.v); err != nil {
+		if _, err := tx.exec(ctx, "SELECT pg_advisory_xact_lock($1)", migrateKey.v); err != nil {
 			return err
 		}
 		for _, q := range []string{
@@ -137,21 +140,21 @@ func Migrate(ctx context.Context, db any) (MigrateResult, error) {
 				name text NOT NULL,
 				applied_at timestamptz NOT NULL DEFAULT clock_timestamp())`,
 		} {
-			if err := tx.exec(ctx, q); err != nil {
+			if _, err := tx.exec(ctx, q); err != nil {
 				return err
 			}
 		}
 		var from int
-		if err := tx.queryInt(ctx, "SELECT coalesce(max(version), 0) FROM pglock.migration", &from); err != nil {
+		if err := tx.scan(ctx, "SELECT coalesce(max(version), 0) FROM pglock.migration", &from); err != nil {
 			return err
 		}
 		res.From, res.To = from, max(from, SchemaVersion)
 		for v := from + 1; v <= SchemaVersion; v++ {
 			m := migrations[v-1]
-			if err := tx.exec(ctx, m.sql); err != nil {
+			if _, err := tx.exec(ctx, m.sql); err != nil {
 				return fmt.Errorf("migration %d (%s): %w", v, m.name, err)
 			}
-			if err := tx.exec(ctx, "INSERT INTO pglock.migration (version, name) VALUES ($1, $2)", v, m.name); err != nil {
+			if _, err := tx.exec(ctx, "INSERT INTO pglock.migration (version, name) VALUES ($1, $2)", v, m.name); err != nil {
 				return err
 			}
 			res.Applied = append(res.Applied, m.name)
@@ -164,37 +167,66 @@ func Migrate(ctx context.Context, db any) (MigrateResult, error) {
 	return res, nil
 }
 
-// sqlTx is what Migrate needs of a transaction.
+// sqlTx is a transaction of either driver, for the statements of Migrate,
+// CheckFence and ClaimTick.
 type sqlTx interface {
-	exec(ctx context.Context, q string, args ...any) error
-	queryInt(ctx context.Context, q string, dst *int, args ...any) error
+	// exec runs q and returns the rows it affected.
+	exec(ctx context.Context, q string, args ...any) (int64, error)
+	// scan runs q and scans its one row into dst; no row is errNoRow.
+	scan(ctx context.Context, q string, dst any, args ...any) error
+}
+
+// errNoRow is sqlTx.scan's error for a query that returned no row.
+var errNoRow = errors.New("pglock: no row")
+
+// txOf wraps the work's transaction (a pgx.Tx or a *sql.Tx) given to what.
+func txOf(what string, tx any) (sqlTx, error) {
+	switch t := tx.(type) {
+	case pgx.Tx:
+		if isNilTx(t) {
+			return nil, fmt.Errorf("%w: %s: nil pgx.Tx", ErrUnsupportedConn, what)
+		}
+		return pgxTxRunner{t}, nil
+	case *sql.Tx:
+		if t == nil {
+			return nil, fmt.Errorf("%w: %s: nil *sql.Tx", ErrUnsupportedConn, what)
+		}
+		return stdTxRunner{t}, nil
+	}
+	return nil, fmt.Errorf("%w: %s needs the work's transaction (pgx.Tx or *sql.Tx), got %T", ErrUnsupportedConn, what, tx)
 }
 
 type pgxTxRunner struct{ tx pgx.Tx }
 
-func (r pgxTxRunner) exec(ctx context.Context, q string, args ...any) error {
-	if len(args) == 0 {
-		// Several statements in one: the simple protocol.
-		_, err := r.tx.Exec(ctx, q, pgx.QueryExecModeSimpleProtocol)
-		return err
-	}
-	_, err := r.tx.Exec(ctx, q, args...)
-	return err
+func (r pgxTxRunner) exec(ctx context.Context, q string, args ...any) (int64, error) {
+	tag, err := r.tx.Exec(ctx, q, args...) // no args: the simple protocol, several statements allowed
+	return tag.RowsAffected(), err
 }
 
-func (r pgxTxRunner) queryInt(ctx context.Context, q string, dst *int, args ...any) error {
-	return r.tx.QueryRow(ctx, q, args...).Scan(dst)
+func (r pgxTxRunner) scan(ctx context.Context, q string, dst any, args ...any) error {
+	err := r.tx.QueryRow(ctx, q, args...).Scan(dst)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return errNoRow
+	}
+	return err
 }
 
 type stdTxRunner struct{ tx *sql.Tx }
 
-func (r stdTxRunner) exec(ctx context.Context, q string, args ...any) error {
-	_, err := r.tx.ExecContext(ctx, q, args...)
-	return err
+func (r stdTxRunner) exec(ctx context.Context, q string, args ...any) (int64, error) {
+	res, err := r.tx.ExecContext(ctx, q, args...)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
 }
 
-func (r stdTxRunner) queryInt(ctx context.Context, q string, dst *int, args ...any) error {
-	return r.tx.QueryRowContext(ctx, q, args...).Scan(dst)
+func (r stdTxRunner) scan(ctx context.Context, q string, dst any, args ...any) error {
+	err := r.tx.QueryRowContext(ctx, q, args...).Scan(dst)
+	if errors.Is(err, sql.ErrNoRows) {
+		return errNoRow
+	}
+	return err
 }
 
 // schemaErr turns the database's "relation pglock.x does not exist" (42P01)
