@@ -54,10 +54,13 @@
 // unbounded); it is on spans only. pglock.lock.held rises at each acquire and
 // falls at each release, failed or not: a lost lock counts until its Lock is
 // released (Release, or Do returning), which is also when its hold duration
-// is recorded, with error.type lock_lost. (A lost Lock acquired again without
-// a Release keeps counting: pglock lets the lost hold go without an event.)
-// The pglock.locker.* figures come from pglock.Locker.Stats at each
-// collection, for the Lockers given to [Instrumentation.RecordStats].
+// is recorded, with error.type lock_lost (a lost Lock acquired again
+// without a Release ends its hold then, with an event). The pglock.locker.*
+// figures come from pglock.Locker.Stats at each collection, for the Lockers
+// given to [Instrumentation.RecordStats]; the pglock.server.* figures, the
+// server's advisory locks against its lock table's size (what `pglock locks`
+// prints), from one query at each collection, with
+// [Instrumentation.RecordLockTable].
 //
 // # Spans
 //

@@ -42,6 +42,11 @@ type Instrumentation struct {
 	limit       metric.Int64ObservableUpDownCounter
 	utilization metric.Float64ObservableGauge
 	statSets    statSets
+
+	// Server lock-table instruments (see locktable.go).
+	advisory metric.Int64ObservableUpDownCounter
+	capacity metric.Int64ObservableUpDownCounter
+	tableUse metric.Float64ObservableGauge
 }
 
 // New makes the instruments and returns an Instrumentation. Without options
@@ -59,7 +64,7 @@ func New(opts ...Option) (*Instrumentation, error) {
 		extra:  cfg.attrs,
 		names:  cfg.keyNames,
 	}
-	if err := errors.Join(in.newEventInstruments(), in.newStatInstruments()); err != nil {
+	if err := errors.Join(in.newEventInstruments(), in.newStatInstruments(), in.newLockTableInstruments()); err != nil {
 		return nil, err
 	}
 	in.sets = newEventSets(in.extra)

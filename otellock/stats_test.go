@@ -162,3 +162,44 @@ func TestWithAttributesTellsLockersApart(t *testing.T) {
 		}
 	}
 }
+
+// RecordLockTable reports the server's advisory locks against its lock
+// table's size, the figures `pglock locks` prints: a held lock counts, the
+// capacity is the server's formula, and the ratio is their quotient.
+func TestRecordLockTable(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	tel := newTelemetry(t)
+	pool := pgtest.Pool(t, 2)
+	if _, err := tel.inst.RecordLockTable(nil, 0); !errors.Is(err, otellock.ErrInvalidOption) {
+		t.Errorf("RecordLockTable(nil) = %v, want ErrInvalidOption", err)
+	}
+	reg, err := tel.inst.RecordLockTable(pool, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, _ := pglock.New(pool, pgtest.UniqueKey(t))
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Release(ctx)
+	var want int64
+	if err := pool.QueryRow(ctx, `SELECT current_setting('max_locks_per_transaction')::int8 *
+		(current_setting('max_connections')::int8 + current_setting('max_prepared_transactions')::int8)`).Scan(&want); err != nil {
+		t.Fatal(err)
+	}
+	points := tel.collect(t)
+	held, capacity := total(points, "pglock.server.advisory_locks"), total(points, "pglock.server.lock_table.capacity")
+	if held < 1 || capacity != float64(want) {
+		t.Errorf("advisory locks %v of %v, want at least 1 of %d%s", held, capacity, want, dump(points))
+	}
+	if u := total(points, "pglock.server.lock_table.utilization"); math.Abs(u-held/capacity) > 1e-9 {
+		t.Errorf("utilization %v, want %v", u, held/capacity)
+	}
+	if err := reg.Unregister(); err != nil {
+		t.Fatal(err)
+	}
+	if ps := named(tel.collect(t), "pglock.server.advisory_locks"); len(ps) != 0 {
+		t.Errorf("reported after Unregister: %v", ps)
+	}
+}
