@@ -53,6 +53,11 @@ func Example() {
 		log.Fatal(err)
 	}
 	defer stats.Unregister()
+	table, err := inst.RecordLockTable(pool, 0) // the server's lock table
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer table.Unregister()
 
 	err = locker.Do(ctx, "example:otel:invoice:42", func(ctx context.Context) error {
 		return nil // send the invoice
