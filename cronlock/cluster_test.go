@@ -303,10 +303,10 @@ func TestLostBackendCancelsJob(t *testing.T) {
 		t.Fatal("no other replica ran a tick within 3 s of the kill")
 	}
 	stop()
-	if rec.count("cronlock: lock lost during run", "job="+name) != 1 {
+	if rec.Count("cronlock: lock lost during run", "job="+name) != 1 {
 		t.Errorf("want one \"lock lost during run\" log line; log:\n%s", rec.String())
 	}
-	if rec.count("cronlock: run failed", "lock lost") != 1 {
+	if rec.Count("cronlock: run failed", "lock lost") != 1 {
 		t.Errorf("want one \"run failed\" line naming the lost lock; log:\n%s", rec.String())
 	}
 	pgtest.WaitFree(t, obs, key)
@@ -343,10 +343,10 @@ func TestPanicReleasesLockAndCronGoesOn(t *testing.T) {
 	if n := runs.Load(); n < 2 {
 		t.Errorf("the job ran %d time(s) in 3.2 s, want at least 2 (cron went on after a panic, and the lock was free again)", n)
 	}
-	if got, want := rec.count("ERROR panic", "job panics"), int(runs.Load()); got != want {
+	if got, want := rec.Count("ERROR panic", "job panics"), int(runs.Load()); got != want {
 		t.Errorf("cron.Recover logged %d panics, want %d; log:\n%s", got, want, rec.String())
 	}
-	if n := rec.count("skip"); n != 0 {
+	if n := rec.Count("skip"); n != 0 {
 		t.Errorf("%d tick(s) skipped: the lock was not released after a panic; log:\n%s", n, rec.String())
 	}
 	pgtest.WaitFree(t, obs, job.Key())

@@ -120,7 +120,7 @@ func TestBadInputIsAConstructionError(t *testing.T) {
 			t.Fatal(err)
 		}
 		w(nil).Run()
-		if rec.count("ERROR cronlock: job not run", "nil job") != 1 {
+		if rec.Count("ERROR cronlock: job not run", "nil job") != 1 {
 			t.Errorf("log:\n%s", rec.String())
 		}
 	})
@@ -212,7 +212,7 @@ func TestSkipIfLockedInAChain(t *testing.T) {
 	if runs.Load() != 0 {
 		t.Fatal("the job ran while another replica held the lock")
 	}
-	if rec.count("INFO cronlock: skip", "job="+name, "reason=held elsewhere", "key="+other.Key().String()) != 1 {
+	if rec.Count("INFO cronlock: skip", "job="+name, "reason=held elsewhere", "key="+other.Key().String()) != 1 {
 		t.Errorf("cron.Logger: want one skip line with job, key and reason; got:\n%s", rec.String())
 	}
 	if !strings.Contains(buf.String(), `level=INFO msg="cronlock: skip" job=`+name) ||
@@ -228,7 +228,7 @@ func TestSkipIfLockedInAChain(t *testing.T) {
 	go func() { defer close(done); job.Run() }()
 	<-entered
 	job.Run()
-	if rec.count("INFO cronlock: skip", "reason=still running here") != 1 {
+	if rec.Count("INFO cronlock: skip", "reason=still running here") != 1 {
 		t.Errorf("want one \"still running here\" skip; got:\n%s", rec.String())
 	}
 	close(leave)
@@ -236,7 +236,7 @@ func TestSkipIfLockedInAChain(t *testing.T) {
 	if n := runs.Load(); n != 1 {
 		t.Errorf("the job ran %d times, want 1", n)
 	}
-	if rec.count("INFO cronlock: ran", "job="+name, "duration=") != 1 {
+	if rec.Count("INFO cronlock: ran", "job="+name, "duration=") != 1 {
 		t.Errorf("want one \"ran\" line; got:\n%s", rec.String())
 	}
 	pgtest.WaitFree(t, obs, other.Key())
@@ -337,7 +337,7 @@ func TestBaseContext(t *testing.T) {
 		t.Errorf("job context cause %v, want the base context's", cause)
 	}
 	job.Run()
-	if rec.count("INFO cronlock: skip", "reason=context done") != 1 {
+	if rec.Count("INFO cronlock: skip", "reason=context done") != 1 {
 		t.Errorf("want a \"context done\" skip; log:\n%s", rec.String())
 	}
 	pgtest.WaitFree(t, obs, job.Key())
@@ -376,7 +376,7 @@ func TestMaxRun(t *testing.T) {
 	overran := make(chan bool, 1)
 	w, err := cronlock.Wrap(lk, name, cron.FuncJob(func() {
 		time.Sleep(600 * time.Millisecond)
-		overran <- rec.count("ERROR cronlock: job overran", "job="+name) == 1
+		overran <- rec.Count("ERROR cronlock: job overran", "job="+name) == 1
 	}), cronlock.WithMaxRun(100*time.Millisecond), cronlock.WithLogger(&rec))
 	if err != nil {
 		t.Fatal(err)

@@ -1,11 +1,8 @@
 package cronlock_test
 
 import (
-	"bytes"
 	"context"
-	"fmt"
 	"log/slog"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -13,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/robfig/cron/v3"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/pglock"
 )
@@ -65,68 +63,16 @@ func grantedPIDs(ctx context.Context, obs *pgxpool.Pool, key pglock.Key) ([]int3
 }
 
 // recLog is a cron.Logger that keeps what it is told.
-type recLog struct {
-	mu    sync.Mutex
-	lines []string
-}
+type recLog struct{ locktest.LogLines }
 
-func (r *recLog) Info(msg string, kv ...any) { r.add("INFO "+msg, kv) }
+func (r *recLog) Info(msg string, kv ...any) { r.Add("INFO", msg, kv...) }
 
 func (r *recLog) Error(err error, msg string, kv ...any) {
-	r.add("ERROR "+msg, append(kv, "error", err))
-}
-
-func (r *recLog) add(msg string, kv []any) {
-	var b strings.Builder
-	b.WriteString(msg)
-	for i := 0; i+1 < len(kv); i += 2 {
-		fmt.Fprintf(&b, " %v=%v", kv[i], kv[i+1])
-	}
-	r.mu.Lock()
-	r.lines = append(r.lines, b.String())
-	r.mu.Unlock()
-}
-
-// count returns how many lines contain every one of subs.
-func (r *recLog) count(subs ...string) int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	n := 0
-next:
-	for _, l := range r.lines {
-		for _, s := range subs {
-			if !strings.Contains(l, s) {
-				continue next
-			}
-		}
-		n++
-	}
-	return n
-}
-
-func (r *recLog) String() string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return strings.Join(r.lines, "\n")
+	r.Add("ERROR", msg, append(kv, "error", err)...)
 }
 
 // syncBuffer is an io.Writer for a slog handler shared by goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type syncBuffer = locktest.SyncBuffer
 
 func newSlog(w *syncBuffer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))

@@ -117,7 +117,7 @@ func TestTicksExactlyOnceUnderSkew(t *testing.T) {
 			t.Errorf("the exited replica ran tick %s", r.Tick)
 		}
 	}
-	if logs[0].count("tick already ran") == 0 {
+	if logs[0].Count("tick already ran") == 0 {
 		t.Errorf("the replica whose clock is behind never found a tick already run:\n%s", logs[0])
 	}
 }

@@ -119,7 +119,7 @@ func TestElectorOnlyLeaderRuns(t *testing.T) {
 	for _, p := range append(set.problems, log.problems...) {
 		t.Error(p)
 	}
-	if rec.count("INFO gocronlock: elected leader", "election="+name) != 2 {
+	if rec.Count("INFO gocronlock: elected leader", "election="+name) != 2 {
 		t.Errorf("want two \"elected leader\" lines; log:\n%s", rec.String())
 	}
 	for _, e := range set.es {

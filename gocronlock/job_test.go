@@ -163,8 +163,8 @@ func TestFuncRun(t *testing.T) {
 			t.Errorf("Run while held elsewhere = %v, want nil (skipped)", err)
 		}
 		_ = other.Release(ctx)
-		if rec.count("INFO gocronlock: skip", "reason=still running here") != 1 ||
-			rec.count("INFO gocronlock: skip", "reason=held elsewhere") != 1 {
+		if rec.Count("INFO gocronlock: skip", "reason=still running here") != 1 ||
+			rec.Count("INFO gocronlock: skip", "reason=held elsewhere") != 1 {
 			t.Errorf("log:\n%s", rec.String())
 		}
 		pgtest.WaitFree(t, obs, job.Key())
@@ -236,7 +236,7 @@ func TestFuncRun(t *testing.T) {
 		if err := <-res; !errors.Is(err, pglock.ErrLockLost) {
 			t.Errorf("TryRun = %v, want pglock.ErrLockLost", err)
 		}
-		if rec.count("WARN gocronlock: lock lost during run", "job="+name) != 1 {
+		if rec.Count("WARN gocronlock: lock lost during run", "job="+name) != 1 {
 			t.Errorf("log:\n%s", rec.String())
 		}
 		pgtest.WaitFree(t, obs, job.Key())

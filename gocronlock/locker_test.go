@@ -274,7 +274,7 @@ func TestBusyAfterLockError(t *testing.T) {
 			t.Errorf("error %q does not say that the job's lock is held elsewhere", err)
 		}
 	}
-	if rec.count("INFO gocronlock: skip", "job="+name, "reason=held elsewhere") == 0 {
+	if rec.Count("INFO gocronlock: skip", "job="+name, "reason=held elsewhere") == 0 {
 		t.Errorf("no skip logged; log:\n%s", rec.String())
 	}
 	if err := other.Release(context.Background()); err != nil {
@@ -307,7 +307,7 @@ func TestDatabaseDownIsNotBusy(t *testing.T) {
 	if l != nil || !errors.Is(err, pglock.ErrNotAcquired) || !errors.Is(err, pglock.ErrUnavailable) || errors.Is(err, gocronlock.ErrBusy) {
 		t.Errorf("Lock = (%v, %v), want an error matching pglock.ErrNotAcquired and ErrUnavailable, not ErrBusy", l, err)
 	}
-	if rec.count("ERROR gocronlock: lock not acquired", "job=report") != 1 {
+	if rec.Count("ERROR gocronlock: lock not acquired", "job=report") != 1 {
 		t.Errorf("log:\n%s", rec.String())
 	}
 }
@@ -343,7 +343,7 @@ func TestLockLostDuringRun(t *testing.T) {
 	if err := l.Unlock(ctx); err != nil {
 		t.Errorf("second Unlock: %v, want nil", err)
 	}
-	if rec.count("WARN gocronlock: lock lost during run", "job="+name) != 1 {
+	if rec.Count("WARN gocronlock: lock lost during run", "job="+name) != 1 {
 		t.Errorf("log:\n%s", rec.String())
 	}
 	l, err = gl.Lock(ctx, name)

@@ -12,6 +12,7 @@ import (
 	"github.com/go-co-op/gocron/v2"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/pglock"
 )
@@ -145,49 +146,12 @@ func (l *tickLog) runsSince(t time.Time) []run {
 }
 
 // recLog is a gocron.Logger that keeps what it is told.
-type recLog struct {
-	mu    sync.Mutex
-	lines []string
-}
+type recLog struct{ locktest.LogLines }
 
-func (r *recLog) Debug(msg string, kv ...any) { r.add("DEBUG", msg, kv) }
-func (r *recLog) Info(msg string, kv ...any)  { r.add("INFO", msg, kv) }
-func (r *recLog) Warn(msg string, kv ...any)  { r.add("WARN", msg, kv) }
-func (r *recLog) Error(msg string, kv ...any) { r.add("ERROR", msg, kv) }
-
-func (r *recLog) add(level, msg string, kv []any) {
-	var b strings.Builder
-	b.WriteString(level + " " + msg)
-	for i := 0; i+1 < len(kv); i += 2 {
-		fmt.Fprintf(&b, " %v=%v", kv[i], kv[i+1])
-	}
-	r.mu.Lock()
-	r.lines = append(r.lines, b.String())
-	r.mu.Unlock()
-}
-
-// count returns how many lines contain every one of subs.
-func (r *recLog) count(subs ...string) int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	n := 0
-next:
-	for _, l := range r.lines {
-		for _, s := range subs {
-			if !strings.Contains(l, s) {
-				continue next
-			}
-		}
-		n++
-	}
-	return n
-}
-
-func (r *recLog) String() string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return strings.Join(r.lines, "\n")
-}
+func (r *recLog) Debug(msg string, kv ...any) { r.Add("DEBUG", msg, kv...) }
+func (r *recLog) Info(msg string, kv ...any)  { r.Add("INFO", msg, kv...) }
+func (r *recLog) Warn(msg string, kv ...any)  { r.Add("WARN", msg, kv...) }
+func (r *recLog) Error(msg string, kv ...any) { r.Add("ERROR", msg, kv...) }
 
 // waitFor polls cond every 10 ms until it holds or d passes.
 func waitFor(d time.Duration, cond func() bool) bool {

@@ -181,7 +181,7 @@ func TestTicksSkewedReplicas(t *testing.T) {
 			if err := lockers[first].Close(); err != nil {
 				t.Fatal(err)
 			}
-			skippedBefore := recs[ahead].count("INFO gocronlock: skip", "reason=tick already ran")
+			skippedBefore := recs[ahead].Count("INFO gocronlock: skip", "reason=tick already ran")
 			want := max(ticksRun()+10, 21)
 			if !waitFor(budget, func() bool { return ticksRun() >= want }) {
 				t.Fatalf("%d ticks ran, want %d", ticksRun(), want)
@@ -232,14 +232,14 @@ func TestTicksSkewedReplicas(t *testing.T) {
 			// The replica 0.7 s ahead fired, after the first runner exited,
 			// ticks that it had run (0.7 s to 2 s ahead of the real clock):
 			// their records outlived it.
-			if n := recs[ahead].count("INFO gocronlock: skip", "reason=tick already ran") - skippedBefore; n < 1 {
+			if n := recs[ahead].Count("INFO gocronlock: skip", "reason=tick already ran") - skippedBefore; n < 1 {
 				t.Errorf("the replica that took over skipped %d ticks that the exited one had run, want at least 1", n)
 			}
-			if n := recs[behind].count("INFO gocronlock: skip", "reason=tick already ran"); n < len(rows)/2 {
+			if n := recs[behind].Count("INFO gocronlock: skip", "reason=tick already ran"); n < len(rows)/2 {
 				t.Errorf("the replica behind skipped %d ticks as already run, want about %d", n, len(rows))
 			}
 			for i, rec := range recs {
-				if n := rec.count("ERROR"); n > 0 {
+				if n := rec.Count("ERROR"); n > 0 {
 					t.Errorf("replica %d logged errors:\n%s", i, rec.String())
 				}
 			}
@@ -388,7 +388,7 @@ func TestTicksByHand(t *testing.T) {
 			}
 		}
 	}
-	if n := rec.count("INFO gocronlock: skip", "reason=tick already ran", "tick="+tick.String()); n != 3 {
+	if n := rec.Count("INFO gocronlock: skip", "reason=tick already ran", "tick="+tick.String()); n != 3 {
 		t.Errorf("%d skips logged as tick already ran, want 3:\n%s", n, rec.String())
 	}
 	failNext.Store(true)
@@ -449,7 +449,7 @@ func TestTicksNeedSchema(t *testing.T) {
 	if ok || ran || !errors.Is(err, pglock.ErrSchema) {
 		t.Errorf("TryRunTick without the schema = (%v, %v), function ran: %v; want ErrSchema", ok, err, ran)
 	}
-	if rec.count("ERROR gocronlock: tick not recorded") != 1 {
+	if rec.Count("ERROR gocronlock: tick not recorded") != 1 {
 		t.Errorf("log:\n%s", rec.String())
 	}
 	var n int
