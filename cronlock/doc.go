@@ -77,11 +77,15 @@
 // clock, which is what every replica's scheduler fires at, so the same on
 // all of them) in the pglock schema, in the job's own transaction; a replica
 // whose run finds the tick recorded skips it ("tick already ran"). The
-// record commits with the work, or rolls back with it, so a tick never
-// runs twice (clock skew, restarts). A run that fails rolls its record back,
-// so a replica that fires the same tick later (its clock behind) runs it;
-// one that fires while the failing run still holds the lock skips it as
-// busy, as without ticks. Ticks are named by the schedule in the Cron's
+// record commits with the work, or rolls back with it, so a tick runs
+// exactly once: never twice (clock skew, restarts), and a run that fails
+// rolls its record back, so another replica's firing of the same tick runs
+// it. With ticks a run waits for the job's lock instead of skipping a busy
+// one (the record decides whether a tick runs; the lock keeps runs apart),
+// until the base context ends or the Locker's wait timeout passes; ticks
+// that fire here meanwhile are skipped as "still running here". In
+// Transaction scope a waiting run holds a pool connection and an open
+// transaction for that time. Ticks are named by the schedule in the Cron's
 // time zone: give a Cron made with cron.WithLocation(loc) a clock in that
 // zone too (WithClock(func() time.Time { return time.Now().In(loc) })).
 // Create the schema once with pglock.Migrate or `pglock migrate`.

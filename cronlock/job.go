@@ -225,7 +225,17 @@ func (j *Job) tick(ctx context.Context) (result, error) {
 		return runningHere, nil
 	}
 	defer j.running.Store(false)
-	ok, err := j.lock.TryDo(ctx, j.hold)
+	var ok bool
+	var err error
+	if j.cfg.ticks != nil {
+		// With ticks the record decides whether a tick runs; the lock only
+		// keeps runs apart: wait for it, so that a tick whose run failed
+		// elsewhere (its record rolled back) is run here, not skipped.
+		err = j.lock.Do(ctx, j.hold)
+		ok = err == nil || !errors.Is(err, pglock.ErrNotAcquired)
+	} else {
+		ok, err = j.lock.TryDo(ctx, j.hold)
+	}
 	switch {
 	case ok && errors.Is(err, errTickRan):
 		return tickRan, nil

@@ -154,7 +154,8 @@ func WithBaseContext(ctx context.Context) Option {
 // already ran"). The record commits with the job's work, so a tick runs
 // exactly once whatever the replicas' clocks say (no [WithMinHold] needed)
 // and even after the replica that ran it first exited; a run that fails rolls
-// its record back, and a replica that fires the tick later runs it. Pass the
+// its record back, and another replica's firing of the tick runs it (with
+// ticks a run waits for a busy lock instead of skipping). Pass the
 // schedule the job is added with (cron.ParseStandard, or the Cron's parser).
 //
 // It needs Transaction scope ([WithScope], or the Locker's) and the pglock

@@ -174,3 +174,51 @@ func TestTicksNameTheScheduledTime(t *testing.T) {
 		t.Errorf("WithTicks(nil) = %v, want ErrInvalidOption", err)
 	}
 }
+
+// A tick whose run fails on one replica is run by another that fires it
+// meanwhile: with ticks a run waits for a busy lock instead of skipping it,
+// finds the failed run's record rolled back, and runs the tick.
+func TestTicksFailedRunIsRunElsewhere(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t, 4)
+	if _, err := pglock.Migrate(ctx, pool); err != nil {
+		t.Fatal(err)
+	}
+	every, _ := cron.ParseStandard("*/5 * * * *")
+	tick := time.Date(2026, 11, 30, 12, 5, 0, 0, time.UTC)
+	clock := func() time.Time { return tick.Add(time.Second) }
+	name := pgtest.UniqueKey(t)
+	started := make(chan struct{})
+	lks := newLockers(t, 2, pglock.WithScope(pglock.Transaction))
+	failing, err := cronlock.Func(lks[0], name, func(context.Context) error {
+		close(started)
+		time.Sleep(300 * time.Millisecond)
+		return errors.New("the run failed")
+	}, cronlock.WithTicks(every), cronlock.WithClock(clock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ranHere := false
+	other, err := cronlock.Func(lks[1], name, func(context.Context) error { ranHere = true; return nil },
+		cronlock.WithTicks(every), cronlock.WithClock(clock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := failing.RunContext(ctx)
+		done <- err
+	}()
+	<-started
+	ran, err := other.RunContext(ctx) // fires while the failing run holds the lock
+	if ferr := <-done; ferr == nil {
+		t.Error("the failing run reported no error")
+	}
+	if !ran || err != nil || !ranHere {
+		t.Errorf("the other replica's run of the failed tick = %v, %v (ran %v); want it run", ran, err, ranHere)
+	}
+	if ran, err := other.RunContext(ctx); ran || err != nil {
+		t.Errorf("a third run of the tick = %v, %v; want skipped (it ran)", ran, err)
+	}
+}
