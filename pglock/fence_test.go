@@ -529,3 +529,88 @@ func TestTokenWaitsForFencedTransaction(t *testing.T) {
 		t.Errorf("tokens of two rolled-back grants: %v, want increasing", tokens)
 	}
 }
+
+// Acquires with fencing tokens cancelled at random (while waiting for the
+// key, or while the token waits for a fenced transaction that comes and
+// goes) leave nothing locked, and every grant that succeeded got a token
+// above all earlier ones.
+func TestTokenCancelStorm(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := migrated(t, 8)
+	watch := pgtest.Pool(t, 2)
+	key := pgtest.UniqueKey(t)
+	var lockers []*pglock.Locker
+	for _, multiplex := range []bool{true, false} {
+		lk, err := pglock.NewLocker(pgtest.Pool(t, 6), pglock.WithToken(), pglock.WithMultiplexing(multiplex))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer lk.Close()
+		lockers = append(lockers, lk)
+	}
+	k := mustKey(t, key)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	// A fenced transaction that comes and goes on the key's row.
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			tx, err := pool.Begin(ctx)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			_, _ = tx.Exec(ctx, "SELECT token FROM pglock.fence WHERE key_space = 1 AND key = $1 FOR SHARE", k.Int64())
+			time.Sleep(time.Duration(rand.IntN(20)) * time.Millisecond)
+			_ = tx.Rollback(ctx)
+			time.Sleep(time.Duration(rand.IntN(10)) * time.Millisecond)
+		}
+	})
+	var mu sync.Mutex
+	var tokens []int64
+	granted, cancelled := 0, 0
+	var workers sync.WaitGroup
+	for i := range 8 {
+		lk := lockers[i%2]
+		workers.Go(func() {
+			for range 25 {
+				actx, cancel := context.WithTimeout(ctx, time.Duration(1+rand.IntN(30))*time.Millisecond)
+				err := lk.Do(actx, key, func(ctx context.Context) error {
+					token, _ := pglock.TokenFromContext(ctx)
+					mu.Lock()
+					tokens = append(tokens, token)
+					mu.Unlock()
+					return nil
+				})
+				cancel()
+				mu.Lock()
+				if err == nil {
+					granted++
+				} else if errors.Is(err, pglock.ErrNotAcquired) {
+					cancelled++
+				} else {
+					t.Errorf("Do: %v", err)
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	workers.Wait()
+	close(stop)
+	wg.Wait()
+	t.Logf("%d granted, %d cancelled", granted, cancelled)
+	if granted == 0 || cancelled == 0 {
+		t.Errorf("%d granted and %d cancelled: the storm did not exercise both", granted, cancelled)
+	}
+	for i := 1; i < len(tokens); i++ {
+		if tokens[i] <= tokens[i-1] {
+			t.Fatalf("token %d after %d", tokens[i], tokens[i-1])
+		}
+	}
+	pgtest.WaitFree(t, watch, k)
+}
