@@ -462,3 +462,97 @@ func TestLeaderCampaignsDoNotStarveWaits(t *testing.T) {
 		t.Errorf("Run on a closed Locker took %v to return", took)
 	}
 }
+
+// A leader cut off by a silent network (its connections blackholed) stops
+// believing it leads within twice the check interval; the server frees its
+// lock within AbandonedSessionTimeout, and only then is another replica
+// elected: at no instant do two believe they lead.
+func TestLeaderPartition(t *testing.T) {
+	t.Parallel()
+	const interval = 200 * time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	proxy, cutPool := faultProxyPool(t, 4)
+	defer proxy.Restore()
+	key := pgtest.UniqueKey(t)
+
+	type replica struct {
+		ld      *pglock.Leader
+		elected chan time.Time
+		deposed chan time.Time
+	}
+	mk := func(pool *pgxpool.Pool) *replica {
+		lk, err := pglock.NewLocker(pool, pglock.WithLostCheckInterval(interval), pglock.WithReleaseTimeout(time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = lk.Close() })
+		r := &replica{elected: make(chan time.Time, 4), deposed: make(chan time.Time, 4)}
+		r.ld, err = lk.Leader(key, pglock.LeaderConfig{
+			MinBackoff: time.Hour, // the cut-off replica does not campaign again during the test
+			OnElected:  func(context.Context) { r.elected <- time.Now() },
+			OnDeposed:  func(error) { r.deposed <- time.Now() },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	a := mk(cutPool)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	wg.Go(func() { _ = a.ld.Run(ctx, func(ctx context.Context) error { <-ctx.Done(); return nil }) })
+	select {
+	case <-a.elected:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the first replica was not elected")
+	}
+	b := mk(pgtest.Pool(t, 4))
+	wg.Go(func() { _ = b.ld.Run(ctx, func(ctx context.Context) error { <-ctx.Done(); return nil }) })
+	time.Sleep(300 * time.Millisecond) // b campaigns in the server's queue; a's watch runs
+
+	var both atomic.Bool
+	sampling := make(chan struct{})
+	wg.Go(func() {
+		for {
+			select {
+			case <-sampling:
+				return
+			default:
+			}
+			if a.ld.IsLeader() && b.ld.IsLeader() {
+				both.Store(true)
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+	})
+	cut := time.Now()
+	proxy.Blackhole()
+	var deposedAt, electedAt time.Time
+	select {
+	case deposedAt = <-a.deposed:
+	case <-time.After(3 * time.Second):
+		t.Fatal("the cut-off leader was not deposed within 3 s")
+	}
+	select {
+	case electedAt = <-b.elected:
+	case <-time.After(pglock.AbandonedSessionTimeout + 5*time.Second):
+		t.Fatal("no new leader within the abandoned-session bound")
+	}
+	close(sampling)
+	t.Logf("cut-off leader deposed %v after the cut; new leader elected %v after it",
+		deposedAt.Sub(cut).Round(time.Millisecond), electedAt.Sub(cut).Round(time.Millisecond))
+	if d := deposedAt.Sub(cut); d > 2*interval+300*time.Millisecond {
+		t.Errorf("deposed %v after the cut, want within 2 x %v", d, interval)
+	}
+	if !electedAt.After(deposedAt) {
+		t.Error("the new leader was elected before the cut-off one stepped down")
+	}
+	if d := electedAt.Sub(cut); d > pglock.AbandonedSessionTimeout+time.Second {
+		t.Errorf("new leader %v after the cut, want within AbandonedSessionTimeout (%v)", d, pglock.AbandonedSessionTimeout)
+	}
+	if both.Load() {
+		t.Error("two replicas believed they led at one instant")
+	}
+}
