@@ -295,16 +295,20 @@ func WithMultiplexing(on bool) Option {
 // or else the release timeout. A negative n is an error. An option of
 // [NewLocker].
 func WithLockConns(n int) Option {
-	return func(c *config) {
-		c.lockerOpts = append(c.lockerOpts, "WithLockConns")
-		switch {
-		case n < 0:
-			c.invalid("lock connections %d is negative", n)
-		case n == 0:
-			c.lockConns = DefaultLockConns
-		default:
-			c.lockConns = n
-		}
+	return func(c *config) { c.connCount("WithLockConns", "lock connections", n, DefaultLockConns, &c.lockConns) }
+}
+
+// connCount sets *dst to n, or def when n is 0, for the Locker's option
+// name; a negative n is an error.
+func (c *config) connCount(name, what string, n, def int, dst *int) {
+	c.lockerOpts = append(c.lockerOpts, name)
+	switch {
+	case n < 0:
+		c.invalid("%s %d is negative", what, n)
+	case n == 0:
+		*dst = def
+	default:
+		*dst = n
 	}
 }
 
@@ -320,15 +324,7 @@ func WithLockConns(n int) Option {
 // error. An option of [NewLocker].
 func WithWaitConns(n int) Option {
 	return func(c *config) {
-		c.lockerOpts = append(c.lockerOpts, "WithWaitConns")
-		switch {
-		case n < 0:
-			c.invalid("waiting connections %d is negative", n)
-		case n == 0:
-			c.waitConns = DefaultWaitConns
-		default:
-			c.waitConns = n
-		}
+		c.connCount("WithWaitConns", "waiting connections", n, DefaultWaitConns, &c.waitConns)
 	}
 }
 
