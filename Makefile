@@ -14,11 +14,14 @@ STATICCHECK_VERSION ?= v0.8.2
 test:
 	$(WITHPG) $(MAKE) --no-print-directory test-modules demo-check
 
+# Every module is tested even when one fails; the failing ones are listed at
+# the end and the target fails.
 test-modules: vet
-	@set -e; for m in $(MODULES); do \
+	@failed=""; for m in $(MODULES); do \
 		echo "== go test -race $$m"; \
-		(cd $$m && $(GO) test -race -count=1 -timeout 15m ./...); \
-	done
+		(cd $$m && $(GO) test -race -count=1 -timeout 15m ./...) || failed="$$failed $$m"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "FAILED modules:$$failed"; exit 1; fi
 
 vet:
 	@set -e; for m in $(MODULES); do (cd $$m && $(GO) vet ./...); done
