@@ -308,7 +308,7 @@ func (b *pgxBackend) token(ctx context.Context) (int64, error) {
 	if tx := b.pgxTx(); tx != nil {
 		// In the transaction: a NOWAIT failure would abort it, so the
 		// statement waits (bounded by the release timeout).
-		return b.l.takeToken(ctx, func() (int64, error) { return b.l.tokenOnce(ctx, tx, false) })
+		return b.l.takeToken(ctx, func() (int64, error) { return b.l.tokenOnce(ctx, tx, false, true) })
 	}
-	return b.l.takeToken(ctx, func() (int64, error) { return b.l.tokenOnce(ctx, b.conn, true) })
+	return b.l.takeToken(ctx, func() (int64, error) { return b.l.tokenOnce(ctx, b.conn, true, true) })
 }

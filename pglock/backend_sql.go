@@ -405,5 +405,5 @@ func (b *sqlBackend) pingLoop(interval time.Duration, stop <-chan struct{}, lost
 
 func (b *sqlBackend) token(ctx context.Context) (int64, error) {
 	q, nowait := b.target(), b.sqlTx() == nil
-	return b.l.takeToken(ctx, func() (int64, error) { return b.l.tokenOnce(ctx, q, nowait) })
+	return b.l.takeToken(ctx, func() (int64, error) { return b.l.tokenOnce(ctx, q, nowait, true) })
 }

@@ -120,9 +120,16 @@ func (k Key) keySpace() int16 {
 // or in the transaction that holds the lock; nowait (on a session) fails at
 // once with 55P03 when the key's row is share-locked by a fenced
 // transaction, instead of waiting in the statement.
-func (l *Lock) tokenOnce(ctx context.Context, q any, nowait bool) (int64, error) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.releaseTimeout)
-	defer cancel()
+//
+// With timed, the statement is bounded by a context of the release timeout
+// (pgx closes the connection when it passes); without, the caller bounds it
+// (a lock connection's socket deadline).
+func (l *Lock) tokenOnce(ctx context.Context, q any, nowait, timed bool) (int64, error) {
+	if timed {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), l.cfg.releaseTimeout)
+		defer cancel()
+	}
 	query := tokenSQL
 	if nowait {
 		query = tokenNoWaitSQL
@@ -163,7 +170,8 @@ func (l *Lock) takeToken(ctx context.Context, attempt func() (int64, error)) (in
 			return token, nil
 		}
 		if time.Now().Add(pause).After(deadline) {
-			return 0, fmt.Errorf("pglock: take a fencing token: a transaction that passed its fence check on key %s is still open after %v: %w",
+			return 0, fmt.Errorf("pglock: take a fencing token: key %s: its fence row or the fence table is locked after %v"+
+				" (a transaction that passed its fence check is still open, or a migration waits): %w",
 				l.key, l.cfg.releaseTimeout, err)
 		}
 		t := time.NewTimer(pause)

@@ -3,6 +3,7 @@ package pglock
 import (
 	"context"
 	"sync"
+	"time"
 )
 
 // keyTable is a Locker's in-process table of keys. PostgreSQL stacks the
@@ -24,7 +25,24 @@ type keyTable struct {
 	// key in flight waits for its answer instead of calling the key busy
 	// (the multiplexer, whose tries never block, sets it).
 	sharedTries bool
+	// probes: a shared hold that has let others join for sharedJoinRecheck
+	// is checked for exclusive waiters of other sessions before more join
+	// (see keyEntry.checked); the multiplexer sets it. Without it (or when
+	// a probe cannot be made), joins stop after sharedJoinRecheck until the
+	// hold drains.
+	probes bool
+	// now is the clock (time.Now; tests may set another).
+	now func() time.Time
 }
+
+// sharedJoinRecheck is how long a shared hold lets other shared holders of
+// the process join it without checking that no session of another process
+// waits for the key in Exclusive mode. PostgreSQL queues a new shared request
+// behind a waiting exclusive one, so that readers cannot starve a writer;
+// local holders that join an existing hold bypass the server's queue, so the
+// process checks it for them (see mux.probe): an exclusive waiter elsewhere
+// waits for at most about this long plus the holds under way.
+const sharedJoinRecheck = 100 * time.Millisecond
 
 // keyEntry is one key of a keyTable. Its fields are guarded by the table's
 // mutex (the owner of the turn may read conn without it).
@@ -37,6 +55,15 @@ type keyEntry struct {
 	// non-blocking step): a shared try can wait for its answer.
 	sharedTry bool
 	queue     []*keyWaiter
+
+	// For a shared hold: when it was last known that no session of another
+	// process waited for the key in Exclusive mode (its grant, or the last
+	// probe); whether a probe is under way; and whether one found such a
+	// waiter (draining: no one joins any more, the hold ends when its
+	// holders leave, and the server's queue decides who is next).
+	checked  time.Time
+	probing  bool
+	draining bool
 
 	// Used by the multiplexer (mux.go): where the server's lock lives, and
 	// whether that connection was lost.
@@ -77,10 +104,20 @@ const (
 	admitTurn   admission = iota // take the server's lock, then call granted or passTurn
 	admitJoined                  // holds the key as a shared co-holder: no statement needed
 	admitBusy                    // held by another Lock of the process (only when !wait)
+	// admitProbe: joined, as admitJoined, and the caller must now check for
+	// exclusive waiters of other sessions (see sharedJoinRecheck) and call
+	// probed.
+	admitProbe
 )
 
 func newKeyTable() *keyTable {
-	return &keyTable{m: make(map[Key]*keyEntry), closing: make(chan struct{})}
+	return &keyTable{m: make(map[Key]*keyEntry), closing: make(chan struct{}), now: time.Now}
+}
+
+// joinable reports whether a shared request may join e's hold now. t.mu must
+// be held.
+func (t *keyTable) joinable(e *keyEntry) bool {
+	return e.holders > 0 && !e.turn && e.mode == Shared && e.lostErr == nil && !e.draining
 }
 
 // enter queues for key k. With wait false it does not wait for a holder: a
@@ -99,10 +136,22 @@ func (t *keyTable) enter(ctx context.Context, k Key, mode Mode, wait bool) (*key
 	}
 	// Shared holders join a shared hold, unless someone queues before them
 	// (an exclusive waiter must not starve).
-	if mode == Shared && e.holders > 0 && !e.turn && e.mode == Shared && len(e.queue) == 0 && e.lostErr == nil {
-		e.holders++
-		t.mu.Unlock()
-		return e, admitJoined, nil
+	if mode == Shared && len(e.queue) == 0 && t.joinable(e) {
+		adm := admitJoined
+		if !e.probing && t.now().Sub(e.checked) >= sharedJoinRecheck {
+			if t.probes {
+				// This joiner checks the server's queue for the hold
+				// (and joins meanwhile: a probe costs the holders nothing).
+				e.probing, adm = true, admitProbe
+			} else {
+				e.draining = true
+			}
+		}
+		if !e.draining {
+			e.holders++
+			t.mu.Unlock()
+			return e, adm, nil
+		}
 	}
 	if !wait && !(mode == Shared && e.sharedTry && onlyShared(e.queue)) {
 		t.mu.Unlock()
@@ -126,6 +175,9 @@ func (t *keyTable) enter(ctx context.Context, k Key, mode Mode, wait bool) (*key
 	for i, q := range e.queue {
 		if q == w {
 			e.queue = append(e.queue[:i], e.queue[i+1:]...)
+			// Shared waiters queued behind w (an exclusive waiter that left)
+			// join the shared hold they were kept out of.
+			t.admitShared(e)
 			t.dropIfIdle(e)
 			t.mu.Unlock()
 			return nil, 0, err
@@ -135,7 +187,7 @@ func (t *keyTable) enter(ctx context.Context, k Key, mode Mode, wait bool) (*key
 	// Let in just as ctx ended: a grant that came first stands; a turn is
 	// passed on.
 	switch adm := <-w.ch; adm {
-	case admitJoined:
+	case admitJoined, admitProbe:
 		return e, adm, nil
 	case admitTurn:
 		t.passTurn(e)
@@ -192,14 +244,38 @@ func (t *keyTable) granted(e *keyEntry, mode Mode, conn *lockConn) bool {
 		return false
 	}
 	e.turn, e.holders, e.mode, e.conn, e.lostErr, e.sharedTry = false, 1, mode, conn, nil, false
-	for mode == Shared && len(e.queue) > 0 && e.queue[0].mode == Shared {
+	e.checked, e.probing, e.draining = t.now(), false, false
+	t.admitShared(e)
+	t.settleTries(e)
+	return true
+}
+
+// admitShared lets the shared waiters at the head of e's queue join e's
+// shared hold, if it may be joined. t.mu must be held.
+func (t *keyTable) admitShared(e *keyEntry) {
+	for len(e.queue) > 0 && e.queue[0].mode == Shared && t.joinable(e) {
 		w := e.queue[0]
 		e.queue = e.queue[1:]
 		e.holders++
 		w.ch <- admitJoined
 	}
-	t.settleTries(e)
-	return true
+}
+
+// probed records the answer of the probe that an admitProbe asked for:
+// whether a session of another process waits for e's key in Exclusive mode
+// (then the hold drains: no one joins it any more), or the probe could not
+// tell (ok false: the next joiner probes again).
+func (t *keyTable) probed(e *keyEntry, exclusiveWaits, ok bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e.probing = false
+	switch {
+	case !ok:
+	case exclusiveWaits:
+		e.draining = true
+	default:
+		e.checked = t.now()
+	}
 }
 
 // nextExclusive reports whether the first goroutine queued for e waits for
@@ -226,6 +302,7 @@ func (t *keyTable) handOff(e *keyEntry, conn *lockConn) (handed, lost bool) {
 	w := e.queue[0]
 	e.queue = e.queue[1:]
 	e.turn, e.holders, e.mode, e.conn, e.lostErr, e.sharedTry = false, 1, Exclusive, conn, nil, false
+	e.probing, e.draining = false, false
 	w.ch <- admitJoined
 	t.settleTries(e)
 	return true, false
@@ -251,6 +328,7 @@ func (t *keyTable) passTurn(e *keyEntry) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e.turn, e.conn, e.lostErr, e.onLost, e.sharedTry = false, nil, nil, nil, false
+	e.probing, e.draining = false, false
 	if len(e.queue) > 0 {
 		w := e.queue[0]
 		e.queue = e.queue[1:]

@@ -327,6 +327,10 @@ func (l *Lock) notAcquired(ctx context.Context, err error) error {
 	switch {
 	case err == nil && ctxErr == nil:
 		return fmt.Errorf("%w: key %s", ErrNotAcquired, l.key)
+	case errors.Is(err, ErrUnavailable):
+		// The server could not be reached (in time): not a busy key, even
+		// when the context ended meanwhile.
+		return fmt.Errorf("%w: key %s: %w", ErrNotAcquired, l.key, err)
 	case err == nil:
 		return fmt.Errorf("%w: key %s: %w", ErrNotAcquired, l.key, ctxErr)
 	case ctxErr == nil && unavailable(err):

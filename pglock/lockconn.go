@@ -25,13 +25,21 @@ import (
 type lockConn struct {
 	m    *mux
 	slot int // index in mux.conns, or -1 for a waiting connection
+	// placed: a waiting connection that holds a place among WithWaitConns
+	// (see mux.wait); guarded by the mux's mutex.
+	placed bool
 
 	mu     sync.Mutex
 	conn   *pgx.Conn // nil until the first use opens it
-	queue  []*connOp
-	active bool  // a goroutine owns the connection (flushes or waits)
-	dead   error // the connection was lost or closed: no new request is taken
-	holds  int   // server locks held on it
+	connAt time.Time // when conn was opened
+	// dialing is closed when the connect under way is done (nil when none
+	// is); dialErr is why the last one failed.
+	dialing chan struct{}
+	dialErr error
+	queue   []*connOp
+	active  bool  // a goroutine owns the connection (flushes or waits)
+	dead    error // the connection was lost or closed: no new request is taken
+	holds   int   // server locks held on it
 
 	// watch watches the connection while it holds locks and nobody uses it,
 	// and lastUsed is when it last ran a statement; only the goroutine that
@@ -58,6 +66,18 @@ type connOp struct {
 	key     Key
 	mode    Mode
 	fn      func(*pgx.Conn)
+	// bounded: fn runs under the statement bound on a waiting connection
+	// too (on a lock connection it always does).
+	bounded bool
+	// check (a request) proves that the session is still alive, by a
+	// statement on it: the release of a shared co-holder, which unlocks
+	// nothing, still learns whether the lock lived until then.
+	check bool
+	// probe (a request, Shared mode) asks whether a new shared request of
+	// another session would be granted now: false when a session waits for
+	// (or holds) the key in Exclusive mode (see keyTable.probes). It takes
+	// nothing: what it takes it gives back in the same statement.
+	probe bool
 	// closing closes the connection (for this reason) instead.
 	closing error
 	// ctx bounds the connect, when the request is the first on a new
@@ -186,8 +206,13 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 			switch {
 			case !errors.Is(err, errConnectCut):
 				o.err = err
+			case errors.Is(ctxEnded(o.ctx), context.DeadlineExceeded):
+				// Not busy: no connection to the server yet. The deadline
+				// is said in the text only, so that it does not read as a
+				// busy key (see ErrUnavailable).
+				o.err = fmt.Errorf("%w: %w (%v)", ErrUnavailable, err, ctxEnded(o.ctx))
 			case ctxEnded(o.ctx) != nil:
-				o.err = fmt.Errorf("%w: %w", ctxEnded(o.ctx), err)
+				o.err = fmt.Errorf("%w: %w: %w", ErrUnavailable, err, ctxEnded(o.ctx))
 			case o == batch[0]: // the caller of flush does not wait again
 				o.err = err
 			default:
@@ -197,9 +222,22 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 		}
 		return retry
 	}
-	if batch[0].fn != nil {
-		_ = c.conn.PgConn().Conn().SetDeadline(time.Time{}) // one a statement left
-		batch[0].fn(c.conn)
+	if o := batch[0]; o.fn != nil {
+		// On a lock connection, and for a bounded use of a waiting one (a
+		// fencing token), the use is bounded like a statement (see exec):
+		// a silent network is noticed within the same bound as when idle,
+		// and the connection is lost then. A wait is not: it lasts as
+		// long as its context allows (see interruptible).
+		var dl time.Time
+		if c.slot >= 0 || o.bounded {
+			dl = time.Now().Add(c.m.statementBound())
+		}
+		_ = c.conn.PgConn().Conn().SetDeadline(dl)
+		o.fn(c.conn)
+		if c.conn.IsClosed() {
+			c.lose(errors.New("pglock: the connection closed during a statement"))
+			return nil
+		}
 	} else {
 		c.exec(batch)
 	}
@@ -213,9 +251,10 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 	return nil
 }
 
-// errConnectCut: a connect was cut short by the context of the request it
-// ran for; the connection is not lost, and other requests may try again.
-var errConnectCut = errors.New("pglock: connect cut short by the request's context")
+// errConnectCut: the requests for which a connect runs all ended before it
+// was done; the connection is not lost: the connect goes on, and other
+// requests find it done (see lockConn.open).
+var errConnectCut = errors.New("pglock: no connection to the server yet, a connect is under way")
 
 // connectContext returns the context for a connect on behalf of batch: that
 // of the first request whose context has not ended (nil when one has none).
@@ -244,15 +283,25 @@ func ctxEnded(ctx context.Context) error {
 	return nil
 }
 
-// open connects on first use, within the context of the first request of
-// batch whose context has not ended (see flush); a connection that died since
-// is gone. A
-// connection that held nothing and ran nothing for half the abandoned-session
-// bound is replaced before the server ends it as idle (see mux.connect).
+// open connects on first use; a connection that died since is gone. A
+// connection that held nothing and ran nothing for half the
+// abandoned-session bound is replaced before the server ends it as idle (see
+// mux.connect).
+//
+// The connect is the Locker's, not the request's: it runs in a goroutine of
+// its own, bounded by the connect timeout (the pool's ConnectTimeout, else
+// the release timeout) and by the Locker's Close. open waits for it as long
+// as the context of one request of batch allows; when they have all ended,
+// it returns errConnectCut and the connect goes on, so that the next request
+// finds it done (a cold Locker is not kept cold by callers with short
+// deadlines).
 func (c *lockConn) open(batch []*connOp) error {
 	c.mu.Lock()
-	dead, conn, holds := c.dead, c.conn, c.holds
+	dead, conn, holds, connAt := c.dead, c.conn, c.holds, c.connAt
 	c.mu.Unlock()
+	if conn != nil && c.lastUsed.Before(connAt) {
+		c.lastUsed = connAt // connected in the background since
+	}
 	switch {
 	case dead != nil:
 		return fmt.Errorf("%w: %w", errConnGone, dead)
@@ -263,26 +312,72 @@ func (c *lockConn) open(batch []*connOp) error {
 		ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
 		_ = conn.Close(ctx)
 		cancel()
+		c.mu.Lock()
+		c.conn = nil
+		c.mu.Unlock()
 	case conn != nil:
 		return nil
 	}
-	ctx, ok := connectContext(batch)
-	if !ok {
-		return errConnectCut
-	}
-	conn, err := c.m.connect(ctx)
-	if err != nil {
-		if ctxEnded(ctx) != nil {
-			return fmt.Errorf("%w: %w", errConnectCut, err)
+	dialed := c.dial()
+	for {
+		ctx, ok := connectContext(batch)
+		if !ok {
+			return errConnectCut
 		}
-		c.markDead(err)
-		return fmt.Errorf("pglock: open a lock connection: %w", err)
+		var ended <-chan struct{}
+		if ctx != nil {
+			ended = ctx.Done()
+		}
+		select {
+		case <-dialed:
+			c.mu.Lock()
+			conn, err := c.conn, c.dialErr
+			c.mu.Unlock()
+			if conn == nil {
+				if err == nil {
+					err = ErrLockerClosed
+				}
+				return fmt.Errorf("pglock: open a lock connection: %w", err)
+			}
+			c.lastUsed = time.Now()
+			return nil
+		case <-ended:
+		}
 	}
+}
+
+// dial starts connecting, unless a connect is under way, and returns a
+// channel closed when it is done: then c.conn is the new connection, or c is
+// dead and c.dialErr says why.
+func (c *lockConn) dial() <-chan struct{} {
 	c.mu.Lock()
-	c.conn = conn
-	c.mu.Unlock()
-	c.lastUsed = time.Now()
-	return nil
+	defer c.mu.Unlock()
+	if c.dialing != nil {
+		return c.dialing
+	}
+	done := make(chan struct{})
+	c.dialing = done
+	go func() {
+		conn, err := c.m.connect(c.m.closing, c.slot >= 0)
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		c.dialing = nil
+		defer close(done)
+		switch {
+		case err != nil:
+			c.dialErr = err
+			if c.dead == nil {
+				c.dead = err
+			}
+		case c.dead != nil: // lost or closed meanwhile (the Locker's Close)
+			ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
+			_ = conn.Close(ctx)
+			cancel()
+		default:
+			c.conn, c.connAt = conn, time.Now()
+		}
+	}()
+	return done
 }
 
 // exec sends the lock and unlock requests of batch in one statement, bounded
@@ -300,6 +395,10 @@ func (c *lockConn) exec(batch []*connOp) {
 		o := batch[0]
 		st := &fixed[Session][o.mode][pairIndex(o.key)]
 		switch {
+		case o.check:
+			err = conn.QueryRow(ctx, checkSQL).Scan(&o.ok)
+		case o.probe:
+			err = conn.QueryRow(ctx, sharedProbeSQL[pairIndex(o.key)], o.key.args()...).Scan(&o.ok)
 		case o.retake:
 			var r int32
 			err = conn.QueryRow(ctx, retakeSQL[pairIndex(o.key)], o.key.args()...).Scan(&r)
@@ -322,7 +421,7 @@ func (c *lockConn) exec(batch []*connOp) {
 	c.mu.Lock()
 	for _, o := range batch {
 		switch {
-		case o.retaken:
+		case o.check, o.probe, o.retaken:
 		case o.unlock:
 			c.holds--
 		case o.ok:
@@ -335,6 +434,16 @@ func (c *lockConn) exec(batch []*connOp) {
 // retakeSQL is the retake of a bigint and of a pair key: 0 when the unlock
 // found the key not held, 1 when it was unlocked, 2 when it was unlocked and
 // taken again.
+// checkSQL is a check request alone (see connOp.check).
+const checkSQL = `SELECT true`
+
+// sharedProbeSQL is a probe request alone (see connOp.probe), of a bigint and of a
+// pair key.
+var sharedProbeSQL = [2]string{
+	`SELECT CASE WHEN pg_try_advisory_lock_shared($1::bigint) THEN pg_advisory_unlock_shared($1::bigint) ELSE false END`,
+	`SELECT CASE WHEN pg_try_advisory_lock_shared($1::integer, $2::integer) THEN pg_advisory_unlock_shared($1::integer, $2::integer) ELSE false END`,
+}
+
 var retakeSQL = [2]string{
 	`SELECT CASE WHEN pg_advisory_unlock($1::bigint) THEN CASE WHEN pg_try_advisory_lock($1::bigint) THEN 2 ELSE 1 END ELSE 0 END`,
 	`SELECT CASE WHEN pg_advisory_unlock($1::integer, $2::integer) THEN CASE WHEN pg_try_advisory_lock($1::integer, $2::integer) THEN 2 ELSE 1 END ELSE 0 END`,
@@ -342,7 +451,7 @@ var retakeSQL = [2]string{
 
 // batchSQL takes and gives back many keys in one statement: each row of the
 // arrays is one request (op: bit 0 shared, bit 1 pair key, bit 2 unlock, bit
-// 3 retake), answered by its ordinal and the function's result as 1 or 0
+// 3 retake, bit 5 probe; 16 a check, which answers 1), answered by its ordinal and the function's result as 1 or 0
 // (a retake as retakeSQL answers).
 const batchSQL = `SELECT t.i, CASE t.op
  WHEN 0 THEN pg_try_advisory_lock(t.k)::int WHEN 1 THEN pg_try_advisory_lock_shared(t.k)::int
@@ -351,6 +460,9 @@ const batchSQL = `SELECT t.i, CASE t.op
  WHEN 6 THEN pg_advisory_unlock(t.a, t.b)::int WHEN 7 THEN pg_advisory_unlock_shared(t.a, t.b)::int
  WHEN 12 THEN CASE WHEN pg_advisory_unlock(t.k) THEN CASE WHEN pg_try_advisory_lock(t.k) THEN 2 ELSE 1 END ELSE 0 END
  WHEN 14 THEN CASE WHEN pg_advisory_unlock(t.a, t.b) THEN CASE WHEN pg_try_advisory_lock(t.a, t.b) THEN 2 ELSE 1 END ELSE 0 END
+ WHEN 16 THEN 1
+ WHEN 33 THEN CASE WHEN pg_try_advisory_lock_shared(t.k) THEN pg_advisory_unlock_shared(t.k)::int ELSE 0 END
+ WHEN 35 THEN CASE WHEN pg_try_advisory_lock_shared(t.a, t.b) THEN pg_advisory_unlock_shared(t.a, t.b)::int ELSE 0 END
  END::int
 FROM unnest($1::int2[], $2::int8[], $3::int4[], $4::int4[]) WITH ORDINALITY AS t(op, k, a, b, i)`
 
@@ -375,6 +487,12 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp) error {
 		}
 		if o.retake {
 			op |= 8
+		}
+		if o.probe {
+			op |= 32
+		}
+		if o.check {
+			op = 16
 		}
 		ops[i] = op
 	}
@@ -418,6 +536,14 @@ func (c *lockConn) failed(batch []*connOp, err error) {
 		if cerr := c.cleanup(batch); cerr == nil {
 			c.mu.Lock()
 			for _, o := range batch {
+				if o.check {
+					o.ok = true // the session lives: the cleanup ran on it
+					continue
+				}
+				if o.probe { // inconclusive; nothing of it is held (cleanup)
+					o.ok, o.err = false, err
+					continue
+				}
 				if o.unlock {
 					c.holds-- // given back by the cleanup
 					o.ok, o.retaken = true, false
@@ -450,6 +576,9 @@ func (c *lockConn) cleanup(batch []*connOp) error {
 	}()
 	var b pgx.Batch
 	for _, o := range batch {
+		if o.check {
+			continue
+		}
 		st := &fixed[Session][o.mode][pairIndex(o.key)]
 		classid, objid, objsubid := o.key.LockTag()
 		b.Queue(st.cleanup, append(o.key.args(), int64(classid), int64(objid), objsubid)...)

@@ -50,16 +50,22 @@ type mux struct {
 	waitSem  chan struct{}
 	waitIdle []*lockConn
 	waitBusy map[*lockConn]struct{}
-	held     int // server locks held or being taken
-	limit    int // the cap on held; 0 until known
-	capacity int // the server's lock table, as configured (0 if unknown)
-	closed   bool
+	// placedConns counts the waiting connections that hold a place in
+	// waitSem (see mux.wait).
+	placedConns int
+	held        int // server locks held or being taken
+	limit       int // the cap on held; 0 until known
+	capacity    int // the server's lock table, as configured (0 if unknown)
+	closed      bool
 }
 
 func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
 	closing, cancel := context.WithCancel(context.Background())
 	t := newKeyTable()
 	t.sharedTries = true
+	// A probe needs a session that does not hold the key: another lock
+	// connection.
+	t.probes = cfg.lockConns > 1
 	return &mux{
 		closing:        closing,
 		cancelClosing:  cancel,
@@ -113,9 +119,11 @@ func (m *mux) init(ctx context.Context) error {
 	if m.isClosed() {
 		return ErrLockerClosed
 	}
-	if m.pool != nil {
+	switch {
+	case m.connCfg != nil: // an earlier init got as far (a connect may be using it)
+	case m.pool != nil:
 		m.connCfg = m.pool.Config().ConnConfig
-	} else {
+	default:
 		c, err := m.db.Conn(ctx)
 		if err != nil {
 			return err
@@ -186,7 +194,14 @@ const lockTableShare = 4
 // watch keeps it busy, so a live holder is never cut. Both bounds are well
 // past the client's own (twice the check interval), so the client sees the
 // loss first.
-func (m *mux) connect(ctx context.Context) (*pgx.Conn, error) {
+//
+// On a lock connection (lockConn true) lock_timeout is short
+// (lockConnLockTimeout): nothing sent there may wait for a lock, since it
+// would stall every key of the connection; a statement that could (a fencing
+// token, waiting for a table lock of a migration) fails at once and is tried
+// again later. On a waiting connection it is 0: a wait lasts as long as its
+// context allows.
+func (m *mux) connect(ctx context.Context, lockConn bool) (*pgx.Conn, error) {
 	if ctx == nil {
 		ctx = context.Background()
 	}
@@ -231,12 +246,24 @@ func (m *mux) connect(ctx context.Context) (*pgx.Conn, error) {
 	if major >= 14 {
 		settings = append(settings, [2]string{"idle_session_timeout", strconv.FormatInt(bound.Milliseconds(), 10)})
 	}
+	for i := 0; i < len(settings); i++ {
+		if _, set := cfg.RuntimeParams[settings[i][0]]; set {
+			settings = append(settings[:i], settings[i+1:]...)
+			i--
+		}
+	}
+	// A wait on the Locker's own sessions lasts as long as its context
+	// allows, and their statements are bounded by the library (socket
+	// deadlines, cancel requests): a lock_timeout or statement_timeout set
+	// for the role, the database or the pool would cut every wait short.
+	lockTimeout := "0"
+	if lockConn {
+		lockTimeout = strconv.FormatInt(lockConnLockTimeout.Milliseconds(), 10)
+	}
+	settings = append(settings, [2]string{"lock_timeout", lockTimeout}, [2]string{"statement_timeout", "0"})
 	var q strings.Builder
 	var args []any
 	for _, kv := range settings {
-		if _, set := cfg.RuntimeParams[kv[0]]; set {
-			continue
-		}
 		if len(args) == 0 {
 			q.WriteString("SELECT ")
 		} else {
@@ -253,6 +280,10 @@ func (m *mux) connect(ctx context.Context) (*pgx.Conn, error) {
 	}
 	return conn, nil
 }
+
+// lockConnLockTimeout is the lock_timeout of a lock connection (see
+// mux.connect).
+const lockConnLockTimeout = 20 * time.Millisecond
 
 // abandonBound is how long the server keeps the session of a lock connection
 // whose client went silent.
@@ -319,7 +350,9 @@ func (m *mux) slotOf(k Key) int {
 	return int((h >> 32) % uint64(m.conns))
 }
 
-// reserve counts one more server lock against the cap.
+// reserve counts one more server lock against the cap: a lock held, or a
+// try in flight. A wait counts once granted (see forceReserve), not while it
+// waits.
 func (m *mux) reserve(k Key) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -332,6 +365,14 @@ func (m *mux) reserve(k Key) error {
 	}
 	m.held++
 	return nil
+}
+
+// forceReserve counts a lock granted after a wait against the cap, even past
+// it (see mux.wait).
+func (m *mux) forceReserve() {
+	m.mu.Lock()
+	m.held++
+	m.mu.Unlock()
 }
 
 func (m *mux) unreserve() {
@@ -349,9 +390,27 @@ func (m *mux) isClosed() bool {
 // take takes the server's lock on e's key; the caller owns e's turn, which
 // take passes on when the lock is not held afterwards.
 func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (bool, error) {
-	k, mode := e.key, b.l.cfg.mode
-	if err := m.reserve(k); err != nil {
+	ok, err := m.try(ctx, e, b.l.cfg.mode)
+	switch {
+	case err != nil || (!ok && !wait):
 		m.t.passTurn(e)
+		return false, err
+	case ok:
+		return true, nil
+	}
+	m.t.tried(e)
+	held, err := m.wait(ctx, b, e)
+	if !held {
+		m.t.passTurn(e)
+	}
+	return held, err
+}
+
+// try takes the key with the non-blocking function on its lock connection;
+// held, it counts against the cap (see reserve).
+func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode) (bool, error) {
+	k := e.key
+	if err := m.reserve(k); err != nil {
 		return false, err
 	}
 	var c *lockConn
@@ -372,29 +431,24 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 			break
 		}
 	}
-	switch {
-	case op.err != nil:
+	if op.err != nil || !op.ok {
 		m.unreserve()
-		m.t.passTurn(e)
-		return false, op.err
-	case op.ok:
-		return true, nil
-	case !wait:
-		m.unreserve()
-		m.t.passTurn(e)
-		return false, nil
 	}
-	m.t.tried(e)
-	held, err := m.wait(ctx, b, e)
-	if !held {
-		m.unreserve()
-		m.t.passTurn(e)
-	}
-	return held, err
+	return op.ok, op.err
 }
 
-// wait waits for the key in the server's queue on a waiting connection.
+// wait waits for the key in the server's queue on a waiting connection. A
+// counted wait (every wait but a Leader's campaign) first takes a place among
+// WithWaitConns, which it keeps while it waits and, once granted, while it
+// holds the key on that connection (a session that holds an exclusive key
+// cannot hand it to another session without letting it go): so the Locker's
+// server sessions never exceed WithLockConns + WithWaitConns (+ one per
+// Leader). While every place is taken, the wait polls the key on its lock
+// connection instead (see waitPlace), so that a key freed meanwhile is
+// still taken, and a goroutine that holds a key on a waiting connection can
+// take another one.
 func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error) {
+	mode := b.l.cfg.mode
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(m.closing, cancel)
@@ -403,13 +457,17 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 	// not count among the waits WithWaitConns bounds.
 	counted := !b.l.cfg.campaign
 	if counted {
-		select {
-		case m.waitSem <- struct{}{}:
-		case <-wctx.Done():
+		placed, held, err := m.waitPlace(wctx, e, mode)
+		switch {
+		case held:
+			return true, nil
+		case err != nil:
+			return false, err
+		case !placed:
 			return false, m.waitErr(ctx)
 		}
 	}
-	wc := m.waitConn()
+	wc := m.waitConn(counted)
 	if wc == nil {
 		if counted {
 			<-m.waitSem
@@ -421,20 +479,24 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 	op := connOp{ctx: wctx, fn: func(conn *pgx.Conn) {
 		held, healthy, err = waitSession(wctx, b.l, conn)
 		if held {
+			held, healthy, err = m.confirm(conn)
+		}
+		if held {
 			wc.addHolds(1)
 		}
 	}}
 	wc.do(&op)
 	if op.err != nil {
-		err = op.err // the waiting connection could not be opened
+		// The waiting connection could not be opened, or not yet: a
+		// connect under way goes on, for the next wait.
+		err, healthy = op.err, errors.Is(op.err, errConnectCut)
 	}
-	if held && m.t.granted(e, b.l.cfg.mode, wc) {
-		// The connection now holds what it waited for, until its release: it
-		// no longer counts among the waiting, so a long hold does not keep
-		// other keys from being waited for.
-		if counted {
-			<-m.waitSem
-		}
+	if held && m.t.granted(e, mode, wc) {
+		// Counted when granted, not while waiting: a waiter takes no slot
+		// of the cap. Past the cap too, since the lock is held by now: the
+		// cap is passed by at most the waits under way (WithWaitConns, and
+		// the Leaders' campaigns).
+		m.forceReserve()
 		return true, nil
 	}
 	if held { // granted on a connection lost since: gone with it
@@ -443,9 +505,73 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 	if err == nil {
 		err = m.waitErr(ctx)
 	}
-	m.putWaitConn(wc, healthy && !errors.Is(err, errConnGone), counted)
+	m.putWaitConn(wc, healthy && !errors.Is(err, errConnGone))
 	return false, err
 }
+
+// confirm proves, by one round trip, that the session of a waiting
+// connection that was just granted its key is still alive, before the grant
+// is reported: a grant read after a silent spell can come from a session the
+// server has ended since (the grant was on its way), whose lock another
+// session may hold by now. A session that does not answer within the
+// statement bound is lost (its connection closed, which gives back the lock if
+// it was not).
+func (m *mux) confirm(conn *pgx.Conn) (held, healthy bool, err error) {
+	nc := conn.PgConn().Conn()
+	_ = nc.SetDeadline(time.Now().Add(m.statementBound()))
+	var ok bool
+	// A cancel request sent for the wait can land late, on this statement:
+	// that says nothing of the session (see retryCanceled).
+	err = retryCanceled(func() error { return conn.QueryRow(context.Background(), checkSQL).Scan(&ok) })
+	if err == nil {
+		_ = nc.SetDeadline(time.Time{})
+		return true, true, nil
+	}
+	if !conn.IsClosed() {
+		ctx, cancel := context.WithTimeout(context.Background(), m.releaseTimeout)
+		_ = conn.Close(ctx)
+		cancel()
+	}
+	return false, false, fmt.Errorf("%w: the session was lost as its wait was granted: %w", errConnGone, err)
+}
+
+// waitPlace takes a place among the waiting connections (placed), or, while
+// none is free, tries the key with the non-blocking function on its lock
+// connection now and then (the pause doubles from minPlacePoll to
+// maxPlacePoll), and reports held when a try got it. Neither, with no
+// error: ctx ended.
+func (m *mux) waitPlace(ctx context.Context, e *keyEntry, mode Mode) (placed, held bool, err error) {
+	select {
+	case m.waitSem <- struct{}{}:
+		return true, false, nil
+	default:
+	}
+	pause := minPlacePoll
+	t := time.NewTimer(pause)
+	defer t.Stop()
+	for {
+		select {
+		case m.waitSem <- struct{}{}:
+			return true, false, nil
+		case <-ctx.Done():
+			return false, false, nil
+		case <-t.C:
+		}
+		held, err := m.try(ctx, e, mode)
+		if held || err != nil {
+			return false, held, err
+		}
+		pause = min(2*pause, maxPlacePoll)
+		t.Reset(pause)
+	}
+}
+
+// The pauses between tries of a wait that finds every waiting connection
+// taken (see mux.waitPlace).
+const (
+	minPlacePoll = 20 * time.Millisecond
+	maxPlacePoll = time.Second
+)
 
 // waitErr is the error of a wait that ended without the lock: ctx's, or the
 // Locker's closing.
@@ -456,9 +582,10 @@ func (m *mux) waitErr(ctx context.Context) error {
 	return ErrLockerClosed
 }
 
-// waitConn takes an idle waiting connection or makes one; the caller holds
-// a place in waitSem. It returns nil once the Locker is closed.
-func (m *mux) waitConn() *lockConn {
+// waitConn takes an idle waiting connection or makes one; placed: the
+// caller holds a place in waitSem, which the connection keeps until it is
+// given back (see putWaitConn). It returns nil once the Locker is closed.
+func (m *mux) waitConn(placed bool) *lockConn {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -475,19 +602,30 @@ func (m *mux) waitConn() *lockConn {
 	if c == nil {
 		c = &lockConn{m: m, slot: -1}
 	}
+	c.placed = placed
+	if placed {
+		m.placedConns++
+	}
 	m.waitBusy[c] = struct{}{}
 	return c
 }
 
-// putWaitConn gives back a waiting connection that holds nothing: after a
-// wait that failed (waiting: it gives back its place in waitSem too), or after
-// the release of what it waited for. One in doubt is closed, and so is one
-// that would make more idle ones than WithWaitConns.
-func (m *mux) putWaitConn(c *lockConn, healthy, waiting bool) {
+// putWaitConn gives back a waiting connection that holds nothing, after a
+// wait that failed or after the release of what it waited for, with its
+// place in waitSem if it has one. One in doubt is closed, and so is one that
+// would make more idle and placed connections than WithWaitConns.
+func (m *mux) putWaitConn(c *lockConn, healthy bool) {
 	m.mu.Lock()
 	delete(m.waitBusy, c)
-	closed := m.closed
-	keep := healthy && !closed && !c.isDead() && len(m.waitIdle) < m.waitConns
+	placed := c.placed
+	if placed {
+		c.placed = false
+		m.placedConns--
+	}
+	// Idle and placed connections together stay within WithWaitConns: a
+	// wait that takes a place takes an idle connection, or opens one
+	// only when none is idle.
+	keep := healthy && !m.closed && !c.isDead() && len(m.waitIdle)+m.placedConns < m.waitConns
 	if keep {
 		m.waitIdle = append(m.waitIdle, c)
 	}
@@ -495,7 +633,7 @@ func (m *mux) putWaitConn(c *lockConn, healthy, waiting bool) {
 	if !keep {
 		c.close(errConnGone)
 	}
-	if waiting {
+	if placed {
 		<-m.waitSem
 	}
 }
@@ -575,7 +713,7 @@ func (m *mux) unlock(c *lockConn, op *connOp) error {
 func (m *mux) ended(e *keyEntry, c *lockConn, healthy bool) {
 	m.unreserve()
 	if c != nil && c.slot < 0 {
-		m.putWaitConn(c, healthy, false)
+		m.putWaitConn(c, healthy)
 	}
 	m.t.passTurn(e)
 }
@@ -648,12 +786,52 @@ func (b *muxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 	case adm == admitJoined:
 		b.e = e
 		return true, nil
+	case adm == admitProbe:
+		b.e = e
+		b.m.probe(ctx, e)
+		return true, nil
 	}
 	ok, err := b.m.take(ctx, b, e, wait)
 	if ok {
 		b.e = e
 	}
-	return ok, err
+	return ok, b.m.closedErr(ctx, err)
+}
+
+// probe checks, for a shared hold of e's key that others of the process keep
+// joining, whether a session of another process waits for the key in
+// Exclusive mode, and records it (see keyTable.probes): a new shared request
+// on another lock connection is granted only when none does.
+func (m *mux) probe(ctx context.Context, e *keyEntry) {
+	m.t.mu.Lock()
+	held := e.conn
+	m.t.mu.Unlock()
+	slot := m.slotOf(e.key)
+	if held != nil && held.slot == slot {
+		slot = (slot + 1) % m.conns
+	}
+	exclusiveWaits, ok := false, false
+	if c := m.slot(slot); c != nil {
+		op := connOp{ctx: ctx, key: e.key, mode: Shared, probe: true}
+		c.do(&op)
+		exclusiveWaits, ok = !op.ok, op.err == nil
+	}
+	m.t.probed(e, exclusiveWaits, ok)
+}
+
+// closedErr is the error of an acquire that failed while the Locker was
+// being closed: ErrLockerClosed, whatever the interrupted statement or
+// connect said (a cancelled statement, a connect cut short), which is kept
+// as text only, so that the error does not claim that the caller's context
+// ended.
+func (m *mux) closedErr(ctx context.Context, err error) error {
+	if err == nil || ctx.Err() != nil || m.closing.Err() == nil {
+		return err
+	}
+	if errors.Is(err, ErrLockerClosed) && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return fmt.Errorf("%w (%v)", ErrLockerClosed, err)
 }
 
 // release ends the hold; the last local holder of the key unlocks it. The
@@ -678,6 +856,20 @@ func (b *muxBackend) end() error {
 	if !t.leave(e) {
 		if lostErr != nil {
 			return join(ErrLockLost, lostErr)
+		}
+		// Another holder keeps the server's lock: nothing to unlock, but
+		// a statement on its session proves that the lock lived until
+		// now (its connection may have died unnoticed yet).
+		t.mu.Lock()
+		c := e.conn
+		t.mu.Unlock()
+		if c == nil {
+			return nil
+		}
+		op := connOp{check: true}
+		c.do(&op)
+		if errors.Is(op.err, errConnGone) {
+			return join(ErrLockLost, op.err)
 		}
 		return nil
 	}
@@ -727,17 +919,20 @@ func (b *muxBackend) token(ctx context.Context) (int64, error) {
 	if c == nil {
 		return 0, fmt.Errorf("%w: take a fencing token: the key's connection is gone", ErrLockLost)
 	}
-	// One statement per attempt, which never waits: the connection serves
-	// other keys between attempts.
+	// One statement per attempt, which does not wait for a lock on a lock
+	// connection (its lock_timeout is short, and the key's row is locked
+	// NOWAIT): the connection serves other keys between attempts. It is
+	// bounded like any statement there (see lockConn.flush), so a silent
+	// network loses the connection within the same bound as when idle.
 	return b.l.takeToken(ctx, func() (int64, error) {
 		var token int64
 		var err error
-		op := connOp{ctx: ctx, fn: func(conn *pgx.Conn) {
+		op := connOp{ctx: ctx, bounded: true, fn: func(conn *pgx.Conn) {
 			if conn == nil {
 				err = errConnGone
 				return
 			}
-			token, err = b.l.tokenOnce(ctx, conn, true)
+			token, err = b.l.tokenOnce(context.Background(), conn, true, false)
 		}}
 		c.do(&op)
 		if err == nil {

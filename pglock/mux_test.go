@@ -11,6 +11,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/pglock"
 )
@@ -629,40 +630,60 @@ func TestMuxConcurrentSharedTries(t *testing.T) {
 	pgtest.WaitFree(t, watch, waiter.Key())
 }
 
-// A key got after a wait stays on its waiting connection, which then no
-// longer counts as waiting: with one waiting connection, holding a key that
-// was waited for does not keep another key from being waited for.
-func TestMuxHoldAfterWaitFreesWaitPlace(t *testing.T) {
+// A hold taken after a wait keeps its waiting connection, and its place among
+// WithWaitConns, until it is released (so the Locker's sessions stay within
+// WithLockConns + WithWaitConns); a wait that finds every place taken still
+// gets its key once it is free, by trying it on its lock connection now and
+// then (issue 19, item 7).
+func TestMuxHoldAfterWaitKeepsItsPlace(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	pool := pgtest.Pool(t, 2)
 	other := pgtest.Pool(t, 2)
 	watch := pgtest.Pool(t, 2)
 	lk := muxLocker(t, pool, pglock.WithWaitConns(1))
-	k1, k2 := pgtest.UniqueKey(t), pgtest.UniqueKey(t)
-	for _, k := range []string{k1, k2} {
+	var held []*pglock.Lock
+	defer func() {
+		for _, l := range held {
+			if err := l.Release(ctx); err != nil {
+				t.Error(err)
+			}
+			pgtest.WaitFree(t, watch, l.Key())
+		}
+	}()
+	for i, k := range []string{pgtest.UniqueKey(t), pgtest.UniqueKey(t)} {
 		o, _ := pglock.New(other, k)
 		if err := o.Acquire(ctx); err != nil {
 			t.Fatal(err)
 		}
 		l, _ := lk.Lock(k)
-		time.AfterFunc(100*time.Millisecond, func() { _ = o.Release(ctx) })
-		wctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		start := time.Now()
-		err := l.Acquire(wctx)
+		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		done := make(chan error, 1)
+		go func() { done <- l.Acquire(wctx) }()
+		if i == 0 {
+			// The first waits in the server, on the one waiting connection.
+			locktest.WaitFor(t, "the first Acquire waits in the server", func() bool {
+				return locktest.Waiters(t, watch, l.Key()) == 1
+			})
+		} else {
+			// The second finds the place taken by the first's hold: it
+			// waits in the process, trying the key now and then.
+			locktest.WaitFor(t, "the second Acquire has tried the key", func() bool {
+				return lk.Stats().ServerLocks == 1 && locktest.Waiters(t, watch, l.Key()) == 0
+			})
+		}
+		if err := o.Release(ctx); err != nil {
+			t.Fatal(err)
+		}
+		err := <-done
 		cancel()
 		if err != nil {
-			t.Fatalf("Acquire(%s) after waiting, with the other key held after a wait: %v (after %v)", k, err, time.Since(start))
+			t.Fatalf("Acquire(%s) after waiting, with %d other key(s) held after a wait: %v", k, i, err)
 		}
-		defer func() {
-			if err := l.Release(ctx); err != nil {
-				t.Error(err)
-			}
-			pgtest.WaitFree(t, watch, l.Key())
-		}()
+		held = append(held, l)
 	}
-	if s := lk.Stats(); s.WaitConns != 2 || s.HeldKeys != 2 {
-		t.Errorf("Stats = %+v, want 2 waiting connections holding the 2 keys", s)
+	if s := lk.Stats(); s.WaitConns != 1 || s.LockConns > 2 || s.HeldKeys != 2 {
+		t.Errorf("Stats = %+v, want 1 waiting connection (holding the first key) and the second key on a lock connection", s)
 	}
 }
 

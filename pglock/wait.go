@@ -14,6 +14,9 @@ import (
 // have granted the lock as the cancel arrived, so it is looked up and given
 // back.
 func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
+	if err := ctx.Err(); err != nil {
+		return false, true, err // nothing sent
+	}
 	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
 		_, err := conn.Exec(qctx, l.st.lock, l.st.args...)
 		return err
@@ -42,6 +45,9 @@ func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bo
 // healthy reports whether that is known to be so.
 func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
 	const sp = "pglock_wait"
+	if err := ctx.Err(); err != nil {
+		return false, true, err // nothing sent
+	}
 	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
 		_, err := conn.Exec(qctx, "SAVEPOINT "+sp+"; "+l.lockLiteral())
 		return err
@@ -82,6 +88,9 @@ func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(contex
 	if ctx.Done() == nil {
 		return false, run(ctx)
 	}
+	if err := ctx.Err(); err != nil {
+		return true, err // ended before the statement was sent: none is
+	}
 	w := &waitStop{conn: conn, bound: l.cfg.releaseTimeout}
 	w.wg.Add(1)
 	stop := context.AfterFunc(ctx, w.fire)
@@ -104,6 +113,12 @@ type waitStop struct {
 
 // fire runs (in its own goroutine) when the context ends: it sends a cancel
 // request and, if the statement does not end within the bound, cuts it off.
+//
+// A cancel request travels on a connection of its own, so it can reach the
+// server before the statement it is meant for (the context ended just as
+// the statement was sent): the server ignores a cancel request for a
+// backend that runs nothing. So while the statement has not ended, fire
+// sends another one after a short pause, doubling, until the bound.
 func (w *waitStop) fire() {
 	defer w.wg.Done()
 	w.mu.Lock()
@@ -113,21 +128,36 @@ func (w *waitStop) fire() {
 	}
 	w.fired, w.ended = true, make(chan struct{})
 	w.mu.Unlock()
-	bound := time.NewTimer(w.bound)
-	defer bound.Stop()
-	ctx, cancel := context.WithTimeout(context.Background(), w.bound)
-	defer cancel()
-	if w.conn.PgConn().CancelRequest(ctx) == nil {
+	deadline := time.Now().Add(w.bound)
+	pause := cancelResend
+	for {
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		err := w.conn.PgConn().CancelRequest(ctx)
+		cancel()
+		wait := min(pause, time.Until(deadline))
+		if err != nil || wait <= 0 {
+			break
+		}
+		t := time.NewTimer(wait)
 		select {
 		case <-w.ended:
+			t.Stop()
 			return
-		case <-bound.C:
+		case <-t.C:
 		}
+		pause = min(2*pause, maxCancelResend)
 	}
 	// The server did not answer in time: a deadline in the past makes the
 	// blocked read fail, and pgx close the connection.
 	_ = w.conn.PgConn().Conn().SetDeadline(time.Now())
 }
+
+// cancelResend is the first pause before a cancel request is sent again for
+// a statement that has not ended; the pause doubles up to maxCancelResend.
+const (
+	cancelResend    = 50 * time.Millisecond
+	maxCancelResend = 500 * time.Millisecond
+)
 
 // finish records that the statement returned and waits for a cancel under
 // way, so that it cannot interrupt a later statement; it reports whether
