@@ -74,7 +74,15 @@
 //     second waits in the process, in FIFO order, or is told the key is busy
 //     by TryAcquire. Shared holders in the process share one server-side
 //     shared lock, unlocked when the last one lets go; a shared holder does
-//     not join while an exclusive one waits.
+//     not join while an exclusive one of the process waits, nor while one of
+//     another process waits in the server: a shared hold that others keep
+//     joining is checked every 100 ms (a shared try on another lock
+//     connection, which the server refuses while an exclusive request
+//     waits), and once a writer waits nobody joins and the hold drains, as
+//     it would with a session per reader. With WithLockConns(1) there is no
+//     other connection to check on: joins stop 100 ms into each hold. The
+//     release of a shared holder that is not the last proves by a statement
+//     that the session still lives, so a loss is reported to every holder.
 //   - Shared round trips. Lock and unlock requests that goroutines make of one
 //     lock connection at the same time travel in one statement: concurrency
 //     raises throughput instead of queueing behind one socket.
@@ -83,9 +91,14 @@
 //     function, so waiters of every process are served in the server's order:
 //     one goroutine per key waits in the server (the others of the process
 //     queue behind it), on a waiting connection, which keeps the lock once it
-//     is granted, until it is released. At most [WithWaitConns] (4 by
-//     default) wait at once; past that, waits queue in the process. No wait
-//     polls.
+//     is granted, until it is released; a grant is confirmed by one round
+//     trip before it is reported, so a grant that arrives from a session the
+//     server has ended is not taken as held. At most [WithWaitConns] (4 by
+//     default) waiting connections are open, waiting or holding; a wait that
+//     finds them all taken tries its key now and then on its lock connection
+//     until one is free. A wait lasts as long as its context allows: the
+//     Locker's sessions set lock_timeout and statement_timeout themselves,
+//     whatever the role or database sets.
 //   - One watch per lock connection. A lock connection that dies or goes
 //     silent loses every lock on it at once: each [Lock.Lost] closes, each Do
 //     context ends with cause [ErrLockLost], no new lock is granted on it, and
@@ -96,8 +109,14 @@
 //     holds at most [WithMaxLocks] session locks (by default a quarter of the
 //     table: max_locks_per_transaction * (max_connections +
 //     max_prepared_transactions) / 4, read from the server) and refuses more
-//     with [ErrTooManyLocks]. The cap is per Locker: size it for the replicas
-//     that share the server.
+//     with [ErrTooManyLocks]; waiters do not count until granted. The cap is
+//     per Locker: size it for the replicas that share the server.
+//   - Nothing waits on a lock connection. Its statements never wait for a
+//     lock (its lock_timeout is 20 ms: a fencing token behind a migration's
+//     table lock fails at once and is tried again between attempts), and each
+//     is bounded on the socket by twice the check interval, like the watch:
+//     a connection that goes silent mid-statement is lost within the same
+//     bound as an idle one, before the server frees its locks.
 //
 // A session pays for the locks it holds: PostgreSQL walks all of them at the
 // end of each of its transactions, so every lock or unlock statement on a
@@ -246,9 +265,13 @@
 //
 // Connections. A [Locker] on a pool holds its session locks on
 // [WithLockConns] lock connections (2 by default) and waits for busy keys on
-// at most [WithWaitConns] more (4): connections of its own, outside the pool,
-// opened with the pool's settings. Count them in the server's
-// max_connections for every replica. [New] on a pool takes one pool
+// at most [WithWaitConns] more (4), which keep what they waited for until it
+// is released; each [Leader] that campaigns or leads has one more: sessions
+// of its own, outside the pool, opened with the pool's settings in the
+// background (bounded by the pool's ConnectTimeout, else the release
+// timeout). So a default Locker uses at most 6 server sessions, plus one per
+// running Leader: count them in the server's max_connections for every
+// replica. [New] on a pool takes one pool
 // connection per hold, for as long as the hold: size the pool for the holds
 // and for the work's own connections, or use a Locker. Transaction scope
 // takes one pool connection per hold (the work's transaction) in both.

@@ -53,6 +53,11 @@ var (
 	// statement reached it (an idle pool connection after a server restart)
 	// is destroyed and the acquire runs again on another, at most once per
 	// idle connection of the pool and once more, before this is returned.
+	// When the context of an acquire ends while a multiplexing Locker's
+	// connection is still being opened, the error is ErrUnavailable too,
+	// and does not match context.DeadlineExceeded (a deadline that passed
+	// while connecting does not mean the key is busy); a cancelled context
+	// is still matched by context.Canceled.
 	ErrUnavailable = errors.New("pglock: database unavailable")
 
 	// ErrLeaderRunning is returned by [Leader.Run] when Run is already

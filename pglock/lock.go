@@ -188,7 +188,9 @@ func (l *Lock) SQLTx() *sql.Tx {
 // When ctx ends first, Acquire returns promptly an error that matches both
 // [ErrNotAcquired] and ctx's error, and the lock is certainly not held
 // afterwards, even when the server granted it as the wait was being
-// cancelled. The wait is cancelled on the server with a cancel request, so
+// cancelled. (When ctx's deadline passes before a connection to the server
+// could be opened, the error matches ErrNotAcquired and [ErrUnavailable]
+// instead of the deadline: the key was not found busy.) The wait is cancelled on the server with a cancel request, so
 // the connection stays usable (on database/sql, waits poll instead; see the
 // package documentation). A database error also matches ErrNotAcquired.
 //

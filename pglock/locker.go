@@ -182,13 +182,14 @@ func (lk *Locker) Close() error {
 // LockerStats is what a Locker uses now (see [Locker.Stats]).
 type LockerStats struct {
 	// LockConns is the number of open lock connections (at most
-	// [WithLockConns]); WaitConns the number of open waiting connections:
-	// waiting (at most [WithWaitConns]), holding what they waited for, or
-	// idle (at most WithWaitConns). Both are 0 for a Locker that does not
-	// multiplex.
+	// [WithLockConns]); WaitConns the number of open waiting connections,
+	// waiting, holding what they waited for, or idle: at most
+	// [WithWaitConns], plus one per [Leader] campaigning or leading. Both
+	// are 0 for a Locker that does not multiplex.
 	LockConns, WaitConns int
-	// ServerLocks is the number of session locks the Locker holds or is
-	// taking in the server; MaxLocks the cap on it (0 until the first lock
+	// ServerLocks is the number of session locks the Locker holds, or is
+	// trying without waiting, in the server (a wait counts once granted);
+	// MaxLocks the cap on it (0 until the first lock
 	// connection has read the server's lock table size).
 	ServerLocks, MaxLocks int
 	// HeldKeys is the number of keys held by the Locker's Locks; Queued the

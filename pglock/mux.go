@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -278,7 +279,25 @@ func (m *mux) connect(ctx context.Context, lockConn bool) (*pgx.Conn, error) {
 			return nil, fmt.Errorf("pglock: set the lock connection's session bounds: %w", err)
 		}
 	}
+	// The client's side too: a wait in the server's queue can last for
+	// hours with nothing sent, and a network that dies meanwhile would
+	// otherwise be noticed only when the kernel's default keepalives
+	// (minutes) give up; then the wait fails, and a Leader campaigns again
+	// on a new connection.
+	keepAlive(conn.PgConn().Conn(), max(bound/2, time.Second))
 	return conn, nil
+}
+
+// keepAlive sets TCP keepalives on nc (a TCP connection, or TLS over one):
+// the connection fails after idle of silence and 2 unanswered probes 1 s
+// apart.
+func keepAlive(nc net.Conn, idle time.Duration) {
+	if tc, ok := nc.(interface{ NetConn() net.Conn }); ok {
+		nc = tc.NetConn()
+	}
+	if tc, ok := nc.(*net.TCPConn); ok {
+		_ = tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: idle, Interval: time.Second, Count: 2})
+	}
 }
 
 // lockConnLockTimeout is the lock_timeout of a lock connection (see
@@ -477,8 +496,9 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 	var held, healthy bool
 	var err error
 	op := connOp{ctx: wctx, fn: func(conn *pgx.Conn) {
+		start := time.Now()
 		held, healthy, err = waitSession(wctx, b.l, conn)
-		if held {
+		if held && time.Since(start) >= m.statementBound() {
 			held, healthy, err = m.confirm(conn)
 		}
 		if held {
@@ -515,7 +535,9 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 // server has ended since (the grant was on its way), whose lock another
 // session may hold by now. A session that does not answer within the
 // statement bound is lost (its connection closed, which gives back the lock if
-// it was not).
+// it was not). Only a wait that lasted the statement bound or more needs it:
+// the server ends a silent session only after seconds of silence (see
+// AbandonedSessionTimeout), which the client sees as a long wait.
 func (m *mux) confirm(conn *pgx.Conn) (held, healthy bool, err error) {
 	nc := conn.PgConn().Conn()
 	_ = nc.SetDeadline(time.Now().Add(m.statementBound()))

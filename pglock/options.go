@@ -290,10 +290,11 @@ func WithMultiplexing(on bool) Option {
 // hold the session locks of all its Locks (one session holds thousands).
 // Each key is held on one of them, chosen by the key; the lock and unlock
 // requests that goroutines send to one connection at the same time share
-// one statement. A lock connection is opened on first use, within the
-// context of the request that needs it, bounded by the pool's ConnectTimeout
-// or else the release timeout. A negative n is an error. An option of
-// [NewLocker].
+// one statement. A lock connection is opened on first use, in the
+// background, bounded by the pool's ConnectTimeout or else the release
+// timeout (not by the context of the request that needs it: a request whose
+// context ends first fails with [ErrUnavailable], and the next one finds the
+// connection open). A negative n is an error. An option of [NewLocker].
 func WithLockConns(n int) Option {
 	return func(c *config) { c.connCount("WithLockConns", "lock connections", n, DefaultLockConns, &c.lockConns) }
 }
@@ -316,12 +317,16 @@ func (c *config) connCount(name, what string, n, def int, dst *int) {
 // (see [DefaultWaitConns], used when n is 0). A key that another session
 // holds is waited for in the server's queue, so that waiters of every
 // process are served in order: by one goroutine of the process per key (the
-// others queue behind it in the process), on a waiting connection. At most n
-// wait at once; further waits queue in the process until one ends. A waiting
-// connection that got its lock holds it until it is released, and no longer
-// counts as waiting (a long hold does not keep other keys from being waited
-// for); at most n idle ones are kept for later waits. A negative n is an
-// error. An option of [NewLocker].
+// others queue behind it in the process), on a waiting connection. A waiting
+// connection that got its lock keeps it until it is released (a session
+// cannot hand an exclusive lock to another one without letting it go), so at
+// most n waiting connections are open, waiting, holding what they waited for,
+// or idle: with the lock connections, a Locker has at most WithLockConns + n
+// server sessions, plus one per [Leader] campaigning or leading. A wait that
+// finds all n taken tries its key on its lock connection instead, now and
+// then (from 20 ms, doubling up to 1 s), until a waiting connection is free
+// or the key is taken: it is not served in the server's order meanwhile. A
+// negative n is an error. An option of [NewLocker].
 func WithWaitConns(n int) Option {
 	return func(c *config) {
 		c.connCount("WithWaitConns", "waiting connections", n, DefaultWaitConns, &c.waitConns)
@@ -330,6 +335,9 @@ func WithWaitConns(n int) Option {
 
 // WithMaxLocks caps the session locks a multiplexing Locker holds at once;
 // past it, acquires fail with [ErrTooManyLocks] until some are released.
+// Waits do not count until they are granted (a wait granted at the cap is
+// kept, so the cap can be passed by the waits under way: at most
+// [WithWaitConns], plus the Leaders' campaigns).
 // Advisory locks live in the server's lock table, which every session of the
 // server shares; when it is full, every session fails ("out of shared
 // memory"), new connections included. Zero (the default) derives the cap from
