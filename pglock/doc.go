@@ -79,9 +79,9 @@
 //     joining is checked every 100 ms (a shared try on another lock
 //     connection, which the server refuses while an exclusive request
 //     waits), and once a writer waits nobody joins and the hold drains, as
-//     it would with a session per reader. With WithLockConns(1) there is no
-//     other connection to check on: joins stop 100 ms into each hold. The
-//     release of a shared holder that is not the last proves by a statement
+//     it would with a session per reader (with WithLockConns(1) the check
+//     borrows a free waiting connection; while none is free, joins go
+//     unchecked). The release of a shared holder that is not the last proves by a statement
 //     that the session still lives, so a loss is reported to every holder.
 //   - Shared round trips. Lock and unlock requests that goroutines make of one
 //     lock connection at the same time travel in one statement: concurrency

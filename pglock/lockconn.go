@@ -206,13 +206,8 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 			switch {
 			case !errors.Is(err, errConnectCut):
 				o.err = err
-			case errors.Is(ctxEnded(o.ctx), context.DeadlineExceeded):
-				// Not busy: no connection to the server yet. The deadline
-				// is said in the text only, so that it does not read as a
-				// busy key (see ErrUnavailable).
-				o.err = fmt.Errorf("%w: %w (%v)", ErrUnavailable, err, ctxEnded(o.ctx))
 			case ctxEnded(o.ctx) != nil:
-				o.err = fmt.Errorf("%w: %w: %w", ErrUnavailable, err, ctxEnded(o.ctx))
+				o.err = connectingErr(ctxEnded(o.ctx))
 			case o == batch[0]: // the caller of flush does not wait again
 				o.err = err
 			default:

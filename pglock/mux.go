@@ -40,6 +40,7 @@ type mux struct {
 
 	initMu  sync.Mutex
 	inited  atomic.Bool
+	initRun *initRun // the run of initOnce under way; guarded by initMu
 	connCfg *pgx.ConnConfig
 	perHold source // a database/sql driver other than pgx's: one connection per hold
 	// refused is the error of a connect that found a transaction pooler:
@@ -64,9 +65,7 @@ func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
 	closing, cancel := context.WithCancel(context.Background())
 	t := newKeyTable()
 	t.sharedTries = true
-	// A probe needs a session that does not hold the key: another lock
-	// connection.
-	t.probes = cfg.lockConns > 1
+	t.probes = true // see mux.probe
 	return &mux{
 		closing:        closing,
 		cancelClosing:  cancel,
@@ -95,7 +94,7 @@ func (m *mux) kind() string {
 
 func (m *mux) open(ctx context.Context, l *Lock) (backend, error) {
 	if err := m.init(ctx); err != nil {
-		return nil, err
+		return nil, m.closedErr(ctx, err)
 	}
 	if m.perHold != nil {
 		return m.perHold.open(ctx, l)
@@ -105,23 +104,80 @@ func (m *mux) open(ctx context.Context, l *Lock) (backend, error) {
 	return &l.muxb, nil
 }
 
-// init finds the connection settings (on a *sql.DB, those of pgx's driver;
-// with another driver the Locker keeps one connection per hold), opens the
-// first lock connection and reads the server's lock table size, once.
+// initRun is one run of mux.initOnce: done is closed when it ends, with err.
+type initRun struct {
+	done chan struct{}
+	err  error
+}
+
+// init makes sure the Locker is ready (see initOnce). The work is the
+// Locker's, not the caller's: it runs in a goroutine of its own, bounded by
+// the connect timeout and Close, and callers wait for it as long as their
+// contexts allow; one whose context ends first fails with ErrUnavailable
+// (see connectingErr), and the next caller finds the work done. A run that
+// failed is started again by the next caller.
 func (m *mux) init(ctx context.Context) error {
 	if m.inited.Load() {
 		return nil
 	}
 	m.initMu.Lock()
-	defer m.initMu.Unlock()
 	if m.inited.Load() {
+		m.initMu.Unlock()
 		return nil
 	}
 	if m.isClosed() {
+		m.initMu.Unlock()
 		return ErrLockerClosed
 	}
+	run := m.initRun
+	if run == nil {
+		run = &initRun{done: make(chan struct{})}
+		m.initRun = run
+		go func() {
+			err := m.initOnce()
+			m.initMu.Lock()
+			defer m.initMu.Unlock()
+			if err == nil {
+				m.inited.Store(true)
+			} else {
+				m.initRun = nil
+			}
+			run.err = err
+			close(run.done)
+		}()
+	}
+	m.initMu.Unlock()
+	select {
+	case <-run.done:
+		return run.err
+	case <-ctx.Done():
+		return connectingErr(ctx.Err())
+	}
+}
+
+// connectingErr is the error of a request whose context ended (ctxErr)
+// while the connection it needs was still being opened: ErrUnavailable, not
+// busy. A deadline is said in the text only, so that it does not read as a
+// busy key; a cancel is kept (context.Canceled matches).
+func connectingErr(ctxErr error) error {
+	if errors.Is(ctxErr, context.DeadlineExceeded) {
+		return fmt.Errorf("%w: %w (%v)", ErrUnavailable, errConnectCut, ctxErr)
+	}
+	return fmt.Errorf("%w: %w: %w", ErrUnavailable, errConnectCut, ctxErr)
+}
+
+// initOnce finds the connection settings (on a *sql.DB, those of pgx's
+// driver; with another driver the Locker keeps one connection per hold),
+// opens the first lock connection and reads the server's lock table size.
+func (m *mux) initOnce() error {
+	limit := m.releaseTimeout
+	if m.pool != nil && m.pool.Config().ConnConfig.ConnectTimeout > 0 {
+		limit = m.pool.Config().ConnConfig.ConnectTimeout
+	}
+	ctx, cancel := context.WithTimeout(m.closing, limit+m.releaseTimeout)
+	defer cancel()
 	switch {
-	case m.connCfg != nil: // an earlier init got as far (a connect may be using it)
+	case m.connCfg != nil: // an earlier run got as far (a connect may be using it)
 	case m.pool != nil:
 		m.connCfg = m.pool.Config().ConnConfig
 	default:
@@ -129,18 +185,19 @@ func (m *mux) init(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		var cfg *pgx.ConnConfig
 		_ = c.Raw(func(dc any) error {
 			if pc, ok := dc.(pgxConner); ok && pc.Conn() != nil {
-				m.connCfg = pc.Conn().Config()
+				cfg = pc.Conn().Config()
 			}
 			return nil
 		})
 		_ = c.Close()
-		if m.connCfg == nil {
+		if cfg == nil {
 			m.perHold = &sqlSource{db: m.db}
-			m.inited.Store(true)
 			return nil
 		}
+		m.connCfg = cfg
 	}
 	c := m.slot(0)
 	if c == nil {
@@ -151,9 +208,6 @@ func (m *mux) init(ctx context.Context) error {
 	c.do(&op)
 	if err == nil {
 		err = op.err
-	}
-	if err == nil {
-		m.inited.Store(true)
 	}
 	return err
 }
@@ -823,20 +877,40 @@ func (b *muxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 // probe checks, for a shared hold of e's key that others of the process keep
 // joining, whether a session of another process waits for the key in
 // Exclusive mode, and records it (see keyTable.probes): a new shared request
-// on another lock connection is granted only when none does.
+// of a session that does not hold the key is granted only when none does. It
+// runs on the key's lock connection when the key is held on a waiting
+// connection, else on another lock connection, else (WithLockConns(1)) on a
+// waiting connection if one is free; when none is, the probe tells nothing
+// and the next joiner tries again.
 func (m *mux) probe(ctx context.Context, e *keyEntry) {
 	m.t.mu.Lock()
 	held := e.conn
 	m.t.mu.Unlock()
 	slot := m.slotOf(e.key)
-	if held != nil && held.slot == slot {
-		slot = (slot + 1) % m.conns
+	var c, borrowed *lockConn
+	switch {
+	case held == nil || held.slot != slot:
+		c = m.slot(slot)
+	case m.conns > 1:
+		c = m.slot((slot + 1) % m.conns)
+	default:
+		select {
+		case m.waitSem <- struct{}{}:
+			if borrowed = m.waitConn(true); borrowed == nil {
+				<-m.waitSem
+			}
+			c = borrowed
+		default:
+		}
 	}
 	exclusiveWaits, ok := false, false
-	if c := m.slot(slot); c != nil {
+	if c != nil {
 		op := connOp{ctx: ctx, key: e.key, mode: Shared, probe: true}
 		c.do(&op)
 		exclusiveWaits, ok = !op.ok, op.err == nil
+		if borrowed != nil {
+			m.putWaitConn(borrowed, ok || errors.Is(op.err, errConnectCut))
+		}
 	}
 	m.t.probed(e, exclusiveWaits, ok)
 }

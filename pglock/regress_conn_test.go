@@ -775,14 +775,7 @@ func TestCloseDuringWaitFailsWithErrLockerClosed(t *testing.T) {
 	if _, ok := faultWaitWaiting(t, watch, k, done); !ok {
 		t.Fatalf("Acquire returned before it waited: %v", <-done)
 	}
-	if err := lk.Close(); err != nil {
-		t.Fatal(err)
-	}
-	checkClosedErr(t, done)
-	if err := elsewhere.Release(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	pgtest.WaitFree(t, watch, k)
+	closeDuringAcquire(t, lk, done, elsewhere, watch)
 }
 
 // Issue 19, item 10. Locker.Close while the waiting connection of an
@@ -817,6 +810,14 @@ func TestCloseWhileWaitConnConnectsFailsWithErrLockerClosed(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("no waiting connection was opened within 10 s")
 	}
+	closeDuringAcquire(t, lk, done, elsewhere, watch)
+}
+
+// closeDuringAcquire closes lk while an Acquire of the key that elsewhere
+// holds runs (its result comes on done), checks the Acquire's error (see
+// checkClosedErr), and lets the key go.
+func closeDuringAcquire(t *testing.T, lk *pglock.Locker, done chan error, elsewhere *pglock.Lock, watch *pgxpool.Pool) {
+	t.Helper()
 	if err := lk.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -824,7 +825,7 @@ func TestCloseWhileWaitConnConnectsFailsWithErrLockerClosed(t *testing.T) {
 	if err := elsewhere.Release(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	pgtest.WaitFree(t, watch, k)
+	pgtest.WaitFree(t, watch, elsewhere.Key())
 }
 
 // checkClosedErr checks the error of an Acquire (context.Background())

@@ -307,12 +307,7 @@ func TestLockerSessionsBoundedByLockAndWaitConns(t *testing.T) {
 	if m := maxStats.Load(); m > lockConns+waitConns {
 		t.Errorf("Stats showed %d connections (LockConns + WaitConns) at once, want at most %d", m, lockConns+waitConns)
 	}
-	for _, k := range keys {
-		pgtest.WaitFree(t, watch, k)
-	}
-	if s := lk.Stats(); s.HeldKeys != 0 || s.Queued != 0 || s.ServerLocks != 0 {
-		t.Errorf("Stats at the end = %+v", s)
-	}
+	regressIdle(t, watch, lk, keys...)
 }
 
 // TestMaxLocksCountsOnlyHeldLocks (issue 19, item 8): WithMaxLocks caps the
@@ -430,12 +425,7 @@ func TestMaxLocksCountsOnlyHeldLocks(t *testing.T) {
 					t.Error(err)
 				}
 			}
-			for _, k := range keys {
-				pgtest.WaitFree(t, watch, k)
-			}
-			if s := lk.Stats(); s.HeldKeys != 0 || s.Queued != 0 || s.ServerLocks != 0 {
-				t.Errorf("Stats at the end = %+v", s)
-			}
+			regressIdle(t, watch, lk, keys...)
 		})
 	}
 }
@@ -518,5 +508,17 @@ func TestLockConnectOutlivesCallerDeadline(t *testing.T) {
 	}
 	for _, k := range keys {
 		pgtest.WaitFree(t, watch, k)
+	}
+}
+
+// regressIdle checks that nothing of keys is left in pg_locks (read through
+// watch) and that the Locker holds, queues and counts nothing.
+func regressIdle(t *testing.T, watch *pgxpool.Pool, lk *pglock.Locker, keys ...pglock.Key) {
+	t.Helper()
+	for _, k := range keys {
+		pgtest.WaitFree(t, watch, k)
+	}
+	if s := lk.Stats(); s.HeldKeys != 0 || s.Queued != 0 || s.ServerLocks != 0 {
+		t.Errorf("Stats at the end = %+v", s)
 	}
 }
