@@ -948,26 +948,27 @@ func (b *muxBackend) end() error {
 	t.mu.Lock()
 	e.dropHook(b)
 	lostErr := e.lostErr
+	c, others := e.conn, e.holders > 1
 	t.mu.Unlock()
+	// A shared holder that leaves while others keep the server's lock
+	// unlocks nothing, but a statement on the lock's session proves that the
+	// lock lived until now (its connection may have died unnoticed yet). It
+	// is sent while this hold still counts, so that the connection cannot
+	// have moved on to other work (a waiting connection given back and
+	// reused) before it is answered.
+	var checkErr error
+	if lostErr == nil && others && c != nil {
+		op := connOp{check: true}
+		c.do(&op)
+		if errors.Is(op.err, errConnGone) {
+			checkErr = join(ErrLockLost, op.err)
+		}
+	}
 	if !t.leave(e) {
 		if lostErr != nil {
 			return join(ErrLockLost, lostErr)
 		}
-		// Another holder keeps the server's lock: nothing to unlock, but
-		// a statement on its session proves that the lock lived until
-		// now (its connection may have died unnoticed yet).
-		t.mu.Lock()
-		c := e.conn
-		t.mu.Unlock()
-		if c == nil {
-			return nil
-		}
-		op := connOp{check: true}
-		c.do(&op)
-		if errors.Is(op.err, errConnGone) {
-			return join(ErrLockLost, op.err)
-		}
-		return nil
+		return checkErr
 	}
 	return b.m.give(e, b.l.cfg.mode)
 }
