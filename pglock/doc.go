@@ -271,7 +271,14 @@
 // background (bounded by the pool's ConnectTimeout, else the release
 // timeout). So a default Locker uses at most 6 server sessions, plus one per
 // running Leader: count them in the server's max_connections for every
-// replica. [New] on a pool takes one pool
+// replica.
+//
+// Timeouts. The Locker's own sessions set lock_timeout and statement_timeout
+// themselves, so a wait there lasts as long as its context allows. A wait on
+// a connection of the pool or the caller's ([New], WithMultiplexing(false),
+// Transaction scope) runs under that connection's settings: a lock_timeout
+// set for the role, the database or in the pool's RuntimeParams ends it
+// early, with SQLSTATE 55P03 (the error matches [ErrNotAcquired]). [New] on a pool takes one pool
 // connection per hold, for as long as the hold: size the pool for the holds
 // and for the work's own connections, or use a Locker. Transaction scope
 // takes one pool connection per hold (the work's transaction) in both.
