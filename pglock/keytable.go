@@ -94,7 +94,10 @@ func (e *keyEntry) dropHook(b *muxBackend) {
 type keyWaiter struct {
 	mode Mode
 	try  bool
-	ch   chan admission
+	// campaign: a Leader's wait (see config.campaign), which holds no place
+	// among the waiting connections; a hand-off respects it (see handOff).
+	campaign bool
+	ch       chan admission
 }
 
 // admission is how enter let a caller in.
@@ -126,6 +129,12 @@ func (t *keyTable) joinable(e *keyEntry) bool {
 // keyTable.sharedTries). With wait true it blocks until the caller is let in
 // or ctx ends (then the error is ctx's and nothing is held).
 func (t *keyTable) enter(ctx context.Context, k Key, mode Mode, wait bool) (*keyEntry, admission, error) {
+	return t.enterAs(ctx, k, mode, wait, false)
+}
+
+// enterAs is enter for a Leader's campaign (campaign true) or another
+// acquire.
+func (t *keyTable) enterAs(ctx context.Context, k Key, mode Mode, wait, campaign bool) (*keyEntry, admission, error) {
 	t.mu.Lock()
 	e := t.m[k]
 	if e == nil {
@@ -157,7 +166,7 @@ func (t *keyTable) enter(ctx context.Context, k Key, mode Mode, wait bool) (*key
 		t.mu.Unlock()
 		return e, admitBusy, nil
 	}
-	w := &keyWaiter{mode: mode, try: !wait, ch: make(chan admission, 1)}
+	w := &keyWaiter{mode: mode, try: !wait, campaign: campaign, ch: make(chan admission, 1)}
 	e.queue = append(e.queue, w)
 	t.mu.Unlock()
 
@@ -279,24 +288,28 @@ func (t *keyTable) probed(e *keyEntry, exclusiveWaits, ok bool) {
 }
 
 // nextExclusive reports whether the first goroutine queued for e waits for
-// an exclusive hold.
-func (t *keyTable) nextExclusive(e *keyEntry) bool {
+// an exclusive hold, and whether it is a Leader's campaign.
+func (t *keyTable) nextExclusive(e *keyEntry) (exclusive, campaign bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return len(e.queue) > 0 && e.queue[0].mode == Exclusive
+	if len(e.queue) == 0 || e.queue[0].mode != Exclusive {
+		return false, false
+	}
+	return true, e.queue[0].campaign
 }
 
 // handOff gives the exclusive hold that the owner of e's turn has (on conn)
-// to the first goroutine queued, if it waits for an exclusive hold, and
-// reports whether it did. It does not when conn was lost meanwhile (lost
-// reports it): the hold is gone with the connection.
-func (t *keyTable) handOff(e *keyEntry, conn *lockConn) (handed, lost bool) {
+// to the first goroutine queued, if it waits for an exclusive hold and
+// accept(its campaign flag) says yes, and reports whether it did. It does
+// not when conn was lost meanwhile (lost reports it): the hold is gone with
+// the connection.
+func (t *keyTable) handOff(e *keyEntry, conn *lockConn, accept func(campaign bool) bool) (handed, lost bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if conn != nil && conn.lost != nil {
 		return false, true
 	}
-	if len(e.queue) == 0 || e.queue[0].mode != Exclusive {
+	if len(e.queue) == 0 || e.queue[0].mode != Exclusive || !accept(e.queue[0].campaign) {
 		return false, false
 	}
 	w := e.queue[0]

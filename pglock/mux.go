@@ -97,11 +97,40 @@ func (m *mux) open(ctx context.Context, l *Lock) (backend, error) {
 		return nil, m.closedErr(ctx, err)
 	}
 	if m.perHold != nil {
-		return m.perHold.open(ctx, l)
+		b, err := m.perHold.open(ctx, l)
+		if err != nil {
+			return nil, err
+		}
+		return &perHoldBackend{backend: b, m: m}, nil
 	}
 	// A Lock has one hold at a time: its backend lives in the Lock.
 	l.muxb = muxBackend{m: m, l: l}
 	return &l.muxb, nil
+}
+
+// perHoldBackend is a hold of a Locker on a *sql.DB whose driver is not
+// pgx's (one connection per hold): its acquire is interrupted by the Locker's
+// Close, as a multiplexed one is, and fails with ErrLockerClosed.
+type perHoldBackend struct {
+	backend
+	m *mux
+}
+
+func (b *perHoldBackend) acquire(ctx context.Context, wait bool) (bool, error) {
+	actx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(b.m.closing, cancel)
+	defer stop()
+	ok, err := b.backend.acquire(actx, wait)
+	if ok && b.m.closing.Err() != nil {
+		// Granted as the Locker closed: let it go.
+		_ = b.backend.release(context.WithoutCancel(ctx), false)
+		return false, ErrLockerClosed
+	}
+	if !ok && err == nil && wait && ctx.Err() == nil && b.m.closing.Err() != nil {
+		err = ErrLockerClosed
+	}
+	return ok, b.m.closedErr(ctx, err)
 }
 
 // initRun is one run of mux.initOnce: done is closed when it ends, with err.
@@ -256,9 +285,9 @@ const lockTableShare = 4
 // token, waiting for a table lock of a migration) fails at once and is tried
 // again later. On a waiting connection it is 0: a wait lasts as long as its
 // context allows.
-func (m *mux) connect(ctx context.Context, lockConn bool) (*pgx.Conn, error) {
-	if ctx == nil {
-		ctx = context.Background()
+func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, err error) {
+	if parent == nil {
+		parent = context.Background()
 	}
 	if err := m.refused.Load(); err != nil {
 		return nil, *err
@@ -268,9 +297,17 @@ func (m *mux) connect(ctx context.Context, lockConn bool) (*pgx.Conn, error) {
 	if limit <= 0 {
 		limit = m.releaseTimeout
 	}
-	ctx, cancel := context.WithTimeout(ctx, limit)
+	ctx, cancel := context.WithTimeout(parent, limit)
 	defer cancel()
-	conn, err := pgx.ConnectConfig(ctx, cfg)
+	defer func() {
+		// The Locker's own bound, not a caller's deadline: the server did
+		// not answer in time. Said as unavailable, and the deadline in the
+		// text only, so that it does not read as a busy key.
+		if err != nil && errors.Is(err, context.DeadlineExceeded) && parent.Err() == nil {
+			err = fmt.Errorf("%w: no answer from the server within the connect timeout (%v): %v", ErrUnavailable, limit, err)
+		}
+	}()
+	conn, err = pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -751,10 +788,12 @@ func (m *mux) give(e *keyEntry, mode Mode) error {
 		return join(ErrLockLost, lostErr)
 	}
 	op := connOp{unlock: true, key: e.key, mode: mode}
-	op.retake = mode == Exclusive && m.t.nextExclusive(e)
+	accept := m.handsTo(c)
+	next, campaign := m.t.nextExclusive(e)
+	op.retake = mode == Exclusive && next && accept(campaign)
 	err := m.unlock(c, &op)
 	if err == nil && op.retaken {
-		handed, lost := m.t.handOff(e, c)
+		handed, lost := m.t.handOff(e, c, accept)
 		switch {
 		case handed:
 			return nil
@@ -768,6 +807,21 @@ func (m *mux) give(e *keyEntry, mode Mode) error {
 	}
 	m.ended(e, c, err == nil)
 	return err
+}
+
+// handsTo says to which waiters a hold on c may be handed without leaving
+// it (a retake): any, on a lock connection; on a waiting connection that
+// holds a place among WithWaitConns, not a Leader's campaign (which would keep
+// the place for a whole term); on a Leader's own connection, none (the hold
+// would live outside the places). The others take the key the usual way.
+func (m *mux) handsTo(c *lockConn) func(campaign bool) bool {
+	if c.slot >= 0 {
+		return func(bool) bool { return true }
+	}
+	m.mu.Lock()
+	placed := c.placed
+	m.mu.Unlock()
+	return func(campaign bool) bool { return placed && !campaign }
 }
 
 // unlock sends an unlock (or retake) on c and says how it went.
@@ -853,7 +907,7 @@ type muxBackend struct {
 
 func (b *muxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 	mode := b.l.cfg.mode
-	e, adm, err := b.m.t.enter(ctx, b.l.key, mode, wait)
+	e, adm, err := b.m.t.enterAs(ctx, b.l.key, mode, wait, b.l.cfg.campaign)
 	switch {
 	case err != nil:
 		return false, err
