@@ -185,8 +185,11 @@ func (t *keyTable) enterAs(ctx context.Context, k Key, mode Mode, wait, campaign
 		if q == w {
 			e.queue = append(e.queue[:i], e.queue[i+1:]...)
 			// Shared waiters queued behind w (an exclusive waiter that left)
-			// join the shared hold they were kept out of.
-			t.admitShared(e)
+			// join the shared hold they were kept out of; not once the
+			// table closes (they are leaving too).
+			if !t.isClosing() {
+				t.admitShared(e)
+			}
 			t.dropIfIdle(e)
 			t.mu.Unlock()
 			return nil, 0, err
@@ -260,13 +263,34 @@ func (t *keyTable) granted(e *keyEntry, mode Mode, conn *lockConn) bool {
 }
 
 // admitShared lets the shared waiters at the head of e's queue join e's
-// shared hold, if it may be joined. t.mu must be held.
+// shared hold, if it may be joined, under the rule of a new joiner (see
+// sharedJoinRecheck): past the recheck, the first one let in probes (or, with
+// probes off, the hold starts draining and they stay queued). t.mu must be
+// held.
 func (t *keyTable) admitShared(e *keyEntry) {
 	for len(e.queue) > 0 && e.queue[0].mode == Shared && t.joinable(e) {
+		adm := admitJoined
+		if !e.probing && t.now().Sub(e.checked) >= sharedJoinRecheck {
+			if !t.probes {
+				e.draining = true
+				return
+			}
+			e.probing, adm = true, admitProbe
+		}
 		w := e.queue[0]
 		e.queue = e.queue[1:]
 		e.holders++
-		w.ch <- admitJoined
+		w.ch <- adm
+	}
+}
+
+// isClosing reports whether the table is closing. t.mu must be held.
+func (t *keyTable) isClosing() bool {
+	select {
+	case <-t.closing:
+		return true
+	default:
+		return false
 	}
 }
 
