@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // lockConn is one PostgreSQL session that a multiplexing Locker opened for
@@ -543,7 +544,7 @@ func (c *lockConn) failed(batch []*connOp, err error) {
 					c.holds-- // given back by the cleanup
 					o.ok, o.retaken = true, false
 				} else {
-					o.ok, o.err = false, err
+					o.ok, o.err = false, lockFailed(err)
 				}
 			}
 			c.mu.Unlock()
@@ -559,7 +560,14 @@ func (c *lockConn) failed(batch []*connOp, err error) {
 	}
 }
 
-// cleanup gives back every key of batch that this session holds.
+// cleanup gives back every key of batch that this session holds, with one
+// unlock each: the key table sends a lock request only for a key that no
+// Lock of the Locker holds (so this session holds it once at most, taken by
+// the failed statement itself), and an unlock or retake only for a key held
+// once, so one unlock leaves it not held whatever the statement did before
+// it failed (an unlock of a key not held just answers false). Plain unlocks
+// need no slot of the server's lock table: they work when it is full, where
+// a look-up in pg_locks would fail too.
 func (c *lockConn) cleanup(batch []*connOp) error {
 	ctx := context.Background()
 	nc := c.conn.PgConn().Conn()
@@ -574,11 +582,21 @@ func (c *lockConn) cleanup(batch []*connOp) error {
 		if o.check {
 			continue
 		}
-		st := &fixed[Session][o.mode][pairIndex(o.key)]
-		classid, objid, objsubid := o.key.LockTag()
-		b.Queue(st.cleanup, append(o.key.args(), int64(classid), int64(objid), objsubid)...)
+		b.Queue(fixed[Session][o.mode][pairIndex(o.key)].unlock, o.key.args()...)
 	}
 	return retryCanceled(func() error { return c.conn.SendBatch(ctx, &b).Close() })
+}
+
+// lockFailed is the error of a lock request whose statement failed while the
+// connection lives on: a full lock table (out of shared memory, 53200) is
+// ErrTooManyLocks, which fails that acquire only.
+func lockFailed(err error) error {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "53200" {
+		return fmt.Errorf("%w: the server's lock table is full (max_locks_per_transaction * (max_connections + max_prepared_transactions) slots, shared by every session): %w",
+			ErrTooManyLocks, err)
+	}
+	return err
 }
 
 func pairIndex(k Key) int {

@@ -1,0 +1,143 @@
+package pglock_test
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/internal/pgtest"
+	"github.com/pglockkit/kit/pglock"
+)
+
+// Issue 20, item 4 (found by the second review of issue 19): an "out of
+// shared memory" on one statement fails that acquire only (with
+// ErrTooManyLocks), and a failed batch keeps nothing it took: on a server whose lock
+// table is tiny, many goroutines take distinct keys (combined into batches
+// that fail half way) while shared co-holders join; no hold already granted
+// is lost, and after the releases nothing is left and Stats are zero.
+func TestLockTableFullFailsThatAcquireOnly(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	srv, err := pgtest.StartThrowawayWith(ctx, map[string]string{"max_locks_per_transaction": "10", "max_connections": "10"})
+	if errors.Is(err, pgtest.ErrNoPostgres) {
+		t.Skip(err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Stop)
+	bg := context.Background()
+	pool, err := pgxpool.New(bg, srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	watch, err := pgxpool.New(bg, srv.URL+"&pool_max_conns=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(watch.Close)
+	// Read before the table fills: pg_database is a shared catalog, whose
+	// lock needs a slot of the full table.
+	var dbOID int64
+	if err := watch.QueryRow(bg, "SELECT oid::bigint FROM pg_catalog.pg_database WHERE datname = current_database()").Scan(&dbOID); err != nil {
+		t.Fatal(err)
+	}
+	lk := muxLocker(t, pool, pglock.WithLockConns(1), pglock.WithWaitConns(1), pglock.WithMaxLocks(100000))
+	names, keys := muxKeys(t, lk, 1500)
+	var mu sync.Mutex
+	var held []*pglock.Lock
+	var full, other atomic.Int64
+	var wg sync.WaitGroup
+	for w := range 30 {
+		wg.Go(func() {
+			for i := w; i < len(names); i += 30 {
+				mode := pglock.Mode(i % 2)
+				for range 1 + i%3*(i%2) { // shared keys get co-holders
+					l, _ := lk.Lock(names[i], pglock.WithMode(mode))
+					ok, err := l.TryAcquire(bg)
+					if err != nil {
+						full.Add(1)
+						if !errors.Is(err, pglock.ErrTooManyLocks) && other.Add(1) == 1 {
+							t.Errorf("TryAcquire on a full lock table = %v, want ErrTooManyLocks", err)
+						}
+						continue
+					}
+					if ok {
+						mu.Lock()
+						held = append(held, l)
+						mu.Unlock()
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	byKey := map[pglock.Key]bool{}
+	lost := 0
+	for _, l := range held {
+		select {
+		case <-l.Lost():
+			lost++
+			continue
+		default:
+		}
+		if l.Held() {
+			byKey[l.Key()] = true
+		}
+	}
+	if lost > 0 {
+		t.Errorf("INVARIANT out-of-shared-memory-fails-that-acquire-only: %d of %d holds were lost while the lock table was full (nothing but the table filling happened)", lost, len(held))
+	}
+	granted := fullTableGranted(t, watch, keys, dbOID)
+	t.Logf("%d Locks hold %d keys; %d acquires failed (lock table full); pg_locks: %d granted", len(held), len(byKey), full.Load(), granted)
+	if granted != len(byKey) {
+		t.Errorf("INVARIANT failed-batch-keeps-nothing: %d of the keys granted in pg_locks, but the Locks hold %d", granted, len(byKey))
+	}
+	// Release half way, with co-holders leaving (check requests) and fresh
+	// tries of the same keys (probes, batches) mixed in.
+	rand.Shuffle(len(held), func(i, j int) { held[i], held[j] = held[j], held[i] })
+	var relErrs atomic.Int64
+	for _, l := range held {
+		wg.Go(func() {
+			if err := l.Release(bg); err != nil && relErrs.Add(1) == 1 {
+				t.Logf("first failed Release: %v", err)
+			}
+		})
+	}
+	wg.Wait()
+	t.Logf("%d Releases failed", relErrs.Load())
+	for _, k := range keys[:20] {
+		pgtest.WaitFree(t, watch, k)
+	}
+	if n := fullTableGranted(t, watch, keys, dbOID); n != 0 {
+		t.Errorf("INVARIANT nothing-left: %d keys still granted after every release", n)
+	}
+	if s := lk.Stats(); s.HeldKeys != 0 || s.Queued != 0 || s.ServerLocks != 0 {
+		t.Errorf("INVARIANT stats-zero: Stats after every release = %+v", s)
+	}
+}
+
+// fullTableGranted counts the keys granted in pg_locks, read through watch
+// without touching a shared catalog (whose lock would need a slot of a full
+// lock table).
+func fullTableGranted(t *testing.T, watch *pgxpool.Pool, keys []pglock.Key, dbOID int64) int {
+	t.Helper()
+	classids, objids := lockTags(keys)
+	var n int
+	err := watch.QueryRow(context.Background(), `
+		SELECT count(*) FROM pg_catalog.pg_locks l
+		JOIN unnest($1::bigint[], $2::bigint[]) AS k(c, o) ON l.classid = k.c::oid AND l.objid = k.o::oid
+		WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.database = $3::oid`,
+		classids, objids, dbOID).Scan(&n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
