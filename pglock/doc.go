@@ -109,8 +109,15 @@
 //     holds at most [WithMaxLocks] session locks (by default a quarter of the
 //     table: max_locks_per_transaction * (max_connections +
 //     max_prepared_transactions) / 4, read from the server) and refuses more
-//     with [ErrTooManyLocks]; waiters do not count until granted. The cap is
-//     per Locker: size it for the replicas that share the server.
+//     with [ErrTooManyLocks]; waiters do not count until granted. Since the
+//     table is the whole server's, a Locker that holds a thirty-second of
+//     it or more also counts the advisory locks of every session of the
+//     server (pg_locks, at most once a second or once per sixty-fourth of
+//     the table it takes) and refuses more once they reach three quarters
+//     of the table, so that replicas together cannot fill it; WithMaxLocks
+//     above that is an error. A statement that fails with "out of shared
+//     memory" fails its acquires only ([ErrTooManyLocks]), and the
+//     connection and its other locks stay.
 //   - Nothing waits on a lock connection. Its statements never wait for a
 //     lock (its lock_timeout is 20 ms: a fencing token behind a migration's
 //     table lock fails at once and is tried again between attempts), and each
