@@ -64,7 +64,7 @@ type mux struct {
 	guardCount, guardHeld int
 	guardAt               time.Time
 	guardBusy             bool
-	closed      bool
+	closed                bool
 }
 
 func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
