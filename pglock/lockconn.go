@@ -33,6 +33,9 @@ type lockConn struct {
 	mu     sync.Mutex
 	conn   *pgx.Conn // nil until the first use opens it
 	connAt time.Time // when conn was opened
+	// proof: conn goes through a pooler; its statements prove they run on
+	// the server session it claimed (see sessionProof). Set with conn.
+	proof *sessionProof
 	// dialing is closed when the connect under way is done (nil when none
 	// is); dialErr is why the last one failed.
 	dialing chan struct{}
@@ -370,7 +373,7 @@ func (c *lockConn) dial() <-chan struct{} {
 			_ = conn.Close(ctx)
 			cancel()
 		default:
-			c.conn, c.connAt = conn, time.Now()
+			c.conn, c.connAt, c.proof = conn, time.Now(), proofOf(conn)
 		}
 	}()
 	return done
@@ -387,7 +390,9 @@ func (c *lockConn) exec(batch []*connOp) {
 	_ = nc.SetDeadline(time.Now().Add(c.m.statementBound()))
 	ctx := context.Background()
 	var err error
-	if len(batch) == 1 {
+	if c.proof != nil {
+		err = execBatch(ctx, conn, batch, c.proof)
+	} else if len(batch) == 1 {
 		o := batch[0]
 		st := &fixed[Session][o.mode][pairIndex(o.key)]
 		switch {
@@ -405,7 +410,7 @@ func (c *lockConn) exec(batch []*connOp) {
 			err = conn.QueryRow(ctx, st.try, o.key.args()...).Scan(&o.ok)
 		}
 	} else {
-		err = execBatch(ctx, conn, batch)
+		err = execBatch(ctx, conn, batch, nil)
 	}
 	// The deadline is left in place (one timer change less per statement):
 	// the next statement sets its own, and the watch and the connection's
@@ -449,7 +454,20 @@ var retakeSQL = [2]string{
 // arrays is one request (op: bit 0 shared, bit 1 pair key, bit 2 unlock, bit
 // 3 retake, bit 5 probe; 16 a check, which answers 1), answered by its ordinal and the function's result as 1 or 0
 // (a retake as retakeSQL answers).
-const batchSQL = `SELECT t.i, CASE t.op
+const batchSQL = `SELECT t.i, ` + batchOps + `
+FROM unnest($1::int2[], $2::int8[], $3::int4[], $4::int4[]) WITH ORDINALITY AS t(op, k, a, b, i)`
+
+// provenBatchSQL is batchSQL on a connection through a pooler: the requests
+// run only when the statement runs on the server session the connection
+// claimed ($5 its pid, $6 the claim's token), in the same statement, else
+// every row answers -1 and nothing is taken or given back (see
+// sessionProof).
+const provenBatchSQL = `SELECT t.i, CASE WHEN pg_backend_pid() = $5::int8 AND current_setting('` + sessionSetting +
+	`', true) IS NOT DISTINCT FROM $6::text THEN ` + batchOps + ` ELSE -1 END
+FROM unnest($1::int2[], $2::int8[], $3::int4[], $4::int4[]) WITH ORDINALITY AS t(op, k, a, b, i)`
+
+// batchOps is the request of one row of batchSQL.
+const batchOps = `CASE t.op
  WHEN 0 THEN pg_try_advisory_lock(t.k)::int WHEN 1 THEN pg_try_advisory_lock_shared(t.k)::int
  WHEN 2 THEN pg_try_advisory_lock(t.a, t.b)::int WHEN 3 THEN pg_try_advisory_lock_shared(t.a, t.b)::int
  WHEN 4 THEN pg_advisory_unlock(t.k)::int WHEN 5 THEN pg_advisory_unlock_shared(t.k)::int
@@ -459,10 +477,12 @@ const batchSQL = `SELECT t.i, CASE t.op
  WHEN 16 THEN 1
  WHEN 33 THEN CASE WHEN pg_try_advisory_lock_shared(t.k) THEN pg_advisory_unlock_shared(t.k)::int ELSE 0 END
  WHEN 35 THEN CASE WHEN pg_try_advisory_lock_shared(t.a, t.b) THEN pg_advisory_unlock_shared(t.a, t.b)::int ELSE 0 END
- END::int
-FROM unnest($1::int2[], $2::int8[], $3::int4[], $4::int4[]) WITH ORDINALITY AS t(op, k, a, b, i)`
+ END::int`
 
-func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp) error {
+// execBatch runs batch in one statement; with proof (a connection through
+// a pooler), only on the session the connection claimed: elsewhere it takes
+// nothing and returns errSessionMoved.
+func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp, proof *sessionProof) error {
 	ops := make([]int16, len(batch))
 	ks := make([]int64, len(batch))
 	as := make([]int32, len(batch))
@@ -492,11 +512,17 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp) error {
 		}
 		ops[i] = op
 	}
-	rows, err := conn.Query(ctx, batchSQL, ops, ks, as, bs)
+	var rows pgx.Rows
+	var err error
+	if proof != nil {
+		rows, err = conn.Query(ctx, provenBatchSQL, ops, ks, as, bs, int64(proof.pid), proof.token)
+	} else {
+		rows, err = conn.Query(ctx, batchSQL, ops, ks, as, bs)
+	}
 	if err != nil {
 		return err
 	}
-	n := 0
+	n, moved := 0, false
 	for rows.Next() {
 		var i int64
 		var r int32
@@ -510,10 +536,14 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp) error {
 		}
 		o := batch[i-1]
 		o.ok, o.retaken = r >= 1, o.retake && r == 2
+		moved = moved || r < 0
 		n++
 	}
 	if err := rows.Err(); err != nil {
 		return err
+	}
+	if moved {
+		return errSessionMoved
 	}
 	if n != len(batch) {
 		return fmt.Errorf("pglock: batch answered %d rows of %d", n, len(batch))
@@ -528,6 +558,17 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp) error {
 // even that fails, or the connection died, the connection is lost, and with
 // it every lock on it.
 func (c *lockConn) failed(batch []*connOp, err error) {
+	if errors.Is(err, errSessionMoved) {
+		// Through a transaction pooler: nothing of the statement ran, and
+		// the session that holds this connection's locks cannot be reached
+		// for sure. The connection, and every later one, is refused.
+		c.m.refused.Store(&err)
+		c.lose(err)
+		for _, o := range batch {
+			o.ok, o.retaken, o.err = false, false, err
+		}
+		return
+	}
 	if !c.conn.IsClosed() {
 		if cerr := c.cleanup(batch); cerr == nil {
 			c.mu.Lock()

@@ -57,7 +57,41 @@ const (
 	sessionDataKey = "pglock.session"
 	tokenDataKey   = "pglock.session.token"
 	retryDataKey   = "pglock.session.retry" // when an inconclusive probe may run again
+	pidDataKey     = "pglock.session.pid"   // the server pid of the session claimed
 )
+
+// sessionProof is what a statement checks, on a connection that goes through
+// a pooler, to prove that it runs on the server session the connection
+// claimed: that session's pid and the claim's token. Through a session
+// pooler it always does; through a transaction pooler that the probe did not
+// catch (one that resets sessions after every transaction, say) it does not,
+// and the statement takes nothing (see lockConn.exec).
+type sessionProof struct {
+	pid   uint32
+	token string
+}
+
+// proofOf returns the proof that conn's statements must carry: nil on a
+// connection that reaches its own server session (no pooler), or when the
+// check has not run on it.
+func proofOf(conn *pgx.Conn) *sessionProof {
+	pc := conn.PgConn()
+	data := pc.CustomData()
+	pid, ok := data[pidDataKey].(uint32)
+	if !ok || pid == pc.PID() {
+		return nil
+	}
+	return &sessionProof{pid: pid, token: sessionToken(data)}
+}
+
+// proofSQL is true when the statement runs on the claimed session; $1 the
+// pid, $2 the token.
+const proofSQL = "pg_backend_pid() = $1::int4 AND current_setting('" + sessionSetting + "', true) IS NOT DISTINCT FROM $2::text"
+
+// errSessionMoved: a statement on a pooled connection did not run on the
+// server session the connection claimed.
+var errSessionMoved = fmt.Errorf("%w: a statement of this connection ran on another server session than the one it claimed"+
+	" (or the pooler reset the session: server_reset_query_always), so the pooler moves clients between sessions", ErrTransactionPooler)
 
 // probeRetry is how long a connection whose probe proved nothing goes
 // without another: a full session pooler would otherwise cost every lock the
@@ -130,6 +164,7 @@ func verifySession(ctx context.Context, conn *pgx.Conn, bound time.Duration) (co
 	if err := conn.QueryRow(qctx, claimSQL, pgx.QueryExecModeSimpleProtocol, token).Scan(&pid, &owner); err != nil {
 		return false, fmt.Errorf("pglock: check the connection's server session: %w", err)
 	}
+	pc.CustomData()[pidDataKey] = pid
 	if pid == pc.PID() {
 		return true, nil // the connection's own session
 	}
