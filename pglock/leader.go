@@ -108,15 +108,38 @@ func (lk *Locker) Leader(key any, cfg LeaderConfig) (*Leader, error) {
 	return &Leader{lk: lk, l: l, cfg: cfg}, nil
 }
 
-// Key returns the key of the Leader's lock.
-func (ld *Leader) Key() Key { return ld.l.Key() }
+// unmade returns the error of a Leader that Locker.Leader did not make (nil
+// or zero), else nil.
+func (ld *Leader) unmade() error {
+	switch {
+	case ld == nil:
+		return errNilLeader
+	case ld.l == nil:
+		return errZeroLeader
+	}
+	return nil
+}
+
+// Key returns the key of the Leader's lock (the zero Key for a nil or zero
+// Leader).
+func (ld *Leader) Key() Key {
+	if ld == nil || ld.l == nil {
+		return Key{}
+	}
+	return ld.l.Key()
+}
 
 // IsLeader reports whether this Leader leads now: its term started and has
-// not ended, nor been lost.
-func (ld *Leader) IsLeader() bool { return ld.leading.Load() }
+// not ended, nor been lost. A nil Leader does not lead.
+func (ld *Leader) IsLeader() bool { return ld != nil && ld.leading.Load() }
 
-// Terms returns how many terms this Leader has started.
-func (ld *Leader) Terms() int64 { return ld.terms.Load() }
+// Terms returns how many terms this Leader has started (0 for a nil Leader).
+func (ld *Leader) Terms() int64 {
+	if ld == nil {
+		return 0
+	}
+	return ld.terms.Load()
+}
 
 // Run campaigns for the key until ctx ends, and runs fn during each term
 // won, with a context that ends when the term ends (see [Leader]).
@@ -135,8 +158,13 @@ func (ld *Leader) Terms() int64 { return ld.terms.Load() }
 // the Locker was closed ([ErrLockerClosed]), or its connection cannot hold
 // session locks ([ErrTransactionPooler]). A panic in fn steps down, then
 // goes on up. Run returns [ErrLeaderRunning] when called while another Run
-// of the same Leader runs, and [ErrNilFunc] for a nil fn.
+// of the same Leader runs, and [ErrNilFunc] for a nil fn. On a nil or zero
+// Leader (one that Locker.Leader did not make) it returns an error matching
+// [ErrUnsupportedConn].
 func (ld *Leader) Run(ctx context.Context, fn func(ctx context.Context) error) error {
+	if err := ld.unmade(); err != nil {
+		return fmt.Errorf("pglock: Leader.Run: %w", err)
+	}
 	if fn == nil {
 		return fmt.Errorf("%w: Leader.Run on key %s", ErrNilFunc, ld.Key())
 	}
