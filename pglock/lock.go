@@ -87,7 +87,9 @@ type Lock struct {
 // Transaction and the lock joins that transaction.
 //
 // New does not talk to the database. An unsupported conn, an unsupported key
-// or an invalid option is an error.
+// or an invalid option is an error; so is a nil conn, or a zero one that its
+// package did not make (&pgxpool.Pool{}, &sql.DB{}...), or a released
+// *pgxpool.Conn ([ErrUnsupportedConn], naming the type).
 func New(conn any, key any, opts ...Option) (*Lock, error) {
 	cfg := defaultConfig()
 	if err := cfg.apply(opts); err != nil {
