@@ -17,6 +17,12 @@ const (
 	DefaultLeaderMaxBackoff = 30 * time.Second
 )
 
+// The range of a Leader's backoffs (see LeaderConfig).
+const (
+	minLeaderBackoff = 10 * time.Millisecond
+	maxLeaderBackoff = 24 * time.Hour
+)
+
 // LeaderConfig configures a [Leader]. The zero value is ready to use.
 type LeaderConfig struct {
 	// OnElected, if set, is called when this process becomes the leader,
@@ -32,7 +38,9 @@ type LeaderConfig struct {
 	// error of fn, or a failed campaign (the database down); it doubles, with
 	// jitter, after each failure in a row, up to MaxBackoff, and starts over
 	// after a term that lasted longer than MaxBackoff. Zero means
-	// DefaultLeaderMinBackoff and DefaultLeaderMaxBackoff. The processes that
+	// DefaultLeaderMinBackoff and DefaultLeaderMaxBackoff. Each is 0 or
+	// 10 ms to 24 h (a shorter pause would hammer a database that is down),
+	// and MaxBackoff is at least MinBackoff; other values are an error. The processes that
 	// are not leading wait in the server's queue, not in a backoff: when a
 	// leader's term ends, the next one is elected at once.
 	MinBackoff, MaxBackoff time.Duration
@@ -86,11 +94,17 @@ type Leader struct {
 // Leader returns a Leader for key on the Locker. key is anything [KeyOf]
 // takes (the Locker's namespace applies). The Locker's logger, observer,
 // lost-check interval and release timeout apply to its lock; its scope, mode
-// and wait timeout do not (see [Leader]). A bad key or a negative backoff is
-// an error.
+// and wait timeout do not (see [Leader]). A bad key or a backoff out of its
+// range (see [LeaderConfig]) is an error.
 func (lk *Locker) Leader(key any, cfg LeaderConfig) (*Leader, error) {
-	if cfg.MinBackoff < 0 || cfg.MaxBackoff < 0 {
-		return nil, fmt.Errorf("%w: leader backoff %v..%v is negative", ErrInvalidOption, cfg.MinBackoff, cfg.MaxBackoff)
+	for _, b := range []struct {
+		name     string
+		d, deflt time.Duration
+	}{{"MinBackoff", cfg.MinBackoff, DefaultLeaderMinBackoff}, {"MaxBackoff", cfg.MaxBackoff, DefaultLeaderMaxBackoff}} {
+		if b.d != 0 && (b.d < minLeaderBackoff || b.d > maxLeaderBackoff) {
+			return nil, fmt.Errorf("%w: leader %s %v is out of range: want 0 (the default, %v) or %v..%v",
+				ErrInvalidOption, b.name, b.d, b.deflt, minLeaderBackoff, maxLeaderBackoff)
+		}
 	}
 	if cfg.MinBackoff == 0 {
 		cfg.MinBackoff = DefaultLeaderMinBackoff
