@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 
@@ -460,6 +461,10 @@ func TestBadInputConnectTimeoutUnavailable(t *testing.T) {
 					errors.Is(err, context.DeadlineExceeded) {
 					t.Errorf("%s = %v in %v; want ErrNotAcquired and ErrUnavailable, not context.DeadlineExceeded",
 						call.name, err, took.Round(time.Millisecond))
+				}
+				var ce *pgconn.ConnectError
+				if !errors.As(err, &ce) {
+					t.Errorf("%s = %v; errors.As finds no *pgconn.ConnectError", call.name, err)
 				}
 				if took > 10*time.Second {
 					t.Errorf("%s took %v: not the pool's connect timeout", call.name, took)

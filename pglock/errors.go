@@ -61,7 +61,11 @@ var (
 	// connection is still being opened, the error is ErrUnavailable too,
 	// and does not match context.DeadlineExceeded (a deadline that passed
 	// while connecting does not mean the key is busy); a cancelled context
-	// is still matched by context.Canceled.
+	// is still matched by context.Canceled. So is a connection that the
+	// pool's own connect timeout (pgxpool's ConnectTimeout, connect_timeout)
+	// cut while the caller's context was alive, whatever the Lock runs on:
+	// the error does not match context.DeadlineExceeded, which is the
+	// caller's deadline only; errors.As still finds *pgconn.ConnectError.
 	ErrUnavailable = errors.New("pglock: database unavailable")
 
 	// ErrLeaderRunning is returned by [Leader.Run] when Run is already

@@ -226,7 +226,9 @@ func (l *Lock) SQLTx() *sql.Tx {
 // afterwards, even when the server granted it as the wait was being
 // cancelled. (When ctx's deadline passes before a connection to the server
 // could be opened, the error matches ErrNotAcquired and [ErrUnavailable]
-// instead of the deadline: the key was not found busy.) The wait is cancelled on the server with a cancel request, so
+// instead of the deadline: the key was not found busy. So is a connect that
+// the pool's own ConnectTimeout cut while ctx was alive, on every path: it
+// does not match context.DeadlineExceeded.) The wait is cancelled on the server with a cancel request, so
 // the connection stays usable (on database/sql, waits poll instead; see the
 // package documentation). A database error also matches ErrNotAcquired.
 //
@@ -338,7 +340,7 @@ func (l *Lock) open(ctx context.Context, wait bool) (backend, bool, error) {
 	for {
 		b, err := l.src.open(ctx, l)
 		if err != nil {
-			return nil, false, err
+			return nil, false, connectErr(ctx, err)
 		}
 		ok, err := b.acquire(ctx, wait)
 		if err == nil && ok && l.cfg.token && l.cfg.mode == Exclusive {
