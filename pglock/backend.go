@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"reflect"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -56,15 +57,28 @@ func newSource(conn any, cfg *config) (source, error) {
 		if c == nil {
 			return nil, fmt.Errorf("%w: nil *pgxpool.Pool", ErrUnsupportedConn)
 		}
+		if zeroPool(c) {
+			return nil, fmt.Errorf("%w: a zero pgxpool.Pool: make it with pgxpool.New or pgxpool.NewWithConfig", ErrUnsupportedConn)
+		}
 		s = &pgxSource{pool: c}
 	case *pgxpool.Conn:
-		if c == nil || c.Conn() == nil {
-			return nil, fmt.Errorf("%w: nil or released *pgxpool.Conn", ErrUnsupportedConn)
+		if c == nil {
+			return nil, fmt.Errorf("%w: nil *pgxpool.Conn", ErrUnsupportedConn)
 		}
-		s = &pgxSource{conn: c.Conn()}
+		pc := poolConn(c)
+		if pc == nil {
+			return nil, fmt.Errorf("%w: a zero or released pgxpool.Conn: take it with pgxpool.Pool.Acquire, and give it before its Release", ErrUnsupportedConn)
+		}
+		if pc.PgConn() == nil {
+			return nil, fmt.Errorf("%w: a pgxpool.Conn on a zero pgx.Conn", ErrUnsupportedConn)
+		}
+		s = &pgxSource{conn: pc}
 	case *pgx.Conn:
 		if c == nil {
 			return nil, fmt.Errorf("%w: nil *pgx.Conn", ErrUnsupportedConn)
+		}
+		if c.PgConn() == nil {
+			return nil, fmt.Errorf("%w: a zero pgx.Conn: make it with pgx.Connect or pgx.ConnectConfig", ErrUnsupportedConn)
 		}
 		s = &pgxSource{conn: c}
 	case pgx.Tx:
@@ -76,15 +90,24 @@ func newSource(conn any, cfg *config) (source, error) {
 		if c == nil {
 			return nil, fmt.Errorf("%w: nil *sql.DB", ErrUnsupportedConn)
 		}
+		if zeroDB(c) {
+			return nil, fmt.Errorf("%w: a zero sql.DB: make it with sql.Open or sql.OpenDB", ErrUnsupportedConn)
+		}
 		s = &sqlSource{db: c}
 	case *sql.Conn:
 		if c == nil {
 			return nil, fmt.Errorf("%w: nil *sql.Conn", ErrUnsupportedConn)
 		}
+		if noDB(c) {
+			return nil, fmt.Errorf("%w: a zero sql.Conn: take it with sql.DB.Conn", ErrUnsupportedConn)
+		}
 		s = &sqlSource{conn: c}
 	case *sql.Tx:
 		if c == nil {
 			return nil, fmt.Errorf("%w: nil *sql.Tx", ErrUnsupportedConn)
+		}
+		if noDB(c) {
+			return nil, fmt.Errorf("%w: a zero sql.Tx: begin it with sql.DB.BeginTx or sql.Conn.BeginTx", ErrUnsupportedConn)
 		}
 		s = &sqlSource{tx: c}
 	case nil:
@@ -108,6 +131,52 @@ func settleScope(s source, cfg *config) error {
 		cfg.scope = Transaction
 	}
 	return nil
+}
+
+// zeroPool reports whether p is a zero pgxpool.Pool, which pgxpool.New did
+// not make: it has no config, so Config panics (copying a nil one). Config
+// copies the config of a pool made by New and touches nothing else.
+func zeroPool(p *pgxpool.Pool) (zero bool) {
+	defer func() {
+		if recover() != nil {
+			zero = true
+		}
+	}()
+	return p.Config() == nil
+}
+
+// poolConn returns the connection of c, or nil when c is a zero or released
+// pgxpool.Conn: it has no pool resource, so Conn panics.
+func poolConn(c *pgxpool.Conn) (conn *pgx.Conn) {
+	defer func() {
+		if recover() != nil {
+			conn = nil
+		}
+	}()
+	return c.Conn()
+}
+
+// zeroDB reports whether db is a zero sql.DB, which sql.Open did not make:
+// it has no connector, so Driver panics. Driver of a DB made by Open returns
+// its connector's driver and touches nothing else.
+func zeroDB(db *sql.DB) (zero bool) {
+	defer func() {
+		if recover() != nil {
+			zero = true
+		}
+	}()
+	return db.Driver() == nil
+}
+
+// noDB reports whether c, a *sql.Conn or *sql.Tx, is a zero value, which
+// database/sql did not make: its db field is nil. database/sql has no
+// method that tells without using the connection (on a live one, Raw waits
+// for a statement running on it), so the field is read by reflection: it is
+// set when the value is made and never written again, so the read races
+// with nothing. A field that a later Go renames is not checked.
+func noDB(c any) bool {
+	v := reflect.ValueOf(c).Elem().FieldByName("db")
+	return v.IsValid() && v.Kind() == reflect.Pointer && v.IsNil()
 }
 
 func isNilTx(tx pgx.Tx) (isNil bool) {

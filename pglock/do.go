@@ -40,6 +40,9 @@ import (
 // plain failure for work that fn committed, nor success for work that fn
 // rolled back.
 func (l *Lock) Do(ctx context.Context, fn func(ctx context.Context) error) (err error) {
+	if err := l.unmade(); err != nil {
+		return fmt.Errorf("%w: %w", ErrNotAcquired, err)
+	}
 	if fn == nil {
 		return fmt.Errorf("%w: Do on key %s", ErrNilFunc, l.key)
 	}
@@ -66,6 +69,9 @@ func (l *Lock) Do(ctx context.Context, fn func(ctx context.Context) error) (err 
 // on the Lock return [ErrInDo] and change nothing, and a transaction that fn
 // ends itself is reported with [ErrTxEnded] (see [Lock.Do]).
 func (l *Lock) TryDo(ctx context.Context, fn func(ctx context.Context) error) (ok bool, err error) {
+	if err := l.unmade(); err != nil {
+		return false, fmt.Errorf("%w: %w", ErrNotAcquired, err)
+	}
 	if fn == nil {
 		return false, fmt.Errorf("%w: TryDo on key %s", ErrNilFunc, l.key)
 	}

@@ -28,7 +28,11 @@ var (
 	ErrAlreadyHeld = errors.New("pglock: lock already held (a Lock is not re-entrant)")
 
 	// ErrUnsupportedConn means the value given as the database is not one of
-	// the supported types, or is nil.
+	// the supported types, or is nil, or is a zero value that its package's
+	// constructor did not make (&pgxpool.Pool{}, &sql.DB{}...), or a released
+	// *pgxpool.Conn. It is also what the methods of a nil or zero Lock,
+	// Locker or Leader (one that New, NewLocker or Locker.Leader did not
+	// make) return, with [ErrNotAcquired] where they acquire.
 	ErrUnsupportedConn = errors.New("pglock: unsupported connection")
 
 	// ErrTransactionPooler means a Session-scope lock was refused because the
@@ -57,7 +61,11 @@ var (
 	// connection is still being opened, the error is ErrUnavailable too,
 	// and does not match context.DeadlineExceeded (a deadline that passed
 	// while connecting does not mean the key is busy); a cancelled context
-	// is still matched by context.Canceled.
+	// is still matched by context.Canceled. So is a connection that the
+	// pool's own connect timeout (pgxpool's ConnectTimeout, connect_timeout)
+	// cut while the caller's context was alive, whatever the Lock runs on:
+	// the error does not match context.DeadlineExceeded, which is the
+	// caller's deadline only; errors.As still finds *pgconn.ConnectError.
 	ErrUnavailable = errors.New("pglock: database unavailable")
 
 	// ErrLeaderRunning is returned by [Leader.Run] when Run is already
@@ -115,6 +123,13 @@ var (
 )
 
 var (
+	// A Lock, Locker or Leader that its constructor did not make.
+	errNilLock    = fmt.Errorf("%w: nil *pglock.Lock (New or Locker.Lock returned an error)", ErrUnsupportedConn)
+	errZeroLock   = fmt.Errorf("%w: zero pglock.Lock (make it with New or Locker.Lock)", ErrUnsupportedConn)
+	errNilLocker  = fmt.Errorf("%w: nil *pglock.Locker", ErrUnsupportedConn)
+	errZeroLocker = fmt.Errorf("%w: zero pglock.Locker (make one with NewLocker)", ErrUnsupportedConn)
+	errNilLeader  = fmt.Errorf("%w: nil *pglock.Leader (Locker.Leader returned an error)", ErrUnsupportedConn)
+	errZeroLeader = fmt.Errorf("%w: zero pglock.Leader (make it with Locker.Leader)", ErrUnsupportedConn)
 	// errServerNotHeld: pg_advisory_unlock returned false.
 	errServerNotHeld = fmt.Errorf("%w: %w: the server reports this session did not hold it"+
 		" (a transaction-pooling proxy such as PgBouncer between the client and the server does this;"+

@@ -17,6 +17,12 @@ const (
 	DefaultLeaderMaxBackoff = 30 * time.Second
 )
 
+// The range of a Leader's backoffs (see LeaderConfig).
+const (
+	minLeaderBackoff = 10 * time.Millisecond
+	maxLeaderBackoff = 24 * time.Hour
+)
+
 // LeaderConfig configures a [Leader]. The zero value is ready to use.
 type LeaderConfig struct {
 	// OnElected, if set, is called when this process becomes the leader,
@@ -32,7 +38,9 @@ type LeaderConfig struct {
 	// error of fn, or a failed campaign (the database down); it doubles, with
 	// jitter, after each failure in a row, up to MaxBackoff, and starts over
 	// after a term that lasted longer than MaxBackoff. Zero means
-	// DefaultLeaderMinBackoff and DefaultLeaderMaxBackoff. The processes that
+	// DefaultLeaderMinBackoff and DefaultLeaderMaxBackoff. Each is 0 or
+	// 10 ms to 24 h (a shorter pause would hammer a database that is down),
+	// and MaxBackoff is at least MinBackoff; other values are an error. The processes that
 	// are not leading wait in the server's queue, not in a backoff: when a
 	// leader's term ends, the next one is elected at once.
 	MinBackoff, MaxBackoff time.Duration
@@ -86,11 +94,17 @@ type Leader struct {
 // Leader returns a Leader for key on the Locker. key is anything [KeyOf]
 // takes (the Locker's namespace applies). The Locker's logger, observer,
 // lost-check interval and release timeout apply to its lock; its scope, mode
-// and wait timeout do not (see [Leader]). A bad key or a negative backoff is
-// an error.
+// and wait timeout do not (see [Leader]). A bad key or a backoff out of its
+// range (see [LeaderConfig]) is an error.
 func (lk *Locker) Leader(key any, cfg LeaderConfig) (*Leader, error) {
-	if cfg.MinBackoff < 0 || cfg.MaxBackoff < 0 {
-		return nil, fmt.Errorf("%w: leader backoff %v..%v is negative", ErrInvalidOption, cfg.MinBackoff, cfg.MaxBackoff)
+	for _, b := range []struct {
+		name     string
+		d, deflt time.Duration
+	}{{"MinBackoff", cfg.MinBackoff, DefaultLeaderMinBackoff}, {"MaxBackoff", cfg.MaxBackoff, DefaultLeaderMaxBackoff}} {
+		if b.d != 0 && (b.d < minLeaderBackoff || b.d > maxLeaderBackoff) {
+			return nil, fmt.Errorf("%w: leader %s %v is out of range: want 0 (the default, %v) or %v..%v",
+				ErrInvalidOption, b.name, b.d, b.deflt, minLeaderBackoff, maxLeaderBackoff)
+		}
 	}
 	if cfg.MinBackoff == 0 {
 		cfg.MinBackoff = DefaultLeaderMinBackoff
@@ -108,15 +122,38 @@ func (lk *Locker) Leader(key any, cfg LeaderConfig) (*Leader, error) {
 	return &Leader{lk: lk, l: l, cfg: cfg}, nil
 }
 
-// Key returns the key of the Leader's lock.
-func (ld *Leader) Key() Key { return ld.l.Key() }
+// unmade returns the error of a Leader that Locker.Leader did not make (nil
+// or zero), else nil.
+func (ld *Leader) unmade() error {
+	switch {
+	case ld == nil:
+		return errNilLeader
+	case ld.l == nil:
+		return errZeroLeader
+	}
+	return nil
+}
+
+// Key returns the key of the Leader's lock (the zero Key for a nil or zero
+// Leader).
+func (ld *Leader) Key() Key {
+	if ld == nil || ld.l == nil {
+		return Key{}
+	}
+	return ld.l.Key()
+}
 
 // IsLeader reports whether this Leader leads now: its term started and has
-// not ended, nor been lost.
-func (ld *Leader) IsLeader() bool { return ld.leading.Load() }
+// not ended, nor been lost. A nil Leader does not lead.
+func (ld *Leader) IsLeader() bool { return ld != nil && ld.leading.Load() }
 
-// Terms returns how many terms this Leader has started.
-func (ld *Leader) Terms() int64 { return ld.terms.Load() }
+// Terms returns how many terms this Leader has started (0 for a nil Leader).
+func (ld *Leader) Terms() int64 {
+	if ld == nil {
+		return 0
+	}
+	return ld.terms.Load()
+}
 
 // Run campaigns for the key until ctx ends, and runs fn during each term
 // won, with a context that ends when the term ends (see [Leader]).
@@ -135,8 +172,13 @@ func (ld *Leader) Terms() int64 { return ld.terms.Load() }
 // the Locker was closed ([ErrLockerClosed]), or its connection cannot hold
 // session locks ([ErrTransactionPooler]). A panic in fn steps down, then
 // goes on up. Run returns [ErrLeaderRunning] when called while another Run
-// of the same Leader runs, and [ErrNilFunc] for a nil fn.
+// of the same Leader runs, and [ErrNilFunc] for a nil fn. On a nil or zero
+// Leader (one that Locker.Leader did not make) it returns an error matching
+// [ErrUnsupportedConn].
 func (ld *Leader) Run(ctx context.Context, fn func(ctx context.Context) error) error {
+	if err := ld.unmade(); err != nil {
+		return fmt.Errorf("pglock: Leader.Run: %w", err)
+	}
 	if fn == nil {
 		return fmt.Errorf("%w: Leader.Run on key %s", ErrNilFunc, ld.Key())
 	}

@@ -87,7 +87,9 @@ type Lock struct {
 // Transaction and the lock joins that transaction.
 //
 // New does not talk to the database. An unsupported conn, an unsupported key
-// or an invalid option is an error.
+// or an invalid option is an error; so is a nil conn, or a zero one that its
+// package did not make (&pgxpool.Pool{}, &sql.DB{}...), or a released
+// *pgxpool.Conn ([ErrUnsupportedConn], naming the type).
 func New(conn any, key any, opts ...Option) (*Lock, error) {
 	cfg := defaultConfig()
 	if err := cfg.apply(opts); err != nil {
@@ -121,18 +123,41 @@ func newLock(src source, key any, cfg *config) (*Lock, error) {
 	return l, nil
 }
 
-// Key returns the lock's key (after the namespace, if any, was applied).
-func (l *Lock) Key() Key { return l.key }
+// unmade returns the error of a Lock that New or Locker.Lock did not make
+// (nil or zero), else nil.
+func (l *Lock) unmade() error {
+	switch {
+	case l == nil:
+		return errNilLock
+	case l.src == nil:
+		return errZeroLock
+	}
+	return nil
+}
+
+// Key returns the lock's key (after the namespace, if any, was applied); the
+// zero Key for a nil Lock.
+func (l *Lock) Key() Key {
+	if l == nil {
+		return Key{}
+	}
+	return l.key
+}
 
 // Name returns the name the lock's key was hashed from, namespace included
 // (the decimal text of an integer key), or "" when the key was given as a
 // [Key]. Names can carry user data (customer ids): think before logging or
 // exporting them.
-func (l *Lock) Name() string { return l.name }
+func (l *Lock) Name() string {
+	if l == nil {
+		return ""
+	}
+	return l.name
+}
 
 // Held reports whether the lock is held now: acquired, not yet released, and
-// not known to be lost.
-func (l *Lock) Held() bool { return l.held.Load() }
+// not known to be lost. A nil Lock is not held.
+func (l *Lock) Held() bool { return l != nil && l.held.Load() }
 
 // Lost returns a channel that is closed when the current hold is lost: its
 // connection died or the server ended its session. Each hold has its own
@@ -148,7 +173,12 @@ func (l *Lock) Held() bool { return l.held.Load() }
 // [WithLostCheckInterval]). On a caller's connection or transaction the loss
 // is seen at release; in Transaction scope the work commits together with the
 // lock, so a lost connection cannot commit work done without the lock.
+//
+// A nil or zero Lock is never held: its channel is nil, never closed.
 func (l *Lock) Lost() <-chan struct{} {
+	if l == nil {
+		return nil
+	}
 	l.lostMu.Lock()
 	defer l.lostMu.Unlock()
 	l.lostGiven = true
@@ -160,6 +190,9 @@ func (l *Lock) Lost() <-chan struct{} {
 // commits or rolls back together with the lock. Committing or rolling it back
 // by hand ends the lock too; Release then reports it ([ErrTxEnded]).
 func (l *Lock) Tx() pgx.Tx {
+	if l == nil {
+		return nil
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.b == nil {
@@ -174,6 +207,9 @@ func (l *Lock) Tx() pgx.Tx {
 // SQLTx is Tx for database/sql: the *sql.Tx the lock runs in while held in
 // Transaction scope on a *sql.DB, *sql.Conn or *sql.Tx, else nil.
 func (l *Lock) SQLTx() *sql.Tx {
+	if l == nil {
+		return nil
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.b == nil {
@@ -190,13 +226,21 @@ func (l *Lock) SQLTx() *sql.Tx {
 // afterwards, even when the server granted it as the wait was being
 // cancelled. (When ctx's deadline passes before a connection to the server
 // could be opened, the error matches ErrNotAcquired and [ErrUnavailable]
-// instead of the deadline: the key was not found busy.) The wait is cancelled on the server with a cancel request, so
+// instead of the deadline: the key was not found busy. So is a connect that
+// the pool's own ConnectTimeout cut while ctx was alive, on every path: it
+// does not match context.DeadlineExceeded.) The wait is cancelled on the server with a cancel request, so
 // the connection stays usable (on database/sql, waits poll instead; see the
 // package documentation). A database error also matches ErrNotAcquired.
 //
 // Acquire on a Lock that is held returns [ErrAlreadyHeld]; a hold that was
-// lost (see [Lock.Lost]) does not count: it is let go first.
+// lost (see [Lock.Lost]) does not count: it is let go first. On a nil or zero
+// Lock (one that New or Locker.Lock did not make) it returns an error
+// matching ErrNotAcquired and [ErrUnsupportedConn]; so do TryAcquire, Do and
+// TryDo.
 func (l *Lock) Acquire(ctx context.Context) error {
+	if err := l.unmade(); err != nil {
+		return fmt.Errorf("%w: %w", ErrNotAcquired, err)
+	}
 	ctx, end := l.trace(ctx, "acquire")
 	_, err := l.acquire(ctx, true, false)
 	if end != nil {
@@ -215,6 +259,9 @@ func (l *Lock) TryAcquire(ctx context.Context) (bool, error) {
 // acquire is Acquire (wait) or TryAcquire; for Do and TryDo (do), the hold
 // it takes is theirs (see Lock.inDo).
 func (l *Lock) acquire(ctx context.Context, wait, do bool) (bool, error) {
+	if err := l.unmade(); err != nil {
+		return false, fmt.Errorf("%w: %w", ErrNotAcquired, err)
+	}
 	if ctx == nil {
 		return false, fmt.Errorf("%w: key %s: nil context", ErrNotAcquired, l.key)
 	}
@@ -293,7 +340,7 @@ func (l *Lock) open(ctx context.Context, wait bool) (backend, bool, error) {
 	for {
 		b, err := l.src.open(ctx, l)
 		if err != nil {
-			return nil, false, err
+			return nil, false, connectErr(ctx, err)
 		}
 		ok, err := b.acquire(ctx, wait)
 		if err == nil && ok && l.cfg.token && l.cfg.mode == Exclusive {
@@ -421,7 +468,14 @@ func (l *Lock) markLostLocked(err error) {
 // While Do or TryDo runs on the Lock, the hold is theirs: Release, from their
 // function or from another goroutine, changes nothing and returns an error
 // matching [ErrInDo] (Do ends the hold when the function returns).
+//
+// On a nil or zero Lock (one that New or Locker.Lock did not make) Release
+// changes nothing and returns an error matching [ErrUnsupportedConn]: after
+// `l, err := locker.Lock(key)` failed, a deferred l.Release does not panic.
 func (l *Lock) Release(ctx context.Context) error {
+	if err := l.unmade(); err != nil {
+		return fmt.Errorf("pglock: release: %w", err)
+	}
 	return l.end(ctx, true, false)
 }
 
@@ -438,9 +492,15 @@ func (l *Lock) Release(ctx context.Context) error {
 // marks the transaction instead, which Do rolls back when the function
 // returns, even if it returns nil (Do then returns err). Returning err from
 // the function does the same.
+//
+// On a nil or zero Lock it returns err joined with an error matching
+// [ErrUnsupportedConn].
 func (l *Lock) HandleError(ctx context.Context, err error) error {
 	if err == nil {
 		return nil
+	}
+	if uerr := l.unmade(); uerr != nil {
+		return join(err, fmt.Errorf("pglock: HandleError: %w", uerr))
 	}
 	rollback := l.cfg.rollbackOnError && l.cfg.scope == Transaction
 	if l.inDo.Load() {

@@ -75,11 +75,8 @@ func NewLocker(conn any, opts ...Option) (*Locker, error) {
 // Options that configure the Locker itself (WithLockConns...) are an error
 // here.
 func (lk *Locker) Lock(key any, opts ...Option) (*Lock, error) {
-	if lk == nil {
-		return nil, fmt.Errorf("%w: nil *pglock.Locker", ErrUnsupportedConn)
-	}
-	if lk.src == nil {
-		return nil, fmt.Errorf("%w: zero pglock.Locker (make one with NewLocker)", ErrUnsupportedConn)
+	if err := lk.unmade(); err != nil {
+		return nil, err
 	}
 	if lk.closed.Load() {
 		return nil, ErrLockerClosed
@@ -140,17 +137,45 @@ func (lk *Locker) lockFor(key any) (*Lock, error) {
 	return l, err
 }
 
+// unmade returns the error of a Locker that NewLocker did not make (nil or
+// zero), else nil.
+func (lk *Locker) unmade() error {
+	switch {
+	case lk == nil:
+		return errNilLocker
+	case lk.src == nil:
+		return errZeroLocker
+	}
+	return nil
+}
+
 // Key returns the Key that key maps to under the Locker's namespace: the key
-// its Locks take, for looking it up in pg_locks.
+// its Locks take, for looking it up in pg_locks. On a nil or zero Locker it
+// is an error matching [ErrUnsupportedConn].
 func (lk *Locker) Key(key any) (Key, error) {
+	if err := lk.unmade(); err != nil {
+		return Key{}, err
+	}
 	return lk.cfg.keyOf(key)
 }
 
-// Scope returns the scope of the Locks it makes by default.
-func (lk *Locker) Scope() Scope { return lk.cfg.scope }
+// Scope returns the scope of the Locks it makes by default (Session for a
+// nil Locker).
+func (lk *Locker) Scope() Scope {
+	if lk == nil {
+		return Session
+	}
+	return lk.cfg.scope
+}
 
-// Mode returns the mode of the Locks it makes by default.
-func (lk *Locker) Mode() Mode { return lk.cfg.mode }
+// Mode returns the mode of the Locks it makes by default (Exclusive for a
+// nil Locker).
+func (lk *Locker) Mode() Mode {
+	if lk == nil {
+		return Exclusive
+	}
+	return lk.cfg.mode
+}
 
 // Pooled reports whether the Locker is on a pool (*pgxpool.Pool, *sql.DB):
 // then Locks used concurrently exclude each other and do not wait for one

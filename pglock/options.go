@@ -174,49 +174,64 @@ func WithLogger(l *slog.Logger) Option {
 	return func(c *config) { c.logger = l }
 }
 
+// The ranges of the options (see each option).
+const (
+	// maxConns bounds WithLockConns and WithWaitConns: each is a server
+	// session, and the server refuses every client past max_connections
+	// (100 by default).
+	maxConns = 64
+	// minBound and maxBound bound WithLostCheckInterval and
+	// WithReleaseTimeout: below 10 ms a healthy server's answer does not
+	// arrive in time, so every acquire would fail as unavailable and every
+	// release as lost; past an hour a lost lock goes unnoticed for hours,
+	// and the session settings derived from them overflow.
+	minBound = 10 * time.Millisecond
+	maxBound = time.Hour
+)
+
 // WithLostCheckInterval sets how often a held session lock on a pool checks
 // its idle connection (see [DefaultLostCheckInterval], used when d is 0). A
 // connection closed by the server is noticed at once; a silent one within 2*d.
-// A negative d is an error.
+// d is 0 or 10 ms to 1 h; another value is an error. (A multiplexing Locker
+// bounds each statement on its lock connections by 2*d too.)
 func WithLostCheckInterval(d time.Duration) Option {
 	return func(c *config) {
-		switch {
-		case d < 0:
-			c.invalid("lost check interval %v is negative", d)
-		case d == 0:
-			c.lostCheck = DefaultLostCheckInterval
-		default:
-			c.lostCheck = d
-		}
+		c.lostCheck = c.duration("WithLostCheckInterval", d, DefaultLostCheckInterval)
 	}
+}
+
+// duration returns d, or def when d is 0, for the option name; d outside
+// minBound..maxBound is an error.
+func (c *config) duration(name string, d, def time.Duration) time.Duration {
+	switch {
+	case d == 0:
+		return def
+	case d < minBound || d > maxBound:
+		c.invalid("%s(%v) is out of range: want 0 (the default, %v) or %v..%v", name, d, def, minBound, maxBound)
+		return def
+	}
+	return d
 }
 
 // WithReleaseTimeout bounds the statements that end a hold (see
 // [DefaultReleaseTimeout], used when d is 0). They run even when the caller's
 // context has ended, so that a lock is never left held on a live connection;
 // a pooled connection whose unlock does not finish in time is destroyed.
-// A negative d is an error.
+// d is 0 or 10 ms to 1 h; another value is an error.
 func WithReleaseTimeout(d time.Duration) Option {
 	return func(c *config) {
-		switch {
-		case d < 0:
-			c.invalid("release timeout %v is negative", d)
-		case d == 0:
-			c.releaseTimeout = DefaultReleaseTimeout
-		default:
-			c.releaseTimeout = d
-		}
+		c.releaseTimeout = c.duration("WithReleaseTimeout", d, DefaultReleaseTimeout)
 	}
 }
 
 // WithWaitTimeout bounds how long Acquire (and Do) wait for a busy lock, on
 // top of the context's own deadline. Zero (the default) waits as long as the
 // context allows. When the bound passes, the error matches ErrNotAcquired and
-// context.DeadlineExceeded. A negative d is an error.
+// context.DeadlineExceeded. d is 0 or more; a negative d is an error.
 func WithWaitTimeout(d time.Duration) Option {
 	return func(c *config) {
 		if d < 0 {
-			c.invalid("wait timeout %v is negative", d)
+			c.invalid("WithWaitTimeout(%v) is negative: want 0 or more (0: as long as the context allows)", d)
 			return
 		}
 		c.waitTimeout = d
@@ -294,20 +309,22 @@ func WithMultiplexing(on bool) Option {
 // background, bounded by the pool's ConnectTimeout or else the release
 // timeout (not by the context of the request that needs it: a request whose
 // context ends first fails with [ErrUnavailable], and the next one finds the
-// connection open). A negative n is an error. An option of [NewLocker].
+// connection open). n is 0 or 1 to 64 (each is a server session, and the
+// server refuses every client past max_connections); another value is an
+// error. An option of [NewLocker].
 func WithLockConns(n int) Option {
-	return func(c *config) { c.connCount("WithLockConns", "lock connections", n, DefaultLockConns, &c.lockConns) }
+	return func(c *config) { c.connCount("WithLockConns", n, DefaultLockConns, &c.lockConns) }
 }
 
 // connCount sets *dst to n, or def when n is 0, for the Locker's option
-// name; a negative n is an error.
-func (c *config) connCount(name, what string, n, def int, dst *int) {
+// name; n outside 1..maxConns is an error.
+func (c *config) connCount(name string, n, def int, dst *int) {
 	c.lockerOpts = append(c.lockerOpts, name)
 	switch {
-	case n < 0:
-		c.invalid("%s %d is negative", what, n)
 	case n == 0:
 		*dst = def
+	case n < 0 || n > maxConns:
+		c.invalid("%s(%d) is out of range: want 0 (the default, %d) or 1..%d", name, n, def, maxConns)
 	default:
 		*dst = n
 	}
@@ -325,11 +342,11 @@ func (c *config) connCount(name, what string, n, def int, dst *int) {
 // server sessions, plus one per [Leader] campaigning or leading. A wait that
 // finds all n taken tries its key on its lock connection instead, now and
 // then (from 20 ms, doubling up to 1 s), until a waiting connection is free
-// or the key is taken: it is not served in the server's order meanwhile. A
-// negative n is an error. An option of [NewLocker].
+// or the key is taken: it is not served in the server's order meanwhile. n
+// is 0 or 1 to 64; another value is an error. An option of [NewLocker].
 func WithWaitConns(n int) Option {
 	return func(c *config) {
-		c.connCount("WithWaitConns", "waiting connections", n, DefaultWaitConns, &c.waitConns)
+		c.connCount("WithWaitConns", n, DefaultWaitConns, &c.waitConns)
 	}
 }
 
@@ -344,13 +361,13 @@ func WithWaitConns(n int) Option {
 // the server: a quarter of max_locks_per_transaction * (max_connections +
 // max_prepared_transactions), read when the first lock connection opens. The
 // cap is per Locker: with several replicas (or several Lockers per process)
-// on one server, set it so that together they stay well under the table. A
-// negative n is an error. An option of [NewLocker].
+// on one server, set it so that together they stay well under the table. n
+// is 0 or more; a negative n is an error. An option of [NewLocker].
 func WithMaxLocks(n int) Option {
 	return func(c *config) {
 		c.lockerOpts = append(c.lockerOpts, "WithMaxLocks")
 		if n < 0 {
-			c.invalid("max locks %d is negative", n)
+			c.invalid("WithMaxLocks(%d) is negative: want 0 or more (0: derived from the server)", n)
 			return
 		}
 		c.maxLocks = n

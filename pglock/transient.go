@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -78,3 +79,31 @@ func (s *sqlSource) retries() int {
 	}
 	return min(s.db.Stats().Idle+1, maxRetries)
 }
+
+// connectErr is the error of a connection that could not be had from the
+// caller's pool (pgxpool.Pool.Acquire, sql.DB.Conn) under ctx. A deadline
+// that cut the connect while ctx is still alive was the pool's own bound
+// (its ConnectTimeout, or connect_timeout), not the caller's: the server did
+// not answer in time. That is ErrUnavailable, and does not match
+// context.DeadlineExceeded, which would read as the caller's budget spent
+// (or a busy key); the error's text keeps the deadline, and errors.As still
+// reaches the connect error (*pgconn.ConnectError). Other errors are
+// returned as they are.
+func connectErr(ctx context.Context, err error) error {
+	if err == nil || !errors.Is(err, context.DeadlineExceeded) || ctxEnded(ctx) != nil {
+		return err
+	}
+	return &connectTimeout{err: err}
+}
+
+// connectTimeout is connectErr's error: it matches ErrUnavailable with
+// errors.Is, and the connect error only with errors.As.
+type connectTimeout struct{ err error }
+
+func (e *connectTimeout) Error() string {
+	return fmt.Sprintf("%v: no answer from the server within the pool's connect timeout: %v", ErrUnavailable, e.err)
+}
+
+func (e *connectTimeout) Unwrap() error { return ErrUnavailable }
+
+func (e *connectTimeout) As(target any) bool { return errors.As(e.err, target) }
