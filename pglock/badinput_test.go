@@ -53,7 +53,7 @@ func badFn(context.Context) error { return nil }
 
 // Every method of a nil *Lock returns an error or a zero value, never
 // panics: `l, err := lk.Lock(k); defer l.Release(ctx)` is safe when Lock
-// failed. (Token and Fence live in fence.go: see the report.)
+// failed.
 func TestBadInputNilLock(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
@@ -96,6 +96,14 @@ func TestBadInputNilLock(t *testing.T) {
 		}
 	})
 	badCall(t, "Name", func() { _ = l.Name() })
+	badCall(t, "Token", func() {
+		if tok := l.Token(); tok != 0 {
+			t.Errorf("nil Lock's Token = %d", tok)
+		}
+	})
+	badCall(t, "Fence", func() {
+		badErr(t, "Fence", l.Fence(ctx, nil), says, pglock.ErrFenced, pglock.ErrUnsupportedConn)
+	})
 	badCall(t, "Lost", func() {
 		select {
 		case <-l.Lost():

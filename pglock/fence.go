@@ -89,6 +89,9 @@ func WithToken() Option {
 // of a key strictly increase from one grant to the next, across every
 // process.
 func (l *Lock) Token() int64 {
+	if l == nil {
+		return 0
+	}
 	return l.tokenV.Load()
 }
 
@@ -218,6 +221,9 @@ func CheckFence(ctx context.Context, tx any, key Key, token int64) error {
 // fails with ErrFenced too when the lock holds no token (not held, or not
 // made WithToken).
 func (l *Lock) Fence(ctx context.Context, tx any) error {
+	if err := l.unmade(); err != nil {
+		return fmt.Errorf("%w: %w", ErrFenced, err)
+	}
 	token := l.Token()
 	if token == 0 {
 		return fmt.Errorf("%w: key %s: the lock holds no token (not held, or made without WithToken)", ErrFenced, l.key)
