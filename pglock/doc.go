@@ -307,7 +307,9 @@
 // per connection (bounded by 1 s when the pooler has no free session). It needs
 // pgx (pgxpool, pgx.Conn, or database/sql with pgx's stdlib driver): with
 // other drivers a transaction pooler goes unseen. Transaction scope works
-// through every pooling mode. pgx's default exec mode caches prepared
+// through session and transaction pooling; statement pooling allows no
+// transaction block, so there both scopes fail with [ErrTransactionPooler]
+// (a configuration error, not [ErrUnavailable]). pgx's default exec mode caches prepared
 // statements, which a transaction pooler moves between sessions: with
 // PgBouncer before 1.21 (Debian 12 ships 1.18) set default_query_exec_mode
 // to exec (or simple_protocol) in the connection string; PgBouncer 1.21 and

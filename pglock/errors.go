@@ -40,10 +40,12 @@ var (
 	// own: a transaction-pooling proxy (PgBouncer with pool_mode transaction
 	// or statement, or a pooler like it) is between the client and the
 	// server, and would let two clients hold the key at once. Use
-	// Transaction scope (which works through such a pooler), a session
-	// pooling mode, or a direct connection. It also matches ErrNotAcquired;
-	// the lock is not held. See the package documentation, "Running in
-	// production".
+	// Transaction scope (which works through transaction pooling), a session
+	// pooling mode, or a direct connection. Through statement pooling, which
+	// allows no transaction block, Transaction scope fails with it too. It
+	// is a configuration error: trying again does not help. It also matches
+	// ErrNotAcquired; the lock is not held. See the package documentation,
+	// "Running in production".
 	ErrTransactionPooler = errors.New("pglock: session lock through a transaction pooler" +
 		" (use Transaction scope, session pooling, or a direct connection)")
 

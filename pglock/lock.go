@@ -376,6 +376,12 @@ func (l *Lock) notAcquired(ctx context.Context, err error) error {
 	switch {
 	case err == nil && ctxErr == nil:
 		return fmt.Errorf("%w: key %s", ErrNotAcquired, l.key)
+	case statementPooler(err):
+		// A configuration that cannot work, not a server that is down:
+		// retrying does not help.
+		return fmt.Errorf("%w: key %s: %w: statement pooling allows no transaction block, which Transaction scope needs"+
+			" (and Session scope needs a session of its own): use session or transaction pooling, or a direct connection: %w",
+			ErrNotAcquired, l.key, ErrTransactionPooler, err)
 	case errors.Is(err, ErrUnavailable):
 		// The server could not be reached (in time): not a busy key, even
 		// when the context ended meanwhile.

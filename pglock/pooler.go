@@ -4,10 +4,13 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Transaction poolers.
@@ -50,6 +53,15 @@ import (
 // sessionSetting is the session-level setting that claims a server session
 // for one client connection.
 const sessionSetting = "pglock.session"
+
+// statementPooler reports whether err is a pooler's refusal of a transaction
+// block in statement pooling mode (PgBouncer: "transaction blocks not
+// allowed in statement pooling mode", SQLSTATE 08P01, which ends the client
+// connection).
+func statementPooler(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "08P01" && strings.Contains(pgErr.Message, "statement pooling")
+}
 
 // sessionDataKey is the key of the check's outcome in a connection's
 // CustomData; tokenDataKey the key of the connection's token.

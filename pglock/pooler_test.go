@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -257,4 +258,33 @@ func TestPgBouncerSessionMode(t *testing.T) {
 		t.Fatal(err)
 	}
 	pgtest.WaitFree(t, watch, lf.Key())
+}
+
+// Issue 20, item 2: statement pooling allows no transaction block, so
+// Transaction scope cannot work through it: it is refused with
+// ErrTransactionPooler (a configuration error), never ErrUnavailable, which
+// says "down, retry later".
+func TestPgBouncerStatementModeRefusesTransactionScope(t *testing.T) {
+	t.Parallel()
+	b := pgtest.StartPgBouncerT(t, "statement", 2)
+	watch := pgtest.Pool(t, 2)
+	ctx := context.Background()
+	for _, execMode := range []string{"simple_protocol", "exec"} {
+		t.Run(execMode, func(t *testing.T) {
+			key := pgtest.UniqueKey(t)
+			lk, err := pglock.NewLocker(bouncerPool(t, b, execMode, 2), pglock.WithScope(pglock.Transaction))
+			if err != nil {
+				t.Fatal(err)
+			}
+			ran := false
+			err = lk.Do(ctx, key, func(context.Context) error { ran = true; return nil })
+			if ran || !errors.Is(err, pglock.ErrNotAcquired) || !errors.Is(err, pglock.ErrTransactionPooler) || errors.Is(err, pglock.ErrUnavailable) {
+				t.Errorf("Transaction-scope Do through statement pooling: ran %v, err %v; want ErrNotAcquired and ErrTransactionPooler, not ErrUnavailable", ran, err)
+			}
+			if err != nil && !strings.Contains(err.Error(), "statement pooling") {
+				t.Errorf("the error does not say what is wrong: %v", err)
+			}
+			pgtest.WaitFree(t, watch, mustKey(t, key))
+		})
+	}
 }
