@@ -89,10 +89,13 @@ var (
 	ErrLockerClosed = errors.New("pglock: locker closed")
 
 	// ErrTooManyLocks means a multiplexing Locker already holds as many
-	// session locks as its limit allows (see [WithMaxLocks]). Advisory locks
+	// session locks as its limit allows (see [WithMaxLocks]), or the
+	// advisory locks of every session of the server reach three quarters of
+	// its lock table, or the table is full ("out of shared memory" on the
+	// lock's statement: that acquire fails, nothing else). Advisory locks
 	// live in the server's shared lock table; a full table makes every
-	// session of the server fail ("out of shared memory"), so the Locker
-	// refuses before that. The lock is not held.
+	// session of the server fail, so the Locker refuses before that. The
+	// message gives the figures. The lock is not held.
 	ErrTooManyLocks = errors.New("pglock: too many locks held")
 
 	// ErrInDo is returned by Release and HandleError while Do or TryDo runs

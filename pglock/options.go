@@ -359,10 +359,14 @@ func WithWaitConns(n int) Option {
 // server shares; when it is full, every session fails ("out of shared
 // memory"), new connections included. Zero (the default) derives the cap from
 // the server: a quarter of max_locks_per_transaction * (max_connections +
-// max_prepared_transactions), read when the first lock connection opens. The
-// cap is per Locker: with several replicas (or several Lockers per process)
-// on one server, set it so that together they stay well under the table. n
-// is 0 or more; a negative n is an error. An option of [NewLocker].
+// max_prepared_transactions), read when the first lock connection opens.
+// Besides this cap per Locker, a Locker that holds a thirty-second of the
+// table or more counts the advisory locks of every session of the server now
+// and then, and refuses more once they reach three quarters of the table
+// (see the package documentation, "Lock connections"), so that replicas
+// together cannot fill it; an n above those three quarters is an error at
+// the first acquire. n is 0 or more; a negative n is an error. An option of
+// [NewLocker].
 func WithMaxLocks(n int) Option {
 	return func(c *config) {
 		c.lockerOpts = append(c.lockerOpts, "WithMaxLocks")
