@@ -669,17 +669,23 @@ func TestCancelNeverOvertakesItsWait(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// Warm up: the lock connection and the waiting connections are open.
-	var warm sync.WaitGroup
-	for i := range workers {
-		warm.Go(func() {
-			wctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-			defer cancel()
-			l, _ := lk.Lock(keys[i])
-			_ = l.Acquire(wctx)
-		})
-	}
-	warm.Wait()
+	// Warm up: the lock connection and the waiting connections are open (a
+	// loaded machine may need more than one round for every wait to reach
+	// the server before its deadline).
+	locktest.WaitFor(t, "every waiting connection open", func() bool {
+		var warm sync.WaitGroup
+		for i := range workers {
+			warm.Go(func() {
+				wctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+				defer cancel()
+				l, _ := lk.Lock(keys[i])
+				_ = l.Acquire(wctx)
+			})
+		}
+		warm.Wait()
+		s := lk.Stats()
+		return s.LockConns == 1 && s.WaitConns == workers
+	})
 	before := connects.Load()
 
 	var mu sync.Mutex
