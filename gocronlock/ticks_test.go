@@ -205,6 +205,18 @@ func TestTicksSkewedReplicas(t *testing.T) {
 			// ahead); then the first runner runs every tick until it exits;
 			// then the replica next ahead runs them, from the first tick
 			// that nobody ran. The replica behind both never runs one then.
+			//
+			// Who runs a tick is a race that the skew decides, and a loaded
+			// machine can stall a replica past it (1.3 s between the first
+			// runner and the one 0.7 s ahead). So a tick that another replica
+			// ran is out of turn only when the replica whose turn it was did
+			// not come to it late: came late, it logged a skip of that tick
+			// ("still running here", its previous run not done, or "tick
+			// already ran"). Exactly once, whoever runs it, is checked
+			// without excuse.
+			late := func(r tickRow, replica int) bool {
+				return recs[replica].Count("INFO gocronlock: skip", "tick="+r.tick.Local().Format("2006-01-02 15:04:05.999999999 ")) > 0
+			}
 			phase := 0 // 0 start-up, 1 the first runner, 2 the takeover
 			for i, r := range rows {
 				if len(r.replicas) != 1 {
@@ -219,11 +231,16 @@ func TestTicksSkewedReplicas(t *testing.T) {
 				}
 				who := r.replicas[0]
 				switch {
-				case phase == 0 && who == first, phase == 1 && who == ahead:
+				case phase == 0 && who == first, phase == 1 && who == ahead && !late(r, first):
 					phase++
 				}
-				if phase == 0 && who == first || phase == 1 && who != first || phase == 2 && who != ahead {
-					t.Errorf("tick %s ran on replica %d, out of turn", r.tick.Format("15:04:05.000"), who)
+				turn := map[int]int{1: first, 2: ahead}[phase]
+				if phase > 0 && int(who) != turn {
+					if late(r, turn) {
+						t.Logf("tick %s ran on replica %d: replica %d, whose turn it was, came to it late", r.tick.Format("15:04:05.000"), who, turn)
+					} else {
+						t.Errorf("tick %s ran on replica %d, out of turn (replica %d's)", r.tick.Format("15:04:05.000"), who, turn)
+					}
 				}
 			}
 			if phase != 2 {
