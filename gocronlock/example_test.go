@@ -27,13 +27,13 @@ func examplePool() *pgxpool.Pool {
 
 // Three schedulers (three replicas of a service, here in one process) run
 // the same job at the same instant: one of them runs it. MinHold keeps the
-// lock a little past the run, so that a replica that fires a moment late
-// skips the run instead of repeating it.
+// lock past the run, so that a replica that fires late (a busy machine, a
+// first connect) skips the run instead of repeating it.
 func Example() {
 	pool := examplePool()
 	defer pool.Close()
 	at := time.Now().Add(300 * time.Millisecond)
-	var runs atomic.Int32
+	var runs, skips atomic.Int32
 	var schedulers []gocron.Scheduler
 	for range 3 {
 		locker, err := pglock.NewLocker(pool) // each replica has its own
@@ -41,7 +41,7 @@ func Example() {
 			log.Fatal(err)
 		}
 		defer locker.Close()
-		gl, err := gocronlock.NewLocker(locker, gocronlock.WithMinHold(500*time.Millisecond))
+		gl, err := gocronlock.NewLocker(locker, gocronlock.WithMinHold(5*time.Second))
 		if err != nil {
 			log.Fatal(err) // a nil locker, a bad option
 		}
@@ -51,14 +51,18 @@ func Example() {
 		}
 		_, err = s.NewJob(gocron.OneTimeJob(gocron.OneTimeJobStartDateTime(at)),
 			gocron.NewTask(func() { runs.Add(1) }),
-			gocron.WithName("example-report")) // the lock's key: name every job
+			gocron.WithName("example-report"), // the lock's key: name every job
+			gocron.WithEventListeners(gocron.AfterLockError(func(uuid.UUID, string, error) { skips.Add(1) })))
 		if err != nil {
 			log.Fatal(err)
 		}
 		s.Start()
 		schedulers = append(schedulers, s)
 	}
-	time.Sleep(time.Until(at) + 200*time.Millisecond)
+	// Every replica fired: one ran, the others skipped (or 30 s passed).
+	for deadline := time.Now().Add(30 * time.Second); runs.Load()+skips.Load() < 3 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
 	for _, s := range schedulers {
 		_ = s.Shutdown() // waits for the run and ends a MinHold wait
 	}

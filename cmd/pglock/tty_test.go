@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -89,6 +90,7 @@ func ttyProcessSized(t *testing.T, cols, rows uint16, args ...string) (cmd *exec
 	slave.Close()
 	out = new(syncBuffer)
 	copied := make(chan struct{})
+	ttyDrained.Store(out, copied)
 	go func() {
 		defer close(copied)
 		buf := make([]byte, 4096)
@@ -111,8 +113,15 @@ func ttyProcessSized(t *testing.T, cols, rows uint16, args ...string) (cmd *exec
 	return cmd, master, out
 }
 
+// ttyDrained maps the output buffer of each ttyProcess to a channel closed
+// once its copier has read the terminal to the end (EIO: every slave closed).
+var ttyDrained sync.Map
+
 // waitTTYProcess waits up to d for pglock and returns its exit status, or
-// kills it and fails.
+// kills it and fails. Once pglock has exited, it also waits for out to hold
+// everything written to the terminal: the copier reads the pty on its own,
+// and on a loaded machine it may not yet have read COMMAND's last lines
+// when pglock's exit is seen.
 func waitTTYProcess(t *testing.T, cmd *exec.Cmd, out *syncBuffer, d time.Duration) int {
 	t.Helper()
 	done := make(chan error, 1)
@@ -122,6 +131,12 @@ func waitTTYProcess(t *testing.T, cmd *exec.Cmd, out *syncBuffer, d time.Duratio
 		var ee *exec.ExitError
 		if err != nil && !errors.As(err, &ee) {
 			t.Fatal(err)
+		}
+		if c, ok := ttyDrained.Load(out); ok {
+			select {
+			case <-c.(chan struct{}):
+			case <-time.After(30 * time.Second): // a grandchild keeps the terminal open; check what there is
+			}
 		}
 		return cmd.ProcessState.ExitCode()
 	case <-time.After(d):

@@ -96,15 +96,23 @@ const (
 type accounts struct {
 	name    string
 	out     io.Writer
-	started chan<- string // told when a transfer starts (the lock is held)
-	running *atomic.Int32 // deposits running now, over both replicas
-	most    *atomic.Int32 // most deposits that ran at once
+	started chan<- string   // told when a transfer starts (the lock is held)
+	done    <-chan struct{} // closed when a transfer may end (the other has been answered)
+	running *atomic.Int32   // deposits running now, over both replicas
+	most    *atomic.Int32   // most deposits that ran at once
 }
 
-// Transfer pretends to be slow work on the account.
+// Transfer pretends to be slow work on the account, 500 ms; the first one
+// goes on until the demo has seen the other answered, however long that
+// takes on a loaded machine.
 func (s *accounts) Transfer(ctx context.Context, req *AccountRequest) (*AccountReply, error) {
 	select {
-	case s.started <- s.name:
+	case s.started <- s.name: // the first transfer
+		select {
+		case <-s.done:
+		case <-ctx.Done():
+			return nil, status.FromContextError(ctx.Err()).Err()
+		}
 	default:
 	}
 	select {
@@ -270,6 +278,7 @@ func run(ctx context.Context, out io.Writer, dbURL string) error {
 
 	var running, most atomic.Int32
 	started := make(chan string, 1)
+	done := make(chan struct{})
 	var replicas []*replica
 	defer func() {
 		for _, r := range replicas {
@@ -277,7 +286,7 @@ func run(ctx context.Context, out io.Writer, dbURL string) error {
 		}
 	}()
 	for _, name := range []string{"replica-1", "replica-2"} {
-		r, err := startReplica(ctx, &accounts{name: name, out: out, started: started, running: &running, most: &most}, dbURL)
+		r, err := startReplica(ctx, &accounts{name: name, out: out, started: started, done: done, running: &running, most: &most}, dbURL)
 		if err != nil {
 			return err
 		}
@@ -297,6 +306,7 @@ func run(ctx context.Context, out io.Writer, dbURL string) error {
 		return ctx.Err()
 	}
 	second := transferLine(ctx, replicas[1], 2, account)
+	close(done)
 	fmt.Fprintln(out, <-first)
 	fmt.Fprintln(out, second)
 
