@@ -54,6 +54,12 @@ func (s *sqlSource) open(ctx context.Context, l *Lock) (backend, error) {
 			return nil, err
 		}
 		b.conn, b.pinned = c, true
+		// The hold's server-side bound (see buildBounded), with pgx's
+		// driver, which tells the server's version (in Session scope it
+		// needs idle_session_timeout, PostgreSQL 14 and later).
+		bound := false
+		b.withPgx(func(pc *pgx.Conn) { bound = l.cfg.scope == Transaction || serverMajor(pc) >= 14 })
+		l.bindPool(bound)
 	case s.tx != nil:
 		b.callerTx = s.tx
 	default:
