@@ -40,6 +40,9 @@ func (s *pgxSource) open(ctx context.Context, l *Lock) (backend, error) {
 			return nil, err
 		}
 		b.pooled, b.conn = pc, pc.Conn()
+		// The hold's server-side bound (see buildBounded): in Session scope
+		// it needs idle_session_timeout (PostgreSQL 14 and later).
+		l.bindPool(l.cfg.scope == Transaction || serverMajor(b.conn) >= 14)
 	case s.tx != nil:
 		b.callerTx, b.conn = s.tx, s.tx.Conn()
 	default:
@@ -183,7 +186,7 @@ func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) 
 	var tx pgx.Tx
 	interrupted, err := interruptible(ctx, b.l, b.conn, func(qctx context.Context) error {
 		var err error
-		tx, err = b.conn.BeginTx(qctx, pgx.TxOptions{BeginQuery: "BEGIN; " + b.l.lockLiteral()})
+		tx, err = b.conn.BeginTx(qctx, pgx.TxOptions{BeginQuery: b.l.ownTxBegin()})
 		return err
 	})
 	if err == nil && !interrupted {

@@ -6,6 +6,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"math/rand/v2"
+	"net"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -54,6 +55,12 @@ func (s *sqlSource) open(ctx context.Context, l *Lock) (backend, error) {
 			return nil, err
 		}
 		b.conn, b.pinned = c, true
+		// The hold's server-side bound (see buildBounded), with pgx's
+		// driver, which tells the server's version (in Session scope it
+		// needs idle_session_timeout, PostgreSQL 14 and later).
+		bound := false
+		b.withPgx(func(pc *pgx.Conn) { bound = l.cfg.scope == Transaction || serverMajor(pc) >= 14 })
+		l.bindPool(bound)
 	case s.tx != nil:
 		b.callerTx = s.tx
 	default:
@@ -357,11 +364,38 @@ func (b *sqlBackend) connGone() (gone bool) {
 	return gone
 }
 
-func (b *sqlBackend) discard() { b.close(false) }
+// discard destroys the connection of a lost hold. The lock's own
+// transaction holds its *sql.Conn until it ends, so it is ended first, on a
+// connection closed beforehand (with pgx's driver), so that its ROLLBACK
+// waits for no network.
+func (b *sqlBackend) discard() {
+	if b.ownTx != nil {
+		b.withPgx(func(pc *pgx.Conn) {
+			ctx, cancel := context.WithTimeout(context.Background(), b.l.cfg.releaseTimeout)
+			_ = pc.Close(ctx)
+			cancel()
+		})
+		stop := b.boundTx()
+		_ = b.ownTx.Rollback()
+		stop()
+		b.txCancel()
+		b.ownTx = nil
+	}
+	b.close(false)
+}
 
 func (b *sqlBackend) watch(interval time.Duration, lost func(error)) func() {
-	if !b.pinned || b.l.cfg.scope != Session {
+	if !b.pinned {
 		return nil
+	}
+	if b.l.cfg.scope != Session {
+		// The lock's own transaction, which the work uses: watched from
+		// the kernel's side only (see watchPeer), with pgx's driver.
+		var nc net.Conn
+		if b.ownTx == nil || !b.withPgx(func(pc *pgx.Conn) { nc = pc.PgConn().Conn() }) {
+			return nil
+		}
+		return watchPeer(nc, interval, lost)
 	}
 	stop := make(chan struct{})
 	w := &pgxWatcher{interval: interval, lost: lost}

@@ -318,19 +318,56 @@
 // Abandoned locks. A client that vanishes (a dead network, a frozen host)
 // keeps its session, and its locks, on the server until the server notices:
 // about 2 h 11 min with the default TCP keepalives, forever behind a
-// middlebox that keeps the TCP session open. On its lock connections a
-// Locker sets tcp_keepalives_idle (half the bound), tcp_keepalives_interval
-// (1 s), tcp_keepalives_count (2), on PostgreSQL 12 and later
-// tcp_user_timeout (the bound), and on 14 and later idle_session_timeout
-// (the bound), so that the server ends an abandoned
-// session within [AbandonedSessionTimeout] (6 s), always after the client
-// itself has seen the loss (twice the check interval); the watch's checks
-// keep a live holder's session busy, so it is never cut. A setting the pool's
-// configuration gives (RuntimeParams) is kept. Connections the caller owns,
-// and the pool connections of New, keep the server's settings: set
-// tcp_keepalives_idle, tcp_keepalives_interval and tcp_keepalives_count in
-// postgresql.conf or in the pool's RuntimeParams (not idle_session_timeout
-// on a pool: it ends idle pool connections).
+// middlebox that keeps the TCP session open, and forever for a frozen
+// process (SIGSTOP, a paused VM: its kernel still answers keepalives). Only
+// the server's idle timeouts end such a session, so every hold on
+// connections the library owns has one:
+//
+//   - A multiplexing Locker sets, on its lock connections,
+//     tcp_keepalives_idle (half the bound), tcp_keepalives_interval (1 s),
+//     tcp_keepalives_count (2), on PostgreSQL 12 and later tcp_user_timeout
+//     (the bound), and on 14 and later idle_session_timeout (the bound), so
+//     that the server ends an abandoned session within
+//     [AbandonedSessionTimeout] (6 s, or four check intervals if longer),
+//     always after the client itself has seen the loss (twice the check
+//     interval). A setting the pool's configuration gives (RuntimeParams) is
+//     kept.
+//   - A Session-scope hold on a pool connection of its own ([New] on a
+//     *pgxpool.Pool or *sql.DB, a Locker with [WithMultiplexing](false))
+//     sets idle_session_timeout to the same bound for the hold (PostgreSQL
+//     14 and later; *sql.DB with pgx's driver), in the lock statement, and
+//     the unlock puts back the value it had, so the connection returns to
+//     the pool as it came; neither costs a round trip.
+//   - A Transaction-scope hold on a pool (the lock's own transaction) sets
+//     idle_in_transaction_session_timeout with SET LOCAL, which the
+//     transaction's end undoes, to [AbandonedTransactionTimeout] (1 min, or
+//     four check intervals if longer), unless the session already has a
+//     bound (a nonzero value from the server, role, database or the pool's
+//     RuntimeParams), which is kept.
+//
+// In Session scope the watch's checks keep a live holder's session busy, so
+// it is never cut. In Transaction scope the work's transaction is idle
+// between the work's statements, and the bound ends it too when the work
+// stays idle in it that long (a call to another service, say): its next
+// statement, and the commit, fail and Do returns an error matching
+// [ErrLockLost]; nothing it did commits. That is the trade-off of the
+// minute. Work that needs longer sets it in its transaction (SET LOCAL
+// idle_in_transaction_session_timeout = '10min', or '0' for no bound), or
+// in the pool's RuntimeParams for all of them. A frozen holder's Lost closes
+// at once when it resumes: a Session-scope hold's watch reads the server's
+// farewell; a Transaction-scope hold is watched from the kernel's side
+// (Linux: the socket's state, without reading from the connection the work
+// uses; elsewhere the loss shows at the next statement).
+//
+// Connections the caller owns keep the caller's settings, and are not
+// watched; bound them yourself. On a *pgx.Conn, *pgxpool.Conn or *sql.Conn
+// (Session scope), SET idle_session_timeout = '6s' (PostgreSQL 14 and
+// later) on it and send a statement more often than that while it holds
+// (the server ends the session after that much silence); on a pgx.Tx or
+// *sql.Tx, SET LOCAL idle_in_transaction_session_timeout = '6s' in it. TCP
+// keepalives (tcp_keepalives_idle, tcp_keepalives_interval,
+// tcp_keepalives_count, in postgresql.conf or the pool's RuntimeParams) free
+// a vanished client's locks, never a frozen one's.
 //
 // The lock table. Every advisory lock held takes a slot in the server's
 // shared lock table, max_locks_per_transaction x (max_connections +

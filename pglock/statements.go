@@ -1,6 +1,10 @@
 package pglock
 
-import "strconv"
+import (
+	"strconv"
+	"strings"
+	"time"
+)
 
 // statements is the SQL one lock runs, built once per Lock. Keys travel as
 // bind parameters in the extended protocol (one prepared statement per
@@ -17,6 +21,12 @@ type statements struct {
 	cleanup string
 	args    []any
 	argv    [2]any
+	// bound is the server-side bound (in ms) the statements set for a hold
+	// on a pool's connection, "" for the plain ones; txSet is the
+	// expression that sets it in the lock's own transaction (see
+	// buildBounded).
+	bound string
+	txSet string
 }
 
 // fixed holds the statements that do not depend on the key's value, per
@@ -92,4 +102,164 @@ func (l *Lock) lockLiteral() string {
 func (l *Lock) cleanupArgs() []any {
 	classid, objid, objsubid := l.key.LockTag()
 	return append(l.key.args(), int64(classid), int64(objid), objsubid)
+}
+
+// Server-side bounds of a hold on a pool's connection (issue 20, item 5). A
+// process that freezes (SIGSTOP, a paused VM) keeps its sessions open: its
+// kernel still answers TCP keepalives, so only the server's idle timeouts end
+// them. The statements that take a lock on a connection of the lock's own
+// (New or a Locker without multiplexing on a pool) also set the bound, in
+// the same round trip, and the ones that end the hold restore it:
+//
+//   - Session scope: idle_session_timeout (PostgreSQL 14 and later) is the
+//     bound while the lock is held. The value it had is kept in the session
+//     setting pglock.idle_session_timeout, and the unlock puts it back, so
+//     that the connection goes back to the pool as it came. A live holder is
+//     never cut: its watch pings every check interval.
+//   - Transaction scope (the lock's own transaction): SET LOCAL
+//     idle_in_transaction_session_timeout, which the transaction's end
+//     undoes; a value the server, role, database or pool already sets (not 0)
+//     is kept.
+
+// AbandonedTransactionTimeout bounds how long the server keeps a lock held in
+// Transaction scope on a pool (the lock's own transaction) when its holder
+// froze or vanished: the lock sets idle_in_transaction_session_timeout to it
+// (or to four lost-check intervals, if longer) for the transaction, unless
+// the session already has a bound of its own (a nonzero
+// idle_in_transaction_session_timeout from the server, role, database or the
+// pool's settings), which is kept. It also ends a transaction whose own work
+// stays idle in it for that long between two statements: work that needs
+// more can say so in its transaction (SET LOCAL
+// idle_in_transaction_session_timeout = '10min', or 0 for none).
+const AbandonedTransactionTimeout = time.Minute
+
+// sessionBound and txBound are the server-side bounds of a hold, in
+// milliseconds, for the lost-check interval d.
+func sessionBound(d time.Duration) string {
+	if b := max(AbandonedSessionTimeout, 4*d); b != AbandonedSessionTimeout {
+		return strconv.FormatInt(b.Milliseconds(), 10)
+	}
+	return defaultSessionBound
+}
+
+func txBound(d time.Duration) string {
+	if b := max(AbandonedTransactionTimeout, 4*d); b != AbandonedTransactionTimeout {
+		return strconv.FormatInt(b.Milliseconds(), 10)
+	}
+	return defaultTxBound
+}
+
+var (
+	defaultSessionBound = strconv.FormatInt(AbandonedSessionTimeout.Milliseconds(), 10)
+	defaultTxBound      = strconv.FormatInt(AbandonedTransactionTimeout.Milliseconds(), 10)
+)
+
+// boundedFixed holds the bounded statements for the default bounds, per
+// [scope][mode][pair], built once; other bounds are built per Lock.
+var boundedFixed = func() (t [2][2][2]statements) {
+	for scope := range 2 {
+		for mode := range 2 {
+			for pair := range 2 {
+				ms := defaultSessionBound
+				if Scope(scope) == Transaction {
+					ms = defaultTxBound
+				}
+				t[scope][mode][pair] = buildBounded(Scope(scope), Mode(mode), pair == 1, ms)
+			}
+		}
+	}
+	return t
+}()
+
+const (
+	// stashIdle keeps the session's idle_session_timeout for the unlock.
+	stashIdle = "set_config('pglock.idle_session_timeout', current_setting('idle_session_timeout'), false) IS NOT NULL"
+	// restoreIdle puts it back (evaluated before the unlock, which may say
+	// false: an AND stops at the first false).
+	restoreIdle = "set_config('idle_session_timeout', current_setting('pglock.idle_session_timeout'), false) IS NOT NULL"
+	// restoreIdleIfSet is restoreIdle after an interrupted wait, where the
+	// grant (and the setting with it) may not have happened: without a
+	// value kept it changes nothing.
+	restoreIdleIfSet = "set_config('idle_session_timeout', coalesce(current_setting('pglock.idle_session_timeout', true), current_setting('idle_session_timeout')), false) IS NOT NULL"
+)
+
+// setIdle sets idle_session_timeout to ms for the hold.
+func setIdle(ms string) string {
+	return "set_config('idle_session_timeout', '" + ms + "', false) IS NOT NULL"
+}
+
+// setIdleInTx sets idle_in_transaction_session_timeout to ms for the
+// transaction, unless the session has a bound already.
+func setIdleInTx(ms string) string {
+	return "(current_setting('idle_in_transaction_session_timeout') <> '0' OR" +
+		" set_config('idle_in_transaction_session_timeout', '" + ms + "', true) IS NOT NULL)"
+}
+
+// buildBounded returns the statements of a hold on a pool's connection with
+// the server-side bound ms (see above). Each returns one value, as the plain
+// ones do.
+func buildBounded(scope Scope, mode Mode, pair bool, ms string) statements {
+	st := buildFixed(scope, mode, pair)
+	xact, shared, _ := fnNames(scope, mode)
+	params := "($1::bigint)"
+	if pair {
+		params = "($1::integer, $2::integer)"
+	}
+	st.bound = ms
+	if scope == Transaction {
+		// The setting first: a wait that follows a failed try (database/sql)
+		// keeps it, and the transaction's end undoes it whatever happens.
+		st.txSet = setIdleInTx(ms)
+		st.try = "SELECT " + st.txSet + " AND pg_try_advisory_" + xact + "lock" + shared + params
+		return st
+	}
+	// The setting only once the lock is granted: a busy try changes nothing.
+	st.try = "SELECT pg_try_advisory_lock" + shared + params + " AND " + stashIdle + " AND " + setIdle(ms)
+	st.lock = "SELECT " + stashIdle + " AND " + setIdle(ms) + " FROM pg_advisory_lock" + shared + params + " AS granted"
+	st.unlock = "SELECT " + restoreIdle + " AND pg_advisory_unlock" + shared + params
+	st.cleanup = strings.Replace(st.cleanup, "SELECT pg_advisory_unlock", "SELECT "+restoreIdleIfSet+" AND pg_advisory_unlock", 1)
+	return st
+}
+
+// bindPool makes the statements those of a hold on a pool's connection
+// (bounded true: with the server-side bound of the Lock's check interval),
+// or the plain ones. The key's arguments are kept.
+func (l *Lock) bindPool(bounded bool) {
+	st := &l.st
+	pair := 0
+	if len(st.args) == 2 {
+		pair = 1
+	}
+	var want statements
+	switch {
+	case !bounded:
+		if st.bound == "" {
+			return
+		}
+		want = fixed[l.cfg.scope][l.cfg.mode][pair]
+	default:
+		ms := sessionBound(l.cfg.lostCheck)
+		if l.cfg.scope == Transaction {
+			ms = txBound(l.cfg.lostCheck)
+		}
+		if st.bound == ms {
+			return
+		}
+		want = boundedFixed[l.cfg.scope][l.cfg.mode][pair]
+		if want.bound != ms {
+			want = buildBounded(l.cfg.scope, l.cfg.mode, pair == 1, ms)
+		}
+	}
+	st.try, st.lock, st.unlock, st.cleanup = want.try, want.lock, want.unlock, want.cleanup
+	st.bound, st.txSet = want.bound, want.txSet
+}
+
+// ownTxBegin is the statement that opens the lock's own transaction and
+// waits for the lock in it, in one round trip (the simple protocol), with
+// the transaction's server-side bound when the statements have one.
+func (l *Lock) ownTxBegin() string {
+	if l.st.txSet == "" {
+		return "BEGIN; " + l.lockLiteral()
+	}
+	return "BEGIN; " + l.lockLiteral() + "; SELECT " + l.st.txSet
 }

@@ -5,14 +5,21 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 )
 
 func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
-	if b.pooled == nil || b.l.cfg.scope != Session {
+	if b.pooled == nil {
 		return nil
+	}
+	if b.l.cfg.scope != Session {
+		if b.ownTx == nil {
+			return nil
+		}
+		return watchPeer(b.conn.PgConn().Conn(), interval, lost)
 	}
 	// A Lock has one hold at a time: its watch lives in the Lock and is
 	// reused by its next holds.
@@ -170,4 +177,54 @@ func (r *rewatch) stop() {
 		r.w.stop()
 	}
 	r.wg.Wait()
+}
+
+// errPeerClosed is the loss a peer watch reports.
+var errPeerClosed = errors.New("pglock: the server closed the connection")
+
+// watchPeer watches the connection of a hold in the lock's own transaction,
+// which the protected work uses meanwhile: it never reads or writes on it
+// (that would take the work's replies), but asks the kernel every interval
+// whether the server has closed it (as it does when it ends the session of a
+// frozen holder: see AbandonedTransactionTimeout), and calls lost if so. A
+// process resumed after a freeze checks at once: the ticker is overdue.
+// Where the kernel cannot tell (see peerClosed), the watch ends at its
+// start. Like the other watches it starts after watchDelay, so that a short
+// hold pays no system call.
+func watchPeer(nc net.Conn, interval time.Duration, lost func(error)) func() {
+	stop := make(chan struct{})
+	return watchAfter(min(watchDelay, interval), func() {
+		if tc, ok := nc.(interface{ NetConn() net.Conn }); ok {
+			nc = tc.NetConn()
+		}
+		sc, ok := nc.(syscall.Conn)
+		if !ok {
+			return
+		}
+		rc, err := sc.SyscallConn()
+		if err != nil {
+			return
+		}
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			closed, ok := peerClosed(rc)
+			if !ok {
+				return
+			}
+			if closed {
+				select {
+				case <-stop: // the hold ended first: not a loss
+				default:
+					lost(errPeerClosed)
+				}
+				return
+			}
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+		}
+	}, func() { close(stop) })
 }
