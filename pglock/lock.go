@@ -164,15 +164,18 @@ func (l *Lock) Held() bool { return l != nil && l.held.Load() }
 // channel; before the first hold and after a release without loss it is
 // simply never closed. Call Lost after Acquire to watch that hold.
 //
-// Only session locks on a pool (*pgxpool.Pool, *sql.DB) are watched, since
-// their connection belongs to the lock (a Locker's lock connection is watched
-// once for all the locks on it, with the Locker's check interval): a server-side close is seen at once
-// (the watch starts 50 ms into the hold: most holds end sooner and never pay
-// for it),
-// a silent connection within twice the lost-check interval (see
-// [WithLostCheckInterval]). On a caller's connection or transaction the loss
-// is seen at release; in Transaction scope the work commits together with the
-// lock, so a lost connection cannot commit work done without the lock.
+// Session locks on a pool (*pgxpool.Pool, *sql.DB) are watched, since their
+// connection belongs to the lock (a Locker's lock connection is watched once
+// for all the locks on it, with the Locker's check interval): a server-side
+// close is seen at once (the watch starts 50 ms into the hold: most holds end
+// sooner and never pay for it), a silent connection within twice the
+// lost-check interval (see [WithLostCheckInterval]). A Transaction-scope
+// hold on a pool is watched too, on Linux, from the kernel's side (the
+// socket's TCP state, without touching the connection the work uses): a
+// session the server ended is seen at once. On a caller's connection or
+// transaction the loss is seen at release; in Transaction scope the work
+// commits together with the lock, so a lost connection cannot commit work
+// done without the lock.
 //
 // A nil or zero Lock is never held: its channel is nil, never closed.
 func (l *Lock) Lost() <-chan struct{} {
