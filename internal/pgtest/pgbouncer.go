@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -50,6 +51,23 @@ func PgBouncerBinary() (string, error) {
 // child process (as the postgres or nobody user when running as root, since
 // PgBouncer refuses root). Stop it with Stop.
 func StartPgBouncer(ctx context.Context, serverURL, mode string, poolSize int) (*PgBouncer, error) {
+	return StartPgBouncerWith(ctx, serverURL, mode, poolSize, nil)
+}
+
+// StartPgBouncerWith is StartPgBouncer with extra settings of pgbouncer.ini's
+// [pgbouncer] section (for example server_reset_query_always = 1,
+// max_client_conn, server_lifetime), written after StartPgBouncer's own, so
+// that they override them. Names are PgBouncer setting names (letters, digits
+// and _); values are one line of printable text. The settings PgBouncer
+// needs to be reached and managed by the test (listen_addr, listen_port,
+// unix_socket_dir, auth_type, auth_file, logfile, pidfile) cannot be set, nor
+// pool_mode and default_pool_size, which are mode and poolSize. Nothing is
+// started when a setting is invalid.
+func StartPgBouncerWith(ctx context.Context, serverURL, mode string, poolSize int, settings map[string]string) (*PgBouncer, error) {
+	extra, err := pgbouncerSettings(settings)
+	if err != nil {
+		return nil, err
+	}
 	switch mode {
 	case "session", "transaction", "statement":
 	default:
@@ -107,8 +125,8 @@ max_client_conn = 1000
 ignore_startup_parameters = extra_float_digits
 logfile = %s
 pidfile = %s
-`, dbname, host, port, dbname, listen, filepath.Join(dir, "users.txt"), mode, poolSize,
-		filepath.Join(dir, "pgbouncer.log"), filepath.Join(dir, "pgbouncer.pid"))
+%s`, dbname, host, port, dbname, listen, filepath.Join(dir, "users.txt"), mode, poolSize,
+		filepath.Join(dir, "pgbouncer.log"), filepath.Join(dir, "pgbouncer.pid"), extra)
 	files := map[string]string{
 		"pgbouncer.ini": ini,
 		"users.txt":     fmt.Sprintf("%q \"\"\n", user),
@@ -171,6 +189,44 @@ pidfile = %s
 	}
 }
 
+// pgbouncerSettings checks settings and returns them as pgbouncer.ini lines,
+// sorted by name.
+func pgbouncerSettings(settings map[string]string) (string, error) {
+	names := make([]string, 0, len(settings))
+	for name := range settings {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	var b strings.Builder
+	for _, name := range names {
+		value := strings.TrimSpace(settings[name])
+		switch {
+		case !isWord(name, "_") || name[0] == '_' || (name[0] >= '0' && name[0] <= '9'):
+			return "", fmt.Errorf("pgtest: pgbouncer setting name %q is not a setting name", name)
+		case pgbouncerOwnSettings[strings.ToLower(name)] != "":
+			return "", fmt.Errorf("pgtest: pgbouncer setting %s cannot be set: %s", name, pgbouncerOwnSettings[strings.ToLower(name)])
+		case strings.IndexFunc(value, func(r rune) bool { return r < ' ' || r == 0x7f }) >= 0:
+			return "", fmt.Errorf("pgtest: pgbouncer setting %s=%q: the value must be one line of printable text", name, value)
+		}
+		fmt.Fprintf(&b, "%s = %s\n", name, value)
+	}
+	return b.String(), nil
+}
+
+// pgbouncerOwnSettings are the settings StartPgBouncer relies on or takes as
+// arguments, with why they cannot be set.
+var pgbouncerOwnSettings = map[string]string{
+	"listen_addr":       "the test reaches PgBouncer there",
+	"listen_port":       "the test reaches PgBouncer there",
+	"unix_socket_dir":   "the test reaches PgBouncer over TCP",
+	"auth_type":         "the test's trust authentication",
+	"auth_file":         "the test's trust authentication",
+	"logfile":           "the test reads it",
+	"pidfile":           "the test manages the process",
+	"pool_mode":         "pass it as mode",
+	"default_pool_size": "pass it as poolSize",
+}
+
 // Stop stops PgBouncer and removes its directory.
 func (b *PgBouncer) Stop() {
 	if b == nil || b.cmd == nil {
@@ -193,9 +249,16 @@ func (b *PgBouncer) Stop() {
 // is set: CI must run every test.
 func StartPgBouncerT(tb testing.TB, mode string, poolSize int) *PgBouncer {
 	tb.Helper()
+	return StartPgBouncerWithT(tb, mode, poolSize, nil)
+}
+
+// StartPgBouncerWithT is StartPgBouncerT with extra pgbouncer.ini settings,
+// as StartPgBouncerWith takes them.
+func StartPgBouncerWithT(tb testing.TB, mode string, poolSize int, settings map[string]string) *PgBouncer {
+	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	b, err := StartPgBouncer(ctx, URL(tb), mode, poolSize)
+	b, err := StartPgBouncerWith(ctx, URL(tb), mode, poolSize, settings)
 	if errors.Is(err, ErrNoPgBouncer) {
 		if ci, _ := strconv.ParseBool(os.Getenv("CI")); ci {
 			tb.Fatal(err)
