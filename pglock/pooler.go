@@ -96,10 +96,6 @@ func proofOf(conn *pgx.Conn) *sessionProof {
 	return &sessionProof{pid: pid, token: sessionToken(data)}
 }
 
-// proofSQL is true when the statement runs on the claimed session; $1 the
-// pid, $2 the token.
-const proofSQL = "pg_backend_pid() = $1::int4 AND current_setting('" + sessionSetting + "', true) IS NOT DISTINCT FROM $2::text"
-
 // errSessionMoved: a statement on a pooled connection did not run on the
 // server session the connection claimed.
 var errSessionMoved = fmt.Errorf("%w: a statement of this connection ran on another server session than the one it claimed"+

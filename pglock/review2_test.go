@@ -207,7 +207,9 @@ func (d hiddenDriver) Open(name string) (driver.Conn, error) {
 
 func (h *hiddenConn) Prepare(q string) (driver.Stmt, error) { return h.c.Prepare(q) }
 func (h *hiddenConn) Close() error                          { return h.c.Close() }
-func (h *hiddenConn) Begin() (driver.Tx, error)             { return h.c.Begin() } //nolint:staticcheck
+
+//lint:ignore SA1019 driver.Conn requires Begin; database/sql calls BeginTx
+func (h *hiddenConn) Begin() (driver.Tx, error) { return h.c.Begin() }
 func (h *hiddenConn) BeginTx(ctx context.Context, o driver.TxOptions) (driver.Tx, error) {
 	return h.c.(driver.ConnBeginTx).BeginTx(ctx, o)
 }
