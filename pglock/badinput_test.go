@@ -51,6 +51,33 @@ func badErr(t *testing.T, name string, err error, says string, want ...error) {
 
 func badFn(context.Context) error { return nil }
 
+// badAcquires checks that every way to acquire l fails with an error that
+// says says, and takes nothing.
+func badAcquires(t *testing.T, l *pglock.Lock, says string) {
+	t.Helper()
+	ctx := context.Background()
+	badCall(t, "Acquire", func() {
+		badErr(t, "Acquire", l.Acquire(ctx), says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
+	})
+	badCall(t, "TryAcquire", func() {
+		ok, err := l.TryAcquire(ctx)
+		badErr(t, "TryAcquire", err, says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
+		if ok {
+			t.Errorf("TryAcquire on a %s took it", says)
+		}
+	})
+	badCall(t, "Do", func() {
+		badErr(t, "Do", l.Do(ctx, badFn), says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
+	})
+	badCall(t, "TryDo", func() {
+		ran, err := l.TryDo(ctx, badFn)
+		badErr(t, "TryDo", err, says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
+		if ran {
+			t.Errorf("TryDo on a %s ran", says)
+		}
+	})
+}
+
 // Every method of a nil *Lock returns an error or a zero value, never
 // panics: `l, err := lk.Lock(k); defer l.Release(ctx)` is safe when Lock
 // failed.
@@ -65,26 +92,7 @@ func TestBadInputNilLock(t *testing.T) {
 			t.Error("nil Lock is held")
 		}
 	})
-	badCall(t, "Acquire", func() {
-		badErr(t, "Acquire", l.Acquire(ctx), says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
-	})
-	badCall(t, "TryAcquire", func() {
-		ok, err := l.TryAcquire(ctx)
-		badErr(t, "TryAcquire", err, says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
-		if ok {
-			t.Error("TryAcquire on a nil Lock took it")
-		}
-	})
-	badCall(t, "Do", func() {
-		badErr(t, "Do", l.Do(ctx, badFn), says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
-	})
-	badCall(t, "TryDo", func() {
-		ran, err := l.TryDo(ctx, badFn)
-		badErr(t, "TryDo", err, says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
-		if ran {
-			t.Error("TryDo on a nil Lock ran")
-		}
-	})
+	badAcquires(t, l, says)
 	badCall(t, "HandleError", func() {
 		work := errors.New("work failed")
 		err := l.HandleError(ctx, work)
@@ -133,26 +141,7 @@ func TestBadInputZeroLock(t *testing.T) {
 	ctx := context.Background()
 	const says = "zero pglock.Lock"
 	l := &pglock.Lock{}
-	badCall(t, "Acquire", func() {
-		badErr(t, "Acquire", l.Acquire(ctx), says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
-	})
-	badCall(t, "TryAcquire", func() {
-		ok, err := l.TryAcquire(ctx)
-		badErr(t, "TryAcquire", err, says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
-		if ok {
-			t.Error("TryAcquire on a zero Lock took it")
-		}
-	})
-	badCall(t, "Do", func() {
-		badErr(t, "Do", l.Do(ctx, badFn), says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
-	})
-	badCall(t, "TryDo", func() {
-		ran, err := l.TryDo(ctx, badFn)
-		badErr(t, "TryDo", err, says, pglock.ErrNotAcquired, pglock.ErrUnsupportedConn)
-		if ran {
-			t.Error("TryDo on a zero Lock ran")
-		}
-	})
+	badAcquires(t, l, says)
 	badCall(t, "Release", func() { badErr(t, "Release", l.Release(ctx), says, pglock.ErrUnsupportedConn) })
 	badCall(t, "Held", func() {
 		if l.Held() {
