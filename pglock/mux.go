@@ -760,9 +760,11 @@ func (m *mux) waitPlace(ctx context.Context, e *keyEntry, mode Mode) (placed, he
 		case <-t.C:
 		}
 		held, err := m.try(ctx, e, mode)
-		if held || err != nil {
+		if held || (err != nil && !errors.Is(err, ErrTooManyLocks)) {
 			return false, held, err
 		}
+		// At the cap (or the server's), a waiter goes on waiting: it takes
+		// nothing until its key is free and the cap allows.
 		pause = min(2*pause, maxPlacePoll)
 		t.Reset(pause)
 	}

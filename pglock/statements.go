@@ -215,7 +215,9 @@ func buildBounded(scope Scope, mode Mode, pair bool, ms string) statements {
 	}
 	// The setting only once the lock is granted: a busy try changes nothing.
 	st.try = "SELECT pg_try_advisory_lock" + shared + params + " AND " + stashIdle + " AND " + setIdle(ms)
-	st.lock = "SELECT " + stashIdle + " AND " + setIdle(ms) + " FROM pg_advisory_lock" + shared + params + " AS granted"
+	// The lock first in the text too: pglock locks shows a waiter's query,
+	// cut short.
+	st.lock = "SELECT (SELECT true FROM pg_advisory_lock" + shared + params + ") AND " + stashIdle + " AND " + setIdle(ms)
 	st.unlock = "SELECT " + restoreIdle + " AND pg_advisory_unlock" + shared + params
 	st.cleanup = strings.Replace(st.cleanup, "SELECT pg_advisory_unlock", "SELECT "+restoreIdleIfSet+" AND pg_advisory_unlock", 1)
 	return st
