@@ -228,10 +228,19 @@ func (j *Job) tick(ctx context.Context) (result, error) {
 	var ok bool
 	var err error
 	if j.cfg.ticks != nil {
+		// The tick this run is for is the one cron started it at, fixed
+		// now: a run that then waits for the lock (another replica's run
+		// holds it) or starts late on a busy host must not take the next
+		// tick's name, which would leave this tick unrun.
+		now := j.cfg.now()
+		tick := lastTick(j.cfg.ticks, now)
+		if tick.IsZero() {
+			return notAcquired, fmt.Errorf("cronlock: job %q: no tick of its schedule in the year before %s", j.name, now.Format(time.RFC3339))
+		}
 		// With ticks the record decides whether a tick runs; the lock only
 		// keeps runs apart: wait for it, so that a tick whose run failed
 		// elsewhere (its record rolled back) is run here, not skipped.
-		err = j.lock.Do(ctx, j.hold)
+		err = j.lock.Do(ctx, func(ctx context.Context) error { return j.hold(context.WithValue(ctx, tickKey{}, tick)) })
 		ok = err == nil || !errors.Is(err, pglock.ErrNotAcquired)
 	} else {
 		ok, err = j.lock.TryDo(ctx, j.hold)
@@ -322,11 +331,7 @@ func holdUntil(ctx context.Context, t time.Time) {
 // claimTick records the tick this run is for (see WithTicks) in the lock's
 // transaction; errTickRan when it was recorded already.
 func (j *Job) claimTick(ctx context.Context) error {
-	now := j.cfg.now()
-	tick := lastTick(j.cfg.ticks, now)
-	if tick.IsZero() {
-		return fmt.Errorf("cronlock: job %q: no tick of its schedule in the year before %s", j.name, now.Format(time.RFC3339))
-	}
+	tick, _ := TickFromContext(ctx)
 	var tx any
 	if t, ok := pglock.TxFromContext(ctx); ok {
 		tx = t
@@ -342,6 +347,18 @@ func (j *Job) claimTick(ctx context.Context) error {
 		return errTickRan
 	}
 	return nil
+}
+
+type tickKey struct{}
+
+// TickFromContext returns the tick (the schedule's time, on the replica's
+// clock: see WithClock) that the run of a job made WithTicks is for, from
+// the context its function gets (Func). The tick is fixed when cron starts
+// the run, before it waits for the lock, so that a run that starts or waits
+// late still records its own tick.
+func TickFromContext(ctx context.Context) (time.Time, bool) {
+	t, ok := ctx.Value(tickKey{}).(time.Time)
+	return t, ok
 }
 
 // lastTick returns the last time at or before now that s fires at (the tick

@@ -60,8 +60,13 @@ func TestTicksExactlyOnceUnderSkew(t *testing.T) {
 		job, err := cronlock.Func(lk, name, func(ctx context.Context) error {
 			tx, _ := pglock.TxFromContext(ctx)
 			time.Sleep(10 * time.Millisecond)
-			// The tick as this replica names it: its clock, to the second.
-			_, err := tx.Exec(ctx, "INSERT INTO "+table+" VALUES ($1, $2)", clock().Truncate(time.Second), i)
+			// The tick as this replica names it: the schedule's time on its
+			// clock, fixed when cron started the run.
+			tick, ok := cronlock.TickFromContext(ctx)
+			if !ok {
+				return errors.New("no tick in the job's context")
+			}
+			_, err := tx.Exec(ctx, "INSERT INTO "+table+" VALUES ($1, $2)", tick, i)
 			return err
 		}, cronlock.WithScope(pglock.Transaction), cronlock.WithTicks(every), cronlock.WithClock(clock), cronlock.WithLogger(logs[i]))
 		if err != nil {
