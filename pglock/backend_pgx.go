@@ -154,7 +154,17 @@ func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error
 		b.close(healthy) // a pooled connection in doubt is destroyed
 		return false, err
 	}
-	ok, err := b.try(ctx, b.conn)
+	var ok bool
+	var err error
+	if proof := proofOf(b.conn); proof != nil {
+		// Through a pooler: the try proves it runs on the session the
+		// connection claimed (see sessionProof).
+		dctx := b.detach(ctx)
+		ok, err = provenTry(dctx, b.conn, proof, b.st.try, b.st.args)
+		b.reattach()
+	} else {
+		ok, err = b.try(ctx, b.conn)
+	}
 	if err != nil {
 		b.close(false)
 		return false, err

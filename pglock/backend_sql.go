@@ -129,6 +129,12 @@ func (b *sqlBackend) try(ctx context.Context) (bool, error) {
 	var ok bool
 	if b.ownTx == nil && b.callerTx == nil {
 		if ran, err := b.onPgx(ctx, func(ctx context.Context, pc *pgx.Conn) error {
+			if proof := proofOf(pc); proof != nil && b.l.cfg.scope == Session {
+				// Through a pooler: see sessionProof.
+				var err error
+				ok, err = provenTry(ctx, pc, proof, b.st.try, b.st.args)
+				return err
+			}
 			return pc.QueryRow(ctx, b.st.try, b.st.args...).Scan(&ok)
 		}); ran {
 			return ok, err

@@ -705,6 +705,9 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 	if err == nil {
 		err = m.waitErr(ctx)
 	}
+	if errors.Is(err, ErrTransactionPooler) {
+		m.refused.Store(&err)
+	}
 	m.putWaitConn(wc, healthy && !errors.Is(err, errConnGone))
 	return false, err
 }

@@ -96,6 +96,37 @@ func proofOf(conn *pgx.Conn) *sessionProof {
 	return &sessionProof{pid: pid, token: sessionToken(data)}
 }
 
+// provenSQL is stmt (a "SELECT expr" lock statement with nargs arguments)
+// made to run its expression only on the claimed session: it answers NULL
+// elsewhere, having taken nothing. With wrap, the expression may be of any
+// type (a void function): it answers true once it ran.
+func provenSQL(stmt string, nargs int, wrap bool) string {
+	expr := strings.TrimPrefix(stmt, "SELECT ")
+	if wrap {
+		expr = "(SELECT true FROM (SELECT " + expr + ") AS granted)"
+	}
+	return fmt.Sprintf("SELECT CASE WHEN pg_backend_pid() = $%d::int8 AND current_setting('%s', true) IS NOT DISTINCT FROM $%d::text THEN (%s) END",
+		nargs+1, sessionSetting, nargs+2, expr)
+}
+
+// with returns args and the proof's own.
+func (p *sessionProof) with(args []any) []any {
+	return append(append(make([]any, 0, len(args)+2), args...), int64(p.pid), p.token)
+}
+
+// provenTry runs the try statement st on conn, which goes through a pooler,
+// with the proof p (see provenSQL): errSessionMoved when it ran elsewhere.
+func provenTry(ctx context.Context, conn *pgx.Conn, p *sessionProof, st string, args []any) (bool, error) {
+	var ok *bool
+	if err := conn.QueryRow(ctx, provenSQL(st, len(args), false), p.with(args)...).Scan(&ok); err != nil {
+		return false, err
+	}
+	if ok == nil {
+		return false, errSessionMoved
+	}
+	return *ok, nil
+}
+
 // errSessionMoved: a statement on a pooled connection did not run on the
 // server session the connection claimed.
 var errSessionMoved = fmt.Errorf("%w: a statement of this connection ran on another server session than the one it claimed"+

@@ -113,8 +113,9 @@ func (l *Lock) cleanupArgs() []any {
 //
 //   - Session scope: idle_session_timeout (PostgreSQL 14 and later) is the
 //     bound while the lock is held. The value it had is kept in the session
-//     setting pglock.idle_session_timeout, and the unlock puts it back, so
-//     that the connection goes back to the pool as it came. A live holder is
+//     setting pglock.idle_session_timeout, and the unlock puts it back (and
+//     empties the kept value), so that the connection goes back to the pool
+//     as it came (but for that empty pglock setting). A live holder is
 //     never cut: its watch pings every check interval.
 //   - Transaction scope (the lock's own transaction): SET LOCAL
 //     idle_in_transaction_session_timeout, which the transaction's end
@@ -175,12 +176,13 @@ const (
 	// stashIdle keeps the session's idle_session_timeout for the unlock.
 	stashIdle = "set_config('pglock.idle_session_timeout', current_setting('idle_session_timeout'), false) IS NOT NULL"
 	// restoreIdle puts it back (evaluated before the unlock, which may say
-	// false: an AND stops at the first false).
-	restoreIdle = "set_config('idle_session_timeout', current_setting('pglock.idle_session_timeout'), false) IS NOT NULL"
-	// restoreIdleIfSet is restoreIdle after an interrupted wait, where the
-	// grant (and the setting with it) may not have happened: without a
-	// value kept it changes nothing.
-	restoreIdleIfSet = "set_config('idle_session_timeout', coalesce(current_setting('pglock.idle_session_timeout', true), current_setting('idle_session_timeout')), false) IS NOT NULL"
+	// false: an AND stops at the first false), and empties the kept value,
+	// so that a later hold cannot find a stale one. Without a value kept
+	// (an interrupted wait, where the grant and the setting may not have
+	// happened; a session a pooler reset) it changes nothing.
+	restoreIdle = "set_config('idle_session_timeout', coalesce(nullif(current_setting('pglock.idle_session_timeout', true), ''), current_setting('idle_session_timeout')), false) IS NOT NULL" +
+		" AND set_config('pglock.idle_session_timeout', '', false) IS NOT NULL"
+	restoreIdleIfSet = restoreIdle
 )
 
 // setIdle sets idle_session_timeout to ms for the hold.

@@ -2,6 +2,7 @@ package pglock
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -17,12 +18,26 @@ func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bo
 	if err := ctx.Err(); err != nil {
 		return false, true, err // nothing sent
 	}
+	// Through a pooler, the wait proves it runs on the session the
+	// connection claimed, and takes nothing elsewhere (see sessionProof).
+	proof := proofOf(conn)
 	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
-		_, err := conn.Exec(qctx, l.st.lock, l.st.args...)
+		if proof == nil {
+			_, err := conn.Exec(qctx, l.st.lock, l.st.args...)
+			return err
+		}
+		var ok *bool
+		err := conn.QueryRow(qctx, provenSQL(l.st.lock, len(l.st.args), true), proof.with(l.st.args)...).Scan(&ok)
+		if err == nil && ok == nil {
+			err = errSessionMoved
+		}
 		return err
 	})
 	if err == nil && !interrupted {
 		return true, true, nil
+	}
+	if errors.Is(err, errSessionMoved) {
+		return false, false, err // nothing taken; the connection is refused
 	}
 	if conn.IsClosed() {
 		return false, false, err
