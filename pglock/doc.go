@@ -302,8 +302,12 @@
 // the server session for the connection (a session setting, pglock.session);
 // through a pooler, a session claimed by another client, or a probe (a second
 // connection that the pooler hands the session just used, or moves between
-// sessions), proves transaction pooling. The outcome is remembered per
-// connection; through a session pooler the probe costs one short connection
+// sessions), proves transaction pooling. Through a pooler, every lock
+// statement then proves in itself that it runs on the session the connection
+// claimed (its pid and the claim), and takes nothing otherwise: a pooler that
+// fools the probe (one that resets sessions after every transaction,
+// server_reset_query_always) is refused at the first lock. The outcome is
+// remembered per connection; through a session pooler the probe costs one short connection
 // per connection (bounded by 1 s when the pooler has no free session). It needs
 // pgx (pgxpool, pgx.Conn, or database/sql with pgx's stdlib driver): with
 // other drivers a transaction pooler goes unseen. Transaction scope works
