@@ -158,3 +158,36 @@ func ExampleFunc_badInput() {
 	fmt.Println(errors.Is(err, cronlock.ErrNilLocker), err)
 	// Output: true cronlock: nil *pglock.Locker
 }
+
+// With ticks, a run is for the schedule's time (the tick), fixed when cron
+// started it, and runs once across every replica: the function finds its
+// tick in its context.
+func ExampleTickFromContext() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+	if _, err := pglock.Migrate(ctx, pool); err != nil { // the tick records' table
+		log.Fatal(err)
+	}
+	locker, err := pglock.NewLocker(pool, pglock.WithScope(pglock.Transaction))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+	daily, err := cron.ParseStandard("0 0 * * *")
+	if err != nil {
+		log.Fatal(err)
+	}
+	name := fmt.Sprintf("example-daily-%d", time.Now().UnixNano()) // a job of its own per run of the example
+	job, err := cronlock.Func(locker, name, func(ctx context.Context) error {
+		tick, _ := cronlock.TickFromContext(ctx)
+		fmt.Println("the run of the tick at", tick.Format("15:04"))
+		return nil
+	}, cronlock.WithTicks(daily))
+	if err != nil {
+		log.Fatal(err)
+	}
+	job.Run() // as cron would: runs today's tick
+	job.Run() // the same tick again: already ran, skipped
+	// Output: the run of the tick at 00:00
+}
