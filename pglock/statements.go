@@ -182,7 +182,6 @@ const (
 	// happened; a session a pooler reset) it changes nothing.
 	restoreIdle = "set_config('idle_session_timeout', coalesce(nullif(current_setting('pglock.idle_session_timeout', true), ''), current_setting('idle_session_timeout')), false) IS NOT NULL" +
 		" AND set_config('pglock.idle_session_timeout', '', false) IS NOT NULL"
-	restoreIdleIfSet = restoreIdle
 )
 
 // setIdle sets idle_session_timeout to ms for the hold.
@@ -221,7 +220,7 @@ func buildBounded(scope Scope, mode Mode, pair bool, ms string) statements {
 	// cut short.
 	st.lock = "SELECT (SELECT true FROM pg_advisory_lock" + shared + params + ") AND " + stashIdle + " AND " + setIdle(ms)
 	st.unlock = "SELECT " + restoreIdle + " AND pg_advisory_unlock" + shared + params
-	st.cleanup = strings.Replace(st.cleanup, "SELECT pg_advisory_unlock", "SELECT "+restoreIdleIfSet+" AND pg_advisory_unlock", 1)
+	st.cleanup = strings.Replace(st.cleanup, "SELECT pg_advisory_unlock", "SELECT "+restoreIdle+" AND pg_advisory_unlock", 1)
 	return st
 }
 
