@@ -42,15 +42,15 @@ func TestPgBouncerNeverTwoHolders(t *testing.T) {
 	resetAlways := map[string]string{"server_reset_query_always": "1"}
 	t.Run("transaction/server_reset_query_always", func(t *testing.T) {
 		b := pgtest.StartPgBouncerWithT(t, "transaction", 4, resetAlways)
-		poolerGuardTrials(t, b, 16, 1, 200, time.Minute, false)
+		poolerGuardTrials(t, b, 16, 1, 200, time.Minute, false, guardLockerLock)
 	})
 	t.Run("transaction/server_reset_query_always/crowded", func(t *testing.T) {
 		b := pgtest.StartPgBouncerWithT(t, "transaction", 2, resetAlways)
-		poolerGuardTrials(t, b, 32, 4, 1000, 25*time.Second, false)
+		poolerGuardTrials(t, b, 32, 4, 1000, 25*time.Second, false, guardLockerLock)
 	})
 	t.Run("transaction/defaults", func(t *testing.T) {
 		b := pgtest.StartPgBouncerT(t, "transaction", 4)
-		poolerGuardTrials(t, b, 16, 1, 150, time.Minute, true)
+		poolerGuardTrials(t, b, 16, 1, 150, time.Minute, true, guardLockerLock)
 	})
 	t.Run("session", func(t *testing.T) {
 		b := pgtest.StartPgBouncerWithT(t, "session", 6, resetAlways)
@@ -118,7 +118,21 @@ type guardHold struct {
 // (busy) only while another client holds. Each granted hold is checked
 // against pg_locks (read directly, not through the pooler) as soon as
 // TryAcquire returns, and all of them again after every trial and at the end.
-func poolerGuardTrials(t *testing.T, b *pgtest.PgBouncer, bg, workers, trials int, budget time.Duration, refuseAll bool) {
+// guardLockerLock is a trial's Lock made the default way: a multiplexing
+// Locker on the trial's pool (returned too, for Close).
+func guardLockerLock(pool *pgxpool.Pool, name string) (*pglock.Lock, *pglock.Locker, error) {
+	lk, err := pglock.NewLocker(pool)
+	if err != nil {
+		return nil, nil, err
+	}
+	l, err := lk.Lock(name)
+	return l, lk, err
+}
+
+// poolerGuardTrials runs the trials; mk makes each trial's Lock on its own
+// pool (and its Locker, if any, for Close).
+func poolerGuardTrials(t *testing.T, b *pgtest.PgBouncer, bg, workers, trials int, budget time.Duration, refuseAll bool,
+	mk func(pool *pgxpool.Pool, name string) (*pglock.Lock, *pglock.Locker, error)) {
 	direct := pgtest.Pool(t, 2)
 	name := pgtest.UniqueKey(t)
 	key := mustKey(t, name)
@@ -168,14 +182,14 @@ func poolerGuardTrials(t *testing.T, b *pgtest.PgBouncer, bg, workers, trials in
 		maxServer = max(maxServer, len(granted))
 		if state := fmt.Sprint(held, granted); (len(held) > 1 || len(granted) > 1) && state != lastBad {
 			lastBad = state
-			violations = append(violations, fmt.Sprintf("%s: %d client(s) report Held() for the exclusive key at once (trials %v); %d server session(s) hold it %+v",
+			violations = append(violations, fmt.Sprintf("INVARIANT never two holders: %s: %d client(s) report Held() for the exclusive key at once (trials %v); %d server session(s) hold it %+v",
 				when, len(held), held, len(granted), granted))
 		}
 		if len(held) > 0 && len(granted) == 0 {
 			for _, tr := range held {
 				if !unbacked[tr] {
 					unbacked[tr] = true
-					violations = append(violations, fmt.Sprintf("%s: trial %d reports Held() but no server session holds the key", when, tr))
+					violations = append(violations, fmt.Sprintf("INVARIANT never two holders: %s: trial %d reports Held() but no server session holds the key", when, tr))
 				}
 			}
 		}
@@ -202,18 +216,13 @@ func poolerGuardTrials(t *testing.T, b *pgtest.PgBouncer, bg, workers, trials in
 			t.Error(err)
 			return false
 		}
-		lk, err := pglock.NewLocker(pool)
+		l, lk, err := mk(pool, name)
 		mu.Lock()
 		pools = append(pools, pool)
 		if lk != nil {
 			lockers = append(lockers, lk)
 		}
 		mu.Unlock()
-		if err != nil {
-			t.Error(err)
-			return false
-		}
-		l, err := lk.Lock(name)
 		if err != nil {
 			t.Error(err)
 			return false

@@ -5,8 +5,6 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -212,200 +210,20 @@ func TestPgBouncerNeverTwoHoldersOnPoolPaths(t *testing.T) {
 	resetAlways := map[string]string{"server_reset_query_always": "1"}
 	t.Run("New on a pool", func(t *testing.T) {
 		b := pgtest.StartPgBouncerWithT(t, "transaction", 2, resetAlways)
-		review3PoolerTrials(t, b, 32, 4, 200, 12*time.Second, false, func(pool *pgxpool.Pool, name string) (*pglock.Lock, error) {
-			return pglock.New(pool, name)
+		poolerGuardTrials(t, b, 32, 4, 200, 12*time.Second, false, func(pool *pgxpool.Pool, name string) (*pglock.Lock, *pglock.Locker, error) {
+			l, err := pglock.New(pool, name)
+			return l, nil, err
 		})
 	})
 	t.Run("WithMultiplexing(false)", func(t *testing.T) {
 		b := pgtest.StartPgBouncerWithT(t, "transaction", 2, resetAlways)
-		review3PoolerTrials(t, b, 32, 4, 200, 12*time.Second, false, func(pool *pgxpool.Pool, name string) (*pglock.Lock, error) {
+		poolerGuardTrials(t, b, 32, 4, 200, 12*time.Second, false, func(pool *pgxpool.Pool, name string) (*pglock.Lock, *pglock.Locker, error) {
 			lk, err := pglock.NewLocker(pool, pglock.WithMultiplexing(false))
 			if err != nil {
-				return nil, err
+				return nil, nil, err
 			}
-			t.Cleanup(func() { _ = lk.Close() })
-			return lk.Lock(name)
+			l, err := lk.Lock(name)
+			return l, lk, err
 		})
 	})
-}
-
-// review3PoolerTrials is poolerGuardTrials (pooler_guard_test.go) with the
-// Lock made by mk instead of a fresh default Locker.
-func review3PoolerTrials(t *testing.T, b *pgtest.PgBouncer, bg, workers, trials int, budget time.Duration, refuseAll bool, mk func(pool *pgxpool.Pool, name string) (*pglock.Lock, error)) {
-	direct := pgtest.Pool(t, 2)
-	name := pgtest.UniqueKey(t)
-	key := mustKey(t, name)
-	ctx := context.Background()
-	start := time.Now()
-
-	stopLoad := busyPooler(t, b, bg)
-	defer stopLoad()
-
-	var (
-		pools      []*pgxpool.Pool
-		lockers    []*pglock.Locker
-		holds      []*guardHold
-		refused    int
-		busy       int // TryAcquire false, nil while another trial held
-		slowestRef time.Duration
-		unexpected []string
-		violations []string
-		maxHeld    int // clients that reported Held() at once, at most
-		maxServer  int // server sessions that held the key at once, at most
-		unbacked   = map[int]bool{}
-		lastBad    string // the last state reported, so that a state is reported once
-	)
-	cleanup := func() {
-		for _, lk := range lockers {
-			_ = lk.Close()
-		}
-		for _, p := range pools {
-			p.Close()
-		}
-		lockers, pools = nil, nil
-	}
-	defer cleanup()
-
-	// check reads who holds the key on the server, then which clients
-	// report Held(): a Lock that still reports Held() after the read did
-	// throughout it (Held() does not turn true again without an acquire).
-	check := func(when string) {
-		granted := pgtest.Granted(t, direct, key)
-		var held []int
-		for _, h := range holds {
-			if h.lock.Held() {
-				held = append(held, h.trial)
-			}
-		}
-		maxHeld = max(maxHeld, len(held))
-		maxServer = max(maxServer, len(granted))
-		if state := fmt.Sprint(held, granted); (len(held) > 1 || len(granted) > 1) && state != lastBad {
-			lastBad = state
-			violations = append(violations, fmt.Sprintf("INVARIANT never two holders: %s: %d client(s) report Held() for the exclusive key at once (trials %v); %d server session(s) hold it %+v",
-				when, len(held), held, len(granted), granted))
-		}
-		if len(held) > 0 && len(granted) == 0 {
-			for _, tr := range held {
-				if !unbacked[tr] {
-					unbacked[tr] = true
-					violations = append(violations, fmt.Sprintf("INVARIANT never two holders: %s: trial %d reports Held() but no server session holds the key", when, tr))
-				}
-			}
-		}
-	}
-
-	// workers clients try at once, each trial a client of its own.
-	var mu sync.Mutex // guards the state above, and check
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	// heldBy returns a trial that reports Held(), or -1.
-	heldBy := func() int {
-		for _, h := range holds {
-			if h.lock.Held() {
-				return h.trial
-			}
-		}
-		return -1
-	}
-	var ran atomic.Int64
-	trial := func(i int) bool {
-		ran.Add(1)
-		pool, err := pgxpool.New(ctx, b.URL+"&default_query_exec_mode=simple_protocol")
-		if err != nil {
-			t.Error(err)
-			return false
-		}
-		mu.Lock()
-		pools = append(pools, pool)
-		mu.Unlock()
-		l, err := mk(pool, name)
-		if err != nil {
-			t.Error(err)
-			return false
-		}
-		tctx, cancel := context.WithTimeout(ctx, guardKeyWait)
-		t0 := time.Now()
-		ok, err := l.TryAcquire(tctx)
-		took := time.Since(t0)
-		cancel()
-		mu.Lock()
-		defer mu.Unlock()
-		switch {
-		case ok && err == nil:
-			holds = append(holds, &guardHold{trial: i, lock: l, took: took})
-			check(fmt.Sprintf("trial %d, at once", i))
-			if refuseAll {
-				violations = append(violations, fmt.Sprintf("trial %d: TryAcquire through the pooler returned true (%v); want ErrTransactionPooler",
-					i, took.Round(time.Millisecond)))
-			}
-		case !ok && errors.Is(err, pglock.ErrTransactionPooler) && errors.Is(err, pglock.ErrNotAcquired):
-			refused++
-			slowestRef = max(slowestRef, took)
-			if refused == 1 {
-				t.Logf("first refusal: %v", err)
-			}
-		case !ok && err == nil && heldBy() >= 0:
-			busy++ // another client holds it (checked as a hold of its own)
-		default:
-			unexpected = append(unexpected, fmt.Sprintf("trial %d: TryAcquire = %v, %v (%v)", i, ok, err, took.Round(time.Millisecond)))
-			check(fmt.Sprintf("trial %d, after an unexpected outcome", i))
-		}
-		if len(holds) > 0 {
-			check(fmt.Sprintf("after trial %d", i))
-		}
-		return true
-	}
-	for range workers {
-		wg.Go(func() {
-			for {
-				i := int(next.Add(1)) - 1
-				if i >= trials || time.Since(start) > budget || !trial(i) {
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	check("after the trials")
-
-	// Release what was granted: a hold that reported Held() until its
-	// release must release cleanly (F1's holders got ErrLockLost here).
-	var releaseErrs []string
-	for _, h := range holds {
-		wasHeld := h.lock.Held()
-		if err := h.lock.Release(ctx); err != nil && wasHeld {
-			releaseErrs = append(releaseErrs, fmt.Sprintf("trial %d: %v", h.trial, err))
-		}
-	}
-	for _, lk := range lockers {
-		if err := lk.Close(); err != nil {
-			t.Errorf("Locker.Close: %v", err)
-		}
-	}
-	cleanup()
-	statements := stopLoad()
-	pgtest.WaitFree(t, direct, key)
-	b.Stop()
-
-	tooks := make([]string, 0, len(holds))
-	for _, h := range holds[:min(len(holds), 10)] {
-		tooks = append(tooks, h.took.Round(time.Millisecond).String())
-	}
-	t.Logf("%d of %d trials in %v (%d background statements): refused with ErrTransactionPooler %d, accepted %d %v, busy %d, other %d; slowest refusal %v",
-		ran.Load(), trials, time.Since(start).Round(time.Millisecond), statements, refused, len(holds), tooks, busy, len(unexpected), slowestRef.Round(time.Millisecond))
-	t.Logf("at most %d client(s) reported Held() at once for the exclusive key; at most %d server session(s) held it; %d accepted hold(s) not held on the server; release errors: %d",
-		maxHeld, maxServer, len(unbacked), len(releaseErrs))
-	for _, s := range unexpected {
-		t.Errorf("neither refused with ErrTransactionPooler nor held: %s", s)
-	}
-	for i, s := range violations {
-		if i == 20 {
-			t.Errorf("... and %d more", len(violations)-i)
-			break
-		}
-		t.Error(s)
-	}
-	for _, s := range releaseErrs {
-		t.Errorf("Release of a hold that reported Held(): %s", s)
-	}
 }
