@@ -47,6 +47,9 @@ type backend interface {
 	// token takes the next fencing token of the held key on the lock's own
 	// session or transaction (see WithToken).
 	token(ctx context.Context) (int64, error)
+	// guarded is the lock-table guard that counts the hold (see
+	// callerGuard); nil for a multiplexed hold, which its Locker's counts.
+	guarded() *callerGuard
 }
 
 // newSource checks the connection value and the options against each other.

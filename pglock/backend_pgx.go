@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -16,6 +17,9 @@ type pgxSource struct {
 	pool *pgxpool.Pool
 	conn *pgx.Conn
 	tx   pgx.Tx
+	// guard is the lock-table guard of the source's server, found at its
+	// first acquire (see pgxBackend.admit).
+	guard atomic.Pointer[callerGuard]
 }
 
 func (s *pgxSource) owned() bool    { return s.pool != nil }
@@ -32,7 +36,7 @@ func (s *pgxSource) kind() string {
 }
 
 func (s *pgxSource) open(ctx context.Context, l *Lock) (backend, error) {
-	b := &pgxBackend{l: l, st: &l.st}
+	b := &pgxBackend{l: l, st: &l.st, src: s}
 	switch {
 	case s.pool != nil:
 		pc, err := s.pool.Acquire(ctx)
@@ -55,10 +59,29 @@ func (s *pgxSource) open(ctx context.Context, l *Lock) (backend, error) {
 type pgxBackend struct {
 	l        *Lock
 	st       *statements
+	src      *pgxSource
 	conn     *pgx.Conn
 	pooled   *pgxpool.Conn // the pool's connection, pinned for the hold
 	callerTx pgx.Tx        // the caller's transaction
 	ownTx    pgx.Tx        // the lock's own transaction (Transaction scope)
+	g        *callerGuard  // the lock-table guard of the server (see admit)
+}
+
+func (b *pgxBackend) guarded() *callerGuard { return b.g }
+
+// admit is the lock-table guard's check (see tableGuard), counting on the
+// hold's session when a count is due.
+func (b *pgxBackend) admit(ctx context.Context) error {
+	if b.g = b.src.guard.Load(); b.g == nil {
+		b.g = guardFor(serverAddr(b.conn))
+		b.src.guard.Store(b.g)
+	}
+	return b.l.admitCaller(ctx, b.g, func(ctx context.Context, sql string) rowScanner {
+		if b.callerTx != nil {
+			return b.callerTx.QueryRow(ctx, sql)
+		}
+		return b.conn.QueryRow(ctx, sql)
+	})
 }
 
 func (b *pgxBackend) pgxTx() pgx.Tx {
@@ -114,6 +137,10 @@ func (b *pgxBackend) close(healthy bool) {
 }
 
 func (b *pgxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
+	if err := b.admit(ctx); err != nil {
+		b.close(true)
+		return false, err
+	}
 	switch {
 	case b.l.cfg.scope == Session:
 		return b.acquireSession(ctx, wait)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -26,6 +27,9 @@ type sqlSource struct {
 	db   *sql.DB
 	conn *sql.Conn
 	tx   *sql.Tx
+	// guard is the lock-table guard of the source's server, found at its
+	// first acquire (see sqlBackend.admit).
+	guard atomic.Pointer[callerGuard]
 }
 
 const (
@@ -47,7 +51,7 @@ func (s *sqlSource) kind() string {
 }
 
 func (s *sqlSource) open(ctx context.Context, l *Lock) (backend, error) {
-	b := &sqlBackend{l: l, st: &l.st}
+	b := &sqlBackend{l: l, st: &l.st, src: s}
 	switch {
 	case s.db != nil:
 		c, err := s.db.Conn(ctx)
@@ -72,6 +76,7 @@ func (s *sqlSource) open(ctx context.Context, l *Lock) (backend, error) {
 type sqlBackend struct {
 	l        *Lock
 	st       *statements
+	src      *sqlSource
 	conn     *sql.Conn // nil on a caller's transaction
 	pinned   bool      // conn was taken from the *sql.DB for this hold
 	callerTx *sql.Tx
@@ -79,6 +84,26 @@ type sqlBackend struct {
 	// txCancel ends ownTx's context: database/sql runs Commit and Rollback
 	// under the context given to BeginTx, so this is how they are bounded.
 	txCancel context.CancelFunc
+	g        *callerGuard // the lock-table guard of the server (see admit)
+}
+
+func (b *sqlBackend) guarded() *callerGuard { return b.g }
+
+// admit is the lock-table guard's check (see tableGuard), counting on the
+// hold's session when a count is due. Only pgx's driver tells the server's
+// address: the Locks on other drivers share one guard.
+func (b *sqlBackend) admit(ctx context.Context) error {
+	if b.g = b.src.guard.Load(); b.g == nil {
+		addr := ""
+		if b.conn != nil {
+			b.withPgx(func(pc *pgx.Conn) { addr = serverAddr(pc) })
+		}
+		b.g = guardFor(addr)
+		b.src.guard.Store(b.g)
+	}
+	return b.l.admitCaller(ctx, b.g, func(ctx context.Context, sql string) rowScanner {
+		return b.target().QueryRowContext(ctx, sql)
+	})
 }
 
 // boundTx cancels the own transaction's context if the returned stop is not
@@ -232,6 +257,10 @@ func (b *sqlBackend) poll(ctx context.Context) (bool, error) {
 }
 
 func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
+	if err := b.admit(ctx); err != nil {
+		b.close(true)
+		return false, err
+	}
 	if b.l.cfg.scope == Session {
 		// Only pgx's driver shows the connection's cancel key, which the
 		// check needs: with other drivers a transaction pooler goes unseen.

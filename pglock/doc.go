@@ -115,9 +115,13 @@
 //     server (pg_locks, at most once a second or once per sixty-fourth of
 //     the table it takes) and refuses more once they reach three quarters
 //     of the table, so that replicas together cannot fill it; WithMaxLocks
-//     above that is an error. A statement that fails with "out of shared
-//     memory" fails its acquires only ([ErrTooManyLocks]), and the
-//     connection and its other locks stay.
+//     above that is an error. The Locks that [New] makes (on a pool, or
+//     stacked on the caller's connection or transaction, where no Locker
+//     caps them) and those of a Locker that does not multiplex share one
+//     such guard per server in each process, which starts counting once they
+//     hold 64 locks together, on the session of the next lock. A statement
+//     that fails with "out of shared memory" fails its acquires only
+//     ([ErrTooManyLocks]), and the connection and its other locks stay.
 //   - Nothing waits on a lock connection. Its statements never wait for a
 //     lock (its lock_timeout is 20 ms: a fencing token behind a migration's
 //     table lock fails at once and is tried again between attempts), and each

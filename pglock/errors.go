@@ -91,11 +91,12 @@ var (
 	// ErrTooManyLocks means a multiplexing Locker already holds as many
 	// session locks as its limit allows (see [WithMaxLocks]), or the
 	// advisory locks of every session of the server reach three quarters of
-	// its lock table, or the table is full ("out of shared memory" on the
-	// lock's statement: that acquire fails, nothing else). Advisory locks
-	// live in the server's shared lock table; a full table makes every
-	// session of the server fail, so the Locker refuses before that. The
-	// message gives the figures. The lock is not held.
+	// its lock table (whatever made the Lock: see the lock-table guard in
+	// the package documentation), or the table is full ("out of shared
+	// memory" on the lock's statement: that acquire fails, nothing else).
+	// Advisory locks live in the server's shared lock table; a full table
+	// makes every session of the server fail, so the library refuses before
+	// that. The message gives the figures. The lock is not held.
 	ErrTooManyLocks = errors.New("pglock: too many locks held")
 
 	// ErrInDo is returned by Release and HandleError while Do or TryDo runs

@@ -63,6 +63,9 @@ type Lock struct {
 	hold      uint64                  // counts the holds, for their watches
 	since     time.Time               // when the current (or last) hold began
 	tokenV    atomic.Int64            // the current hold's fencing token (WithToken)
+	// guard counts the current hold against the server's lock table (see
+	// callerGuard); nil for a multiplexed hold. l.mu guards it.
+	guard *callerGuard
 
 	// lockerClosed is the Locker's closed flag, for Locks made by a Locker.
 	lockerClosed *atomic.Bool
@@ -311,6 +314,9 @@ func (l *Lock) acquire(ctx context.Context, wait, do bool) (bool, error) {
 		return false, nil
 	}
 	l.b = b
+	if l.guard = b.guarded(); l.guard != nil {
+		l.guard.held.Add(1)
+	}
 	if tx := b.pgxTx(); tx != nil && !l.src.callerTx() {
 		l.tx = &givenTx{Tx: tx}
 	}
@@ -385,6 +391,8 @@ func (l *Lock) notAcquired(ctx context.Context, err error) error {
 		return fmt.Errorf("%w: key %s: %w: statement pooling allows no transaction block, which Transaction scope needs"+
 			" (and Session scope needs a session of its own): use session or transaction pooling, or a direct connection: %w",
 			ErrNotAcquired, l.key, ErrTransactionPooler, err)
+	case outOfSharedMemory(err) && !errors.Is(err, ErrTooManyLocks):
+		return fmt.Errorf("%w: key %s: %w", ErrNotAcquired, l.key, lockFailed(err))
 	case errors.Is(err, ErrUnavailable):
 		// The server could not be reached (in time): not a busy key, even
 		// when the context ended meanwhile.
@@ -409,6 +417,10 @@ func (l *Lock) dropHold() backend {
 	}
 	b := l.b
 	l.b, l.tx = nil, nil
+	if l.guard != nil {
+		l.guard.held.Add(-1)
+		l.guard = nil
+	}
 	l.held.Store(false)
 	l.tokenV.Store(0)
 	l.lostMu.Lock()

@@ -632,12 +632,18 @@ func (c *lockConn) cleanup(batch []*connOp) error {
 // connection lives on: a full lock table (out of shared memory, 53200) is
 // ErrTooManyLocks, which fails that acquire only.
 func lockFailed(err error) error {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == "53200" {
+	if outOfSharedMemory(err) {
 		return fmt.Errorf("%w: the server's lock table is full (max_locks_per_transaction * (max_connections + max_prepared_transactions) slots, shared by every session): %w",
 			ErrTooManyLocks, err)
 	}
 	return err
+}
+
+// outOfSharedMemory reports whether err is the server's "out of shared
+// memory" (53200): a full lock table.
+func outOfSharedMemory(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "53200"
 }
 
 func pairIndex(k Key) int {

@@ -58,13 +58,9 @@ type mux struct {
 	held        int // server locks held or being taken
 	limit       int // the cap on held; 0 until known
 	capacity    int // the server's lock table, as configured (0 if unknown)
-	serverLimit int // the cap on the server's advisory locks (see guard)
-	// The server-wide guard's last count (see guard): the advisory locks of
-	// the server, and held, when it was taken; whether one is under way.
-	guardCount, guardHeld int
-	guardAt               time.Time
-	guardBusy             bool
-	closed                bool
+	closed      bool
+	// tg is the server-wide lock-table guard (see mux.guard).
+	tg tableGuard
 }
 
 func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
@@ -256,19 +252,20 @@ func (m *mux) readLimit(conn *pgx.Conn) error {
 	ctx, cancel := context.WithTimeout(context.Background(), m.releaseTimeout)
 	defer cancel()
 	var capacity int
-	err := conn.QueryRow(ctx, `SELECT current_setting('max_locks_per_transaction')::int *
-		(current_setting('max_connections')::int + current_setting('max_prepared_transactions')::int)`).Scan(&capacity)
+	err := conn.QueryRow(ctx, `SELECT `+capacitySQL).Scan(&capacity)
 	if err != nil {
 		return fmt.Errorf("pglock: read the server's lock table size: %w", err)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.capacity = capacity
-	m.serverLimit = max(capacity*serverShare/4, 1)
-	if m.maxLocks > m.serverLimit {
+	m.tg.mu.Lock()
+	m.tg.capacity = capacity
+	m.tg.mu.Unlock()
+	if limit := serverLimitOf(capacity); m.maxLocks > limit {
 		return fmt.Errorf("%w: WithMaxLocks(%d) is above what the server's lock table can hold for advisory locks:"+
 			" %d (3/4 of its %d slots, max_locks_per_transaction * (max_connections + max_prepared_transactions), shared by every session);"+
-			" raise max_locks_per_transaction, or lower the cap", ErrInvalidOption, m.maxLocks, m.serverLimit, capacity)
+			" raise max_locks_per_transaction, or lower the cap", ErrInvalidOption, m.maxLocks, limit, capacity)
 	}
 	m.limit = m.maxLocks
 	if m.limit == 0 {
@@ -281,78 +278,32 @@ func (m *mux) readLimit(conn *pgx.Conn) error {
 // server's lock table, which every session of the server shares.
 const lockTableShare = 4
 
-// serverShare is the share, in quarters, of the server's lock table that the
-// advisory locks of every session together may take before a Locker refuses
-// more (see mux.guard): PostgreSQL fits about twice the nominal table before
-// it runs out of shared memory, and the rest is left to the other locks of
-// every session.
-const serverShare = 3
-
-// The server-wide guard (see mux.guard) counts the server's advisory locks
-// once a Locker holds guardFrom (a share of the table) or more, then again
-// after guardEvery, or after the Locker took guardGrants (a share of the
-// table) more since the last count.
-const (
-	guardFromShare   = 32
-	guardGrantsShare = 64
-	guardEvery       = time.Second
-)
-
 // guard refuses a new lock when the advisory locks of every session of the
-// server, as last counted plus what this Locker took since, reach the
-// server-wide limit (3/4 of the lock table): a cap per Locker cannot see the
-// other Lockers and processes that share the server, and a full table fails
-// every session. The count (pg_locks, which reads the whole table) is taken
-// rarely: only once the Locker itself holds a share of the table, at most
-// once a second or once per share taken, by one goroutine at a time.
+// server reach the server-wide limit (see tableGuard): a cap per Locker
+// cannot see the other Lockers and processes that share the server.
 func (m *mux) guard(k Key) error {
 	m.mu.Lock()
-	if m.serverLimit == 0 || m.held < max(m.capacity/guardFromShare, 1) {
-		m.mu.Unlock()
-		return nil
-	}
-	due := !m.guardBusy && (m.guardAt.IsZero() || time.Since(m.guardAt) >= guardEvery ||
-		m.held-m.guardHeld >= max(m.capacity/guardGrantsShare, 1))
-	if due {
-		m.guardBusy = true
-		m.mu.Unlock()
-		n, err := m.serverAdvisory()
-		m.mu.Lock()
-		m.guardBusy = false
-		if err == nil {
-			m.guardCount, m.guardHeld, m.guardAt = n, m.held, time.Now()
-		}
-	}
-	est := m.guardCount + m.held - m.guardHeld
-	over := !m.guardAt.IsZero() && est >= m.serverLimit
-	limit, capacity := m.serverLimit, m.capacity
+	held := m.held
 	m.mu.Unlock()
-	if !over {
-		return nil
-	}
-	return fmt.Errorf("%w: key %s: the server holds about %d advisory locks of every session, %d at most for them all"+
-		" (3/4 of the server's lock table of %d slots, max_locks_per_transaction * (max_connections + max_prepared_transactions))",
-		ErrTooManyLocks, k, est, limit, capacity)
+	return m.tg.admit(k, held, m.serverAdvisory)
 }
 
 // serverAdvisory counts the advisory locks of every session of the server,
-// held or waited for, on the first lock connection (the statement waits for
-// no lock).
-func (m *mux) serverAdvisory() (int, error) {
+// held or waited for, and reads its lock table size, on the first lock
+// connection (the statement waits for no lock).
+func (m *mux) serverAdvisory() (n, capacity int, err error) {
 	c := m.slot(0)
 	if c == nil {
-		return 0, ErrLockerClosed
+		return 0, 0, ErrLockerClosed
 	}
-	var n int
-	var err error
 	op := connOp{fn: func(conn *pgx.Conn) {
-		err = conn.QueryRow(context.Background(), `SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory'`).Scan(&n)
+		err = conn.QueryRow(context.Background(), guardCountSQL).Scan(&n, &capacity)
 	}}
 	c.do(&op)
 	if err == nil {
 		err = op.err
 	}
-	return n, err
+	return n, capacity, err
 }
 
 // connect opens a lock connection, and tells the server to end its session
@@ -1142,6 +1093,9 @@ func (b *muxBackend) watch(_ time.Duration, lost func(error)) func() {
 
 func (b *muxBackend) pgxTx() pgx.Tx  { return nil }
 func (b *muxBackend) sqlTx() *sql.Tx { return nil }
+
+// guarded is nil: the Locker's own guard counts a multiplexed hold.
+func (b *muxBackend) guarded() *callerGuard { return nil }
 
 // hasConn reports whether the lock connection has been opened.
 func (c *lockConn) hasConn() bool {

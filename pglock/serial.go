@@ -94,3 +94,5 @@ func (b *serialBackend) pgxTx() pgx.Tx  { return b.inner.pgxTx() }
 func (b *serialBackend) sqlTx() *sql.Tx { return b.inner.sqlTx() }
 
 func (b *serialBackend) token(ctx context.Context) (int64, error) { return b.inner.token(ctx) }
+
+func (b *serialBackend) guarded() *callerGuard { return b.inner.guarded() }

@@ -1,0 +1,307 @@
+package pglock_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/internal/pgtest"
+	"github.com/pglockkit/kit/pglock"
+)
+
+// The fleet test's child processes: the server's URL and the child's number.
+const (
+	fleetURLEnv = "PGLOCK_TEST_FLEET_URL"
+	fleetIDEnv  = "PGLOCK_TEST_FLEET_ID"
+)
+
+// fleetLockers is how many default Lockers each process of the fleet runs;
+// fleetTries how many keys each tries.
+const (
+	fleetProcesses = 4
+	fleetLockers   = 3
+	fleetTries     = 2000
+)
+
+// TestGuardFleetHelper is a replica of the fleet test; run directly, it
+// skips. It runs fleetLockers default Lockers, each on a pool of its own,
+// that try fleetTries keys each (from 4 goroutines), then prints
+// "held H refused R lost L other O" (lost: acquires that returned true whose
+// Lost() closed since), waits for its stdin to close, releases everything,
+// and prints "released".
+func TestGuardFleetHelper(t *testing.T) {
+	url := os.Getenv(fleetURLEnv)
+	if url == "" {
+		t.Skip("a replica of the fleet test")
+	}
+	id := os.Getenv(fleetIDEnv)
+	bg := context.Background()
+	var mu sync.Mutex
+	var held []*pglock.Lock
+	var refused, other atomic.Int64
+	var wg sync.WaitGroup
+	for r := range fleetLockers {
+		pool, err := pgxpool.New(bg, url)
+		if err != nil {
+			fmt.Printf("error %v\n", err)
+			os.Exit(2)
+		}
+		defer pool.Close()
+		lk, err := pglock.NewLocker(pool)
+		if err != nil {
+			fmt.Printf("error %v\n", err)
+			os.Exit(2)
+		}
+		defer lk.Close()
+		for g := range 4 {
+			wg.Go(func() {
+				for i := g; i < fleetTries; i += 4 {
+					l, _ := lk.Lock(fmt.Sprintf("fleet-%s-%d-%d", id, r, i))
+					ok, err := l.TryAcquire(bg)
+					switch {
+					case err == nil && ok:
+						mu.Lock()
+						held = append(held, l)
+						mu.Unlock()
+					case errors.Is(err, pglock.ErrTooManyLocks):
+						refused.Add(1)
+					case err != nil:
+						if other.Add(1) == 1 {
+							fmt.Fprintf(os.Stderr, "TryAcquire: %v\n", err)
+						}
+					}
+				}
+			})
+		}
+	}
+	wg.Wait()
+	lost := 0
+	for _, l := range held {
+		select {
+		case <-l.Lost():
+			lost++
+		default:
+		}
+	}
+	fmt.Printf("held %d refused %d lost %d other %d\n", len(held), refused.Load(), lost, other.Load())
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	for _, l := range held {
+		wg.Go(func() {
+			if err := l.Release(bg); err != nil {
+				fmt.Fprintf(os.Stderr, "Release: %v\n", err)
+			}
+		})
+	}
+	wg.Wait()
+	fmt.Println("released")
+}
+
+// Issue 20, item 3, across processes: on a server with PostgreSQL's default
+// lock table (max_locks_per_transaction 64, max_connections 100: 6,400
+// slots), four replica processes of three default Lockers each (each Locker
+// allowed a quarter of the table, so twelve of them could ask for three
+// times it) take keys until refused. Beside them, an innocent session creates
+// tables and opens connections and an innocent Locker holds five keys: the
+// session never sees "out of shared memory", the Locker never loses a lock,
+// every acquire that returned true is held (no Lost) and in pg_locks, the
+// refusals are ErrTooManyLocks, and the fleet stops near three quarters of
+// the table. Nothing is left when the replicas release.
+func TestGuardFleetOfProcesses(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a server and four processes")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	srv, err := pgtest.StartThrowawayWith(ctx, map[string]string{"max_locks_per_transaction": "64", "max_connections": "100"})
+	if errors.Is(err, pgtest.ErrNoPostgres) {
+		t.Skip(err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Stop)
+	const capacity = 64 * 100
+	bg := context.Background()
+	watch, err := pgx.Connect(bg, srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer watch.Close(bg)
+
+	innocentPool, err := pgxpool.New(bg, srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer innocentPool.Close()
+	innocent := muxLocker(t, innocentPool)
+	var innocentHeld []*pglock.Lock
+	for i := range 5 {
+		l, _ := innocent.Lock(fmt.Sprintf("innocent-%d", i))
+		if err := l.Acquire(bg); err != nil {
+			t.Fatal(err)
+		}
+		innocentHeld = append(innocentHeld, l)
+	}
+	bystander, err := pgx.Connect(bg, srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bystander.Close(bg)
+	stop := make(chan struct{})
+	var bystanderErrs []error
+	var bw sync.WaitGroup
+	bw.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := bystander.Exec(bg, fmt.Sprintf("BEGIN; CREATE TEMP TABLE bystander_%d (i int); ROLLBACK", i)); err != nil {
+				bystanderErrs = append(bystanderErrs, err)
+				_, _ = bystander.Exec(bg, "ROLLBACK")
+			}
+			if c, err := pgx.Connect(bg, srv.URL); err != nil {
+				bystanderErrs = append(bystanderErrs, err)
+			} else {
+				_ = c.Close(bg)
+			}
+		}
+	})
+
+	type replica struct {
+		cmd    *exec.Cmd
+		stdin  io.WriteCloser
+		lines  chan string
+		stderr *strings.Builder
+	}
+	var replicas []*replica
+	for id := range fleetProcesses {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestGuardFleetHelper$", "-test.count=1", "-test.timeout=2m")
+		cmd.Env = append(os.Environ(), fleetURLEnv+"="+srv.URL, fmt.Sprintf("%s=%d", fleetIDEnv, id))
+		r := &replica{cmd: cmd, lines: make(chan string, 8), stderr: &strings.Builder{}}
+		cmd.Stderr = r.stderr
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.stdin, err = cmd.StdinPipe(); err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		})
+		go func() {
+			defer close(r.lines)
+			sc := bufio.NewScanner(out)
+			for sc.Scan() {
+				r.lines <- sc.Text()
+			}
+		}()
+		replicas = append(replicas, r)
+	}
+	// next returns the replica's next line that starts with prefix.
+	next := func(r *replica, prefix string) string {
+		t.Helper()
+		timer := time.NewTimer(2 * time.Minute)
+		defer timer.Stop()
+		for {
+			select {
+			case line, ok := <-r.lines:
+				if !ok {
+					t.Fatalf("replica exited before %q: stderr: %s", prefix, r.stderr.String())
+				}
+				if strings.HasPrefix(line, "error ") {
+					t.Fatalf("replica: %s", line)
+				}
+				if strings.HasPrefix(line, prefix) {
+					return line
+				}
+			case <-timer.C:
+				t.Fatalf("replica did not say %q", prefix)
+			}
+		}
+	}
+	var held, refused int
+	for i, r := range replicas {
+		line := next(r, "held ")
+		var h, rf, lost, other int
+		if _, err := fmt.Sscanf(line, "held %d refused %d lost %d other %d", &h, &rf, &lost, &other); err != nil {
+			t.Fatalf("replica %d: %q: %v", i, line, err)
+		}
+		t.Logf("replica %d: %s", i, line)
+		if lost > 0 {
+			t.Errorf("INVARIANT nil-means-held: replica %d lost %d of its %d locks", i, lost, h)
+		}
+		if other > 0 {
+			t.Errorf("replica %d: %d acquires failed with another error than ErrTooManyLocks: %s", i, other, r.stderr.String())
+		}
+		held += h
+		refused += rf
+	}
+	close(stop)
+	bw.Wait()
+
+	for _, err := range bystanderErrs {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "53200" {
+			t.Errorf("INVARIANT innocent-session-unharmed: the bystander got %v", err)
+			break
+		}
+	}
+	for _, l := range innocentHeld {
+		select {
+		case <-l.Lost():
+			t.Errorf("INVARIANT innocent-locker-unharmed: the innocent Locker lost key %s", l.Key())
+		default:
+		}
+	}
+	var granted int
+	if err := watch.QueryRow(bg, `SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted`).Scan(&granted); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d processes of %d Lockers took %d locks, %d refused; pg_locks: %d advisory granted (with the innocent Locker's 5); bystander errors: %d",
+		fleetProcesses, fleetLockers, held, refused, granted, len(bystanderErrs))
+	if granted != held+len(innocentHeld) {
+		t.Errorf("INVARIANT nil-means-held: pg_locks holds %d advisory locks, the replicas and the innocent Locker %d", granted, held+len(innocentHeld))
+	}
+	// Three quarters of the table, and each Locker's overshoot between its
+	// counts (a sixty-fourth of the table).
+	if limit := capacity*3/4 + fleetProcesses*fleetLockers*capacity/64; granted > limit {
+		t.Errorf("INVARIANT server-wide-guard: the fleet took %d locks together, want at most %d (3/4 of the %d-slot table, and the guard's overshoot)",
+			granted, limit, capacity)
+	}
+	if refused == 0 {
+		t.Error("nothing was refused: the fleet did not reach the guard")
+	}
+	for i, r := range replicas {
+		_ = r.stdin.Close()
+		next(r, "released")
+		if err := r.cmd.Wait(); err != nil {
+			t.Errorf("replica %d: %v: %s", i, err, r.stderr.String())
+		}
+	}
+	for _, l := range innocentHeld {
+		if err := l.Release(bg); err != nil {
+			t.Errorf("Release: %v", err)
+		}
+	}
+	waitNoAdvisory(t, watch)
+}
