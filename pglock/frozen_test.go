@@ -122,6 +122,27 @@ func frozenHolder(t *testing.T, mode, key string) {
 	switch mode {
 	case "mux":
 		l = locker(poolWith(nil))
+	case "mux-block":
+		// A lock connection that holds many locks, so that it runs inside a
+		// transaction block, where idle_session_timeout does not apply; the
+		// pool's own idle_in_transaction_session_timeout (none) does not
+		// count on the Locker's sessions.
+		lk, err := pglock.NewLocker(poolWith(map[string]string{"idle_in_transaction_session_timeout": "0"}), pglock.WithLockConns(1))
+		if err != nil {
+			fail(err)
+		}
+		for i := range 100 {
+			other, err := lk.Lock(fmt.Sprintf("%s-held-%d", key, i))
+			if err != nil {
+				fail(err)
+			}
+			if err := other.Acquire(ctx); err != nil {
+				fail(err)
+			}
+		}
+		if l, err = lk.Lock(key); err != nil {
+			fail(err)
+		}
 	case "perhold":
 		l = locker(poolWith(nil), pglock.WithMultiplexing(false))
 	case "new-pool":
@@ -293,6 +314,12 @@ func frozenTry(t *testing.T, ctx context.Context, probe *pgxpool.Pool, key pgloc
 
 func TestFrozenHolderMux(t *testing.T) {
 	frozenHold(t, "mux", pglock.AbandonedSessionTimeout, true)
+}
+
+// The same with the lock connection inside its transaction block (it holds
+// more than 64 locks).
+func TestFrozenHolderMuxBlock(t *testing.T) {
+	frozenHold(t, "mux-block", pglock.AbandonedSessionTimeout, true)
 }
 
 func TestFrozenHolderPerHold(t *testing.T) {

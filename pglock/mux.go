@@ -381,6 +381,14 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 			i--
 		}
 	}
+	// A lock connection that holds many locks stays inside a transaction
+	// block (see blockFrom): there idle_session_timeout does not apply, and
+	// idle_in_transaction_session_timeout bounds a silent client instead
+	// (set whatever the pool's configuration says: these sessions are the
+	// Locker's, and the block is its own).
+	if lockConn {
+		settings = append(settings, [2]string{"idle_in_transaction_session_timeout", strconv.FormatInt(bound.Milliseconds(), 10)})
+	}
 	// A wait on the Locker's own sessions lasts as long as its context
 	// allows, and their statements are bounded by the library (socket
 	// deadlines, cancel requests): a lock_timeout or statement_timeout set

@@ -24,7 +24,7 @@ func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
 	// A Lock has one hold at a time: its watch lives in the Lock and is
 	// reused by its next holds.
 	l := b.l
-	l.watch.arm(b.conn, interval, lost)
+	l.watch.arm(b.conn, interval, lost, nil)
 	if l.stopRewatch == nil {
 		l.stopRewatch = l.watch.stop
 	}
@@ -63,6 +63,8 @@ func watchAfter(delay time.Duration, run, interrupt func()) func() {
 type pgxWatcher struct {
 	interval time.Duration
 	lost     func(error)
+	// ping is the ping after a quiet interval (nil: conn.Ping).
+	ping func(ctx context.Context) error
 
 	mu       sync.Mutex
 	conn     *pgx.Conn
@@ -113,7 +115,11 @@ func (w *pgxWatcher) run() {
 			continue // a notification: not ours to handle
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), w.interval)
-		err = w.conn.Ping(ctx)
+		if w.ping != nil {
+			err = w.ping(ctx)
+		} else {
+			err = w.conn.Ping(ctx)
+		}
 		cancel()
 		if err != nil {
 			w.lost(err)
@@ -145,9 +151,10 @@ type rewatch struct {
 }
 
 // arm starts watching conn after the delay; lost is called if it dies.
-func (r *rewatch) arm(conn *pgx.Conn, interval time.Duration, lost func(error)) {
+// ping, if not nil, replaces conn.Ping.
+func (r *rewatch) arm(conn *pgx.Conn, interval time.Duration, lost func(error), ping func(context.Context) error) {
 	r.w.mu.Lock()
-	r.w.interval, r.w.lost = interval, lost
+	r.w.interval, r.w.lost, r.w.ping = interval, lost, ping
 	r.w.conn, r.w.nc, r.w.stopping = conn, conn.PgConn().Conn(), false
 	r.w.mu.Unlock()
 	r.wg.Add(1)
