@@ -5,7 +5,6 @@ import (
 	"testing"
 	"time"
 
-
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/pglock"
 )
