@@ -112,8 +112,9 @@
 //     with [ErrTooManyLocks]; waiters do not count until granted. Since the
 //     table is the whole server's, a Locker that holds a thirty-second of
 //     it or more also counts the advisory locks of every session of the
-//     server (pg_locks, at most once a second or once per sixty-fourth of
-//     the table it takes) and refuses more once they reach three quarters
+//     server (pg_locks: once a second, or every ten seconds while they are
+//     below half the limit, and after it takes a sixty-fourth of the table
+//     or an eighth of what it holds) and refuses more once they reach three quarters
 //     of the table, so that replicas together cannot fill it; WithMaxLocks
 //     above that is an error. The Locks that [New] makes (on a pool, or
 //     stacked on the caller's connection or transaction, where no Locker

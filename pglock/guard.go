@@ -18,8 +18,8 @@ import (
 // is taken the guard compares the server's advisory locks, as last counted
 // plus what its users took since, with serverLimitOf (3/4 of the table). The
 // count (pg_locks, which reads the whole table) is taken rarely: only once its
-// users hold a share of the table themselves (guardFrom), then at most once
-// per guardEvery or per guardGrants taken, by one goroutine at a time.
+// users hold a share of the table themselves (guardFromShare), then now and
+// then (see guardEvery), by one goroutine at a time.
 //
 // A multiplexing Locker has a guard of its own (mux.guard). The Locks that
 // New makes, and the Locks of a Locker that does not multiplex, share one
@@ -43,12 +43,20 @@ const serverShare = 3
 
 // The guard counts once its users hold a 1/guardFromShare of the table
 // (guardFirst before the table's size is known), then again after
-// guardEvery, or after 1/guardGrantsShare of the table more was taken.
+// guardEvery (guardEveryFar while the last count was below half the limit),
+// or after its users took 1/guardGrantsShare of the table more, or an eighth
+// more than they held at the last count, whichever is more: a count reads
+// every lock of the server, so with a step that grows with the locks held,
+// taking N locks costs O(N) rows read in all, not O(N^2), and what the
+// Lockers of a fleet can take between their counts stays within an eighth
+// of what they hold.
 const (
 	guardFromShare   = 32
 	guardGrantsShare = 64
+	guardGrowth      = 8
 	guardFirst       = 64
 	guardEvery       = time.Second
+	guardEveryFar    = 10 * time.Second
 )
 
 // serverLimitOf is the cap on the advisory locks of every session of a
@@ -79,8 +87,12 @@ func (g *tableGuard) admit(k Key, held int, count func() (n, capacity int, err e
 		g.mu.Unlock()
 		return nil
 	}
-	due := !g.busy && (g.at.IsZero() || time.Since(g.at) >= guardEvery ||
-		held-g.countHeld >= max(g.capacity/guardGrantsShare, 1))
+	every := guardEvery
+	if limit := serverLimitOf(g.capacity); g.capacity > 0 && g.count+held-g.countHeld < limit/2 {
+		every = guardEveryFar
+	}
+	step := max(g.capacity/guardGrantsShare, g.countHeld/guardGrowth, 1)
+	due := !g.busy && (g.at.IsZero() || time.Since(g.at) >= every || held-g.countHeld >= step)
 	if due {
 		g.busy = true
 		g.mu.Unlock()

@@ -32,7 +32,7 @@ import (
 type Lock struct {
 	key  Key
 	name string // what key was hashed from, with the namespace ("" for a Key)
-	cfg  config
+	cfg  *config // shared by the Locks of a Locker made without options: never written
 	src  source
 	st   statements
 	log  *slog.Logger
@@ -72,8 +72,9 @@ type Lock struct {
 	// muxb is the backend of the current hold on a multiplexing Locker.
 	muxb muxBackend
 	// watch watches the connection of a hold on a pool connection of its
-	// own (pgxBackend.watch); stopRewatch is its stop, made once.
-	watch       rewatch
+	// own (pgxBackend.watch), made at its first; stopRewatch is its stop,
+	// made once.
+	watch       *rewatch
 	stopRewatch func()
 }
 
@@ -105,16 +106,18 @@ func New(conn any, key any, opts ...Option) (*Lock, error) {
 	if err != nil {
 		return nil, err
 	}
+	cfg.errs = nil
 	return newLock(src, key, &cfg)
 }
 
+// newLock makes a Lock with cfg, which it keeps and never writes: the Locks
+// of a Locker made without options share the Locker's.
 func newLock(src source, key any, cfg *config) (*Lock, error) {
 	k, name, err := cfg.keyName(key)
 	if err != nil {
 		return nil, err
 	}
-	l := &Lock{key: k, name: name, cfg: *cfg, src: src, lostCh: make(chan struct{})}
-	l.cfg.errs = nil
+	l := &Lock{key: k, name: name, cfg: cfg, src: src, lostCh: make(chan struct{})}
 	l.st.set(k, l.cfg.scope, l.cfg.mode)
 	if cfg.logger != nil {
 		l.log = cfg.logger.With(

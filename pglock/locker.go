@@ -81,25 +81,31 @@ func (lk *Locker) Lock(key any, opts ...Option) (*Lock, error) {
 	if lk.closed.Load() {
 		return nil, ErrLockerClosed
 	}
-	cfg := lk.cfg
-	cfg.errs = nil
-	if err := cfg.apply(opts); err != nil {
-		return nil, err
-	}
-	if err := cfg.lockOnly(); err != nil {
-		return nil, err
+	// Without options the Lock shares the Locker's configuration (settled
+	// by NewLocker); with them it has a copy of its own.
+	cfg := &lk.cfg
+	if len(opts) > 0 {
+		c := lk.cfg
+		c.errs = nil
+		if err := c.apply(opts); err != nil {
+			return nil, err
+		}
+		if err := c.lockOnly(); err != nil {
+			return nil, err
+		}
+		if err := settleScope(lk.src, &c); err != nil {
+			return nil, err
+		}
+		cfg = &c
 	}
 	src := lk.src
-	if err := settleScope(src, &cfg); err != nil {
-		return nil, err
-	}
 	switch {
 	case lk.mux != nil && cfg.scope == Session:
 		src = lk.mux
 	case lk.serial != nil:
 		src = &serialSource{s: lk.serial, inner: src}
 	}
-	l, err := newLock(src, key, &cfg)
+	l, err := newLock(src, key, cfg)
 	if err != nil {
 		return nil, err
 	}

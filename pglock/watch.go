@@ -24,6 +24,9 @@ func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
 	// A Lock has one hold at a time: its watch lives in the Lock and is
 	// reused by its next holds.
 	l := b.l
+	if l.watch == nil {
+		l.watch = new(rewatch)
+	}
 	l.watch.arm(b.conn, interval, lost, nil)
 	if l.stopRewatch == nil {
 		l.stopRewatch = l.watch.stop
