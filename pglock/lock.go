@@ -31,7 +31,7 @@ import (
 // next Release, or Do, reports it with [ErrTxEnded].
 type Lock struct {
 	key  Key
-	name string // what key was hashed from, with the namespace ("" for a Key)
+	name string  // what key was hashed from, with the namespace ("" for a Key)
 	cfg  *config // shared by the Locks of a Locker made without options: never written
 	src  source
 	st   statements
