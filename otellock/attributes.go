@@ -21,13 +21,14 @@ const (
 	keyPairKey   = attribute.Key("pglock.key_pair") // true for an Int32PairKey, spans only
 	keyNameKey   = attribute.Key("pglock.key_name") // WithKeyNames only, spans only
 	connTypeKey  = attribute.Key("pglock.connection.type")
-	errorTypeKey = semconv.ErrorTypeKey // "error.type"
+	connStateKey = attribute.Key("pglock.connection.state") // of a "wait" connection: "waiting" | "holding" | "idle" | "leader"
+	errorTypeKey = semconv.ErrorTypeKey                     // "error.type"
 )
 
 // ownKey reports whether k is an attribute this package sets.
 func ownKey(k attribute.Key) bool {
 	switch k {
-	case scopeKey, modeKey, outcomeKey, keyKey, keyPairKey, keyNameKey, connTypeKey, errorTypeKey:
+	case scopeKey, modeKey, outcomeKey, keyKey, keyPairKey, keyNameKey, connTypeKey, connStateKey, errorTypeKey:
 		return true
 	}
 	return false

@@ -35,7 +35,7 @@
 //	pglock.lock.hold.duration             Histogram             s              pglock.scope, pglock.mode, error.type
 //	pglock.lock.lost                      Counter               {lock}         pglock.scope, pglock.mode
 //	pglock.lock.held                      UpDownCounter         {lock}         pglock.scope, pglock.mode
-//	pglock.locker.connection.count        async UpDownCounter   {connection}   pglock.connection.type (lock, wait)
+//	pglock.locker.connection.count        async UpDownCounter   {connection}   pglock.connection.type (lock, wait), pglock.connection.state (of wait: waiting, holding, idle, leader)
 //	pglock.locker.queued                  async UpDownCounter   {waiter}
 //	pglock.locker.server_lock.usage       async UpDownCounter   {lock}
 //	pglock.locker.server_lock.limit       async UpDownCounter   {lock}

@@ -23,7 +23,7 @@ func (in *Instrumentation) newStatInstruments() error {
 	m := in.meter
 	var err, e error
 	in.conns, e = m.Int64ObservableUpDownCounter(connsName, metric.WithUnit("{connection}"),
-		metric.WithDescription("Open connections of a multiplexing Locker's own, by pglock.connection.type: lock (they hold its session locks) or wait (waiting for a busy key, holding what they waited for, or idle)."))
+		metric.WithDescription("Open connections of a multiplexing Locker's own, by pglock.connection.type: lock (they hold its session locks) or wait, and for wait by pglock.connection.state: waiting (for a busy key), holding (what they waited for), idle, or leader (a Leader's own, campaigning or leading)."))
 	err = errors.Join(err, e)
 	in.queued, e = m.Int64ObservableUpDownCounter(queuedName, metric.WithUnit("{waiter}"),
 		metric.WithDescription("Goroutines waiting in the process for a key that another Lock of the Locker holds or is taking."))
@@ -41,7 +41,8 @@ func (in *Instrumentation) newStatInstruments() error {
 
 // statSets are the attribute sets of a Locker's figures.
 type statSets struct {
-	base, lockConns, waitConns metric.MeasurementOption
+	base, lockConns                     metric.MeasurementOption
+	waiting, holding, idle, leaderConns metric.MeasurementOption
 }
 
 func newStatSets(extra []attribute.KeyValue) statSets {
@@ -49,9 +50,12 @@ func newStatSets(extra []attribute.KeyValue) statSets {
 		return metric.WithAttributeSet(attribute.NewSet(append(append([]attribute.KeyValue(nil), extra...), more...)...))
 	}
 	return statSets{
-		base:      with(),
-		lockConns: with(connTypeKey.String("lock")),
-		waitConns: with(connTypeKey.String("wait")),
+		base:        with(),
+		lockConns:   with(connTypeKey.String("lock")),
+		waiting:     with(connTypeKey.String("wait"), connStateKey.String("waiting")),
+		holding:     with(connTypeKey.String("wait"), connStateKey.String("holding")),
+		idle:        with(connTypeKey.String("wait"), connStateKey.String("idle")),
+		leaderConns: with(connTypeKey.String("wait"), connStateKey.String("leader")),
 	}
 }
 
@@ -61,7 +65,9 @@ func newStatSets(extra []attribute.KeyValue) statSets {
 // only (they are the Locker's, not a lock's):
 //
 //   - pglock.locker.connection.count {connection}: its own connections, by
-//     pglock.connection.type "lock" (LockConns) and "wait" (WaitConns); 0 for
+//     pglock.connection.type "lock" (LockConns) and "wait" (WaitConns), the
+//     latter by pglock.connection.state "waiting", "holding", "idle" and
+//     "leader" (WaitingConns, HoldingConns, IdleConns, LeaderConns); 0 for
 //     a Locker that does not multiplex (on one connection, or
 //     pglock.WithMultiplexing(false)).
 //   - pglock.locker.queued {waiter}: goroutines queued in the process for a
@@ -87,7 +93,10 @@ func (in *Instrumentation) RecordStats(lk *pglock.Locker) (metric.Registration, 
 	return in.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 		st := lk.Stats()
 		o.ObserveInt64(in.conns, int64(st.LockConns), s.lockConns)
-		o.ObserveInt64(in.conns, int64(st.WaitConns), s.waitConns)
+		o.ObserveInt64(in.conns, int64(st.WaitingConns), s.waiting)
+		o.ObserveInt64(in.conns, int64(st.HoldingConns), s.holding)
+		o.ObserveInt64(in.conns, int64(st.IdleConns), s.idle)
+		o.ObserveInt64(in.conns, int64(st.LeaderConns), s.leaderConns)
 		o.ObserveInt64(in.queued, int64(st.Queued), s.base)
 		o.ObserveInt64(in.usage, int64(st.ServerLocks), s.base)
 		if st.MaxLocks > 0 {

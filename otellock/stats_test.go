@@ -88,6 +88,11 @@ func TestRecordStats(t *testing.T) {
 	if conns["lock"] != float64(st.LockConns) || conns["wait"] != float64(st.WaitConns) || len(conns) != 2 {
 		t.Errorf("connection.count = %v, Stats = %+v", conns, st)
 	}
+	states := byAttr(points, "pglock.locker.connection.count", "pglock.connection.state")
+	if states["waiting"] != float64(st.WaitingConns) || states["holding"] != float64(st.HoldingConns) ||
+		states["idle"] != float64(st.IdleConns) || states["leader"] != float64(st.LeaderConns) || states[""] != float64(st.LockConns) {
+		t.Errorf("connection.count by state = %v, Stats = %+v", states, st)
+	}
 	for _, name := range []string{"pglock.locker.connection.count", "pglock.locker.queued", "pglock.locker.server_lock.usage", "pglock.locker.server_lock.limit"} {
 		for _, p := range named(points, name) {
 			if p.kind != "updown" {

@@ -786,6 +786,13 @@ func (c *lockConn) addHolds(n int) {
 	c.mu.Unlock()
 }
 
+// holdsAny reports whether the connection holds a server lock.
+func (c *lockConn) holdsAny() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.holds > 0
+}
+
 // isDead reports whether the connection takes no more requests.
 func (c *lockConn) isDead() bool {
 	c.mu.Lock()

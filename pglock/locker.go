@@ -218,6 +218,18 @@ type LockerStats struct {
 	// [WithWaitConns], plus one per [Leader] campaigning or leading. Both
 	// are 0 for a Locker that does not multiplex.
 	LockConns, WaitConns int
+	// The waiting connections by role: WaitingConns wait in the server's
+	// queue (or are about to), HoldingConns hold what they waited for (a
+	// hold keeps its connection until it is released), IdleConns are open
+	// and unused, and LeaderConns are the Leaders' own (campaigning or
+	// leading). They add up to WaitConns.
+	WaitingConns, HoldingConns, IdleConns, LeaderConns int
+	// Sessions is every server session the Locker has open now (LockConns
+	// + WaitConns); MaxSessions is its budget, which Sessions never exceeds:
+	// WithLockConns + WithWaitConns + LeaderConns. Pool connections are not
+	// counted: a multiplexing Locker takes none for a Session-scope hold
+	// (Transaction scope holds run on the work's own pool connection).
+	Sessions, MaxSessions int
 	// ServerLocks is the number of session locks the Locker holds, or is
 	// trying without waiting, in the server (a wait counts once granted);
 	// MaxLocks the cap on it (0 until the first lock

@@ -940,12 +940,24 @@ func (m *mux) stats() LockerStats {
 			s.LockConns++
 		}
 	}
-	s.WaitConns = len(m.waitBusy)
-	for _, c := range m.waitIdle {
-		if c.hasConn() {
-			s.WaitConns++
+	for c := range m.waitBusy {
+		switch {
+		case !c.placed:
+			s.LeaderConns++
+		case c.holdsAny():
+			s.HoldingConns++
+		default:
+			s.WaitingConns++
 		}
 	}
+	for _, c := range m.waitIdle {
+		if c.hasConn() {
+			s.IdleConns++
+		}
+	}
+	s.WaitConns = s.WaitingConns + s.HoldingConns + s.IdleConns + s.LeaderConns
+	s.Sessions = s.LockConns + s.WaitConns
+	s.MaxSessions = m.conns + m.waitConns + s.LeaderConns
 	s.ServerLocks = m.held
 	s.MaxLocks = m.limit
 	return s
