@@ -495,8 +495,31 @@ func (m *mux) slot(i int) *lockConn {
 	return c
 }
 
-// slotOf spreads keys over the lock connections; a key's lock and unlock go
-// to the same one.
+// pick returns the lock connection for a try of k: its home slot (slotOf),
+// unless that one is running a statement while another lock connection is
+// open and free, which then takes it at once rather than after the home's
+// round trip. The hold lives where it was taken (keyEntry.conn): its unlock
+// goes there, whatever the home. So a few goroutines on distinct keys use
+// the lock connections side by side, as many raw sessions would, and under
+// load, when all are busy, requests queue at home and share its statements.
+// nil once the Locker is closed.
+func (m *mux) pick(k Key) *lockConn {
+	home := m.slotOf(k)
+	c := m.slot(home)
+	if c == nil || m.conns == 1 || !c.busy() {
+		return c
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i := 1; i < m.conns; i++ {
+		if o := m.slots[(home+i)%m.conns]; o != nil && o.free() {
+			return o
+		}
+	}
+	return c
+}
+
+// slotOf spreads keys over the lock connections (see pick).
 func (m *mux) slotOf(k Key) int {
 	h := uint64(k.v) * 0x9E3779B97F4A7C15
 	if k.pair {
@@ -576,7 +599,7 @@ func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode) (bool, error) {
 	// A connection lost before or during the statement, or before its grant
 	// was recorded, holds nothing: try again on a new one.
 	for range 3 {
-		if c = m.slot(m.slotOf(k)); c == nil {
+		if c = m.pick(k); c == nil {
 			op.err = ErrLockerClosed
 			break
 		}
@@ -1116,6 +1139,23 @@ func (b *muxBackend) sqlTx() *sql.Tx { return nil }
 
 // guarded is nil: the Locker's own guard counts a multiplexed hold.
 func (b *muxBackend) guarded() *callerGuard { return nil }
+
+// busy reports whether a goroutine is using the connection (its requests
+// would queue).
+func (c *lockConn) busy() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.active
+}
+
+// free reports whether the connection is open, not known to be lost, and
+// unused: a request sent now runs at once. (The pgx connection itself is
+// not asked: its watch may be using it.)
+func (c *lockConn) free() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.active && c.dead == nil && c.conn != nil
+}
 
 // hasConn reports whether the lock connection has been opened.
 func (c *lockConn) hasConn() bool {
