@@ -67,9 +67,11 @@
 //
 // The scope is the Locker's unless [WithScope] says otherwise.
 //
-// In Session scope ([pglock.Session]) the lock is held on a pinned pool
-// connection around the handler. If that connection dies while the handler
-// runs, the request's context is cancelled with cause [pglock.ErrLockLost]
+// In Session scope ([pglock.Session]) the lock is held around the handler on
+// one of the Locker's lock connections (on a pool connection of its own with
+// [pglock.WithMultiplexing](false), or on the connection the Locker was made
+// with). If that connection dies while the handler runs, the request's
+// context is cancelled with cause [pglock.ErrLockLost]
 // (see [pglock.Lock.Lost]); the response is the handler's, and the failed
 // release is logged. Work that must never run twice even then belongs in
 // Transaction scope.
