@@ -43,8 +43,10 @@
 //
 // # Scopes
 //
-// In Session scope (the Locker's default) the lock is held on a connection
-// of its own, taken from the Locker's pool for the run. In Transaction scope
+// In Session scope (the Locker's default) the lock is held on one of the
+// Locker's lock connections for the run, which takes no pool connection (with
+// [pglock.WithMultiplexing](false), on a pool connection of its own). In
+// Transaction scope
 // ([WithScope]) the lock is taken in a transaction of its own, which a
 // [Func] job reaches with [pglock.TxFromContext] ([pglock.SQLTxFromContext] on
 // database/sql): the job's writes commit together with the lock when it
