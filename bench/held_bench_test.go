@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -20,10 +19,10 @@ var heldCounts = []int{0, 1_000, 10_000, 20_000}
 // a default multiplexing Locker (two lock connections) that already holds N
 // locks, for N in heldCounts. Each "held=N" has two paired sub-benchmarks:
 //
-//   - "raw": beside raw pgx on one connection that holds N locks itself,
+//   - "vs-raw": beside raw pgx on one connection that holds N locks itself,
 //     pg_try_advisory_lock then pg_advisory_unlock (two round trips, as the
 //     library's): "pglock/raw".
-//   - "flat": beside the same operation on a second Locker that holds
+//   - "vs-empty": beside the same operation on a second Locker that holds
 //     nothing: "held/empty", the figure the cost-stays-flat promise is about
 //     (PostgreSQL walks a session's local lock table at the end of every
 //     transaction, so a statement on a session that holds many locks pays for
@@ -32,16 +31,7 @@ var heldCounts = []int{0, 1_000, 10_000, 20_000}
 // It runs on a throwaway cluster (max_locks_per_transaction 512) only, so
 // that the locks have room and nothing else shares the server.
 func BenchmarkHeldCost(b *testing.B) {
-	if _, err := pgtest.Binaries(); err != nil {
-		b.Skip("needs a throwaway cluster with a raised max_locks_per_transaction, and there are no PostgreSQL server binaries:", err)
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	srv, err := pgtest.StartThrowawayWith(sctx, map[string]string{"max_locks_per_transaction": "512"})
-	cancel()
-	if err != nil {
-		b.Skip("needs a throwaway cluster with a raised max_locks_per_transaction, and none could be started:", err)
-	}
-	b.Cleanup(srv.Stop)
+	srv := pgtest.ThrowawayT(b, map[string]string{"max_locks_per_transaction": "512"})
 	ctx := callerCtx(b)
 	newPool := func() *pgxpool.Pool {
 		cfg, err := pgxpool.ParseConfig(srv.URL)
@@ -89,7 +79,7 @@ func BenchmarkHeldCost(b *testing.B) {
 				}
 				must(b, l.Release(ctx))
 			}
-			b.Run("raw", func(b *testing.B) {
+			b.Run("vs-raw/paired", func(b *testing.B) {
 				rawConn, err := pgx.Connect(ctx, srv.URL)
 				must(b, err)
 				defer rawConn.Close(context.Background())
@@ -113,7 +103,7 @@ func BenchmarkHeldCost(b *testing.B) {
 				raw()
 				pgtest.Paired(b, "pglock", lib, raw)
 			})
-			b.Run("flat", func(b *testing.B) {
+			b.Run("vs-empty/paired", func(b *testing.B) {
 				empty, err := newLocker(b, newPool()).Lock(fresh[2])
 				must(b, err)
 				base := func() {
@@ -126,26 +116,7 @@ func BenchmarkHeldCost(b *testing.B) {
 				}
 				lib()
 				base()
-				var heldT, emptyT time.Duration
-				i := 0
-				for b.Loop() {
-					t0 := time.Now()
-					if i%2 == 0 {
-						lib()
-						t1 := time.Now()
-						base()
-						heldT, emptyT = heldT+t1.Sub(t0), emptyT+time.Since(t1)
-					} else {
-						base()
-						t1 := time.Now()
-						lib()
-						emptyT, heldT = emptyT+t1.Sub(t0), heldT+time.Since(t1)
-					}
-					i++
-				}
-				b.ReportMetric(float64(heldT.Nanoseconds())/float64(i), "held-ns/op")
-				b.ReportMetric(float64(emptyT.Nanoseconds())/float64(i), "empty-ns/op")
-				b.ReportMetric(float64(heldT)/float64(emptyT), "held/empty")
+				pgtest.PairedAs(b, "held", "empty", lib, base)
 			})
 		})
 	}

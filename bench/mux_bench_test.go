@@ -223,16 +223,7 @@ func rawPair(ctx context.Context, pool *pgxpool.Pool, k pglock.Key) error {
 // would fill).
 func BenchmarkMuxHoldMany(b *testing.B) {
 	const workers = 100
-	if _, err := pgtest.Binaries(); err != nil {
-		b.Skip("needs a throwaway cluster with a raised max_locks_per_transaction, and there are no PostgreSQL server binaries:", err)
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	srv, err := pgtest.StartThrowawayWith(sctx, map[string]string{"max_locks_per_transaction": "512"})
-	cancel()
-	if err != nil {
-		b.Skip("needs a throwaway cluster with a raised max_locks_per_transaction, and none could be started:", err)
-	}
-	b.Cleanup(srv.Stop)
+	srv := pgtest.ThrowawayT(b, map[string]string{"max_locks_per_transaction": "512"})
 	ctx := callerCtx(b)
 	cfg, err := pgxpool.ParseConfig(srv.URL)
 	must(b, err)

@@ -25,16 +25,7 @@ import (
 // connections can still be opened while the stack is at its peak. Every
 // acquire that returned nil is held until released; nothing is left.
 func TestGuardCountsCallerOwnedSessions(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	srv, err := pgtest.StartThrowawayWith(ctx, map[string]string{"max_locks_per_transaction": "64", "max_connections": "40"})
-	if errors.Is(err, pgtest.ErrNoPostgres) {
-		t.Skip(err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Stop)
+	srv := pgtest.ThrowawayT(t, map[string]string{"max_locks_per_transaction": "64", "max_connections": "40"})
 	const capacity, tries = 64 * 40, 7000
 	bg := context.Background()
 	connect := func() *pgx.Conn {

@@ -3,19 +3,16 @@ package pglock_test
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglockkit/kit/internal/pgtest"
@@ -49,9 +46,7 @@ func TestGuardFleetHelper(t *testing.T) {
 	}
 	id := os.Getenv(fleetIDEnv)
 	bg := context.Background()
-	var mu sync.Mutex
-	var held []*pglock.Lock
-	var refused, other atomic.Int64
+	results := make([]guardTries, fleetLockers)
 	var wg sync.WaitGroup
 	for r := range fleetLockers {
 		pool, err := pgxpool.New(bg, url)
@@ -66,28 +61,19 @@ func TestGuardFleetHelper(t *testing.T) {
 			os.Exit(2)
 		}
 		defer lk.Close()
-		for g := range 4 {
-			wg.Go(func() {
-				for i := g; i < fleetTries; i += 4 {
-					l, _ := lk.Lock(fmt.Sprintf("fleet-%s-%d-%d", id, r, i))
-					ok, err := l.TryAcquire(bg)
-					switch {
-					case err == nil && ok:
-						mu.Lock()
-						held = append(held, l)
-						mu.Unlock()
-					case errors.Is(err, pglock.ErrTooManyLocks):
-						refused.Add(1)
-					case err != nil:
-						if other.Add(1) == 1 {
-							fmt.Fprintf(os.Stderr, "TryAcquire: %v\n", err)
-						}
-					}
-				}
-			})
-		}
+		wg.Go(func() {
+			results[r] = tryKeys(lk, fleetTries, 4, func(i int) string { return fmt.Sprintf("fleet-%s-%d-%d", id, r, i) })
+		})
 	}
 	wg.Wait()
+	var held []*pglock.Lock
+	refused, other := 0, 0
+	for _, r := range results {
+		held, refused, other = append(held, r.held...), refused+r.refused, other+r.other
+		if r.firstOther != nil {
+			fmt.Fprintf(os.Stderr, "TryAcquire: %v\n", r.firstOther)
+		}
+	}
 	lost := 0
 	for _, l := range held {
 		select {
@@ -96,7 +82,7 @@ func TestGuardFleetHelper(t *testing.T) {
 		default:
 		}
 	}
-	fmt.Printf("held %d refused %d lost %d other %d\n", len(held), refused.Load(), lost, other.Load())
+	fmt.Printf("held %d refused %d lost %d other %d\n", len(held), refused, lost, other)
 	_, _ = io.Copy(io.Discard, os.Stdin)
 	for _, l := range held {
 		wg.Go(func() {
@@ -123,16 +109,7 @@ func TestGuardFleetOfProcesses(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a server and four processes")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	srv, err := pgtest.StartThrowawayWith(ctx, map[string]string{"max_locks_per_transaction": "64", "max_connections": "100"})
-	if errors.Is(err, pgtest.ErrNoPostgres) {
-		t.Skip(err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Stop)
+	srv := pgtest.ThrowawayT(t, map[string]string{"max_locks_per_transaction": "64", "max_connections": "100"})
 	const capacity = 64 * 100
 	bg := context.Background()
 	watch, err := pgx.Connect(bg, srv.URL)
@@ -146,41 +123,8 @@ func TestGuardFleetOfProcesses(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer innocentPool.Close()
-	innocent := muxLocker(t, innocentPool)
-	var innocentHeld []*pglock.Lock
-	for i := range 5 {
-		l, _ := innocent.Lock(fmt.Sprintf("innocent-%d", i))
-		if err := l.Acquire(bg); err != nil {
-			t.Fatal(err)
-		}
-		innocentHeld = append(innocentHeld, l)
-	}
-	bystander, err := pgx.Connect(bg, srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bystander.Close(bg)
-	stop := make(chan struct{})
-	var bystanderErrs []error
-	var bw sync.WaitGroup
-	bw.Go(func() {
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := bystander.Exec(bg, fmt.Sprintf("BEGIN; CREATE TEMP TABLE bystander_%d (i int); ROLLBACK", i)); err != nil {
-				bystanderErrs = append(bystanderErrs, err)
-				_, _ = bystander.Exec(bg, "ROLLBACK")
-			}
-			if c, err := pgx.Connect(bg, srv.URL); err != nil {
-				bystanderErrs = append(bystanderErrs, err)
-			} else {
-				_ = c.Close(bg)
-			}
-		}
-	})
+	innocentHeld := innocentLocks(t, muxLocker(t, innocentPool))
+	stopBystander := startBystander(t, srv.URL)
 
 	type replica struct {
 		cmd    *exec.Cmd
@@ -256,29 +200,13 @@ func TestGuardFleetOfProcesses(t *testing.T) {
 		held += h
 		refused += rf
 	}
-	close(stop)
-	bw.Wait()
-
-	for _, err := range bystanderErrs {
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == "53200" {
-			t.Errorf("INVARIANT innocent-session-unharmed: the bystander got %v", err)
-			break
-		}
-	}
-	for _, l := range innocentHeld {
-		select {
-		case <-l.Lost():
-			t.Errorf("INVARIANT innocent-locker-unharmed: the innocent Locker lost key %s", l.Key())
-		default:
-		}
-	}
+	checkUnharmed(t, stopBystander(), innocentHeld)
 	var granted int
 	if err := watch.QueryRow(bg, `SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted`).Scan(&granted); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("%d processes of %d Lockers took %d locks, %d refused; pg_locks: %d advisory granted (with the innocent Locker's 5); bystander errors: %d",
-		fleetProcesses, fleetLockers, held, refused, granted, len(bystanderErrs))
+	t.Logf("%d processes of %d Lockers took %d locks, %d refused; pg_locks: %d advisory granted (with the innocent Locker's 5)",
+		fleetProcesses, fleetLockers, held, refused, granted)
 	if granted != held+len(innocentHeld) {
 		t.Errorf("INVARIANT nil-means-held: pg_locks holds %d advisory locks, the replicas and the innocent Locker %d", granted, held+len(innocentHeld))
 	}

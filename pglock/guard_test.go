@@ -5,9 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
-	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -29,16 +27,7 @@ import (
 // ErrTooManyLocks with the server's figures. WithMaxLocks above what the
 // server can hold is an error.
 func TestServerWideGuardLeavesTableForOthers(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	srv, err := pgtest.StartThrowawayWith(ctx, map[string]string{"max_locks_per_transaction": "64", "max_connections": "40"})
-	if errors.Is(err, pgtest.ErrNoPostgres) {
-		t.Skip(err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Stop)
+	srv := pgtest.ThrowawayT(t, map[string]string{"max_locks_per_transaction": "64", "max_connections": "40"})
 	const lockers, perLocker, capacity = 9, 700, 64 * 40
 	bg := context.Background()
 	newPool := func() *pgxpool.Pool {
@@ -61,87 +50,28 @@ func TestServerWideGuardLeavesTableForOthers(t *testing.T) {
 		t.Errorf("TryDo on a Locker WithMaxLocks(%d), above the server's table = %v, want ErrInvalidOption", capacity, err)
 	}
 
-	innocent := muxLocker(t, newPool())
-	var innocentHeld []*pglock.Lock
-	for i := range 5 {
-		l, _ := innocent.Lock(fmt.Sprintf("innocent-%d", i))
-		if err := l.Acquire(bg); err != nil {
-			t.Fatal(err)
-		}
-		innocentHeld = append(innocentHeld, l)
-	}
-	bystander, err := pgx.Connect(bg, srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bystander.Close(bg)
-
-	var mu sync.Mutex
-	var held []*pglock.Lock
-	var refused, other atomic.Int64
-	var firstRefusal atomic.Pointer[error]
+	innocentHeld := innocentLocks(t, muxLocker(t, newPool()))
+	stopBystander := startBystander(t, srv.URL)
+	results := make([]guardTries, lockers)
 	var wg sync.WaitGroup
 	for r := range lockers {
 		lk := muxLocker(t, newPool())
-		for g := range 4 {
-			wg.Go(func() {
-				for i := g; i < perLocker; i += 4 {
-					l, _ := lk.Lock(fmt.Sprintf("replica-%d-%d", r, i))
-					ok, err := l.TryAcquire(bg)
-					switch {
-					case err == nil && ok:
-						mu.Lock()
-						held = append(held, l)
-						mu.Unlock()
-					case errors.Is(err, pglock.ErrTooManyLocks):
-						refused.Add(1)
-						firstRefusal.CompareAndSwap(nil, &err)
-					case err != nil && other.Add(1) == 1:
-						t.Errorf("TryAcquire = %v, want ErrTooManyLocks when refused", err)
-					}
-				}
-			})
-		}
+		wg.Go(func() {
+			results[r] = tryKeys(lk, perLocker, 4, func(i int) string { return fmt.Sprintf("replica-%d-%d", r, i) })
+		})
 	}
-	// The bystander works meanwhile: a transaction that creates a table,
-	// and new connections.
-	stop := make(chan struct{})
-	var bystanderErrs []error
-	var bw sync.WaitGroup
-	bw.Go(func() {
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := bystander.Exec(bg, fmt.Sprintf("BEGIN; CREATE TEMP TABLE bystander_%d (i int); ROLLBACK", i)); err != nil {
-				bystanderErrs = append(bystanderErrs, err)
-				_, _ = bystander.Exec(bg, "ROLLBACK")
-			}
-			if c, err := pgx.Connect(bg, srv.URL); err != nil {
-				bystanderErrs = append(bystanderErrs, err)
-			} else {
-				_ = c.Close(bg)
-			}
-		}
-	})
 	wg.Wait()
-	close(stop)
-	bw.Wait()
-
-	for _, err := range bystanderErrs {
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == "53200" {
-			t.Errorf("INVARIANT innocent-session-unharmed: the bystander got %v", err)
-			break
+	checkUnharmed(t, stopBystander(), innocentHeld)
+	var held []*pglock.Lock
+	var refused int
+	var firstRefusal error
+	for _, r := range results {
+		held, refused = append(held, r.held...), refused+r.refused
+		if firstRefusal == nil {
+			firstRefusal = r.firstRefusal
 		}
-	}
-	for _, l := range innocentHeld {
-		select {
-		case <-l.Lost():
-			t.Errorf("INVARIANT innocent-locker-unharmed: the innocent Locker lost key %s", l.Key())
-		default:
+		if r.firstOther != nil {
+			t.Errorf("TryAcquire = %v (%d such), want ErrTooManyLocks when refused", r.firstOther, r.other)
 		}
 	}
 	lost := 0
@@ -159,12 +89,8 @@ func TestServerWideGuardLeavesTableForOthers(t *testing.T) {
 	if err := watch.QueryRow(bg, `SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted AND database = $1::oid`, dbOID).Scan(&granted); err != nil {
 		t.Fatal(err)
 	}
-	first := "none"
-	if e := firstRefusal.Load(); e != nil {
-		first = (*e).Error()
-	}
-	t.Logf("%d Lockers took %d locks, %d refused (first: %s); pg_locks: %d advisory granted (with the innocent Locker's 5); bystander errors: %d",
-		lockers, len(held), refused.Load(), first, granted, len(bystanderErrs))
+	t.Logf("%d Lockers took %d locks, %d refused (first: %v); pg_locks: %d advisory granted (with the innocent Locker's 5)",
+		lockers, len(held), refused, firstRefusal, granted)
 	if granted != len(held)+len(innocentHeld) {
 		t.Errorf("pg_locks holds %d advisory locks, the Locks %d", granted, len(held)+len(innocentHeld))
 	}
@@ -175,7 +101,7 @@ func TestServerWideGuardLeavesTableForOthers(t *testing.T) {
 		t.Errorf("INVARIANT server-wide-guard: the Lockers took %d locks together, want at most %d (3/4 of the %d-slot table, and the guard's overshoot)",
 			len(held)+len(innocentHeld), limit, capacity)
 	}
-	if refused.Load() == 0 {
+	if refused == 0 {
 		t.Error("nothing was refused: the Lockers did not reach the guard")
 	}
 	for _, l := range append(held, innocentHeld...) {
@@ -186,4 +112,126 @@ func TestServerWideGuardLeavesTableForOthers(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+// guardTries is what tryKeys got.
+type guardTries struct {
+	held                     []*pglock.Lock
+	refused, other           int // ErrTooManyLocks, and any other error
+	firstRefusal, firstOther error
+}
+
+// tryKeys has goroutines goroutines of lk try the keys name(0..tries-1),
+// each once, with TryAcquire, and returns the Locks it holds and what the
+// others said.
+func tryKeys(lk *pglock.Locker, tries, goroutines int, name func(i int) string) guardTries {
+	var mu sync.Mutex
+	var r guardTries
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := g; i < tries; i += goroutines {
+				l, err := lk.Lock(name(i))
+				ok := false
+				if err == nil {
+					ok, err = l.TryAcquire(context.Background())
+				}
+				mu.Lock()
+				switch {
+				case err == nil && ok:
+					r.held = append(r.held, l)
+				case errors.Is(err, pglock.ErrTooManyLocks):
+					r.refused++
+					if r.firstRefusal == nil {
+						r.firstRefusal = err
+					}
+				case err != nil:
+					r.other++
+					if r.firstOther == nil {
+						r.firstOther = err
+					}
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return r
+}
+
+// startBystander runs an innocent session's work in a loop (a transaction
+// that creates a table, and a new connection) until the returned stop is
+// called, which returns the errors it met.
+func startBystander(t *testing.T, url string) (stop func() []error) {
+	t.Helper()
+	bg := context.Background()
+	bystander, err := pgx.Connect(bg, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	var errs []error
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			if _, err := bystander.Exec(bg, fmt.Sprintf("BEGIN; CREATE TEMP TABLE bystander_%d (i int); ROLLBACK", i)); err != nil {
+				errs = append(errs, err)
+				_, _ = bystander.Exec(bg, "ROLLBACK")
+			}
+			if c, err := pgx.Connect(bg, url); err != nil {
+				errs = append(errs, err)
+			} else {
+				_ = c.Close(bg)
+			}
+		}
+	})
+	return func() []error {
+		close(done)
+		wg.Wait()
+		_ = bystander.Close(bg)
+		return errs
+	}
+}
+
+// checkUnharmed fails the test if the bystander met "out of shared memory"
+// or an innocent Locker's lock was lost.
+func checkUnharmed(t *testing.T, bystanderErrs []error, innocent []*pglock.Lock) {
+	t.Helper()
+	for _, err := range bystanderErrs {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "53200" {
+			t.Errorf("INVARIANT innocent-session-unharmed: the bystander got %v (%d errors in all)", err, len(bystanderErrs))
+			break
+		}
+	}
+	for _, l := range innocent {
+		select {
+		case <-l.Lost():
+			t.Errorf("INVARIANT innocent-locker-unharmed: the innocent Locker lost key %s", l.Key())
+		default:
+		}
+	}
+}
+
+// innocentLocks takes five keys on lk, an innocent Locker beside the ones
+// that fill the lock table.
+func innocentLocks(t *testing.T, lk *pglock.Locker) []*pglock.Lock {
+	t.Helper()
+	var ls []*pglock.Lock
+	for i := range 5 {
+		l, err := lk.Lock(fmt.Sprintf("innocent-%d", i))
+		if err == nil {
+			err = l.Acquire(context.Background())
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls = append(ls, l)
+	}
+	return ls
 }

@@ -7,7 +7,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -27,16 +26,7 @@ import (
 // ErrTooManyLocks, and once the table empties every hold is still there,
 // and after the releases nothing is left and Stats are zero.
 func TestLockTableFullFailsThatAcquireOnly(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	srv, err := pgtest.StartThrowawayWith(ctx, map[string]string{"max_locks_per_transaction": "10", "max_connections": "20"})
-	if errors.Is(err, pgtest.ErrNoPostgres) {
-		t.Skip(err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Stop)
+	srv := pgtest.ThrowawayT(t, map[string]string{"max_locks_per_transaction": "10", "max_connections": "20"})
 	bg := context.Background()
 	pool, err := pgxpool.New(bg, srv.URL)
 	if err != nil {

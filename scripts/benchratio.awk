@@ -94,7 +94,13 @@ END {
 			continue
 		}
 		if (ratio[base] == "") {
-			if (leaves[base] != "") printf "%-" w "s%s\n", bname, alone(base)
+			# No ratio to raw pgx (e.g. the library against itself): the
+			# sub-benchmarks run alone and the paired one's figures.
+			line = ""
+			if (leaves[base] != "") line = alone(base)
+			n = split(substr(units[base], 2), us, " ")
+			for (i = 1; i <= n; i++) line = line "  " us[i] " " num(med(base, us[i]))
+			if (line != "") printf "%-" w "s%s\n", bname, line
 			continue
 		}
 		line = sprintf("%-" w "s  %s %.2f%s", bname, rname[base], median(ratio[base]), alone(base))

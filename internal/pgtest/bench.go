@@ -12,6 +12,13 @@ import (
 // the same noise, so the ratio is steady where timings of separate
 // sub-benchmarks are not. scripts/benchratio.awk summarizes it.
 func Paired(b *testing.B, name string, lib, raw func()) {
+	PairedAs(b, name, "raw", lib, raw)
+}
+
+// PairedAs is Paired with both sides named: it reports "<name>-ns/op",
+// "<base>-ns/op" and "<name>/<base>" (for example a Locker holding many locks
+// against one holding none).
+func PairedAs(b *testing.B, name, base string, lib, raw func()) {
 	var libT, rawT time.Duration
 	i := 0
 	for b.Loop() {
@@ -30,6 +37,6 @@ func Paired(b *testing.B, name string, lib, raw func()) {
 		i++
 	}
 	b.ReportMetric(float64(libT.Nanoseconds())/float64(i), name+"-ns/op")
-	b.ReportMetric(float64(rawT.Nanoseconds())/float64(i), "raw-ns/op")
-	b.ReportMetric(float64(libT)/float64(rawT), name+"/raw")
+	b.ReportMetric(float64(rawT.Nanoseconds())/float64(i), base+"-ns/op")
+	b.ReportMetric(float64(libT)/float64(rawT), name+"/"+base)
 }

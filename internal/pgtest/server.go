@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -222,6 +223,24 @@ func isWord(s, punct string) bool {
 		}
 	}
 	return true
+}
+
+// ThrowawayT starts a throwaway cluster with settings (see
+// StartThrowawayWith) for one test or benchmark and stops it when that ends.
+// Without PostgreSQL's server binaries it skips; other failures are fatal.
+func ThrowawayT(tb testing.TB, settings map[string]string) *Server {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	srv, err := StartThrowawayWith(ctx, settings)
+	if errors.Is(err, ErrNoPostgres) {
+		tb.Skip(err)
+	}
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(srv.Stop)
+	return srv
 }
 
 // Stop stops and removes a throwaway cluster; it does nothing for a server
