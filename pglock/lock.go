@@ -73,11 +73,10 @@ type Lock struct {
 	lockerClosed *atomic.Bool
 	// muxb is the backend of the current hold on a multiplexing Locker.
 	muxb muxBackend
-	// watch watches the connection of a hold on a pool connection of its
-	// own (pgxBackend.watch), made at its first; stopRewatch is its stop,
-	// made once.
-	watch       *rewatch
-	stopRewatch func()
+	// watch watches the connection of the current hold on a pool
+	// connection of its own (pgxBackend.watch), taken from a pool of them
+	// and given back by dropHold.
+	watch *rewatch
 }
 
 // New returns a Lock on key for conn, which is one of *pgxpool.Pool,
@@ -448,6 +447,10 @@ func (l *Lock) dropHold() backend {
 	if l.stopWatch != nil {
 		l.stopWatch()
 		l.stopWatch = nil
+	}
+	if l.watch != nil {
+		putRewatch(l.watch)
+		l.watch = nil
 	}
 	b := l.b
 	l.b, l.tx = nil, nil

@@ -21,17 +21,33 @@ func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
 		}
 		return watchPeer(b.conn.PgConn().Conn(), interval, lost)
 	}
-	// A Lock has one hold at a time: its watch lives in the Lock and is
-	// reused by its next holds.
+	// A Lock has one hold at a time: the hold takes a watch (its timer and
+	// goroutine's state) from a pool of them, and Lock.dropHold gives it
+	// back, so that a Lock made per hold (New) makes no watch of its own.
 	l := b.l
 	if l.watch == nil {
-		l.watch = new(rewatch)
+		l.watch = rewatches.Get().(*rewatch)
 	}
 	l.watch.arm(b.conn, interval, lost, nil)
-	if l.stopRewatch == nil {
-		l.stopRewatch = l.watch.stop
-	}
-	return l.stopRewatch
+	return l.watch.stopFn
+}
+
+// rewatches are the rewatches of holds on pool connections of their own
+// (pgxBackend.watch), stopped and kept for the next hold.
+var rewatches = sync.Pool{New: func() any {
+	r := new(rewatch)
+	r.stopFn = r.stop
+	return r
+}}
+
+// putRewatch stops r and keeps it for another hold, forgetting its
+// connection and its hold.
+func putRewatch(r *rewatch) {
+	r.stop()
+	r.w.mu.Lock()
+	r.w.conn, r.w.nc, r.w.lost, r.w.ping = nil, nil, nil, nil
+	r.w.mu.Unlock()
+	rewatches.Put(r)
 }
 
 // watchDelay is how long a hold lasts before its connection is watched: most
@@ -142,27 +158,55 @@ func (w *pgxWatcher) stop() {
 }
 
 // rewatch is a watch armed and stopped many times, as a lock connection is
-// used and left idle: its timer, watcher and wait group are reused, so that
-// arming it costs no allocation. Like watchAfter, it starts watching after
-// watchDelay (or the interval, if shorter). Not safe for concurrent use: the
-// goroutine that owns the connection arms and stops it.
+// used and left idle, or as a Lock made per hold is held: its timer, watcher
+// and wait group are reused, so that arming it costs no allocation. Like
+// watchAfter, it starts watching after watchDelay (or the interval, if
+// shorter). Not safe for concurrent use: the goroutine that owns the
+// connection arms and stops it.
+//
+// Arming and stopping leave the timer alone when they can: a stop leaves it
+// set, and an arm that finds it set to fire by its own start keeps it; the
+// timer's function then looks at what is armed now, sets itself again for
+// the rest of the delay or does nothing. Setting a timer can wake the
+// runtime's network poller (a thread, a system call); a connection used
+// many times a second would pay that on every use, where this pays it about
+// once per delay.
 type rewatch struct {
-	w     pgxWatcher
-	t     *time.Timer
-	wg    sync.WaitGroup
+	w  pgxWatcher
+	t  *time.Timer
+	wg sync.WaitGroup // counts a watch under way (fire running w.run)
+
+	mu sync.Mutex
+	// armed: armed and not stopped since; the watch starts at due.
 	armed bool
+	due   time.Time
+	// pending: t is set to call fire, at fireAt at the latest. (It may be
+	// set while pending is false, never the other way round.)
+	pending bool
+	fireAt  time.Time
+	// running: fire runs the watch.
+	running bool
+
+	// stopFn is stop, for the holds that hand it out (pgxBackend.watch).
+	stopFn func()
 }
 
 // arm starts watching conn after the delay; lost is called if it dies.
-// ping, if not nil, replaces conn.Ping.
+// ping, if not nil, replaces conn.Ping. The watch of the last arm must be
+// stopped.
 func (r *rewatch) arm(conn *pgx.Conn, interval time.Duration, lost func(error), ping func(context.Context) error) {
 	r.w.mu.Lock()
 	r.w.interval, r.w.lost, r.w.ping = interval, lost, ping
 	r.w.conn, r.w.nc, r.w.stopping = conn, conn.PgConn().Conn(), false
 	r.w.mu.Unlock()
-	r.wg.Add(1)
-	r.armed = true
 	delay := min(watchDelay, interval)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.armed, r.due = true, time.Now().Add(delay)
+	if r.pending && !r.fireAt.After(r.due) {
+		return // it fires by then, and sets itself again for the rest
+	}
+	r.pending, r.fireAt = true, r.due
 	if r.t == nil {
 		r.t = time.AfterFunc(delay, r.fire)
 		return
@@ -170,20 +214,51 @@ func (r *rewatch) arm(conn *pgx.Conn, interval time.Duration, lost func(error), 
 	r.t.Reset(delay)
 }
 
+// fire is the timer's function: it starts the armed watch when it is due.
 func (r *rewatch) fire() {
-	defer r.wg.Done()
+	r.mu.Lock()
+	switch {
+	case r.running:
+		// A second call (arm set the timer again as it fired): the watch
+		// is under way.
+		r.mu.Unlock()
+		return
+	case !r.armed:
+		r.pending = false
+		r.mu.Unlock()
+		return
+	}
+	if d := time.Until(r.due); d > 0 {
+		// Armed again since the timer was set: the rest of the delay.
+		r.pending, r.fireAt = true, r.due
+		r.t.Reset(d)
+		r.mu.Unlock()
+		return
+	}
+	r.pending, r.running = false, true
+	r.wg.Add(1)
+	r.mu.Unlock()
+
 	r.w.run()
+
+	r.mu.Lock()
+	r.running = false
+	r.mu.Unlock()
+	r.wg.Done()
 }
 
-// stop ends the watch, if armed, and waits for it.
+// stop ends the watch, if armed: a watch under way is interrupted and
+// waited for; one not started never starts.
 func (r *rewatch) stop() {
+	r.mu.Lock()
 	if !r.armed {
+		r.mu.Unlock()
 		return
 	}
 	r.armed = false
-	if r.t.Stop() {
-		r.wg.Done()
-	} else {
+	running := r.running
+	r.mu.Unlock()
+	if running {
 		r.w.stop()
 	}
 	r.wg.Wait()
