@@ -75,8 +75,10 @@ type Lock struct {
 	muxb muxBackend
 	// watch watches the connection of the current hold on a pool
 	// connection of its own (pgxBackend.watch), taken from a pool of them
-	// and given back by dropHold.
+	// and given back by dropHold; peer is the same for a hold in the
+	// lock's own transaction.
 	watch *rewatch
+	peer  *peerWatch
 }
 
 // New returns a Lock on key for conn, which is one of *pgxpool.Pool,
@@ -451,6 +453,10 @@ func (l *Lock) dropHold() backend {
 	if l.watch != nil {
 		putRewatch(l.watch)
 		l.watch = nil
+	}
+	if l.peer != nil {
+		putPeerWatch(l.peer)
+		l.peer = nil
 	}
 	b := l.b
 	l.b, l.tx = nil, nil
