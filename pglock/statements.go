@@ -269,12 +269,34 @@ func (l *Lock) bindPool(bounded bool) {
 // idle before), which spares the server a statement per hold. It is built
 // once per Lock (l.mu held).
 func (l *Lock) ownTxBegin() string {
-	if l.st.begin == "" {
-		if l.st.txSet == "" {
-			l.st.begin = "BEGIN; " + l.lockLiteral()
-		} else {
-			l.st.begin = "BEGIN; " + l.lockLiteral() + " IS NOT NULL AND " + l.st.txSet
-		}
+	if l.st.begin != "" {
+		return l.st.begin
 	}
+	// lockLiteral's text, made in one allocation: a Locker's Do makes a
+	// Lock per call.
+	xact, shared, _ := fnNames(l.cfg.scope, l.cfg.mode)
+	var b strings.Builder
+	var num [20]byte
+	b.Grow(96 + len(l.st.txSet))
+	b.WriteString("BEGIN; SELECT pg_advisory_")
+	b.WriteString(xact)
+	b.WriteString("lock")
+	b.WriteString(shared)
+	b.WriteByte('(')
+	if l.key.pair {
+		x, y := l.key.halves()
+		b.Write(strconv.AppendInt(num[:0], int64(x), 10))
+		b.WriteString(", ")
+		b.Write(strconv.AppendInt(num[:0], int64(y), 10))
+		b.WriteByte(')')
+	} else {
+		b.Write(strconv.AppendInt(num[:0], l.key.v, 10))
+		b.WriteString("::bigint)")
+	}
+	if l.st.txSet != "" {
+		b.WriteString(" IS NOT NULL AND ")
+		b.WriteString(l.st.txSet)
+	}
+	l.st.begin = b.String()
 	return l.st.begin
 }
