@@ -191,8 +191,9 @@ type delayed struct {
 	// set while pending is false, never the other way round.)
 	pending bool
 	fireAt  time.Time
-	// running: fire runs run.
-	running bool
+	// started: run started for this arm (it runs once per arm, however
+	// many times the timer fires).
+	started bool
 }
 
 // arm starts run after delay, unless stop comes first. The last arm must
@@ -200,7 +201,7 @@ type delayed struct {
 func (d *delayed) arm(delay time.Duration) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.armed, d.due = true, time.Now().Add(delay)
+	d.armed, d.due, d.started = true, time.Now().Add(delay), false
 	if d.pending && !d.fireAt.After(d.due) {
 		return // it fires by then, and sets itself again for the rest
 	}
@@ -216,9 +217,9 @@ func (d *delayed) arm(delay time.Duration) {
 func (d *delayed) fire() {
 	d.mu.Lock()
 	switch {
-	case d.running:
+	case d.started:
 		// A second call (arm set the timer again as it fired): the watch
-		// is under way.
+		// is under way, or ran.
 		d.mu.Unlock()
 		return
 	case !d.armed:
@@ -233,16 +234,11 @@ func (d *delayed) fire() {
 		d.mu.Unlock()
 		return
 	}
-	d.pending, d.running = false, true
+	d.pending, d.started = false, true
 	d.wg.Add(1)
 	d.mu.Unlock()
-
+	defer d.wg.Done()
 	d.run()
-
-	d.mu.Lock()
-	d.running = false
-	d.mu.Unlock()
-	d.wg.Done()
 }
 
 // stop ends the watch, if armed: a run under way is interrupted and waited
@@ -254,10 +250,10 @@ func (d *delayed) stop() {
 		return
 	}
 	d.armed = false
-	running := d.running
+	started := d.started
 	d.mu.Unlock()
-	if running {
-		d.interrupt()
+	if started {
+		d.interrupt() // nothing to interrupt if it returned already
 	}
 	d.wg.Wait()
 }
