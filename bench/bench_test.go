@@ -154,6 +154,23 @@ func BenchmarkSessionAcquireRelease(b *testing.B) {
 	})
 }
 
+// The plainest use: pglock.New(pool, key) made per operation, then Acquire
+// and Release, uncontended (one pool connection per hold), beside raw pgx:
+// pool.Acquire, pg_advisory_lock, pg_advisory_unlock, Release.
+func BenchmarkSessionNewAcquireRelease(b *testing.B) {
+	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+		return pair{
+			lib: func(b *testing.B) {
+				l, err := pglock.New(pool, k)
+				must(b, err)
+				must(b, l.Acquire(ctx))
+				must(b, l.Release(ctx))
+			},
+			raw: func(b *testing.B) { rawSession(ctx, b, pool, rk, func() {}) },
+		}
+	})
+}
+
 // TryAcquire + Release, uncontended, of a Lock made by pglock.New on a pool.
 func BenchmarkTryAcquireRelease(b *testing.B) {
 	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -53,8 +54,15 @@ type backend interface {
 }
 
 // newSource checks the connection value and the options against each other.
-func newSource(conn any, cfg *config) (source, error) {
+// A pgx source is made in into when it is not nil (New's Lock holds it).
+func newSource(conn any, cfg *config, into *pgxSource) (source, error) {
 	var s source
+	pgxSrc := func() *pgxSource {
+		if into != nil {
+			return into
+		}
+		return new(pgxSource)
+	}
 	switch c := conn.(type) {
 	case *pgxpool.Pool:
 		if c == nil {
@@ -63,7 +71,9 @@ func newSource(conn any, cfg *config) (source, error) {
 		if zeroPool(c) {
 			return nil, fmt.Errorf("%w: a zero pgxpool.Pool: make it with pgxpool.New or pgxpool.NewWithConfig", ErrUnsupportedConn)
 		}
-		s = &pgxSource{pool: c}
+		ps := pgxSrc()
+		ps.pool = c
+		s = ps
 	case *pgxpool.Conn:
 		if c == nil {
 			return nil, fmt.Errorf("%w: nil *pgxpool.Conn", ErrUnsupportedConn)
@@ -75,7 +85,9 @@ func newSource(conn any, cfg *config) (source, error) {
 		if pc.PgConn() == nil {
 			return nil, fmt.Errorf("%w: a pgxpool.Conn on a zero pgx.Conn", ErrUnsupportedConn)
 		}
-		s = &pgxSource{conn: pc}
+		ps := pgxSrc()
+		ps.conn = pc
+		s = ps
 	case *pgx.Conn:
 		if c == nil {
 			return nil, fmt.Errorf("%w: nil *pgx.Conn", ErrUnsupportedConn)
@@ -83,12 +95,16 @@ func newSource(conn any, cfg *config) (source, error) {
 		if c.PgConn() == nil {
 			return nil, fmt.Errorf("%w: a zero pgx.Conn: make it with pgx.Connect or pgx.ConnectConfig", ErrUnsupportedConn)
 		}
-		s = &pgxSource{conn: c}
+		ps := pgxSrc()
+		ps.conn = c
+		s = ps
 	case pgx.Tx:
 		if isNilTx(c) {
 			return nil, fmt.Errorf("%w: nil pgx.Tx", ErrUnsupportedConn)
 		}
-		s = &pgxSource{tx: c}
+		ps := pgxSrc()
+		ps.tx = c
+		s = ps
 	case *sql.DB:
 		if c == nil {
 			return nil, fmt.Errorf("%w: nil *sql.DB", ErrUnsupportedConn)
@@ -137,9 +153,15 @@ func settleScope(s source, cfg *config) error {
 }
 
 // zeroPool reports whether p is a zero pgxpool.Pool, which pgxpool.New did
-// not make: it has no config, so Config panics (copying a nil one). Config
-// copies the config of a pool made by New and touches nothing else.
+// not make: it has no config. The field is read by reflection, as noDB does
+// (set when the pool is made and never written again, so the read races
+// with nothing): Config would copy the whole configuration, at every New.
+// Where a later pgx renames the field, Config tells: it panics on a zero
+// pool (copying a nil config) and touches nothing else on a pool made by New.
 func zeroPool(p *pgxpool.Pool) (zero bool) {
+	if i := poolConfigField(); i >= 0 {
+		return reflect.ValueOf(p).Elem().Field(i).IsNil()
+	}
 	defer func() {
 		if recover() != nil {
 			zero = true
@@ -147,6 +169,16 @@ func zeroPool(p *pgxpool.Pool) (zero bool) {
 	}()
 	return p.Config() == nil
 }
+
+// poolConfigField is the index of pgxpool.Pool's config field (a pointer),
+// or -1.
+var poolConfigField = sync.OnceValue(func() int {
+	f, ok := reflect.TypeFor[pgxpool.Pool]().FieldByName("config")
+	if !ok || len(f.Index) != 1 || f.Type.Kind() != reflect.Pointer {
+		return -1
+	}
+	return f.Index[0]
+})
 
 // poolConn returns the connection of c, or nil when c is a zero or released
 // pgxpool.Conn: it has no pool resource, so Conn panics.

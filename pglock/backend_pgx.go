@@ -73,7 +73,7 @@ func (b *pgxBackend) guarded() *callerGuard { return b.g }
 // hold's session when a count is due.
 func (b *pgxBackend) admit(ctx context.Context) error {
 	if b.g = b.src.guard.Load(); b.g == nil {
-		b.g = guardFor(serverAddr(b.conn))
+		b.g = connGuard(b.conn)
 		b.src.guard.Store(b.g)
 	}
 	return b.l.admitCaller(ctx, b.g, func(ctx context.Context, sql string) rowScanner {
@@ -82,6 +82,22 @@ func (b *pgxBackend) admit(ctx context.Context) error {
 		}
 		return b.conn.QueryRow(ctx, sql)
 	})
+}
+
+// guardDataKey is the key of a connection's callerGuard in its CustomData.
+const guardDataKey = "pglock.guard"
+
+// connGuard returns the callerGuard of conn's server, found once per
+// connection: a source made per Lock (New) would otherwise look it up, by
+// the server's address as text, at every hold.
+func connGuard(conn *pgx.Conn) *callerGuard {
+	data := conn.PgConn().CustomData()
+	if g, ok := data[guardDataKey].(*callerGuard); ok {
+		return g
+	}
+	g := guardFor(serverAddr(conn))
+	data[guardDataKey] = g
+	return g
 }
 
 func (b *pgxBackend) pgxTx() pgx.Tx {

@@ -51,9 +51,11 @@ type Lock struct {
 	// stopWatch ends the current hold's connection watch.
 	stopWatch func()
 
-	held     atomic.Bool
-	lostMu   sync.Mutex
-	lostCh   chan struct{} // closed when the current (or last) hold is lost
+	held   atomic.Bool
+	lostMu sync.Mutex
+	// lostCh is closed when the current (or last) hold is lost; nil until
+	// Lost asks for it or the hold is lost (then closedCh).
+	lostCh   chan struct{}
 	lostErr  error
 	lostDone bool
 	// lostGiven: Lost handed out the current channel, so the next hold needs
@@ -71,11 +73,12 @@ type Lock struct {
 	lockerClosed *atomic.Bool
 	// muxb is the backend of the current hold on a multiplexing Locker.
 	muxb muxBackend
-	// watch watches the connection of a hold on a pool connection of its
-	// own (pgxBackend.watch), made at its first; stopRewatch is its stop,
-	// made once.
-	watch       *rewatch
-	stopRewatch func()
+	// watch watches the connection of the current hold on a pool
+	// connection of its own (pgxBackend.watch), taken from a pool of them
+	// and given back by dropHold; peer is the same for a hold in the
+	// lock's own transaction.
+	watch *rewatch
+	peer  *peerWatch
 }
 
 // New returns a Lock on key for conn, which is one of *pgxpool.Pool,
@@ -95,29 +98,51 @@ type Lock struct {
 // package did not make (&pgxpool.Pool{}, &sql.DB{}...), or a released
 // *pgxpool.Conn ([ErrUnsupportedConn], naming the type).
 func New(conn any, key any, opts ...Option) (*Lock, error) {
-	cfg := defaultConfig()
+	// One allocation for the Lock, its configuration and its source.
+	o := &ownLock{cfg: defaultConfig()}
+	cfg := &o.cfg
 	if err := cfg.apply(opts); err != nil {
 		return nil, err
 	}
 	if err := cfg.lockOnly(); err != nil {
 		return nil, err
 	}
-	src, err := newSource(conn, &cfg)
+	src, err := newSource(conn, cfg, &o.pgx)
 	if err != nil {
 		return nil, err
 	}
 	cfg.errs = nil
-	return newLock(src, key, &cfg)
+	if err := o.init(src, key, cfg); err != nil {
+		return nil, err
+	}
+	return &o.Lock, nil
+}
+
+// ownLock is a Lock made by New, with the configuration and the source that
+// it alone uses.
+type ownLock struct {
+	Lock
+	cfg config
+	pgx pgxSource
 }
 
 // newLock makes a Lock with cfg, which it keeps and never writes: the Locks
 // of a Locker made without options share the Locker's.
 func newLock(src source, key any, cfg *config) (*Lock, error) {
-	k, name, err := cfg.keyName(key)
-	if err != nil {
+	l := new(Lock)
+	if err := l.init(src, key, cfg); err != nil {
 		return nil, err
 	}
-	l := &Lock{key: k, name: name, cfg: cfg, src: src, lostCh: make(chan struct{})}
+	return l, nil
+}
+
+// init makes l a Lock on key with cfg (see newLock).
+func (l *Lock) init(src source, key any, cfg *config) error {
+	k, name, err := cfg.keyName(key)
+	if err != nil {
+		return err
+	}
+	l.key, l.name, l.cfg, l.src = k, name, cfg, src
 	l.st.set(k, l.cfg.scope, l.cfg.mode)
 	if cfg.logger != nil {
 		l.log = cfg.logger.With(
@@ -126,7 +151,7 @@ func newLock(src source, key any, cfg *config) (*Lock, error) {
 			slog.String("mode", l.cfg.mode.String()),
 		)
 	}
-	return l, nil
+	return nil
 }
 
 // unmade returns the error of a Lock that New or Locker.Lock did not make
@@ -188,9 +213,15 @@ func (l *Lock) Lost() <-chan struct{} {
 	if l == nil {
 		return nil
 	}
+	if l.src == nil {
+		return nil // a zero Lock
+	}
 	l.lostMu.Lock()
 	defer l.lostMu.Unlock()
 	l.lostGiven = true
+	if l.lostCh == nil {
+		l.lostCh = make(chan struct{}) // made when asked for: most holds never are
+	}
 	return l.lostCh
 }
 
@@ -327,7 +358,8 @@ func (l *Lock) acquire(ctx context.Context, wait, do bool) (bool, error) {
 	l.handled.Store(nil)
 	l.lostMu.Lock()
 	if l.lostDone || l.lostGiven {
-		l.lostCh, l.lostErr, l.lostDone, l.lostGiven = make(chan struct{}), nil, false, false
+		// This hold's channel is made when Lost asks for it.
+		l.lostCh, l.lostErr, l.lostDone, l.lostGiven = nil, nil, false, false
 	}
 	l.hold++
 	hold := l.hold
@@ -418,6 +450,14 @@ func (l *Lock) dropHold() backend {
 		l.stopWatch()
 		l.stopWatch = nil
 	}
+	if l.watch != nil {
+		putRewatch(l.watch)
+		l.watch = nil
+	}
+	if l.peer != nil {
+		putPeerWatch(l.peer)
+		l.peer = nil
+	}
 	b := l.b
 	l.b, l.tx = nil, nil
 	if l.guard != nil {
@@ -431,6 +471,13 @@ func (l *Lock) dropHold() backend {
 	l.lostMu.Unlock()
 	return b
 }
+
+// closedCh is the Lost channel of a hold lost before Lost was called.
+var closedCh = func() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}()
 
 func (l *Lock) isLost() bool {
 	l.lostMu.Lock()
@@ -462,7 +509,11 @@ func (l *Lock) markLostLocked(err error) {
 	}
 	l.held.Store(false)
 	l.lostErr, l.lostDone = err, true
-	close(l.lostCh)
+	if l.lostCh == nil {
+		l.lostCh = closedCh // Lost did not hand one out yet
+	} else {
+		close(l.lostCh)
+	}
 	if l.onLost != nil {
 		l.onLost(ErrLockLost)
 	}

@@ -54,7 +54,7 @@ func NewLocker(conn any, opts ...Option) (*Locker, error) {
 		return nil, err
 	}
 	// newSource settles the scope (Transaction on a caller's transaction).
-	src, err := newSource(conn, &cfg)
+	src, err := newSource(conn, &cfg, nil)
 	if err != nil {
 		return nil, err
 	}

@@ -156,3 +156,53 @@ func TestErrorsAreOneLine(t *testing.T) {
 		t.Logf("%q", err.Error())
 	}
 }
+
+// A hold lost before Lost was ever called: Lost then returns a closed
+// channel (the loss is not missed because nobody asked for the channel
+// before it), and the next hold's channel is open.
+func TestLostAskedAfterTheLoss(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t, 2)
+	watch := pgtest.Pool(t, 2)
+	l, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithLostCheckInterval(50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Release(context.Background()) })
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.Terminate(t, watch, pgtest.Granted(t, watch, l.Key())[0].PID)
+	deadline := time.Now().Add(5 * time.Second)
+	for l.Held() {
+		if time.Now().After(deadline) {
+			t.Fatal("Held 5 s after the backend was terminated")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	select {
+	case <-l.Lost():
+	default:
+		t.Fatal("Lost, asked for after the loss, is not closed")
+	}
+	if err := l.Release(ctx); !errors.Is(err, pglock.ErrLockLost) {
+		t.Fatalf("Release after the loss = %v, want ErrLockLost", err)
+	}
+	select {
+	case <-l.Lost():
+	default:
+		t.Fatal("Lost after the release of a lost hold is not closed")
+	}
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-l.Lost():
+		t.Fatal("the next hold's Lost is closed")
+	default:
+	}
+	if err := l.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

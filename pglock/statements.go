@@ -27,6 +27,9 @@ type statements struct {
 	// buildBounded).
 	bound string
 	txSet string
+	// begin is ownTxBegin's statement, made at its first use ("" until
+	// then, and again when bindPool changes the statements).
+	begin string
 }
 
 // fixed holds the statements that do not depend on the key's value, per
@@ -217,8 +220,10 @@ func buildBounded(scope Scope, mode Mode, pair bool, ms string) statements {
 	// The setting only once the lock is granted: a busy try changes nothing.
 	st.try = "SELECT pg_try_advisory_lock" + shared + params + " AND " + stashIdle + " AND " + setIdle(ms)
 	// The lock first in the text too: pglock locks shows a waiter's query,
-	// cut short.
-	st.lock = "SELECT (SELECT true FROM pg_advisory_lock" + shared + params + ") AND " + stashIdle + " AND " + setIdle(ms)
+	// cut short. The void result of the lock is NOT NULL once granted; a
+	// scalar subquery around it would do the same at the price of a
+	// function scan and its tuplestore on every lock.
+	st.lock = "SELECT pg_advisory_lock" + shared + params + " IS NOT NULL AND " + stashIdle + " AND " + setIdle(ms)
 	st.unlock = "SELECT " + restoreIdle + " AND pg_advisory_unlock" + shared + params
 	st.cleanup = strings.Replace(st.cleanup, "SELECT pg_advisory_unlock", "SELECT "+restoreIdle+" AND pg_advisory_unlock", 1)
 	return st
@@ -254,15 +259,44 @@ func (l *Lock) bindPool(bounded bool) {
 		}
 	}
 	st.try, st.lock, st.unlock, st.cleanup = want.try, want.lock, want.unlock, want.cleanup
-	st.bound, st.txSet = want.bound, want.txSet
+	st.bound, st.txSet, st.begin = want.bound, want.txSet, ""
 }
 
 // ownTxBegin is the statement that opens the lock's own transaction and
 // waits for the lock in it, in one round trip (the simple protocol), with
-// the transaction's server-side bound when the statements have one.
+// the transaction's server-side bound when the statements have one: set in
+// the lock's statement, once the lock is granted (the transaction is not
+// idle before), which spares the server a statement per hold. It is built
+// once per Lock (l.mu held).
 func (l *Lock) ownTxBegin() string {
-	if l.st.txSet == "" {
-		return "BEGIN; " + l.lockLiteral()
+	if l.st.begin != "" {
+		return l.st.begin
 	}
-	return "BEGIN; " + l.lockLiteral() + "; SELECT " + l.st.txSet
+	// lockLiteral's text, made in one allocation: a Locker's Do makes a
+	// Lock per call.
+	xact, shared, _ := fnNames(l.cfg.scope, l.cfg.mode)
+	var b strings.Builder
+	var num [20]byte
+	b.Grow(96 + len(l.st.txSet))
+	b.WriteString("BEGIN; SELECT pg_advisory_")
+	b.WriteString(xact)
+	b.WriteString("lock")
+	b.WriteString(shared)
+	b.WriteByte('(')
+	if l.key.pair {
+		x, y := l.key.halves()
+		b.Write(strconv.AppendInt(num[:0], int64(x), 10))
+		b.WriteString(", ")
+		b.Write(strconv.AppendInt(num[:0], int64(y), 10))
+		b.WriteByte(')')
+	} else {
+		b.Write(strconv.AppendInt(num[:0], l.key.v, 10))
+		b.WriteString("::bigint)")
+	}
+	if l.st.txSet != "" {
+		b.WriteString(" IS NOT NULL AND ")
+		b.WriteString(l.st.txSet)
+	}
+	l.st.begin = b.String()
+	return l.st.begin
 }

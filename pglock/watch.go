@@ -19,19 +19,41 @@ func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
 		if b.ownTx == nil {
 			return nil
 		}
-		return watchPeer(b.conn.PgConn().Conn(), interval, lost)
+		// From a pool of them, as below.
+		l := b.l
+		if l.peer == nil {
+			l.peer = peerWatches.Get().(*peerWatch)
+		}
+		l.peer.arm(b.conn.PgConn().Conn(), interval, lost)
+		return l.peer.stopFn
 	}
-	// A Lock has one hold at a time: its watch lives in the Lock and is
-	// reused by its next holds.
+	// A Lock has one hold at a time: the hold takes a watch (its timer and
+	// goroutine's state) from a pool of them, and Lock.dropHold gives it
+	// back, so that a Lock made per hold (New) makes no watch of its own.
 	l := b.l
 	if l.watch == nil {
-		l.watch = new(rewatch)
+		l.watch = rewatches.Get().(*rewatch)
 	}
 	l.watch.arm(b.conn, interval, lost, nil)
-	if l.stopRewatch == nil {
-		l.stopRewatch = l.watch.stop
-	}
-	return l.stopRewatch
+	return l.watch.stopFn
+}
+
+// rewatches are the rewatches of holds on pool connections of their own
+// (pgxBackend.watch), stopped and kept for the next hold.
+var rewatches = sync.Pool{New: func() any {
+	r := new(rewatch)
+	r.stopFn = r.stop
+	return r
+}}
+
+// putRewatch stops r and keeps it for another hold, forgetting its
+// connection and its hold.
+func putRewatch(r *rewatch) {
+	r.stop()
+	r.w.mu.Lock()
+	r.w.conn, r.w.nc, r.w.lost, r.w.ping = nil, nil, nil, nil
+	r.w.mu.Unlock()
+	rewatches.Put(r)
 }
 
 // watchDelay is how long a hold lasts before its connection is watched: most
@@ -141,53 +163,128 @@ func (w *pgxWatcher) stop() {
 	}
 }
 
-// rewatch is a watch armed and stopped many times, as a lock connection is
-// used and left idle: its timer, watcher and wait group are reused, so that
-// arming it costs no allocation. Like watchAfter, it starts watching after
-// watchDelay (or the interval, if shorter). Not safe for concurrent use: the
-// goroutine that owns the connection arms and stops it.
-type rewatch struct {
-	w     pgxWatcher
-	t     *time.Timer
-	wg    sync.WaitGroup
+// delayed runs a watch after a delay, armed and stopped many times (a lock
+// connection used and left idle, holds of one Lock, or of Locks that take
+// it from a pool): its timer and wait group are reused, so that arming it
+// costs no allocation. Not safe for concurrent use: the goroutine that owns
+// the connection arms and stops it. run and interrupt (which asks run to
+// return soon) are set before the first arm.
+//
+// Arming and stopping leave the timer alone when they can: a stop leaves it
+// set, and an arm that finds it set to fire by its own start keeps it; the
+// timer's function then looks at what is armed now, sets itself again for
+// the rest of the delay or does nothing. Setting a timer can wake the
+// runtime's network poller (a thread, a system call); a connection used
+// many times a second would pay that on every use, where this pays it about
+// once per delay.
+type delayed struct {
+	run, interrupt func()
+
+	t  *time.Timer
+	wg sync.WaitGroup // counts a run under way
+
+	mu sync.Mutex
+	// armed: armed and not stopped since; run starts at due.
 	armed bool
+	due   time.Time
+	// pending: t is set to call fire, at fireAt at the latest. (It may be
+	// set while pending is false, never the other way round.)
+	pending bool
+	fireAt  time.Time
+	// started: run started for this arm (it runs once per arm, however
+	// many times the timer fires).
+	started bool
+}
+
+// arm starts run after delay, unless stop comes first. The last arm must
+// have been stopped.
+func (d *delayed) arm(delay time.Duration) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.armed, d.due, d.started = true, time.Now().Add(delay), false
+	if d.pending && !d.fireAt.After(d.due) {
+		return // it fires by then, and sets itself again for the rest
+	}
+	d.pending, d.fireAt = true, d.due
+	if d.t == nil {
+		d.t = time.AfterFunc(delay, d.fire)
+		return
+	}
+	d.t.Reset(delay)
+}
+
+// fire is the timer's function: it runs the armed watch when it is due.
+func (d *delayed) fire() {
+	d.mu.Lock()
+	switch {
+	case d.started:
+		// A second call (arm set the timer again as it fired): the watch
+		// is under way, or ran.
+		d.mu.Unlock()
+		return
+	case !d.armed:
+		d.pending = false
+		d.mu.Unlock()
+		return
+	}
+	if rest := time.Until(d.due); rest > 0 {
+		// Armed again since the timer was set: the rest of the delay.
+		d.pending, d.fireAt = true, d.due
+		d.t.Reset(rest)
+		d.mu.Unlock()
+		return
+	}
+	d.pending, d.started = false, true
+	d.wg.Add(1)
+	d.mu.Unlock()
+	defer d.wg.Done()
+	d.run()
+}
+
+// stop ends the watch, if armed: a run under way is interrupted and waited
+// for; one not started never starts.
+func (d *delayed) stop() {
+	d.mu.Lock()
+	if !d.armed {
+		d.mu.Unlock()
+		return
+	}
+	d.armed = false
+	started := d.started
+	d.mu.Unlock()
+	if started {
+		d.interrupt() // nothing to interrupt if it returned already
+	}
+	d.wg.Wait()
+}
+
+// rewatch is a pgxWatcher armed and stopped many times (see delayed), as a
+// lock connection is used and left idle, or as holds on pool connections of
+// their own come and go. Like watchAfter, it starts watching after
+// watchDelay (or the interval, if shorter). Its zero value is ready.
+type rewatch struct {
+	w pgxWatcher
+	d delayed
+	// stopFn is stop, for the holds that hand it out (pgxBackend.watch).
+	stopFn func()
 }
 
 // arm starts watching conn after the delay; lost is called if it dies.
-// ping, if not nil, replaces conn.Ping.
+// ping, if not nil, replaces conn.Ping. The watch of the last arm must be
+// stopped.
 func (r *rewatch) arm(conn *pgx.Conn, interval time.Duration, lost func(error), ping func(context.Context) error) {
 	r.w.mu.Lock()
 	r.w.interval, r.w.lost, r.w.ping = interval, lost, ping
 	r.w.conn, r.w.nc, r.w.stopping = conn, conn.PgConn().Conn(), false
 	r.w.mu.Unlock()
-	r.wg.Add(1)
-	r.armed = true
-	delay := min(watchDelay, interval)
-	if r.t == nil {
-		r.t = time.AfterFunc(delay, r.fire)
-		return
+	if r.d.run == nil {
+		r.d.run, r.d.interrupt = r.w.run, r.w.stop
 	}
-	r.t.Reset(delay)
-}
-
-func (r *rewatch) fire() {
-	defer r.wg.Done()
-	r.w.run()
+	r.d.arm(min(watchDelay, interval))
 }
 
 // stop ends the watch, if armed, and waits for it.
-func (r *rewatch) stop() {
-	if !r.armed {
-		return
-	}
-	r.armed = false
-	if r.t.Stop() {
-		r.wg.Done()
-	} else {
-		r.w.stop()
-	}
-	r.wg.Wait()
-}
+func (r *rewatch) stop() { r.d.stop() }
 
 // errPeerClosed is the loss a peer watch reports.
 var errPeerClosed = errors.New("pglock: the server closed the connection")
@@ -204,37 +301,108 @@ var errPeerClosed = errors.New("pglock: the server closed the connection")
 func watchPeer(nc net.Conn, interval time.Duration, lost func(error)) func() {
 	stop := make(chan struct{})
 	return watchAfter(min(watchDelay, interval), func() {
-		if tc, ok := nc.(interface{ NetConn() net.Conn }); ok {
-			nc = tc.NetConn()
-		}
-		sc, ok := nc.(syscall.Conn)
+		runPeerWatch(nc, interval, lost, stop)
+	}, func() { close(stop) })
+}
+
+// runPeerWatch is the watch of watchPeer, until stop is closed.
+func runPeerWatch(nc net.Conn, interval time.Duration, lost func(error), stop <-chan struct{}) {
+	if tc, ok := nc.(interface{ NetConn() net.Conn }); ok {
+		nc = tc.NetConn()
+	}
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		return
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		closed, ok := peerClosed(rc)
 		if !ok {
 			return
 		}
-		rc, err := sc.SyscallConn()
-		if err != nil {
+		if closed {
+			select {
+			case <-stop: // the hold ended first: not a loss
+			default:
+				lost(errPeerClosed)
+			}
 			return
 		}
-		t := time.NewTicker(interval)
-		defer t.Stop()
-		for {
-			closed, ok := peerClosed(rc)
-			if !ok {
-				return
-			}
-			if closed {
-				select {
-				case <-stop: // the hold ended first: not a loss
-				default:
-					lost(errPeerClosed)
-				}
-				return
-			}
-			select {
-			case <-stop:
-				return
-			case <-t.C:
-			}
+		select {
+		case <-stop:
+			return
+		case <-t.C:
 		}
-	}, func() { close(stop) })
+	}
+}
+
+// peerWatch is watchPeer armed and stopped many times (see delayed), for
+// the holds of Locks in their own transactions on pool connections
+// (pgxBackend.watch), which take one from a pool of them and give it back
+// when they end (Lock.dropHold): a short hold costs no allocation.
+type peerWatch struct {
+	d delayed
+
+	// Set by arm, read by run (the delayed's mutex orders them).
+	nc       net.Conn
+	interval time.Duration
+	lost     func(error)
+
+	mu       sync.Mutex
+	stopCh   chan struct{} // closed by interrupt; made again by the next arm
+	stopDone bool
+
+	stopFn func() // stop, for the holds that hand it out
+}
+
+// arm starts watching nc after the delay; lost is called if the server
+// closes it.
+func (p *peerWatch) arm(nc net.Conn, interval time.Duration, lost func(error)) {
+	p.nc, p.interval, p.lost = nc, interval, lost
+	p.mu.Lock()
+	if p.stopCh == nil || p.stopDone {
+		p.stopCh, p.stopDone = make(chan struct{}), false
+	}
+	p.mu.Unlock()
+	p.d.arm(min(watchDelay, interval))
+}
+
+func (p *peerWatch) run() {
+	p.mu.Lock()
+	stop := p.stopCh
+	p.mu.Unlock()
+	runPeerWatch(p.nc, p.interval, p.lost, stop)
+}
+
+func (p *peerWatch) interrupt() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.stopDone {
+		close(p.stopCh)
+		p.stopDone = true
+	}
+}
+
+// stop ends the watch, if armed, and waits for it.
+func (p *peerWatch) stop() { p.d.stop() }
+
+// peerWatches are the peer watches of holds in their own transactions on
+// pool connections, stopped and kept for the next hold.
+var peerWatches = sync.Pool{New: func() any {
+	p := new(peerWatch)
+	p.d.run, p.d.interrupt, p.stopFn = p.run, p.interrupt, p.stop
+	return p
+}}
+
+// putPeerWatch stops p and keeps it for another hold, forgetting its
+// connection and its hold.
+func putPeerWatch(p *peerWatch) {
+	p.stop()
+	p.nc, p.lost = nil, nil
+	peerWatches.Put(p)
 }
