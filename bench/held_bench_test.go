@@ -52,19 +52,7 @@ func BenchmarkHeldCost(b *testing.B) {
 				}
 			})
 			ks := keys(b, n)
-			fanOut(b, 64, func(w int) error {
-				for i := w; i < n; i += 64 {
-					l, err := lk.Lock(ks[i])
-					if err != nil {
-						return err
-					}
-					if err := l.Acquire(ctx); err != nil {
-						return err
-					}
-					held[i] = l
-				}
-				return nil
-			})
+			holdAll(b, ctx, lk, ks, held, 64)
 			if s := lk.Stats(); s.ServerLocks != n {
 				b.Fatalf("holding %d locks: %+v", n, s)
 			}

@@ -63,6 +63,24 @@ func warmPool(ctx context.Context, b *testing.B, pool *pgxpool.Pool, n int) {
 	}
 }
 
+// holdAll has workers goroutines take the keys ks on lk, each Lock in
+// locks[i], and returns how long they took together.
+func holdAll(b *testing.B, ctx context.Context, lk *pglock.Locker, ks []pglock.Key, locks []*pglock.Lock, workers int) time.Duration {
+	return fanOut(b, workers, func(w int) error {
+		for i := w; i < len(ks); i += workers {
+			l, err := lk.Lock(ks[i])
+			if err != nil {
+				return err
+			}
+			if err := l.Acquire(ctx); err != nil {
+				return err
+			}
+			locks[i] = l
+		}
+		return nil
+	})
+}
+
 // fanOut runs f(0..n-1) in n goroutines and returns how long they took
 // together. f reports failures with an error (b.Fatal is for the benchmark's
 // own goroutine).
@@ -257,19 +275,7 @@ func holdMany(b *testing.B, ctx context.Context, url string, pool *pgxpool.Pool,
 			runtime.ReadMemStats(&ms)
 			before := ms.HeapAlloc
 			ls := make([]*pglock.Lock, total)
-			takeT += fanOut(b, workers, func(w int) error {
-				for i := w; i < total; i += workers {
-					l, err := lk.Lock(ks[i])
-					if err != nil {
-						return err
-					}
-					if err := l.Acquire(ctx); err != nil {
-						return err
-					}
-					ls[i] = l
-				}
-				return nil
-			})
+			takeT += holdAll(b, ctx, lk, ks, ls, workers)
 			s := lk.Stats()
 			if s.HeldKeys != total || s.ServerLocks != total {
 				b.Fatalf("holding %d locks: %+v", total, s)
