@@ -14,7 +14,10 @@
 // mux_bench_test.go) have only a "paired" sub-benchmark, which alternates
 // library and raw rounds and reports throughput (grants/s, pairs/s), wait
 // percentiles, fairness, the time to take 10,000 locks and the heap per held
-// lock, with their ratios to raw.
+// lock, with their ratios to raw. BenchmarkTwoProcesses
+// (twoproc_bench_test.go) runs its rounds in two OS processes (the test
+// binary run again as TestTwoProcHelper) contending for one key, and also
+// reports each process's share of the grants.
 //
 // scripts/benchratio.awk summarizes the output, one line per comparison.
 //

@@ -98,7 +98,17 @@
 //     finds them all taken tries its key now and then on its lock connection
 //     until one is free. A wait lasts as long as its context allows: the
 //     Locker's sessions set lock_timeout and statement_timeout themselves,
-//     whatever the role or database sets.
+//     whatever the role or database sets. While a session of another process
+//     contends for a key (it was seen to hold or wait for it within the last
+//     second), the process stays in the server's queue as a process with a
+//     session per waiter would: an acquire waits there at once, without a
+//     try first (a free key is then taken at once, on a waiting connection,
+//     when two waiting connections are free), and a holder on a waiting
+//     connection that lets go while another goroutine of the process waits
+//     for the key sends that goroutine's wait on its own connection in the
+//     same write as its unlock, so that the process is queued again from the
+//     moment its hold ends; a session of another process that was queued
+//     first is still granted the key first.
 //   - One watch per lock connection. A lock connection that dies or goes
 //     silent loses every lock on it at once: each [Lock.Lost] closes, each Do
 //     context ends with cause [ErrLockLost], no new lock is granted on it, and
@@ -163,8 +173,9 @@
 // blocking function at once, one round trip whether the key is free or not;
 // a Locker's Lock first tries the key on its lock connection (with others'
 // requests) and waits on a waiting connection only when another session
-// holds it. A waiting goroutine costs no goroutine of the library: the
-// context is watched with context.AfterFunc. A cancelled wait is stopped with a
+// holds it (or at once, for a key that another process contends for: see
+// "Lock connections"). A waiting goroutine costs no goroutine of the
+// library: the context is watched with context.AfterFunc. A cancelled wait is stopped with a
 // PostgreSQL cancel request rather than by closing the connection (which is
 // what pgx does with a cancelled query): a pinned or caller's connection stays
 // usable. The server may grant the lock in the instant the cancel arrives, so

@@ -33,7 +33,24 @@ type keyTable struct {
 	probes bool
 	// now is the clock (time.Now; tests may set another).
 	now func() time.Time
+	// hot records the keys that a session of another process was seen to
+	// hold or wait for lately (see markHot), with when.
+	hot map[Key]time.Time
 }
+
+// hotFor is how long a key counts as contended by another process after the
+// last sign of it (see keyTable.markHot): a try or a wait that found it
+// taken or waited for, or a retake that the server gave to another session.
+// While it is hot, the multiplexer keeps the process in the server's queue
+// for it as a process with a session per waiter would: a blocking acquire
+// waits there at once, without trying first (see mux.takeHot), and a holder
+// that lets go queues the next goroutine's wait in the same write as its
+// unlock (see mux.relay). Past it, the next try, wait or retake looks again.
+const hotFor = time.Second
+
+// maxHot bounds the keys recorded as hot; past it the stale ones are
+// dropped, and then all of them.
+const maxHot = 1024
 
 // sharedJoinRecheck is how long a shared hold lets other shared holders of
 // the process join it without checking that no session of another process
@@ -70,6 +87,9 @@ type keyEntry struct {
 	conn    *lockConn
 	lostErr error
 	onLost  []lostHook // one per holder watching for the loss
+	// relay is the wait in the server's queue that the owner of the turn
+	// was handed with it (admitRelay, see relayTo).
+	relay *relayWait
 }
 
 // lostHook is a holder's function to call when its key is lost.
@@ -111,10 +131,92 @@ const (
 	// exclusive waiters of other sessions (see sharedJoinRecheck) and call
 	// probed.
 	admitProbe
+	// admitRelay: the turn, with a wait for the key already in the server's
+	// queue (see relayTo): finish it (see relayed), then call granted or
+	// passTurn.
+	admitRelay
 )
 
 func newKeyTable() *keyTable {
-	return &keyTable{m: make(map[Key]*keyEntry), closing: make(chan struct{}), now: time.Now}
+	return &keyTable{m: make(map[Key]*keyEntry), closing: make(chan struct{}), now: time.Now, hot: make(map[Key]time.Time)}
+}
+
+// markHot records that a session of another process holds or waits for k
+// now (see hotFor).
+func (t *keyTable) markHot(k Key) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := t.now()
+	if _, ok := t.hot[k]; !ok && len(t.hot) >= maxHot {
+		for h, at := range t.hot {
+			if now.Sub(at) >= hotFor {
+				delete(t.hot, h)
+			}
+		}
+		if len(t.hot) >= maxHot {
+			clear(t.hot)
+		}
+	}
+	t.hot[k] = now
+}
+
+// isHot reports whether a session of another process was seen to contend
+// for k lately (see hotFor).
+func (t *keyTable) isHot(k Key) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	at, ok := t.hot[k]
+	return ok && t.now().Sub(at) < hotFor
+}
+
+// relayable reports whether the first goroutine queued for e can be handed
+// the turn with a wait in the server's queue (see relayTo): one that blocks
+// for an exclusive hold and is not a Leader's campaign (whose wait holds no
+// waiting place). t.mu must be held.
+func relayable(e *keyEntry) bool {
+	if len(e.queue) == 0 {
+		return false
+	}
+	w := e.queue[0]
+	return w.mode == Exclusive && !w.try && !w.campaign
+}
+
+// canRelay is relayable for a caller that does not hold t.mu.
+func (t *keyTable) canRelay(e *keyEntry) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return relayable(e)
+}
+
+// relayTo ends the caller's turn on e, which no one holds, as passTurn does,
+// but hands the next goroutine, with the turn, the wait for the key that
+// the caller sent to the server as it let go (admitRelay; the goroutine
+// reads it with relayed). It reports false, and changes nothing, when that
+// goroutine cannot take it (it left meanwhile) or the table is closing.
+func (t *keyTable) relayTo(e *keyEntry, rw *relayWait) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !relayable(e) || t.isClosing() {
+		return false
+	}
+	w := e.queue[0]
+	e.queue = e.queue[1:]
+	e.conn, e.lostErr, e.onLost, e.sharedTry = nil, nil, nil, false
+	e.probing, e.draining = false, false
+	e.relay = rw // e.turn stays true: it is w's now
+	w.ch <- admitRelay
+	t.settleTries(e)
+	return true
+}
+
+// relayed returns the wait that the owner of e's turn was handed with it
+// (admitRelay), and forgets it.
+func (t *keyTable) relayed(e *keyEntry) *relayWait {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	rw := e.relay
+	e.relay = nil
+	return rw
 }
 
 // joinable reports whether a shared request may join e's hold now. t.mu must
@@ -127,7 +229,10 @@ func (t *keyTable) joinable(e *keyEntry) bool {
 // key that another Lock of the process holds, or is taking, is busy, except
 // that a shared try waits for the answer of a shared try in flight (see
 // keyTable.sharedTries). With wait true it blocks until the caller is let in
-// or ctx ends (then the error is ctx's and nothing is held).
+// or ctx ends (then the error is ctx's and nothing is held; but for a turn
+// relayed to the caller just as ctx ended, returned as admitRelay with the
+// error: the caller settles the wait that came with it, and passes the turn
+// on).
 func (t *keyTable) enter(ctx context.Context, k Key, mode Mode, wait bool) (*keyEntry, admission, error) {
 	return t.enterAs(ctx, k, mode, wait, false)
 }
@@ -197,12 +302,14 @@ func (t *keyTable) enterAs(ctx context.Context, k Key, mode Mode, wait, campaign
 	}
 	t.mu.Unlock()
 	// Let in just as ctx ended: a grant that came first stands; a turn is
-	// passed on.
+	// passed on (a relayed one by the caller, which settles its wait).
 	switch adm := <-w.ch; adm {
 	case admitJoined, admitProbe:
 		return e, adm, nil
 	case admitTurn:
 		t.passTurn(e)
+	case admitRelay:
+		return e, adm, err
 	}
 	return nil, 0, err
 }

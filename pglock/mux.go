@@ -566,9 +566,19 @@ func (m *mux) isClosed() bool {
 }
 
 // take takes the server's lock on e's key; the caller owns e's turn, which
-// take passes on when the lock is not held afterwards.
+// take passes on when the lock is not held afterwards. A key that a session
+// of another process contends for (see hotFor) is waited for in the
+// server's queue at once, when waiting places are free (see takeHot).
 func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (bool, error) {
+	if wait && b.l.cfg.mode == Exclusive && !b.l.cfg.campaign && m.t.isHot(e.key) {
+		if done, held, err := m.takeHot(ctx, b, e); done {
+			return held, err
+		}
+	}
 	ok, err := m.try(ctx, e, b.l.cfg.mode)
+	if err == nil && !ok {
+		m.t.markHot(e.key) // held or waited for by another session
+	}
 	switch {
 	case err != nil || (!ok && !wait):
 		m.t.passTurn(e)
@@ -630,10 +640,8 @@ func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode) (bool, error) {
 // take another one.
 func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error) {
 	mode := b.l.cfg.mode
-	wctx, cancel := context.WithCancel(ctx)
+	wctx, cancel := m.waitContext(ctx)
 	defer cancel()
-	stop := context.AfterFunc(m.closing, cancel)
-	defer stop()
 	// A Leader's campaign waits for as long as the process lives: it does
 	// not count among the waits WithWaitConns bounds.
 	counted := !b.l.cfg.campaign
@@ -648,18 +656,93 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 			return false, m.waitErr(ctx)
 		}
 	}
-	wc := m.waitConn(counted)
+	wc, held, healthy, err := m.serverWait(wctx, b, counted, false)
 	if wc == nil {
-		if counted {
-			<-m.waitSem
-		}
 		return false, ErrLockerClosed
 	}
-	var held, healthy bool
-	var err error
+	return m.waited(ctx, e, mode, wc, held, healthy, err)
+}
+
+// waitContext is the context of a wait: ctx, ended by the Locker's Close
+// too.
+func (m *mux) waitContext(ctx context.Context) (context.Context, func()) {
+	wctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(m.closing, cancel)
+	return wctx, func() {
+		stop()
+		cancel()
+	}
+}
+
+// takeHot is take for an exclusive key that a session of another process
+// contends for: a try first would cost a round trip, in which the other
+// process's next request may reach the server's queue first, so the owner
+// of e's turn takes a waiting place and waits in the server's queue at once
+// (where a free key is granted at once, and held on the waiting
+// connection). The caps are checked as a try checks them. done is false,
+// and nothing is done, unless two places are free: a key that turns out to
+// be free keeps its place while held, and the last one is left to the waits
+// of other keys (which would poll without it). Then the caller tries the
+// key as usual.
+func (m *mux) takeHot(ctx context.Context, b *muxBackend, e *keyEntry) (done, held bool, err error) {
+	if len(m.waitSem) >= cap(m.waitSem)-1 {
+		return false, false, nil
+	}
+	select {
+	case m.waitSem <- struct{}{}:
+	default:
+		return false, false, nil
+	}
+	err = m.guard(e.key)
+	if err == nil {
+		if err = m.reserve(e.key); err == nil {
+			m.unreserve() // counted once granted, as a wait is
+		}
+	}
+	if err != nil {
+		<-m.waitSem
+		m.t.passTurn(e)
+		return true, false, err
+	}
+	// Tries queued behind are answered busy, as after a try that failed.
+	m.t.tried(e)
+	wctx, cancel := m.waitContext(ctx)
+	defer cancel()
+	wc, held, healthy, err := m.serverWait(wctx, b, true, true)
+	if wc == nil {
+		m.t.passTurn(e)
+		return true, false, ErrLockerClosed
+	}
+	held, err = m.waited(ctx, e, b.l.cfg.mode, wc, held, healthy, err)
+	if !held {
+		m.t.passTurn(e)
+	}
+	return true, held, err
+}
+
+// serverWait waits for b's key in the server's queue on a waiting
+// connection (placed: with a place among WithWaitConns, which the
+// connection keeps until it is given back) until wctx ends; hot: with
+// tryOrWaitSQL (see waitSessionAs), and a wait that finds another session
+// first marks the key hot again. It returns the connection, whether the key
+// is held on it (counted in its holds) and, when it is not, whether the
+// connection is known to be usable, and why. A nil connection: the Locker
+// is closed (and a place taken is given back).
+func (m *mux) serverWait(wctx context.Context, b *muxBackend, placed, hot bool) (wc *lockConn, held, healthy bool, err error) {
+	wc = m.waitConn(placed)
+	if wc == nil {
+		if placed {
+			<-m.waitSem
+		}
+		return nil, false, false, ErrLockerClosed
+	}
 	op := connOp{ctx: wctx, fn: func(conn *pgx.Conn) {
 		start := time.Now()
-		held, healthy, err = waitSession(wctx, b.l, conn)
+		var contended bool
+		held, healthy, contended, err = waitSessionAs(wctx, b.l, conn, hot)
+		if contended {
+			m.t.markHot(b.l.key)
+		}
 		if held && time.Since(start) >= m.statementBound() {
 			held, healthy, err = m.confirm(conn)
 		}
@@ -673,6 +756,13 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 		// connect under way goes on, for the next wait.
 		err, healthy = op.err, errors.Is(op.err, errConnectCut)
 	}
+	return wc, held, healthy, err
+}
+
+// waited ends a wait of the owner of e's turn on wc: a grant is recorded
+// (and counted against the cap); else wc is given back, and the error
+// returned.
+func (m *mux) waited(ctx context.Context, e *keyEntry, mode Mode, wc *lockConn, held, healthy bool, err error) (bool, error) {
 	if held && m.t.granted(e, mode, wc) {
 		// Counted when granted, not while waiting: a waiter takes no slot
 		// of the cap. Past the cap too, since the lock is held by now: the
@@ -692,6 +782,43 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 	}
 	m.putWaitConn(wc, healthy && !errors.Is(err, errConnGone))
 	return false, err
+}
+
+// takeRelay is the acquire of the goroutine to which the turn was relayed
+// with a wait in the server's queue (admitRelay, see relay): it finishes
+// that wait, as its own, on the waiting connection and place that came with
+// it. A relayed wait is counted as a wait is: when granted, not while
+// waiting; and since the key passes from one Lock of the process to the
+// next, as in a hand-off, the caps are not checked again.
+func (m *mux) takeRelay(ctx context.Context, e *keyEntry) (bool, error) {
+	rw := m.t.relayed(e)
+	wc := rw.conn
+	wctx, cancel := m.waitContext(ctx)
+	defer cancel()
+	var held, healthy bool
+	var err error
+	op := connOp{fn: func(conn *pgx.Conn) {
+		var contended bool
+		held, healthy, contended, err = waitRelayed(wctx, conn, rw, e.key, m.releaseTimeout)
+		if contended {
+			m.t.markHot(e.key) // another session had the key, or waited for it, first
+		}
+		if held && time.Since(rw.sent) >= m.statementBound() {
+			held, healthy, err = m.confirm(conn)
+		}
+		if held {
+			wc.addHolds(1)
+		}
+	}}
+	wc.do(&op)
+	if op.err != nil {
+		held, healthy, err = false, false, op.err
+	}
+	held, err = m.waited(ctx, e, Exclusive, wc, held, healthy, err)
+	if !held {
+		m.t.passTurn(e)
+	}
+	return held, err
 }
 
 // confirm proves, by one round trip, that the session of a waiting
@@ -865,9 +992,19 @@ func (m *mux) give(e *keyEntry, mode Mode) error {
 	}
 	op := connOp{unlock: true, key: e.key, mode: mode}
 	accept := m.handsTo(c)
+	if mode == Exclusive && c.slot < 0 && accept(false) && m.t.isHot(e.key) && m.t.canRelay(e) {
+		if done, err := m.relay(e, c); done {
+			return err
+		}
+	}
 	next, campaign := m.t.nextExclusive(e)
 	op.retake = mode == Exclusive && next && accept(campaign)
 	err := m.unlock(c, &op)
+	if err == nil && op.retake && !op.retaken {
+		// The unlock granted the key to a session of another process,
+		// queued in the server.
+		m.t.markHot(e.key)
+	}
 	if err == nil && op.retaken {
 		handed, lost := m.t.handOff(e, c, accept)
 		switch {
@@ -883,6 +1020,94 @@ func (m *mux) give(e *keyEntry, mode Mode) error {
 	}
 	m.ended(e, c, err == nil)
 	return err
+}
+
+// relay gives back the server's lock on e's key, held on the waiting
+// connection c (the caller owns e's turn), and passes the turn to the next
+// goroutine of the process, which waits for an exclusive hold, with a wait
+// for the key in the server's queue that relay sends on c in the same write
+// as the unlock, with c and its place (see keyTable.relayTo). While a
+// session of another process contends for the key (see hotFor), the
+// process is so back in the server's queue from the instant its hold ends,
+// on a backend that is running already, as a process with a session per
+// waiter would be; a retake would keep the key only when no request is
+// queued, and otherwise leave the process out of the queue until its next
+// goroutine has tried the key and sent its wait, which lets the other
+// process take the key again in the meantime. A waiter of another session
+// queued in the server comes first: the unlock grants it the key, and the
+// relayed wait queues behind it. done is false, with nothing sent, when c
+// goes through a pooler (whose statements prove their session one by one).
+func (m *mux) relay(e *keyEntry, c *lockConn) (done bool, err error) {
+	var rw *relayWait
+	var held bool
+	op := connOp{bounded: true, fn: func(conn *pgx.Conn) {
+		if conn == nil {
+			err = errConnGone
+			return
+		}
+		if proofOf(conn) != nil {
+			return
+		}
+		done = true
+		p, ok, gone, serr := sendRelay(conn, e.key)
+		switch {
+		case gone:
+			err = fmt.Errorf("%w: %w", errConnGone, serr)
+			return
+		case serr != nil:
+			// Failed on a live session, which is closed now: the key is
+			// free, and was held until then.
+			return
+		}
+		_ = conn.PgConn().Conn().SetDeadline(time.Time{}) // the wait is not bounded
+		held = ok
+		rw = &relayWait{conn: c, pc: conn.PgConn(), p: p, sent: time.Now()}
+		c.addHolds(-1)
+	}}
+	c.do(&op)
+	switch {
+	case op.err != nil:
+		m.ended(e, c, false)
+		return true, join(ErrLockLost, op.err)
+	case !done:
+		return false, nil
+	case err != nil:
+		m.ended(e, c, false)
+		return true, join(ErrLockLost, err)
+	case rw == nil: // the session was closed: nothing is held
+		m.ended(e, c, false)
+		return true, nil
+	case !held:
+		// Not held, and a wait queued: the session is in doubt, closed.
+		m.relayEnded(e.key, rw, false)
+		m.ended(e, c, false)
+		return true, errServerNotHeld
+	}
+	m.unreserve()
+	if !m.t.relayTo(e, rw) {
+		// Nobody left to take it: the wait is stopped.
+		m.relayEnded(e.key, rw, true)
+		m.putWaitConn(c, !c.isDead())
+		m.t.passTurn(e)
+	}
+	return true, nil
+}
+
+// relayEnded stops a relayed wait for k that nobody will finish, and gives
+// back the key if it was granted meanwhile (healthy: the connection stays
+// usable when that works; else it is closed).
+func (m *mux) relayEnded(k Key, rw *relayWait, healthy bool) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	op := connOp{fn: func(conn *pgx.Conn) {
+		_, ok, _, _ := waitRelayed(ctx, conn, rw, k, m.releaseTimeout)
+		if (!ok || !healthy) && conn != nil && !conn.IsClosed() {
+			cctx, ccancel := context.WithTimeout(context.Background(), m.releaseTimeout)
+			_ = conn.Close(cctx)
+			ccancel()
+		}
+	}}
+	rw.conn.do(&op)
 }
 
 // handsTo says to which waiters a hold on c may be handed without leaving
@@ -997,10 +1222,21 @@ func (b *muxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 	mode := b.l.cfg.mode
 	e, adm, err := b.m.t.enterAs(ctx, b.l.key, mode, wait, b.l.cfg.campaign)
 	switch {
+	case adm == admitRelay && err != nil:
+		// Relayed a wait as ctx ended: it is stopped, and the turn passed
+		// on (takeRelay finds ctx ended and keeps nothing).
+		_, _ = b.m.takeRelay(ctx, e)
+		return false, err
 	case err != nil:
 		return false, err
 	case adm == admitBusy:
 		return false, nil
+	case adm == admitRelay:
+		ok, err := b.m.takeRelay(ctx, e)
+		if ok {
+			b.e = e
+		}
+		return ok, b.m.closedErr(ctx, err)
 	case adm == admitJoined:
 		b.e = e
 		return true, nil

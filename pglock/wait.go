@@ -3,10 +3,13 @@ package pglock
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // waitSession waits in the server's queue on conn until the session lock is
@@ -15,13 +18,38 @@ import (
 // have granted the lock as the cancel arrived, so it is looked up and given
 // back.
 func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool, err error) {
+	held, healthy, _, err = waitSessionAs(ctx, l, conn, false)
+	return held, healthy, err
+}
+
+// tryOrWaitSQL takes a key exclusively, waiting in the server's queue when
+// it must: 1 when the key was taken at once, 2 when it was waited for (the
+// try fails while another session holds the key or waits for it), of a
+// bigint and of a pair key.
+var tryOrWaitSQL = [2]string{
+	`SELECT CASE WHEN pg_try_advisory_lock($1::bigint) THEN 1 ELSE (SELECT 2 FROM pg_advisory_lock($1::bigint)) END`,
+	`SELECT CASE WHEN pg_try_advisory_lock($1::integer, $2::integer) THEN 1 ELSE (SELECT 2 FROM pg_advisory_lock($1::integer, $2::integer)) END`,
+}
+
+// waitSessionAs is waitSession; hot (an exclusive key that a session of
+// another process contends for, see hotFor), with tryOrWaitSQL, and
+// contended reports that the wait had to wait: another session held the key
+// or waited for it when it began. Through a pooler hot changes nothing, and
+// contended is false.
+func waitSessionAs(ctx context.Context, l *Lock, conn *pgx.Conn, hot bool) (held, healthy, contended bool, err error) {
 	if err := ctx.Err(); err != nil {
-		return false, true, err // nothing sent
+		return false, true, false, err // nothing sent
 	}
 	// Through a pooler, the wait proves it runs on the session the
 	// connection claimed, and takes nothing elsewhere (see sessionProof).
 	proof := proofOf(conn)
 	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
+		if proof == nil && hot {
+			var r int32
+			err := conn.QueryRow(qctx, tryOrWaitSQL[pairIndex(l.key)], l.st.args...).Scan(&r)
+			contended = r == 2
+			return err
+		}
 		if proof == nil {
 			_, err := conn.Exec(qctx, l.st.lock, l.st.args...)
 			return err
@@ -34,13 +62,13 @@ func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bo
 		return err
 	})
 	if err == nil && !interrupted {
-		return true, true, nil
+		return true, true, contended, nil
 	}
 	if errors.Is(err, errSessionMoved) {
-		return false, false, err // nothing taken; the connection is refused
+		return false, false, false, err // nothing taken; the connection is refused
 	}
 	if conn.IsClosed() {
-		return false, false, err
+		return false, false, false, err
 	}
 	cctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
 	defer cancel()
@@ -49,9 +77,9 @@ func waitSession(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bo
 		return err
 	})
 	if cerr != nil {
-		return false, false, join(err, errUnlockFailed, cerr)
+		return false, false, false, join(err, errUnlockFailed, cerr)
 	}
-	return false, true, err
+	return false, true, false, err
 }
 
 // waitInTx waits for the xact lock inside the transaction open on conn. The
@@ -193,4 +221,171 @@ func (w *waitStop) finish(stop func() bool) bool {
 		_ = w.conn.PgConn().Conn().SetDeadline(time.Time{})
 	}
 	return fired
+}
+
+// relayWait is a wait for a key in the server's queue that the owner of a
+// hold sent on its waiting connection, right after the hold's unlock and in
+// the same write, for the next goroutine of the process that waits for the
+// key (see mux.relay): the unlock's result has been read, the wait's is
+// still to come.
+type relayWait struct {
+	conn *lockConn        // the waiting connection, with its place
+	pc   *pgconn.PgConn   // the session the wait was sent on
+	p    *pgconn.Pipeline // the wait's result, and the sync after it, are pending
+	sent time.Time
+}
+
+// relayStatements names the prepared unlock and wait of a relay, of a bigint
+// and of a pair key.
+var relayStatements = [2][2]string{
+	{"pglock_relay_unlock", "pglock_relay_wait"},
+	{"pglock_relay_unlock_pair", "pglock_relay_wait_pair"},
+}
+
+// sendRelay unlocks k (held exclusively once on conn) and queues a wait for
+// it in the server on the same session, in one pipeline sent in one write,
+// so that no other statement of the session comes between them: a session
+// of another process already waiting is granted the key by the unlock, and
+// the wait queues behind it. The wait is tryOrWaitSQL's, which tells
+// whether it had to wait. sendRelay reads the unlock's result (held: the key
+// was held) and returns the pipeline, whose wait is pending. On an error the
+// connection is closed, which ends the wait too (and frees the key); gone
+// reports that the error itself ended the session (the hold was lost), not
+// a statement that failed on a live one.
+func sendRelay(conn *pgx.Conn, k Key) (p *pgconn.Pipeline, held, gone bool, err error) {
+	ctx := context.Background()
+	st := &fixed[Session][Exclusive][pairIndex(k)]
+	names := relayStatements[pairIndex(k)]
+	unlock, err := conn.Prepare(ctx, names[0], st.unlock)
+	if err == nil {
+		var lock *pgconn.StatementDescription
+		if lock, err = conn.Prepare(ctx, names[1], tryOrWaitSQL[pairIndex(k)]); err == nil {
+			return sendRelayed(conn, k, unlock, lock)
+		}
+	}
+	gone = conn.IsClosed()
+	if !gone {
+		_ = conn.PgConn().Conn().Close()
+		_ = conn.Close(ctx)
+	}
+	return nil, false, gone, err
+}
+
+// sendRelayed is sendRelay once its statements are prepared.
+func sendRelayed(conn *pgx.Conn, k Key, unlock, lock *pgconn.StatementDescription) (p *pgconn.Pipeline, held, gone bool, err error) {
+	params := textArgs(k)
+	p = conn.PgConn().StartPipeline(context.Background())
+	p.SendQueryStatement(unlock, params, nil, nil)
+	p.SendPipelineSync()
+	p.SendQueryStatement(lock, params, nil, nil)
+	p.SendPipelineSync()
+	err = p.Flush()
+	if err == nil {
+		held, err = relayUnlocked(p)
+	}
+	if err != nil {
+		// A pipeline that failed on the way has closed the connection; one
+		// that is still open waits for the key: end the session.
+		gone = conn.IsClosed()
+		_ = conn.PgConn().Conn().Close()
+		_ = p.Close()
+		return nil, false, gone, err
+	}
+	return p, held, false, nil
+}
+
+// relayUnlocked reads the result of a relay's unlock, and the sync after it.
+func relayUnlocked(p *pgconn.Pipeline) (bool, error) {
+	res, err := p.GetResults()
+	if err != nil {
+		return false, err
+	}
+	rr, ok := res.(*pgconn.ResultReader)
+	if !ok {
+		return false, fmt.Errorf("pglock: relay: unexpected %T for the unlock", res)
+	}
+	r := rr.Read()
+	if r.Err != nil {
+		return false, r.Err
+	}
+	held := len(r.Rows) == 1 && len(r.Rows[0]) == 1 && string(r.Rows[0][0]) == "t"
+	res, err = p.GetResults()
+	if err != nil {
+		return false, err
+	}
+	if _, ok := res.(*pgconn.PipelineSync); !ok {
+		return false, fmt.Errorf("pglock: relay: unexpected %T after the unlock", res)
+	}
+	return held, nil
+}
+
+// waitRelayed finishes a relayed wait (see sendRelay) on conn, as
+// waitSession does a wait of its own: until the key is granted or ctx ends
+// (at once, for a ctx that has ended), then a cancel request stops it and a
+// grant that came as it arrived is given back; bound bounds the cancel and
+// the cleanup. contended: the wait was waited (see tryOrWaitSQL). A conn
+// that is not the session the wait was sent on (the connection was replaced
+// since) holds nothing.
+func waitRelayed(ctx context.Context, conn *pgx.Conn, rw *relayWait, k Key, bound time.Duration) (held, healthy, contended bool, err error) {
+	if conn == nil || conn.PgConn() != rw.pc {
+		return false, false, false, fmt.Errorf("%w: the session of a relayed wait is gone", errConnGone)
+	}
+	w := &waitStop{conn: conn, bound: bound}
+	w.wg.Add(1)
+	stop := context.AfterFunc(ctx, w.fire)
+	contended, err = relayGranted(rw.p)
+	// A grant read when ctx had ended (as may be at once, for a ctx that
+	// had ended before) is given back too.
+	interrupted := w.finish(stop) || ctx.Err() != nil
+	if err == nil && !interrupted {
+		return true, true, contended, nil
+	}
+	if err == nil {
+		err = ctx.Err()
+	}
+	if conn.IsClosed() {
+		return false, false, false, err
+	}
+	cctx, cancel := context.WithTimeout(context.Background(), bound)
+	defer cancel()
+	st := &fixed[Session][Exclusive][pairIndex(k)]
+	classid, objid, objsubid := k.LockTag()
+	args := append(k.args(), int64(classid), int64(objid), objsubid)
+	cerr := retryCanceled(func() error {
+		_, err := conn.Exec(cctx, st.cleanup, args...)
+		return err
+	})
+	if cerr != nil {
+		return false, false, false, join(err, errUnlockFailed, cerr)
+	}
+	return false, true, false, err
+}
+
+// relayGranted reads the result of a relay's wait (contended: it was
+// waited, see tryOrWaitSQL), and the sync after it, and ends the pipeline.
+func relayGranted(p *pgconn.Pipeline) (contended bool, err error) {
+	res, err := p.GetResults()
+	if err == nil {
+		if rr, ok := res.(*pgconn.ResultReader); ok {
+			r := rr.Read()
+			err = r.Err
+			contended = err == nil && len(r.Rows) == 1 && len(r.Rows[0]) == 1 && string(r.Rows[0][0]) == "2"
+		} else {
+			err = fmt.Errorf("pglock: relay: unexpected %T for the wait", res)
+		}
+	}
+	if cerr := p.Close(); err == nil {
+		err = cerr
+	}
+	return contended, err
+}
+
+// textArgs returns the bind arguments of the SQL functions for k in text
+// format.
+func textArgs(k Key) [][]byte {
+	if k.pair {
+		a, b := k.halves()
+		return [][]byte{strconv.AppendInt(nil, int64(a), 10), strconv.AppendInt(nil, int64(b), 10)}
+	}
+	return [][]byte{strconv.AppendInt(nil, k.v, 10)}
 }

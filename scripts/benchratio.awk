@@ -10,12 +10,14 @@
 #   machine), then each side's ns/op and allocs/op run alone, then the other
 #   figures the paired sub-benchmark reports (pairs/s, percentiles, bytes per
 #   lock...; not its per-side ns/op).
-# - Contention (bench.BenchmarkContention): a paired sub-benchmark that
-#   reports <side>-grants/s, -p50-wait-us, -p99-wait-us and -fairness for
-#   raw and for library sides, with <side>/raw-grants and <side>/raw-p99.
-#   One line per library side, beside raw: grants/s (and the ratio), the
-#   wait's p50 and p99 (and the p99 ratio), fairness (max/min grants per
-#   goroutine).
+# - Contention (bench.BenchmarkContention, bench.BenchmarkTwoProcesses): a
+#   paired sub-benchmark that reports <side>-grants/s, -p50-wait-us,
+#   -p99-wait-us and -fairness for raw and for library sides, with
+#   <side>/raw-grants and <side>/raw-p99. One line per library side, beside
+#   raw: grants/s (and the ratio), the wait's p50 and p99 (and the p99
+#   ratio), fairness (max/min grants per goroutine); and, when reported
+#   (BenchmarkTwoProcesses), -share and -round-share: the smaller process's
+#   share of the grants over the run, and in its worst round (0.5 is even).
 # - Anything else with sub-benchmarks run alone (no paired one, e.g.
 #   BenchmarkDoAllocs): each sub-benchmark's ns/op and allocs/op.
 # Lines are grouped by package ("== <package>"), so that benchmarks of the
@@ -85,11 +87,15 @@ END {
 			for (i = 1; i <= n; i++) {
 				if (us[i] !~ /\/raw-grants$/) continue
 				s = us[i]; sub(/\/raw-grants$/, "", s)
-				printf "%-" w "s  %-7s grants/s %6s vs raw %6s = %.2fx  wait p50 %5s vs %5s us  p99 %6s vs %6s us = %.2fx  fairness %.3g vs %.3g\n", \
+				share = ""
+				if ((base, s "-share") in extra)
+					share = sprintf("  share %.3g (worst round %.3g) vs %.3g (%.3g)", \
+						med(base, s "-share"), med(base, s "-round-share"), med(base, "raw-share"), med(base, "raw-round-share"))
+				printf "%-" w "s  %-7s grants/s %6s vs raw %6s = %.2fx  wait p50 %5s vs %5s us  p99 %6s vs %6s us = %.2fx  fairness %.3g vs %.3g%s\n", \
 					bname, s, num(med(base, s "-grants/s")), num(med(base, "raw-grants/s")), med(base, s "/raw-grants"), \
 					num(med(base, s "-p50-wait-us")), num(med(base, "raw-p50-wait-us")), \
 					num(med(base, s "-p99-wait-us")), num(med(base, "raw-p99-wait-us")), med(base, s "/raw-p99"), \
-					med(base, s "-fairness"), med(base, "raw-fairness")
+					med(base, s "-fairness"), med(base, "raw-fairness"), share
 			}
 			continue
 		}
