@@ -66,8 +66,16 @@
 //
 //   - Lock connections. The Locker opens [WithLockConns] connections of its
 //     own (2 by default) with the pool's connection settings, outside the
-//     pool, on first use, and holds its keys on them; a key always goes to
-//     the same one. [Locker.Close] closes them.
+//     pool, on first use, and holds its keys on them; a key goes to the same
+//     one unless that one is busy while another is free, and its unlock goes
+//     where it was taken. [Locker.Close] closes them. A lock connection that
+//     holds 64 locks or more runs its statements inside an open transaction
+//     block, which session locks ignore: PostgreSQL walks every lock a
+//     session holds at the end of each transaction, the implicit one of each
+//     statement included, so the cost of a lock stays flat however many are
+//     held. The block writes nothing, is renewed every 5 s and ends when the
+//     connection goes idle (idle_in_transaction_session_timeout then bounds a
+//     silent client, as idle_session_timeout does outside it).
 //   - Exclusion in the process. PostgreSQL stacks a session's own locks (a
 //     session that takes a key twice holds it twice), so the Locker keeps a
 //     table of keys: two of its Locks never both hold an exclusive key; the
@@ -293,7 +301,8 @@
 // of its own, outside the pool, opened with the pool's settings in the
 // background (bounded by the pool's ConnectTimeout, else the release
 // timeout). So a default Locker uses at most 6 server sessions, plus one per
-// running Leader: count them in the server's max_connections for every
+// running Leader ([LockerStats] counts them by role, with the budget as
+// MaxSessions): count them in the server's max_connections for every
 // replica.
 //
 // Timeouts. The Locker's own sessions set lock_timeout and statement_timeout
