@@ -421,6 +421,22 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 	// (minutes) give up; then the wait fails, and a Leader campaigns again
 	// on a new connection.
 	keepAlive(conn.PgConn().Conn(), max(bound/2, time.Second))
+	if lockConn {
+		// The unlocks that clean up after a failed statement (see
+		// lockConn.cleanup) are prepared now: on a full lock table their
+		// Parse could need a lock for the catalog lookups (when a filler's
+		// strong locks keep catalogs off the fast path), fail, and lose
+		// the connection with every lock on it.
+		for _, mode := range []Mode{Exclusive, Shared} {
+			for pair := range 2 {
+				sql := fixed[Session][mode][pair].unlock
+				if _, err := conn.Prepare(ctx, sql, sql); err != nil {
+					_ = conn.Close(ctx)
+					return nil, fmt.Errorf("pglock: prepare the lock connection's statements: %w", err)
+				}
+			}
+		}
+	}
 	return conn, nil
 }
 
