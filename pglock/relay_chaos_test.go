@@ -18,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/pglock"
 )
@@ -391,7 +392,7 @@ func chaosPlaces(t *testing.T, lk *pglock.Locker, app string, watch *pgxpool.Poo
 	for {
 		w := 0
 		for _, k := range keys {
-			w += serverWaiters(t, watch, k)
+			w += locktest.Waiters(t, watch, k)
 		}
 		if w == n {
 			break
@@ -480,7 +481,7 @@ func relaySetup(t *testing.T, lk *pglock.Locker, app string, watch *pgxpool.Pool
 	g0, _ := lk.Lock(k)
 	g0done := make(chan error, 1)
 	go func() { g0done <- g0.Acquire(bg) }()
-	chaosWaitFor(t, "G0 waits in the server", func() bool { return serverWaiters(t, watch, k) == 1 })
+	chaosWaitFor(t, "G0 waits in the server", func() bool { return locktest.Waiters(t, watch, k) == 1 })
 	if _, err := raw.Exec(bg, "SELECT pg_advisory_unlock($1::bigint)", k.Int64()); err != nil {
 		t.Fatal(err)
 	}
@@ -503,7 +504,7 @@ func relaySetup(t *testing.T, lk *pglock.Locker, app string, watch *pgxpool.Pool
 		_, err := raw.Exec(bg, "SELECT pg_advisory_lock($1::bigint)", k.Int64())
 		rawDone <- err
 	}()
-	chaosWaitFor(t, "raw waits in the server", func() bool { return serverWaiters(t, watch, k) == 1 })
+	chaosWaitFor(t, "raw waits in the server", func() bool { return locktest.Waiters(t, watch, k) == 1 })
 	if err := g0.Release(bg); err != nil {
 		t.Fatal(err)
 	}
@@ -518,20 +519,6 @@ func relaySetup(t *testing.T, lk *pglock.Locker, app string, watch *pgxpool.Pool
 		return err == nil
 	})
 	return raw, pid, g1done, cancel
-}
-
-func serverWaiters(t *testing.T, watch *pgxpool.Pool, k pglock.Key) int {
-	hs, err := pgtest.Holders(context.Background(), watch, k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, h := range hs {
-		if !h.Granted {
-			n++
-		}
-	}
-	return n
 }
 
 func chaosWaitFor(t *testing.T, what string, cond func() bool) {
