@@ -33,6 +33,7 @@ type tableGuard struct {
 	count, countHeld int
 	at               time.Time
 	busy             bool
+	counted          chan struct{} // closed when the count under way ends
 }
 
 // serverShare is the share, in quarters, of the server's lock table that the
@@ -73,38 +74,67 @@ const capacitySQL = `current_setting('max_locks_per_transaction')::int *
 const guardCountSQL = `SELECT count(*) FILTER (WHERE locktype = 'advisory'), ` + capacitySQL + ` FROM pg_catalog.pg_locks`
 
 // admit returns ErrTooManyLocks, with the server's figures, when taking key
-// k would bring the server's advisory locks to the limit. held is what the
-// guard's users hold now; count counts the server's advisory locks and reads
-// its table size (called when a count is due). A count that fails is not a
-// refusal: the lock statement then says what is wrong.
-func (g *tableGuard) admit(k Key, held int, count func() (n, capacity int, err error)) error {
-	g.mu.Lock()
-	from := guardFirst
-	if g.capacity > 0 {
-		from = max(g.capacity/guardFromShare, 1)
-	}
-	if held < from {
-		g.mu.Unlock()
-		return nil
-	}
-	every := guardEvery
-	if limit := serverLimitOf(g.capacity); g.capacity > 0 && g.count+held-g.countHeld < limit/2 {
-		every = guardEveryFar
-	}
-	step := max(g.capacity/guardGrantsShare, g.countHeld/guardGrowth, 1)
-	due := !g.busy && (g.at.IsZero() || time.Since(g.at) >= every || held-g.countHeld >= step)
-	if due {
-		g.busy = true
+// k would bring the server's advisory locks to the limit. held reports what
+// the guard's users hold now; count counts the server's advisory locks and
+// reads its table size (called when a count is due). A count that fails is
+// not a refusal: the lock statement then says what is wrong.
+//
+// While one caller counts, the others go on with the last count, unless
+// their users took a step (or everything, before the first count) since it:
+// they wait for the count under way, so what a guard lets through between
+// two counts stays within its step however slow a count is (a count queues
+// behind the lock statements of a busy lock connection).
+func (g *tableGuard) admit(ctx context.Context, k Key, heldNow func() int, count func() (n, capacity int, err error)) error {
+	var held int
+	for {
+		held = heldNow() // before g.mu: heldNow may take its users' lock
+		g.mu.Lock()
+		from := guardFirst
+		if g.capacity > 0 {
+			from = max(g.capacity/guardFromShare, 1)
+		}
+		if held < from {
+			g.mu.Unlock()
+			return nil
+		}
+		every := guardEvery
+		if limit := serverLimitOf(g.capacity); g.capacity > 0 && g.count+held-g.countHeld < limit/2 {
+			every = guardEveryFar
+		}
+		step := max(g.capacity/guardGrantsShare, g.countHeld/guardGrowth, 1)
+		stepped := g.at.IsZero() || held-g.countHeld >= step
+		if g.busy {
+			if !stepped {
+				break
+			}
+			// A caller whose context ends stops waiting; its lock statement
+			// then fails as it would have.
+			done := g.counted
+			g.mu.Unlock()
+			select {
+			case <-done:
+				continue
+			case <-ctx.Done():
+			}
+			g.mu.Lock()
+			break
+		}
+		if !stepped && time.Since(g.at) < every {
+			break
+		}
+		g.busy, g.counted = true, make(chan struct{})
 		g.mu.Unlock()
 		n, capacity, err := count()
 		g.mu.Lock()
 		g.busy = false
+		close(g.counted)
 		if err == nil {
 			g.count, g.countHeld, g.at = n, held, time.Now()
 			if capacity > 0 {
 				g.capacity = capacity
 			}
 		}
+		break
 	}
 	est := g.count + held - g.countHeld
 	capacity := g.capacity
@@ -158,7 +188,7 @@ func addrString(a net.Addr) string { return a.Network() + ":" + a.String() }
 // Locker takes, with count run on the hold's session; on nil, the caller
 // counts the hold in g once it is granted (Lock.acquire).
 func (l *Lock) admitCaller(ctx context.Context, g *callerGuard, q func(ctx context.Context, sql string) rowScanner) error {
-	return g.admit(l.key, int(g.held.Load()), func() (n, capacity int, err error) {
+	return g.admit(ctx, l.key, func() int { return int(g.held.Load()) }, func() (n, capacity int, err error) {
 		// The caller's context: a count cut short ends the statement as the
 		// lock's own would (on a caller's transaction, it fails it).
 		cctx, cancel := bounded(ctx, l.cfg.releaseTimeout)

@@ -281,11 +281,12 @@ const lockTableShare = 4
 // guard refuses a new lock when the advisory locks of every session of the
 // server reach the server-wide limit (see tableGuard): a cap per Locker
 // cannot see the other Lockers and processes that share the server.
-func (m *mux) guard(k Key) error {
-	m.mu.Lock()
-	held := m.held
-	m.mu.Unlock()
-	return m.tg.admit(k, held, m.serverAdvisory)
+func (m *mux) guard(ctx context.Context, k Key) error {
+	return m.tg.admit(ctx, k, func() int {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return m.held
+	}, m.serverAdvisory)
 }
 
 // serverAdvisory counts the advisory locks of every session of the server,
@@ -614,7 +615,7 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 // held, it counts against the cap (see reserve).
 func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode) (bool, error) {
 	k := e.key
-	if err := m.guard(k); err != nil {
+	if err := m.guard(ctx, k); err != nil {
 		return false, err
 	}
 	if err := m.reserve(k); err != nil {
@@ -709,7 +710,7 @@ func (m *mux) takeHot(ctx context.Context, b *muxBackend, e *keyEntry) (done, he
 	default:
 		return false, false, nil
 	}
-	err = m.guard(e.key)
+	err = m.guard(ctx, e.key)
 	if err == nil {
 		if err = m.reserve(e.key); err == nil {
 			m.unreserve() // counted once granted, as a wait is
