@@ -142,7 +142,7 @@ func rawSession(ctx context.Context, b *testing.B, pool *pgxpool.Pool, k pglock.
 // pool (one pool connection per hold).
 func BenchmarkSessionAcquireRelease(b *testing.B) {
 	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
-		l, err := pglock.New(pool, k)
+		l, err := pglock.NewLock(pool, k)
 		must(b, err)
 		return pair{
 			lib: func(b *testing.B) {
@@ -154,14 +154,14 @@ func BenchmarkSessionAcquireRelease(b *testing.B) {
 	})
 }
 
-// The plainest use: pglock.New(pool, key) made per operation, then Acquire
+// The plainest use: pglock.NewLock(pool, key) made per operation, then Acquire
 // and Release, uncontended (one pool connection per hold), beside raw pgx:
 // pool.Acquire, pg_advisory_lock, pg_advisory_unlock, Release.
 func BenchmarkSessionNewAcquireRelease(b *testing.B) {
 	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		return pair{
 			lib: func(b *testing.B) {
-				l, err := pglock.New(pool, k)
+				l, err := pglock.NewLock(pool, k)
 				must(b, err)
 				must(b, l.Acquire(ctx))
 				must(b, l.Release(ctx))
@@ -174,7 +174,7 @@ func BenchmarkSessionNewAcquireRelease(b *testing.B) {
 // TryAcquire + Release, uncontended, of a Lock made by pglock.New on a pool.
 func BenchmarkTryAcquireRelease(b *testing.B) {
 	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
-		l, err := pglock.New(pool, k)
+		l, err := pglock.NewLock(pool, k)
 		must(b, err)
 		return tryPair(ctx, pool, l, rk)
 	})
@@ -205,7 +205,7 @@ func BenchmarkCallerTx(b *testing.B) {
 			lib: func(b *testing.B) {
 				tx, err := pool.Begin(ctx)
 				must(b, err)
-				l, err := pglock.New(tx, k)
+				l, err := pglock.NewLock(tx, k)
 				must(b, err)
 				must(b, l.Acquire(ctx))
 				must(b, l.Release(ctx))
@@ -290,7 +290,7 @@ func BenchmarkDoTransaction(b *testing.B) {
 					lk := newLocker(b, pool, pglock.WithScope(pglock.Transaction))
 					lib = func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) }
 				} else {
-					l, err := pglock.New(pool, k, pglock.WithScope(pglock.Transaction))
+					l, err := pglock.NewLock(pool, k, pglock.WithScope(pglock.Transaction))
 					must(b, err)
 					lib = func(b *testing.B) { must(b, l.Do(ctx, noop)) }
 				}
@@ -319,7 +319,7 @@ func BenchmarkDoAllocs(b *testing.B) {
 					pool := pgtest.Pool(b, 4)
 					lk := newLocker(b, pool, kind.opts...)
 					k := keys(b, 1)[0]
-					l, err := lk.Lock(k)
+					l, err := lk.NewLock(k)
 					must(b, err)
 					must(b, l.Do(ctx, noop)) // open a lock connection, warm the caches
 					return lk, l, k

@@ -25,7 +25,7 @@ func BenchmarkTokenAcquireRelease(b *testing.B) {
 	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		_, err := pglock.Migrate(ctx, pool)
 		must(b, err)
-		l, err := pglock.New(pool, k, pglock.WithToken())
+		l, err := pglock.NewLock(pool, k, pglock.WithToken())
 		must(b, err)
 		return pair{
 			lib: func(b *testing.B) {
@@ -51,9 +51,9 @@ func BenchmarkTokenVsNoToken(b *testing.B) {
 	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		_, err := pglock.Migrate(ctx, pool)
 		must(b, err)
-		withToken, err := pglock.New(pool, k, pglock.WithToken())
+		withToken, err := pglock.NewLock(pool, k, pglock.WithToken())
 		must(b, err)
-		plain, err := pglock.New(pool, rk)
+		plain, err := pglock.NewLock(pool, rk)
 		must(b, err)
 		return pair{
 			lib: func(b *testing.B) {
@@ -74,7 +74,7 @@ func BenchmarkCheckFence(b *testing.B) {
 	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		_, err := pglock.Migrate(ctx, pool)
 		must(b, err)
-		l, err := pglock.New(pool, k, pglock.WithToken())
+		l, err := pglock.NewLock(pool, k, pglock.WithToken())
 		must(b, err)
 		must(b, l.Acquire(ctx))
 		b.Cleanup(func() { _ = l.Release(context.Background()) })

@@ -57,7 +57,7 @@ func BenchmarkHeldCost(b *testing.B) {
 				b.Fatalf("holding %d locks: %+v", n, s)
 			}
 			fresh := keys(b, 3)
-			l, err := lk.Lock(fresh[0])
+			l, err := lk.NewLock(fresh[0])
 			must(b, err)
 			lib := func() {
 				ok, err := l.TryAcquire(ctx)
@@ -92,7 +92,7 @@ func BenchmarkHeldCost(b *testing.B) {
 				pgtest.Paired(b, "pglock", lib, raw)
 			})
 			b.Run("vs-empty/paired", func(b *testing.B) {
-				empty, err := newLocker(b, newPool()).Lock(fresh[2])
+				empty, err := newLocker(b, newPool()).NewLock(fresh[2])
 				must(b, err)
 				base := func() {
 					ok, err := empty.TryAcquire(ctx)

@@ -68,7 +68,7 @@ func warmPool(ctx context.Context, b *testing.B, pool *pgxpool.Pool, n int) {
 func holdAll(b *testing.B, ctx context.Context, lk *pglock.Locker, ks []pglock.Key, locks []*pglock.Lock, workers int) time.Duration {
 	return fanOut(b, workers, func(w int) error {
 		for i := w; i < len(ks); i += workers {
-			l, err := lk.Lock(ks[i])
+			l, err := lk.NewLock(ks[i])
 			if err != nil {
 				return err
 			}
@@ -132,7 +132,7 @@ func rounds(b *testing.B, unit string, ops int, lib, raw func() time.Duration) i
 func BenchmarkMuxUncontended(b *testing.B) {
 	b.Run("AcquireRelease", func(b *testing.B) {
 		run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
-			l, err := newLocker(b, pool).Lock(k)
+			l, err := newLocker(b, pool).NewLock(k)
 			must(b, err)
 			return pair{
 				lib: func(b *testing.B) {
@@ -145,7 +145,7 @@ func BenchmarkMuxUncontended(b *testing.B) {
 	})
 	b.Run("TryAcquireRelease", func(b *testing.B) {
 		run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
-			l, err := newLocker(b, pool).Lock(k)
+			l, err := newLocker(b, pool).NewLock(k)
 			must(b, err)
 			return tryPair(ctx, pool, l, rk)
 		})
@@ -172,7 +172,7 @@ func BenchmarkMuxParallelDistinctKeys(b *testing.B) {
 			lk := newLocker(b, libPool, pglock.WithLockConns(conns))
 			ls := make([]*pglock.Lock, workers)
 			for i, k := range keys(b, workers) {
-				l, err := lk.Lock(k)
+				l, err := lk.NewLock(k)
 				must(b, err)
 				ls[i] = l
 			}

@@ -66,9 +66,9 @@ func BenchmarkSQLAcquireRelease(b *testing.B) {
 				var l *pglock.Lock
 				var err error
 				if viaLocker {
-					l, err = newLocker(b, db).Lock(k)
+					l, err = newLocker(b, db).NewLock(k)
 				} else {
-					l, err = pglock.New(db, k)
+					l, err = pglock.NewLock(db, k)
 				}
 				must(b, err)
 				return pair{

@@ -85,7 +85,7 @@ func ExampleSkipIfLocked() {
 		fmt.Println("billing ran")
 	}))
 
-	other, _ := locker.Lock(cronlock.DefaultNamespace + "example-billing")
+	other, _ := locker.NewLock(cronlock.DefaultNamespace + "example-billing")
 	if err := other.Acquire(ctx); err != nil { // "another replica"
 		log.Fatal(err)
 	}

@@ -112,7 +112,7 @@ func (c *config) newLock(locker *pglock.Locker, name string) (*pglock.Lock, erro
 	if c.scopeSet {
 		opts = append(opts, pglock.WithScope(c.scope))
 	}
-	l, err := locker.Lock(c.namespace+name, opts...)
+	l, err := locker.NewLock(c.namespace+name, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("cronlock: job %q: %w", name, err)
 	}

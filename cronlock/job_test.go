@@ -201,7 +201,7 @@ func TestSkipIfLockedInAChain(t *testing.T) {
 	}))
 
 	// Another replica holds the lock.
-	other, err := lks[1].Lock("cron:" + name)
+	other, err := lks[1].NewLock("cron:" + name)
 	if err != nil {
 		t.Fatal(err)
 	}

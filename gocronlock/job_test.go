@@ -155,7 +155,7 @@ func TestFuncRun(t *testing.T) {
 		if err := <-first; err != nil {
 			t.Fatal(err)
 		}
-		other, _ := lks[1].Lock(gocronlock.DefaultNamespace + name)
+		other, _ := lks[1].NewLock(gocronlock.DefaultNamespace + name)
 		if err := other.Acquire(ctx); err != nil {
 			t.Fatal(err)
 		}

@@ -60,7 +60,7 @@ func NewLocker(locker *pglock.Locker, opts ...Option) (*Locker, error) {
 // Locker, the key and the scope against each other here. The Locker must be
 // on a pool.
 func lockOf(locker *pglock.Locker, key string, opts ...pglock.Option) (*pglock.Lock, error) {
-	l, err := locker.Lock(key, opts...)
+	l, err := locker.NewLock(key, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -111,7 +111,7 @@ func (l *Locker) Lock(ctx context.Context, key string) (gocron.Lock, error) {
 	if ctx == nil {
 		return nil, fmt.Errorf("gocronlock: job %q: %w: nil context", key, pglock.ErrNotAcquired)
 	}
-	lk, err := l.locker.Lock(l.namespace+key, pglock.WithScope(pglock.Session))
+	lk, err := l.locker.NewLock(l.namespace+key, pglock.WithScope(pglock.Session))
 	if err != nil {
 		return nil, fmt.Errorf("gocronlock: job %q: %w", key, err)
 	}

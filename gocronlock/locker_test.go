@@ -249,7 +249,7 @@ func TestBusyAfterLockError(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	other, err := lks[1].Lock(gocronlock.DefaultNamespace + name) // another replica
+	other, err := lks[1].NewLock(gocronlock.DefaultNamespace + name) // another replica
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -213,7 +213,7 @@ func WithScope(s pglock.Scope) Option {
 // that holds the lock for another one (typically a replica whose clock is
 // behind, checking a tick that already ran). The wait ends with gocron's job
 // context (Shutdown, StopJobs, RemoveJob) or the Locker's
-// pglock.WithWaitTimeout; the ticks that this replica fires meanwhile are
+// pglock.WithWait; the ticks that this replica fires meanwhile are
 // skipped ("still running here"). [WithMinHold] is not needed.
 //
 // It needs Transaction scope ([WithScope], or a Locker made with

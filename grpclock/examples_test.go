@@ -94,7 +94,7 @@ func ExampleUnaryServerInterceptor() {
 	defer stop()
 
 	// Another replica is busy with the account.
-	other, _ := pglock.New(pool, grpclock.DefaultNamespace+"account:"+exampleAccount)
+	other, _ := pglock.NewLock(pool, grpclock.DefaultNamespace+"account:"+exampleAccount)
 	if err := other.Acquire(ctx); err != nil {
 		fmt.Println(err)
 		return

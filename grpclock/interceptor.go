@@ -84,12 +84,12 @@ func newInterceptor(locker *pglock.Locker, opts []Option) (*interceptor, error) 
 		ic.lockOpts = append(ic.lockOpts, pglock.WithScope(cfg.scope))
 	}
 	if cfg.wait > 0 {
-		ic.lockOpts = append(ic.lockOpts, pglock.WithWaitTimeout(cfg.wait))
+		ic.lockOpts = append(ic.lockOpts, pglock.WithWait(cfg.wait))
 	}
 	// Make one lock now, so that options that do not fit the Locker (Session
 	// scope on a Locker made on a transaction) fail here and not per call.
 	// This does not talk to the database.
-	if _, err := locker.Lock("grpclock:probe", ic.lockOpts...); err != nil {
+	if _, err := locker.NewLock("grpclock:probe", ic.lockOpts...); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidOption, err)
 	}
 	return ic, nil
@@ -156,7 +156,7 @@ func (ic *interceptor) do(ctx context.Context, key string, fn func(context.Conte
 }
 
 func (ic *interceptor) newLock(key string) (*pglock.Lock, error) {
-	return ic.locker.Lock(ic.cfg.namespace+key, ic.lockOpts...)
+	return ic.locker.NewLock(ic.cfg.namespace+key, ic.lockOpts...)
 }
 
 // outcome turns what do returned into the call's error. ran says whether

@@ -192,7 +192,7 @@ func TestUnaryKeyFuncError(t *testing.T) {
 func holdKey(t *testing.T, key string) (k pglock.Key, release func()) {
 	t.Helper()
 	p := pgtest.Pool(t, 2)
-	l, err := pglock.New(p, grpclock.DefaultNamespace+key)
+	l, err := pglock.NewLock(p, grpclock.DefaultNamespace+key)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -140,7 +140,7 @@ func benchLocker(b *testing.B, pool *pgxpool.Pool, opts ...pglock.Option) *pgloc
 
 // acquireRelease returns one Acquire + Release of a fresh key's Lock.
 func acquireRelease(b *testing.B, ctx context.Context, lk *pglock.Locker) func() {
-	l, err := lk.Lock(pgtest.UniqueKey(b))
+	l, err := lk.NewLock(pgtest.UniqueKey(b))
 	if err != nil {
 		b.Fatal(err)
 	}

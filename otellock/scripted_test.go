@@ -63,7 +63,7 @@ func TestScriptedRun(t *testing.T) {
 	if _, err := other.Exec(ctx, "SELECT pg_advisory_lock($1::bigint)", keyA.Int64()); err != nil {
 		t.Fatal(err)
 	}
-	lockA, err := lk.Lock(nameA)
+	lockA, err := lk.NewLock(nameA)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +136,7 @@ func TestScriptedRun(t *testing.T) {
 
 	// 4. C is acquired, and lost: its lock connection's backend is
 	// terminated.
-	lockC, err := lk.Lock(nameC)
+	lockC, err := lk.NewLock(nameC)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -49,14 +49,14 @@ func TestRecordStats(t *testing.T) {
 	}
 
 	name := pgtest.UniqueKey(t)
-	holder, err := lk.Lock(name)
+	holder, err := lk.NewLock(name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := holder.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
-	queued, err := lk.Lock(name)
+	queued, err := lk.NewLock(name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +183,7 @@ func TestRecordLockTable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, _ := pglock.New(pool, pgtest.UniqueKey(t))
+	l, _ := pglock.NewLock(pool, pgtest.UniqueKey(t))
 	if err := l.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}

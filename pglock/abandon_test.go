@@ -73,7 +73,7 @@ func TestAbandonedSessionFreedWithinBound(t *testing.T) {
 	lkA := muxLocker(t, poolA, pglock.WithLostCheckInterval(interval))
 	names, keys := muxKeys(t, lkA, 2)
 	key, controlKey := keys[0], keys[1]
-	la, err := lkA.Lock(names[0])
+	la, err := lkA.NewLock(names[0])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,7 +88,7 @@ func TestAbandonedSessionFreedWithinBound(t *testing.T) {
 
 	// B: a second Locker (another replica), on a direct pool.
 	lkB := muxLocker(t, pgtest.Pool(t, 2))
-	lb, err := lkB.Lock(names[0])
+	lb, err := lkB.NewLock(names[0])
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,7 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// A source is what the caller gave New: it opens one backend per hold.
+// A source is what the caller gave NewLock: it opens one backend per hold.
 type source interface {
 	open(ctx context.Context, l *Lock) (backend, error)
 	// owned reports whether the lock takes connections of its own (a pool):
@@ -54,7 +54,7 @@ type backend interface {
 }
 
 // newSource checks the connection value and the options against each other.
-// A pgx source is made in into when it is not nil (New's Lock holds it).
+// A pgx source is made in into when it is not nil (NewLock's Lock holds it).
 func newSource(conn any, cfg *config, into *pgxSource) (source, error) {
 	var s source
 	pgxSrc := func() *pgxSource {
@@ -155,9 +155,9 @@ func settleScope(s source, cfg *config) error {
 // zeroPool reports whether p is a zero pgxpool.Pool, which pgxpool.New did
 // not make: it has no config. The field is read by reflection, as noDB does
 // (set when the pool is made and never written again, so the read races
-// with nothing): Config would copy the whole configuration, at every New.
+// with nothing): Config would copy the whole configuration, at every NewLock.
 // Where a later pgx renames the field, Config tells: it panics on a zero
-// pool (copying a nil config) and touches nothing else on a pool made by New.
+// pool (copying a nil config) and touches nothing else on a pool made by NewLock.
 func zeroPool(p *pgxpool.Pool) (zero bool) {
 	if i := poolConfigField(); i >= 0 {
 		return reflect.ValueOf(p).Elem().Field(i).IsNil()

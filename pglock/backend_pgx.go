@@ -88,7 +88,7 @@ func (b *pgxBackend) admit(ctx context.Context) error {
 const guardDataKey = "pglock.guard"
 
 // connGuard returns the callerGuard of conn's server, found once per
-// connection: a source made per Lock (New) would otherwise look it up, by
+// connection: a source made per Lock (NewLock) would otherwise look it up, by
 // the server's address as text, at every hold.
 func connGuard(conn *pgx.Conn) *callerGuard {
 	data := conn.PgConn().CustomData()

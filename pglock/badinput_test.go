@@ -79,7 +79,7 @@ func badAcquires(t *testing.T, l *pglock.Lock, says string) {
 }
 
 // Every method of a nil *Lock returns an error or a zero value, never
-// panics: `l, err := lk.Lock(k); defer l.Release(ctx)` is safe when Lock
+// panics: `l, err := lk.NewLock(k); defer l.Release(ctx)` is safe when NewLock
 // failed.
 func TestBadInputNilLock(t *testing.T) {
 	t.Parallel()
@@ -127,7 +127,7 @@ func TestBadInputNilLock(t *testing.T) {
 	// The idiom of the issue.
 	badCall(t, "defer Release after a failed Lock", func() {
 		var lk *pglock.Locker
-		l, err := lk.Lock("k")
+		l, err := lk.NewLock("k")
 		defer l.Release(ctx) //nolint:errcheck // the idiom under test
 		if err == nil {
 			t.Error("nil Locker's Lock = nil error")
@@ -135,7 +135,7 @@ func TestBadInputNilLock(t *testing.T) {
 	})
 }
 
-// A zero Lock (not made by New or Locker.Lock) is an error, never a panic.
+// A zero Lock (not made by NewLock or Locker.NewLock) is an error, never a panic.
 func TestBadInputZeroLock(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
@@ -246,11 +246,11 @@ func TestBadInputZeroConns(t *testing.T) {
 		{&sql.Tx{}, "zero sql.Tx"},
 	} {
 		name := fmt.Sprintf("%T", tc.conn)
-		badCall(t, "New("+name+")", func() {
-			l, err := pglock.New(tc.conn, "k")
-			badErr(t, "New("+name+")", err, tc.says, pglock.ErrUnsupportedConn)
+		badCall(t, "NewLock("+name+")", func() {
+			l, err := pglock.NewLock(tc.conn, "k")
+			badErr(t, "NewLock("+name+")", err, tc.says, pglock.ErrUnsupportedConn)
 			if l != nil {
-				t.Errorf("New(%s) returned a Lock", name)
+				t.Errorf("NewLock(%s) returned a Lock", name)
 			}
 		})
 		badCall(t, "NewLocker("+name+")", func() {
@@ -269,9 +269,9 @@ func TestBadInputZeroConns(t *testing.T) {
 		t.Fatal(err)
 	}
 	pc.Release()
-	badCall(t, "New(released *pgxpool.Conn)", func() {
-		_, err := pglock.New(pc, "k")
-		badErr(t, "New(released *pgxpool.Conn)", err, "released pgxpool.Conn", pglock.ErrUnsupportedConn)
+	badCall(t, "NewLock(released *pgxpool.Conn)", func() {
+		_, err := pglock.NewLock(pc, "k")
+		badErr(t, "NewLock(released *pgxpool.Conn)", err, "released pgxpool.Conn", pglock.ErrUnsupportedConn)
 	})
 }
 
@@ -296,7 +296,7 @@ func TestBadInputOptionRanges(t *testing.T) {
 		{pglock.WithReleaseTimeout(time.Nanosecond), []string{"WithReleaseTimeout", "1ns", "10ms..1h0m0s"}},
 		{pglock.WithReleaseTimeout(2 * time.Hour), []string{"WithReleaseTimeout", "2h0m0s", "10ms..1h0m0s"}},
 		{pglock.WithReleaseTimeout(-1), []string{"WithReleaseTimeout", "-1ns", "10ms..1h0m0s"}},
-		{pglock.WithWaitTimeout(-time.Second), []string{"WithWaitTimeout", "-1s", "0 or more"}},
+		{pglock.WithWait(-time.Second), []string{"WithWait", "-1s", "0 or more"}},
 		{pglock.WithMaxLocks(-1), []string{"WithMaxLocks", "-1", "0 or more"}},
 	} {
 		_, err := pglock.NewLocker(pool, tc.opt)
@@ -315,7 +315,7 @@ func TestBadInputOptionRanges(t *testing.T) {
 		pglock.WithLostCheckInterval(10 * time.Millisecond), pglock.WithLostCheckInterval(time.Hour),
 		pglock.WithLostCheckInterval(0), pglock.WithReleaseTimeout(10 * time.Millisecond),
 		pglock.WithReleaseTimeout(time.Hour), pglock.WithReleaseTimeout(0),
-		pglock.WithWaitTimeout(0), pglock.WithMaxLocks(0),
+		pglock.WithWait(0), pglock.WithMaxLocks(0),
 	} {
 		lk, err := pglock.NewLocker(pool, opt)
 		if err != nil {
@@ -408,7 +408,7 @@ func TestBadInputConnectTimeoutUnavailable(t *testing.T) {
 		lock func(t *testing.T, conn any, key string) (*pglock.Lock, error)
 	}{
 		{"New on a pool", pgxPool, func(t *testing.T, conn any, key string) (*pglock.Lock, error) {
-			return pglock.New(conn, key)
+			return pglock.NewLock(conn, key)
 		}},
 		{"Locker without multiplexing", pgxPool, func(t *testing.T, conn any, key string) (*pglock.Lock, error) {
 			lk, err := pglock.NewLocker(conn, pglock.WithMultiplexing(false))
@@ -416,7 +416,7 @@ func TestBadInputConnectTimeoutUnavailable(t *testing.T) {
 				return nil, err
 			}
 			t.Cleanup(func() { lk.Close() })
-			return lk.Lock(key)
+			return lk.NewLock(key)
 		}},
 		{"Transaction scope on a pool", pgxPool, func(t *testing.T, conn any, key string) (*pglock.Lock, error) {
 			lk, err := pglock.NewLocker(conn)
@@ -424,13 +424,13 @@ func TestBadInputConnectTimeoutUnavailable(t *testing.T) {
 				return nil, err
 			}
 			t.Cleanup(func() { lk.Close() })
-			return lk.Lock(key, pglock.WithScope(pglock.Transaction))
+			return lk.NewLock(key, pglock.WithScope(pglock.Transaction))
 		}},
 		{"New on a sql.DB", sqlDB, func(t *testing.T, conn any, key string) (*pglock.Lock, error) {
-			return pglock.New(conn, key)
+			return pglock.NewLock(conn, key)
 		}},
 		{"Transaction scope on a sql.DB", sqlDB, func(t *testing.T, conn any, key string) (*pglock.Lock, error) {
-			return pglock.New(conn, key, pglock.WithScope(pglock.Transaction))
+			return pglock.NewLock(conn, key, pglock.WithScope(pglock.Transaction))
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

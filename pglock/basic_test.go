@@ -15,7 +15,7 @@ func TestSessionAcquireRelease(t *testing.T) {
 	ctx := context.Background()
 	pool := pgtest.Pool(t, 4)
 	watch := pgtest.Pool(t, 2)
-	l, err := pglock.New(pool, pgtest.UniqueKey(t))
+	l, err := pglock.NewLock(pool, pgtest.UniqueKey(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,7 +28,7 @@ func TestSessionAcquireRelease(t *testing.T) {
 	if err := l.Acquire(ctx); !errors.Is(err, pglock.ErrAlreadyHeld) {
 		t.Fatalf("second Acquire = %v, want ErrAlreadyHeld", err)
 	}
-	other, _ := pglock.New(pool, l.Key())
+	other, _ := pglock.NewLock(pool, l.Key())
 	ok, err := other.TryAcquire(ctx)
 	if err != nil || ok {
 		t.Fatalf("TryAcquire while held = %v, %v", ok, err)

@@ -26,7 +26,7 @@ func TestLockConnTransactionBlock(t *testing.T) {
 	_, ks := muxKeys(t, lk, 102)
 	locks := make([]*pglock.Lock, len(ks))
 	for i := range 100 {
-		l, err := lk.Lock(ks[i])
+		l, err := lk.NewLock(ks[i])
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -100,7 +100,7 @@ func TestLockConnTransactionBlock(t *testing.T) {
 	heldNow(99)
 
 	// A new lock opens a block again.
-	l, err := lk.Lock(ks[100])
+	l, err := lk.NewLock(ks[100])
 	if err != nil {
 		t.Fatal(err)
 	}

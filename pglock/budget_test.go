@@ -115,7 +115,7 @@ func TestConnectionBudgetUnderBurst(t *testing.T) {
 	for w := range 64 {
 		fw.Go(func() {
 			for i := w; i < held; i += 64 {
-				l, err := lk.Lock(fmt.Sprintf("budget-held-%d", i))
+				l, err := lk.NewLock(fmt.Sprintf("budget-held-%d", i))
 				if err == nil {
 					err = l.Acquire(ctx)
 				}
@@ -175,7 +175,7 @@ func TestConnectionBudgetUnderBurst(t *testing.T) {
 	for range waiters {
 		bw.Go(func() {
 			for burstCtx.Err() == nil {
-				l, err := lk.Lock(hot[rand.IntN(hotKeys)])
+				l, err := lk.NewLock(hot[rand.IntN(hotKeys)])
 				if err != nil {
 					t.Error(err)
 					return

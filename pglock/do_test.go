@@ -16,7 +16,7 @@ func TestGoexitInDo(t *testing.T) {
 	pool := pgtest.Pool(t, 2)
 	watch := pgtest.Pool(t, 2)
 	for _, scope := range []pglock.Scope{pglock.Session, pglock.Transaction} {
-		l, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithScope(scope))
+		l, err := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithScope(scope))
 		if err != nil {
 			t.Fatal(err)
 		}

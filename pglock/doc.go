@@ -33,14 +33,14 @@
 //
 // # What a lock runs on
 //
-// [New] and [NewLocker] take a *pgxpool.Pool, *pgxpool.Conn, *pgx.Conn,
+// [NewLock] and [NewLocker] take a *pgxpool.Pool, *pgxpool.Conn, *pgx.Conn,
 // pgx.Tx, *sql.DB, *sql.Conn or *sql.Tx; anything else is an error at
 // construction.
 //
 // A [Locker] on a pool (*pgxpool.Pool, or *sql.DB with pgx's database/sql
 // driver) holds the session locks of all its Locks on a few connections of
 // its own, so a held lock costs no pool connection: see "Lock connections"
-// below. [New] on a pool is the simple form: each hold takes one connection
+// below. [NewLock] on a pool is the simple form: each hold takes one connection
 // from the pool and keeps it until the lock is released, since the lock
 // belongs to the connection. After a successful unlock the connection goes
 // back to the pool holding nothing; a connection whose unlock failed, or whose
@@ -134,7 +134,7 @@
 //     below half the limit, and after it takes a sixty-fourth of the table
 //     or an eighth of what it holds) and refuses more once they reach three quarters
 //     of the table, so that replicas together cannot fill it; WithMaxLocks
-//     above that is an error. The Locks that [New] makes (on a pool, or
+//     above that is an error. The Locks that [NewLock] makes (on a pool, or
 //     stacked on the caller's connection or transaction, where no Locker
 //     caps them) and those of a Locker that does not multiplex share one
 //     such guard per server in each process, which starts counting once they
@@ -177,7 +177,7 @@
 // # Waiting and cancelling
 //
 // [Lock.Acquire] waits in the server's queue until the lock is granted or the
-// context ends: on a connection of its own (a Lock made by New) it sends the
+// context ends: on a connection of its own (a Lock made by NewLock) it sends the
 // blocking function at once, one round trip whether the key is free or not;
 // a Locker's Lock first tries the key on its lock connection (with others'
 // requests) and waits on a waiting connection only when another session
@@ -250,7 +250,7 @@
 // PostgreSQL stacks locks per session: a connection that takes a key twice
 // holds it twice and must unlock twice. A [Lock] value is not re-entrant:
 // Acquire on a held Lock returns [ErrAlreadyHeld]. Two Locks of one Locker
-// exclude each other, whatever the Locker runs on; two Locks made with [New]
+// exclude each other, whatever the Locker runs on; two Locks made with [NewLock]
 // on one caller's connection stack, as PostgreSQL does.
 //
 // # Leader election
@@ -307,10 +307,10 @@
 //
 // Timeouts. The Locker's own sessions set lock_timeout and statement_timeout
 // themselves, so a wait there lasts as long as its context allows. A wait on
-// a connection of the pool or the caller's ([New], WithMultiplexing(false),
+// a connection of the pool or the caller's ([NewLock], WithMultiplexing(false),
 // Transaction scope) runs under that connection's settings: a lock_timeout
 // set for the role, the database or in the pool's RuntimeParams ends it
-// early, with SQLSTATE 55P03 (the error matches [ErrNotAcquired]). [New] on a pool takes one pool
+// early, with SQLSTATE 55P03 (the error matches [ErrNotAcquired]). [NewLock] on a pool takes one pool
 // connection per hold, for as long as the hold: size the pool for the holds
 // and for the work's own connections, or use a Locker. Transaction scope
 // takes one pool connection per hold (the work's transaction) in both.
@@ -361,7 +361,7 @@
 //     always after the client itself has seen the loss (twice the check
 //     interval). A setting the pool's configuration gives (RuntimeParams) is
 //     kept.
-//   - A Session-scope hold on a pool connection of its own ([New] on a
+//   - A Session-scope hold on a pool connection of its own ([NewLock] on a
 //     *pgxpool.Pool or *sql.DB, a Locker with [WithMultiplexing](false))
 //     sets idle_session_timeout to the same bound for the hold (PostgreSQL
 //     14 and later; *sql.DB with pgx's driver), in the lock statement, and

@@ -32,12 +32,12 @@ var ownDBs = []struct {
 	{"sql.DB", func(t *testing.T) any { return openSQLDB(t) }},
 }
 
-// ownLock makes a Lock on key for db with New, or with a Locker (closed when
+// ownLock makes a Lock on key for db with NewLock, or with a Locker (closed when
 // the test ends) when byLocker.
 func ownLock(t *testing.T, db any, byLocker bool, key string, opts ...pglock.Option) *pglock.Lock {
 	t.Helper()
 	if !byLocker {
-		l, err := pglock.New(db, key, opts...)
+		l, err := pglock.NewLock(db, key, opts...)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -48,7 +48,7 @@ func ownLock(t *testing.T, db any, byLocker bool, key string, opts ...pglock.Opt
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { lk.Close() })
-	l, err := lk.Lock(key)
+	l, err := lk.NewLock(key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +95,7 @@ func assertDoEnded(t *testing.T, l *pglock.Lock, watch, other *pgxpool.Pool) {
 
 func otherTakes(t *testing.T, other *pgxpool.Pool, key pglock.Key) bool {
 	t.Helper()
-	o, err := pglock.New(other, key)
+	o, err := pglock.NewLock(other, key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +124,7 @@ func connsInUse(db any) int {
 
 // fn calls Release, HandleError, Acquire and TryAcquire on its own Lock: they
 // change nothing, and fn's error still rolls back, in both scopes, with Do
-// and TryDo, on pgx and database/sql, for Locks of New and of a Locker.
+// and TryDo, on pgx and database/sql, for Locks of NewLock and of a Locker.
 func TestReleaseInsideDoIsRefused(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
@@ -507,7 +507,7 @@ func TestStaleTxAfterStatementCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pool.Exec(context.Background(), "DROP TABLE "+table)
-	l, _ := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
+	l, _ := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
 	var stale pgx.Tx
 	err := l.Do(ctx, func(ctx context.Context) error {
 		stale, _ = pglock.TxFromContext(ctx)

@@ -31,7 +31,7 @@ var (
 	// the supported types, or is nil, or is a zero value that its package's
 	// constructor did not make (&pgxpool.Pool{}, &sql.DB{}...), or a released
 	// *pgxpool.Conn. It is also what the methods of a nil or zero Lock,
-	// Locker or Leader (one that New, NewLocker or Locker.Leader did not
+	// Locker or Leader (one that NewLock, NewLocker or Locker.Leader did not
 	// make) return, with [ErrNotAcquired] where they acquire.
 	ErrUnsupportedConn = errors.New("pglock: unsupported connection")
 
@@ -130,8 +130,8 @@ var (
 
 var (
 	// A Lock, Locker or Leader that its constructor did not make.
-	errNilLock    = fmt.Errorf("%w: nil *pglock.Lock (New or Locker.Lock returned an error)", ErrUnsupportedConn)
-	errZeroLock   = fmt.Errorf("%w: zero pglock.Lock (make it with New or Locker.Lock)", ErrUnsupportedConn)
+	errNilLock    = fmt.Errorf("%w: nil *pglock.Lock (NewLock or Locker.NewLock returned an error)", ErrUnsupportedConn)
+	errZeroLock   = fmt.Errorf("%w: zero pglock.Lock (make it with NewLock or Locker.NewLock)", ErrUnsupportedConn)
 	errNilLocker  = fmt.Errorf("%w: nil *pglock.Locker", ErrUnsupportedConn)
 	errZeroLocker = fmt.Errorf("%w: zero pglock.Locker (make one with NewLocker)", ErrUnsupportedConn)
 	errNilLeader  = fmt.Errorf("%w: nil *pglock.Leader (Locker.Leader returned an error)", ErrUnsupportedConn)

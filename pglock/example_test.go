@@ -67,8 +67,8 @@ func ExampleLock_TryAcquire() {
 	pool := examplePool()
 	defer pool.Close()
 
-	first, _ := pglock.New(pool, "example:report")
-	second, _ := pglock.New(pool, "example:report")
+	first, _ := pglock.NewLock(pool, "example:report")
+	second, _ := pglock.NewLock(pool, "example:report")
 
 	ok, err := first.TryAcquire(ctx)
 	fmt.Println("first:", ok, err)
@@ -94,13 +94,13 @@ func ExampleLock_Acquire() {
 	pool := examplePool()
 	defer pool.Close()
 
-	holder, _ := pglock.New(pool, "example:migrate")
+	holder, _ := pglock.NewLock(pool, "example:migrate")
 	if err := holder.Acquire(ctx); err != nil {
 		log.Fatal(err)
 	}
 	defer holder.Release(ctx)
 
-	waiter, _ := pglock.New(pool, "example:migrate")
+	waiter, _ := pglock.NewLock(pool, "example:migrate")
 	wctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
 	defer cancel()
 	err := waiter.Acquire(wctx)
@@ -115,7 +115,7 @@ func ExampleLock_Do_transaction() {
 	pool := examplePool()
 	defer pool.Close()
 
-	l, err := pglock.New(pool, "example:ledger", pglock.WithScope(pglock.Transaction))
+	l, err := pglock.NewLock(pool, "example:ledger", pglock.WithScope(pglock.Transaction))
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -141,7 +141,7 @@ func ExampleLock_Lost() {
 	pool := examplePool()
 	defer pool.Close()
 
-	l, _ := pglock.New(pool, "example:leader")
+	l, _ := pglock.NewLock(pool, "example:leader")
 	err := l.Do(ctx, func(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
@@ -180,7 +180,7 @@ func ExampleLocker_Stats() {
 
 	var locks []*pglock.Lock
 	for i := range 100 {
-		l, err := locker.Lock(fmt.Sprintf("example:stats:%d", i))
+		l, err := locker.NewLock(fmt.Sprintf("example:stats:%d", i))
 		if err != nil {
 			log.Fatal(err)
 		}
@@ -285,7 +285,7 @@ func ExampleWithLogger() {
 			return a
 		},
 	}))
-	l, err := pglock.New(pool, pglock.Int64Key(4242), pglock.WithLogger(logger))
+	l, err := pglock.NewLock(pool, pglock.Int64Key(4242), pglock.WithLogger(logger))
 	if err != nil {
 		log.Fatal(err)
 	}

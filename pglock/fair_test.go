@@ -194,7 +194,7 @@ func TestFairHotKeyWaitsWithoutTrying(t *testing.T) {
 	if err != nil || ran {
 		t.Fatalf("TryDo of a key held by another session = %v, %v; want busy", ran, err)
 	}
-	other, _ := lk.Lock(keys[1])
+	other, _ := lk.NewLock(keys[1])
 	if err := other.Acquire(bg); err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +206,7 @@ func TestFairHotKeyWaitsWithoutTrying(t *testing.T) {
 	if _, err := b.Exec(bg, "SELECT pg_advisory_unlock($1::bigint)", keys[0].Int64()); err != nil {
 		t.Fatal(err)
 	}
-	hot, _ := lk.Lock(keys[0])
+	hot, _ := lk.NewLock(keys[0])
 	if err := hot.Acquire(bg); err != nil {
 		t.Fatal(err)
 	}

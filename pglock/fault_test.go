@@ -186,7 +186,7 @@ func TestFaultCancelWhileWaiting(t *testing.T) {
 func faultCancelOnce(t *testing.T, polls bool, w *faultWaiter, watch, hold *pgxpool.Pool, how string) {
 	bg := context.Background()
 	key := faultKey(t)
-	holder, err := pglock.New(hold, key)
+	holder, err := pglock.NewLock(hold, key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -200,7 +200,7 @@ func faultCancelOnce(t *testing.T, polls bool, w *faultWaiter, watch, hold *pgxp
 		pgtest.WaitFree(t, watch, key)
 	}()
 
-	l, err := pglock.New(w.conn, key, w.opts...)
+	l, err := pglock.NewLock(w.conn, key, w.opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -294,11 +294,11 @@ func TestFaultCancelRace(t *testing.T) {
 			t.Parallel()
 			next := tg.setup(t)
 			key := faultKey(t)
-			holder, err := pglock.New(hold, key)
+			holder, err := pglock.NewLock(hold, key)
 			if err != nil {
 				t.Fatal(err)
 			}
-			third, err := pglock.New(hold, key)
+			third, err := pglock.NewLock(hold, key)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -343,7 +343,7 @@ func faultRaceOnce(t *testing.T, w *faultWaiter, watch *pgxpool.Pool, holder, th
 	if err := holder.Acquire(bg); err != nil {
 		t.Fatal(err)
 	}
-	l, err := pglock.New(w.conn, key, w.opts...)
+	l, err := pglock.NewLock(w.conn, key, w.opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -447,7 +447,7 @@ func TestFaultLostTerminate(t *testing.T) {
 			inUse := func() int { return tg.inUse(conn) }
 			t.Run("release", func(t *testing.T) {
 				bg := context.Background()
-				l, err := pglock.New(conn, faultKey(t))
+				l, err := pglock.NewLock(conn, faultKey(t))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -482,7 +482,7 @@ func TestFaultLostTerminate(t *testing.T) {
 			})
 			t.Run("do", func(t *testing.T) {
 				bg := context.Background()
-				l, err := pglock.New(conn, faultKey(t))
+				l, err := pglock.NewLock(conn, faultKey(t))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -563,7 +563,7 @@ func TestFaultLostProxyCut(t *testing.T) {
 			t.Parallel()
 			bg := context.Background()
 			p, db, inUse := tg.open(t)
-			l, err := pglock.New(db, faultKey(t), pglock.WithReleaseTimeout(time.Second))
+			l, err := pglock.NewLock(db, faultKey(t), pglock.WithReleaseTimeout(time.Second))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -612,7 +612,7 @@ func TestFaultLostProxyBlackhole(t *testing.T) {
 			t.Parallel()
 			bg := context.Background()
 			p, db, inUse := tg.open(t)
-			l, err := pglock.New(db, faultKey(t),
+			l, err := pglock.NewLock(db, faultKey(t),
 				pglock.WithLostCheckInterval(interval), pglock.WithReleaseTimeout(releaseTimeout))
 			if err != nil {
 				t.Fatal(err)
@@ -663,7 +663,7 @@ func TestFaultCancelProxyBlackhole(t *testing.T) {
 	hold := pgtest.Pool(t, 1)
 	p, pool := faultProxyPool(t, 2)
 	key := faultKey(t)
-	holder, err := pglock.New(hold, key)
+	holder, err := pglock.NewLock(hold, key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -671,7 +671,7 @@ func TestFaultCancelProxyBlackhole(t *testing.T) {
 	if err := holder.Acquire(bg); err != nil {
 		t.Fatal(err)
 	}
-	l, err := pglock.New(pool, key, pglock.WithReleaseTimeout(releaseTimeout))
+	l, err := pglock.NewLock(pool, key, pglock.WithReleaseTimeout(releaseTimeout))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -776,14 +776,14 @@ func TestFaultGrantedAsCancelArrives(t *testing.T) {
 			bg := context.Background()
 			p, w := tg.open(t)
 			key := faultKey(t)
-			holder, err := pglock.New(hold, key)
+			holder, err := pglock.NewLock(hold, key)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if err := holder.Acquire(bg); err != nil {
 				t.Fatal(err)
 			}
-			l, err := pglock.New(w.conn, key, w.opts...)
+			l, err := pglock.NewLock(w.conn, key, w.opts...)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -836,7 +836,7 @@ func TestFaultGrantedAsCancelArrives(t *testing.T) {
 			if !faultAlive(t, watch, w.pid) {
 				t.Errorf("backend %d is gone", w.pid)
 			}
-			third, err := pglock.New(hold, key)
+			third, err := pglock.NewLock(hold, key)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -868,7 +868,7 @@ func faultRecovers(t *testing.T, conn any, watch *pgxpool.Pool, inUse func() int
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	l, err := pglock.New(conn, faultKey(t))
+	l, err := pglock.NewLock(conn, faultKey(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1142,7 +1142,7 @@ func TestFaultCancelDuringTry(t *testing.T) {
 	}
 	failed := 0
 	for i := range n {
-		l, err := pglock.New(pool, pgtest.UniqueKey(t))
+		l, err := pglock.NewLock(pool, pgtest.UniqueKey(t))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -1209,11 +1209,11 @@ func TestFaultCancelRequestUndeliverable(t *testing.T) {
 				defer conn.Close(ctx)
 			}
 			key := pgtest.UniqueKey(t)
-			holder, _ := pglock.New(holders, key)
+			holder, _ := pglock.NewLock(holders, key)
 			if err := holder.Acquire(ctx); err != nil {
 				t.Fatal(err)
 			}
-			l, _ := pglock.New(conn, key, pglock.WithScope(scope), pglock.WithReleaseTimeout(500*time.Millisecond))
+			l, _ := pglock.NewLock(conn, key, pglock.WithScope(scope), pglock.WithReleaseTimeout(500*time.Millisecond))
 			c, cancel := context.WithCancel(ctx)
 			done := make(chan error, 1)
 			go func() { done <- l.Acquire(c) }()

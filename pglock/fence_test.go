@@ -134,7 +134,7 @@ func TestTokenNeedsSchema(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		l, _ := lk.Lock(pgtest.UniqueKey(t))
+		l, _ := lk.NewLock(pgtest.UniqueKey(t))
 		ok, err := l.TryAcquire(ctx)
 		if ok || !errors.Is(err, pglock.ErrSchema) || !errors.Is(err, pglock.ErrNotAcquired) {
 			t.Errorf("multiplex %v: TryAcquire WithToken without the schema = %v, %v; want ErrSchema", multiplex, ok, err)
@@ -163,7 +163,7 @@ func TestTokenSharedTakesNone(t *testing.T) {
 	}
 	defer lk.Close()
 	key := pgtest.UniqueKey(t)
-	shared, _ := lk.Lock(key, pglock.WithMode(pglock.Shared))
+	shared, _ := lk.NewLock(key, pglock.WithMode(pglock.Shared))
 	if err := shared.Do(ctx, func(ctx context.Context) error {
 		if token, ok := pglock.TokenFromContext(ctx); ok || shared.Token() != 0 {
 			t.Errorf("a shared hold has token %d (%v), want none", token, ok)
@@ -172,7 +172,7 @@ func TestTokenSharedTakesNone(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	excl, _ := lk.Lock(key)
+	excl, _ := lk.NewLock(key)
 	if err := excl.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -283,7 +283,7 @@ func TestFencingStaleHolder(t *testing.T) {
 		})
 	}
 
-	a, _ := lkA.Lock(key)
+	a, _ := lkA.NewLock(key)
 	if err := a.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -293,7 +293,7 @@ func TestFencingStaleHolder(t *testing.T) {
 	}
 	// A pauses; its session is killed; B is granted the key.
 	pgtest.Terminate(t, watch, pgtest.Granted(t, watch, a.Key())[0].PID)
-	b, _ := lkB.Lock(key)
+	b, _ := lkB.NewLock(key)
 	if err := b.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -325,7 +325,7 @@ func TestFencingStaleHolder(t *testing.T) {
 	pgtest.Terminate(t, watch, pgtest.Granted(t, watch, b.Key())[0].PID)
 	lkC, _ := pglock.NewLocker(pgtest.Pool(t, 4), pglock.WithToken())
 	defer lkC.Close()
-	c, _ := lkC.Lock(key)
+	c, _ := lkC.NewLock(key)
 	granted := make(chan error, 1)
 	go func() { granted <- c.Acquire(ctx) }()
 	select {
@@ -443,7 +443,7 @@ func TestTokenWaitsForFencedTransaction(t *testing.T) {
 	}
 	defer lk.Close()
 	keyA, keyB := pgtest.UniqueKey(t)+"-a", pgtest.UniqueKey(t)+"-b"
-	a, _ := lk.Lock(keyA)
+	a, _ := lk.NewLock(keyA)
 	if err := a.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -462,7 +462,7 @@ func TestTokenWaitsForFencedTransaction(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- a.Acquire(ctx) }()
 	time.Sleep(100 * time.Millisecond)
-	b, _ := lk.Lock(keyB)
+	b, _ := lk.NewLock(keyB)
 	start := time.Now()
 	if ok, err := b.TryAcquire(ctx); !ok || err != nil {
 		t.Fatalf("TryAcquire of another key on the same lock connection = %v, %v", ok, err)
@@ -516,7 +516,7 @@ func TestTokenWaitsForFencedTransaction(t *testing.T) {
 	_ = fenced.Rollback(ctx)
 
 	// A Transaction-scope grant rolled back does not give its number again.
-	tx, _ := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithToken(), pglock.WithScope(pglock.Transaction))
+	tx, _ := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithToken(), pglock.WithScope(pglock.Transaction))
 	var tokens []int64
 	for range 2 {
 		_ = tx.Do(ctx, func(ctx context.Context) error {

@@ -105,14 +105,14 @@ func frozenHolder(t *testing.T, mode, key string) {
 		if err != nil {
 			fail(err)
 		}
-		l, err := lk.Lock(key)
+		l, err := lk.NewLock(key)
 		if err != nil {
 			fail(err)
 		}
 		return l
 	}
 	newLock := func(conn any, opts ...pglock.Option) *pglock.Lock {
-		l, err := pglock.New(conn, key, opts...)
+		l, err := pglock.NewLock(conn, key, opts...)
 		if err != nil {
 			fail(err)
 		}
@@ -132,7 +132,7 @@ func frozenHolder(t *testing.T, mode, key string) {
 			fail(err)
 		}
 		for i := range 100 {
-			other, err := lk.Lock(fmt.Sprintf("%s-held-%d", key, i))
+			other, err := lk.NewLock(fmt.Sprintf("%s-held-%d", key, i))
 			if err != nil {
 				fail(err)
 			}
@@ -140,7 +140,7 @@ func frozenHolder(t *testing.T, mode, key string) {
 				fail(err)
 			}
 		}
-		if l, err = lk.Lock(key); err != nil {
+		if l, err = lk.NewLock(key); err != nil {
 			fail(err)
 		}
 	case "perhold":
@@ -394,7 +394,7 @@ func TestFrozenBoundSettings(t *testing.T) {
 	// Session scope: a busy try, a hold, and a wait cancelled leave 42s.
 	name := pgtest.UniqueKey(t)
 	key, _ := pglock.KeyOf(name)
-	l, err := pglock.New(pool, name)
+	l, err := pglock.NewLock(pool, name)
 	if err != nil {
 		t.Fatal(err)
 	}

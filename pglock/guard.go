@@ -22,7 +22,7 @@ import (
 // then (see guardEvery), by one goroutine at a time.
 //
 // A multiplexing Locker has a guard of its own (mux.guard). The Locks that
-// New makes, and the Locks of a Locker that does not multiplex, share one
+// NewLock makes, and the Locks of a Locker that does not multiplex, share one
 // guard per server per process (callerGuard): on a caller's connection or
 // transaction they stack on one session, without the cap of a Locker.
 type tableGuard struct {

@@ -18,7 +18,7 @@ import (
 
 // Issue 20, item 3: locks stacked on a caller's own connection or
 // transaction are guarded too. On a throwaway server (a lock table of 2,560
-// slots, about 5,000 in fact), New on one caller-owned session takes keys
+// slots, about 5,000 in fact), NewLock on one caller-owned session takes keys
 // until refused: it stops near three quarters of the table with
 // ErrTooManyLocks (naming the server's figures), never with "out of shared
 // memory", and a bystander session can still create a table and new
@@ -47,7 +47,7 @@ func TestGuardCountsCallerOwnedSessions(t *testing.T) {
 
 	cases := []struct {
 		name string
-		// open returns what New gets, the options, and how to end it.
+		// open returns what NewLock gets, the options, and how to end it.
 		open func(t *testing.T) (conn any, opts []pglock.Option, end func())
 	}{
 		{"pgx.Conn", func(t *testing.T) (any, []pglock.Option, func()) {
@@ -100,7 +100,7 @@ func TestGuardCountsCallerOwnedSessions(t *testing.T) {
 			var held []*pglock.Lock
 			var refusal error
 			for i := range tries {
-				l, err := pglock.New(conn, fmt.Sprintf("stack-%s-%d", tc.name, i), opts...)
+				l, err := pglock.NewLock(conn, fmt.Sprintf("stack-%s-%d", tc.name, i), opts...)
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -131,7 +131,7 @@ func tryKeys(lk *pglock.Locker, tries, goroutines int, name func(i int) string) 
 	for g := range goroutines {
 		wg.Go(func() {
 			for i := g; i < tries; i += goroutines {
-				l, err := lk.Lock(name(i))
+				l, err := lk.NewLock(name(i))
 				ok := false
 				if err == nil {
 					ok, err = l.TryAcquire(context.Background())
@@ -224,7 +224,7 @@ func innocentLocks(t *testing.T, lk *pglock.Locker) []*pglock.Lock {
 	t.Helper()
 	var ls []*pglock.Lock
 	for i := range 5 {
-		l, err := lk.Lock(fmt.Sprintf("innocent-%d", i))
+		l, err := lk.NewLock(fmt.Sprintf("innocent-%d", i))
 		if err == nil {
 			err = l.Acquire(context.Background())
 		}

@@ -348,7 +348,7 @@ func TestHistory(t *testing.T) {
 			var l *pglock.Lock
 			if !strings.HasPrefix(op, "lk") {
 				var err error
-				if l, err = lk.Lock(names[k], pglock.WithMode(mode)); err != nil {
+				if l, err = lk.NewLock(names[k], pglock.WithMode(mode)); err != nil {
 					counts.err(op+" lock", err)
 					cancel()
 					continue

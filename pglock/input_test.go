@@ -35,12 +35,12 @@ func TestBadInput(t *testing.T) {
 		{"nil key", pool, nil, nil, pglock.ErrInvalidKey},
 		{"bad scope", pool, "k", []pglock.Option{pglock.WithScope(7)}, pglock.ErrInvalidOption},
 		{"bad mode", pool, "k", []pglock.Option{pglock.WithMode(-1)}, pglock.ErrInvalidOption},
-		{"negative wait", pool, "k", []pglock.Option{pglock.WithWaitTimeout(-time.Second)}, pglock.ErrInvalidOption},
+		{"negative wait", pool, "k", []pglock.Option{pglock.WithWait(-time.Second)}, pglock.ErrInvalidOption},
 		{"negative check", pool, "k", []pglock.Option{pglock.WithLostCheckInterval(-1)}, pglock.ErrInvalidOption},
 		{"negative release", pool, "k", []pglock.Option{pglock.WithReleaseTimeout(-1)}, pglock.ErrInvalidOption},
 		{"nil option", pool, "k", []pglock.Option{nil}, pglock.ErrInvalidOption},
 	} {
-		l, err := pglock.New(tc.conn, tc.key, tc.opts...)
+		l, err := pglock.NewLock(tc.conn, tc.key, tc.opts...)
 		if !errors.Is(err, tc.want) || l != nil {
 			t.Errorf("%s: New = %v, %v; want %v", tc.name, l, err, tc.want)
 		}
@@ -63,7 +63,7 @@ func TestSessionOnTxRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tx.Rollback(ctx)
-	if _, err := pglock.New(tx, "k", pglock.WithScope(pglock.Session)); !errors.Is(err, pglock.ErrInvalidOption) {
+	if _, err := pglock.NewLock(tx, "k", pglock.WithScope(pglock.Session)); !errors.Is(err, pglock.ErrInvalidOption) {
 		t.Fatalf("Session on pgx.Tx = %v, want ErrInvalidOption", err)
 	}
 	lk, err := pglock.NewLocker(tx)
@@ -79,7 +79,7 @@ func TestTransactionOnBareConn(t *testing.T) {
 	ctx := context.Background()
 	conn := openPgxConn(t)
 	watch := pgtest.Pool(t, 2)
-	l, err := pglock.New(conn, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
+	l, err := pglock.NewLock(conn, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +106,7 @@ func TestNilFuncAndNilContext(t *testing.T) {
 	t.Parallel()
 	pool := pgtest.Pool(t, 2)
 	watch := pgtest.Pool(t, 2)
-	l, err := pglock.New(pool, pgtest.UniqueKey(t))
+	l, err := pglock.NewLock(pool, pgtest.UniqueKey(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,8 +121,8 @@ func TestNilFuncAndNilContext(t *testing.T) {
 		t.Fatalf("Acquire(nil ctx) = %v", err)
 	}
 	var nilLocker *pglock.Locker
-	if _, err := nilLocker.Lock("k"); !errors.Is(err, pglock.ErrUnsupportedConn) {
-		t.Fatalf("nil Locker.Lock = %v", err)
+	if _, err := nilLocker.NewLock("k"); !errors.Is(err, pglock.ErrUnsupportedConn) {
+		t.Fatalf("nil Locker.NewLock = %v", err)
 	}
 	if len(pgtest.Granted(t, watch, l.Key())) != 0 || pool.Stat().AcquiredConns() != 0 {
 		t.Fatal("bad input left something held")
@@ -139,7 +139,7 @@ func TestReleaseIsAlwaysSafe(t *testing.T) {
 		for _, scope := range []pglock.Scope{pglock.Session, pglock.Transaction} {
 			t.Run(o.name+"/"+scope.String(), func(t *testing.T) {
 				t.Parallel()
-				l, err := pglock.New(o.open(t), pgtest.UniqueKey(t), pglock.WithScope(scope))
+				l, err := pglock.NewLock(o.open(t), pgtest.UniqueKey(t), pglock.WithScope(scope))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -183,7 +183,7 @@ func TestReleaseWithCancelledContext(t *testing.T) {
 	t.Parallel()
 	pool := pgtest.Pool(t, 2)
 	watch := pgtest.Pool(t, 2)
-	l, _ := pglock.New(pool, pgtest.UniqueKey(t))
+	l, _ := pglock.NewLock(pool, pgtest.UniqueKey(t))
 	if err := l.Acquire(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -202,7 +202,7 @@ func TestWaitTimeoutAndNamespace(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	pool := pgtest.Pool(t, 4)
-	lk, err := pglock.NewLocker(pool, pglock.WithNamespace("ns:"), pglock.WithWaitTimeout(150*time.Millisecond))
+	lk, err := pglock.NewLocker(pool, pglock.WithNamespace("ns:"), pglock.WithWait(150*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,7 +272,7 @@ func TestLockerPooled(t *testing.T) {
 func TestZeroLocker(t *testing.T) {
 	t.Parallel()
 	var lk pglock.Locker
-	if _, err := lk.Lock("k"); !errors.Is(err, pglock.ErrUnsupportedConn) {
+	if _, err := lk.NewLock("k"); !errors.Is(err, pglock.ErrUnsupportedConn) {
 		t.Errorf("zero Locker's Lock = %v, want ErrUnsupportedConn", err)
 	}
 	if err := lk.Do(context.Background(), "k", func(context.Context) error { return nil }); !errors.Is(err, pglock.ErrUnsupportedConn) {

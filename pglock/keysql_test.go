@@ -104,7 +104,7 @@ func TestKeyFunctionsSQL(t *testing.T) {
 	// SQL with pglock_key is the same lock.
 	pool := pgtest.Pool(t, 2)
 	name := pgtest.UniqueKey(t)
-	l, _ := pglock.New(pool, name)
+	l, _ := pglock.NewLock(pool, name)
 	if err := l.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}

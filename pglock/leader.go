@@ -115,7 +115,7 @@ func (lk *Locker) Leader(key any, cfg LeaderConfig) (*Leader, error) {
 	if cfg.MaxBackoff < cfg.MinBackoff {
 		return nil, fmt.Errorf("%w: leader MaxBackoff %v is below MinBackoff %v", ErrInvalidOption, cfg.MaxBackoff, cfg.MinBackoff)
 	}
-	l, err := lk.Lock(key, WithScope(Session), WithMode(Exclusive), WithWaitTimeout(0), func(c *config) { c.campaign = true })
+	l, err := lk.NewLock(key, WithScope(Session), WithMode(Exclusive), WithWait(0), func(c *config) { c.campaign = true })
 	if err != nil {
 		return nil, err
 	}

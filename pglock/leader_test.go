@@ -370,7 +370,7 @@ func TestLeaderRunOnceAndErrors(t *testing.T) {
 	}
 	// A cancelled context while campaigning returns at once.
 	other, _ := lk.Leader(key+"-busy", pglock.LeaderConfig{})
-	hold, _ := pglock.New(watch, other.Key())
+	hold, _ := pglock.NewLock(watch, other.Key())
 	if err := hold.Acquire(bg); err != nil {
 		t.Fatal(err)
 	}
@@ -408,7 +408,7 @@ func TestLeaderCampaignsDoNotStarveWaits(t *testing.T) {
 		// Six elections (six keys), each led by another process: every
 		// Leader here campaigns, each in the server's queue.
 		leaderKey := fmt.Sprintf("%s-%d", pgtest.UniqueKey(t), i)
-		other, _ := pglock.New(others, mustKey(t, leaderKey))
+		other, _ := pglock.NewLock(others, mustKey(t, leaderKey))
 		if err := other.Acquire(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -422,12 +422,12 @@ func TestLeaderCampaignsDoNotStarveWaits(t *testing.T) {
 	time.Sleep(300 * time.Millisecond) // the campaigns are waiting
 
 	busyKey := pgtest.UniqueKey(t) + "-busy"
-	holder, _ := pglock.New(watch, mustKey(t, busyKey))
+	holder, _ := pglock.NewLock(watch, mustKey(t, busyKey))
 	if err := holder.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
 	time.AfterFunc(300*time.Millisecond, func() { _ = holder.Release(context.Background()) })
-	l, _ := lk.Lock(busyKey)
+	l, _ := lk.NewLock(busyKey)
 	actx, acancel := context.WithTimeout(ctx, 5*time.Second)
 	defer acancel()
 	start := time.Now()

@@ -14,7 +14,7 @@ import (
 )
 
 // Lock is one advisory lock on one key, bound to the database it was made
-// for. Make it with [New] or [Locker.Lock].
+// for. Make it with [NewLock] or [Locker.NewLock].
 //
 // A Lock is held at most once at a time: it is not re-entrant, and Acquire on
 // a held Lock fails with [ErrAlreadyHeld] (PostgreSQL itself would stack a
@@ -81,11 +81,11 @@ type Lock struct {
 	peer  *peerWatch
 }
 
-// New returns a Lock on key for conn, which is one of *pgxpool.Pool,
+// NewLock returns a Lock on key for conn, which is one of *pgxpool.Pool,
 // *pgxpool.Conn, *pgx.Conn, pgx.Tx, *sql.DB, *sql.Conn or *sql.Tx. The key
 // is anything [KeyOf] takes, or a [Key].
 //
-// On a pool (*pgxpool.Pool, *sql.DB) each hold of a Lock made by New takes
+// On a pool (*pgxpool.Pool, *sql.DB) each hold of a Lock made by NewLock takes
 // one connection from the pool and keeps it until the hold ends; the Locks of
 // a [Locker] on a pool share a few lock connections instead (see
 // [NewLocker]). On a connection the lock runs on
@@ -93,11 +93,11 @@ type Lock struct {
 // methods (inside Do's function, it may). On a transaction the scope is
 // Transaction and the lock joins that transaction.
 //
-// New does not talk to the database. An unsupported conn, an unsupported key
+// NewLock does not talk to the database. An unsupported conn, an unsupported key
 // or an invalid option is an error; so is a nil conn, or a zero one that its
 // package did not make (&pgxpool.Pool{}, &sql.DB{}...), or a released
 // *pgxpool.Conn ([ErrUnsupportedConn], naming the type).
-func New(conn any, key any, opts ...Option) (*Lock, error) {
+func NewLock(conn any, key any, opts ...Option) (*Lock, error) {
 	// One allocation for the Lock, its configuration and its source.
 	o := &ownLock{cfg: defaultConfig()}
 	cfg := &o.cfg
@@ -118,7 +118,7 @@ func New(conn any, key any, opts ...Option) (*Lock, error) {
 	return &o.Lock, nil
 }
 
-// ownLock is a Lock made by New, with the configuration and the source that
+// ownLock is a Lock made by NewLock, with the configuration and the source that
 // it alone uses.
 type ownLock struct {
 	Lock
@@ -154,7 +154,7 @@ func (l *Lock) init(src source, key any, cfg *config) error {
 	return nil
 }
 
-// unmade returns the error of a Lock that New or Locker.Lock did not make
+// unmade returns the error of a Lock that NewLock or Locker.NewLock did not make
 // (nil or zero), else nil.
 func (l *Lock) unmade() error {
 	switch {
@@ -259,7 +259,7 @@ func (l *Lock) SQLTx() *sql.Tx {
 }
 
 // Acquire blocks until the lock is held or ctx ends (or the wait timeout of
-// [WithWaitTimeout] passes). It returns nil when the lock is held.
+// [WithWait] passes). It returns nil when the lock is held.
 //
 // When ctx ends first, Acquire returns promptly an error that matches both
 // [ErrNotAcquired] and ctx's error, and the lock is certainly not held
@@ -274,7 +274,7 @@ func (l *Lock) SQLTx() *sql.Tx {
 //
 // Acquire on a Lock that is held returns [ErrAlreadyHeld]; a hold that was
 // lost (see [Lock.Lost]) does not count: it is let go first. On a nil or zero
-// Lock (one that New or Locker.Lock did not make) it returns an error
+// Lock (one that NewLock or Locker.NewLock did not make) it returns an error
 // matching ErrNotAcquired and [ErrUnsupportedConn]; so do TryAcquire, Do and
 // TryDo.
 func (l *Lock) Acquire(ctx context.Context) error {
@@ -544,9 +544,9 @@ func (l *Lock) markLostLocked(err error) {
 // function or from another goroutine, changes nothing and returns an error
 // matching [ErrInDo] (Do ends the hold when the function returns).
 //
-// On a nil or zero Lock (one that New or Locker.Lock did not make) Release
+// On a nil or zero Lock (one that NewLock or Locker.NewLock did not make) Release
 // changes nothing and returns an error matching [ErrUnsupportedConn]: after
-// `l, err := locker.Lock(key)` failed, a deferred l.Release does not panic.
+// `l, err := locker.NewLock(key)` failed, a deferred l.Release does not panic.
 func (l *Lock) Release(ctx context.Context) error {
 	if err := l.unmade(); err != nil {
 		return fmt.Errorf("pglock: release: %w", err)

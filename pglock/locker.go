@@ -31,7 +31,7 @@ import (
 // acquire to its release (the protected work may use the connection), and
 // other acquires wait for it, until their contexts end. It holds one lock at
 // a time: an acquire made while holding waits too (to nest locks on one
-// connection, use New, where PostgreSQL stacks them; or a pool).
+// connection, use NewLock, where PostgreSQL stacks them; or a pool).
 type Locker struct {
 	conn   any
 	cfg    config
@@ -42,7 +42,7 @@ type Locker struct {
 	closed atomic.Bool
 }
 
-// NewLocker returns a Locker for conn, which is one of the types [New]
+// NewLocker returns a Locker for conn, which is one of the types [NewLock]
 // takes; usually a *pgxpool.Pool or *sql.DB. opts are the defaults of every
 // Lock it makes, and the Locker's own settings ([WithLockConns],
 // [WithWaitConns], [WithMaxLocks], [WithMultiplexing]). An unsupported conn or
@@ -71,10 +71,10 @@ func NewLocker(conn any, opts ...Option) (*Locker, error) {
 	return lk, nil
 }
 
-// Lock returns a new Lock on key with the Locker's options, then opts.
+// NewLock returns a new NewLock on key with the Locker's options, then opts.
 // Options that configure the Locker itself (WithLockConns...) are an error
 // here.
-func (lk *Locker) Lock(key any, opts ...Option) (*Lock, error) {
+func (lk *Locker) NewLock(key any, opts ...Option) (*Lock, error) {
 	if err := lk.unmade(); err != nil {
 		return nil, err
 	}
@@ -136,7 +136,7 @@ func (lk *Locker) TryDo(ctx context.Context, key any, fn func(ctx context.Contex
 // lockFor is Lock for Do and TryDo: a closed Locker's error says the lock
 // was not acquired, as Acquire's does.
 func (lk *Locker) lockFor(key any) (*Lock, error) {
-	l, err := lk.Lock(key)
+	l, err := lk.NewLock(key)
 	if errors.Is(err, ErrLockerClosed) {
 		return nil, fmt.Errorf("%w: %w", ErrNotAcquired, err)
 	}

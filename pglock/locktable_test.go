@@ -51,7 +51,7 @@ func TestLockTableFullFailsThatAcquireOnly(t *testing.T) {
 	take := func(i int) error {
 		mode := pglock.Mode(i % 2)
 		for range 1 + 2*(i%2) { // shared keys get co-holders
-			l, _ := lk.Lock(names[i], pglock.WithMode(mode))
+			l, _ := lk.NewLock(names[i], pglock.WithMode(mode))
 			ok, err := l.TryAcquire(bg)
 			if err != nil {
 				return err

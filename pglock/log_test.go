@@ -42,7 +42,7 @@ func TestLogging(t *testing.T) {
 	}
 	name := pgtest.UniqueKey(t)
 	k, _ := lk.Key(name)
-	holder, _ := pglock.New(pool, k) // exclusive, silent
+	holder, _ := pglock.NewLock(pool, k) // exclusive, silent
 	if err := holder.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -79,11 +79,11 @@ func TestObserver(t *testing.T) {
 		defer mu.Unlock()
 		got = append(got, e)
 	})
-	l, err := pglock.New(pool, pgtest.UniqueKey(t), obs, pglock.WithScope(pglock.Transaction))
+	l, err := pglock.NewLock(pool, pgtest.UniqueKey(t), obs, pglock.WithScope(pglock.Transaction))
 	if err != nil {
 		t.Fatal(err)
 	}
-	other, _ := pglock.New(pool, l.Key(), obs)
+	other, _ := pglock.NewLock(pool, l.Key(), obs)
 	if err := l.Do(ctx, func(ctx context.Context) error {
 		ok, err := other.TryAcquire(ctx)
 		if ok || err != nil {

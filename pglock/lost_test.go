@@ -22,7 +22,7 @@ func TestLostChannelPerHoldAndAcquireAfterLoss(t *testing.T) {
 	ctx := context.Background()
 	pool := pgtest.Pool(t, 4)
 	watch := pgtest.Pool(t, 2)
-	l, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithLostCheckInterval(100*time.Millisecond))
+	l, err := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithLostCheckInterval(100*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,8 +83,8 @@ func TestSQLReleaseAfterTerminateIsLost(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	onConn, _ := pglock.New(conn, pgtest.UniqueKey(t))
-	onDB, _ := pglock.New(db, pgtest.UniqueKey(t))
+	onConn, _ := pglock.NewLock(conn, pgtest.UniqueKey(t))
+	onDB, _ := pglock.NewLock(db, pgtest.UniqueKey(t))
 	for _, l := range []*pglock.Lock{onConn, onDB} {
 		if err := l.Acquire(ctx); err != nil {
 			t.Fatal(err)
@@ -105,7 +105,7 @@ func TestTransactionScopeTerminatedIsLost(t *testing.T) {
 	ctx := context.Background()
 	watch := pgtest.Pool(t, 2)
 	for name, conn := range map[string]any{"pgxpool": pgtest.Pool(t, 2), "sql.DB": openSQLDB(t)} {
-		l, _ := pglock.New(conn, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
+		l, _ := pglock.NewLock(conn, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
 		err := l.Do(ctx, func(context.Context) error {
 			pgtest.Terminate(t, watch, pgtest.Granted(t, watch, l.Key())[0].PID)
 			return nil
@@ -130,8 +130,8 @@ func TestErrorsAreOneLine(t *testing.T) {
 	pool := pgtest.Pool(t, 2)
 	watch := pgtest.Pool(t, 2)
 	lk := muxLocker(t, pool)
-	own, _ := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithLostCheckInterval(100*time.Millisecond))
-	shared, _ := lk.Lock(pgtest.UniqueKey(t))
+	own, _ := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithLostCheckInterval(100*time.Millisecond))
+	shared, _ := lk.NewLock(pgtest.UniqueKey(t))
 	for _, l := range []*pglock.Lock{own, shared} {
 		if err := l.Acquire(ctx); err != nil {
 			t.Fatal(err)
@@ -165,7 +165,7 @@ func TestLostAskedAfterTheLoss(t *testing.T) {
 	ctx := context.Background()
 	pool := pgtest.Pool(t, 2)
 	watch := pgtest.Pool(t, 2)
-	l, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithLostCheckInterval(50*time.Millisecond))
+	l, err := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithLostCheckInterval(50*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -139,7 +139,7 @@ func TestMuxFourThousandLocks(t *testing.T) {
 	names, keys := muxKeys(t, lk, n)
 	locks := make([]*pglock.Lock, n)
 	for i, name := range names {
-		l, err := lk.Lock(name)
+		l, err := lk.NewLock(name)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -237,7 +237,7 @@ func TestMuxLossTerminate(t *testing.T) {
 	// The first n-nDo keys: Lock.Acquire, from 20 goroutines.
 	plain := make([]*pglock.Lock, n-nDo)
 	for i := range plain {
-		l, err := lk.Lock(names[nDo+i])
+		l, err := lk.NewLock(names[nDo+i])
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -272,7 +272,7 @@ func TestMuxLossTerminate(t *testing.T) {
 		var l *pglock.Lock
 		if i%2 == 1 {
 			var err error
-			if l, err = lk.Lock(names[i]); err != nil {
+			if l, err = lk.NewLock(names[i]); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -416,7 +416,7 @@ func TestMuxLossTerminate(t *testing.T) {
 	again := append([]pglock.Key{}, extraKeys...)
 	var againLocks []*pglock.Lock
 	for _, name := range append(slices.Clone(extraNames), names[0], names[n-1]) {
-		l, err := lk.Lock(name)
+		l, err := lk.NewLock(name)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -466,7 +466,7 @@ func TestMuxLossBlackhole(t *testing.T) {
 	locks := make([]*pglock.Lock, n)
 	var wg sync.WaitGroup
 	for i, name := range names {
-		l, err := lk.Lock(name)
+		l, err := lk.NewLock(name)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -712,7 +712,7 @@ func TestMuxCancelStorm(t *testing.T) {
 				return
 			case <-time.After(time.Duration(r.IntN(3000)) * time.Microsecond):
 			}
-			l, err := pglock.New(other, keys[r.IntN(nkeys)])
+			l, err := pglock.NewLock(other, keys[r.IntN(nkeys)])
 			if err != nil {
 				t.Error(err)
 				return
@@ -749,7 +749,7 @@ func TestMuxCancelStorm(t *testing.T) {
 		defer dcancel()
 		switch op {
 		case opCancel, opDeadline, opTry:
-			l, err := lk.Lock(name)
+			l, err := lk.NewLock(name)
 			if err != nil {
 				t.Errorf("%s: Lock = %v", what, err)
 				return
@@ -1092,7 +1092,7 @@ func proofSlowPool(t *testing.T, connectDelay func() time.Duration, connectErr f
 func proofDropLockConn(t *testing.T, lk *pglock.Locker, watch *pgxpool.Pool) {
 	t.Helper()
 	bg := context.Background()
-	l, err := lk.Lock(pgtest.UniqueKey(t))
+	l, err := lk.NewLock(pgtest.UniqueKey(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1140,7 +1140,7 @@ func TestMuxConnectNotBoundByOthersContext(t *testing.T) {
 			wg.Go(func() {
 				ctx, cancel := context.WithTimeout(bg, shortWait)
 				defer cancel()
-				l, _ := lk.Lock(pgtest.UniqueKey(t))
+				l, _ := lk.NewLock(pgtest.UniqueKey(t))
 				err := l.Acquire(ctx)
 				dl, _ := ctx.Deadline()
 				// A dial cut by the deadline can return before ctx's timer fires.
@@ -1152,7 +1152,7 @@ func TestMuxConnectNotBoundByOthersContext(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond) // the short ones are first in line
 		ctx, cancel := context.WithTimeout(bg, 10*time.Second)
-		l, _ := lk.Lock(pgtest.UniqueKey(t))
+		l, _ := lk.NewLock(pgtest.UniqueKey(t))
 		start := time.Now()
 		err := l.Acquire(ctx)
 		own := ctx.Err()
@@ -1191,7 +1191,7 @@ func TestMuxAcquireDeadlineWhileConnecting(t *testing.T) {
 
 	try := func(what string) {
 		t.Helper()
-		l, err := lk.Lock(pgtest.UniqueKey(t))
+		l, err := lk.NewLock(pgtest.UniqueKey(t))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -1235,7 +1235,7 @@ func TestMuxAcquireDeadlineWhileConnecting(t *testing.T) {
 	// Heal; hold a key; then the network goes silent and its connections are
 	// cut: the hold is lost, and the next Acquire needs a new connection.
 	proxy.Restore()
-	l, err := lk.Lock(pgtest.UniqueKey(t))
+	l, err := lk.NewLock(pgtest.UniqueKey(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1256,7 +1256,7 @@ func TestMuxAcquireDeadlineWhileConnecting(t *testing.T) {
 	try("lock connection lost, silent network")
 
 	proxy.Restore()
-	l2, _ := lk.Lock(pgtest.UniqueKey(t))
+	l2, _ := lk.NewLock(pgtest.UniqueKey(t))
 	if err := l2.Acquire(ctx); err != nil {
 		t.Fatalf("Acquire after the network healed again: %v", err)
 	}
@@ -1299,7 +1299,7 @@ func TestMuxWaitConnConnectError(t *testing.T) {
 	watch := pgtest.Pool(t, 2)
 	lk := muxLocker(t, pool, pglock.WithLockConns(1))
 	key := pgtest.UniqueKey(t)
-	holder, err := pglock.New(other, key)
+	holder, err := pglock.NewLock(other, key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1315,7 +1315,7 @@ func TestMuxWaitConnConnectError(t *testing.T) {
 	refuse.Store(true)
 	ctx, cancel := context.WithTimeout(bg, 2*time.Second)
 	defer cancel()
-	l, _ := lk.Lock(key)
+	l, _ := lk.NewLock(key)
 	err = l.Acquire(ctx)
 	t.Logf("Acquire when the waiting connection cannot be opened: %v", err)
 	if !errors.Is(err, pglock.ErrNotAcquired) || errors.Is(err, pglock.ErrLockerClosed) || !errors.Is(err, errProofConnect) {

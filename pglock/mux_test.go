@@ -161,8 +161,8 @@ func TestMuxExclusionInProcess(t *testing.T) {
 	watch := pgtest.Pool(t, 2)
 	lk := muxLocker(t, pool, pglock.WithLockConns(1))
 	key := pgtest.UniqueKey(t)
-	a, _ := lk.Lock(key)
-	b, _ := lk.Lock(key)
+	a, _ := lk.NewLock(key)
+	b, _ := lk.NewLock(key)
 	if err := a.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -191,9 +191,9 @@ func TestMuxExclusionInProcess(t *testing.T) {
 	pgtest.WaitFree(t, watch, b.Key())
 
 	// Shared: two local holders, one server lock; an exclusive waits for both.
-	s1, _ := lk.Lock(key, pglock.WithMode(pglock.Shared))
-	s2, _ := lk.Lock(key, pglock.WithMode(pglock.Shared))
-	x, _ := lk.Lock(key)
+	s1, _ := lk.NewLock(key, pglock.WithMode(pglock.Shared))
+	s2, _ := lk.NewLock(key, pglock.WithMode(pglock.Shared))
+	x, _ := lk.NewLock(key)
 	for _, l := range []*pglock.Lock{s1, s2} {
 		if err := l.Acquire(ctx); err != nil {
 			t.Fatal(err)
@@ -244,14 +244,14 @@ func TestMuxWaitsInServerQueue(t *testing.T) {
 	watch := pgtest.Pool(t, 2)
 	lk := muxLocker(t, pool)
 	key := pgtest.UniqueKey(t)
-	holder, err := pglock.New(other, key)
+	holder, err := pglock.NewLock(other, key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := holder.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
-	l, _ := lk.Lock(key)
+	l, _ := lk.NewLock(key)
 	if ok, err := l.TryAcquire(ctx); ok || err != nil {
 		t.Fatalf("TryAcquire on a key another session holds = %v, %v", ok, err)
 	}
@@ -307,13 +307,13 @@ func TestMuxMaxLocks(t *testing.T) {
 	names, keys := muxKeys(t, lk, 6)
 	var locks []*pglock.Lock
 	for _, n := range names[:5] {
-		l, _ := lk.Lock(n)
+		l, _ := lk.NewLock(n)
 		if err := l.Acquire(ctx); err != nil {
 			t.Fatal(err)
 		}
 		locks = append(locks, l)
 	}
-	l6, _ := lk.Lock(names[5])
+	l6, _ := lk.NewLock(names[5])
 	ok, err := l6.TryAcquire(ctx)
 	if ok || !errors.Is(err, pglock.ErrTooManyLocks) || !errors.Is(err, pglock.ErrNotAcquired) {
 		t.Fatalf("sixth TryAcquire with WithMaxLocks(5) = %v, %v", ok, err)
@@ -359,7 +359,7 @@ func TestMuxClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	key := pgtest.UniqueKey(t)
-	l, _ := lk.Lock(key)
+	l, _ := lk.NewLock(key)
 	if err := l.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -379,7 +379,7 @@ func TestMuxClose(t *testing.T) {
 	if err := l.Acquire(ctx); !errors.Is(err, pglock.ErrLockerClosed) || !errors.Is(err, pglock.ErrNotAcquired) {
 		t.Errorf("Acquire after Close = %v", err)
 	}
-	if _, err := lk.Lock(key); !errors.Is(err, pglock.ErrLockerClosed) {
+	if _, err := lk.NewLock(key); !errors.Is(err, pglock.ErrLockerClosed) {
 		t.Errorf("Lock after Close = %v", err)
 	}
 	if err := lk.Do(ctx, key, func(context.Context) error { return nil }); !errors.Is(err, pglock.ErrLockerClosed) || !errors.Is(err, pglock.ErrNotAcquired) {
@@ -395,12 +395,12 @@ func TestMuxLockerOnlyOptions(t *testing.T) {
 	t.Parallel()
 	pool := pgtest.Pool(t, 1)
 	for _, o := range []pglock.Option{pglock.WithLockConns(3), pglock.WithWaitConns(2), pglock.WithMaxLocks(9), pglock.WithMultiplexing(false)} {
-		if _, err := pglock.New(pool, "k", o); !errors.Is(err, pglock.ErrInvalidOption) {
-			t.Errorf("New with a Locker option = %v, want ErrInvalidOption", err)
+		if _, err := pglock.NewLock(pool, "k", o); !errors.Is(err, pglock.ErrInvalidOption) {
+			t.Errorf("NewLock with a Locker option = %v, want ErrInvalidOption", err)
 		}
 		lk := muxLocker(t, pool)
-		if _, err := lk.Lock("k", o); !errors.Is(err, pglock.ErrInvalidOption) {
-			t.Errorf("Locker.Lock with a Locker option = %v, want ErrInvalidOption", err)
+		if _, err := lk.NewLock("k", o); !errors.Is(err, pglock.ErrInvalidOption) {
+			t.Errorf("Locker.NewLock with a Locker option = %v, want ErrInvalidOption", err)
 		}
 	}
 	for _, o := range []pglock.Option{pglock.WithLockConns(-1), pglock.WithWaitConns(-1), pglock.WithMaxLocks(-1)} {
@@ -484,7 +484,7 @@ func TestMuxOnSQLDB(t *testing.T) {
 	names, keys := muxKeys(t, lk, 50)
 	var locks []*pglock.Lock
 	for _, n := range names {
-		l, _ := lk.Lock(n)
+		l, _ := lk.NewLock(n)
 		if err := l.Acquire(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -525,7 +525,7 @@ func TestMuxAbandonedSessionEnds(t *testing.T) {
 	watch := pgtest.Pool(t, 2)
 	const interval = 200 * time.Millisecond
 	lk := muxLocker(t, pool, pglock.WithLostCheckInterval(interval))
-	l, _ := lk.Lock(pgtest.UniqueKey(t))
+	l, _ := lk.NewLock(pgtest.UniqueKey(t))
 	if err := l.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -538,7 +538,7 @@ func TestMuxAbandonedSessionEnds(t *testing.T) {
 		t.Fatalf("Lost not closed %v after the network went silent", time.Since(cut))
 	}
 	seen := time.Since(cut)
-	rival, _ := pglock.New(other, l.Key())
+	rival, _ := pglock.NewLock(other, l.Key())
 	wctx, cancel := context.WithTimeout(ctx, pglock.AbandonedSessionTimeout+3*time.Second)
 	defer cancel()
 	if err := rival.Acquire(wctx); err != nil {
@@ -577,7 +577,7 @@ func TestMuxConcurrentSharedTries(t *testing.T) {
 		var got atomic.Int32
 		locks := make([]*pglock.Lock, 4)
 		for i := range locks {
-			locks[i], _ = lk.Lock(key, pglock.WithMode(pglock.Shared))
+			locks[i], _ = lk.NewLock(key, pglock.WithMode(pglock.Shared))
 			wg.Go(func() {
 				ok, err := locks[i].TryAcquire(ctx)
 				if err != nil {
@@ -604,15 +604,15 @@ func TestMuxConcurrentSharedTries(t *testing.T) {
 	}
 
 	key := pgtest.UniqueKey(t)
-	x, _ := pglock.New(other, key)
+	x, _ := pglock.NewLock(other, key)
 	if err := x.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
-	waiter, _ := lk.Lock(key, pglock.WithMode(pglock.Shared))
+	waiter, _ := lk.NewLock(key, pglock.WithMode(pglock.Shared))
 	got := make(chan error, 1)
 	go func() { got <- waiter.Acquire(ctx) }()
 	time.Sleep(100 * time.Millisecond) // the shared Acquire waits in the server
-	try, _ := lk.Lock(key, pglock.WithMode(pglock.Shared))
+	try, _ := lk.NewLock(key, pglock.WithMode(pglock.Shared))
 	start := time.Now()
 	ok, err := try.TryAcquire(ctx)
 	if ok || err != nil || time.Since(start) > time.Second {
@@ -652,11 +652,11 @@ func TestMuxHoldAfterWaitKeepsItsPlace(t *testing.T) {
 		}
 	}()
 	for i, k := range []string{pgtest.UniqueKey(t), pgtest.UniqueKey(t)} {
-		o, _ := pglock.New(other, k)
+		o, _ := pglock.NewLock(other, k)
 		if err := o.Acquire(ctx); err != nil {
 			t.Fatal(err)
 		}
-		l, _ := lk.Lock(k)
+		l, _ := lk.NewLock(k)
 		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		done := make(chan error, 1)
 		go func() { done <- l.Acquire(wctx) }()
@@ -696,13 +696,13 @@ func TestMuxLossUnderTraffic(t *testing.T) {
 	proxy, pool := faultProxyPool(t, 2)
 	const interval = 200 * time.Millisecond
 	lk := muxLocker(t, pool, pglock.WithLockConns(1), pglock.WithLostCheckInterval(interval), pglock.WithReleaseTimeout(time.Second))
-	a, _ := lk.Lock(pgtest.UniqueKey(t))
+	a, _ := lk.NewLock(pgtest.UniqueKey(t))
 	if err := a.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
 	proxy.Blackhole()
 	cut := time.Now()
-	b, _ := lk.Lock(pgtest.UniqueKey(t))
+	b, _ := lk.NewLock(pgtest.UniqueKey(t))
 	tried := make(chan error, 1)
 	go func() {
 		_, err := b.TryAcquire(ctx)

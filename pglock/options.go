@@ -69,7 +69,7 @@ const DefaultLostCheckInterval = 500 * time.Millisecond
 // rollback), which run even when the caller's context has ended.
 const DefaultReleaseTimeout = 5 * time.Second
 
-// Option configures a Lock or a Locker. Options given to Locker.Lock override
+// Option configures a Lock or a Locker. Options given to Locker.NewLock override
 // the Locker's for that lock.
 type Option func(*config)
 
@@ -224,14 +224,14 @@ func WithReleaseTimeout(d time.Duration) Option {
 	}
 }
 
-// WithWaitTimeout bounds how long Acquire (and Do) wait for a busy lock, on
+// WithWait bounds how long Acquire (and Do) wait for a busy lock, on
 // top of the context's own deadline. Zero (the default) waits as long as the
 // context allows. When the bound passes, the error matches ErrNotAcquired and
 // context.DeadlineExceeded. d is 0 or more; a negative d is an error.
-func WithWaitTimeout(d time.Duration) Option {
+func WithWait(d time.Duration) Option {
 	return func(c *config) {
 		if d < 0 {
-			c.invalid("WithWaitTimeout(%v) is negative: want 0 or more (0: as long as the context allows)", d)
+			c.invalid("WithWait(%v) is negative: want 0 or more (0: as long as the context allows)", d)
 			return
 		}
 		c.waitTimeout = d
@@ -289,7 +289,7 @@ const DefaultWaitConns = 4
 // WithMultiplexing sets whether a Locker on a pool (*pgxpool.Pool, or
 // *sql.DB with pgx's database/sql driver) holds its session locks on lock
 // connections of its own (true, the default) or takes one pool connection
-// per hold for its whole life (false, as [New] does). With another
+// per hold for its whole life (false, as [NewLock] does). With another
 // database/sql driver the Locker always takes one connection per hold. An
 // option of [NewLocker].
 func WithMultiplexing(on bool) Option {

@@ -17,7 +17,7 @@ func TestPoolPinsOneConnection(t *testing.T) {
 	ctx := context.Background()
 	pool := pgtest.Pool(t, 4)
 	watch := pgtest.Pool(t, 2)
-	l, err := pglock.New(pool, pgtest.UniqueKey(t))
+	l, err := pglock.NewLock(pool, pgtest.UniqueKey(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,7 +68,7 @@ func TestPoolDestroysConnectionWhenUnlockOutcomeUnknown(t *testing.T) {
 	ctx := context.Background()
 	proxy, pool := faultProxyPool(t, 2)
 	watch := pgtest.Pool(t, 2)
-	l, err := pglock.New(pool, pgtest.UniqueKey(t),
+	l, err := pglock.NewLock(pool, pgtest.UniqueKey(t),
 		pglock.WithReleaseTimeout(300*time.Millisecond), pglock.WithLostCheckInterval(time.Hour))
 	if err != nil {
 		t.Fatal(err)
@@ -114,7 +114,7 @@ func TestSQLTransactionReleaseIsBounded(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	proxy, db := faultProxySQLDB(t, 1)
-	l, err := pglock.New(db, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction),
+	l, err := pglock.NewLock(db, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction),
 		pglock.WithReleaseTimeout(500*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)

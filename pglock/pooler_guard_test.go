@@ -125,7 +125,7 @@ func guardLockerLock(pool *pgxpool.Pool, name string) (*pglock.Lock, *pglock.Loc
 	if err != nil {
 		return nil, nil, err
 	}
-	l, err := lk.Lock(name)
+	l, err := lk.NewLock(name)
 	return l, lk, err
 }
 
@@ -336,8 +336,8 @@ func sessionPoolerGuard(t *testing.T, b *pgtest.PgBouncer) {
 		t.Fatal(err)
 	}
 	defer lkB.Close()
-	la, _ := lkA.Lock(name)
-	lb, _ := lkB.Lock(name)
+	la, _ := lkA.NewLock(name)
+	lb, _ := lkB.NewLock(name)
 
 	for round, pair := range [][2]*pglock.Lock{{la, lb}, {lb, la}, {la, lb}} {
 		holder, other := pair[0], pair[1]

@@ -66,7 +66,7 @@ func TestPgBouncerTransactionModeRefusesSessionLocks(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					l, err := pglock.New(conn, key)
+					l, err := pglock.NewLock(conn, key)
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -88,11 +88,11 @@ func TestPgBouncerTransactionModeRefusesSessionLocks(t *testing.T) {
 				t.Fatalf("%d of %d Session-scope tries through %s pooling reported the lock held", held, 2*tries, mode)
 			}
 
-			// A pool in pgx's default exec mode, New and a Locker; a *sql.DB.
+			// A pool in pgx's default exec mode, NewLock and a Locker; a *sql.DB.
 			pool := bouncerPool(t, b, "", 4)
-			l, _ := pglock.New(pool, key)
+			l, _ := pglock.NewLock(pool, key)
 			if ok, err := l.TryAcquire(ctx); ok || !errors.Is(err, pglock.ErrTransactionPooler) {
-				t.Errorf("New on a pool in the default exec mode: TryAcquire = %v, %v; want ErrTransactionPooler", ok, err)
+				t.Errorf("NewLock on a pool in the default exec mode: TryAcquire = %v, %v; want ErrTransactionPooler", ok, err)
 			}
 			lk, err := pglock.NewLocker(bouncerPool(t, b, "simple_protocol", 4))
 			if err != nil {
@@ -116,9 +116,9 @@ func TestPgBouncerTransactionModeRefusesSessionLocks(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer db.Close()
-			ls, _ := pglock.New(db, key)
+			ls, _ := pglock.NewLock(db, key)
 			if ok, err := ls.TryAcquire(ctx); ok || !errors.Is(err, pglock.ErrTransactionPooler) {
-				t.Errorf("New on a *sql.DB: TryAcquire = %v, %v; want ErrTransactionPooler", ok, err)
+				t.Errorf("NewLock on a *sql.DB: TryAcquire = %v, %v; want ErrTransactionPooler", ok, err)
 			}
 			pgtest.WaitFree(t, watch, l.Key())
 		})
@@ -193,7 +193,7 @@ func TestPgBouncerTransactionModeTransactionScope(t *testing.T) {
 }
 
 // Session pooling keeps a client on one server session: Session scope works
-// through it (New on a pool, and a Locker's lock connections), excludes
+// through it (NewLock on a pool, and a Locker's lock connections), excludes
 // across clients and across the pooler, and leaves nothing behind. A
 // session pooler whose server sessions are all taken delays a connection's
 // first lock by the probe's bound (1 s) at most.
@@ -205,8 +205,8 @@ func TestPgBouncerSessionMode(t *testing.T) {
 	ctx := context.Background()
 	key := pgtest.UniqueKey(t)
 
-	a, _ := pglock.New(bouncerPool(t, b, "", 2), key)
-	c, _ := pglock.New(direct, key)
+	a, _ := pglock.NewLock(bouncerPool(t, b, "", 2), key)
+	c, _ := pglock.NewLock(direct, key)
 	lk, err := pglock.NewLocker(bouncerPool(t, b, "", 2))
 	if err != nil {
 		t.Fatal(err)
@@ -243,7 +243,7 @@ func TestPgBouncerSessionMode(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close(ctx)
-	lf, _ := pglock.New(conn, pgtest.UniqueKey(t))
+	lf, _ := pglock.NewLock(conn, pgtest.UniqueKey(t))
 	start := time.Now()
 	ok, err := lf.TryAcquire(ctx)
 	took := time.Since(start)

@@ -183,11 +183,11 @@ func TestTokenStatementDoesNotStallOtherKeys(t *testing.T) {
 	lk := muxLocker(t, regressPool(t, dbURL, 2, nil),
 		pglock.WithToken(), pglock.WithLockConns(1), pglock.WithReleaseTimeout(releaseTimeout))
 	base := pgtest.UniqueKey(t)
-	holder, _ := lk.Lock(base + ":held")
-	blocked, _ := lk.Lock(base + ":token")
+	holder, _ := lk.NewLock(base + ":held")
+	blocked, _ := lk.NewLock(base + ":token")
 	// A shared hold takes no token: its TryAcquire is one statement on the
 	// lock connection.
-	other, _ := lk.Lock(base+":other", pglock.WithMode(pglock.Shared))
+	other, _ := lk.NewLock(base+":other", pglock.WithMode(pglock.Shared))
 
 	if err := holder.Acquire(ctx); err != nil {
 		t.Fatal(err)
@@ -276,8 +276,8 @@ func TestSilentTokenStatementLosesHoldsBeforeOthersTakeThem(t *testing.T) {
 	lk := muxLocker(t, proxied, pglock.WithToken(), pglock.WithLockConns(1),
 		pglock.WithReleaseTimeout(15*time.Second), pglock.WithLostCheckInterval(interval))
 	base := pgtest.UniqueKey(t)
-	holder, _ := lk.Lock(base + ":held")
-	blocked, _ := lk.Lock(base + ":token")
+	holder, _ := lk.NewLock(base + ":held")
+	blocked, _ := lk.NewLock(base + ":token")
 
 	if err := holder.Acquire(ctx); err != nil {
 		t.Fatal(err)
@@ -293,7 +293,7 @@ func TestSilentTokenStatementLosesHoldsBeforeOthersTakeThem(t *testing.T) {
 	block.end() // the token statement ends in the server; its answer is held back
 
 	// Another session tries the held key until the server has freed it.
-	elsewhere, err := pglock.New(db, holder.Key())
+	elsewhere, err := pglock.NewLock(db, holder.Key())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -390,7 +390,7 @@ func TestWaitOutlastsRoleLockTimeout(t *testing.T) {
 	key := pgtest.UniqueKey(t)
 	k := locktest.Key(t, lk, key)
 	elsewhere := locktest.HoldElsewhere(t, k)
-	l, _ := lk.Lock(key)
+	l, _ := lk.NewLock(key)
 
 	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
@@ -678,7 +678,7 @@ func TestCancelNeverOvertakesItsWait(t *testing.T) {
 			warm.Go(func() {
 				wctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
 				defer cancel()
-				l, _ := lk.Lock(keys[i])
+				l, _ := lk.NewLock(keys[i])
 				_ = l.Acquire(wctx)
 			})
 		}
@@ -696,7 +696,7 @@ func TestCancelNeverOvertakesItsWait(t *testing.T) {
 	start := time.Now()
 	for w := range workers {
 		wg.Go(func() {
-			l, _ := lk.Lock(keys[w])
+			l, _ := lk.NewLock(keys[w])
 			for range perWorker {
 				// Mostly within the first milliseconds, where the try and
 				// the start of the wait are; some already about to expire.
@@ -775,7 +775,7 @@ func TestCloseDuringWaitFailsWithErrLockerClosed(t *testing.T) {
 	key := pgtest.UniqueKey(t)
 	k := locktest.Key(t, lk, key)
 	elsewhere := locktest.HoldElsewhere(t, k)
-	l, _ := lk.Lock(key)
+	l, _ := lk.NewLock(key)
 	done := make(chan error, 1)
 	go func() { done <- l.Acquire(context.Background()) }()
 	if _, ok := faultWaitWaiting(t, watch, k, done); !ok {
@@ -806,7 +806,7 @@ func TestCloseWhileWaitConnConnectsFailsWithErrLockerClosed(t *testing.T) {
 	key := pgtest.UniqueKey(t)
 	k := locktest.Key(t, lk, key)
 	elsewhere := locktest.HoldElsewhere(t, k)
-	l, _ := lk.Lock(key)
+	l, _ := lk.NewLock(key)
 	done := make(chan error, 1)
 	go func() { done <- l.Acquire(context.Background()) }()
 	select {

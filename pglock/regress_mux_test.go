@@ -50,7 +50,7 @@ func TestSharedReadersDoNotStarveOtherProcessWriter(t *testing.T) {
 		wg.Go(func() {
 			time.Sleep(time.Duration(i) * 7 * time.Millisecond) // staggered: the holds overlap
 			for rctx.Err() == nil {
-				l, err := lkA.Lock(name, pglock.WithMode(pglock.Shared))
+				l, err := lkA.NewLock(name, pglock.WithMode(pglock.Shared))
 				if err != nil {
 					t.Error(err)
 					return
@@ -75,7 +75,7 @@ func TestSharedReadersDoNotStarveOtherProcessWriter(t *testing.T) {
 	// The readers are in their stride: several rounds each.
 	locktest.WaitFor(t, "the readers to start", func() bool { return reads.Load() >= 2*readers })
 
-	w, err := lkB.Lock(name)
+	w, err := lkB.NewLock(name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,18 +121,18 @@ func TestSharedWaiterAdmittedWhenExclusiveWaiterLeaves(t *testing.T) {
 	lk := muxLocker(t, pgtest.Pool(t, 2))
 	name := pgtest.UniqueKey(t)
 
-	s1, _ := lk.Lock(name, pglock.WithMode(pglock.Shared))
+	s1, _ := lk.NewLock(name, pglock.WithMode(pglock.Shared))
 	if err := s1.Acquire(bg); err != nil {
 		t.Fatal(err)
 	}
-	x, _ := lk.Lock(name)
+	x, _ := lk.NewLock(name)
 	xctx, cancelX := context.WithCancel(bg)
 	defer cancelX()
 	xdone := make(chan error, 1)
 	go func() { xdone <- x.Acquire(xctx) }()
 	locktest.WaitFor(t, "the exclusive Acquire to queue", func() bool { return lk.Stats().Queued == 1 })
 
-	s2, _ := lk.Lock(name, pglock.WithMode(pglock.Shared))
+	s2, _ := lk.NewLock(name, pglock.WithMode(pglock.Shared))
 	s2ctx, cancelS2 := context.WithTimeout(bg, 30*time.Second)
 	defer cancelS2()
 	s2done := make(chan error, 1)
@@ -155,7 +155,7 @@ func TestSharedWaiterAdmittedWhenExclusiveWaiterLeaves(t *testing.T) {
 		t.Errorf("the shared Acquire is still queued %v after the exclusive waiter ahead of it left, while the key is held shared only (Stats %+v)",
 			time.Since(left).Round(time.Millisecond), lk.Stats())
 	}
-	s3, _ := lk.Lock(name, pglock.WithMode(pglock.Shared))
+	s3, _ := lk.NewLock(name, pglock.WithMode(pglock.Shared))
 	if ok, err := s3.TryAcquire(bg); !ok || err != nil {
 		t.Errorf("a shared TryAcquire after the exclusive waiter left, while the key is held shared only = %v, %v; want true, nil", ok, err)
 	}
@@ -214,7 +214,7 @@ func TestLockerSessionsBoundedByLockAndWaitConns(t *testing.T) {
 	other := faultConnect(t)
 	holds := make([]*pglock.Lock, n)
 	for i, k := range keys {
-		l, err := pglock.New(other, k)
+		l, err := pglock.NewLock(other, k)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -261,7 +261,7 @@ func TestLockerSessionsBoundedByLockAndWaitConns(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
-			l, err := lk.Lock(names[i])
+			l, err := lk.NewLock(names[i])
 			if err != nil {
 				t.Error(err)
 				return
@@ -336,7 +336,7 @@ func TestMaxLocksCountsOnlyHeldLocks(t *testing.T) {
 			other := faultConnect(t)
 			var holds []*pglock.Lock
 			for _, k := range busy {
-				l, err := pglock.New(other, k)
+				l, err := pglock.NewLock(other, k)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -355,7 +355,7 @@ func TestMaxLocksCountsOnlyHeldLocks(t *testing.T) {
 			for i := range waiters {
 				started.Add(1)
 				wg.Go(func() {
-					l, err := lk.Lock(names[i])
+					l, err := lk.NewLock(names[i])
 					started.Done()
 					if err != nil {
 						errs <- err
@@ -391,12 +391,12 @@ func TestMaxLocksCountsOnlyHeldLocks(t *testing.T) {
 
 			ctx, cancel := context.WithTimeout(bg, 10*time.Second)
 			defer cancel()
-			a, _ := lk.Lock(free[0])
+			a, _ := lk.NewLock(free[0])
 			if err := a.Acquire(ctx); err != nil {
 				t.Errorf("Acquire of a free key while %d goroutines only wait (WithMaxLocks(%d), nothing held) = %v; Stats %+v",
 					waiters, maxLocks, err, lk.Stats())
 			}
-			b, _ := lk.Lock(free[1])
+			b, _ := lk.NewLock(free[1])
 			if ok, err := b.TryAcquire(ctx); !ok || err != nil {
 				t.Errorf("TryAcquire of a free key while %d goroutines only wait (WithMaxLocks(%d)) = %v, %v; want true, nil",
 					waiters, maxLocks, ok, err)

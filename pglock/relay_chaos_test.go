@@ -95,7 +95,7 @@ type chaosOpts struct {
 	closeA     bool // close Locker A mid-way
 	pair       bool // an Int32PairKey
 	holdMax    time.Duration
-	waitTO     bool // some Locks of A have WithWaitTimeout
+	waitTO     bool // some Locks of A have WithWait
 	waitA      int  // WithWaitConns of A (0: default)
 	waitB      int  // WithWaitConns of B (0: default)
 	noPlacesA  bool // WithMaxLocks on A: concurrent tries hit the cap, skip the places check
@@ -175,10 +175,10 @@ func chaosRun(t *testing.T, o chaosOpts) {
 		}
 		if o.waitTO && name == "A" && id%2 == 1 {
 			who += "w"
-			opts = append(opts, pglock.WithWaitTimeout(3*time.Millisecond))
+			opts = append(opts, pglock.WithWait(3*time.Millisecond))
 		}
 		for time.Now().Before(deadline) && !stop.Load() {
-			l, err := lk.Lock(k, opts...)
+			l, err := lk.NewLock(k, opts...)
 			if err != nil {
 				counts.add(name + " Lock: " + err.Error())
 				return
@@ -478,7 +478,7 @@ func relaySetup(t *testing.T, lk *pglock.Locker, app string, watch *pgxpool.Pool
 	if ran, err := lk.TryDo(bg, k, func(context.Context) error { return nil }); err != nil || ran {
 		t.Fatalf("TryDo = %v %v", ran, err)
 	}
-	g0, _ := lk.Lock(k)
+	g0, _ := lk.NewLock(k)
 	g0done := make(chan error, 1)
 	go func() { g0done <- g0.Acquire(bg) }()
 	chaosWaitFor(t, "G0 waits in the server", func() bool { return locktest.Waiters(t, watch, k) == 1 })
@@ -491,7 +491,7 @@ func relaySetup(t *testing.T, lk *pglock.Locker, app string, watch *pgxpool.Pool
 	ctx, cancel := context.WithCancel(bg)
 	g1done := make(chan error, 1)
 	go func() {
-		l, _ := lk.Lock(k)
+		l, _ := lk.NewLock(k)
 		err := l.Acquire(ctx)
 		if err == nil {
 			_ = l.Release(bg)

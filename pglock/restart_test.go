@@ -53,7 +53,7 @@ func warm(t *testing.T, pool *pgxpool.Pool, n int) {
 // server ended its session with 57P01). Each of them used to fail one
 // TryAcquire with ErrNotAcquired, which a caller takes for "busy". Now the
 // first acquires after the restart succeed: a connection found dead before
-// the lock's statement ran is replaced once. Covered: New on a pgx pool
+// the lock's statement ran is replaced once. Covered: NewLock on a pgx pool
 // (TryAcquire and Acquire), on a *sql.DB with pgx's driver, and a
 // multiplexing Locker. While the server is down, the error says
 // ErrUnavailable (and ErrNotAcquired), which tells "down" from "busy".
@@ -89,7 +89,7 @@ func TestRestartIsNotBusy(t *testing.T) {
 		t.Helper()
 		warm(t, pool, 3)
 		for _, k := range keys { // three idle sql connections too
-			l, _ := pglock.New(db, k)
+			l, _ := pglock.NewLock(db, k)
 			if err := l.Acquire(ctx); err != nil {
 				t.Fatalf("%s: warm the *sql.DB: %v", round, err)
 			}
@@ -108,7 +108,7 @@ func TestRestartIsNotBusy(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i, k := range keys {
-		l, _ := pglock.New(pool, k)
+		l, _ := pglock.NewLock(pool, k)
 		ok, err := l.TryAcquire(ctx)
 		if !ok || err != nil {
 			t.Errorf("pool TryAcquire %d after the restart = %v, %v; want true, nil", i, ok, err)
@@ -119,7 +119,7 @@ func TestRestartIsNotBusy(t *testing.T) {
 		}
 	}
 	for i, k := range keys {
-		l, _ := pglock.New(db, k)
+		l, _ := pglock.NewLock(db, k)
 		ok, err := l.TryAcquire(ctx)
 		if !ok || err != nil {
 			t.Errorf("*sql.DB TryAcquire %d after the restart = %v, %v; want true, nil", i, ok, err)
@@ -139,7 +139,7 @@ func TestRestartIsNotBusy(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i, k := range keys {
-		l, _ := pglock.New(pool, k)
+		l, _ := pglock.NewLock(pool, k)
 		if err := l.Acquire(ctx); err != nil {
 			t.Errorf("pool Acquire %d after the restart: %v", i, err)
 			continue
@@ -154,7 +154,7 @@ func TestRestartIsNotBusy(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, conn := range map[string]any{"pool": pool, "sql.DB": db} {
-		l, _ := pglock.New(conn, "restart-down")
+		l, _ := pglock.NewLock(conn, "restart-down")
 		ok, err := l.TryAcquire(ctx)
 		if ok || !errors.Is(err, pglock.ErrUnavailable) || !errors.Is(err, pglock.ErrNotAcquired) {
 			t.Errorf("%s TryAcquire while the server is down = %v, %v; want ErrUnavailable and ErrNotAcquired", name, ok, err)
@@ -179,16 +179,16 @@ func TestUnavailableIsNotBusy(t *testing.T) {
 	ctx := context.Background()
 	pool := pgtest.Pool(t, 2)
 	key := pgtest.UniqueKey(t)
-	holder, _ := pglock.New(pool, key)
+	holder, _ := pglock.NewLock(pool, key)
 	if err := holder.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
 	defer holder.Release(ctx)
-	busy, _ := pglock.New(pool, key, pglock.WithWaitTimeout(50*time.Millisecond))
+	busy, _ := pglock.NewLock(pool, key, pglock.WithWait(50*time.Millisecond))
 	if err := busy.Acquire(ctx); !errors.Is(err, pglock.ErrNotAcquired) || errors.Is(err, pglock.ErrUnavailable) {
 		t.Errorf("a wait that timed out on a busy key = %v, want ErrNotAcquired and not ErrUnavailable", err)
 	}
-	down, _ := pglock.New(pgtest.UnreachablePool(t), key)
+	down, _ := pglock.NewLock(pgtest.UnreachablePool(t), key)
 	if ok, err := down.TryAcquire(ctx); ok || !errors.Is(err, pglock.ErrUnavailable) {
 		t.Errorf("TryAcquire on an unreachable server = %v, %v; want ErrUnavailable", ok, err)
 	}

@@ -99,7 +99,7 @@ func TestLeaderHandOffKeepsSessionBudget(t *testing.T) {
 	}()
 	locktest.WaitFor(t, "the Leader's campaign to wait in the server", func() bool { return locktest.Waiters(t, watch, keys[0]) == 1 })
 
-	g, _ := lk.Lock(names[0])
+	g, _ := lk.NewLock(names[0])
 	gDone := make(chan error, 1)
 	go func() { gDone <- g.Acquire(bg) }()
 	locktest.WaitFor(t, "the local Acquire to queue behind the Leader", func() bool { return lk.Stats().Queued == 1 })
@@ -116,7 +116,7 @@ func TestLeaderHandOffKeepsSessionBudget(t *testing.T) {
 		t.Fatalf("Leader.Run after a term whose fn returned nil = %v", err)
 	}
 
-	h, _ := lk.Lock(names[1])
+	h, _ := lk.NewLock(names[1])
 	hDone := make(chan error, 1)
 	hctx, hcancel := context.WithCancel(bg)
 	go func() { hDone <- h.Acquire(hctx) }()
@@ -170,7 +170,7 @@ func TestConnectTimeoutIsUnavailable(t *testing.T) {
 	p.Blackhole()
 	ctx, cancel := context.WithTimeout(bg, 10*time.Second)
 	defer cancel()
-	l, _ := lk.Lock(name)
+	l, _ := lk.NewLock(name)
 	err = l.Acquire(ctx)
 	if err == nil {
 		t.Fatal("Acquire through a blackholed network succeeded")
@@ -281,7 +281,7 @@ func TestCloseInterruptsPerHoldWait(t *testing.T) {
 		t.Fatal(err)
 	}
 	x := locktest.HoldElsewhere(t, key)
-	l, _ := lk.Lock(name)
+	l, _ := lk.NewLock(name)
 	done := make(chan error, 1)
 	go func() { done <- l.Acquire(bg) }()
 	time.Sleep(300 * time.Millisecond)

@@ -54,7 +54,7 @@ func review3Blocker(t *testing.T, watch *pgxpool.Pool, key pglock.Key) (release 
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := pglock.New(c.Conn(), key)
+	l, err := pglock.NewLock(c.Conn(), key)
 	if err != nil {
 		c.Release()
 		t.Fatal(err)
@@ -115,7 +115,7 @@ func TestPoolConnBackFromHoldUnchanged(t *testing.T) {
 	keyS := pgtest.UniqueKey(t)
 	for i := range 3 {
 		// Session scope: a hold, released.
-		l, err := pglock.New(pool, keyS)
+		l, err := pglock.NewLock(pool, keyS)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -145,7 +145,7 @@ func TestPoolConnBackFromHoldUnchanged(t *testing.T) {
 		check("failed session Do")
 
 		// Transaction scope.
-		lt, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
+		lt, err := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -178,7 +178,7 @@ func TestSQLDBConnBackFromHoldUnchanged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := pglock.New(db, pgtest.UniqueKey(t))
+	l, err := pglock.NewLock(db, pgtest.UniqueKey(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,13 +205,13 @@ func TestSQLDBConnBackFromHoldUnchanged(t *testing.T) {
 // stays with this client connection"). TestPgBouncerNeverTwoHolders tries
 // Lockers only (whose lock connections carry the proof); here the same
 // trials run through the paths that take a session lock on a pool
-// connection of their own: New on a pool, and a Locker WithMultiplexing(false).
+// connection of their own: NewLock on a pool, and a Locker WithMultiplexing(false).
 func TestPgBouncerNeverTwoHoldersOnPoolPaths(t *testing.T) {
 	resetAlways := map[string]string{"server_reset_query_always": "1"}
 	t.Run("New on a pool", func(t *testing.T) {
 		b := pgtest.StartPgBouncerWithT(t, "transaction", 2, resetAlways)
 		poolerGuardTrials(t, b, 32, 4, 200, 12*time.Second, false, func(pool *pgxpool.Pool, name string) (*pglock.Lock, *pglock.Locker, error) {
-			l, err := pglock.New(pool, name)
+			l, err := pglock.NewLock(pool, name)
 			return l, nil, err
 		})
 	})
@@ -222,7 +222,7 @@ func TestPgBouncerNeverTwoHoldersOnPoolPaths(t *testing.T) {
 			if err != nil {
 				return nil, nil, err
 			}
-			l, err := lk.Lock(name)
+			l, err := lk.NewLock(name)
 			return l, lk, err
 		})
 	})

@@ -31,12 +31,12 @@ func TestColdLockerHonoursEachCallersDeadline(t *testing.T) {
 	watch := pgtest.Pool(t, 2)
 	lk := muxLocker(t, pool, pglock.WithLockConns(1))
 
-	first, _ := lk.Lock(pgtest.UniqueKey(t))
+	first, _ := lk.NewLock(pgtest.UniqueKey(t))
 	firstDone := make(chan error, 1)
 	go func() { firstDone <- first.Acquire(bg) }()
 	time.Sleep(50 * time.Millisecond) // the first is connecting
 
-	second, _ := lk.Lock(pgtest.UniqueKey(t))
+	second, _ := lk.NewLock(pgtest.UniqueKey(t))
 	ctx, cancel := context.WithTimeout(bg, shortWait)
 	defer cancel()
 	start := time.Now()
@@ -74,12 +74,12 @@ func TestSharedHoldersJoinWithoutWriterOnOneLockConn(t *testing.T) {
 	watch := pgtest.Pool(t, 2)
 	lk := muxLocker(t, pool, pglock.WithLockConns(1))
 	key := pgtest.UniqueKey(t)
-	a, _ := lk.Lock(key, pglock.WithMode(pglock.Shared))
+	a, _ := lk.NewLock(key, pglock.WithMode(pglock.Shared))
 	if err := a.Acquire(bg); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(300 * time.Millisecond)
-	b, _ := lk.Lock(key, pglock.WithMode(pglock.Shared))
+	b, _ := lk.NewLock(key, pglock.WithMode(pglock.Shared))
 	ok, err := b.TryAcquire(bg)
 	if err != nil || !ok {
 		t.Errorf("INVARIANT shared-admits-shared: shared TryAcquire while the key is held Shared only (no writer in any session) = %v, %v; want true", ok, err)
@@ -87,7 +87,7 @@ func TestSharedHoldersJoinWithoutWriterOnOneLockConn(t *testing.T) {
 	if ok {
 		_ = b.Release(bg)
 	}
-	c, _ := lk.Lock(key, pglock.WithMode(pglock.Shared))
+	c, _ := lk.NewLock(key, pglock.WithMode(pglock.Shared))
 	ctx, cancel := context.WithTimeout(bg, time.Second)
 	err = c.Acquire(ctx)
 	cancel()
@@ -135,7 +135,7 @@ func TestCloseDuringFirstConnectFailsWithErrLockerClosed(t *testing.T) {
 		errs := make(chan error, 32)
 		for i := range 12 {
 			wg.Go(func() {
-				l, _ := lk.Lock(names[i%len(names)], pglock.WithMode(pglock.Mode(i%2)))
+				l, _ := lk.NewLock(names[i%len(names)], pglock.WithMode(pglock.Mode(i%2)))
 				if err := l.Acquire(bg); err != nil {
 					errs <- err
 					return

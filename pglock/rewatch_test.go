@@ -47,7 +47,7 @@ func watchReuse(t *testing.T, opts ...pglock.Option) {
 
 	short := func() {
 		t.Helper()
-		l, err := pglock.New(pool, pgtest.UniqueKey(t), opts...)
+		l, err := pglock.NewLock(pool, pgtest.UniqueKey(t), opts...)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -64,7 +64,7 @@ func watchReuse(t *testing.T, opts ...pglock.Option) {
 
 	// A hold that ends cleanly: its channel, taken during the hold, stays
 	// open whatever happens to later holds that reuse its watch.
-	done, err := pglock.New(pool, pgtest.UniqueKey(t), opts...)
+	done, err := pglock.NewLock(pool, pgtest.UniqueKey(t), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +78,7 @@ func watchReuse(t *testing.T, opts ...pglock.Option) {
 
 	for _, interval := range []time.Duration{20 * time.Millisecond, pglock.DefaultLostCheckInterval} {
 		short() // leaves the timer set for a later start than the next hold's
-		l, err := pglock.New(pool, pgtest.UniqueKey(t), append(opts, pglock.WithLostCheckInterval(interval))...)
+		l, err := pglock.NewLock(pool, pgtest.UniqueKey(t), append(opts, pglock.WithLostCheckInterval(interval))...)
 		if err != nil {
 			t.Fatal(err)
 		}

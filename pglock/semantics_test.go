@@ -77,7 +77,7 @@ func TestModesExclude(t *testing.T) {
 				key := pgtest.UniqueKey(t)
 				a, b := o.open(t), o.open(t)
 				mk := func(conn any, m pglock.Mode) *pglock.Lock {
-					l, err := pglock.New(conn, key, pglock.WithScope(scope), pglock.WithMode(m))
+					l, err := pglock.NewLock(conn, key, pglock.WithScope(scope), pglock.WithMode(m))
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -142,8 +142,8 @@ func TestWaitIsGrantedOnRelease(t *testing.T) {
 				t.Parallel()
 				ctx := context.Background()
 				key := pgtest.UniqueKey(t)
-				holder, _ := pglock.New(o.open(t), key, pglock.WithScope(scope))
-				waiter, _ := pglock.New(o.open(t), key, pglock.WithScope(scope))
+				holder, _ := pglock.NewLock(o.open(t), key, pglock.WithScope(scope))
+				waiter, _ := pglock.NewLock(o.open(t), key, pglock.WithScope(scope))
 				if err := holder.Acquire(ctx); err != nil {
 					t.Fatal(err)
 				}

@@ -64,9 +64,9 @@ func TestLockerOnOneConnOneHoldAtATime(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	outer, _ := lk.Lock(pgtest.UniqueKey(t))
-	inner, _ := lk.Lock(pgtest.UniqueKey(t))
-	other, _ := lk.Lock(pgtest.UniqueKey(t), pglock.WithScope(pglock.Session))
+	outer, _ := lk.NewLock(pgtest.UniqueKey(t))
+	inner, _ := lk.NewLock(pgtest.UniqueKey(t))
+	other, _ := lk.NewLock(pgtest.UniqueKey(t), pglock.WithScope(pglock.Session))
 	table := "pglock_one_hold_" + randomSuffix()
 	err = outer.Do(ctx, func(ctx context.Context) error {
 		tx, ok := pglock.TxFromContext(ctx)

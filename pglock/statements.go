@@ -111,7 +111,7 @@ func (l *Lock) cleanupArgs() []any {
 // process that freezes (SIGSTOP, a paused VM) keeps its sessions open: its
 // kernel still answers TCP keepalives, so only the server's idle timeouts end
 // them. The statements that take a lock on a connection of the lock's own
-// (New or a Locker without multiplexing on a pool) also set the bound, in
+// (NewLock or a Locker without multiplexing on a pool) also set the bound, in
 // the same round trip, and the ones that end the hold restore it:
 //
 //   - Session scope: idle_session_timeout (PostgreSQL 14 and later) is the

@@ -188,7 +188,7 @@ func stressOp(t *testing.T, r *rand.Rand, op int64, db any, key pglock.Key, ki i
 	if r.IntN(2) == 0 {
 		scope = pglock.Transaction
 	}
-	l, err := pglock.New(db, key, pglock.WithMode(mode), pglock.WithScope(scope))
+	l, err := pglock.NewLock(db, key, pglock.WithMode(mode), pglock.WithScope(scope))
 	if err != nil {
 		t.Error(err)
 		return

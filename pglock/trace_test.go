@@ -73,7 +73,7 @@ func TestTracerAndHeld(t *testing.T) {
 	}
 	defer lk.Close()
 	key := pgtest.UniqueKey(t)
-	l, _ := lk.Lock(key)
+	l, _ := lk.NewLock(key)
 
 	if err := l.Acquire(ctx); err != nil {
 		t.Fatal(err)
@@ -106,7 +106,7 @@ func TestTracerAndHeld(t *testing.T) {
 
 	// Busy: TryDo ends with held false and no error; a blocking Acquire
 	// that times out ends with its error.
-	other, _ := pglock.New(pgtest.Pool(t, 2), key)
+	other, _ := pglock.NewLock(pgtest.Pool(t, 2), key)
 	if err := other.Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -145,7 +145,7 @@ func TestTracerAndHeld(t *testing.T) {
 	pgtest.WaitFree(t, pool, l.Key())
 
 	// A lost hold reports how long it was held.
-	lost, _ := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithObserver(func(e pglock.Event) {
+	lost, _ := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithObserver(func(e pglock.Event) {
 		evMu.Lock()
 		events = append(events, e)
 		evMu.Unlock()
@@ -187,7 +187,7 @@ func TestLostHoldDroppedByAcquireEnds(t *testing.T) {
 	var mu sync.Mutex
 	held := 0
 	var names []string
-	l, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithNamespace("ns:"), pglock.WithObserver(func(e pglock.Event) {
+	l, err := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithNamespace("ns:"), pglock.WithObserver(func(e pglock.Event) {
 		mu.Lock()
 		defer mu.Unlock()
 		names = append(names, e.KeyName)
@@ -226,7 +226,7 @@ func TestLostHoldDroppedByAcquireEnds(t *testing.T) {
 			t.Errorf("event KeyName %q, want %q", n, l.Name())
 		}
 	}
-	if k, _ := pglock.New(pool, pglock.Int64Key(7)); k.Name() != "" {
+	if k, _ := pglock.NewLock(pool, pglock.Int64Key(7)); k.Name() != "" {
 		t.Errorf("Name of a Key = %q, want empty", k.Name())
 	}
 }

@@ -113,7 +113,7 @@ func TestTransactionHeldUntilEnd(t *testing.T) {
 	pool := pgtest.Pool(t, 4)
 	watch := pgtest.Pool(t, 2)
 	table := newTable(t, watch)
-	l, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
+	l, err := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +163,7 @@ func TestHandleErrorOff(t *testing.T) {
 	pool := pgtest.Pool(t, 4)
 	watch := pgtest.Pool(t, 2)
 	table := newTable(t, watch)
-	l, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction), pglock.WithRollbackOnError(false))
+	l, err := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction), pglock.WithRollbackOnError(false))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -213,7 +213,7 @@ func TestCallerPgxTx(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tx.Rollback(ctx)
-	l, err := pglock.New(tx, pgtest.UniqueKey(t)) // scope defaults to Transaction on a tx
+	l, err := pglock.NewLock(tx, pgtest.UniqueKey(t)) // scope defaults to Transaction on a tx
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -247,7 +247,7 @@ func TestCallerPgxTx(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l2, _ := pglock.New(tx2, l.Key())
+	l2, _ := pglock.NewLock(tx2, l.Key())
 	err = l2.Do(ctx, func(ctx context.Context) error {
 		if _, err := tx2.Exec(ctx, "INSERT INTO "+table+" VALUES ('b')"); err != nil {
 			return err
@@ -307,7 +307,7 @@ func TestSQLTransactions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := pglock.New(tx, key)
+	l, err := pglock.NewLock(tx, key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -340,7 +340,7 @@ func TestFailedCommitIsNotALoss(t *testing.T) {
 	ctx := context.Background()
 	pool := pgtest.Pool(t, 2)
 	watch := pgtest.Pool(t, 2)
-	l, err := pglock.New(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
+	l, err := pglock.NewLock(pool, pgtest.UniqueKey(t), pglock.WithScope(pglock.Transaction))
 	if err != nil {
 		t.Fatal(err)
 	}

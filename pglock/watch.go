@@ -29,7 +29,7 @@ func (b *pgxBackend) watch(interval time.Duration, lost func(error)) func() {
 	}
 	// A Lock has one hold at a time: the hold takes a watch (its timer and
 	// goroutine's state) from a pool of them, and Lock.dropHold gives it
-	// back, so that a Lock made per hold (New) makes no watch of its own.
+	// back, so that a Lock made per hold (NewLock) makes no watch of its own.
 	l := b.l
 	if l.watch == nil {
 		l.watch = rewatches.Get().(*rewatch)

@@ -128,9 +128,9 @@ func (m *Middleware) Work(ctx context.Context, job *rivertype.JobRow, doInner fu
 	name := s.prefix(job.Kind) + key
 	opts := sessionOpts
 	if s.busy.act == actWait {
-		opts = append(opts[:len(opts):len(opts)], pglock.WithWaitTimeout(s.busy.d))
+		opts = append(opts[:len(opts):len(opts)], pglock.WithWait(s.busy.d))
 	}
-	lock, err := m.locker.Lock(name, opts...)
+	lock, err := m.locker.NewLock(name, opts...)
 	if err != nil {
 		return fmt.Errorf("riverlock: job %d (kind %q) key %q: %w", job.ID, job.Kind, name, err)
 	}

@@ -412,7 +412,7 @@ func TestWaitPolicy(t *testing.T) {
 	ov.mu.Unlock()
 
 	// Hold the key from outside; the job waits 300ms, then fails.
-	held, err := lk.Lock(riverlock.DefaultNamespace(blockArgs{}.Kind()) + "held")
+	held, err := lk.NewLock(riverlock.DefaultNamespace(blockArgs{}.Kind()) + "held")
 	if err != nil {
 		t.Fatal(err)
 	}

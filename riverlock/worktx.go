@@ -59,12 +59,12 @@ func WorkTx[T river.JobArgs](ctx context.Context, locker *pglock.Locker, job *ri
 			name = DefaultNamespace(job.Kind) + k
 		}
 	}
-	lock, err := locker.Lock(name, opts...)
+	lock, err := locker.NewLock(name, opts...)
 	if err != nil {
 		return fmt.Errorf("riverlock: WorkTx job %d: %w", job.ID, err)
 	}
 	if held, ok := heldFromContext(ctx); ok && held == lock.Key() && name != jobKey {
-		if lock, err = locker.Lock(jobKey, opts...); err != nil {
+		if lock, err = locker.NewLock(jobKey, opts...); err != nil {
 			return fmt.Errorf("riverlock: WorkTx job %d: %w", job.ID, err)
 		}
 	}

@@ -78,7 +78,7 @@ func TestLocks(t *testing.T) {
 	key := keyOf(t, name)
 	app := "pglock-test-" + strconv.FormatInt(time.Now().UnixNano(), 36)
 
-	held, err := pglock.New(namedPool(t, app), name)
+	held, err := pglock.NewLock(namedPool(t, app), name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +89,7 @@ func TestLocks(t *testing.T) {
 	holderPID := grantedPID(t, watch, key)
 
 	waitCtx, stopWaiting := context.WithCancel(ctx)
-	waiting, err := pglock.New(namedPool(t, app+"-w"), name)
+	waiting, err := pglock.NewLock(namedPool(t, app+"-w"), name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,7 +99,7 @@ func TestLocks(t *testing.T) {
 
 	// A key of the (integer, integer) space, named by nobody.
 	hi, lo := int32(key.Int64()>>32), int32(key.Int64())
-	pair, err := pglock.New(namedPool(t, app+"-p"), pglock.Int32PairKey(hi, lo))
+	pair, err := pglock.NewLock(namedPool(t, app+"-p"), pglock.Int32PairKey(hi, lo))
 	if err != nil {
 		t.Fatal(err)
 	}

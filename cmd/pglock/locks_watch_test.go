@@ -36,7 +36,7 @@ func holdAndQueue(t *testing.T) *queuedKey {
 	q := &queuedKey{watch: pgtest.Pool(t, 2), name: pgtest.UniqueKey(t)}
 	q.key = keyOf(t, q.name)
 	_, q.holderPID = holder(t, q.watch, q.name)
-	waiting, err := pglock.New(pgtest.Pool(t, 2), q.name)
+	waiting, err := pglock.NewLock(pgtest.Pool(t, 2), q.name)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -163,7 +163,7 @@ func keyOf(t *testing.T, name string) pglock.Key {
 func holder(t *testing.T, watch *pgxpool.Pool, name string, opts ...pglock.Option) (*pglock.Lock, int32) {
 	t.Helper()
 	pool := pgtest.Pool(t, 2)
-	l, err := pglock.New(pool, name, opts...)
+	l, err := pglock.NewLock(pool, name, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}

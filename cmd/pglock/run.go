@@ -147,7 +147,7 @@ func (c *cli) runLocked(ctx context.Context, url, name string, argv []string, op
 		lockOpts = append(lockOpts, pglock.WithScope(pglock.Transaction))
 	}
 	if opts.wait > 0 {
-		lockOpts = append(lockOpts, pglock.WithWaitTimeout(opts.wait))
+		lockOpts = append(lockOpts, pglock.WithWait(opts.wait))
 	}
 	key, err := pglock.KeyOf(name)
 	if err != nil {
@@ -165,7 +165,7 @@ func (c *cli) runLocked(ctx context.Context, url, name string, argv []string, op
 		return c.fail(exitUsage, "run", "%v", err)
 	}
 	defer pool.Close()
-	lock, err := pglock.New(pool, key, lockOpts...)
+	lock, err := pglock.NewLock(pool, key, lockOpts...)
 	if err != nil {
 		stop()
 		return c.fail(exitUsage, "run", "%v", errText(err))

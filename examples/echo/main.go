@@ -209,7 +209,7 @@ func run(ctx context.Context, w io.Writer, url string) error {
 		}
 	}
 	// And the key is free: a lock on it is granted at once.
-	check, err := reps[0].locker.Lock("example-accounts:" + account)
+	check, err := reps[0].locker.NewLock("example-accounts:" + account)
 	if err != nil {
 		return err
 	}

@@ -182,7 +182,7 @@ func run(ctx context.Context, w io.Writer, url string) error {
 		}
 	}
 	// And the key is free: a lock on it is granted at once.
-	check, err := reps[0].locker.Lock("example-orders:42")
+	check, err := reps[0].locker.NewLock("example-orders:42")
 	if err != nil {
 		return err
 	}

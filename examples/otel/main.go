@@ -117,7 +117,7 @@ func takeLocks(ctx context.Context, w io.Writer, locker *pglock.Locker) error {
 			return err
 		}
 	}
-	report, err := locker.Lock("otel-demo:report")
+	report, err := locker.NewLock("otel-demo:report")
 	if err != nil {
 		return err
 	}
@@ -129,7 +129,7 @@ func takeLocks(ctx context.Context, w io.Writer, locker *pglock.Locker) error {
 	if err != nil {
 		return err
 	}
-	second, err := locker.Lock("otel-demo:report")
+	second, err := locker.NewLock("otel-demo:report")
 	if err != nil {
 		return err
 	}

@@ -42,7 +42,7 @@ func run(ctx context.Context, w io.Writer, url string) error {
 
 	// 1. with Lock(conn, "shared-identifier"): ...
 	p("\n== 1. the with statement: Lock.Do")
-	lock, err := pglock.New(pool, "shared-identifier")
+	lock, err := pglock.NewLock(pool, "shared-identifier")
 	if err != nil {
 		return err
 	}
@@ -63,7 +63,7 @@ func run(ctx context.Context, w io.Writer, url string) error {
 
 	// 3. if lock.acquire(block=False): ... else: ...
 	p("\n== 3. non-blocking: TryAcquire while another replica holds the key")
-	other, _ := pglock.New(pool, "shared-identifier")
+	other, _ := pglock.NewLock(pool, "shared-identifier")
 	if err := other.Acquire(ctx); err != nil {
 		return err
 	}
@@ -85,7 +85,7 @@ func run(ctx context.Context, w io.Writer, url string) error {
 		return err
 	}
 	defer db.Close()
-	sqlLock, err := pglock.New(db, "shared-identifier")
+	sqlLock, err := pglock.NewLock(db, "shared-identifier")
 	if err != nil {
 		return err
 	}
@@ -100,7 +100,7 @@ func run(ctx context.Context, w io.Writer, url string) error {
 		return err
 	}
 	defer pool.Exec(context.WithoutCancel(ctx), "DROP TABLE IF EXISTS pglock_quickstart_ledger")
-	txLock, err := pglock.New(pool, "shared-identifier", pglock.WithScope(pglock.Transaction))
+	txLock, err := pglock.NewLock(pool, "shared-identifier", pglock.WithScope(pglock.Transaction))
 	if err != nil {
 		return err
 	}
@@ -143,7 +143,7 @@ func run(ctx context.Context, w io.Writer, url string) error {
 }
 
 func tryFinally(ctx context.Context, pool *pgxpool.Pool, p func(string, ...any)) error {
-	lock, err := pglock.New(pool, "shared-identifier")
+	lock, err := pglock.NewLock(pool, "shared-identifier")
 	if err != nil {
 		return err
 	}
@@ -160,7 +160,7 @@ func tryFinally(ctx context.Context, pool *pgxpool.Pool, p func(string, ...any))
 }
 
 func nonBlocking(ctx context.Context, pool *pgxpool.Pool, p func(string, ...any)) error {
-	lock, err := pglock.New(pool, "shared-identifier")
+	lock, err := pglock.NewLock(pool, "shared-identifier")
 	if err != nil {
 		return err
 	}

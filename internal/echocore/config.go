@@ -102,11 +102,11 @@ func New[C any](fw *Framework[C], cfg, def Config[C]) (*Middleware[C], error) {
 			o = append(o, pglock.WithRollbackOnError(true)) // Commit decides
 		}
 		if cfg.Wait > 0 {
-			o = append(o, pglock.WithWaitTimeout(cfg.Wait))
+			o = append(o, pglock.WithWait(cfg.Wait))
 		}
 		m.lockOpts[mode] = o
 	}
-	if _, err := cfg.Locker.Lock(fw.Name+":check", m.lockOpts[pglock.Exclusive]...); err != nil {
+	if _, err := cfg.Locker.NewLock(fw.Name+":check", m.lockOpts[pglock.Exclusive]...); err != nil {
 		return nil, fmt.Errorf("%w: %w", e.InvalidConfig, err)
 	}
 	return m, nil

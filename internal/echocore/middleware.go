@@ -41,7 +41,7 @@ func (m *Middleware[C]) Handle(next func(C) error) func(C) error {
 				return m.fw.HTTPError(http.StatusInternalServerError, http.StatusText(http.StatusInternalServerError), err)
 			}
 		}
-		lock, err := cfg.Locker.Lock(name, m.lockOpts[mode]...)
+		lock, err := cfg.Locker.NewLock(name, m.lockOpts[mode]...)
 		if err != nil {
 			return m.fail(c, name, fmt.Errorf("%w: %w", e.Database, err))
 		}

@@ -65,7 +65,7 @@ func NoConnsLeft(tb testing.TB, pools ...*pgxpool.Pool) {
 // if the test did not release it.
 func HoldElsewhere(tb testing.TB, key pglock.Key) *pglock.Lock {
 	tb.Helper()
-	l, err := pglock.New(pgtest.Pool(tb, 1), key)
+	l, err := pglock.NewLock(pgtest.Pool(tb, 1), key)
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -42,7 +42,7 @@ func ExampleNew() {
 	}, orders)
 
 	// Another replica holds order 42's lock.
-	held, err := locker.Lock(echo5lock.DefaultNamespace + "example5-42")
+	held, err := locker.NewLock(echo5lock.DefaultNamespace + "example5-42")
 	if err != nil {
 		fmt.Println(err)
 		return

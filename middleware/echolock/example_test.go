@@ -42,7 +42,7 @@ func ExampleNew() {
 	}, orders)
 
 	// Another replica holds order 42's lock.
-	held, err := locker.Lock(echolock.DefaultNamespace + "example-42")
+	held, err := locker.NewLock(echolock.DefaultNamespace + "example-42")
 	if err != nil {
 		fmt.Println(err)
 		return

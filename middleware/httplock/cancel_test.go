@@ -28,7 +28,7 @@ func TestClientGoneWhileWaiting(t *testing.T) {
 			watch := pgtest.Pool(t, 2)
 			holderPool := pgtest.Pool(t, 1)
 			key := lockKey(t, rep.locker, id)
-			hl, err := pglock.New(holderPool, key)
+			hl, err := pglock.NewLock(holderPool, key)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -52,7 +52,7 @@ func TestOuterDeadlineWhileWaiting(t *testing.T) {
 			watch := pgtest.Pool(t, 2)
 			holderPool := pgtest.Pool(t, 1)
 			key := lockKey(t, rep.locker, id)
-			hl, err := pglock.New(holderPool, key)
+			hl, err := pglock.NewLock(holderPool, key)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -143,7 +143,7 @@ func TestBusyLogsErrBusy(t *testing.T) {
 	rep := newReplica(t, 2)
 	id := pgtest.UniqueKey(t)
 	key := lockKey(t, rep.locker, id)
-	hl, err := pglock.New(pgtest.Pool(t, 1), key)
+	hl, err := pglock.NewLock(pgtest.Pool(t, 1), key)
 	if err != nil {
 		t.Fatal(err)
 	}

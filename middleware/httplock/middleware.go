@@ -98,11 +98,11 @@ func newMiddleware(locker *pglock.Locker, key KeyFunc, opts []Option) (*middlewa
 			o = append(o, pglock.WithRollbackOnError(true))
 		}
 		if cfg.wait > 0 {
-			o = append(o, pglock.WithWaitTimeout(cfg.wait))
+			o = append(o, pglock.WithWait(cfg.wait))
 		}
 		m.lockOpts[mode] = o
 	}
-	if _, err := locker.Lock("httplock:check", m.lockOpts[pglock.Exclusive]...); err != nil {
+	if _, err := locker.NewLock("httplock:check", m.lockOpts[pglock.Exclusive]...); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidOption, err)
 	}
 	return m, nil
@@ -147,7 +147,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	lock, err := m.locker.Lock(name, m.lockOpts[mode]...)
+	lock, err := m.locker.NewLock(name, m.lockOpts[mode]...)
 	if err != nil {
 		m.fail(w, r, name, fmt.Errorf("%w: %w", ErrDatabase, err))
 		return

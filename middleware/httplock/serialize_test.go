@@ -233,7 +233,7 @@ func TestWaitLimit(t *testing.T) {
 	watch := pgtest.Pool(t, 2)
 	holder := newReplica(t, 1)
 	key := lockKey(t, rep.locker, id)
-	hl, err := pglock.New(holder.pool, key)
+	hl, err := pglock.NewLock(holder.pool, key)
 	if err != nil {
 		t.Fatal(err)
 	}
