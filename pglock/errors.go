@@ -155,11 +155,14 @@ var (
 
 // join is errors.Join on one line: it drops nil errors, returns a single one
 // as it is, and writes several as "a: b: c", so that a log line stays one
-// line; errors.Is and errors.As see every one of them.
+// line; errors.Is and errors.As see every one of them. A sentinel (an error
+// that wraps nothing) that another of errs already carries is dropped, so
+// that a chain names it once: join(ErrLockLost, err) of an err that matches
+// ErrLockLost is err.
 func join(errs ...error) error {
 	var c chain
-	for _, err := range errs {
-		if err != nil {
+	for i, err := range errs {
+		if err != nil && !carried(err, i, errs) {
 			c = append(c, err)
 		}
 	}
@@ -170,6 +173,22 @@ func join(errs ...error) error {
 		return c[0]
 	}
 	return c
+}
+
+// carried reports whether errs[i], a sentinel, is carried by another error
+// of errs (the first of equal sentinels is kept).
+func carried(err error, i int, errs []error) bool {
+	switch err.(type) {
+	case interface{ Unwrap() error }, interface{ Unwrap() []error }:
+		return false
+	}
+	for j, other := range errs {
+		// errors.Is, not ==: an error's type may not be comparable.
+		if j != i && other != nil && errors.Is(other, err) && (j < i || !errors.Is(err, other)) {
+			return true
+		}
+	}
+	return false
 }
 
 // chain is join's result.

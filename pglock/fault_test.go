@@ -10,6 +10,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -468,6 +469,7 @@ func TestFaultLostTerminate(t *testing.T) {
 				if !errors.Is(err, pglock.ErrLockLost) {
 					t.Errorf("Release after loss = %v, want ErrLockLost", err)
 				}
+				namesOnce(t, "Release after loss", err)
 				if took := time.Since(start); took > 2*time.Second {
 					t.Errorf("Release after loss took %v", took)
 				}
@@ -521,6 +523,8 @@ func TestFaultLostTerminate(t *testing.T) {
 				}
 				if err := <-doErr; !errors.Is(err, pglock.ErrLockLost) {
 					t.Errorf("Do = %v, want an error matching ErrLockLost", err)
+				} else {
+					namesOnce(t, "Do after loss", err)
 				}
 				if l.Held() {
 					t.Error("Held() is true after Do")
@@ -532,6 +536,19 @@ func TestFaultLostTerminate(t *testing.T) {
 				faultRecovers(t, conn, watch, inUse)
 			})
 		})
+	}
+}
+
+// namesOnce fails t when err's message says a sentinel of pglock more than
+// once (issue 22: "pglock: lock lost: pglock: release key ...: pglock: lock
+// lost: FATAL: ..."): a chain names each sentinel once.
+func namesOnce(t *testing.T, what string, err error) {
+	t.Helper()
+	for _, s := range []error{pglock.ErrNotAcquired, pglock.ErrLockLost, pglock.ErrNotHeld, pglock.ErrAlreadyHeld,
+		pglock.ErrUnsupportedConn, pglock.ErrTransactionPooler, pglock.ErrUnavailable, pglock.ErrTooManyLocks} {
+		if n := strings.Count(err.Error(), s.Error()); n > 1 {
+			t.Errorf("%s = %q: says %q %d times, want once", what, err, s, n)
+		}
 	}
 }
 
@@ -1244,4 +1261,65 @@ func TestFaultCancelRequestUndeliverable(t *testing.T) {
 			pgtest.WaitFree(t, watch, l.Key())
 		}
 	}
+}
+
+// A lost hold of a Locker's Do and of a Leader's term: the error names
+// ErrLockLost once (issue 22: a Leader's OnDeposed got "pglock: lock lost:
+// pglock: release key ...: pglock: lock lost: FATAL: ...").
+func TestLostErrorNamesSentinelsOnce(t *testing.T) {
+	t.Parallel()
+	watch := pgtest.Pool(t, 2)
+	bg := context.Background()
+	t.Run("Locker.Do", func(t *testing.T) {
+		lk := muxLocker(t, pgtest.Pool(t, 2))
+		k := faultKey(t)
+		started := make(chan struct{})
+		doErr := make(chan error, 1)
+		go func() {
+			doErr <- lk.Do(bg, k, func(ctx context.Context) error {
+				close(started)
+				<-ctx.Done()
+				return ctx.Err()
+			})
+		}()
+		<-started
+		pgtest.Terminate(t, watch, faultHolderPID(t, watch, k))
+		err := <-doErr
+		if !errors.Is(err, pglock.ErrLockLost) {
+			t.Fatalf("Do = %v, want ErrLockLost", err)
+		}
+		namesOnce(t, "Locker.Do after loss", err)
+	})
+	t.Run("Leader", func(t *testing.T) {
+		lk := muxLocker(t, pgtest.Pool(t, 2))
+		k := faultKey(t)
+		ctx, cancel := context.WithCancel(bg)
+		defer cancel()
+		elected := make(chan struct{}, 1)
+		deposed := make(chan error, 4)
+		ld, err := lk.Leader(k, pglock.LeaderConfig{
+			OnElected: func(context.Context) { elected <- struct{}{} },
+			OnDeposed: func(why error) { deposed <- why },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		runErr := make(chan error, 1)
+		go func() {
+			runErr <- ld.Run(ctx, func(ctx context.Context) error {
+				<-ctx.Done()
+				return ctx.Err()
+			})
+		}()
+		<-elected
+		pgtest.Terminate(t, watch, faultHolderPID(t, watch, ld.Key()))
+		why := <-deposed
+		if !errors.Is(why, pglock.ErrLockLost) {
+			t.Errorf("OnDeposed(%v), want ErrLockLost", why)
+		} else {
+			namesOnce(t, "OnDeposed after loss", why)
+		}
+		cancel()
+		<-runErr
+	})
 }
