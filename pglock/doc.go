@@ -9,6 +9,19 @@
 //		return nil
 //	})
 //
+// # Which constructor
+//
+// Use [NewLocker] on your pool, once, and lock with [Locker.Do] (or
+// [Locker.TryDo], or [Locker.NewLock] for a handle to Acquire and Release):
+// its session locks cost no pool connection, and it bounds the server
+// sessions and lock-table slots it uses. Use [NewLock] for a lock on a
+// connection or transaction you own (a pgx.Tx, *pgx.Conn, *sql.Tx, ...): the
+// lock runs there, in your transaction or on your session. [NewLock] on a pool
+// works too, and pins one pool connection per hold.
+//
+// Both return handles: nothing is locked until Acquire, TryAcquire, Do or
+// TryDo.
+//
 // # Keys
 //
 // PostgreSQL has one 64-bit advisory key space per database (and a second one

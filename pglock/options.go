@@ -69,8 +69,17 @@ const DefaultLostCheckInterval = 500 * time.Millisecond
 // rollback), which run even when the caller's context has ended.
 const DefaultReleaseTimeout = 5 * time.Second
 
-// Option configures a Lock or a Locker. Options given to Locker.NewLock override
-// the Locker's for that lock.
+// Option configures a Lock or a Locker. Options given to [NewLocker] are the
+// defaults of its Locks; options given to [Locker.NewLock] override them for
+// that lock.
+//
+// Four options configure a Locker's connections and apply to [NewLocker]
+// only: [WithMultiplexing], [WithLockConns], [WithWaitConns] and
+// [WithMaxLocks]. Given to [NewLock] or [Locker.NewLock] they are an error
+// matching [ErrInvalidOption] that names them. (One Option type serves both
+// constructors so that a slice of options can be passed to either; the
+// check is at run time, when the Lock is made, never at the first acquire.)
+// Every other option applies to both.
 type Option func(*config)
 
 type config struct {
