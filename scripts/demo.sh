@@ -8,7 +8,13 @@ cd "$(dirname "$0")/.."
 
 bin=$(mktemp -d)
 trap 'rm -rf "$bin"' EXIT
-section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Section titles in bold on a terminal; plain text when stdout is a pipe or
+# a file, or when NO_COLOR is set (https://no-color.org).
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then
+	section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+else
+	section() { printf '\n== %s\n' "$*"; }
+fi
 
 echo "building the examples and the pglock command..."
 go build -o "$bin/" ./cmd/pglock
