@@ -9,9 +9,11 @@ require (
 	github.com/google/uuid v1.6.0
 	github.com/jackc/pgx/v5 v5.12.0
 	github.com/labstack/echo/v4 v4.16.0
+	github.com/labstack/echo/v5 v5.4.4
 	github.com/pglockkit/kit v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/gocronlock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/grpclock v0.0.0-00010101000000-000000000000
+	github.com/pglockkit/kit/middleware/echo5lock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/middleware/echolock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/otellock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/riverlock v0.0.0-00010101000000-000000000000
@@ -79,3 +81,5 @@ replace github.com/pglockkit/kit/grpclock => ../grpclock
 replace github.com/pglockkit/kit/gocronlock => ../gocronlock
 
 replace github.com/pglockkit/kit/otellock => ../otellock
+
+replace github.com/pglockkit/kit/middleware/echo5lock => ../middleware/echo5lock
