@@ -187,7 +187,7 @@ func printSpans(w io.Writer, ended []sdktrace.ReadOnlySpan) {
 			for _, a := range s.Attributes() {
 				switch a.Key {
 				case "pglock.key_name", "pglock.outcome", "error.type":
-					line += " " + string(a.Key) + "=" + a.Value.Emit()
+					line += " " + string(a.Key) + "=" + a.Value.String()
 				}
 			}
 			fmt.Fprintln(w, line)
