@@ -6,13 +6,17 @@
 
 GO       ?= go
 MODULES  := $(shell $(GO) list -m -f '{{.Dir}}')
-WITHPG   := $(GO) run ./internal/pgtest/withpg -install --
+# withpg finds or starts PostgreSQL and exports DATABASE_URL; as root on
+# Debian it installs what is missing: PostgreSQL for everything, PgBouncer
+# only for the tests and benchmarks (some run a real one), never for the demo.
+WITHPG       := $(GO) run ./internal/pgtest/withpg -install --
+WITHPG_TESTS := $(GO) run ./internal/pgtest/withpg -install -install-pgbouncer --
 STATICCHECK_VERSION ?= v0.8.2
 
 .PHONY: test test-modules vet demo demo-check bench bench-modules lint
 
 test:
-	$(WITHPG) $(MAKE) --no-print-directory test-modules demo-check
+	$(WITHPG_TESTS) $(MAKE) --no-print-directory test-modules demo-check
 
 # Every module is tested even when one fails; the failing ones are listed at
 # the end and the target fails.
@@ -37,7 +41,7 @@ demo-check:
 # Every benchmark beside raw pgx, summarized by scripts/benchratio.awk (the
 # raw output is kept in bench.out). COUNT=n runs each n times (default 4).
 bench:
-	$(WITHPG) $(MAKE) --no-print-directory bench-modules
+	$(WITHPG_TESTS) $(MAKE) --no-print-directory bench-modules
 
 bench-modules:
 	@set -e; : > bench.out; for m in $(MODULES); do \

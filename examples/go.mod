@@ -9,9 +9,11 @@ require (
 	github.com/google/uuid v1.6.0
 	github.com/jackc/pgx/v5 v5.12.0
 	github.com/labstack/echo/v4 v4.16.0
+	github.com/labstack/echo/v5 v5.4.4
 	github.com/pglockkit/kit v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/gocronlock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/grpclock v0.0.0-00010101000000-000000000000
+	github.com/pglockkit/kit/middleware/echo5lock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/middleware/echolock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/otellock v0.0.0-00010101000000-000000000000
 	github.com/pglockkit/kit/riverlock v0.0.0-00010101000000-000000000000
@@ -22,6 +24,7 @@ require (
 	github.com/robfig/cron/v3 v3.0.1
 	go.opentelemetry.io/otel v1.47.0
 	go.opentelemetry.io/otel/exporters/prometheus v0.69.0
+	go.opentelemetry.io/otel/sdk v1.47.0
 	go.opentelemetry.io/otel/sdk/metric v1.47.0
 	google.golang.org/grpc v1.85.0
 )
@@ -39,7 +42,6 @@ require (
 	go.opentelemetry.io/auto/sdk v1.2.1 // indirect
 	go.opentelemetry.io/otel/log v1.47.0 // indirect
 	go.opentelemetry.io/otel/metric v1.47.0 // indirect
-	go.opentelemetry.io/otel/sdk v1.47.0 // indirect
 	go.opentelemetry.io/otel/trace v1.47.0 // indirect
 )
 
@@ -79,3 +81,5 @@ replace github.com/pglockkit/kit/grpclock => ../grpclock
 replace github.com/pglockkit/kit/gocronlock => ../gocronlock
 
 replace github.com/pglockkit/kit/otellock => ../otellock
+
+replace github.com/pglockkit/kit/middleware/echo5lock => ../middleware/echo5lock

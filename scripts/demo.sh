@@ -8,11 +8,17 @@ cd "$(dirname "$0")/.."
 
 bin=$(mktemp -d)
 trap 'rm -rf "$bin"' EXIT
-section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Section titles in bold on a terminal; plain text when stdout is a pipe or
+# a file, or when NO_COLOR is set (https://no-color.org).
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then
+	section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+else
+	section() { printf '\n== %s\n' "$*"; }
+fi
 
 echo "building the examples and the pglock command..."
 go build -o "$bin/" ./cmd/pglock
-(cd examples && go build -o "$bin/" ./quickstart ./http ./echo ./cron ./gocron ./river ./grpc ./lockconns)
+(cd examples && go build -o "$bin/" ./quickstart ./http ./echo ./echo5 ./cron ./gocron ./river ./grpc ./lockconns ./otel)
 
 section "1. quickstart: the Python package's README examples, in Go"
 "$bin/quickstart"
@@ -23,8 +29,11 @@ section "2. net/http: two replicas of a service serialize requests for one key"
 section "2b. lock connections: a held lock costs no pool connection"
 "$bin/lockconns"
 
-section "3. Echo: the same for an Echo service, with transaction scope"
+section "3. Echo v4: the same for an Echo service, with transaction scope"
 "$bin/echo"
+
+section "3b. Echo v5: no SKU oversold across two replicas; a busy key refused with 409"
+"$bin/echo5"
 
 section "4. cron: one of three schedulers runs each tick"
 "$bin/cron" 2>/dev/null
@@ -69,6 +78,12 @@ if grep -q ' nightly-report ' <<<"$after"; then
 	exit 1
 fi
 echo "nightly-report: released"
+
+section "9. OpenTelemetry: the spans of a Locker's locks, and its metrics as Prometheus reads them"
+# The example prints every pglock series; the demo keeps the acquisitions and
+# the locks held (go run ./examples/otel prints them all).
+"$bin/otel" | grep -v -E '^  pglock_(lock_(hold|wait)_duration|locker)_'
+echo "  ... and the wait and hold durations, the Locker's connections, queue and lock-table use"
 
 section "done"
 echo "every lock the demo took was released; nothing it started is left running"

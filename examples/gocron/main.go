@@ -50,7 +50,6 @@ func run() error {
 		return err
 	}
 	defer srv.Stop()
-	fmt.Printf("PostgreSQL: %s\n", srv.Source)
 
 	// Skips are logged; the time and the key number are left out to keep
 	// the lines short.

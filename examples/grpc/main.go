@@ -52,7 +52,6 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	fmt.Printf("PostgreSQL: %s\n", srv.Source)
 	err = run(ctx, os.Stdout, srv.URL)
 	srv.Stop()
 	if err != nil {

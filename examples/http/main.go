@@ -47,7 +47,6 @@ func withServer() error {
 		return err
 	}
 	defer srv.Stop()
-	fmt.Printf("PostgreSQL: %s\n", srv.Source)
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	return run(ctx, os.Stdout, srv.URL)

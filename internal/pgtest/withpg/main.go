@@ -2,12 +2,19 @@
 // server: the one DATABASE_URL names, one at 127.0.0.1:5432, or a throwaway
 // cluster it starts from the machine's binaries and stops afterwards.
 //
-//	go run ./internal/pgtest/withpg [-throwaway] [-install] -- make test-modules
+//	go run ./internal/pgtest/withpg [-throwaway] [-install] [-install-pgbouncer] -- make test-modules
 //
-// With -install, running as root on Debian or Ubuntu, it installs with
-// apt-get what the tests need and the machine lacks: the postgresql package
-// when there is no server and no binaries, and the pgbouncer package (the
-// PgBouncer tests run a real one).
+// It installs nothing unless asked, and then only as root on Debian or
+// Ubuntu (where apt-get is), only what the machine lacks:
+//
+//   - -install installs the postgresql package when there is no server and
+//     no binaries to start a throwaway one (make demo asks for this alone);
+//   - -install-pgbouncer installs the pgbouncer package when there is no
+//     pgbouncer binary: the PgBouncer tests run a real one (make test and
+//     make bench ask for both).
+//
+// Elsewhere, or not as root, a missing server is an error that says what to
+// install, and a missing pgbouncer is left to the tests that need it.
 package main
 
 import (
@@ -30,9 +37,10 @@ func main() {
 
 func run() int {
 	throwaway := flag.Bool("throwaway", false, "always start a throwaway cluster")
-	install := flag.Bool("install", false, "as root on Debian, apt-get install postgresql when no server or binaries are found, and pgbouncer when missing")
+	install := flag.Bool("install", false, "as root on Debian, apt-get install postgresql when no server or binaries are found")
+	installPgBouncer := flag.Bool("install-pgbouncer", false, "as root on Debian, apt-get install pgbouncer when it is missing (the PgBouncer tests need it)")
 	flag.Usage = func() {
-		fmt.Fprintln(os.Stderr, "usage: withpg [-throwaway] [-install] -- command [args...]")
+		fmt.Fprintln(os.Stderr, "usage: withpg [-throwaway] [-install] [-install-pgbouncer] -- command [args...]")
 		flag.PrintDefaults()
 	}
 	flag.Parse()
@@ -62,7 +70,7 @@ func run() int {
 	}
 	defer s.Stop()
 	fmt.Fprintf(os.Stderr, "withpg: PostgreSQL (%s) at %s\n", s.Source, s.URL)
-	if _, err := pgtest.PgBouncerBinary(); err != nil && *install && canInstall() {
+	if _, err := pgtest.PgBouncerBinary(); err != nil && *installPgBouncer && canInstall() {
 		fmt.Fprintln(os.Stderr, "withpg: no pgbouncer found; installing Debian's pgbouncer package")
 		if err := aptInstall(ctx, "pgbouncer"); err != nil {
 			fmt.Fprintln(os.Stderr, "withpg:", err)
