@@ -1,8 +1,10 @@
-// Package grpclock provides gRPC server interceptors that serialize calls
-// by key across replicas, with PostgreSQL advisory locks taken through a
-// [pglock.Locker]. Two calls that name the same entity (an account, an
-// order) never run at the same time on any server that locks through the
-// same database; calls that name different entities run in parallel.
+// Package grpclock provides gRPC server interceptors that run one call per
+// key at a time across replicas, with PostgreSQL advisory locks taken
+// through a [pglock.Locker]. Two calls that name the same entity (an
+// account, an order) never run at the same time on any server that locks
+// through the same database; calls that name different entities run in
+// parallel. By default a call whose key is busy fails at once with
+// codes.Aborted; [WithWait] makes it wait its turn.
 //
 // It follows the shape of go-grpc-middleware v2's interceptors, without
 // depending on it:

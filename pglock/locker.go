@@ -71,7 +71,7 @@ func NewLocker(conn any, opts ...Option) (*Locker, error) {
 	return lk, nil
 }
 
-// NewLock returns a new NewLock on key with the Locker's options, then opts.
+// NewLock returns a new Lock on key with the Locker's options, then opts.
 // Options that configure the Locker itself (WithLockConns...) are an error
 // here.
 func (lk *Locker) NewLock(key any, opts ...Option) (*Lock, error) {
