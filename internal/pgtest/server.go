@@ -37,6 +37,7 @@ type Server struct {
 	dir    string
 	pgCtl  string
 	cred   *syscall.Credential
+	extra  []string // a throwaway's extra settings (-c arguments), for its standbys
 }
 
 // Find returns the server named by DATABASE_URL, or one answering at
@@ -130,38 +131,59 @@ func StartThrowawayWith(ctx context.Context, settings map[string]string) (*Serve
 	if err != nil {
 		return nil, err
 	}
+	var cred *syscall.Credential
+	if os.Geteuid() == 0 {
+		if cred, err = unprivileged(); err != nil {
+			return nil, err
+		}
+	}
+	s, err := newThrowaway(filepath.Join(bin, "pg_ctl"), cred)
+	if err != nil {
+		return nil, err
+	}
+	s.extra = extra
+	if out, err := s.run(ctx, filepath.Join(bin, "initdb"), "-D", filepath.Join(s.dir, "data"), "-U", "postgres", "-A", "trust",
+		"-E", "UTF8", "--no-sync", "--locale=C"); err != nil {
+		os.RemoveAll(s.dir)
+		return nil, fmt.Errorf("pgtest: initdb: %w\n%s", err, out)
+	}
+	if err := s.startNew(ctx, extra); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// newThrowaway makes the temporary directory of a new throwaway cluster,
+// owned by cred's user when cred is not nil (PostgreSQL then runs as that
+// user).
+func newThrowaway(pgCtl string, cred *syscall.Credential) (*Server, error) {
 	dir, err := os.MkdirTemp("", "pglockkit-pg-")
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{Source: "throwaway", dir: dir, pgCtl: filepath.Join(bin, "pg_ctl")}
-	if os.Geteuid() == 0 {
-		cred, err := unprivileged()
-		if err != nil {
-			os.RemoveAll(dir)
-			return nil, err
-		}
-		s.cred = cred
+	if cred != nil {
 		if err := os.Chown(dir, int(cred.Uid), int(cred.Gid)); err != nil {
 			os.RemoveAll(dir)
 			return nil, err
 		}
 	}
-	data := filepath.Join(dir, "data")
-	if out, err := s.run(ctx, filepath.Join(bin, "initdb"), "-D", data, "-U", "postgres", "-A", "trust",
-		"-E", "UTF8", "--no-sync", "--locale=C"); err != nil {
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("pgtest: initdb: %w\n%s", err, out)
-	}
+	return &Server{Source: "throwaway", dir: dir, pgCtl: pgCtl, cred: cred}, nil
+}
+
+// startNew starts the server of the cluster in s.dir/data for the first
+// time, on a free loopback port, with the throwaway's own settings and then
+// extra (-c arguments), waits until it answers and sets s.URL. On failure
+// the cluster is stopped and its directory removed.
+func (s *Server) startNew(ctx context.Context, extra []string) error {
 	port, err := freePort()
 	if err != nil {
-		os.RemoveAll(dir)
-		return nil, err
+		os.RemoveAll(s.dir)
+		return err
 	}
 	opts := strings.Join([]string{
 		"-c listen_addresses=127.0.0.1",
 		"-c port=" + strconv.Itoa(port),
-		"-c unix_socket_directories=" + dir,
+		"-c unix_socket_directories=" + s.dir,
 		"-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
 		"-c max_connections=300",
 		"-c max_locks_per_transaction=128",
@@ -169,18 +191,18 @@ func StartThrowawayWith(ctx context.Context, settings map[string]string) (*Serve
 	for _, a := range extra {
 		opts += " " + a
 	}
-	if out, err := s.run(ctx, s.pgCtl, "-D", data, "-l", filepath.Join(dir, "server.log"), "-o", opts,
-		"-w", "-t", "60", "start"); err != nil {
-		logText, _ := os.ReadFile(filepath.Join(dir, "server.log"))
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("pgtest: pg_ctl start: %w\n%s\n%s", err, out, logText)
+	if out, err := s.run(ctx, s.pgCtl, "-D", filepath.Join(s.dir, "data"), "-l", filepath.Join(s.dir, "server.log"),
+		"-o", opts, "-w", "-t", "60", "start"); err != nil {
+		logText, _ := os.ReadFile(filepath.Join(s.dir, "server.log"))
+		os.RemoveAll(s.dir)
+		return fmt.Errorf("pgtest: pg_ctl start: %w\n%s\n%s", err, out, logText)
 	}
 	s.URL = fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port)
 	if err := ping(ctx, s.URL); err != nil {
 		s.Stop()
-		return nil, err
+		return err
 	}
-	return s, nil
+	return nil
 }
 
 // settingArgs checks settings and returns them as -c arguments, sorted by
