@@ -189,6 +189,10 @@ func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error
 		b.close(errors.Is(err, ErrTransactionPooler) && !b.conn.IsClosed())
 		return false, err
 	}
+	if err := checkPrimary(ctx, b.conn, b.l.cfg.releaseTimeout); err != nil {
+		b.close(false) // a pool connects again, perhaps to another host
+		return false, err
+	}
 	if wait {
 		held, healthy, err := waitSession(ctx, b.l, b.conn)
 		if held {
@@ -221,6 +225,10 @@ func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error
 // acquireOwnTx opens the lock's transaction. The blocking form sends BEGIN
 // and the lock in one round trip.
 func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) {
+	if err := checkPrimary(ctx, b.conn, b.l.cfg.releaseTimeout); err != nil {
+		b.close(false) // a pool connects again, perhaps to another host
+		return false, err
+	}
 	if !wait {
 		tx, err := b.conn.Begin(b.detach(ctx))
 		b.reattach()
@@ -275,6 +283,9 @@ func (b *pgxBackend) endFailedTx(ctx context.Context) {
 // runs under a savepoint, so that a cancelled wait leaves the caller's
 // transaction usable and without the lock.
 func (b *pgxBackend) acquireInCallerTx(ctx context.Context, wait bool) (bool, error) {
+	if err := checkPrimary(ctx, b.conn, b.l.cfg.releaseTimeout); err != nil {
+		return false, err
+	}
 	ok, err := b.try(ctx, b.callerTx)
 	if err != nil || ok || !wait {
 		return ok, err

@@ -271,6 +271,14 @@ func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 			return false, err
 		}
 	}
+	// Primaries only (see checkPrimary): with pgx's driver, once per
+	// connection (in Session scope, the claim above asked already).
+	var perr error
+	b.withPgx(func(pc *pgx.Conn) { perr = checkPrimary(ctx, pc, b.l.cfg.releaseTimeout) })
+	if perr != nil {
+		b.close(false)
+		return false, perr
+	}
 	if b.l.cfg.scope == Transaction && b.callerTx == nil {
 		// The transaction must outlive ctx: database/sql rolls back a
 		// transaction whose context ends.

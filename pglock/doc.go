@@ -253,7 +253,7 @@
 // Errors wrap the sentinels of this package ([ErrNotAcquired], [ErrLockLost],
 // [ErrNotHeld], [ErrAlreadyHeld], [ErrUnsupportedConn], [ErrInvalidKey],
 // [ErrInvalidOption], [ErrNilFunc], [ErrLockerClosed], [ErrTooManyLocks],
-// [ErrTransactionPooler], [ErrUnavailable], [ErrInDo], [ErrTxEnded],
+// [ErrTransactionPooler], [ErrUnavailable], [ErrNotPrimary], [ErrInDo], [ErrTxEnded],
 // [ErrLeaderRunning], [ErrFenced], [ErrSchema])
 // with %w; match them with errors.Is.
 // Database errors stay reachable with errors.As (*pgconn.PgError).
@@ -428,6 +428,30 @@
 // promoted standby starts with none, and the old primary's holders see Lost
 // when their connections die (within twice the check interval when the
 // network goes silent).
+//
+// Primaries only. A hot standby grants advisory locks of its own, which
+// exclude no one who locks on the primary, so every connection the library
+// locks on is checked once, before its first lock, to be a primary
+// (pg_is_in_recovery() false, asked in a statement the library sends anyway
+// where there is one); on a standby the acquire fails with [ErrNotPrimary]
+// (which matches [ErrUnavailable]: a failover may be under way), a pool's
+// connection there is destroyed, and the connection is checked again at its
+// next use, since a standby may be promoted. A Locker's own connections on a
+// host list (host=a,b) connect to the primary among the hosts, as
+// target_session_attrs=primary does; give a pool that NewLock uses on a
+// host list that setting yourself. CockroachDB, whose advisory lock
+// functions lock nothing, is refused ([ErrUnsupportedConn]).
+//
+// Fencing tokens across a failover. With asynchronous replication a promoted
+// standby may lack the last commits of the old primary, its last tokens
+// among them; tokens are offset by the server's timeline (times 2^48), which
+// a promotion raises, so the new primary's tokens are above every token the
+// old one granted, and [CheckFence] on the new primary refuses the old
+// holders' tokens once a new one was granted for their key. Exactly-once
+// ticks ([ClaimTick]) are records: one claimed on the old primary whose
+// commit did not reach the standby can run again after the failover; use
+// synchronous replication (synchronous_commit = on with a synchronous
+// standby) where a tick must never run twice.
 //
 // # Logging
 //

@@ -70,6 +70,15 @@ var (
 	// caller's deadline only; errors.As still finds *pgconn.ConnectError.
 	ErrUnavailable = errors.New("pglock: database unavailable")
 
+	// ErrNotPrimary means the connection's server is a hot standby (in
+	// recovery): advisory locks there are the standby's own, and exclude no
+	// one who locks on the primary, so the library refuses to lock there.
+	// It also matches [ErrUnavailable] (a failover may be under way: retry
+	// later) and ErrNotAcquired; the lock is not held. A pool's connection
+	// found on a standby is destroyed, so that the pool connects again; a
+	// standby that is promoted is a primary at the next attempt.
+	ErrNotPrimary = errors.New("pglock: not a primary")
+
 	// ErrLeaderRunning is returned by [Leader.Run] when Run is already
 	// running on the Leader: a Leader campaigns once at a time.
 	ErrLeaderRunning = errors.New("pglock: leader is already running")

@@ -32,3 +32,21 @@ func TestJoinNamesSentinelOnce(t *testing.T) {
 type uncomparable []string
 
 func (u uncomparable) Error() string { return u[0] }
+
+// A server that reports crdb_version (CockroachDB) is refused: its
+// pg_try_advisory_lock always returns true. PostgreSQL and YugabyteDB pass.
+func TestCheckEngine(t *testing.T) {
+	for _, c := range []struct {
+		params map[string]string
+		refuse bool
+	}{
+		{map[string]string{"server_version": "15.14 (Debian 15.14-0+deb12u1)"}, false},
+		{map[string]string{"server_version": "11.2-YB-2025.1.0.0-b0"}, false},
+		{map[string]string{"server_version": "13.0.0", "crdb_version": "CockroachDB CCL v24.1.0 (x86_64-pc-linux-gnu)"}, true},
+	} {
+		err := checkEngine(func(k string) string { return c.params[k] })
+		if c.refuse != (err != nil) || (err != nil && !errors.Is(err, ErrUnsupportedConn)) {
+			t.Errorf("checkEngine(%v) = %v, want refused: %v (ErrUnsupportedConn)", c.params, err, c.refuse)
+		}
+	}
+}

@@ -36,13 +36,23 @@ import (
 // key than the one presented (the holder is stale), or none was ever granted.
 var ErrFenced = errors.New("pglock: fenced off: a newer fencing token was granted")
 
+// nextTokenSQL is the next fencing token: the server's timeline (from the
+// name of the WAL file being written) times 2^48, plus the next value of the
+// sequence pglock.fence_token. A promoted standby writes on a new, higher
+// timeline, so its tokens are above every token of the old primary even when
+// the last sequence values had not reached it (asynchronous replication):
+// tokens never go back across a failover. Within a timeline the sequence
+// orders them (2^48 tokens per timeline).
+const nextTokenSQL = `(('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::bigint << 48)` +
+	` + nextval('pglock.fence_token')`
+
 const (
-	// tokenSQL takes the next token of a key from a sequence (never given
+	// tokenSQL takes the next token of a key (see nextTokenSQL; never given
 	// back, even by a grant whose transaction rolls back); run on the
 	// session (or in the transaction) that holds the key's lock, so that a
 	// holder whose session died cannot take one after the next holder did.
 	tokenSQL = `INSERT INTO pglock.fence AS f (key_space, key, token)
-VALUES ($1::smallint, $2::bigint, nextval('pglock.fence_token'))
+VALUES ($1::smallint, $2::bigint, ` + nextTokenSQL + `)
 ON CONFLICT (key_space, key) DO UPDATE SET token = EXCLUDED.token, granted_at = clock_timestamp()
 RETURNING f.token`
 	// tokenNoWaitSQL is tokenSQL that fails at once (55P03) instead of
@@ -52,7 +62,7 @@ RETURNING f.token`
 	tokenNoWaitSQL = `WITH held AS (
 	SELECT 1 FROM pglock.fence WHERE key_space = $1::smallint AND key = $2::bigint FOR UPDATE NOWAIT)
 INSERT INTO pglock.fence AS f (key_space, key, token)
-SELECT $1::smallint, $2::bigint, nextval('pglock.fence_token') FROM (SELECT count(*) FROM held) AS h
+SELECT $1::smallint, $2::bigint, ` + nextTokenSQL + ` FROM (SELECT count(*) FROM held) AS h
 ON CONFLICT (key_space, key) DO UPDATE SET token = EXCLUDED.token, granted_at = clock_timestamp()
 RETURNING f.token`
 	fenceSQL = `SELECT token FROM pglock.fence WHERE key_space = $1 AND key = $2 FOR SHARE`
@@ -69,7 +79,11 @@ const lockNotAvailable = "55P03"
 //
 // Tokens come from a sequence (pglock.fence_token), so a key's tokens
 // strictly increase from one grant to the next, and a grant whose
-// transaction rolls back never gives its number to the next one. In Session
+// transaction rolls back never gives its number to the next one. They are
+// offset by the server's timeline times 2^48, so that a standby promoted
+// after a failover, which may lack the last values of the sequence
+// (asynchronous replication), still grants tokens above every token of the
+// old primary. In Session
 // scope the token is taken on the lock's own session right after the grant
 // (one more round trip, a durable write); in Transaction scope, in the
 // lock's transaction, where the work must be too (the key's row is updated

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -331,6 +332,11 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 		return nil, *err
 	}
 	cfg := m.connCfg.Copy()
+	if cfg.ValidateConnect == nil && len(cfg.Fallbacks) > 0 {
+		// A host list: connect to the primary among them, as
+		// target_session_attrs=primary would (see checkPrimary).
+		cfg.ValidateConnect = pgconn.ValidateConnectTargetSessionAttrsPrimary
+	}
 	limit := cfg.ConnectTimeout
 	if limit <= 0 {
 		limit = m.releaseTimeout
@@ -353,6 +359,10 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 		if errors.Is(err, ErrTransactionPooler) {
 			m.refused.Store(&err)
 		}
+		_ = conn.Close(ctx)
+		return nil, err
+	}
+	if err := checkPrimary(ctx, conn, m.releaseTimeout); err != nil {
 		_ = conn.Close(ctx)
 		return nil, err
 	}

@@ -145,8 +145,10 @@ const probeStatements = 3
 const maxProbeTime = time.Second
 
 const (
+	// The claim also asks whether the server is a primary (see
+	// checkPrimary): the same round trip, once per connection.
 	claimSQL = "SELECT pg_backend_pid(), coalesce(nullif(current_setting('" + sessionSetting + "', true), ''), " +
-		"set_config('" + sessionSetting + "', $1, false))"
+		"set_config('" + sessionSetting + "', $1, false)), pg_catalog.pg_is_in_recovery()"
 	probeSQL = "SELECT pg_backend_pid(), coalesce(current_setting('" + sessionSetting + "', true), '')"
 )
 
@@ -198,10 +200,14 @@ func verifySession(ctx context.Context, conn *pgx.Conn, bound time.Duration) (co
 	defer cancel()
 	var pid uint32
 	var owner string
+	var inRecovery bool
 	// The simple protocol: a transaction pooler without prepared-statement
 	// support would fail a prepared statement for reasons of its own.
-	if err := conn.QueryRow(qctx, claimSQL, pgx.QueryExecModeSimpleProtocol, token).Scan(&pid, &owner); err != nil {
+	if err := conn.QueryRow(qctx, claimSQL, pgx.QueryExecModeSimpleProtocol, token).Scan(&pid, &owner, &inRecovery); err != nil {
 		return false, fmt.Errorf("pglock: check the connection's server session: %w", err)
+	}
+	if err := notePrimary(conn, inRecovery); err != nil {
+		return false, err // not kept: a standby can be promoted
 	}
 	pc.CustomData()[pidDataKey] = pid
 	if pid == pc.PID() {
