@@ -50,3 +50,21 @@ func TestCheckEngine(t *testing.T) {
 		}
 	}
 }
+
+// The exclusion self-test's verdict: refused only when a second session got
+// the key the first held; nothing told when the first did not get it.
+func TestExcludeVerdict(t *testing.T) {
+	for _, c := range []struct {
+		first, second, conclusive, refuse bool
+	}{
+		{true, false, true, false},
+		{true, true, true, true},
+		{false, false, false, false},
+		{false, true, false, false},
+	} {
+		conclusive, err := excludeVerdict(c.first, c.second)
+		if conclusive != c.conclusive || (err != nil) != c.refuse || (err != nil && !errors.Is(err, ErrUnsupportedConn)) {
+			t.Errorf("excludeVerdict(%v, %v) = %v, %v; want %v, refused %v", c.first, c.second, conclusive, err, c.conclusive, c.refuse)
+		}
+	}
+}

@@ -44,8 +44,9 @@ type mux struct {
 	initRun *initRun // the run of initOnce under way; guarded by initMu
 	connCfg *pgx.ConnConfig
 	perHold source // a database/sql driver other than pgx's: one connection per hold
-	// refused is the error of a connect that found a transaction pooler:
-	// every later connect fails with it at once.
+	// refused is the error of a connect that found a transaction pooler, or
+	// of a self-test that found locks that do not exclude: every later
+	// connect fails with it at once.
 	refused atomic.Pointer[error]
 
 	mu       sync.Mutex
@@ -200,7 +201,8 @@ func connectingErr(ctxErr error) error {
 
 // initOnce finds the connection settings (on a *sql.DB, those of pgx's
 // driver; with another driver the Locker keeps one connection per hold),
-// opens the first lock connection and reads the server's lock table size.
+// opens the first lock connection, reads the server's lock table size and
+// checks that the server's advisory locks exclude (see selfTest).
 func (m *mux) initOnce() error {
 	limit := m.releaseTimeout
 	if m.pool != nil && m.pool.Config().ConnConfig.ConnectTimeout > 0 {
@@ -240,6 +242,11 @@ func (m *mux) initOnce() error {
 	c.do(&op)
 	if err == nil {
 		err = op.err
+	}
+	if err == nil {
+		if err = m.selfTest(ctx, c); err != nil {
+			m.refused.Store(&err) // no connect again: it would find the same
+		}
 	}
 	return err
 }

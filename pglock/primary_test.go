@@ -334,3 +334,42 @@ func TestTokensSurvivePromotion(t *testing.T) {
 		t.Errorf("INVARIANT tokens-increase: the promoted standby granted token %d, not above the old primary's last, %d", firstS, lastP)
 	}
 }
+
+// The exclusion self-test passes on PostgreSQL (every Locker runs it at its
+// first lock) and leaves nothing: no lock of its key class remains on the
+// server, nothing is checked out of the pool, on pgx and on database/sql.
+func TestSelfTestLeavesNothing(t *testing.T) {
+	t.Parallel()
+	bg := context.Background()
+	watch := pgtest.Pool(t, 2)
+	pool := pgtest.Pool(t, 2)
+	db, err := sql.Open("pgx", pgtest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = db.Close() })
+	for name, conn := range map[string]any{"pgxpool": pool, "sql.DB": db} {
+		lk, err := pglock.NewLocker(conn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lk.Do(bg, pgtest.UniqueKey(t)+name, func(context.Context) error { return nil }); err != nil {
+			t.Errorf("%s: the first Do of a Locker = %v", name, err)
+		}
+		var n int
+		if err := watch.QueryRow(bg, `SELECT count(*) FROM pg_catalog.pg_locks
+			WHERE locktype = 'advisory' AND objsubid = 2 AND classid = 1885826155`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n != 0 {
+			t.Errorf("%s: %d locks of the self-test's key class left", name, n)
+		}
+		_ = lk.Close()
+	}
+	if n := pool.Stat().AcquiredConns(); n != 0 {
+		t.Errorf("%d pool connections checked out", n)
+	}
+	if n := db.Stats().InUse; n != 0 {
+		t.Errorf("%d *sql.DB connections in use", n)
+	}
+}

@@ -1,0 +1,133 @@
+package pglock
+
+import (
+	"context"
+	"database/sql/driver"
+	"fmt"
+	"math/rand/v2"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// The exclusion self-test (issue 23). An engine that speaks PostgreSQL's
+// protocol may have advisory lock functions that lock nothing (CockroachDB's
+// pg_try_advisory_lock always returns true; see checkEngine for the one
+// known by name). When a multiplexing Locker starts, it takes a key of its
+// own on its first lock connection and tries the same key from a second
+// session (a connection of the Locker's pool or *sql.DB, for a moment): on
+// an engine whose locks exclude, the second try fails. One that succeeds
+// makes the Locker refuse every lock with ErrUnsupportedConn. The key is
+// let go at once, on both sessions.
+
+// selfTestClass is the first half of the self-test's keys (two-integer
+// keys): 'pglk' in ASCII. The second half is random.
+const selfTestClass = 0x70676c6b
+
+// selfTestSQL and selfTestUnlockSQL take and let go of the self-test's key.
+const (
+	selfTestSQL       = "SELECT pg_catalog.pg_try_advisory_lock($1::integer, $2::integer)"
+	selfTestSecondSQL = "SELECT pg_catalog.pg_try_advisory_lock($1::integer, $2::integer), pg_catalog.pg_is_in_recovery()"
+	selfTestUnlockSQL = "SELECT pg_catalog.pg_advisory_unlock($1::integer, $2::integer)"
+)
+
+// excludeVerdict decides the self-test from the two sessions' tries of one
+// key: first is the first session's, second the other's while the first
+// holds it. conclusive is false when the first did not get the key (someone
+// holds it: nothing can be told).
+func excludeVerdict(first, second bool) (conclusive bool, err error) {
+	switch {
+	case !first:
+		return false, nil
+	case second:
+		return true, fmt.Errorf("%w: the server's advisory locks do not exclude: a second session got a key"+
+			" that the first held (an engine that speaks PostgreSQL's protocol without its advisory locks?)", ErrUnsupportedConn)
+	}
+	return true, nil
+}
+
+// selfTest runs the self-test with c as the first session. A test that
+// cannot run (the pool has no connection to spare in time, a statement
+// fails) proves nothing and refuses nothing.
+func (m *mux) selfTest(ctx context.Context, c *lockConn) error {
+	obj := rand.Int32()
+	var first bool
+	var ferr error
+	op := connOp{ctx: ctx, fn: func(conn *pgx.Conn) {
+		ferr = conn.QueryRow(ctx, selfTestSQL, int32(selfTestClass), obj).Scan(&first)
+	}}
+	c.do(&op)
+	if ferr != nil || op.err != nil || !first {
+		return nil
+	}
+	defer func() {
+		op := connOp{ctx: context.WithoutCancel(ctx), fn: func(conn *pgx.Conn) {
+			var ok bool
+			_ = conn.QueryRow(context.WithoutCancel(ctx), selfTestUnlockSQL, int32(selfTestClass), obj).Scan(&ok)
+		}}
+		c.do(&op)
+	}()
+	second, ok := m.secondTry(ctx, obj)
+	if !ok {
+		return nil
+	}
+	_, err := excludeVerdict(first, second)
+	return err
+}
+
+// secondTry tries the self-test's key from a connection of the Locker's pool
+// or *sql.DB, and lets it go if it got it (a connection that could not is
+// destroyed, and so is one opened for the test); ok is false when the try could not run, or ran on a standby:
+// a pool on a host list may reach one, where the first session's lock is
+// not (the Locker's own connections go to the primary), and its try tells
+// nothing.
+func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
+	// A pool the caller keeps busy is not waited for long: the first lock
+	// of the Locker waits for this.
+	ctx, cancel := context.WithTimeout(ctx, maxProbeTime)
+	defer cancel()
+	args := []any{int32(selfTestClass), obj}
+	switch {
+	case m.pool != nil:
+		// The pool is left as it was found: a connection opened for the
+		// test (none was idle) is closed after it, not kept.
+		opened := m.pool.Stat().IdleConns() == 0
+		pc, err := m.pool.Acquire(ctx)
+		if err != nil {
+			return false, false
+		}
+		var standby bool
+		err = pc.QueryRow(ctx, selfTestSecondSQL, args...).Scan(&got, &standby)
+		if err == nil && got {
+			var unlocked bool
+			if err := pc.QueryRow(context.WithoutCancel(ctx), selfTestUnlockSQL, args...).Scan(&unlocked); err != nil || !unlocked {
+				opened = true // not given back holding the key
+			}
+		}
+		if opened {
+			_ = pc.Hijack().Close(context.WithoutCancel(ctx))
+		} else {
+			pc.Release()
+		}
+		return got, err == nil && !standby
+	case m.db != nil:
+		opened := m.db.Stats().Idle == 0
+		conn, err := m.db.Conn(ctx)
+		if err != nil {
+			return false, false
+		}
+		var standby bool
+		err = conn.QueryRowContext(ctx, selfTestSecondSQL, args...).Scan(&got, &standby)
+		if err == nil && got {
+			var unlocked bool
+			if err := conn.QueryRowContext(context.WithoutCancel(ctx), selfTestUnlockSQL, args...).Scan(&unlocked); err != nil || !unlocked {
+				opened = true
+			}
+		}
+		if opened {
+			_ = conn.Raw(func(any) error { return driver.ErrBadConn }) // discarded, not kept
+		}
+		_ = conn.Close()
+		return got, err == nil && !standby
+	}
+	return false, false
+}
