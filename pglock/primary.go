@@ -76,8 +76,8 @@ func notePrimary(conn *pgx.Conn, inRecovery bool) error {
 // CockroachDB (it reports crdb_version) has no pg_advisory_lock, and its
 // pg_try_advisory_lock always returns true, so every replica would "hold"
 // every key at once. (YugabyteDB 2025.1 and later has advisory locks with
-// PostgreSQL's semantics, cluster-wide, and is accepted; see the package
-// documentation for what it changes.)
+// PostgreSQL's semantics, cluster-wide, and is accepted, untested: the
+// README's "High availability and scaling out" says what to check there.)
 func checkEngine(param func(string) string) error {
 	if v := param("crdb_version"); v != "" {
 		return fmt.Errorf("%w: the server is CockroachDB (%s), whose advisory lock functions lock nothing"+

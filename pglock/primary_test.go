@@ -333,6 +333,23 @@ func TestTokensSurvivePromotion(t *testing.T) {
 	if firstS <= lastP {
 		t.Errorf("INVARIANT tokens-increase: the promoted standby granted token %d, not above the old primary's last, %d", firstS, lastP)
 	}
+	// A stale holder of the old primary is fenced off on the new one: every
+	// key of the grants above now has a newer token there.
+	poolS := urlPool(t, sp.standby.URL, 2)
+	for i := range 3 {
+		key, _ := lkS.Key(fmt.Sprintf("fenced-%d", i))
+		if _, err := lkS.TryDo(bg, fmt.Sprintf("fenced-%d", i), func(context.Context) error { return nil }); err != nil {
+			t.Fatal(err)
+		}
+		tx, err := poolS.Begin(bg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := pglock.CheckFence(bg, tx, key, lastP); !errors.Is(err, pglock.ErrFenced) {
+			t.Errorf("CheckFence on the new primary with the old primary's last token %d = %v, want ErrFenced", lastP, err)
+		}
+		_ = tx.Rollback(bg)
+	}
 }
 
 // The exclusion self-test passes on PostgreSQL (every Locker runs it at its
