@@ -121,11 +121,7 @@ func TestStandbyRefused(t *testing.T) {
 		}},
 		{"Locker WithMultiplexing(false) Do", func() error { return perHold.Do(bg, k("perhold"), noop) }},
 		{"NewLock(pool) Acquire", func() error {
-			l, err := pglock.NewLock(poolS, k("pool"))
-			if err != nil {
-				return err
-			}
-			return acquireRelease(l)
+			return acquireReleaseOn(poolS, k("pool"))
 		}},
 		{"NewLock(pool) TryAcquire, Transaction scope", func() error {
 			l, err := pglock.NewLock(poolS, k("pool-tx"), pglock.WithScope(pglock.Transaction))
@@ -138,11 +134,7 @@ func TestStandbyRefused(t *testing.T) {
 			return l.Release(bg)
 		}},
 		{"NewLock(*pgx.Conn) Acquire", func() error {
-			l, err := pglock.NewLock(connS, k("conn"))
-			if err != nil {
-				return err
-			}
-			return acquireRelease(l)
+			return acquireReleaseOn(connS, k("conn"))
 		}},
 		{"NewLock(pgx.Tx) Acquire", func() error {
 			tx, err := connS.Begin(bg)
@@ -150,18 +142,10 @@ func TestStandbyRefused(t *testing.T) {
 				return err
 			}
 			defer func() { _ = tx.Rollback(bg) }()
-			l, err := pglock.NewLock(tx, k("tx"), pglock.WithScope(pglock.Transaction))
-			if err != nil {
-				return err
-			}
-			return acquireRelease(l)
+			return acquireReleaseOn(tx, k("tx"), pglock.WithScope(pglock.Transaction))
 		}},
 		{"NewLock(*sql.DB) Acquire", func() error {
-			l, err := pglock.NewLock(sqlS, k("sqldb"))
-			if err != nil {
-				return err
-			}
-			return acquireRelease(l)
+			return acquireReleaseOn(sqlS, k("sqldb"))
 		}},
 		{"NewLock(*sql.DB) Do, Transaction scope", func() error {
 			l, err := pglock.NewLock(sqlS, k("sqldb-tx"), pglock.WithScope(pglock.Transaction))
@@ -256,9 +240,14 @@ func TestStandbyRefused(t *testing.T) {
 	})
 }
 
-// acquireRelease acquires l and, when that succeeds (a failure of the tests
-// here), releases it: a hold left behind would keep a pool from closing.
-func acquireRelease(l *pglock.Lock) error {
+// acquireReleaseOn makes a Lock on conn and acquires it and, when that
+// succeeds (a failure of the tests here), releases it: a hold left behind
+// would keep a pool from closing.
+func acquireReleaseOn(conn any, key pglock.Key, opts ...pglock.Option) error {
+	l, err := pglock.NewLock(conn, key, opts...)
+	if err != nil {
+		return err
+	}
 	if err := l.Acquire(context.Background()); err != nil {
 		return err
 	}

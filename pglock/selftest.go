@@ -85,7 +85,6 @@ func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
 	// of the Locker waits for this.
 	ctx, cancel := context.WithTimeout(ctx, maxProbeTime)
 	defer cancel()
-	args := []any{int32(selfTestClass), obj}
 	switch {
 	case m.pool != nil:
 		// The pool is left as it was found: a connection opened for the
@@ -95,39 +94,49 @@ func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
 		if err != nil {
 			return false, false
 		}
-		var standby bool
-		err = pc.QueryRow(ctx, selfTestSecondSQL, args...).Scan(&got, &standby)
-		if err == nil && got {
-			var unlocked bool
-			if err := pc.QueryRow(context.WithoutCancel(ctx), selfTestUnlockSQL, args...).Scan(&unlocked); err != nil || !unlocked {
-				opened = true // not given back holding the key
-			}
-		}
-		if opened {
+		got, ok, clean := tryOn(ctx, obj, func(ctx context.Context, sql string, args ...any) rowScanner {
+			return pc.QueryRow(ctx, sql, args...)
+		})
+		if opened || !clean {
 			_ = pc.Hijack().Close(context.WithoutCancel(ctx))
 		} else {
 			pc.Release()
 		}
-		return got, err == nil && !standby
+		return got, ok
 	case m.db != nil:
 		opened := m.db.Stats().Idle == 0
 		conn, err := m.db.Conn(ctx)
 		if err != nil {
 			return false, false
 		}
-		var standby bool
-		err = conn.QueryRowContext(ctx, selfTestSecondSQL, args...).Scan(&got, &standby)
-		if err == nil && got {
-			var unlocked bool
-			if err := conn.QueryRowContext(context.WithoutCancel(ctx), selfTestUnlockSQL, args...).Scan(&unlocked); err != nil || !unlocked {
-				opened = true
-			}
-		}
-		if opened {
+		got, ok, clean := tryOn(ctx, obj, func(ctx context.Context, sql string, args ...any) rowScanner {
+			return conn.QueryRowContext(ctx, sql, args...)
+		})
+		if opened || !clean {
 			_ = conn.Raw(func(any) error { return driver.ErrBadConn }) // discarded, not kept
 		}
 		_ = conn.Close()
-		return got, err == nil && !standby
+		return got, ok
 	}
 	return false, false
+}
+
+// tryOn is the second session's try on a connection (q runs a statement on
+// it): whether it got the key, whether that tells anything (the statement
+// ran, not on a standby), and whether the connection holds nothing after it
+// (a key it got and could not let go of: clean false).
+func tryOn(ctx context.Context, obj int32, q func(ctx context.Context, sql string, args ...any) rowScanner) (got, ok, clean bool) {
+	args := []any{int32(selfTestClass), obj}
+	var standby bool
+	if err := q(ctx, selfTestSecondSQL, args...).Scan(&got, &standby); err != nil {
+		return false, false, true
+	}
+	if got {
+		var unlocked bool
+		err := q(context.WithoutCancel(ctx), selfTestUnlockSQL, args...).Scan(&unlocked)
+		clean = err == nil && unlocked
+	} else {
+		clean = true
+	}
+	return got, !standby, clean
 }
