@@ -42,7 +42,11 @@ var ErrFenced = errors.New("pglock: fenced off: a newer fencing token was grante
 // timeline, so its tokens are above every token of the old primary even when
 // the last sequence values had not reached it (asynchronous replication):
 // tokens never go back across a failover. Within a timeline the sequence
-// orders them (2^48 tokens per timeline).
+// orders them (2^48 tokens per timeline). The key's row has the last word:
+// a token is at least one above the key's last (greatest), so a key's tokens
+// increase even where the sequence does not (an engine that caches sequence
+// values per connection, a server restored from an older backup); such a
+// token, given by a grant that rolls back, can be given again.
 const nextTokenSQL = `(('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::bigint << 48)` +
 	` + nextval('pglock.fence_token')`
 
@@ -53,7 +57,7 @@ const (
 	// holder whose session died cannot take one after the next holder did.
 	tokenSQL = `INSERT INTO pglock.fence AS f (key_space, key, token)
 VALUES ($1::smallint, $2::bigint, ` + nextTokenSQL + `)
-ON CONFLICT (key_space, key) DO UPDATE SET token = EXCLUDED.token, granted_at = clock_timestamp()
+ON CONFLICT (key_space, key) DO UPDATE SET token = greatest(EXCLUDED.token, f.token + 1), granted_at = clock_timestamp()
 RETURNING f.token`
 	// tokenNoWaitSQL is tokenSQL that fails at once (55P03) instead of
 	// waiting while a transaction that passed CheckFence keeps the key's row
@@ -63,7 +67,7 @@ RETURNING f.token`
 	SELECT 1 FROM pglock.fence WHERE key_space = $1::smallint AND key = $2::bigint FOR UPDATE NOWAIT)
 INSERT INTO pglock.fence AS f (key_space, key, token)
 SELECT $1::smallint, $2::bigint, ` + nextTokenSQL + ` FROM (SELECT count(*) FROM held) AS h
-ON CONFLICT (key_space, key) DO UPDATE SET token = EXCLUDED.token, granted_at = clock_timestamp()
+ON CONFLICT (key_space, key) DO UPDATE SET token = greatest(EXCLUDED.token, f.token + 1), granted_at = clock_timestamp()
 RETURNING f.token`
 	fenceSQL = `SELECT token FROM pglock.fence WHERE key_space = $1 AND key = $2 FOR SHARE`
 )

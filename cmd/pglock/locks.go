@@ -103,20 +103,23 @@ type lockEntry struct {
 // locksQuery lists the advisory locks of the current database. waitstart
 // (PostgreSQL 14+) is read through to_jsonb so that older servers answer
 // NULL instead of failing. pg_blocking_pids and the query are asked only
-// for waiters.
+// for waiters. The rows of pg_locks are taken once each (DISTINCT):
+// YugabyteDB's pg_locks can show one lock twice.
 const locksQuery = `
 SELECT l.classid::int8, l.objid::int8, l.objsubid::int2, l.mode, l.granted,
        coalesce(l.pid, 0), coalesce(a.application_name, ''), coalesce(a.usename::text, ''),
        coalesce(host(a.client_addr), ''), a.client_port, coalesce(a.state, ''),
        a.backend_start, a.xact_start, a.query_start,
-       (pg_catalog.to_jsonb(l) ->> 'waitstart')::timestamptz,
+       l.waitstart,
        CASE WHEN l.granted OR l.pid IS NULL THEN NULL ELSE pg_catalog.pg_blocking_pids(l.pid) END,
        pg_catalog.statement_timestamp(),
        CASE WHEN l.granted THEN '' ELSE coalesce(a.query, '') END
-FROM pg_catalog.pg_locks l
+FROM (SELECT DISTINCT l0.classid, l0.objid, l0.objsubid, l0.mode, l0.granted, l0.pid,
+             (pg_catalog.to_jsonb(l0) ->> 'waitstart')::timestamptz AS waitstart
+      FROM pg_catalog.pg_locks l0
+      WHERE l0.locktype = 'advisory'
+        AND l0.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())) l
 LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory'
-  AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
 ORDER BY l.objsubid, l.classid, l.objid, l.granted DESC, 15 NULLS FIRST, l.pid`
 
 // Bounds of --interval: pg_locks is read at every refresh, and reading it
