@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"sync/atomic"
@@ -272,9 +273,13 @@ func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 		}
 	}
 	// Primaries only (see checkPrimary): with pgx's driver, once per
-	// connection (in Session scope, the claim above asked already).
+	// connection (in Session scope, the claim above asked already); on a
+	// caller's *sql.Tx, or with another driver, where the connection cannot
+	// be reached to remember the answer, once per hold.
 	var perr error
-	b.withPgx(func(pc *pgx.Conn) { perr = checkPrimary(ctx, pc, b.l.cfg.releaseTimeout) })
+	if !b.withPgx(func(pc *pgx.Conn) { perr = checkPrimary(ctx, pc, b.l.cfg.releaseTimeout) }) {
+		perr = b.checkPrimaryEachHold(ctx)
+	}
 	if perr != nil {
 		b.close(false)
 		return false, perr
@@ -483,4 +488,29 @@ func (b *sqlBackend) pingLoop(interval time.Duration, stop <-chan struct{}, lost
 func (b *sqlBackend) token(ctx context.Context) (int64, error) {
 	q, nowait := b.target(), b.sqlTx() == nil
 	return b.l.takeToken(ctx, func() (int64, error) { return b.l.tokenOnce(ctx, q, nowait, true) })
+}
+
+// checkPrimaryEachHold is checkPrimary where the connection cannot be
+// reached (a caller's *sql.Tx, a driver other than pgx's): one statement,
+// on what the lock runs on, before each hold.
+func (b *sqlBackend) checkPrimaryEachHold(ctx context.Context) error {
+	var q sqlQuerier
+	switch {
+	case b.callerTx != nil:
+		q = b.callerTx
+	case b.conn != nil:
+		q = b.conn
+	default:
+		return nil
+	}
+	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.l.cfg.releaseTimeout)
+	defer cancel()
+	var inRecovery bool
+	if err := q.QueryRowContext(qctx, primarySQL).Scan(&inRecovery); err != nil {
+		return fmt.Errorf("pglock: check that the server is a primary: %w", err)
+	}
+	if inRecovery {
+		return errStandby("")
+	}
+	return nil
 }

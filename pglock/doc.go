@@ -433,7 +433,9 @@
 // exclude no one who locks on the primary, so every connection the library
 // locks on is checked once, before its first lock, to be a primary
 // (pg_is_in_recovery() false, asked in a statement the library sends anyway
-// where there is one); on a standby the acquire fails with [ErrNotPrimary]
+// where there is one; on a caller's *sql.Tx, and with a database/sql driver
+// other than pgx's, where the connection cannot be reached to remember the
+// answer, once per hold); on a standby the acquire fails with [ErrNotPrimary]
 // (which matches [ErrUnavailable]: a failover may be under way), a pool's
 // connection there is destroyed, and the connection is checked again at its
 // next use, since a standby may be promoted. A Locker's own connections on a

@@ -339,7 +339,7 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 		return nil, *err
 	}
 	cfg := m.connCfg.Copy()
-	if cfg.ValidateConnect == nil && len(cfg.Fallbacks) > 0 {
+	if cfg.ValidateConnect == nil && hostList(cfg) {
 		// A host list: connect to the primary among them, as
 		// target_session_attrs=primary would (see checkPrimary).
 		cfg.ValidateConnect = pgconn.ValidateConnectTargetSessionAttrsPrimary
@@ -359,6 +359,11 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 		}
 	}()
 	conn, err = pgx.ConnectConfig(ctx, cfg)
+	if errors.Is(err, pgconn.ErrStandbyConnection) {
+		// Every host of the list is a standby (or the pool's own
+		// target_session_attrs refused one): said as checkPrimary says it.
+		return nil, fmt.Errorf("%w: %w: no host of the list is a primary: %w", ErrNotPrimary, ErrUnavailable, err)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -456,6 +461,18 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 		}
 	}
 	return conn, nil
+}
+
+// hostList reports whether cfg lists more than one server: pgconn also
+// makes a fallback of one host for sslmode=prefer (TLS, then plain), which
+// is not a list.
+func hostList(cfg *pgx.ConnConfig) bool {
+	for _, fb := range cfg.Fallbacks {
+		if fb.Host != cfg.Host || fb.Port != cfg.Port {
+			return true
+		}
+	}
+	return false
 }
 
 // keepAlive sets TCP keepalives on nc (a TCP connection, or TLS over one):

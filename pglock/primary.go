@@ -65,10 +65,18 @@ func notePrimary(conn *pgx.Conn, inRecovery bool) error {
 		conn.PgConn().CustomData()[primaryDataKey] = true
 		return nil
 	}
-	host := conn.PgConn().Conn().RemoteAddr().String()
-	return fmt.Errorf("%w: %w: the server at %s is a standby (pg_is_in_recovery() is true):"+
+	return errStandby(conn.PgConn().Conn().RemoteAddr().String())
+}
+
+// errStandby is the error of a standby (at host, if known).
+func errStandby(host string) error {
+	at := ""
+	if host != "" {
+		at = " at " + host
+	}
+	return fmt.Errorf("%w: %w: the server%s is a standby (pg_is_in_recovery() is true):"+
 		" point the Locker at the primary (with a host list, add target_session_attrs=primary)",
-		ErrNotPrimary, ErrUnavailable, host)
+		ErrNotPrimary, ErrUnavailable, at)
 }
 
 // checkEngine refuses a server that speaks PostgreSQL's protocol without

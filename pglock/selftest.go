@@ -76,10 +76,11 @@ func (m *mux) selfTest(ctx context.Context, c *lockConn) error {
 
 // secondTry tries the self-test's key from a connection of the Locker's pool
 // or *sql.DB, and lets it go if it got it (a connection that could not is
-// destroyed, and so is one opened for the test); ok is false when the try could not run, or ran on a standby:
-// a pool on a host list may reach one, where the first session's lock is
-// not (the Locker's own connections go to the primary), and its try tells
-// nothing.
+// destroyed, and so is one opened for the test). ok is false when the try
+// could not run (every connection of the pool is checked out, or none came
+// within maxProbeTime) or ran on a standby: a pool on a host list may reach
+// one, where the first session's lock is not (the Locker's own connections
+// go to the primary), and its try tells nothing.
 func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
 	// A pool the caller keeps busy is not waited for long: the first lock
 	// of the Locker waits for this.
@@ -87,9 +88,16 @@ func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
 	defer cancel()
 	switch {
 	case m.pool != nil:
-		// The pool is left as it was found: a connection opened for the
-		// test (none was idle) is closed after it, not kept.
-		opened := m.pool.Stat().IdleConns() == 0
+		// A pool whose every connection is checked out is not waited for:
+		// the Locker's first lock waits for the test, and the caller may
+		// hold the connections it would wait for. The pool is left as it
+		// was found: a connection opened for the test (none was idle) is
+		// closed after it, not kept.
+		st := m.pool.Stat()
+		if st.IdleConns() == 0 && st.TotalConns() >= st.MaxConns() {
+			return false, false
+		}
+		opened := st.IdleConns() == 0
 		pc, err := m.pool.Acquire(ctx)
 		if err != nil {
 			return false, false
@@ -104,7 +112,11 @@ func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
 		}
 		return got, ok
 	case m.db != nil:
-		opened := m.db.Stats().Idle == 0
+		st := m.db.Stats()
+		if st.Idle == 0 && st.MaxOpenConnections > 0 && st.OpenConnections >= st.MaxOpenConnections {
+			return false, false
+		}
+		opened := st.Idle == 0
 		conn, err := m.db.Conn(ctx)
 		if err != nil {
 			return false, false
