@@ -120,9 +120,11 @@ func proofLatencies(start time.Time, at []time.Time) (lo, median, hi time.Durati
 
 // TestMuxFourThousandLocks: one Locker on a pool of 4 holds 4,000 distinct
 // keys at once, taken by 50 goroutines (80 keys each, so that their
-// requests share statements): on a default server (a lock table of 6,400
-// slots) that is within the server-wide guard's 4,800 for every session's
-// advisory locks, with the other tests' beside it. pg_locks shows the 4,000
+// requests share statements), on a throwaway server of its own: on the
+// shared one (a lock table of 6,400 slots) the server-wide guard's 4,800
+// for every session's advisory locks left the parallel tests beside it too
+// little (make test, loaded: TestMuxLossTerminate's 1,000 refused with
+// ErrTooManyLocks). pg_locks shows the 4,000
 // granted, all on the
 // Locker's lock connections (at most DefaultLockConns sessions, none of them
 // a pool connection); no pool connection is checked out, and the pool's 4
@@ -133,8 +135,9 @@ func TestMuxFourThousandLocks(t *testing.T) {
 	const per = n / workers
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	pool := pgtest.Pool(t, 4)
-	watch := pgtest.Pool(t, 2)
+	srv := pgtest.ThrowawayT(t, nil)
+	pool := urlPool(t, srv.URL, 4)
+	watch := urlPool(t, srv.URL, 2)
 	lk := muxLocker(t, pool, pglock.WithMaxLocks(n))
 	names, keys := muxKeys(t, lk, n)
 	locks := make([]*pglock.Lock, n)
