@@ -244,7 +244,7 @@ func (m *mux) initOnce() error {
 		err = op.err
 	}
 	if err == nil {
-		if err = m.selfTest(ctx, c); err != nil {
+		if _, err = m.selfTest(ctx, c); err != nil {
 			m.refused.Store(&err) // no connect again: it would find the same
 		}
 	}

@@ -16,8 +16,10 @@ import (
 // own on its first lock connection and tries the same key from a second
 // session (a connection of the Locker's pool or *sql.DB, for a moment): on
 // an engine whose locks exclude, the second try fails. One that succeeds
-// makes the Locker refuse every lock with ErrUnsupportedConn. The key is
-// let go at once, on both sessions.
+// makes the Locker refuse every lock with ErrUnsupportedConn. The first
+// lock of the Locker waits for it (a few round trips, and the connect of a
+// pool connection when none is idle). The key is let go at once, on both
+// sessions.
 
 // selfTestClass is the first half of the self-test's keys (two-integer
 // keys): 'pglk' in ASCII. The second half is random.
@@ -45,10 +47,11 @@ func excludeVerdict(first, second bool) (conclusive bool, err error) {
 	return true, nil
 }
 
-// selfTest runs the self-test with c as the first session. A test that
-// cannot run (the pool has no connection to spare in time, a statement
-// fails) proves nothing and refuses nothing.
-func (m *mux) selfTest(ctx context.Context, c *lockConn) error {
+// selfTest runs the self-test with c as the first session; tested reports
+// whether both tries ran. A test that cannot run (the pool has no
+// connection to spare in time, a statement fails, a pooler) proves nothing
+// and refuses nothing.
+func (m *mux) selfTest(ctx context.Context, c *lockConn) (tested bool, err error) {
 	obj := rand.Int32()
 	var first, pooled bool
 	var ferr error
@@ -63,7 +66,7 @@ func (m *mux) selfTest(ctx context.Context, c *lockConn) error {
 	}}
 	c.do(&op)
 	if pooled || ferr != nil || op.err != nil || !first {
-		return nil
+		return false, nil
 	}
 	defer func() {
 		op := connOp{ctx: context.WithoutCancel(ctx), fn: func(conn *pgx.Conn) {
@@ -74,10 +77,10 @@ func (m *mux) selfTest(ctx context.Context, c *lockConn) error {
 	}()
 	second, ok := m.secondTry(ctx, obj)
 	if !ok {
-		return nil
+		return false, nil
 	}
-	_, err := excludeVerdict(first, second)
-	return err
+	_, err = excludeVerdict(first, second)
+	return true, err
 }
 
 // secondTry tries the self-test's key from a connection of the Locker's pool
@@ -88,15 +91,13 @@ func (m *mux) selfTest(ctx context.Context, c *lockConn) error {
 // one, where the first session's lock is not (the Locker's own connections
 // go to the primary), and its try tells nothing.
 func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
-	// A pool the caller keeps busy is not waited for long: the first lock
-	// of the Locker waits for this.
+	// A pool the caller keeps busy is not waited for long.
 	ctx, cancel := context.WithTimeout(ctx, maxProbeTime)
 	defer cancel()
 	switch {
 	case m.pool != nil:
 		// A pool whose every connection is checked out is not waited for:
-		// the Locker's first lock waits for the test, and the caller may
-		// hold the connections it would wait for. The pool is left as it
+		// the caller may hold the connections it would wait for. The pool is left as it
 		// was found: a connection opened for the test (none was idle) is
 		// closed after it, not kept.
 		st := m.pool.Stat()
