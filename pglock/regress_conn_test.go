@@ -716,7 +716,11 @@ func TestCancelNeverOvertakesItsWait(t *testing.T) {
 				cancel()
 				mu.Lock()
 				worst = max(worst, late)
-				if late > time.Second {
+				// Well under the release timeout: quiet, the worst is 70-370
+				// ms; in a loaded make test (two CPU-bound processes beside
+				// the whole suite, throwaway servers starting) 1.2 s was seen,
+				// a cancel request resent (50 ms, doubling) until one lands.
+				if late > 2*time.Second {
 					slow = append(slow, fmt.Sprintf("%v past a %v deadline", late.Round(time.Millisecond), d))
 				}
 				if err == nil || !errors.Is(err, pglock.ErrNotAcquired) || !errors.Is(err, context.DeadlineExceeded) {
@@ -731,10 +735,10 @@ func TestCancelNeverOvertakesItsWait(t *testing.T) {
 	}
 	wg.Wait()
 	extra := connects.Load() - before
-	t.Logf("%d Acquires in %v: worst %v past the deadline, %d more than 1 s past it; %d connections opened during the run (%d before)",
+	t.Logf("%d Acquires in %v: worst %v past the deadline, %d more than 2 s past it; %d connections opened during the run (%d before)",
 		workers*perWorker, time.Since(start).Round(time.Millisecond), worst.Round(time.Millisecond), len(slow), extra, before)
 	if len(slow) > 0 {
-		t.Errorf("%d of %d Acquires returned more than 1 s past their deadline (release timeout %v); first: %v",
+		t.Errorf("%d of %d Acquires returned more than 2 s past their deadline (release timeout %v); first: %v",
 			len(slow), workers*perWorker, releaseTimeout, slow[:min(len(slow), 3)])
 	}
 	if len(unexpected) > 0 {

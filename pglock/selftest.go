@@ -97,9 +97,9 @@ func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
 	switch {
 	case m.pool != nil:
 		// A pool whose every connection is checked out is not waited for:
-		// the caller may hold the connections it would wait for. The pool is left as it
-		// was found: a connection opened for the test (none was idle) is
-		// closed after it, not kept.
+		// the caller may hold the connections it would wait for. The pool
+		// is left as it was found: a connection opened for the test (none
+		// was idle) is closed after it, not kept.
 		st := m.pool.Stat()
 		if st.IdleConns() == 0 && st.TotalConns() >= st.MaxConns() {
 			return false, false
