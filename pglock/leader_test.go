@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/pglock"
 )
@@ -214,13 +215,20 @@ func TestLeaderKillAndStop(t *testing.T) {
 		}
 		ctx, cancel := context.WithCancel(bg)
 		r.cancel = cancel
-		defer cancel()
 		rs[i] = r
 		wg.Go(func() {
 			r.done <- r.ld.Run(ctx, heartbeat(pool, table, i, r.ld, func() error { return nil }))
 		})
 	}
-	defer wg.Wait()
+	// Every Run ends before the test does, a failed one included: the
+	// cancels first, then the wait (deferred in that order, a t.Fatal hung
+	// in wg.Wait with the Runs still campaigning).
+	defer func() {
+		for _, r := range rs {
+			r.cancel()
+		}
+		wg.Wait()
+	}()
 
 	leader := func() *replica {
 		t.Helper()
@@ -267,6 +275,13 @@ func TestLeaderKillAndStop(t *testing.T) {
 	}
 	first := leader()
 	<-first.elected
+	// The two others wait in the server's queue before the kill: on a
+	// loaded machine a Locker's start (its connection, the server's table
+	// size, its self-test) can take longer than the killed leader's
+	// backoff, and the killed leader would win its key again.
+	locktest.WaitFor(t, "the two other Leaders to wait in the server", func() bool {
+		return locktest.Waiters(t, watch, first.ld.Key()) == n-1
+	})
 
 	// Kill the leader's lock connection.
 	killed := time.Now()
