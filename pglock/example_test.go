@@ -339,3 +339,29 @@ func ExampleCheckFence() {
 	// writing with the newest token
 	// stale token refused: true
 }
+
+// A lock refused because the server is a hot standby: ErrNotPrimary, which
+// also matches ErrUnavailable, so a caller that retries while the database
+// is down retries through a failover too. (The test database is a primary:
+// the lock is taken.)
+func Example_notPrimary() {
+	pool := examplePool()
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+	err = locker.Do(context.Background(), "example-primary", func(context.Context) error { return nil })
+	switch {
+	case errors.Is(err, pglock.ErrNotPrimary):
+		fmt.Println("a standby: point the pool at the primary")
+	case errors.Is(err, pglock.ErrUnavailable):
+		fmt.Println("the database is down: retry later")
+	case err != nil:
+		fmt.Println("error:", err)
+	default:
+		fmt.Println("locked on the primary")
+	}
+	// Output: locked on the primary
+}
