@@ -157,6 +157,15 @@ func (b *pgxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 		b.close(true)
 		return false, err
 	}
+	if b.l.cfg.scope == Transaction {
+		// Primaries only (see checkPrimary; in Session scope the pooler
+		// check's claim asks, in acquireSession). close does nothing to a
+		// caller's connection or transaction.
+		if err := checkPrimary(ctx, b.conn, b.l.cfg.releaseTimeout); err != nil {
+			b.close(false) // a pool connects again, perhaps to another host
+			return false, err
+		}
+	}
 	switch {
 	case b.l.cfg.scope == Session:
 		return b.acquireSession(ctx, wait)
@@ -225,10 +234,6 @@ func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error
 // acquireOwnTx opens the lock's transaction. The blocking form sends BEGIN
 // and the lock in one round trip.
 func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) {
-	if err := checkPrimary(ctx, b.conn, b.l.cfg.releaseTimeout); err != nil {
-		b.close(false) // a pool connects again, perhaps to another host
-		return false, err
-	}
 	if !wait {
 		tx, err := b.conn.Begin(b.detach(ctx))
 		b.reattach()
@@ -283,9 +288,6 @@ func (b *pgxBackend) endFailedTx(ctx context.Context) {
 // runs under a savepoint, so that a cancelled wait leaves the caller's
 // transaction usable and without the lock.
 func (b *pgxBackend) acquireInCallerTx(ctx context.Context, wait bool) (bool, error) {
-	if err := checkPrimary(ctx, b.conn, b.l.cfg.releaseTimeout); err != nil {
-		return false, err
-	}
 	ok, err := b.try(ctx, b.callerTx)
 	if err != nil || ok || !wait {
 		return ok, err
