@@ -427,7 +427,9 @@
 // (which tells "down" from "busy"). Advisory locks are not replicated: a
 // promoted standby starts with none, and the old primary's holders see Lost
 // when their connections die (within twice the check interval when the
-// network goes silent).
+// network goes silent). A primary is never demoted in place: it restarts to
+// follow the new primary, which ends its sessions (their holds are lost),
+// and from then on it is a standby, refused as below.
 //
 // Primaries only. A hot standby grants advisory locks of its own, which
 // exclude no one who locks on the primary, so every connection the library

@@ -47,8 +47,20 @@ var ErrFenced = errors.New("pglock: fenced off: a newer fencing token was grante
 // increase even where the sequence does not (an engine that caches sequence
 // values per connection, a server restored from an older backup); such a
 // token, given by a grant that rolls back, can be given again.
-const nextTokenSQL = `(('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::bigint << 48)` +
-	` + nextval('pglock.fence_token')`
+//
+// YugabyteDB has no timelines (it replicates by Raft, synchronously) and no
+// pg_current_wal_lsn() ("not yet supported"), but caches sequence values
+// per connection: there the offset is 0 and the key's row alone orders a
+// key's tokens. The choice is made by the server, per statement (its
+// server_version names YugabyteDB with "-YB-"): a CASE evaluates only the
+// branch it takes, and the WAL functions are volatile, so they are never
+// evaluated ahead of it.
+const nextTokenSQL = timelineSQL + ` + nextval('pglock.fence_token')`
+
+// timelineSQL is the token's offset (see nextTokenSQL): the timeline times
+// 2^48, or 0 on YugabyteDB.
+const timelineSQL = `(CASE WHEN pg_catalog.current_setting('server_version') LIKE '%-YB-%' THEN 0::bigint` +
+	` ELSE ('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::bigint << 48 END)`
 
 const (
 	// tokenSQL takes the next token of a key (see nextTokenSQL; never given

@@ -378,3 +378,187 @@ func TestTokensIncreaseWhenTheSequenceGoesBack(t *testing.T) {
 		t.Errorf("INVARIANT tokens-increase: token %d after the sequence went back, the key's last was %d", next, last)
 	}
 }
+
+// Issue 23, a demoted primary: PostgreSQL cannot turn a primary into a
+// standby in place, so a demotion (the old primary restarted to follow the
+// promoted standby) ends every session of the old primary. Holds there are
+// lost at once (Lost fires, Release says ErrLockLost); the same Locker,
+// whose host list names both servers with target_session_attrs=primary,
+// locks on the new primary afterwards; and the demoted server, reached
+// alone, refuses every lock with ErrNotPrimary.
+func TestDemotedPrimaryLosesItsHolds(t *testing.T) {
+	sp := newStandbyPair(t)
+	bg := context.Background()
+	key := func(name string) pglock.Key {
+		k, err := pglock.KeyOf(pgtest.UniqueKey(t) + name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	up, us := mustURL(t, sp.primary.URL), mustURL(t, sp.standby.URL)
+	list := *up
+	list.Host = up.Host + "," + us.Host
+	q := list.Query()
+	q.Set("target_session_attrs", "primary")
+	list.RawQuery = q.Encode()
+	pool := urlPool(t, list.String(), 4)
+
+	mux := muxLocker(t, pool)
+	held, err := mux.NewLock(key("mux"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	perHold, err := pglock.NewLock(pool, key("pool"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range []*pglock.Lock{held, perHold} {
+		if err := l.Acquire(bg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := advisoryOn(t, sp.watchP); n != 2 {
+		t.Fatalf("the primary holds %d advisory locks, want 2", n)
+	}
+
+	// The switchover: the old primary stops (its standby receives its last
+	// WAL), the standby is promoted, the old primary follows it.
+	ctx, cancel := context.WithTimeout(bg, 2*time.Minute)
+	defer cancel()
+	if err := sp.primary.StopServer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for name, l := range map[string]*pglock.Lock{"Locker's lock": held, "NewLock(pool)": perHold} {
+		select {
+		case <-l.Lost():
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%s: Lost() did not fire within 30 s of its server's shutdown", name)
+		}
+		if err := l.Release(bg); !errors.Is(err, pglock.ErrLockLost) {
+			t.Errorf("%s: Release after the demotion = %v, want ErrLockLost", name, err)
+		}
+	}
+	if err := sp.standby.Promote(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := sp.primary.Follow(ctx, sp.standby); err != nil {
+		t.Fatal(err)
+	}
+	demoted := urlPool(t, sp.primary.URL, 2)
+	var inRecovery bool
+	if err := demoted.QueryRow(bg, "SELECT pg_is_in_recovery()").Scan(&inRecovery); err != nil || !inRecovery {
+		t.Fatalf("the old primary: pg_is_in_recovery() = %v, %v; want true (a standby)", inRecovery, err)
+	}
+
+	// The same Locker and pool lock on the new primary; the first host of
+	// the list, now a standby, is passed over.
+	newPrimary := urlPool(t, sp.standby.URL, 2)
+	for name, do := range map[string]func() error{
+		"the Locker's lock again": func() error {
+			if err := held.Acquire(bg); err != nil {
+				return err
+			}
+			if n := advisoryOn(t, newPrimary); n != 1 {
+				t.Errorf("the new primary holds %d advisory locks, want 1", n)
+			}
+			return held.Release(bg)
+		},
+		"NewLock(pool) again": func() error {
+			if err := perHold.Acquire(bg); err != nil {
+				return err
+			}
+			if n := advisoryOn(t, newPrimary); n != 1 {
+				t.Errorf("the new primary holds %d advisory locks, want 1", n)
+			}
+			return perHold.Release(bg)
+		},
+	} {
+		if err := do(); err != nil {
+			t.Errorf("%s after the switchover = %v, want nil", name, err)
+		}
+	}
+	if n := advisoryOn(t, demoted); n != 0 {
+		t.Errorf("the demoted server holds %d advisory locks, want 0", n)
+	}
+
+	// Reached alone, the demoted server refuses.
+	wantNotPrimary(t, "NewLock on the demoted server", acquireReleaseOn(demoted, key("demoted")))
+	wantNotPrimary(t, "a Locker on the demoted server", muxLocker(t, demoted).Do(bg, key("demoted-mux"),
+		func(context.Context) error { return nil }))
+	locktest.WaitFor(t, "the new primary's advisory locks to go", func() bool { return advisoryOn(t, newPrimary) == 0 })
+}
+
+// YugabyteDB caches sequence values per connection (100 by default) and
+// has no timelines: its branch of the token statement takes the sequence
+// alone, and the key's row keeps each key's tokens increasing although the
+// connections draw from the sequence out of order. Run here on PostgreSQL,
+// with the sequence cached the same way, and the PostgreSQL statement too.
+func TestTokensIncreaseWithACachedSequence(t *testing.T) {
+	srv := pgtest.ThrowawayT(t, nil)
+	bg := context.Background()
+	pool := urlPool(t, srv.URL, 8)
+	if _, err := pglock.Migrate(bg, pool); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(bg, "ALTER SEQUENCE pglock.fence_token CACHE 100"); err != nil {
+		t.Fatal(err)
+	}
+	conns := make([]*pgx.Conn, 3)
+	for i := range conns {
+		c, err := pgx.Connect(bg, srv.URL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close(bg) })
+		conns[i] = c
+	}
+	// The cache puts the sequence out of order across connections.
+	var a, b, c int64
+	for _, s := range []struct {
+		conn *pgx.Conn
+		v    *int64
+	}{{conns[0], &a}, {conns[1], &b}, {conns[0], &c}} {
+		if err := s.conn.QueryRow(bg, "SELECT nextval('pglock.fence_token')").Scan(s.v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !(b > c && c > a) {
+		t.Fatalf("nextval on connections 1, 2, 1 = %d, %d, %d: the sequence is not cached per connection", a, b, c)
+	}
+
+	last := map[int64]int64{}
+	for i := range 60 {
+		key := int64(i % 2)
+		var tok int64
+		if err := conns[i%3].QueryRow(bg, pglock.TokenSQLOnYugabyte, int16(1), key).Scan(&tok); err != nil {
+			t.Fatal(err)
+		}
+		if tok >= 1<<48 {
+			t.Errorf("token %d on YugabyteDB's branch carries a timeline offset", tok)
+		}
+		if tok <= last[key] {
+			t.Errorf("INVARIANT tokens-increase: key %d: token %d after %d (connection %d)", key, tok, last[key], i%3)
+		}
+		last[key] = tok
+	}
+
+	// PostgreSQL's statement, from two Lockers (four lock connections).
+	lks := []*pglock.Locker{muxLocker(t, urlPool(t, srv.URL, 2), pglock.WithToken()),
+		muxLocker(t, urlPool(t, srv.URL, 2), pglock.WithToken())}
+	var lastTok int64
+	for i := range 40 {
+		if err := lks[i%2].Do(bg, fmt.Sprintf("cached-%d", i%3), func(ctx context.Context) error {
+			tok, _ := pglock.TokenFromContext(ctx)
+			if i%3 == 0 {
+				if tok <= lastTok {
+					t.Errorf("INVARIANT tokens-increase: Locker %d: token %d after %d", i%2, tok, lastTok)
+				}
+				lastTok = tok
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -199,3 +199,61 @@ func (s *Server) inRecovery(ctx context.Context) (bool, error) {
 	err = conn.QueryRow(ctx, "SELECT pg_is_in_recovery()").Scan(&in)
 	return in, err
 }
+
+// Follow turns the throwaway cluster s, a primary until now, into a hot
+// standby of primary, as a failover tool does with the old primary after a
+// switchover: it stops s (pg_ctl stop -m fast, which ends every session and
+// sends its last WAL to its standbys), points it at primary (standby.signal
+// and primary_conninfo, following the newest timeline), starts it again and
+// waits until it is in recovery. s must have stopped cleanly before primary
+// was promoted past it (PostgreSQL cannot demote a server in place; an old
+// primary that wrote past the promotion needs pg_rewind, which Follow does
+// not run).
+func (s *Server) Follow(ctx context.Context, primary *Server) error {
+	if s == nil || s.dir == "" {
+		return errors.New("pgtest: Follow needs a throwaway cluster this process started")
+	}
+	cfg, err := pgx.ParseConfig(primary.URL)
+	if err != nil {
+		return fmt.Errorf("pgtest: the new primary's URL: %w", err)
+	}
+	// A server already stopped (StopServer) is followed as it is.
+	if inRecovery, err := s.inRecovery(ctx); err == nil {
+		if inRecovery {
+			return errors.New("pgtest: Follow: the server is already a standby")
+		}
+		if err := s.StopServer(ctx); err != nil {
+			return err
+		}
+	}
+	data := filepath.Join(s.dir, "data")
+	conf := fmt.Sprintf("\nprimary_conninfo = 'host=127.0.0.1 port=%d user=postgres'\nrecovery_target_timeline = 'latest'\n", cfg.Port)
+	f, err := os.OpenFile(filepath.Join(data, "postgresql.auto.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("pgtest: Follow: %w", err)
+	}
+	_, err = f.WriteString(conf)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("pgtest: Follow: %w", err)
+	}
+	signal := filepath.Join(data, "standby.signal")
+	if err := os.WriteFile(signal, nil, 0o600); err != nil {
+		return fmt.Errorf("pgtest: Follow: %w", err)
+	}
+	if s.cred != nil {
+		if err := os.Chown(signal, int(s.cred.Uid), int(s.cred.Gid)); err != nil {
+			return fmt.Errorf("pgtest: Follow: %w", err)
+		}
+	}
+	if err := s.Start(ctx); err != nil {
+		return err
+	}
+	inRecovery, err := s.inRecovery(ctx)
+	if err == nil && !inRecovery {
+		err = errors.New("pgtest: Follow: the server is not in recovery after its restart")
+	}
+	return err
+}

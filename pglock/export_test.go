@@ -1,0 +1,15 @@
+package pglock
+
+import "strings"
+
+// TokenSQLOnYugabyte is the token statement (see nextTokenSQL) as the
+// server takes it on YugabyteDB: with the engine's test answered yes, so
+// that PostgreSQL runs YugabyteDB's branch. Its parameters are the key's
+// space and value.
+var TokenSQLOnYugabyte = func() string {
+	const engine = "pg_catalog.current_setting('server_version')"
+	if !strings.Contains(tokenSQL, engine) {
+		panic("pglock: the token statement no longer asks the engine")
+	}
+	return strings.Replace(tokenSQL, engine, "'15.2-YB-2025.1.0.0-b0'", 1)
+}()
