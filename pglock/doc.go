@@ -80,8 +80,10 @@
 //   - Lock connections. The Locker opens [WithLockConns] connections of its
 //     own (2 by default) with the pool's connection settings, outside the
 //     pool, on first use, and holds its keys on them; a key goes to the same
-//     one unless that one is busy while another is free, and its unlock goes
-//     where it was taken. [Locker.Close] closes them. A lock connection that
+//     one unless that one is busy while another is free (or not opened
+//     yet), where the key then goes from then on, so that goroutines on
+//     distinct keys run side by side; its unlock goes where it was taken.
+//     [Locker.Close] closes them. A lock connection that
 //     holds 64 locks or more runs its statements inside an open transaction
 //     block, which session locks ignore: PostgreSQL walks every lock a
 //     session holds at the end of each transaction, the implicit one of each

@@ -1,0 +1,128 @@
+package pglock
+
+import (
+	"context"
+	"math/rand/v2"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Issue 21, distinct keys at low concurrency: two keys that hash to the same
+// lock connection do not queue behind each other while another lock
+// connection is free, even one not opened yet, and once moved, a key's next
+// try goes straight to where it went (its hint), so that two goroutines on
+// such keys run side by side rather than taking turns on one connection.
+// Seen failing before: the try queued at its home behind the running
+// statement (the other slot, never opened, did not count as free), and a
+// moved key went home again at its next try.
+func TestPickMovesOffABusyHome(t *testing.T) {
+	url := os.Getenv("DATABASE_URL") // set by the test binary's TestMain
+	if url == "" {
+		t.Skip("no DATABASE_URL")
+	}
+	bg := context.Background()
+	pool, err := pgxpool.New(bg, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	lk, err := NewLocker(pool, WithLockConns(2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lk.Close()
+	m := lk.mux
+	// Two keys of one home and one hint bucket each, the first lock of
+	// the Locker on a third key of that home (its first lock connection
+	// opens there: the self-test's).
+	keyOn := func(slot int, not ...Key) Key {
+		for {
+			k := Key{v: rand.Int64()}
+			if m.slotOf(k) != slot {
+				continue
+			}
+			taken := false
+			for _, o := range not {
+				taken = taken || hintOf(o) == hintOf(k)
+			}
+			if !taken {
+				return k
+			}
+		}
+	}
+	warm := keyOn(0)
+	a := keyOn(0, warm)
+	b := keyOn(0, warm, a)
+	if err := lk.Do(bg, warm, func(context.Context) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if m.slots[1] != nil && m.slots[1].hasConn() {
+		t.Fatal("the second lock connection is open before the test needs it")
+	}
+
+	// Keep the home busy: a use of the connection that ends when told.
+	home := m.slot(0)
+	release, running := make(chan struct{}), make(chan struct{})
+	busyDone := make(chan struct{})
+	go func() {
+		defer close(busyDone)
+		home.do(&connOp{fn: func(*pgx.Conn) { close(running); <-release }})
+	}()
+	<-running
+	ctx, cancel := context.WithTimeout(bg, 10*time.Second)
+	defer cancel()
+	la, err := lk.NewLock(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ok, err := la.TryAcquire(ctx)
+	if !ok || err != nil {
+		close(release)
+		t.Fatalf("TryAcquire of a key whose home is busy = %v, %v; want true on the other lock connection", ok, err)
+	}
+	if got := heldSlot(t, m, a); got != 1 {
+		t.Errorf("the key was taken on slot %d, want 1 (its home, 0, was busy)", got)
+	}
+	close(release)
+	<-busyDone
+	if err := la.Release(bg); err != nil {
+		t.Fatal(err)
+	}
+
+	// Home free now: the moved key goes where it went; a key of the same
+	// home that never moved goes home.
+	for _, c := range []struct {
+		k    Key
+		want int
+	}{{a, 1}, {b, 0}} {
+		l, err := lk.NewLock(c.k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok, err := l.TryAcquire(ctx); !ok || err != nil {
+			t.Fatalf("TryAcquire(%s) = %v, %v", c.k, ok, err)
+		}
+		if got := heldSlot(t, m, c.k); got != c.want {
+			t.Errorf("key %s taken on slot %d, want %d", c.k, got, c.want)
+		}
+		if err := l.Release(bg); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// heldSlot is the slot of the lock connection that holds k.
+func heldSlot(t *testing.T, m *mux, k Key) int {
+	t.Helper()
+	m.t.mu.Lock()
+	defer m.t.mu.Unlock()
+	e := m.t.m[k]
+	if e == nil || e.conn == nil {
+		t.Fatalf("key %s is not held", k)
+	}
+	return e.conn.slot
+}
