@@ -49,6 +49,9 @@ type workRequest struct {
 	// UntilDone makes the handler wait for its context to end, and fail
 	// with the context's cause.
 	UntilDone bool `json:"until_done"`
+	// Nested makes the handler call the worker's nest with the request's
+	// key (a nested Do of it).
+	Nested bool `json:"nested"`
 }
 
 func (r *workRequest) LockKey() string { return r.Key }
@@ -76,6 +79,8 @@ type worker struct {
 	all      atomic.Int32
 	maxAll   atomic.Int32
 	ran      atomic.Int32
+	// nest, set by a test before its calls, is what a Nested request runs.
+	nest func(ctx context.Context, key string) error
 }
 
 func newWorker() *worker {
@@ -144,6 +149,11 @@ func (w *worker) work(ctx context.Context, req *workRequest) (*workResponse, err
 			return nil, status.Errorf(codes.Unknown, "handler context ended: %v", context.Cause(ctx))
 		case <-time.After(10 * time.Second):
 			return nil, status.Error(codes.DeadlineExceeded, "handler context never ended")
+		}
+	}
+	if req.Nested {
+		if err := w.nest(ctx, req.Key); err != nil {
+			return nil, status.Errorf(codes.Internal, "nested Do: %v", err)
 		}
 	}
 	if req.Panic {

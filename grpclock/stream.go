@@ -177,7 +177,9 @@ func (s *firstMessageStream) lockFor(m any) error {
 	if err != nil {
 		return s.fail(s.ic.notAcquired(ctx, s.method, key, err))
 	}
-	lctx := s.ctx.Context
+	// The handler's nested Do of the key runs in this hold (see
+	// pglock.ContextWithHold).
+	lctx := pglock.ContextWithHold(s.ctx.Context, l)
 	if tx := l.Tx(); tx != nil {
 		lctx = pglock.ContextWithTx(lctx, tx)
 	} else if tx := l.SQLTx(); tx != nil {
@@ -186,9 +188,7 @@ func (s *firstMessageStream) lockFor(m any) error {
 	if token := l.Token(); token != 0 {
 		lctx = pglock.ContextWithToken(lctx, token)
 	}
-	if lctx != s.ctx.Context {
-		s.ctx.setLocked(lctx)
-	}
+	s.ctx.setLocked(lctx)
 	stop := watchLost(l, s.cancel)
 	s.mu.Lock()
 	if s.state == ended {

@@ -32,6 +32,20 @@ import (
 // and Acquire and TryAcquire return [ErrAlreadyHeld]. To stop early, fn
 // returns (with an error to roll back); another goroutine cancels ctx.
 //
+// Do is re-entrant through its context: fn's context carries the hold, and a
+// Do or TryDo of the same key on the same database inside it (the same
+// Locker, another Locker or NewLock on the same pool, *sql.DB or
+// connection) runs its function at once in the enclosing hold, which it
+// neither takes again nor ends; in Transaction scope that function runs in
+// the enclosing transaction. A nesting the enclosing hold cannot cover
+// (Shared held and Exclusive asked, or Session scope held and Transaction
+// scope asked) fails at once with [ErrSelfDeadlock] instead of waiting for
+// itself. Acquire and TryAcquire are not re-entrant (see [Lock]), nor are
+// holds of another database or of a caller's transaction (whose locks
+// PostgreSQL stacks on its one session). The adapters' request, job and call
+// contexts carry their holds (see [ContextWithHold]), so a handler's Do of its
+// own key just runs.
+//
 // In Transaction scope on a pool or connection the transaction is the lock's:
 // if fn commits or rolls it back itself (Commit or Rollback on it, or a COMMIT
 // or ROLLBACK statement), the lock ends with it at that moment, and Do returns
@@ -45,6 +59,12 @@ func (l *Lock) Do(ctx context.Context, fn func(ctx context.Context) error) (err 
 	}
 	if fn == nil {
 		return fmt.Errorf("%w: Do on key %s", ErrNilFunc, l.key)
+	}
+	if ctx != nil {
+		if h := l.enclosing(ctx); h != nil {
+			_, err := l.nested(ctx, h, fn)
+			return err
+		}
 	}
 	ctx, end := l.trace(ctx, "do")
 	held := false
@@ -75,6 +95,11 @@ func (l *Lock) TryDo(ctx context.Context, fn func(ctx context.Context) error) (o
 	if fn == nil {
 		return false, fmt.Errorf("%w: TryDo on key %s", ErrNilFunc, l.key)
 	}
+	if ctx != nil {
+		if h := l.enclosing(ctx); h != nil {
+			return l.nested(ctx, h, fn)
+		}
+	}
 	ctx, end := l.trace(ctx, "trydo")
 	if end != nil {
 		defer endTraced(end, &ok, &err)
@@ -88,8 +113,9 @@ func (l *Lock) TryDo(ctx context.Context, fn func(ctx context.Context) error) (o
 
 // run runs fn on a held lock and ends the hold.
 func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err error) {
-	fctx, cancel := context.WithCancelCause(ctx)
+	cctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
+	var fctx context.Context = &holdCtx{Context: cctx, l: l}
 	l.mu.Lock()
 	b, given := l.b, l.tx
 	l.mu.Unlock()

@@ -256,7 +256,7 @@
 // [ErrNotHeld], [ErrAlreadyHeld], [ErrUnsupportedConn], [ErrInvalidKey],
 // [ErrInvalidOption], [ErrNilFunc], [ErrLockerClosed], [ErrTooManyLocks],
 // [ErrTransactionPooler], [ErrUnavailable], [ErrNotPrimary], [ErrInDo], [ErrTxEnded],
-// [ErrLeaderRunning], [ErrFenced], [ErrSchema])
+// [ErrLeaderRunning], [ErrFenced], [ErrSchema], [ErrDeadlock], [ErrSelfDeadlock])
 // with %w; match them with errors.Is.
 // Database errors stay reachable with errors.As (*pgconn.PgError).
 //
@@ -267,6 +267,19 @@
 // Acquire on a held Lock returns [ErrAlreadyHeld]. Two Locks of one Locker
 // exclude each other, whatever the Locker runs on; two Locks made with [NewLock]
 // on one caller's connection stack, as PostgreSQL does.
+//
+// Do is re-entrant through its context, as a nested with_advisory_lock of
+// the same name is in Ruby: a Do or TryDo of a key inside the function of
+// an enclosing Do of that key, on the same database, runs at once in the
+// enclosing hold, which it does not end. So a service function that locks
+// an account can be called both on its own and from a handler that
+// httplock already holds on that account. A nesting the enclosing hold
+// cannot cover (Shared held, Exclusive asked; Session scope held,
+// Transaction scope asked) fails at once with [ErrSelfDeadlock] (which
+// matches [ErrDeadlock]): without it, the nested lock would wait on another
+// session for the hold of the goroutine that waits, until its context
+// ended. A wait that PostgreSQL's deadlock detector ends (two sessions each
+// waiting for the other, SQLSTATE 40P01) fails with [ErrDeadlock] too.
 //
 // # Leader election
 //

@@ -365,3 +365,50 @@ func Example_notPrimary() {
 	}
 	// Output: locked on the primary
 }
+
+// A service function that locks an account runs on its own, and inside a
+// caller that already holds that account's lock (a handler behind
+// httplock, a job): there its Do runs at once in the caller's hold.
+func ExampleLocker_Do_nested() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+
+	debit := func(ctx context.Context, account string) error {
+		return locker.Do(ctx, "example:account:"+account, func(ctx context.Context) error {
+			fmt.Println("debit", account)
+			return nil
+		})
+	}
+	if err := debit(ctx, "7"); err != nil { // takes the lock
+		log.Fatal(err)
+	}
+	err = locker.Do(ctx, "example:account:7", func(ctx context.Context) error {
+		fmt.Println("close account 7")
+		return debit(ctx, "7") // runs in this hold, at once
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	// Exclusive inside Shared would wait for itself: refused at once.
+	reader, err := pglock.NewLocker(pool, pglock.WithMode(pglock.Shared))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer reader.Close()
+	err = reader.Do(ctx, "example:account:7", func(ctx context.Context) error {
+		return debit(ctx, "7")
+	})
+	fmt.Println(errors.Is(err, pglock.ErrSelfDeadlock))
+	// Output:
+	// debit 7
+	// close account 7
+	// debit 7
+	// true
+}

@@ -16,9 +16,11 @@ import (
 // Lock is one advisory lock on one key, bound to the database it was made
 // for. Make it with [NewLock] or [Locker.NewLock].
 //
-// A Lock is held at most once at a time: it is not re-entrant, and Acquire on
-// a held Lock fails with [ErrAlreadyHeld] (PostgreSQL itself would stack a
-// second hold on the same connection). After Release it may be acquired
+// A Lock is held at most once at a time: Acquire on a held Lock fails with
+// [ErrAlreadyHeld] (PostgreSQL itself would stack a second hold on the same
+// connection). Do and TryDo are re-entrant through their context instead: a
+// Do of the key inside the function of another runs in its hold (see
+// [Lock.Do]). After Release it may be acquired
 // again. Acquire, TryAcquire, Release, HandleError, Do and TryDo are meant to
 // be called by one goroutine at a time (they serialize if not); Held, Lost
 // and Key may be called from any goroutine.
@@ -35,7 +37,10 @@ type Lock struct {
 	cfg  *config // shared by the Locks of a Locker made without options: never written
 	src  source
 	st   statements
-	log  *slog.Logger
+	// domain is the database the Lock was made for, for re-entrant Do (see
+	// domainOf); nil where nesting is not recognised.
+	domain any
+	log    *slog.Logger
 
 	mu sync.Mutex // serializes hold changes
 	b  backend    // the current hold's backend; nil when not held
@@ -115,6 +120,7 @@ func NewLock(conn any, key any, opts ...Option) (*Lock, error) {
 	if err := o.init(src, key, cfg); err != nil {
 		return nil, err
 	}
+	o.domain = domainOf(conn)
 	return &o.Lock, nil
 }
 
@@ -426,6 +432,9 @@ func (l *Lock) notAcquired(ctx context.Context, err error) error {
 		return fmt.Errorf("%w: key %s: %w: statement pooling allows no transaction block, which Transaction scope needs"+
 			" (and Session scope needs a session of its own): use session or transaction pooling, or a direct connection: %w",
 			ErrNotAcquired, l.key, ErrTransactionPooler, err)
+	case isDeadlock(err) && !errors.Is(err, ErrDeadlock):
+		// PostgreSQL ended this wait to break a cycle of waits.
+		return fmt.Errorf("%w: key %s: %w: %w", ErrNotAcquired, l.key, ErrDeadlock, err)
 	case outOfSharedMemory(err) && !errors.Is(err, ErrTooManyLocks):
 		return fmt.Errorf("%w: key %s: %w", ErrNotAcquired, l.key, lockFailed(err))
 	case errors.Is(err, ErrUnavailable):

@@ -110,6 +110,7 @@ func (lk *Locker) NewLock(key any, opts ...Option) (*Lock, error) {
 		return nil, err
 	}
 	l.lockerClosed = &lk.closed
+	l.domain = domainOf(lk.conn)
 	return l, nil
 }
 
