@@ -281,6 +281,13 @@
 // ended. A wait that PostgreSQL's deadlock detector ends (two sessions each
 // waiting for the other, SQLSTATE 40P01) fails with [ErrDeadlock] too.
 //
+// # Key sets
+//
+// [Locker.DoAll] holds several keys at once, all or nothing, and
+// [Locker.TryDoAll] holds none of them when one is busy. The keys are taken
+// in one canonical order, and a wait holds lower keys only, so that two
+// callers whose sets overlap cannot each hold what the other waits for.
+//
 // # Leader election
 //
 // [Locker.Leader] makes a [Leader]: of all the processes that run

@@ -412,3 +412,38 @@ func ExampleLocker_Do_nested() {
 	// debit 7
 	// true
 }
+
+// A transfer locks both accounts, all or nothing: two transfers between the
+// same accounts in opposite directions take the keys in the same order, so
+// they cannot deadlock.
+func ExampleLocker_DoAll() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+
+	transfer := func(from, to string) error {
+		return locker.DoAll(ctx, []any{"example:account:" + from, "example:account:" + to}, func(ctx context.Context) error {
+			fmt.Println("transfer", from, "->", to)
+			return nil
+		})
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = transfer("1", "2") })
+	wg.Go(func() { _ = transfer("2", "1") })
+	wg.Wait()
+
+	// A try holds all or none.
+	ran, err := locker.TryDoAll(ctx, []any{"example:account:1", "example:account:2"}, func(ctx context.Context) error {
+		return nil
+	})
+	fmt.Println(ran, err)
+	// Unordered output:
+	// transfer 1 -> 2
+	// transfer 2 -> 1
+	// true <nil>
+}

@@ -100,10 +100,20 @@ func (l *Lock) enclosing(ctx context.Context) *holdCtx {
 }
 
 // nested runs fn in the enclosing hold h (see Do): at once when h holds the
-// key in a mode and scope that cover l's, else it fails with
-// ErrSelfDeadlock. A hold that ended, or was lost, fails as a lock not
-// acquired. ran reports whether fn ran.
+// key in a mode and scope that cover l's, else it fails (see nestErr). ran
+// reports whether fn ran.
 func (l *Lock) nested(ctx context.Context, h *holdCtx, fn func(ctx context.Context) error) (ran bool, err error) {
+	if err := l.nestErr(ctx, h); err != nil {
+		l.emit(EventNotAcquired, 0, err)
+		return false, err
+	}
+	return true, fn(ctx)
+}
+
+// nestErr returns nil when the enclosing hold h covers a hold of l: it
+// holds the key in a mode and scope that cover l's. Else ErrSelfDeadlock; a
+// hold that ended, or was lost, fails as a lock not acquired.
+func (l *Lock) nestErr(ctx context.Context, h *holdCtx) error {
 	outer := h.l
 	switch {
 	case ctx.Err() != nil || !outer.Held() || outer.isLost():
@@ -111,20 +121,16 @@ func (l *Lock) nested(ctx context.Context, h *holdCtx, fn func(ctx context.Conte
 		if cause == nil {
 			cause = ErrLockLost
 		}
-		err = fmt.Errorf("%w: key %s: the enclosing hold of this key has ended: %w", ErrNotAcquired, l.key, cause)
+		return fmt.Errorf("%w: key %s: the enclosing hold of this key has ended: %w", ErrNotAcquired, l.key, cause)
 	case outer.cfg.mode == Shared && l.cfg.mode == Exclusive:
-		err = fmt.Errorf("%w: %w: %w: key %s is held in Shared mode by an enclosing Do of this context;"+
+		return fmt.Errorf("%w: %w: %w: key %s is held in Shared mode by an enclosing Do of this context;"+
 			" an Exclusive lock inside it would wait for it (take the outer lock in Exclusive mode)",
 			ErrNotAcquired, ErrDeadlock, ErrSelfDeadlock, l.key)
 	case outer.cfg.scope == Session && l.cfg.scope == Transaction:
-		err = fmt.Errorf("%w: %w: %w: key %s is held in Session scope by an enclosing Do of this context;"+
+		return fmt.Errorf("%w: %w: %w: key %s is held in Session scope by an enclosing Do of this context;"+
 			" a Transaction-scope lock inside it needs a transaction of its own and would wait for it"+
 			" (take the outer lock in Transaction scope, or the inner one in Session scope)",
 			ErrNotAcquired, ErrDeadlock, ErrSelfDeadlock, l.key)
 	}
-	if err != nil {
-		l.emit(EventNotAcquired, 0, err)
-		return false, err
-	}
-	return true, fn(ctx)
+	return nil
 }
