@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"time"
 
 	"github.com/robfig/cron/v3"
@@ -31,6 +32,7 @@ type config struct {
 	maxRun    time.Duration
 	cronLog   cron.Logger
 	slog      *slog.Logger
+	logSet    bool // WithLogger or WithSlog given: no slog.Default()
 	base      context.Context
 	ticks     cron.Schedule    // WithTicks
 	now       func() time.Time // WithClock
@@ -116,20 +118,44 @@ func WithMaxRun(d time.Duration) Option {
 
 // WithLogger logs skips, failed runs and lost locks to a cron.Logger, so
 // that users of cron.WithLogger see them next to cron's own messages: a skip
-// and a finished run at Info level, a job error, a lost lock, an overrun
-// and a lock error at Error level. Every message names the job and key; a
-// skip says why ("held elsewhere", "still running here", "context done").
-// A nil l (the default) logs nothing. It may be combined with [WithSlog].
+// and a finished run at Info level, a job error, a lost lock, an overrun, a
+// lock error and a job that could not run at Error level. Every message
+// names the job and key; a skip says why ("held elsewhere", "still running
+// here", "context done", "tick already ran").
+//
+// Without WithLogger and [WithSlog], a job logs to slog.Default() (see
+// WithSlog). Given WithLogger, it logs to l only, unless WithSlog is given
+// too. A nil l logs nothing: WithLogger(nil), like WithSlog(nil), turns the
+// default logging off.
 func WithLogger(l cron.Logger) Option {
-	return func(c *config) { c.cronLog = l }
+	return func(c *config) {
+		if isNil(l) {
+			l = nil // a typed nil, such as a nil pointer of a type of one's own
+		}
+		c.cronLog, c.logSet = l, true
+	}
+}
+
+// isNil reports whether v is nil or a typed nil pointer.
+func isNil(v any) bool {
+	if v == nil {
+		return true
+	}
+	rv := reflect.ValueOf(v)
+	return rv.Kind() == reflect.Pointer && rv.IsNil()
 }
 
 // WithSlog logs the same messages as [WithLogger] to a *slog.Logger: a
 // finished run at Debug level, a skip at Info, an overrun and a lost lock
-// at Warn, a job error and a lock error at Error. A nil l (the default) logs
-// nothing.
+// at Warn, a job error, a lock error and a job that could not run (the
+// pglock schema missing with [WithTicks]) at Error.
+//
+// The default, without WithSlog and WithLogger, is slog.Default(), read at
+// each message: a job's error and any reason it cannot run are never
+// silent. A nil l logs nothing: WithSlog(nil) turns logging off (so does a
+// logger on slog.DiscardHandler). It may be combined with WithLogger.
 func WithSlog(l *slog.Logger) Option {
-	return func(c *config) { c.slog = l }
+	return func(c *config) { c.slog, c.logSet = l, true }
 }
 
 // WithBaseContext sets the parent of every run's context (cron gives jobs
@@ -159,8 +185,9 @@ func WithBaseContext(ctx context.Context) Option {
 // schedule the job is added with (cron.ParseStandard, or the Cron's parser).
 //
 // It needs Transaction scope ([WithScope], or the Locker's) and the pglock
-// schema (pglock.Migrate, or `pglock migrate`: a run without it fails with
-// an error matching pglock.ErrSchema). The schedule must name absolute times:
+// schema (pglock.Migrate, or `pglock migrate`): a run without it does not
+// run the job and logs why at Error, and RunContext returns an error
+// matching pglock.ErrSchema. The schedule must name absolute times:
 // "@every" (cron.ConstantDelaySchedule) counts from each replica's start, so
 // its ticks are not the same on two replicas, and is an error. A cron.Job
 // given to [Wrap] runs outside the transaction: its tick is recorded, but its
