@@ -174,18 +174,14 @@ func ExampleTickFromContext() {
 		log.Fatal(err)
 	}
 	defer locker.Close()
-	daily, err := cron.ParseStandard("0 0 * * *")
-	if err != nil {
-		log.Fatal(err)
-	}
 	name := fmt.Sprintf("example-daily-%d", time.Now().UnixNano()) // a job of its own per run of the example
 	job, err := cronlock.Func(locker, name, func(ctx context.Context) error {
 		tick, _ := cronlock.TickFromContext(ctx)
 		fmt.Println("the run of the tick at", tick.Format("15:04"))
 		return nil
-	}, cronlock.WithTicks(daily))
+	}, cronlock.WithTicksSpec("0 0 * * *")) // the spec given to c.AddJob
 	if err != nil {
-		log.Fatal(err)
+		log.Fatal(err) // a spec that does not parse, an @every spec
 	}
 	job.Run() // as cron would: runs today's tick
 	job.Run() // the same tick again: already ran, skipped

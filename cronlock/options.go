@@ -181,8 +181,10 @@ func WithBaseContext(ctx context.Context) Option {
 // exactly once whatever the replicas' clocks say (no [WithMinHold] needed)
 // and even after the replica that ran it first exited; a run that fails rolls
 // its record back, and another replica's firing of the tick runs it (with
-// ticks a run waits for a busy lock instead of skipping). Pass the
-// schedule the job is added with (cron.ParseStandard, or the Cron's parser).
+// ticks a run waits for a busy lock instead of skipping). schedule must be
+// the one the job is scheduled with: give the same value to the Cron's
+// Schedule method. [WithTicksSpec] takes the spec given to AddJob instead,
+// which is what most callers have.
 //
 // It needs Transaction scope ([WithScope], or the Locker's) and the pglock
 // schema (pglock.Migrate, or `pglock migrate`): a run without it does not
@@ -191,19 +193,60 @@ func WithBaseContext(ctx context.Context) Option {
 // "@every" (cron.ConstantDelaySchedule) counts from each replica's start, so
 // its ticks are not the same on two replicas, and is an error. A cron.Job
 // given to [Wrap] runs outside the transaction: its tick is recorded, but its
-// work may not commit with it. Records older than a week are pruned.
+// work may not commit with it. Records older than a week are pruned. The
+// default, without WithTicks or WithTicksSpec, records nothing.
 func WithTicks(schedule cron.Schedule) Option {
+	return func(c *config) { c.setTicks(schedule, "WithTicks") }
+}
+
+// WithTicksSpec is [WithTicks] for the spec that the job is added with
+// (c.AddJob(spec, job)), parsed here by the same parser as the Cron's: by
+// cron.ParseStandard (the parser of cron.New()) when no parser is given, or
+// by parser, the one given to cron.WithParser (cron.WithSeconds() is
+// cron.WithParser(cron.NewParser(cron.Second | cron.Minute | cron.Hour |
+// cron.Dom | cron.Month | cron.Dow | cron.Descriptor))). Give AddJob the
+// same spec:
+//
+//	const spec = "0 2 * * *"
+//	job, err := cronlock.Func(locker, "invoices", send,
+//		cronlock.WithScope(pglock.Transaction), cronlock.WithTicksSpec(spec))
+//	_, err = c.AddJob(spec, job)
+//
+// A spec that does not parse, an "@every" spec (see WithTicks), a nil parser
+// or more than one parser is an error.
+func WithTicksSpec(spec string, parser ...cron.ScheduleParser) Option {
 	return func(c *config) {
-		switch schedule.(type) {
-		case nil:
-			c.invalid("WithTicks(nil)")
+		parse := cron.ParseStandard
+		switch {
+		case len(parser) > 1:
+			c.invalid("WithTicksSpec(%q): %d parsers, want at most one", spec, len(parser))
 			return
-		case cron.ConstantDelaySchedule, *cron.ConstantDelaySchedule:
-			c.invalid("WithTicks: an @every schedule has no ticks common to the replicas (it counts from each one's start); use a cron spec")
+		case len(parser) == 1 && isNil(parser[0]):
+			c.invalid("WithTicksSpec(%q): nil parser", spec)
+			return
+		case len(parser) == 1:
+			parse = parser[0].Parse
+		}
+		schedule, err := parse(spec)
+		if err != nil {
+			c.invalid("WithTicksSpec(%q): %w", spec, err)
 			return
 		}
-		c.ticks = schedule
+		c.setTicks(schedule, fmt.Sprintf("WithTicksSpec(%q)", spec))
 	}
+}
+
+// setTicks sets the schedule of WithTicks or WithTicksSpec (named by what).
+func (c *config) setTicks(schedule cron.Schedule, what string) {
+	switch schedule.(type) {
+	case nil:
+		c.invalid("%s: nil schedule", what)
+		return
+	case cron.ConstantDelaySchedule, *cron.ConstantDelaySchedule:
+		c.invalid("%s: an @every schedule has no ticks common to the replicas (it counts from each one's start); use a cron spec", what)
+		return
+	}
+	c.ticks = schedule
 }
 
 // WithClock sets the clock a job reads to name the tick it runs for (see
