@@ -74,7 +74,8 @@
 //
 // MinHold narrows the window in which a lagging replica runs a tick again,
 // but only while the first replica lives, and only for the skew it was sized
-// for. [WithTicks] closes it: in Transaction scope, each run first records
+// for. [WithTicksSpec] (the spec given to AddJob) and [WithTicks] (a parsed
+// cron.Schedule) close it: in Transaction scope, each run first records
 // its tick (the time the schedule fired for, named by the replica's own
 // clock, which is what every replica's scheduler fires at, so the same on
 // all of them) in the pglock schema, in the job's own transaction; a replica
@@ -90,7 +91,17 @@
 // transaction for that time. Ticks are named by the schedule in the Cron's
 // time zone: give a Cron made with cron.WithLocation(loc) a clock in that
 // zone too (WithClock(func() time.Time { return time.Now().In(loc) })).
-// Create the schema once with pglock.Migrate or `pglock migrate`.
+// The function finds its tick with [TickFromContext].
+//
+//	const spec = "0 2 * * *"
+//	job, err := cronlock.Func(locker, "invoices", send,
+//		cronlock.WithScope(pglock.Transaction), cronlock.WithTicksSpec(spec))
+//	_, err = c.AddJob(spec, job) // the same spec, parsed by the same parser
+//
+// Create the schema once with pglock.Migrate or `pglock migrate`: without
+// it no run happens, and each tick logs why at Error (the error matches
+// pglock.ErrSchema). Func cannot tell sooner, since it does not talk to the
+// database.
 //
 // # Cancellation and lost connections
 //
@@ -121,21 +132,31 @@
 //
 // # Logging
 //
-// [WithLogger] sends messages to a cron.Logger, so that users of
-// cron.WithLogger see them beside cron's own; [WithSlog] sends them to a
-// *slog.Logger. Both default to silence. Every message names the job and
-// its key; skips say why.
+// A job speaks up by default: with no logger given, it logs to
+// slog.Default(), read at each message, so that a job's error, a lock
+// error, a lost lock or a reason it cannot run (with WithTicks, the pglock
+// schema missing) is never silent. Levels: a job error, a lock error and a
+// job that could not run at Error; a lost lock and an overrun at Warn; a
+// skip at Info, with the reason ("held elsewhere", "still running here",
+// "tick already ran", "context done"); a finished run at Debug. Every
+// message names the job and its key.
+//
+// [WithLogger] sends them to a cron.Logger instead, so that users of
+// cron.WithLogger see them beside cron's own; [WithSlog] to a *slog.Logger;
+// both may be given. A nil logger turns logging off: WithSlog(nil) (or
+// WithLogger(nil), or a logger on slog.DiscardHandler) silences a job.
+// [Job.RunContext] logs nothing of the outcome: it returns it.
 //
 // # What it deliberately does not do
 //
 //   - It does not wait for a busy lock, and does not run skipped or missed
 //     ticks later: a tick runs on one replica or on none (at most one, given
 //     a MinHold that covers the skew between replicas).
-//   - It keeps no record of past runs unless asked: [WithTicks] records
-//     each (job, scheduled time) with pglock.ClaimTick in the lock's
-//     transaction, so that each tick runs exactly once across the cluster,
-//     whatever the clocks, even after the replica that ran it exited (see
-//     "Exactly once per tick" below).
+//   - It keeps no record of past runs unless asked: [WithTicksSpec] and
+//     [WithTicks] record each (job, scheduled time) with pglock.ClaimTick
+//     in the lock's transaction, so that each tick runs exactly once across
+//     the cluster, whatever the clocks, even after the replica that ran it
+//     exited (see "Exactly once per tick" above).
 //   - It talks no SQL of its own: every lock goes through the *pglock.Locker,
 //     and every tick record through pglock.ClaimTick.
 //   - Session locks need a real session: behind PgBouncer in transaction

@@ -174,20 +174,64 @@ func ExampleTickFromContext() {
 		log.Fatal(err)
 	}
 	defer locker.Close()
-	daily, err := cron.ParseStandard("0 0 * * *")
-	if err != nil {
-		log.Fatal(err)
-	}
 	name := fmt.Sprintf("example-daily-%d", time.Now().UnixNano()) // a job of its own per run of the example
 	job, err := cronlock.Func(locker, name, func(ctx context.Context) error {
 		tick, _ := cronlock.TickFromContext(ctx)
 		fmt.Println("the run of the tick at", tick.Format("15:04"))
 		return nil
-	}, cronlock.WithTicks(daily))
+	}, cronlock.WithTicksSpec("0 0 * * *")) // the spec given to c.AddJob
 	if err != nil {
-		log.Fatal(err)
+		log.Fatal(err) // a spec that does not parse, an @every spec
 	}
 	job.Run() // as cron would: runs today's tick
 	job.Run() // the same tick again: already ran, skipped
 	// Output: the run of the tick at 00:00
+}
+
+// A job speaks up by default, through slog.Default(): here the job's
+// function fails, and its error is logged at Error. WithSlog(nil) turns
+// logging off.
+func Example_logging() {
+	defer logToStdout()() // slog.Default() writes to stdout here, for the example's output
+	pool := examplePool()
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+	failing := func(ctx context.Context) error { return errors.New("disk full") }
+
+	loud, err := cronlock.Func(locker, "example-loud", failing)
+	if err != nil {
+		log.Fatal(err)
+	}
+	quiet, err := cronlock.Func(locker, "example-quiet", failing, cronlock.WithSlog(nil))
+	if err != nil {
+		log.Fatal(err)
+	}
+	loud.Run()  // what cron calls at a tick
+	quiet.Run() // fails too, and says nothing
+	// Output:
+	// level=ERROR msg="cronlock: run failed" job=example-loud error="disk full"
+}
+
+// logToStdout makes slog.Default() write text lines to stdout, without the
+// attributes that change from run to run, and returns what puts it back.
+func logToStdout() (restore func()) {
+	old, w, flags := slog.Default(), log.Writer(), log.Flags()
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{
+		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+			switch a.Key {
+			case slog.TimeKey, "key", "duration":
+				return slog.Attr{}
+			}
+			return a
+		},
+	})))
+	return func() {
+		slog.SetDefault(old) // leaves the log package writing to the handler above:
+		log.SetOutput(w)
+		log.SetFlags(flags)
+	}
 }

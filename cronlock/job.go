@@ -39,8 +39,10 @@ type Job struct {
 // died: context.Cause is pglock.ErrLockLost), when [WithMaxRun] passes
 // (cause [ErrMaxRunExceeded]) or when the base context ends (see
 // [WithBaseContext]). In Transaction scope it carries the lock's
-// transaction (pglock.TxFromContext). An error from fn is logged (see
-// [WithLogger], [WithSlog]) and returned by [Job.RunContext].
+// transaction (pglock.TxFromContext), and with [WithTicks] the run's tick
+// ([TickFromContext]). An error from fn is logged at Error (to
+// slog.Default() unless [WithLogger] or [WithSlog] says otherwise) and
+// returned by [Job.RunContext].
 //
 // A nil locker, an empty name, a nil fn or a bad option is an error
 // ([ErrNilLocker], [ErrEmptyName], [ErrNilJob], [ErrInvalidOption], or
@@ -125,8 +127,14 @@ func (c *config) newLock(locker *pglock.Locker, name string) (*pglock.Lock, erro
 	return l, nil
 }
 
-func (c *config) logger(name string, key pglock.Key) logger {
-	return logger{cron: c.cronLog, slog: c.slog, kv: []any{"job", name, "key", key.String()}}
+// logger returns the logger of the job name (its key, when known, named
+// too): the options' loggers, or slog.Default() when none was given.
+func (c *config) logger(name string, key *pglock.Key) logger {
+	kv := []any{"job", name}
+	if key != nil {
+		kv = append(kv, "key", key.String())
+	}
+	return logger{cron: c.cronLog, slog: c.slog, def: !c.logSet, kv: kv}
 }
 
 // newJob makes a Job that runs fn, or else job.
@@ -138,7 +146,7 @@ func newJob(locker *pglock.Locker, name string, cfg config, fn func(context.Cont
 	if cfg.ticks != nil && (cfg.scopeSet && cfg.scope != pglock.Transaction || !cfg.scopeSet && locker.Scope() != pglock.Transaction) {
 		return nil, fmt.Errorf("cronlock: job %q: %w: WithTicks records each tick in the lock's transaction: it needs Transaction scope (cronlock.WithScope(pglock.Transaction))", name, ErrInvalidOption)
 	}
-	return &Job{name: name, lock: l, cfg: cfg, fn: fn, job: job, log: cfg.logger(name, l.Key())}, nil
+	return &Job{name: name, lock: l, cfg: cfg, fn: fn, job: job, log: cfg.logger(name, new(l.Key()))}, nil
 }
 
 func isNilJob(job cron.Job) bool {
@@ -157,8 +165,10 @@ func (j *Job) Name() string { return j.name }
 func (j *Job) Key() pglock.Key { return j.lock.Key() }
 
 // Run is cron's entry point: it runs one tick with the base context (see
-// [WithBaseContext]) and logs the outcome (see [WithLogger] and
-// [WithSlog]): a skip and why, a job error, a lost lock. A panic in the job
+// [WithBaseContext]) and logs the outcome, to slog.Default() unless
+// [WithLogger] or [WithSlog] says otherwise: a skip and why at Info; a job
+// error, a lock error and a job that could not run (with [WithTicks], the
+// pglock schema missing) at Error; a lost lock at Warn. A panic in the job
 // is re-raised after the lock is released, for cron.Recover to log.
 func (j *Job) Run() {
 	ctx := j.cfg.base
@@ -177,6 +187,8 @@ func (j *Job) Run() {
 		j.log.info(slog.LevelInfo, "cronlock: skip", "reason", "tick already ran")
 	case notAcquired:
 		j.log.error(slog.LevelError, err, "cronlock: lock not acquired")
+	case notRun:
+		j.log.error(slog.LevelError, err, "cronlock: job not run")
 	case ran:
 		if err != nil {
 			j.log.error(slog.LevelError, err, "cronlock: run failed", "duration", time.Since(start))
@@ -191,10 +203,13 @@ func (j *Job) Run() {
 // of the outcome, for callers that drive a Job themselves (a "run now"
 // button, a test).
 //
-// It tries the lock without waiting. (false, nil) means the tick was
-// skipped: the lock is held elsewhere, an earlier run of this Job is still
-// going on this replica, or (with [WithTicks]) the tick already ran. (false, err) means the lock could not be
-// tried (err matches pglock.ErrNotAcquired; a cancelled ctx is one case).
+// It tries the lock without waiting (with [WithTicks], it waits for it).
+// (false, nil) means the tick was skipped: the lock is held elsewhere, an
+// earlier run of this Job is still going on this replica, or (with
+// WithTicks) the tick already ran. (false, err) means the lock could not be
+// tried (err matches pglock.ErrNotAcquired; a cancelled ctx is one case),
+// or, with WithTicks, that the tick could not be recorded, so the work did
+// not run (err matches pglock.ErrSchema without the pglock schema).
 // (true, err) means the work ran: err is its error (matching
 // [ErrMaxRunExceeded] when it ran past MaxRun), joined with a release
 // error (matching pglock.ErrLockLost when the lock was lost during the run).
@@ -215,6 +230,7 @@ const (
 	runningHere
 	notAcquired
 	tickRan // WithTicks: the tick was run already, by this replica or another
+	notRun  // WithTicks: the tick could not be named or recorded; the work did not run
 )
 
 // errTickRan ends a run whose tick was already recorded: it rolls back.
@@ -235,19 +251,26 @@ func (j *Job) tick(ctx context.Context) (result, error) {
 		now := j.cfg.now()
 		tick := lastTick(j.cfg.ticks, now)
 		if tick.IsZero() {
-			return notAcquired, fmt.Errorf("cronlock: job %q: no tick of its schedule in the year before %s", j.name, now.Format(time.RFC3339))
+			return notRun, fmt.Errorf("cronlock: job %q: no tick of its schedule in the year before %s", j.name, now.Format(time.RFC3339))
 		}
 		// With ticks the record decides whether a tick runs; the lock only
 		// keeps runs apart: wait for it, so that a tick whose run failed
 		// elsewhere (its record rolled back) is run here, not skipped.
-		err = j.lock.Do(ctx, func(ctx context.Context) error { return j.hold(context.WithValue(ctx, tickKey{}, tick)) })
+		var claimErr error
+		err = j.lock.Do(ctx, func(ctx context.Context) error {
+			return j.hold(context.WithValue(ctx, tickKey{}, tick), &claimErr)
+		})
+		switch {
+		case errors.Is(claimErr, errTickRan):
+			return tickRan, nil
+		case claimErr != nil:
+			return notRun, err // claimErr, with any release error
+		}
 		ok = err == nil || !errors.Is(err, pglock.ErrNotAcquired)
 	} else {
-		ok, err = j.lock.TryDo(ctx, j.hold)
+		ok, err = j.lock.TryDo(ctx, func(ctx context.Context) error { return j.hold(ctx, nil) })
 	}
 	switch {
-	case ok && errors.Is(err, errTickRan):
-		return tickRan, nil
 	case ok:
 		return ran, err
 	case err != nil:
@@ -258,8 +281,10 @@ func (j *Job) tick(ctx context.Context) (result, error) {
 }
 
 // hold runs the work on the held lock and keeps the lock until MinHold has
-// passed since the start, even when the work fails or panics.
-func (j *Job) hold(ctx context.Context) error {
+// passed since the start, even when the work fails or panics. With ticks it
+// first records the tick; claimErr gets the error when it could not (the
+// work does not run then).
+func (j *Job) hold(ctx context.Context, claimErr *error) error {
 	start := time.Now()
 	if j.log.enabled() {
 		stop := context.AfterFunc(ctx, func() {
@@ -274,7 +299,8 @@ func (j *Job) hold(ctx context.Context) error {
 	}
 	if j.cfg.ticks != nil {
 		if err := j.claimTick(ctx); err != nil {
-			return err
+			*claimErr = err
+			return err // rolls the transaction back
 		}
 	}
 	if j.job != nil {
@@ -355,8 +381,11 @@ type tickKey struct{}
 // clock: see WithClock) that the run of a job made WithTicks is for, from
 // the context its function gets (Func). The tick is fixed when cron starts
 // the run, before it waits for the lock, so that a run that starts or waits
-// late still records its own tick.
+// late still records its own tick. It returns false outside such a run.
 func TickFromContext(ctx context.Context) (time.Time, bool) {
+	if ctx == nil {
+		return time.Time{}, false
+	}
 	t, ok := ctx.Value(tickKey{}).(time.Time)
 	return t, ok
 }

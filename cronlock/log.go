@@ -8,15 +8,26 @@ import (
 )
 
 // logger sends a job's messages to the cron.Logger and the *slog.Logger of
-// its options; either or both may be nil.
+// its options, either or both of which may be nil; with neither option
+// given, to slog.Default() (def).
 type logger struct {
 	cron cron.Logger
 	slog *slog.Logger
+	// def: no logger was given, so messages go to slog.Default(), read at
+	// each message (a program may set it after making its jobs).
+	def bool
 	// attrs name the job and key on every message.
 	kv []any
 }
 
-func (l logger) enabled() bool { return l.cron != nil || l.slog != nil }
+func (l logger) enabled() bool { return l.cron != nil || l.slog != nil || l.def }
+
+func (l logger) slogger() *slog.Logger {
+	if l.def {
+		return slog.Default()
+	}
+	return l.slog
+}
 
 // info logs routine events: level is slog's (Debug or Info); a cron.Logger
 // gets them at Info.
@@ -25,8 +36,8 @@ func (l logger) info(level slog.Level, msg string, kv ...any) {
 	if l.cron != nil {
 		l.cron.Info(msg, kv...)
 	}
-	if l.slog != nil {
-		l.slog.Log(context.Background(), level, msg, kv...)
+	if s := l.slogger(); s != nil {
+		s.Log(context.Background(), level, msg, kv...)
 	}
 }
 
@@ -37,7 +48,7 @@ func (l logger) error(level slog.Level, err error, msg string, kv ...any) {
 	if l.cron != nil {
 		l.cron.Error(err, msg, kv...)
 	}
-	if l.slog != nil {
-		l.slog.Log(context.Background(), level, msg, append(kv, "error", err)...)
+	if s := l.slogger(); s != nil {
+		s.Log(context.Background(), level, msg, append(kv, "error", err)...)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"time"
 
 	"github.com/robfig/cron/v3"
@@ -31,6 +32,7 @@ type config struct {
 	maxRun    time.Duration
 	cronLog   cron.Logger
 	slog      *slog.Logger
+	logSet    bool // WithLogger or WithSlog given: no slog.Default()
 	base      context.Context
 	ticks     cron.Schedule    // WithTicks
 	now       func() time.Time // WithClock
@@ -116,20 +118,44 @@ func WithMaxRun(d time.Duration) Option {
 
 // WithLogger logs skips, failed runs and lost locks to a cron.Logger, so
 // that users of cron.WithLogger see them next to cron's own messages: a skip
-// and a finished run at Info level, a job error, a lost lock, an overrun
-// and a lock error at Error level. Every message names the job and key; a
-// skip says why ("held elsewhere", "still running here", "context done").
-// A nil l (the default) logs nothing. It may be combined with [WithSlog].
+// and a finished run at Info level, a job error, a lost lock, an overrun, a
+// lock error and a job that could not run at Error level. Every message
+// names the job and key; a skip says why ("held elsewhere", "still running
+// here", "context done", "tick already ran").
+//
+// Without WithLogger and [WithSlog], a job logs to slog.Default() (see
+// WithSlog). Given WithLogger, it logs to l only, unless WithSlog is given
+// too. A nil l logs nothing: WithLogger(nil), like WithSlog(nil), turns the
+// default logging off.
 func WithLogger(l cron.Logger) Option {
-	return func(c *config) { c.cronLog = l }
+	return func(c *config) {
+		if isNil(l) {
+			l = nil // a typed nil, such as a nil pointer of a type of one's own
+		}
+		c.cronLog, c.logSet = l, true
+	}
+}
+
+// isNil reports whether v is nil or a typed nil pointer.
+func isNil(v any) bool {
+	if v == nil {
+		return true
+	}
+	rv := reflect.ValueOf(v)
+	return rv.Kind() == reflect.Pointer && rv.IsNil()
 }
 
 // WithSlog logs the same messages as [WithLogger] to a *slog.Logger: a
 // finished run at Debug level, a skip at Info, an overrun and a lost lock
-// at Warn, a job error and a lock error at Error. A nil l (the default) logs
-// nothing.
+// at Warn, a job error, a lock error and a job that could not run (the
+// pglock schema missing with [WithTicks]) at Error.
+//
+// The default, without WithSlog and WithLogger, is slog.Default(), read at
+// each message: a job's error and any reason it cannot run are never
+// silent. A nil l logs nothing: WithSlog(nil) turns logging off (so does a
+// logger on slog.DiscardHandler). It may be combined with WithLogger.
 func WithSlog(l *slog.Logger) Option {
-	return func(c *config) { c.slog = l }
+	return func(c *config) { c.slog, c.logSet = l, true }
 }
 
 // WithBaseContext sets the parent of every run's context (cron gives jobs
@@ -155,28 +181,72 @@ func WithBaseContext(ctx context.Context) Option {
 // exactly once whatever the replicas' clocks say (no [WithMinHold] needed)
 // and even after the replica that ran it first exited; a run that fails rolls
 // its record back, and another replica's firing of the tick runs it (with
-// ticks a run waits for a busy lock instead of skipping). Pass the
-// schedule the job is added with (cron.ParseStandard, or the Cron's parser).
+// ticks a run waits for a busy lock instead of skipping). schedule must be
+// the one the job is scheduled with: give the same value to the Cron's
+// Schedule method. [WithTicksSpec] takes the spec given to AddJob instead,
+// which is what most callers have.
 //
 // It needs Transaction scope ([WithScope], or the Locker's) and the pglock
-// schema (pglock.Migrate, or `pglock migrate`: a run without it fails with
-// an error matching pglock.ErrSchema). The schedule must name absolute times:
+// schema (pglock.Migrate, or `pglock migrate`): a run without it does not
+// run the job and logs why at Error, and RunContext returns an error
+// matching pglock.ErrSchema. The schedule must name absolute times:
 // "@every" (cron.ConstantDelaySchedule) counts from each replica's start, so
 // its ticks are not the same on two replicas, and is an error. A cron.Job
 // given to [Wrap] runs outside the transaction: its tick is recorded, but its
-// work may not commit with it. Records older than a week are pruned.
+// work may not commit with it. Records older than a week are pruned. The
+// default, without WithTicks or WithTicksSpec, records nothing.
 func WithTicks(schedule cron.Schedule) Option {
+	return func(c *config) { c.setTicks(schedule, "WithTicks") }
+}
+
+// WithTicksSpec is [WithTicks] for the spec that the job is added with
+// (c.AddJob(spec, job)), parsed here by the same parser as the Cron's: by
+// cron.ParseStandard (the parser of cron.New()) when no parser is given, or
+// by parser, the one given to cron.WithParser (cron.WithSeconds() is
+// cron.WithParser(cron.NewParser(cron.Second | cron.Minute | cron.Hour |
+// cron.Dom | cron.Month | cron.Dow | cron.Descriptor))). Give AddJob the
+// same spec:
+//
+//	const spec = "0 2 * * *"
+//	job, err := cronlock.Func(locker, "invoices", send,
+//		cronlock.WithScope(pglock.Transaction), cronlock.WithTicksSpec(spec))
+//	_, err = c.AddJob(spec, job)
+//
+// A spec that does not parse, an "@every" spec (see WithTicks), a nil parser
+// or more than one parser is an error.
+func WithTicksSpec(spec string, parser ...cron.ScheduleParser) Option {
 	return func(c *config) {
-		switch schedule.(type) {
-		case nil:
-			c.invalid("WithTicks(nil)")
+		parse := cron.ParseStandard
+		switch {
+		case len(parser) > 1:
+			c.invalid("WithTicksSpec(%q): %d parsers, want at most one", spec, len(parser))
 			return
-		case cron.ConstantDelaySchedule, *cron.ConstantDelaySchedule:
-			c.invalid("WithTicks: an @every schedule has no ticks common to the replicas (it counts from each one's start); use a cron spec")
+		case len(parser) == 1 && isNil(parser[0]):
+			c.invalid("WithTicksSpec(%q): nil parser", spec)
+			return
+		case len(parser) == 1:
+			parse = parser[0].Parse
+		}
+		schedule, err := parse(spec)
+		if err != nil {
+			c.invalid("WithTicksSpec(%q): %w", spec, err)
 			return
 		}
-		c.ticks = schedule
+		c.setTicks(schedule, fmt.Sprintf("WithTicksSpec(%q)", spec))
 	}
+}
+
+// setTicks sets the schedule of WithTicks or WithTicksSpec (named by what).
+func (c *config) setTicks(schedule cron.Schedule, what string) {
+	switch schedule.(type) {
+	case nil:
+		c.invalid("%s: nil schedule", what)
+		return
+	case cron.ConstantDelaySchedule, *cron.ConstantDelaySchedule:
+		c.invalid("%s: an @every schedule has no ticks common to the replicas (it counts from each one's start); use a cron spec", what)
+		return
+	}
+	c.ticks = schedule
 }
 
 // WithClock sets the clock a job reads to name the tick it runs for (see

@@ -227,3 +227,63 @@ func TestTicksFailedRunIsRunElsewhere(t *testing.T) {
 		t.Errorf("a third run of the tick = %v, %v; want skipped (it ran)", ran, err)
 	}
 }
+
+// WithTicksSpec takes the spec given to AddJob, parsed as the Cron parses
+// it: by cron.ParseStandard (cron.New()'s parser) or by the parser given to
+// cron.WithParser. A run's tick is the spec's time; a spec that does not
+// parse, an @every spec, a nil parser or two parsers are errors at
+// construction.
+func TestTicksSpec(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t, 2)
+	if _, err := pglock.Migrate(ctx, pool); err != nil {
+		t.Fatal(err)
+	}
+	lk := newLockers(t, 1, pglock.WithScope(pglock.Transaction))[0]
+	seconds := cron.NewParser(cron.Second | cron.Minute | cron.Hour | cron.Dom | cron.Month | cron.Dow | cron.Descriptor)
+	base := time.Date(2026, 11, 30, 12, 5, 0, 0, time.UTC)
+	for _, c := range []struct {
+		spec   string
+		parser []cron.ScheduleParser
+		at     time.Duration // a run's time after base
+		tick   time.Duration // its tick's
+	}{
+		{"*/5 * * * *", nil, 4*time.Minute + 59*time.Second, 0},
+		{"*/10 * * * * *", []cron.ScheduleParser{seconds}, 25 * time.Second, 20 * time.Second},
+		{"CRON_TZ=UTC 0 12 * * *", nil, 3 * time.Hour, -5 * time.Minute},
+	} {
+		var got time.Time
+		now := base.Add(c.at)
+		job, err := cronlock.Func(lk, pgtest.UniqueKey(t), func(ctx context.Context) error {
+			got, _ = cronlock.TickFromContext(ctx)
+			return nil
+		}, cronlock.WithTicksSpec(c.spec, c.parser...), cronlock.WithClock(func() time.Time { return now }))
+		if err != nil {
+			t.Fatalf("WithTicksSpec(%q): %v", c.spec, err)
+		}
+		if ran, err := job.RunContext(ctx); !ran || err != nil || !got.Equal(base.Add(c.tick)) {
+			t.Errorf("WithTicksSpec(%q): run at %s = %v, %v, tick %s; want the tick at %s",
+				c.spec, now.Format(time.TimeOnly), ran, err, got.Format(time.TimeOnly), base.Add(c.tick).Format(time.TimeOnly))
+		}
+		if ran, err := job.RunContext(ctx); ran || err != nil {
+			t.Errorf("WithTicksSpec(%q): the same tick again = %v, %v; want skipped", c.spec, ran, err)
+		}
+	}
+
+	fn := func(context.Context) error { return nil }
+	for _, c := range []struct {
+		name string
+		opt  cronlock.Option
+	}{
+		{"bad spec", cronlock.WithTicksSpec("61 * * * *")},
+		{"seconds without their parser", cronlock.WithTicksSpec("*/10 * * * * *")},
+		{"@every", cronlock.WithTicksSpec("@every 1m")},
+		{"nil parser", cronlock.WithTicksSpec("* * * * *", nil)},
+		{"two parsers", cronlock.WithTicksSpec("* * * * *", seconds, seconds)},
+	} {
+		if _, err := cronlock.Func(lk, "x", fn, c.opt); !errors.Is(err, cronlock.ErrInvalidOption) {
+			t.Errorf("%s: Func = %v, want ErrInvalidOption", c.name, err)
+		}
+	}
+}

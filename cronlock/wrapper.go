@@ -12,7 +12,8 @@ import (
 // SkipIfLocked is the cluster-wide twin of cron.SkipIfStillRunning: a
 // cron.JobWrapper whose jobs run only on the replica that holds the lock
 // named name at the tick; the other replicas skip the tick and log it
-// ("held elsewhere"). It composes with cron.NewChain and cron.WithChain:
+// ("held elsewhere", at Info, to slog.Default() unless [WithLogger] or
+// [WithSlog] says otherwise). It composes with cron.NewChain and cron.WithChain:
 //
 //	skip, err := cronlock.SkipIfLocked(locker, "billing", cronlock.WithLogger(logger))
 //	if err != nil {
@@ -46,7 +47,7 @@ func SkipIfLocked(locker *pglock.Locker, name string, opts ...Option) (cron.JobW
 				return j
 			}
 		}
-		log := logger{cron: cfg.cronLog, slog: cfg.slog, kv: []any{"job", name}}
+		log := cfg.logger(name, nil)
 		return cron.FuncJob(func() { log.error(slog.LevelError, err, "cronlock: job not run") })
 	}, nil
 }

@@ -94,7 +94,8 @@
 //
 // A [Job] made by Func tries its lock at each run, as a Locker does, and
 // skips the run when the lock is held elsewhere (logged; Run returns nil,
-// since a skip is no failure). In Transaction scope ([WithScope]) the lock
+// since a skip is no failure). The function's error is logged at Error and
+// returned to gocron (its AfterJobRunsWithError listener). In Transaction scope ([WithScope]) the lock
 // is taken in a transaction of its own that the function finds with
 // [pglock.TxFromContext] ([pglock.SQLTxFromContext] on database/sql): its
 // writes commit together with the lock when it returns nil, and roll back
@@ -176,9 +177,13 @@
 //     a later tick than the one that queued it.
 //
 // It needs the pglock schema: run pglock.Migrate (or `pglock migrate`) once;
-// without it a run fails with an error matching pglock.ErrSchema. A run that
-// gocron reported no scheduled time for (a scheduler without the Ticks, a
-// gocron job not named job.Name(), TryRun by hand) fails with [ErrNoTick].
+// without it a run fails with an error matching pglock.ErrSchema, logged at
+// Error ("gocronlock: tick not recorded"). A run that gocron reported no
+// scheduled time for (a scheduler without the Ticks, a gocron job not named
+// job.Name(), TryRun by hand) fails with [ErrNoTick]; the first such run of
+// a Job logs why at Error (the Ticks is no scheduler's monitor, or its
+// scheduler has no job of that name), the later ones at Debug. gocron has no
+// hook that would let a Job see its scheduler's monitor sooner.
 //
 // # Construction errors
 //
@@ -204,10 +209,17 @@
 //
 // # Logging
 //
-// [WithLogger] takes a gocron.Logger, such as the one given to
-// gocron.WithLogger, or a *slog.Logger. It logs what gocron does not see:
-// skips and why, locks lost during a run, lock and unlock errors (gocron
-// ignores Unlock's error), elections won and lost. The default is silence.
+// The package speaks up by default: with no logger given, it logs to
+// slog.Default(), read at each message, what gocron does not log: a [Func]
+// job's error ("gocronlock: run failed") and any reason a job cannot run
+// (its ticks not wired, the pglock schema missing) at Error, lock and unlock
+// errors at Error (gocron ignores Unlock's error), locks lost during a run at
+// Warn, skips and why at Info, elections won and lost at Info. Every message
+// names the job (or election) and its key.
+//
+// [WithLogger] sends them to a gocron.Logger instead, such as the one given
+// to gocron.WithLogger, or a *slog.Logger. A nil logger turns logging off:
+// WithLogger(nil) (or a logger on slog.DiscardHandler) silences it.
 //
 // # What it deliberately does not do
 //

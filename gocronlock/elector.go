@@ -61,7 +61,7 @@ func NewElector(ctx context.Context, locker *pglock.Locker, name string, opts ..
 	if err != nil {
 		return nil, fmt.Errorf("gocronlock: election %q: %w", name, err)
 	}
-	log := logger{l: cfg.log, kv: []any{"election", name, "key", key.String()}}
+	log := cfg.newLogger("election", name, "key", key.String())
 	lc := cfg.leader
 	onElected, onDeposed := lc.OnElected, lc.OnDeposed
 	lc.OnElected = func(ctx context.Context) {

@@ -59,7 +59,8 @@ var (
 	// gocron.WithSchedulerMonitor, or the gocron job is not named
 	// job.Name()), or [Job.TryRun] was called by hand (use
 	// [Job.TryRunTick]). The function does not run; Run returns the error at
-	// every run, to be seen.
+	// every run, to be seen, and the first such run of a Job logs it at
+	// Error, saying which of the two it is (the later ones at Debug).
 	ErrNoTick = errors.New("gocronlock: no scheduled time for the run (give the scheduler the job's Ticks:" +
 		" gocron.WithSchedulerMonitor, and name the gocron job job.Name())")
 )

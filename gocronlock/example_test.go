@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"log/slog"
 	"os"
 	"sync/atomic"
 	"time"
@@ -243,4 +244,52 @@ func ExampleWithTicks() {
 	}
 	fmt.Println("runs of the tick across 2 schedulers:", runs.Load())
 	// Output: runs of the tick across 2 schedulers: 1
+}
+
+// A job speaks up by default, through slog.Default(): here a Func job's
+// function fails, and the error is logged at Error besides being returned
+// to gocron (which logs nothing of it). WithLogger(nil) turns logging off.
+func Example_logging() {
+	defer logToStdout()() // slog.Default() writes to stdout here, for the example's output
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+	failing := func(ctx context.Context) error { return errors.New("disk full") }
+
+	loud, err := gocronlock.Func(locker, "example-loud", failing)
+	if err != nil {
+		log.Fatal(err)
+	}
+	quiet, err := gocronlock.Func(locker, "example-quiet", failing, gocronlock.WithLogger(nil))
+	if err != nil {
+		log.Fatal(err)
+	}
+	_ = loud.Run(ctx)  // what gocron calls at a run (gocron.NewTask(loud.Run))
+	_ = quiet.Run(ctx) // fails too, and says nothing
+	// Output:
+	// level=ERROR msg="gocronlock: run failed" job=example-loud error="disk full"
+}
+
+// logToStdout makes slog.Default() write text lines to stdout, without the
+// attributes that change from run to run, and returns what puts it back.
+func logToStdout() (restore func()) {
+	old, w, flags := slog.Default(), log.Writer(), log.Flags()
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{
+		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+			if a.Key == slog.TimeKey || a.Key == "key" {
+				return slog.Attr{}
+			}
+			return a
+		},
+	})))
+	return func() {
+		slog.SetDefault(old) // leaves the log package writing to the handler above:
+		log.SetOutput(w)
+		log.SetFlags(flags)
+	}
 }

@@ -49,6 +49,9 @@ type Job struct {
 	tickJob string // the job's name in pglock's tick records: its lock's name, namespaces included
 	log     logger
 	running atomic.Bool
+	// noTickLogged: a run found no tick (ErrNoTick) and said so at Error;
+	// later ones say it at Debug.
+	noTickLogged atomic.Bool
 }
 
 // Func returns a Job that runs fn under the lock of the key
@@ -63,7 +66,9 @@ type Job struct {
 // carries the lock's transaction (pglock.TxFromContext): fn's writes commit
 // with the lock when fn returns nil, and roll back when it returns an error
 // or panics. With [WithTicks] it carries the run's tick too
-// ([TickFromContext]), recorded in that transaction before fn runs.
+// ([TickFromContext]), recorded in that transaction before fn runs. An
+// error from fn is logged at Error (to slog.Default() unless [WithLogger]
+// says otherwise) and returned by Run.
 //
 // A nil locker, an empty name, a nil fn, a bad option or a Locker that does
 // not fit is an error ([ErrNilLocker], [ErrEmptyName], [ErrNilFunc],
@@ -103,7 +108,7 @@ func Func(locker *pglock.Locker, name string, fn func(ctx context.Context) error
 	return &Job{
 		name: name, lock: l, fn: fn, minHold: cfg.minHold, maxRun: cfg.maxRun,
 		ticks: cfg.ticks, tickJob: l.Name(),
-		log: logger{l: cfg.log, kv: []any{"job", name, "key", l.Key().String()}},
+		log: cfg.newLogger("job", name, "key", l.Key().String()),
 	}, nil
 }
 
@@ -156,8 +161,12 @@ func (j *Job) TryRun(ctx context.Context) (bool, error) {
 	if j.ticks != nil {
 		at, ok := j.ticks.take(j.name)
 		if !ok {
-			err := fmt.Errorf("%w: job %q", ErrNoTick, j.name)
-			j.log.error(err, "gocronlock: job not run")
+			err := fmt.Errorf("%w: job %q: %s", ErrNoTick, j.name, j.ticks.why())
+			if j.noTickLogged.CompareAndSwap(false, true) {
+				j.log.error(err, "gocronlock: job not run", "note", "later runs that find no tick are logged at Debug")
+			} else {
+				j.log.debug(err, "gocronlock: job not run")
+			}
 			return false, err
 		}
 		tick = at
@@ -187,7 +196,7 @@ func (j *Job) TryRunTick(ctx context.Context, tick time.Time) (bool, error) {
 func (j *Job) run(ctx context.Context, tick time.Time) (bool, error) {
 	log := j.log
 	if !tick.IsZero() {
-		log = logger{l: j.log.l, kv: j.log.with("tick", tick)}
+		log = j.log.withKV("tick", tick)
 	}
 	if ctx == nil {
 		return false, fmt.Errorf("gocronlock: job %q: %w: nil context", j.name, pglock.ErrNotAcquired)
@@ -232,6 +241,9 @@ func (j *Job) run(ctx context.Context, tick time.Time) (bool, error) {
 		log.error(err, "gocronlock: tick not recorded")
 		return false, err
 	case held:
+		if err != nil {
+			log.error(err, "gocronlock: run failed")
+		}
 		return true, err
 	case err != nil:
 		err = fmt.Errorf("gocronlock: job %q: %w", j.name, err)

@@ -53,7 +53,7 @@ func NewLocker(locker *pglock.Locker, opts ...Option) (*Locker, error) {
 	if _, err := lockOf(locker, cfg.namespace+"check", pglock.WithScope(pglock.Session)); err != nil {
 		return nil, fmt.Errorf("gocronlock: NewLocker: %w", err)
 	}
-	return &Locker{locker: locker, namespace: cfg.namespace, minHold: cfg.minHold, log: logger{l: cfg.log}}, nil
+	return &Locker{locker: locker, namespace: cfg.namespace, minHold: cfg.minHold, log: cfg.newLogger()}, nil
 }
 
 // lockOf makes the lock of key with opts on locker: pglock checks the
@@ -115,7 +115,7 @@ func (l *Locker) Lock(ctx context.Context, key string) (gocron.Lock, error) {
 	if err != nil {
 		return nil, fmt.Errorf("gocronlock: job %q: %w", key, err)
 	}
-	log := logger{l: l.log.l, kv: []any{"job", key, "key", lk.Key().String()}}
+	log := l.log.withKV("job", key, "key", lk.Key().String())
 	start := time.Now()
 	ok, err := lk.TryAcquire(ctx)
 	if err != nil {

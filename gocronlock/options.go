@@ -62,6 +62,7 @@ type config struct {
 	ticks  *Ticks
 	leader pglock.LeaderConfig
 	log    gocron.Logger
+	logSet bool // WithLogger given: no slog.Default()
 	errs   []error
 }
 
@@ -236,20 +237,27 @@ func WithTicks(ticks *Ticks) Option {
 	}
 }
 
-// WithLogger logs what gocron cannot see to a gocron.Logger, such as the one
+// WithLogger logs what gocron does not to a gocron.Logger, such as the one
 // given to gocron.WithLogger, or a *slog.Logger (which is one): a skipped
 // tick at Info ("gocronlock: skip", with the reason: "held elsewhere",
 // "still running here", "tick already ran"), a lock lost during a run at
-// Warn, a lock, unlock or tick error at Error (gocron ignores the error of
+// Warn, a [Func] job's error ("gocronlock: run failed"), a job that could
+// not run ("gocronlock: job not run": its ticks not wired, see [ErrNoTick];
+// "gocronlock: tick not recorded": the pglock schema missing) and a lock or
+// unlock error at Error (gocron logs none of these, and ignores the error of
 // Unlock), an election won or lost at Info. Every message names the job (or
-// election) and its key, and the tick with WithTicks. A nil
-// l (the default) logs nothing. It applies to every constructor.
+// election) and its key, and the tick with WithTicks.
+//
+// The default, without WithLogger, is slog.Default(), read at each message:
+// a job's error and any reason it cannot run are never silent. A nil l logs
+// nothing: WithLogger(nil) turns logging off (so does a logger on
+// slog.DiscardHandler). It applies to every constructor.
 func WithLogger(l gocron.Logger) Option {
 	return func(c *config) {
 		if v := reflect.ValueOf(l); v.Kind() == reflect.Pointer && v.IsNil() {
 			l = nil // a typed nil, such as a nil *slog.Logger
 		}
-		c.log = l
+		c.log, c.logSet = l, true
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"reflect"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-co-op/gocron/v2"
@@ -31,8 +32,10 @@ import (
 // use.
 type Ticks struct {
 	next gocron.SchedulerMonitor
-	mu   sync.Mutex
-	at   map[string]time.Time // gocron job name -> scheduled time of the run being started
+	// wired: a scheduler called this Ticks (it is one's monitor).
+	wired atomic.Bool
+	mu    sync.Mutex
+	at    map[string]time.Time // gocron job name -> scheduled time of the run being started
 }
 
 var _ gocron.SchedulerMonitor = (*Ticks)(nil)
@@ -52,6 +55,7 @@ func (t *Ticks) JobSchedulingDelay(job gocron.Job, scheduledTime, actualStartTim
 	if t == nil {
 		return
 	}
+	t.wired.Store(true)
 	if job != nil && !scheduledTime.IsZero() {
 		t.mu.Lock()
 		t.at[job.Name()] = scheduledTime
@@ -60,6 +64,17 @@ func (t *Ticks) JobSchedulingDelay(job gocron.Job, scheduledTime, actualStartTim
 	if t.next != nil {
 		t.next.JobSchedulingDelay(job, scheduledTime, actualStartTime)
 	}
+}
+
+// why says why a run found no tick (see ErrNoTick): no scheduler calls t,
+// or the one that does has no job of the name.
+func (t *Ticks) why() string {
+	if !t.wired.Load() {
+		return "its Ticks is no scheduler's monitor: give it to the job's scheduler, gocron.WithSchedulerMonitor(ticks)" +
+			" (or gocronlock.NewTicks(monitor) to keep another monitor)"
+	}
+	return "the scheduler whose monitor is its Ticks reported no scheduled time for a job of this name:" +
+		" schedule it there, named gocron.WithName(job.Name()) (TryRun by hand: use TryRunTick)"
 }
 
 // take returns, and forgets, the scheduled time of the run of job name that
@@ -76,6 +91,9 @@ func (t *Ticks) take(name string) (time.Time, bool) {
 
 // SchedulerStarted forwards to the monitor given to NewTicks.
 func (t *Ticks) SchedulerStarted() {
+	if t != nil {
+		t.wired.Store(true)
+	}
 	if t != nil && t.next != nil {
 		t.next.SchedulerStarted()
 	}
@@ -97,6 +115,9 @@ func (t *Ticks) SchedulerShutdown() {
 
 // JobRegistered forwards to the monitor given to NewTicks.
 func (t *Ticks) JobRegistered(job gocron.Job) {
+	if t != nil {
+		t.wired.Store(true)
+	}
 	if t != nil && t.next != nil {
 		t.next.JobRegistered(job)
 	}

@@ -186,6 +186,8 @@ func (c *cli) runLocked(ctx context.Context, url, name string, argv []string, op
 	switch {
 	case err != nil && opts.wait > 0 && errors.Is(err, context.DeadlineExceeded):
 		return c.fail(exitBusy, "run", "lock %s still held elsewhere after %v", label, opts.wait)
+	case err != nil && errors.Is(err, pglock.ErrTransactionPooler):
+		return c.fail(exitUsage, "run", "%s", poolerAdvice(label, err, opts.xact))
 	case err != nil:
 		return c.fail(exitUsage, "run", "%v", errText(err))
 	case !ok:
@@ -358,6 +360,29 @@ func silent(err error) bool {
 	var ne net.Error
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) ||
 		(errors.As(err, &ne) && ne.Timeout())
+}
+
+// poolerAdvice is the line for a lock refused because a transaction pooler
+// stands between pglock and the server (pglock.ErrTransactionPooler). The
+// library's error advises its users to take Transaction scope; the command's
+// way to do that is --xact. With --xact given, the pooler refused the
+// transaction block too (statement pooling): its detail says what works.
+func poolerAdvice(label string, err error, xact bool) string {
+	// What pglock saw, without the sentinel's advice to library users.
+	detail := errText(err)
+	if _, after, ok := strings.Cut(err.Error(), pglock.ErrTransactionPooler.Error()); ok {
+		detail = strings.TrimPrefix(after, ": ")
+	}
+	if xact {
+		return fmt.Sprintf("lock %s not taken: %s", label, detail)
+	}
+	line := fmt.Sprintf("lock %s not taken: a transaction pooler (such as PgBouncer with pool_mode = transaction)"+
+		" is between pglock and the server, where a session lock does not hold: use --xact (a transaction lock, held"+
+		" in a transaction kept open while COMMAND runs), a session pooler or a direct connection", label)
+	if detail != "" {
+		line += " (" + detail + ")"
+	}
+	return line
 }
 
 // errText is err's message without the "pglock: " that the pglock
