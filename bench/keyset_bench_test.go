@@ -39,3 +39,29 @@ func BenchmarkKeySet(b *testing.B) {
 		}
 	})
 }
+
+// A Semaphore of 3 slots, uncontended: Semaphore.Do (a try of a free slot on
+// a lock connection, then its unlock) beside raw pgx on a pool connection
+// doing the same SQL (pg_try_advisory_lock of the slot, then its unlock).
+func BenchmarkSemaphore(b *testing.B) {
+	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+		lk := newLocker(b, pool)
+		s, err := lk.Semaphore(k.String(), 3)
+		must(b, err)
+		raw := func(b *testing.B) {
+			c, err := pool.Acquire(ctx)
+			must(b, err)
+			defer c.Release()
+			var ok bool
+			must(b, c.QueryRow(ctx, "SELECT pg_try_advisory_lock($1::bigint)", rk.Int64()).Scan(&ok))
+			if !ok {
+				b.Fatal("raw try: busy")
+			}
+			must(b, c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", rk.Int64()).Scan(&ok))
+			if !ok {
+				b.Fatal("raw unlock: not held")
+			}
+		}
+		return pair{lib: func(b *testing.B) { must(b, s.Do(ctx, noop)) }, raw: raw}
+	})
+}

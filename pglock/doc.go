@@ -288,6 +288,15 @@
 // in one canonical order, and a wait holds lower keys only, so that two
 // callers whose sets overlap cannot each hold what the other waits for.
 //
+// # Semaphores
+//
+// [Locker.Semaphore] makes a counted lock: at most N holders of a name at
+// once across every process (at most 3 exports at once in the fleet, at most
+// N calls per tenant). It is N slot keys and a queue key: an acquire takes a
+// free slot; when none is free it queues in the server's FIFO queue, and the
+// head of that queue waits for every slot at once, in the server, so it is
+// granted as soon as any slot frees and no waiter starves. See [Semaphore].
+//
 // # Leader election
 //
 // [Locker.Leader] makes a [Leader]: of all the processes that run

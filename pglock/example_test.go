@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -446,4 +447,41 @@ func ExampleLocker_DoAll() {
 	// transfer 1 -> 2
 	// transfer 2 -> 1
 	// true <nil>
+}
+
+// At most 2 exports run at once across every replica.
+func ExampleSemaphore() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+
+	exports, err := locker.Semaphore("example:exports", 2)
+	if err != nil {
+		log.Fatal(err)
+	}
+	var running, most atomic.Int32
+	var wg sync.WaitGroup
+	for range 6 {
+		wg.Go(func() {
+			err := exports.Do(ctx, func(ctx context.Context) error {
+				n := running.Add(1)
+				for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+				}
+				time.Sleep(10 * time.Millisecond) // the export
+				running.Add(-1)
+				return nil
+			})
+			if err != nil {
+				log.Fatal(err)
+			}
+		})
+	}
+	wg.Wait()
+	fmt.Println("at most", most.Load(), "at once")
+	// Output: at most 2 at once
 }
