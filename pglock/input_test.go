@@ -224,7 +224,8 @@ func TestWaitTimeoutAndNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = outer.Do(ctx, func(ctx context.Context) error {
+	err = outer.Do(ctx, func(context.Context) error {
+		// Another context than the hold's: a Do in the hold's runs in it.
 		start := time.Now()
 		err := lk.Do(ctx, name, func(context.Context) error { return nil })
 		if !errors.Is(err, pglock.ErrNotAcquired) || !errors.Is(err, context.DeadlineExceeded) {
