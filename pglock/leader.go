@@ -78,7 +78,8 @@ type LeaderConfig struct {
 // multiplexing Locker a Leader costs no pool connection: while it
 // campaigns it waits in the server's queue on a waiting connection of its
 // own, which does not count among [WithWaitConns] (so campaigns never starve
-// other waits), and it leads on that connection. With one connection per
+// other waits), and it leads on that connection, never on a lock connection
+// shared with other keys (whose loss would end the term). With one connection per
 // hold ([WithMultiplexing](false)) a campaign takes a pool connection for as
 // long as it waits and leads. A Locker on one connection holds one lock at a
 // time, so its other locks wait for the whole term there.
