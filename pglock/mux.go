@@ -697,9 +697,10 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 
 // takeCampaign is take for a Leader's campaign (issue 25): it waits, and
 // leads, on a waiting connection of its own, never on a lock connection, so
-// that the session that holds the Leader's key is the Leader's alone. The
-// caps are checked as a try checks them; the grant is counted as a wait's
-// is.
+// that the session that holds the Leader's key is the Leader's alone and
+// carries its identity (application_name, set before the wait: see
+// nameCampaign), which every replica reads from the server. The caps are
+// checked as a try checks them; the grant is counted as a wait's is.
 func (m *mux) takeCampaign(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error) {
 	err := m.guard(ctx, e.key)
 	if err == nil {
@@ -862,6 +863,13 @@ func (m *mux) serverWait(wctx context.Context, b *muxBackend, placed, hot bool) 
 		return nil, false, false, ErrLockerClosed
 	}
 	op := connOp{ctx: wctx, fn: func(conn *pgx.Conn) {
+		if !placed {
+			// A Leader's campaign: its session carries the Leader's
+			// identity before it waits (issue 25, see nameCampaign).
+			if err = nameCampaign(wctx, conn, b.l, m.releaseTimeout); err != nil {
+				return
+			}
+		}
 		start := time.Now()
 		var contended bool
 		held, healthy, contended, err = waitSessionAs(wctx, b.l, conn, hot)
@@ -1054,7 +1062,8 @@ func (m *mux) waitConn(placed bool) *lockConn {
 // putWaitConn gives back a waiting connection that holds nothing, after a
 // wait that failed or after the release of what it waited for, with its
 // place in waitSem if it has one. One in doubt is closed, and so is one that
-// would make more idle and placed connections than WithWaitConns.
+// would make more idle and placed connections than WithWaitConns, and a
+// Leader's campaign connection.
 func (m *mux) putWaitConn(c *lockConn, healthy bool) {
 	m.mu.Lock()
 	delete(m.waitBusy, c)
@@ -1065,8 +1074,10 @@ func (m *mux) putWaitConn(c *lockConn, healthy bool) {
 	}
 	// Idle and placed connections together stay within WithWaitConns: a
 	// wait that takes a place takes an idle connection, or opens one
-	// only when none is idle.
-	keep := healthy && !m.closed && !c.isDead() && len(m.waitIdle)+m.placedConns < m.waitConns
+	// only when none is idle. A Leader's campaign connection (not placed)
+	// is not kept: it carries the Leader's identity (issue 25, see
+	// nameCampaign).
+	keep := healthy && placed && !m.closed && !c.isDead() && len(m.waitIdle)+m.placedConns < m.waitConns
 	if keep {
 		m.waitIdle = append(m.waitIdle, c)
 	}
