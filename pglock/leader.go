@@ -128,6 +128,10 @@ type Leader struct {
 	terms   atomic.Int64
 	// kick asks the observer (see observe) to read who leads now.
 	kick chan struct{}
+	// cur is the current term, set before leading is, and cleared after it
+	// is (see CheckHealth); health caches CheckHealth's reads.
+	cur    atomic.Pointer[leaderTerm]
+	health healthProbe
 }
 
 // Leader returns a Leader for key on the Locker. key is anything [KeyOf]
@@ -326,13 +330,13 @@ func permanent(err error) bool {
 // returns why the term ended and whether the lock was lost.
 func (ld *Leader) term(ctx context.Context, fn func(ctx context.Context) error) (why error, lost bool) {
 	tctx, cancel := context.WithCancelCause(ctx)
-	ld.terms.Add(1)
+	lostCh := ld.l.Lost()
+	ld.cur.Store(&leaderTerm{n: ld.terms.Add(1), pid: ld.holdPID(), lost: lostCh})
 	ld.leading.Store(true)
 	ld.kicked()
 	// The belief ends the moment the term's context does: at a loss, at
 	// once, not when fn gets round to returning.
 	var wg sync.WaitGroup
-	lostCh := ld.l.Lost()
 	wg.Go(func() {
 		select {
 		case <-lostCh:
@@ -374,6 +378,7 @@ func (ld *Leader) stepDown(ctx context.Context, cancel context.CancelCauseFunc, 
 	cancel(nil)
 	wg.Wait()
 	err := ld.l.Release(context.WithoutCancel(ctx))
+	ld.cur.Store(nil)
 	ld.kicked()
 	ld.logf(slog.LevelInfo, "pglock: stepped down as leader", err)
 	return err
