@@ -44,6 +44,39 @@ type LeaderConfig struct {
 	// are not leading wait in the server's queue, not in a backoff: when a
 	// leader's term ends, the next one is elected at once.
 	MinBackoff, MaxBackoff time.Duration
+
+	// Identity names this Leader to every replica: while it campaigns and
+	// leads, its session carries the identity as its application_name,
+	// which pg_stat_activity shows to every session, so [Leader.CurrentLeader]
+	// on any replica, OnNewLeader, `pglock locks` and pg_stat_activity all
+	// say who leads. Empty means the host name and process id
+	// ("host-1:4242"). It is 1 to 63 bytes of printable ASCII (what
+	// PostgreSQL keeps of an application_name as it is); other values are
+	// an error. Give each replica its own: two replicas with one identity
+	// cannot be told apart. (On a Locker that does not multiplex, and on a
+	// *sql.DB whose driver is not pgx's, the key lives on a pool
+	// connection, which keeps the pool's application_name: see
+	// CurrentLeader.)
+	Identity string
+	// OnNewLeader, if set, is called with the identity of each new leader
+	// that this replica sees (itself included), read from the server
+	// (see [Leader.CurrentLeader]): once when Run starts and finds a
+	// leader, then whenever the identity changes. It is read every
+	// ObserveInterval while Run runs, and at once when this Leader's own
+	// term starts or ends; a change is seen within ObserveInterval plus a
+	// round trip. Each read is one round trip on a connection of the
+	// Locker's pool. It is called from a goroutine of Run's, one call at a
+	// time (not in order with OnElected and OnDeposed), and never after Run
+	// has returned; it should not block. Between two terms the key can be
+	// free for a moment: that is not reported, and a new term of the same
+	// identity is not a new leader. It needs a Locker that multiplexes on a
+	// pool (the default on a *pgxpool.Pool or *sql.DB); on another Locker it
+	// is an error.
+	OnNewLeader func(identity string)
+	// ObserveInterval is how often OnNewLeader's reads happen. Zero means
+	// DefaultLeaderObserveInterval (500 ms); otherwise 100 ms to 1 h. It
+	// has no use without OnNewLeader.
+	ObserveInterval time.Duration
 }
 
 // Leader is leader election on one key: of all the processes (or Leaders)
@@ -78,9 +111,13 @@ type LeaderConfig struct {
 // multiplexing Locker a Leader costs no pool connection: while it
 // campaigns it waits in the server's queue on a waiting connection of its
 // own, which does not count among [WithWaitConns] (so campaigns never starve
-// other waits), and it leads on that connection. With one connection per
-// hold ([WithMultiplexing](false)) a campaign takes a pool connection for as
-// long as it waits and leads. A Locker on one connection holds one lock at a
+// other waits), and it leads on that connection, never on a lock connection
+// shared with other keys. That session carries the Leader's identity as its
+// application_name (see [LeaderConfig].Identity and [Leader.CurrentLeader]),
+// set before it waits, in one round trip; it is closed when the campaign or
+// the term ends (a campaign opens one, or takes an idle waiting
+// connection). With one connection per hold ([WithMultiplexing](false)) a
+// campaign takes a pool connection for as long as it waits and leads. A Locker on one connection holds one lock at a
 // time, so its other locks wait for the whole term there.
 type Leader struct {
 	lk      *Locker
@@ -89,13 +126,21 @@ type Leader struct {
 	leading atomic.Bool
 	running atomic.Bool
 	terms   atomic.Int64
+	// kick asks the observer (see observe) to read who leads now.
+	kick chan struct{}
+	// cur is the current term, set before leading is, and cleared after it
+	// is (see CheckHealth); health caches CheckHealth's reads.
+	cur    atomic.Pointer[leaderTerm]
+	health healthProbe
 }
 
 // Leader returns a Leader for key on the Locker. key is anything [KeyOf]
 // takes (the Locker's namespace applies). The Locker's logger, observer,
 // lost-check interval and release timeout apply to its lock; its scope, mode
-// and wait timeout do not (see [Leader]). A bad key or a backoff out of its
-// range (see [LeaderConfig]) is an error.
+// and wait timeout do not (see [Leader]). A bad key, a backoff or
+// ObserveInterval out of its range, a bad Identity, or OnNewLeader on a
+// Locker that does not multiplex (see [LeaderConfig]) is an error matching
+// [ErrInvalidOption] ([ErrInvalidKey] for the key).
 func (lk *Locker) Leader(key any, cfg LeaderConfig) (*Leader, error) {
 	for _, b := range []struct {
 		name     string
@@ -115,11 +160,38 @@ func (lk *Locker) Leader(key any, cfg LeaderConfig) (*Leader, error) {
 	if cfg.MaxBackoff < cfg.MinBackoff {
 		return nil, fmt.Errorf("%w: leader MaxBackoff %v is below MinBackoff %v", ErrInvalidOption, cfg.MaxBackoff, cfg.MinBackoff)
 	}
+	if err := settleIdentity(lk, &cfg); err != nil {
+		return nil, err
+	}
 	l, err := lk.NewLock(key, WithScope(Session), WithMode(Exclusive), WithWait(0), func(c *config) { c.campaign = true })
 	if err != nil {
 		return nil, err
 	}
-	return &Leader{lk: lk, l: l, cfg: cfg}, nil
+	return &Leader{lk: lk, l: l, cfg: cfg, kick: make(chan struct{}, 1)}, nil
+}
+
+// settleIdentity checks the identity settings of cfg and fills in their
+// defaults (see LeaderConfig).
+func settleIdentity(lk *Locker, cfg *LeaderConfig) error {
+	if cfg.Identity == "" {
+		cfg.Identity = defaultIdentity()
+	}
+	if err := checkIdentity(cfg.Identity); err != nil {
+		return err
+	}
+	switch d := cfg.ObserveInterval; {
+	case d == 0:
+		cfg.ObserveInterval = DefaultLeaderObserveInterval
+	case d < minObserveInterval || d > maxObserveInterval:
+		return fmt.Errorf("%w: leader ObserveInterval %v is out of range: want 0 (the default, %v) or %v..%v",
+			ErrInvalidOption, d, DefaultLeaderObserveInterval, minObserveInterval, maxObserveInterval)
+	}
+	if cfg.OnNewLeader != nil && (lk == nil || lk.mux == nil) {
+		return fmt.Errorf("%w: leader OnNewLeader needs a Locker that multiplexes on a pool (*pgxpool.Pool, or *sql.DB with pgx's driver):"+
+			" on a pool connection of its own (WithMultiplexing(false)) or on one connection, a Leader's session keeps the application_name it has",
+			ErrInvalidOption)
+	}
+	return nil
 }
 
 // unmade returns the error of a Leader that Locker.Leader did not make (nil
@@ -189,6 +261,19 @@ func (ld *Leader) Run(ctx context.Context, fn func(ctx context.Context) error) e
 		return fmt.Errorf("%w: key %s", ErrLeaderRunning, ld.Key())
 	}
 	defer ld.running.Store(false)
+	// The campaigns' sessions carry the identity (see nameCampaign), and
+	// OnNewLeader's reads run while Run does.
+	campaignNames.Store(ld.l, ld.cfg.Identity)
+	defer campaignNames.Delete(ld.l)
+	if ld.cfg.OnNewLeader != nil {
+		octx, stop := context.WithCancel(ctx)
+		var ow sync.WaitGroup
+		ow.Go(func() { ld.observe(octx) })
+		defer func() {
+			stop()
+			ow.Wait()
+		}()
+	}
 	backoff := ld.cfg.MinBackoff
 	for {
 		err := ld.l.Acquire(ctx)
@@ -245,12 +330,13 @@ func permanent(err error) bool {
 // returns why the term ended and whether the lock was lost.
 func (ld *Leader) term(ctx context.Context, fn func(ctx context.Context) error) (why error, lost bool) {
 	tctx, cancel := context.WithCancelCause(ctx)
-	ld.terms.Add(1)
+	lostCh := ld.l.Lost()
+	ld.cur.Store(&leaderTerm{n: ld.terms.Add(1), pid: ld.holdPID(), lost: lostCh})
 	ld.leading.Store(true)
+	ld.kicked()
 	// The belief ends the moment the term's context does: at a loss, at
 	// once, not when fn gets round to returning.
 	var wg sync.WaitGroup
-	lostCh := ld.l.Lost()
 	wg.Go(func() {
 		select {
 		case <-lostCh:
@@ -292,6 +378,8 @@ func (ld *Leader) stepDown(ctx context.Context, cancel context.CancelCauseFunc, 
 	cancel(nil)
 	wg.Wait()
 	err := ld.l.Release(context.WithoutCancel(ctx))
+	ld.cur.Store(nil)
+	ld.kicked()
 	ld.logf(slog.LevelInfo, "pglock: stepped down as leader", err)
 	return err
 }

@@ -668,6 +668,9 @@ func (m *mux) isClosed() bool {
 // of another process contends for (see hotFor) is waited for in the
 // server's queue at once, when waiting places are free (see takeHot).
 func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (bool, error) {
+	if wait && b.l.cfg.campaign {
+		return m.takeCampaign(ctx, b, e)
+	}
 	if wait && b.l.cfg.mode == Exclusive && !b.l.cfg.campaign && m.t.isHot(e.key) {
 		if done, held, err := m.takeHot(ctx, b, e); done {
 			return held, err
@@ -685,6 +688,31 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 		return true, nil
 	}
 	m.t.tried(e)
+	held, err := m.wait(ctx, b, e)
+	if !held {
+		m.t.passTurn(e)
+	}
+	return held, err
+}
+
+// takeCampaign is take for a Leader's campaign (issue 25): it waits, and
+// leads, on a waiting connection of its own, never on a lock connection, so
+// that the session that holds the Leader's key is the Leader's alone and
+// carries its identity (application_name, set before the wait: see
+// nameCampaign), which every replica reads from the server. The caps are
+// checked as a try checks them; the grant is counted as a wait's is.
+func (m *mux) takeCampaign(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error) {
+	err := m.guard(ctx, e.key)
+	if err == nil {
+		if err = m.reserve(e.key); err == nil {
+			m.unreserve() // counted once granted, as a wait is
+		}
+	}
+	if err != nil {
+		m.t.passTurn(e)
+		return false, err
+	}
+	m.t.tried(e) // tries queued behind are answered busy
 	held, err := m.wait(ctx, b, e)
 	if !held {
 		m.t.passTurn(e)
@@ -835,6 +863,13 @@ func (m *mux) serverWait(wctx context.Context, b *muxBackend, placed, hot bool) 
 		return nil, false, false, ErrLockerClosed
 	}
 	op := connOp{ctx: wctx, fn: func(conn *pgx.Conn) {
+		if !placed {
+			// A Leader's campaign: its session carries the Leader's
+			// identity before it waits (issue 25, see nameCampaign).
+			if err = nameCampaign(wctx, conn, b.l, m.releaseTimeout); err != nil {
+				return
+			}
+		}
 		start := time.Now()
 		var contended bool
 		held, healthy, contended, err = waitSessionAs(wctx, b.l, conn, hot)
@@ -1027,7 +1062,8 @@ func (m *mux) waitConn(placed bool) *lockConn {
 // putWaitConn gives back a waiting connection that holds nothing, after a
 // wait that failed or after the release of what it waited for, with its
 // place in waitSem if it has one. One in doubt is closed, and so is one that
-// would make more idle and placed connections than WithWaitConns.
+// would make more idle and placed connections than WithWaitConns, and a
+// Leader's campaign connection.
 func (m *mux) putWaitConn(c *lockConn, healthy bool) {
 	m.mu.Lock()
 	delete(m.waitBusy, c)
@@ -1038,8 +1074,10 @@ func (m *mux) putWaitConn(c *lockConn, healthy bool) {
 	}
 	// Idle and placed connections together stay within WithWaitConns: a
 	// wait that takes a place takes an idle connection, or opens one
-	// only when none is idle.
-	keep := healthy && !m.closed && !c.isDead() && len(m.waitIdle)+m.placedConns < m.waitConns
+	// only when none is idle. A Leader's campaign connection (not placed)
+	// is not kept: it carries the Leader's identity (issue 25, see
+	// nameCampaign).
+	keep := healthy && placed && !m.closed && !c.isDead() && len(m.waitIdle)+m.placedConns < m.waitConns
 	if keep {
 		m.waitIdle = append(m.waitIdle, c)
 	}
@@ -1209,13 +1247,15 @@ func (m *mux) relayEnded(k Key, rw *relayWait, healthy bool) {
 }
 
 // handsTo says to which waiters a hold on c may be handed without leaving
-// it (a retake): any, on a lock connection; on a waiting connection that
+// it (a retake): any but a Leader's campaign, on a lock connection; on a waiting connection that
 // holds a place among WithWaitConns, not a Leader's campaign (which would keep
 // the place for a whole term); on a Leader's own connection, none (the hold
 // would live outside the places). The others take the key the usual way.
 func (m *mux) handsTo(c *lockConn) func(campaign bool) bool {
 	if c.slot >= 0 {
-		return func(bool) bool { return true }
+		// Not to a Leader's campaign, which takes its key on a connection
+		// of its own (issue 25, see takeCampaign).
+		return func(campaign bool) bool { return !campaign }
 	}
 	m.mu.Lock()
 	placed := c.placed

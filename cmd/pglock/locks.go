@@ -41,6 +41,11 @@ size of its lock table, and warns when the table is more than half full.
 	--interval D time between refreshes with --watch, from 100ms to 1h
 	             (default 1s)
 
+APPLICATION is the session's application_name. The session of a pglock
+Leader, leading or campaigning, carries the Leader's identity there (by
+default its host name and process id, "host-1:4242"): the holder of a
+Leader's key is the replica that leads.
+
 A key of the bigint space is shown as one number, a key of the (integer,
 integer) space as "a,b". SINCE is when the wait began for a waiting session;
 for a holder, when its current transaction began, or if it is not in one,

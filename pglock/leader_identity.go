@@ -1,0 +1,225 @@
+package pglock
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// A Leader's identity (issue 25). Every replica can ask the server who leads:
+// the session that holds a Leader's key carries the Leader's identity as its
+// application_name, which pg_stat_activity shows to every session, so "who
+// leads" is pg_locks (the key, granted) joined with pg_stat_activity.
+
+// DefaultLeaderObserveInterval is how often a [Leader] with an OnNewLeader
+// callback reads who leads from the server while its Run runs (see
+// [LeaderConfig]).
+const DefaultLeaderObserveInterval = 500 * time.Millisecond
+
+// The range of LeaderConfig.ObserveInterval.
+const (
+	minObserveInterval = 100 * time.Millisecond
+	maxObserveInterval = time.Hour
+)
+
+// maxIdentityLen is the longest identity: PostgreSQL keeps NAMEDATALEN-1
+// bytes of an application_name and cuts the rest.
+const maxIdentityLen = 63
+
+// defaultIdentity is the identity of a Leader whose configuration gives
+// none: the host name and the process id, "host-1:4242", within
+// maxIdentityLen and in printable ASCII.
+var defaultIdentity = sync.OnceValue(func() string {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "unknown-host"
+	}
+	pid := ":" + strconv.Itoa(os.Getpid())
+	b := []byte(host)
+	for i, c := range b {
+		if c < ' ' || c > '~' {
+			b[i] = '?' // as PostgreSQL shows it
+		}
+	}
+	if len(b) > maxIdentityLen-len(pid) {
+		b = b[:maxIdentityLen-len(pid)]
+	}
+	return string(b) + pid
+})
+
+// checkIdentity refuses an identity that the server would not show as it is
+// (see LeaderConfig.Identity).
+func checkIdentity(id string) error {
+	if id == "" || len(id) > maxIdentityLen {
+		return fmt.Errorf("%w: leader Identity %q: want 1 to %d bytes (PostgreSQL cuts a longer application_name)",
+			ErrInvalidOption, id, maxIdentityLen)
+	}
+	for i := 0; i < len(id); i++ {
+		if c := id[i]; c < ' ' || c > '~' {
+			return fmt.Errorf("%w: leader Identity %q: byte %d is not printable ASCII (PostgreSQL shows it as '?' in application_name)",
+				ErrInvalidOption, id, i)
+		}
+	}
+	return nil
+}
+
+// Identity returns the identity of the Leader: [LeaderConfig].Identity, or
+// the default, the host name and process id ("host-1:4242"). "" for a nil
+// or zero Leader.
+func (ld *Leader) Identity() string {
+	if ld == nil {
+		return ""
+	}
+	return ld.cfg.Identity
+}
+
+// CurrentLeader reads from the server which session holds the Leader's key
+// now, and returns its application_name: the identity of the Leader that
+// leads (see [LeaderConfig].Identity), whichever process it runs in. ok is
+// false when no session holds the key (between two terms, or when no Leader
+// runs). Any replica can ask, whether or not its own Run runs; it costs one
+// round trip on a connection of the Locker's pool, and reads pg_locks,
+// whose read takes every partition of the server's lock manager in turn:
+// ask now and then, not in a loop (OnNewLeader polls for you).
+//
+// The identity is the holder's application_name whatever holds the key: a
+// session that takes the key without a Leader (psql, a Lock) shows its own,
+// and so does a Leader on a Locker that does not multiplex
+// ([WithMultiplexing](false), or a *sql.DB with a driver other than pgx's),
+// whose key lives on a pool connection: there the pool's application_name is
+// shown. On a Locker on one connection or transaction (no pool to ask on)
+// it returns an error matching [ErrUnsupportedConn]. A database error is
+// returned as it is (with [ErrUnavailable] when the server cannot be
+// reached).
+func (ld *Leader) CurrentLeader(ctx context.Context) (identity string, ok bool, err error) {
+	if err := ld.unmade(); err != nil {
+		return "", false, fmt.Errorf("pglock: Leader.CurrentLeader: %w", err)
+	}
+	_, identity, ok, err = ld.lk.keyHolder(ctx, ld.Key())
+	return identity, ok, err
+}
+
+// holderSQL reads the session that holds an advisory key exclusively in the
+// current database, with its application_name (0 for a prepared
+// transaction). A key is held exclusively by one session at most; LIMIT 1
+// for servers whose pg_locks can show a lock twice (YugabyteDB).
+const holderSQL = `SELECT coalesce(l.pid, 0)::int8, coalesce(a.application_name, '')
+FROM pg_catalog.pg_locks l LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.mode = 'ExclusiveLock'
+  AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
+  AND l.classid = $1::oid AND l.objid = $2::oid AND l.objsubid = $3::smallint
+LIMIT 1`
+
+// keyHolder reads who holds k exclusively now (see holderSQL), on the
+// Locker's pool.
+func (lk *Locker) keyHolder(ctx context.Context, k Key) (pid int64, app string, ok bool, err error) {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	classid, objid, objsubid := k.LockTag()
+	args := []any{int64(classid), int64(objid), objsubid}
+	switch db := lk.conn.(type) {
+	case *pgxpool.Pool:
+		err = db.QueryRow(ctx, holderSQL, args...).Scan(&pid, &app)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return 0, "", false, nil
+		}
+	case *sql.DB:
+		err = db.QueryRowContext(ctx, holderSQL, args...).Scan(&pid, &app)
+		if errors.Is(err, sql.ErrNoRows) {
+			return 0, "", false, nil
+		}
+	default:
+		return 0, "", false, fmt.Errorf("%w: who holds key %s is read on a pool (*pgxpool.Pool or *sql.DB), not on a Locker on %T",
+			ErrUnsupportedConn, k, lk.conn)
+	}
+	if err != nil {
+		if unavailable(err) {
+			err = fmt.Errorf("%w: read who holds key %s: %w", ErrUnavailable, k, err)
+		} else {
+			err = fmt.Errorf("pglock: read who holds key %s: %w", k, err)
+		}
+		return 0, "", false, err
+	}
+	return pid, app, true, nil
+}
+
+// campaignNames holds the identity of each Leader whose Run runs, by its
+// Lock: the multiplexer names the Leader's campaign connection with it
+// (mux.serverWait calls nameCampaign). An entry lives as long as the Run.
+var campaignNames sync.Map // *Lock -> string
+
+// nameCampaign sets the application_name of conn, the connection of a
+// campaign of l (a Leader's Lock), to the Leader's identity, before the
+// campaign waits on it: one round trip, unless the session carries it
+// already (the server reports application_name to the client, so pgx knows
+// it). The connection is the campaign's alone, and is closed rather than
+// used for anything else afterwards (see mux.putWaitConn).
+func nameCampaign(ctx context.Context, conn *pgx.Conn, l *Lock, bound time.Duration) error {
+	v, ok := campaignNames.Load(l)
+	if !ok {
+		return nil
+	}
+	id := v.(string)
+	if conn.PgConn().ParameterStatus("application_name") == id {
+		return nil
+	}
+	sctx, cancel := context.WithTimeout(ctx, bound)
+	defer cancel()
+	if _, err := conn.Exec(sctx, "SELECT pg_catalog.set_config('application_name', $1, false)", id); err != nil {
+		return fmt.Errorf("pglock: name the Leader's session %q: %w", id, err)
+	}
+	return nil
+}
+
+// observe reads who leads from the server every ObserveInterval, and at
+// once when kicked (this Leader's term began or ended), until ctx ends, and
+// calls OnNewLeader with each new identity seen.
+func (ld *Leader) observe(ctx context.Context) {
+	t := time.NewTimer(0)
+	defer t.Stop()
+	last, failing := "", false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-ld.kick:
+		}
+		rctx, cancel := context.WithTimeout(ctx, ld.l.cfg.releaseTimeout)
+		_, id, ok, err := ld.lk.keyHolder(rctx, ld.Key())
+		cancel()
+		switch {
+		case ctx.Err() != nil:
+			return
+		case err != nil && !failing:
+			failing = true
+			ld.logf(slog.LevelWarn, "pglock: leader: cannot read who leads from the server", err)
+		case err != nil:
+		case ok && id != last:
+			failing = false
+			last = id
+			ld.cfg.OnNewLeader(id)
+		default:
+			failing = false
+		}
+		t.Reset(ld.cfg.ObserveInterval)
+	}
+}
+
+// kicked asks the observer, if any, to read who leads now.
+func (ld *Leader) kicked() {
+	select {
+	case ld.kick <- struct{}{}:
+	default:
+	}
+}
