@@ -72,9 +72,13 @@ func TestConnectionBudgetUnderBurst(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer lk.Close()
+	var leaderIdentity string // the Leaders' (all the default)
 	sessions := func() int {
 		var n int
-		if err := watch.QueryRow(ctx, `SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name = $1`, app).Scan(&n); err != nil {
+		// A Leader's campaign session carries the Leader's identity
+		// (LeaderConfig.Identity) instead of the pool's name.
+		if err := watch.QueryRow(ctx, `SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name = $1 OR application_name = $2`,
+			app, leaderIdentity).Scan(&n); err != nil {
 			t.Fatal(err)
 		}
 		return n
@@ -98,6 +102,7 @@ func TestConnectionBudgetUnderBurst(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		leaderIdentity = ld.Identity()
 		lw.Go(func() {
 			_ = ld.Run(runCtx, func(ctx context.Context) error {
 				elected.Add(1)

@@ -256,7 +256,7 @@
 // [ErrNotHeld], [ErrAlreadyHeld], [ErrUnsupportedConn], [ErrInvalidKey],
 // [ErrInvalidOption], [ErrNilFunc], [ErrLockerClosed], [ErrTooManyLocks],
 // [ErrTransactionPooler], [ErrUnavailable], [ErrNotPrimary], [ErrInDo], [ErrTxEnded],
-// [ErrLeaderRunning], [ErrFenced], [ErrSchema], [ErrDeadlock], [ErrSelfDeadlock])
+// [ErrLeaderRunning], [ErrLeaderInDoubt], [ErrFenced], [ErrSchema], [ErrDeadlock], [ErrSelfDeadlock])
 // with %w; match them with errors.Is.
 // Database errors stay reachable with errors.As (*pgconn.PgError).
 //
@@ -309,6 +309,16 @@
 // manner of client-go's leaderelection, and [Leader.IsLeader] tells a
 // scheduler whether to run. The lock is an ordinary Session-scope lock of
 // the Locker, so it costs no pool connection and shows in pg_locks.
+//
+// Every replica can say who leads: a Leader's session carries its identity
+// (LeaderConfig.Identity, by default "host:pid") as its application_name, so
+// [Leader.CurrentLeader], LeaderConfig.OnNewLeader, `pglock locks` and
+// pg_stat_activity all name the leader, read from the server. For
+// Kubernetes, [HealthHandler] serves [Leader.CheckHealth] (wire it to the
+// liveness probe: it fails only while this replica believes it leads and the
+// server does not confirm it) and [Locker.CheckHealth] (the readiness probe:
+// it fails while the Locker cannot reach its server, which a restart would
+// not cure).
 //
 // # Fencing tokens and exactly-once runs
 //

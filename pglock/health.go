@@ -6,11 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"runtime"
 	"strings"
 	"sync"
 	"time"
-	"weak"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -182,24 +180,8 @@ func (lk *Locker) CheckHealth(ctx context.Context) error {
 	})
 }
 
-// lockerProbes are the health probes of Lockers, by Locker (a Locker has
-// no field for one: its file is not this one's). The key is a weak pointer,
-// and an entry is deleted once its Locker is garbage: the map keeps no
-// Locker alive.
-var lockerProbes sync.Map // weak.Pointer[Locker] -> *healthProbe
-
-// health returns the Locker's health probe, made at the first check.
-func (lk *Locker) health() *healthProbe {
-	w := weak.Make(lk)
-	if p, ok := lockerProbes.Load(w); ok {
-		return p.(*healthProbe)
-	}
-	p, loaded := lockerProbes.LoadOrStore(w, new(healthProbe))
-	if !loaded {
-		runtime.AddCleanup(lk, func(w weak.Pointer[Locker]) { lockerProbes.Delete(w) }, w)
-	}
-	return p.(*healthProbe)
-}
+// health returns the Locker's health probe.
+func (lk *Locker) health() *healthProbe { return &lk.probe }
 
 // connClosed is the health of a Locker on one connection or transaction:
 // an error only when a pgx connection is known to be closed (its holds use

@@ -163,7 +163,8 @@ func (lk *Locker) Leader(key any, cfg LeaderConfig) (*Leader, error) {
 	if err := settleIdentity(lk, &cfg); err != nil {
 		return nil, err
 	}
-	l, err := lk.NewLock(key, WithScope(Session), WithMode(Exclusive), WithWait(0), func(c *config) { c.campaign = true })
+	id := cfg.Identity
+	l, err := lk.NewLock(key, WithScope(Session), WithMode(Exclusive), WithWait(0), func(c *config) { c.campaign, c.identity = true, id })
 	if err != nil {
 		return nil, err
 	}
@@ -263,8 +264,6 @@ func (ld *Leader) Run(ctx context.Context, fn func(ctx context.Context) error) e
 	defer ld.running.Store(false)
 	// The campaigns' sessions carry the identity (see nameCampaign), and
 	// OnNewLeader's reads run while Run does.
-	campaignNames.Store(ld.l, ld.cfg.Identity)
-	defer campaignNames.Delete(ld.l)
 	if ld.cfg.OnNewLeader != nil {
 		octx, stop := context.WithCancel(ctx)
 		var ow sync.WaitGroup

@@ -153,11 +153,6 @@ func (lk *Locker) keyHolder(ctx context.Context, k Key) (pid int64, app string, 
 	return pid, app, true, nil
 }
 
-// campaignNames holds the identity of each Leader whose Run runs, by its
-// Lock: the multiplexer names the Leader's campaign connection with it
-// (mux.serverWait calls nameCampaign). An entry lives as long as the Run.
-var campaignNames sync.Map // *Lock -> string
-
 // nameCampaign sets the application_name of conn, the connection of a
 // campaign of l (a Leader's Lock), to the Leader's identity, before the
 // campaign waits on it: one round trip, unless the session carries it
@@ -165,11 +160,10 @@ var campaignNames sync.Map // *Lock -> string
 // it). The connection is the campaign's alone, and is closed rather than
 // used for anything else afterwards (see mux.putWaitConn).
 func nameCampaign(ctx context.Context, conn *pgx.Conn, l *Lock, bound time.Duration) error {
-	v, ok := campaignNames.Load(l)
-	if !ok {
+	id := l.cfg.identity
+	if id == "" {
 		return nil
 	}
-	id := v.(string)
 	if conn.PgConn().ParameterStatus("application_name") == id {
 		return nil
 	}

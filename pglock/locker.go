@@ -40,6 +40,8 @@ type Locker struct {
 	mux    *mux    // session locks on a pool, multiplexed
 	serial *serial // a Locker on one connection or transaction
 	closed atomic.Bool
+	// probe runs and caches CheckHealth's checks.
+	probe healthProbe
 }
 
 // NewLocker returns a Locker for conn, which is one of the types [NewLock]

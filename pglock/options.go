@@ -90,6 +90,9 @@ type config struct {
 	logger          *slog.Logger
 	lostCheck       time.Duration
 	releaseTimeout  time.Duration
+	// identity is a Leader's (LeaderConfig.Identity): its campaign
+	// connection is named with it (see nameCampaign); "" for other Locks.
+	identity string
 	waitTimeout     time.Duration
 	namespace       string
 	observer        func(Event)

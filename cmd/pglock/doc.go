@@ -116,7 +116,9 @@ for, read from pg_locks and pg_stat_activity (with --key NAME, only the
 key that NAME maps to, labelled with NAME; NAME is hashed as it is: include
 an adapter's namespace, such as "cron:"): the key, the mode (exclusive or shared), whether it
 is held or waited for, the session's pid, application_name and client
-address, since when, and who waits behind whom (pg_blocking_pids). A key of
+address (a pglock Leader's session carries the Leader's identity as its
+application_name: the holder of a Leader's key names the replica that
+leads), since when, and who waits behind whom (pg_blocking_pids). A key of
 the bigint space (objsubid 1) is shown as its int64; one of the (integer,
 integer) space (objsubid 2) as "a,b". Since PostgreSQL does not record when
 a lock was granted, SINCE is, for a waiting session, when the wait began
