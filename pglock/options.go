@@ -92,12 +92,12 @@ type config struct {
 	releaseTimeout  time.Duration
 	// identity is a Leader's (LeaderConfig.Identity): its campaign
 	// connection is named with it (see nameCampaign); "" for other Locks.
-	identity string
-	waitTimeout     time.Duration
-	namespace       string
-	observer        func(Event)
-	tracer          Tracer
-	token           bool // WithToken
+	identity    string
+	waitTimeout time.Duration
+	namespace   string
+	observer    func(Event)
+	tracer      Tracer
+	token       bool // WithToken
 	// campaign: a Leader's lock, whose wait may last as long as the
 	// process: on a multiplexing Locker it waits on a connection of its
 	// own, outside WithWaitConns, so that it never starves other waits.
