@@ -28,11 +28,13 @@ func run(m *testing.M) int {
 	}
 	defer s.Stop()
 	os.Setenv("DATABASE_URL", s.URL)
+	// The goroutines alive before the tests (the runtime's, the server's
+	// log readers) are not leaks; every one the tests start must be gone
+	// when they end: a lock's watcher or wait that outlives its test is.
+	before := goleak.IgnoreCurrent()
 	code := m.Run()
 	if code == 0 {
-		// Every goroutine the tests started must be gone: a lock's watcher or
-		// wait that outlives its test is a leak.
-		if err := goleak.Find(goleak.IgnoreCurrent()); err != nil {
+		if err := goleak.Find(before); err != nil {
 			fmt.Fprintln(os.Stderr, "pgtest: goroutines leaked:", err)
 			return 1
 		}
