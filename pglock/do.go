@@ -115,7 +115,7 @@ func (l *Lock) TryDo(ctx context.Context, fn func(ctx context.Context) error) (o
 func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err error) {
 	cctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	var fctx context.Context = &holdCtx{Context: cctx, l: l}
+	var fctx context.Context = &holdCtx{Context: cctx, l: l, gen: l.holdGen()}
 	l.mu.Lock()
 	b, given := l.b, l.tx
 	l.mu.Unlock()
@@ -152,6 +152,7 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 			return
 		}
 		v := recover() // nil: fn called runtime.Goexit (t.FailNow)
+		cancel(errHoldEnded)
 		if l.cfg.rollbackOnError || (l.cfg.scope == Transaction && !l.src.callerTx()) {
 			_ = l.end(ctx, false, true)
 		} else {
@@ -167,6 +168,9 @@ func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err
 		err = *h // HandleError during fn: roll back, and say why
 	}
 
+	// fn's context ends before the unlock: a goroutine it left running
+	// with it sees that before another session can take the key.
+	cancel(errHoldEnded)
 	if err != nil {
 		commit := !(l.cfg.rollbackOnError && l.cfg.scope == Transaction)
 		if rerr := l.end(ctx, commit, true); rerr != nil {

@@ -3,10 +3,13 @@ package pglock
 import (
 	"cmp"
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"slices"
 	"sync"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // Key sets: several keys held at once, all or nothing (issue 24).
@@ -50,6 +53,10 @@ func (lk *Locker) DoAll(ctx context.Context, keys []any, fn func(ctx context.Con
 func (lk *Locker) TryDoAll(ctx context.Context, keys []any, fn func(ctx context.Context) error) (bool, error) {
 	return lk.doAll(ctx, keys, fn, false)
 }
+
+// multiplexes reports whether the Locker holds its session locks on lock
+// connections (not one pool connection per hold).
+func (lk *Locker) multiplexes() bool { return lk.mux != nil && lk.mux.perHold == nil }
 
 // noToken turns WithToken off: the Locks of a key set take no tokens.
 func noToken(c *config) { c.token = false }
@@ -128,16 +135,27 @@ func (lk *Locker) doAll(ctx context.Context, keys []any, fn func(ctx context.Con
 	if err != nil || !ok {
 		return false, err
 	}
-	return true, runSet(ctx, locks, lk.mux != nil, fn)
+	return true, runSet(ctx, locks, lk.multiplexes(), fn)
 }
 
 // acquireSet takes every lock of locks (in canonical order): all held when
 // it returns true, none when it returns false or an error.
 func (lk *Locker) acquireSet(ctx context.Context, locks []*Lock, wait bool) (bool, error) {
+	if !lk.multiplexes() && len(locks) > 1 {
+		// Each hold takes a pool connection: two sets taking theirs at
+		// once could each wait for a connection the other keeps. One set
+		// of the Locker takes its keys at a time.
+		select {
+		case lk.setGate <- struct{}{}:
+			defer func() { <-lk.setGate }()
+		case <-ctx.Done():
+			return false, fmt.Errorf("%w: key set: waiting for another set of the Locker to take its keys: %w", ErrNotAcquired, ctx.Err())
+		}
+	}
 	n := len(locks)
 	held := 0 // locks[:held] are held
 	giveUp := func(err error) (bool, error) {
-		return false, join(err, releaseAll(context.WithoutCancel(ctx), locks[:held], lk.mux != nil))
+		return false, join(err, releaseAll(context.WithoutCancel(ctx), locks[:held], lk.multiplexes()))
 	}
 	oks := make([]bool, n)
 	errs := make([]error, n)
@@ -160,7 +178,7 @@ func (lk *Locker) acquireSet(ctx context.Context, locks []*Lock, wait bool) (boo
 			}
 		}
 		held = j
-		if rerr := releaseAll(context.WithoutCancel(ctx), above, lk.mux != nil); rerr != nil && firstErr == nil {
+		if rerr := releaseAll(context.WithoutCancel(ctx), above, lk.multiplexes()); rerr != nil && firstErr == nil {
 			firstErr = rerr
 		}
 		switch {
@@ -185,7 +203,7 @@ func (lk *Locker) acquireSet(ctx context.Context, locks []*Lock, wait bool) (boo
 func (lk *Locker) trySet(ctx context.Context, locks []*Lock, oks []bool, errs []error) {
 	clear(oks)
 	clear(errs)
-	if lk.mux == nil || len(locks) == 1 {
+	if !lk.multiplexes() || len(locks) == 1 {
 		for i, l := range locks {
 			oks[i], errs[i] = l.TryAcquire(ctx)
 			if !oks[i] || errs[i] != nil {
@@ -227,7 +245,7 @@ func runSet(ctx context.Context, locks []*Lock, mux bool, fn func(ctx context.Co
 	cctx, cancel := context.WithCancelCause(ctx)
 	var fctx context.Context = cctx
 	for _, l := range locks {
-		fctx = &holdCtx{Context: fctx, l: l}
+		fctx = &holdCtx{Context: fctx, l: l, gen: l.holdGen()}
 	}
 	done := make(chan struct{})
 	var wg sync.WaitGroup
@@ -244,7 +262,7 @@ func runSet(ctx context.Context, locks []*Lock, mux bool, fn func(ctx context.Co
 	defer func() {
 		close(done)
 		wg.Wait()
-		cancel(nil)
+		cancel(errHoldEnded) // before the unlocks, as Do's
 		rerr := releaseAll(context.WithoutCancel(ctx), locks, mux)
 		if v := recover(); v != nil {
 			panic(v)
@@ -254,10 +272,15 @@ func runSet(ctx context.Context, locks []*Lock, mux bool, fn func(ctx context.Co
 	return fn(fctx)
 }
 
-// doAllTx is DoAll in Transaction scope: the first key's Lock opens the
-// transaction (as Do does), and the others are taken in it, in order, one
-// statement each; fn runs in it, and its end (commit, or rollback on an
-// error) releases them all.
+// doAllTx is DoAll in Transaction scope. On a Locker of a pool the first
+// key's Lock opens the transaction (as Do does), the others are taken in
+// it, in order, one statement each, and fn runs in it: its end (commit, or
+// rollback on an error) releases them all. In a transaction that exists
+// already (a Locker on a caller's transaction, or the first key held by an
+// enclosing Do of ctx) the keys are taken, and fn runs, in a savepoint of
+// it: rolled back when a key is busy or fails (which lets the keys taken
+// since go), or fn fails (with RollbackOnError) or panics; else released,
+// and the keys stay held until that transaction ends.
 func (lk *Locker) doAllTx(ctx context.Context, set []setKey, fn func(ctx context.Context) error, wait bool) (bool, error) {
 	first, err := lk.NewLock(set[0].arg, noToken)
 	if err != nil {
@@ -267,6 +290,81 @@ func (lk *Locker) doAllTx(ctx context.Context, set []setKey, fn func(ctx context
 		return false, err
 	}
 	domain := domainOf(lk.conn)
+	var tx any
+	switch c := lk.conn.(type) {
+	case pgx.Tx, *sql.Tx:
+		tx = c
+	default:
+		if h := first.enclosing(ctx); h != nil {
+			if err := first.nestErr(ctx, h); err != nil {
+				return false, err
+			}
+			if t, ok := TxFromContext(ctx); ok {
+				tx = t
+			} else if t, ok := SQLTxFromContext(ctx); ok {
+				tx = t
+			}
+		}
+	}
+	// take takes the keys of keys in tx, in order; busy: a try found one
+	// taken.
+	take := func(ctx context.Context, tx any, keys []setKey) (context.Context, error) {
+		for _, sk := range keys {
+			l, err := NewLock(tx, sk.key, WithMode(lk.cfg.mode), WithReleaseTimeout(lk.cfg.releaseTimeout))
+			if err != nil {
+				return ctx, err
+			}
+			l.domain = domain // the Locker's database: a nested Do of the key runs in it
+			if h := l.enclosing(ctx); h != nil {
+				if err := l.nestErr(ctx, h); err != nil {
+					return ctx, err
+				}
+				continue
+			}
+			if wait {
+				err = l.Acquire(ctx)
+			} else {
+				var ok bool
+				if ok, err = l.TryAcquire(ctx); err == nil && !ok {
+					return ctx, errSetBusy
+				}
+			}
+			if err != nil {
+				return ctx, err
+			}
+			ctx = &holdCtx{Context: ctx, l: l, gen: l.holdGen()}
+		}
+		return ctx, nil
+	}
+	if tx != nil {
+		if tx, ok := tx.(pgx.Tx); ok {
+			ctx = ContextWithTx(ctx, tx)
+		}
+		if tx, ok := tx.(*sql.Tx); ok {
+			ctx = ContextWithSQLTx(ctx, tx)
+		}
+		ran := false
+		rollback := func(err error) bool {
+			var te setTakeErr
+			return errors.As(err, &te) || lk.cfg.rollbackOnError
+		}
+		err := inSavepoint(ctx, "pglock_set", rollback, func(ctx context.Context) error {
+			ctx, err := take(ctx, tx, set)
+			if err != nil {
+				return setTakeErr{err}
+			}
+			ran = true
+			return fn(ctx)
+		})
+		var te setTakeErr
+		switch {
+		case errors.As(err, &te) && errors.Is(te.err, errSetBusy):
+			return false, nil
+		case errors.As(err, &te):
+			return false, te.err
+		}
+		return ran, err
+	}
 	rest := func(ctx context.Context) error {
 		var tx any
 		if t, ok := TxFromContext(ctx); ok {
@@ -276,30 +374,9 @@ func (lk *Locker) doAllTx(ctx context.Context, set []setKey, fn func(ctx context
 		} else {
 			return fmt.Errorf("%w: key set: no transaction to take the other keys in", ErrNotAcquired)
 		}
-		for _, sk := range set[1:] {
-			l, err := NewLock(tx, sk.key, WithMode(lk.cfg.mode), WithReleaseTimeout(lk.cfg.releaseTimeout))
-			if err != nil {
-				return err
-			}
-			l.domain = domain // the Locker's database: nested Do of the key runs in it
-			if h := l.enclosing(ctx); h != nil {
-				if err := l.nestErr(ctx, h); err != nil {
-					return err
-				}
-				continue
-			}
-			if wait {
-				err = l.Acquire(ctx)
-			} else {
-				var ok bool
-				if ok, err = l.TryAcquire(ctx); err == nil && !ok {
-					return errSetBusy
-				}
-			}
-			if err != nil {
-				return err
-			}
-			ctx = &holdCtx{Context: ctx, l: l}
+		ctx, err := take(ctx, tx, set[1:])
+		if err != nil {
+			return err
 		}
 		return fn(ctx)
 	}
@@ -312,6 +389,13 @@ func (lk *Locker) doAllTx(ctx context.Context, set []setKey, fn func(ctx context
 	}
 	return ok, err
 }
+
+// setTakeErr is the failure to take the keys of a set in a savepoint (see
+// doAllTx), told apart from fn's errors.
+type setTakeErr struct{ err error }
+
+func (e setTakeErr) Error() string { return e.err.Error() }
+func (e setTakeErr) Unwrap() error { return e.err }
 
 // errSetBusy: a key of a set tried in Transaction scope was busy; the
 // transaction is rolled back, which lets the others go.

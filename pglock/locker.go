@@ -42,6 +42,9 @@ type Locker struct {
 	closed atomic.Bool
 	// probe runs and caches CheckHealth's checks.
 	probe healthProbe
+	// setGate lets one key set at a time take its keys on a Locker that
+	// does not multiplex (see acquireSet).
+	setGate chan struct{}
 }
 
 // NewLocker returns a Locker for conn, which is one of the types [NewLock]
@@ -60,7 +63,7 @@ func NewLocker(conn any, opts ...Option) (*Locker, error) {
 	if err != nil {
 		return nil, err
 	}
-	lk := &Locker{conn: conn, cfg: cfg, src: src, pooled: src.owned()}
+	lk := &Locker{conn: conn, cfg: cfg, src: src, pooled: src.owned(), setGate: make(chan struct{}, 1)}
 	switch {
 	case src.owned() && cfg.multiplex:
 		pool, _ := conn.(*pgxpool.Pool)

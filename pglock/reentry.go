@@ -48,11 +48,34 @@ func isDeadlock(err error) bool {
 type holdsKey struct{}
 
 // holdCtx is the context of a Do's function: its parent, and the hold it
-// runs in.
+// runs in: l's hold number gen (see Lock.hold), so that a context kept past
+// its hold never passes for a later hold of the same Lock.
 type holdCtx struct {
 	context.Context
-	l *Lock
+	l   *Lock
+	gen uint64
 }
+
+// noHold is the gen of a holdCtx made for a Lock that was not held: no
+// hold has it.
+const noHold = ^uint64(0)
+
+// holdGen returns the number of l's current hold, or noHold when l is not
+// held or its hold was lost.
+func (l *Lock) holdGen() uint64 {
+	l.lostMu.Lock()
+	defer l.lostMu.Unlock()
+	if !l.held.Load() || l.lostDone {
+		return noHold
+	}
+	return l.hold
+}
+
+// errHoldEnded is the cause with which the context of a Do's function ends
+// when its hold ends (before the unlock): a goroutine that the function
+// left running sees it before another session can take the key. For such a
+// goroutine the lock is lost: it matches ErrLockLost.
+var errHoldEnded = fmt.Errorf("%w: the hold of this context has ended", ErrLockLost)
 
 func (c *holdCtx) Value(key any) any {
 	if key == (holdsKey{}) {
@@ -70,7 +93,7 @@ func ContextWithHold(ctx context.Context, l *Lock) context.Context {
 	if l == nil || l.src == nil {
 		return ctx
 	}
-	return &holdCtx{Context: ctx, l: l}
+	return &holdCtx{Context: ctx, l: l, gen: l.holdGen()}
 }
 
 // domainOf is the database conn stands for, as far as nesting goes: the
@@ -102,12 +125,68 @@ func (l *Lock) enclosing(ctx context.Context) *holdCtx {
 // nested runs fn in the enclosing hold h (see Do): at once when h holds the
 // key in a mode and scope that cover l's, else it fails (see nestErr). ran
 // reports whether fn ran.
+//
+// In Transaction scope inside a Transaction-scope hold, fn runs in a
+// savepoint of the enclosing transaction, rolled back when fn fails (with
+// RollbackOnError, the default) or panics, as the lock's own transaction
+// would be. A hold that ends, or is lost, while fn runs fails the nested
+// Do, whatever fn returned.
 func (l *Lock) nested(ctx context.Context, h *holdCtx, fn func(ctx context.Context) error) (ran bool, err error) {
 	if err := l.nestErr(ctx, h); err != nil {
 		l.emit(EventNotAcquired, 0, err)
 		return false, err
 	}
-	return true, fn(ctx)
+	if l.cfg.scope == Transaction && h.l.cfg.scope == Transaction {
+		rollback := l.cfg.rollbackOnError
+		err = inSavepoint(ctx, "pglock_nested", func(error) bool { return rollback }, fn)
+	} else {
+		err = fn(ctx)
+	}
+	if h.l.holdGen() != h.gen {
+		why := fmt.Errorf("%w: key %s: the enclosing hold ended while the nested function ran", ErrLockLost, l.key)
+		if c := context.Cause(ctx); c != nil && errors.Is(c, ErrLockLost) {
+			why = fmt.Errorf("key %s: the enclosing hold: %w", l.key, c)
+		}
+		return true, join(err, why)
+	}
+	return true, err
+}
+
+// inSavepoint runs fn in a savepoint of the transaction that ctx carries
+// (TxFromContext or SQLTxFromContext): released when fn returns nil, rolled
+// back when it panics, or fails and rollback says so; the panic goes on.
+func inSavepoint(ctx context.Context, name string, rollback func(error) bool, fn func(ctx context.Context) error) (err error) {
+	var tx any
+	if t, ok := TxFromContext(ctx); ok {
+		tx = t
+	} else if t, ok := SQLTxFromContext(ctx); ok {
+		tx = t
+	}
+	q, err := txOf("nested lock", tx)
+	if err != nil {
+		return err
+	}
+	bg := context.WithoutCancel(ctx)
+	if _, err := q.exec(bg, "SAVEPOINT "+name); err != nil {
+		return fmt.Errorf("pglock: savepoint for a nested lock: %w", err)
+	}
+	done := false
+	defer func() {
+		if done {
+			return
+		}
+		_, _ = q.exec(bg, "ROLLBACK TO SAVEPOINT "+name+"; RELEASE SAVEPOINT "+name)
+	}()
+	err = fn(ctx)
+	done = true
+	end := "RELEASE SAVEPOINT " + name
+	if err != nil && rollback(err) {
+		end = "ROLLBACK TO SAVEPOINT " + name + "; " + end
+	}
+	if _, serr := q.exec(bg, end); serr != nil {
+		return join(err, fmt.Errorf("pglock: end the savepoint of a nested lock: %w", serr))
+	}
+	return err
 }
 
 // nestErr returns nil when the enclosing hold h covers a hold of l: it
@@ -116,7 +195,7 @@ func (l *Lock) nested(ctx context.Context, h *holdCtx, fn func(ctx context.Conte
 func (l *Lock) nestErr(ctx context.Context, h *holdCtx) error {
 	outer := h.l
 	switch {
-	case ctx.Err() != nil || !outer.Held() || outer.isLost():
+	case ctx.Err() != nil || outer.holdGen() != h.gen || h.gen == noHold:
 		cause := context.Cause(ctx)
 		if cause == nil {
 			cause = ErrLockLost
