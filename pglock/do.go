@@ -37,7 +37,12 @@ import (
 // Locker, another Locker or NewLock on the same pool, *sql.DB or
 // connection) runs its function at once in the enclosing hold, which it
 // neither takes again nor ends; in Transaction scope that function runs in
-// the enclosing transaction. A nesting the enclosing hold cannot cover
+// a savepoint of the enclosing transaction, rolled back when it fails (with
+// RollbackOnError) or panics. The nested Do fails (ErrLockLost) if the
+// enclosing hold ends or is lost while its function runs, and a context
+// kept past its hold is never taken for a later one. fn's context ends when
+// the hold does, before the unlock (cause matching ErrLockLost), so that a
+// goroutine fn left running knows. A nesting the enclosing hold cannot cover
 // (Shared held and Exclusive asked, or Session scope held and Transaction
 // scope asked) fails at once with [ErrSelfDeadlock] instead of waiting for
 // itself. Acquire and TryAcquire are not re-entrant (see [Lock]), nor are

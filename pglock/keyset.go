@@ -39,9 +39,18 @@ import (
 // [Lock.Do]); keys already held by an enclosing Do of ctx are not taken
 // again. An empty keys is an error ([ErrInvalidKey]); so is a nil fn.
 //
+// In Transaction scope the keys are taken in one transaction: the first
+// key's own, or, in a transaction that exists already (a Locker on a
+// caller's transaction, or inside an enclosing Do of one of the keys), a
+// savepoint of it, rolled back when a key is busy (nothing of the set stays
+// held, the transaction goes on) or fn fails; there the keys stay held until
+// that transaction ends.
+//
 // Key sets take no fencing tokens ([WithToken]): lock a key alone for one.
 // With one pool connection per hold ([WithMultiplexing] off), a set takes a
-// pool connection per key: keep sets smaller than the pool.
+// pool connection per key, and one set of the Locker takes its keys at a
+// time (two taking theirs at once could each wait for a connection the other
+// keeps): keep sets smaller than the pool.
 func (lk *Locker) DoAll(ctx context.Context, keys []any, fn func(ctx context.Context) error) error {
 	_, err := lk.doAll(ctx, keys, fn, true)
 	return err
