@@ -162,8 +162,22 @@ type Config struct {
 	// serialize them with each other (all jobs of one customer, say).
 	Namespace string
 
-	// Kinds overrides Key, Busy and Namespace per job kind. Zero fields of
-	// a KindConfig take the values above.
+	// Limit is how many jobs of one key may run at once, across every node,
+	// for kinds that do not set their own: at most 3 exports per tenant,
+	// say. Zero (the default) and 1 mean one at a time, the key's lock.
+	// Above 1 the key names a pglock.Semaphore of Limit slots
+	// ([pglock.Locker.Semaphore]) and each job holds a slot while it runs; a
+	// job that finds every slot taken is busy, and the busy Policy decides
+	// as for a held lock (under Wait it queues for a slot, first come first
+	// served across nodes). Every node must give a key the same Limit, and
+	// kinds that share a Namespace must too (NewMiddleware checks its own
+	// Config). A limit above 1 needs a Locker in Session scope, gives the
+	// worker's context no fencing token (slots take none), and is 1024 at
+	// most; a negative Limit is an error.
+	Limit int
+
+	// Kinds overrides Key, Busy, Namespace and Limit per job kind. Zero
+	// fields of a KindConfig take the values above.
 	Kinds map[string]KindConfig
 
 	// Logger logs busy jobs (Debug), key errors and locks lost or not
@@ -185,6 +199,10 @@ type KindConfig struct {
 	// Namespace overrides Config.Namespace for this kind. Empty:
 	// Config.Namespace, else "river:" + kind + ":".
 	Namespace string
+
+	// Limit overrides Config.Limit for this kind: how many of its jobs of
+	// one key may run at once. Zero: Config.Limit.
+	Limit int
 }
 
 // kindSettings is a kind's resolved configuration.
@@ -192,6 +210,7 @@ type kindSettings struct {
 	key       KeyFunc
 	busy      Policy
 	namespace string // "" means "river:" + kind + ":"
+	limit     int    // 0 means 1
 }
 
 func (s kindSettings) prefix(kind string) string {

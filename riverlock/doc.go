@@ -46,6 +46,23 @@
 //     (River's job timeout covers only Work, not the middleware around it),
 //     then fails the attempt.
 //
+// # More than one job per key
+//
+// [Config.Limit] (or [KindConfig.Limit]) lets up to n jobs of one key run at
+// once across every node, rather than one: at most 3 exports per tenant, say.
+// The key then names a [pglock.Semaphore] of n slots, and each job holds a
+// slot while it runs. A job that finds every slot taken is busy, and its
+// Policy decides as for a held lock: Snooze snoozes it, Cancel cancels it
+// (load shedding rather than dedupe), Wait queues it for a slot (first come,
+// first served across nodes, in PostgreSQL's queue) up to the wait limit.
+//
+//	Kinds: map[string]riverlock.KindConfig{
+//		ExportArgs{}.Kind(): {Key: riverlock.ArgsKey[ExportArgs](), Limit: 3},
+//	},
+//
+// Every node must give a key the same limit. A limit above 1 needs a Locker
+// in Session scope, and the worker's context then carries no fencing token.
+//
 // # Why worker middleware and not hooks
 //
 // River offers two ways to run code around a job: hooks (HookWorkBegin,
@@ -71,8 +88,9 @@
 // transaction, so they commit or roll back as one.
 //
 // With a Locker made [pglock.WithToken], the job's context carries the lock's
-// fencing token: the worker's context under the middleware, and the context
-// WorkTx gives fn. [pglock.TokenFromContext] returns it, to pass to outside
+// fencing token: the worker's context under the middleware (not under a
+// Limit above 1: a semaphore's slots take no token), and the context WorkTx
+// gives fn. [pglock.TokenFromContext] returns it, to pass to outside
 // systems with the job's writes or to [pglock.CheckFence] in the work's
 // transaction.
 //
@@ -102,9 +120,10 @@
 //
 // # What it does not do
 //
-// It does not limit concurrency to more than one job per key (River Pro's
-// concurrency limits do), and it does not dedupe at insert time (River's
-// unique jobs do). It does not order jobs of one key: a snoozed job may run
+// Its limits count the jobs of a key that run, not those fetched: a busy job
+// is fetched, then snoozed, cancelled or kept waiting, where River Pro's
+// concurrency limits leave it unfetched. It does not dedupe at insert time
+// (River's unique jobs do). It does not order jobs of one key: a snoozed job may run
 // after a job inserted later. It does not fence work done under a session
 // lock against a lost connection; WorkTx does.
 package riverlock

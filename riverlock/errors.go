@@ -16,7 +16,8 @@ var (
 	ErrNilLocker = errors.New("riverlock: nil *pglock.Locker")
 
 	// ErrBusy means another job (on this node or another) held the job's
-	// lock. Under the Snooze policy it wraps River's snooze error, under
+	// lock, or, under a Limit above 1 ([Config.Limit]), other jobs held
+	// every slot of its key. Under the Snooze policy it wraps River's snooze error, under
 	// Cancel River's cancel error, and under Wait it is the error of an
 	// attempt whose wait for the lock ran out.
 	ErrBusy = errors.New("riverlock: lock busy")

@@ -109,6 +109,99 @@ func ExampleNewMiddleware() {
 	// 6 of 6 charges completed; most charges of one customer at once: 1
 }
 
+// ExportArgs exports a tenant's data. At most three exports of one tenant
+// may run at once: LockKey names the tenant, Config.Limit says three.
+type ExportArgs struct {
+	Tenant string `json:"tenant"`
+}
+
+func (ExportArgs) Kind() string      { return "example_export" }
+func (a ExportArgs) LockKey() string { return a.Tenant }
+
+type ExportWorker struct {
+	river.WorkerDefaults[ExportArgs]
+	mu      sync.Mutex
+	running int
+	most    int
+}
+
+func (w *ExportWorker) Work(ctx context.Context, job *river.Job[ExportArgs]) error {
+	w.mu.Lock()
+	w.running++
+	w.most = max(w.most, w.running)
+	w.mu.Unlock()
+	time.Sleep(200 * time.Millisecond) // the export
+	w.mu.Lock()
+	w.running--
+	w.mu.Unlock()
+	return nil
+}
+
+// Up to three exports of one tenant run at once, on every node together: the
+// others wait for a slot (Wait), first come, first served.
+func ExampleConfig_limit() {
+	ctx := context.Background()
+	db, schema, done := exampleDatabase(ctx)
+	defer done()
+
+	lockPool, _ := pgxpool.New(ctx, os.Getenv("DATABASE_URL")) // the locker's own pool
+	defer lockPool.Close()
+	locker, err := pglock.NewLocker(lockPool)
+	if err != nil {
+		panic(err)
+	}
+	defer locker.Close()
+	mw, err := riverlock.NewMiddleware(locker, &riverlock.Config{
+		Busy: riverlock.Wait(time.Minute),
+		Kinds: map[string]riverlock.KindConfig{
+			ExportArgs{}.Kind(): {Key: riverlock.ArgsKey[ExportArgs](), Limit: 3},
+		},
+	})
+	if err != nil {
+		panic(err)
+	}
+
+	worker := &ExportWorker{}
+	workers := river.NewWorkers()
+	river.AddWorker(workers, worker)
+	client, err := river.NewClient(riverpgxv5.New(db), &river.Config{
+		Schema:            schema,
+		Middleware:        []rivertype.Middleware{mw},
+		Queues:            map[string]river.QueueConfig{river.QueueDefault: {MaxWorkers: 8}},
+		Workers:           workers,
+		FetchCooldown:     10 * time.Millisecond,
+		FetchPollInterval: 20 * time.Millisecond,
+		Logger:            slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		panic(err)
+	}
+	if err := client.Start(ctx); err != nil {
+		panic(err)
+	}
+	defer client.Stop(ctx)
+
+	params := make([]river.InsertManyParams, 8)
+	for i := range params {
+		params[i] = river.InsertManyParams{Args: ExportArgs{Tenant: "acme"}}
+	}
+	res, err := client.InsertMany(ctx, params)
+	if err != nil {
+		panic(err)
+	}
+	var ids []int64
+	for _, r := range res {
+		ids = append(ids, r.Job.ID)
+	}
+	completed := waitCompleted(ctx, client, ids)
+
+	worker.mu.Lock()
+	defer worker.mu.Unlock()
+	fmt.Printf("%d of %d exports completed; most exports of one tenant at once: %d\n", completed, len(ids), worker.most)
+	// Output:
+	// 8 of 8 exports completed; most exports of one tenant at once: 3
+}
+
 // LedgerArgs records an entry for an account.
 type LedgerArgs struct {
 	Account string `json:"account"`

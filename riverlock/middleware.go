@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"time"
 
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/rivertype"
@@ -39,11 +41,14 @@ var _ rivertype.WorkerMiddleware = (*Middleware)(nil)
 //
 // The middleware takes exclusive session locks, whatever the Locker's
 // default scope and mode; it keeps the Locker's namespace (applied before
-// its own), logger, lost-check interval and release timeout.
+// its own), logger, lost-check interval and release timeout. A Limit above
+// 1 ([Config.Limit]) needs a Locker in Session scope, since pglock makes
+// Semaphores on those only.
 //
 // A nil locker (also matching [ErrNilLocker]), a Locker on one connection
-// or a transaction, and an invalid Policy are errors matching
-// [ErrInvalidConfig].
+// or a transaction, an invalid Policy, and a Limit that is negative, above
+// 1024, above 1 on a Locker in Transaction scope, or not the same for kinds
+// that share a Namespace are errors matching [ErrInvalidConfig].
 // A nil cfg is the zero Config.
 func NewMiddleware(locker *pglock.Locker, cfg *Config) (*Middleware, error) {
 	if locker == nil {
@@ -59,7 +64,7 @@ func NewMiddleware(locker *pglock.Locker, cfg *Config) (*Middleware, error) {
 	}
 	m := &Middleware{
 		locker: locker,
-		global: kindSettings{key: cfg.Key, busy: cfg.Busy, namespace: cfg.Namespace},
+		global: kindSettings{key: cfg.Key, busy: cfg.Busy, namespace: cfg.Namespace, limit: cfg.Limit},
 		kinds:  make(map[string]kindSettings, len(cfg.Kinds)),
 		log:    cfg.Logger,
 	}
@@ -78,15 +83,69 @@ func NewMiddleware(locker *pglock.Locker, cfg *Config) (*Middleware, error) {
 		if kc.Namespace != "" {
 			s.namespace = kc.Namespace
 		}
+		if kc.Limit != 0 {
+			s.limit = kc.Limit
+		}
 		if kc.Busy.err != nil {
 			errs = append(errs, fmt.Errorf("Kinds[%q].Busy: %w", kind, kc.Busy.err))
 		}
+		if kc.Limit < 0 {
+			errs = append(errs, fmt.Errorf("%w: Kinds[%q].Limit %d is negative", ErrInvalidConfig, kind, kc.Limit))
+		}
 		m.kinds[kind] = s
+	}
+	if cfg.Limit < 0 {
+		errs = append(errs, fmt.Errorf("%w: Config.Limit %d is negative", ErrInvalidConfig, cfg.Limit))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
+	if err := m.checkLimits(); err != nil {
+		return nil, err
+	}
 	return m, nil
+}
+
+// checkLimits refuses limits above 1 that pglock cannot make (a Locker in
+// Transaction scope, a size out of range), and kinds that share a Namespace
+// with different limits: their jobs would take one semaphore with two sizes.
+func (m *Middleware) checkLimits() error {
+	type user struct {
+		who   string
+		limit int
+	}
+	var errs []error
+	shared := map[string]user{} // explicit namespace -> its first user
+	check := func(who string, s kindSettings) {
+		if s.key == nil {
+			return // its jobs run untouched
+		}
+		n := max(s.limit, 1)
+		if n > 1 {
+			if _, err := m.locker.Semaphore("riverlock:check", n); err != nil {
+				errs = append(errs, fmt.Errorf("%w: %s Limit %d: %w", ErrInvalidConfig, who, n, err))
+			}
+		}
+		if s.namespace == "" {
+			return
+		}
+		if u, ok := shared[s.namespace]; !ok {
+			shared[s.namespace] = user{who, n}
+		} else if u.limit != n {
+			errs = append(errs, fmt.Errorf("%w: %s and %s share Namespace %q with Limits %d and %d: jobs of one key would"+
+				" count against different limits; give them the same Limit", ErrInvalidConfig, u.who, who, s.namespace, u.limit, n))
+		}
+	}
+	check("Config", m.global)
+	kinds := make([]string, 0, len(m.kinds))
+	for kind := range m.kinds {
+		kinds = append(kinds, kind)
+	}
+	slices.Sort(kinds) // the same error every time
+	for _, kind := range kinds {
+		check(fmt.Sprintf("Kinds[%q]", kind), m.kinds[kind])
+	}
+	return errors.Join(errs...)
 }
 
 // sessionOpts are the options of the locks the middleware takes.
@@ -100,10 +159,10 @@ func (m *Middleware) settings(kind string) kindSettings {
 }
 
 // Work implements rivertype.WorkerMiddleware. It computes the job's key; a
-// job without one runs untouched. Otherwise it takes the key's lock (at once
-// under Snooze and Cancel, waiting under Wait), runs the rest of the
-// middleware stack and the worker with it, and releases it when they
-// return or panic.
+// job without one runs untouched. Otherwise it takes the key's lock, or a
+// slot of the key's semaphore under a Limit above 1 (at once under Snooze
+// and Cancel, waiting under Wait), runs the rest of the middleware stack and
+// the worker with it, and releases it when they return or panic.
 //
 // The context given to the worker is cancelled, with cause
 // pglock.ErrLockLost, if the lock is lost while the job runs (its connection
@@ -126,11 +185,26 @@ func (m *Middleware) Work(ctx context.Context, job *rivertype.JobRow, doInner fu
 		return doInner(ctx)
 	}
 	name := s.prefix(job.Kind) + key
-	opts := sessionOpts
-	if s.busy.act == actWait {
-		opts = append(opts[:len(opts):len(opts)], pglock.WithWait(s.busy.d))
+	var (
+		lock *pglock.Lock
+		sem  *pglock.Semaphore
+		held pglock.Key // what WorkTx inside finds held: the key's own
+	)
+	if s.limit > 1 {
+		sem, err = m.locker.Semaphore(name, s.limit)
+		if err == nil {
+			held, err = m.locker.Key(name)
+		}
+	} else {
+		opts := sessionOpts
+		if s.busy.act == actWait {
+			opts = append(opts[:len(opts):len(opts)], pglock.WithWait(s.busy.d))
+		}
+		lock, err = m.locker.NewLock(name, opts...)
+		if err == nil {
+			held = lock.Key()
+		}
 	}
-	lock, err := m.locker.NewLock(name, opts...)
 	if err != nil {
 		return fmt.Errorf("riverlock: job %d (kind %q) key %q: %w", job.ID, job.Kind, name, err)
 	}
@@ -141,16 +215,23 @@ func (m *Middleware) Work(ctx context.Context, job *rivertype.JobRow, doInner fu
 	)
 	run := func(lctx context.Context) error {
 		ran = true
-		workErr = doInner(context.WithValue(lctx, heldKey{}, lock.Key()))
+		workErr = doInner(context.WithValue(lctx, heldKey{}, held))
 		return workErr
 	}
-	if s.busy.act == actWait {
+	switch {
+	case sem != nil:
+		var did bool
+		did, err = doLimited(ctx, sem, s.busy, run)
+		if err == nil && !did {
+			return m.busy(ctx, s.busy, job, name, fmt.Sprintf("%d jobs hold every slot of the key's limit", s.limit))
+		}
+	case s.busy.act == actWait:
 		err = lock.Do(ctx, run)
-	} else {
+	default:
 		var did bool
 		did, err = lock.TryDo(ctx, run)
 		if err == nil && !did {
-			return m.busy(ctx, s.busy, job, name)
+			return m.busy(ctx, s.busy, job, name, "another job holds the lock")
 		}
 	}
 	switch {
@@ -167,12 +248,50 @@ func (m *Middleware) Work(ctx context.Context, job *rivertype.JobRow, doInner fu
 	return err
 }
 
-// busy applies the busy policy to a job whose key another job holds.
-func (m *Middleware) busy(ctx context.Context, p Policy, job *rivertype.JobRow, name string) error {
+// errWaitLimit is the cause of the context doLimited cancels when the Wait
+// limit passes.
+var errWaitLimit = errors.New("riverlock: wait limit passed")
+
+// doLimited runs run in a slot of sem (a Limit above 1): under Snooze and
+// Cancel only if one is free now (TryDo's (false, nil) when none is), under
+// Wait waiting up to the policy's limit. The limit must bound the wait only:
+// Semaphore.Do gives run the context it waited with, so the limit is a
+// timer that run stops as it starts, not a deadline. When the limit passes
+// first the error matches pglock.ErrNotAcquired and
+// context.DeadlineExceeded, as a Lock's WithWait does.
+func doLimited(ctx context.Context, sem *pglock.Semaphore, p Policy, run func(context.Context) error) (bool, error) {
+	if p.act != actWait {
+		return sem.TryDo(ctx, run)
+	}
+	wctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	timer := time.AfterFunc(p.d, func() { cancel(errWaitLimit) })
+	defer timer.Stop()
+	waitedOut := func() error {
+		return fmt.Errorf("%w: semaphore %q: no slot of %d free within %v: %w",
+			pglock.ErrNotAcquired, sem.Name(), sem.Size(), p.d, context.DeadlineExceeded)
+	}
+	started := false
+	err := sem.Do(wctx, func(ctx context.Context) error {
+		if !timer.Stop() { // the limit passed as the slot was granted
+			return waitedOut()
+		}
+		started = true
+		return run(ctx)
+	})
+	if !started && err != nil && ctx.Err() == nil && errors.Is(context.Cause(wctx), errWaitLimit) {
+		err = waitedOut()
+	}
+	return true, err
+}
+
+// busy applies the busy policy to a job whose key other jobs hold (why
+// says how).
+func (m *Middleware) busy(ctx context.Context, p Policy, job *rivertype.JobRow, name, why string) error {
 	if p.act == actCancel {
 		m.logf(ctx, slog.LevelDebug, "riverlock: busy key, job cancelled as a duplicate", job, name)
-		return river.JobCancel(fmt.Errorf("%w: job %d (kind %q) key %q: another job holds the lock; cancelled as a duplicate",
-			ErrBusy, job.ID, job.Kind, name))
+		return river.JobCancel(fmt.Errorf("%w: job %d (kind %q) key %q: %s; cancelled as a duplicate",
+			ErrBusy, job.ID, job.Kind, name, why))
 	}
 	d := p.d
 	if d == 0 {

@@ -32,9 +32,10 @@ import (
 // namespace ([DefaultNamespace]), under the Locker's own namespace. Args
 // without a LockKey, or with an empty one, lock the job itself (the key
 // "riverjob:" + its ID). When the [Middleware] already holds the same key for
-// this job (the same namespace), WorkTx locks the job itself as well, rather
-// than wait for its own job's lock: the middleware's lock keeps other jobs
-// of the key out.
+// this job (the same namespace), or a slot of its semaphore under a Limit
+// above 1, WorkTx locks the job itself as well, rather than wait for its own
+// job's lock or serialize the jobs that the limit lets run together: the
+// middleware's lock (or slot) keeps the other jobs of the key out.
 //
 // ctx must be the context River gave Work (JobCompleteTx finds the client in
 // it); locker must be on a pgx pool or connection of River's database.

@@ -63,6 +63,25 @@
 // ([WithErrorHandler]): a request never runs unlocked because the lock
 // failed.
 //
+// # More than one at a time
+//
+// [WithLimit](n) lets up to n requests for one key run at once across every
+// replica, rather than one: at most three exports per tenant, say. The key
+// then names a [pglock.Semaphore] of n slots, and each request holds a slot
+// while its handler runs. A request that finds the n slots taken is busy:
+// answered at once, or with [WithWait] queued for a slot (first come, first
+// served across replicas, in PostgreSQL's queue) up to the wait limit, as a
+// request for a held lock is.
+//
+//	exports, err := httplock.Middleware(locker, httplock.PathValue("tenant"),
+//		httplock.WithNamespace("exports:"), httplock.WithLimit(3))
+//	if err != nil { ... }
+//	mux.Handle("POST /tenants/{tenant}/exports", exports(export))
+//
+// Semaphores are Session scope with exclusive slots: Middleware refuses a
+// limit above 1 with Transaction scope, with a mode func or Shared mode (see
+// [WithLimit]). WithLimit(1) is the default, a plain lock.
+//
 // # Scopes
 //
 // The scope is the Locker's unless [WithScope] says otherwise.
@@ -114,9 +133,11 @@
 //
 // # What it deliberately does not do
 //
-// It does not choose keys from client addresses (X-Forwarded-For can be
-// forged), does not retry busy requests itself, and does not queue requests
-// in memory: waiting is PostgreSQL's queue, so it is shared by every replica.
+// It does not rate-limit ([WithLimit] bounds how many requests of a key run
+// at once, not how many arrive per second), does not choose keys from client
+// addresses (X-Forwarded-For can be forged), does not retry busy requests
+// itself, and does not queue requests in memory: waiting is PostgreSQL's
+// queue, so it is shared by every replica.
 // A waiting request holds a pool connection only in Transaction scope; size
 // the pool (and the wait limit) for the waiters you accept there. Session locks need a
 // session: behind PgBouncer in transaction pooling mode use Transaction

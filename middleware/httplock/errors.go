@@ -25,8 +25,9 @@ var (
 	// It is answered 400 Bad Request by default (see [WithKeyErrorHandler]).
 	ErrKey = errors.New("httplock: bad lock key")
 
-	// ErrBusy means the key was held elsewhere and the request did not get
-	// it: at once (fail fast) or within the wait limit. Busy answers are
+	// ErrBusy means the key was held elsewhere (with [WithLimit], its n
+	// slots were) and the request did not get it: at once (fail fast) or
+	// within the wait limit. Busy answers are
 	// logged (Debug level, see [WithLogger]) with an error matching it; they
 	// are 409 Conflict with Retry-After by default (see [WithOnBusy]).
 	ErrBusy = errors.New("httplock: lock busy")

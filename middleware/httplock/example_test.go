@@ -75,6 +75,78 @@ func ExampleMiddleware() {
 	// first request: 200
 }
 
+// At most two exports per tenant at once, across every replica: a third
+// request for the tenant, made while two run, is refused with 409 Conflict
+// (with WithWait it would queue for a slot instead).
+func ExampleWithLimit() {
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, os.Getenv("DATABASE_URL"))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer locker.Close()
+	exports, err := httplock.Middleware(locker, httplock.PathValue("tenant"),
+		httplock.WithNamespace("httplock-example-exports:"), httplock.WithLimit(2))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+
+	inside, done := make(chan struct{}), make(chan struct{})
+	export := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Has("slow") {
+			inside <- struct{}{}
+			<-done
+		}
+		fmt.Fprintln(w, "exported", r.PathValue("tenant"))
+	})
+	mux := http.NewServeMux()
+	mux.Handle("POST /tenants/{tenant}/exports", exports(export))
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+
+	slow := make(chan int, 2)
+	for range 2 {
+		go func() {
+			resp, err := srv.Client().Post(srv.URL+"/tenants/acme/exports?slow=1", "", nil)
+			if err != nil {
+				slow <- 0
+				return
+			}
+			resp.Body.Close()
+			slow <- resp.StatusCode
+		}()
+		<-inside
+	}
+	resp, err := srv.Client().Post(srv.URL+"/tenants/acme/exports", "", nil)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	resp.Body.Close()
+	fmt.Println("third export:", resp.StatusCode)
+	resp, err = srv.Client().Post(srv.URL+"/tenants/globex/exports", "", nil)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	resp.Body.Close()
+	fmt.Println("another tenant:", resp.StatusCode)
+	close(done)
+	fmt.Println("first two:", <-slow, <-slow)
+	// Output:
+	// third export: 409
+	// another tenant: 200
+	// first two: 200 200
+}
+
 // In Transaction scope the handler finds the lock's transaction in its
 // context: its writes commit with the lock when it answers below 500, and
 // roll back otherwise.

@@ -105,7 +105,48 @@ func newMiddleware(locker *pglock.Locker, key KeyFunc, opts []Option) (*middlewa
 	if _, err := locker.NewLock("httplock:check", m.lockOpts[pglock.Exclusive]...); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidOption, err)
 	}
+	if cfg.limit > 1 {
+		if err := m.checkLimit(); err != nil {
+			return nil, err
+		}
+	}
 	return m, nil
+}
+
+// checkLimit refuses the options that a limit above 1 (a Semaphore: Session
+// scope, exclusive slots) cannot honour, naming both sides.
+func (m *middleware) checkLimit() error {
+	n := m.cfg.limit
+	var errs []error
+	switch {
+	case m.scope == pglock.Transaction:
+		by := "the Locker's scope"
+		if m.cfg.scopeSet {
+			by = "WithScope(pglock.Transaction)"
+		}
+		errs = append(errs, fmt.Errorf("%w: WithLimit(%d) with Transaction scope (%s): a limit is a pglock.Semaphore,"+
+			" Session scope only, so there is no transaction to give the handler; use Session scope", ErrInvalidOption, n, by))
+	case m.locker.Scope() == pglock.Transaction:
+		// WithScope(pglock.Session) on a Transaction Locker: pglock makes
+		// Semaphores on Session Lockers only.
+		errs = append(errs, fmt.Errorf("%w: WithLimit(%d) with a Locker in Transaction scope, even with WithScope(pglock.Session):"+
+			" pglock makes Semaphores only on a Locker in Session scope; give the middleware one", ErrInvalidOption, n))
+	}
+	switch {
+	case m.cfg.modeFunc != nil:
+		errs = append(errs, fmt.Errorf("%w: WithLimit(%d) with WithModeFunc: a limit's slots are exclusive", ErrInvalidOption, n))
+	case m.cfg.mode == pglock.Shared && m.cfg.modeSet:
+		errs = append(errs, fmt.Errorf("%w: WithLimit(%d) with WithMode(pglock.Shared): a limit's slots are exclusive", ErrInvalidOption, n))
+	case m.cfg.mode == pglock.Shared:
+		errs = append(errs, fmt.Errorf("%w: WithLimit(%d) with a Locker in Shared mode: a limit's slots are exclusive;"+
+			" add WithMode(pglock.Exclusive)", ErrInvalidOption, n))
+	}
+	if len(errs) == 0 {
+		if _, err := m.locker.Semaphore("httplock:check", n); err != nil {
+			errs = append(errs, fmt.Errorf("%w: WithLimit(%d): %w", ErrInvalidOption, n, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // errRollback is what the locked function returns when the commit rule says
@@ -147,7 +188,19 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	lock, err := m.locker.NewLock(name, m.lockOpts[mode]...)
+	var (
+		lock *pglock.Lock
+		sem  *pglock.Semaphore
+	)
+	if m.cfg.limit > 1 {
+		sem, err = m.locker.Semaphore(name, m.cfg.limit)
+		if errors.Is(err, pglock.ErrInvalidKey) { // an empty name: no namespace, empty key
+			m.keyError(w, r, fmt.Errorf("%w: %w", ErrKey, err))
+			return
+		}
+	} else {
+		lock, err = m.locker.NewLock(name, m.lockOpts[mode]...)
+	}
 	if err != nil {
 		m.fail(w, r, name, fmt.Errorf("%w: %w", ErrDatabase, err))
 		return
@@ -184,9 +237,12 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return nil
 	}
 	did := true
-	if m.cfg.wait > 0 {
+	switch {
+	case sem != nil:
+		did, err = m.doLimited(r.Context(), sem, fn)
+	case m.cfg.wait > 0:
 		err = lock.Do(r.Context(), fn)
-	} else {
+	default:
 		did, err = lock.TryDo(r.Context(), fn)
 	}
 	returned = true
@@ -217,6 +273,43 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		m.log(slog.LevelWarn, "httplock: commit failed after the response was flushed", name, err)
 	}
+}
+
+// errWaitLimit is the cause of the context doLimited cancels when the wait
+// limit passes.
+var errWaitLimit = errors.New("httplock: wait limit passed")
+
+// doLimited runs fn in a slot of sem (WithLimit): if one is free now, without
+// a wait limit (TryDo's (false, nil) when none is), else waiting up to the
+// limit. The limit must bound the wait only: Semaphore.Do gives fn the
+// context it waited with, so the limit is a timer that fn stops as it
+// starts, not a deadline. When the limit passes first the error matches
+// pglock.ErrNotAcquired and context.DeadlineExceeded, as a Lock's WithWait
+// does, so notAcquired answers it busy.
+func (m *middleware) doLimited(ctx context.Context, sem *pglock.Semaphore, fn func(context.Context) error) (bool, error) {
+	if m.cfg.wait <= 0 {
+		return sem.TryDo(ctx, fn)
+	}
+	wctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	timer := time.AfterFunc(m.cfg.wait, func() { cancel(errWaitLimit) })
+	defer timer.Stop()
+	waitedOut := func() error {
+		return fmt.Errorf("%w: semaphore %q: no slot of %d free within %v: %w",
+			pglock.ErrNotAcquired, sem.Name(), sem.Size(), m.cfg.wait, context.DeadlineExceeded)
+	}
+	started := false
+	err := sem.Do(wctx, func(ctx context.Context) error {
+		if !timer.Stop() { // the limit passed as the slot was granted
+			return waitedOut()
+		}
+		started = true
+		return fn(ctx)
+	})
+	if !started && err != nil && ctx.Err() == nil && errors.Is(context.Cause(wctx), errWaitLimit) {
+		err = waitedOut()
+	}
+	return true, err
 }
 
 // notAcquired answers a request whose lock was not taken.

@@ -37,6 +37,7 @@ type config struct {
 	modeSet    bool
 	modeFunc   func(*http.Request) pglock.Mode
 	wait       time.Duration
+	limit      int // 0: unset, as 1
 	retryAfter time.Duration
 	onBusy     http.Handler
 	onError    ErrorHandlerFunc
@@ -76,6 +77,43 @@ func WithWait(d time.Duration) Option {
 			return
 		}
 		c.wait = d
+	}
+}
+
+// WithLimit lets up to n requests for one key run at once, across every
+// replica that shares the database: at most n concurrent exports per tenant,
+// say. The key names a [pglock.Semaphore] of n slots ([pglock.Locker.Semaphore],
+// the namespace and key as its name), and each request holds one slot while
+// its handler runs. Every replica must give a key the same n.
+//
+// A request that finds every slot taken is busy, as a request for a held
+// lock is: without [WithWait] it gets the busy answer at once (409 Conflict,
+// see [WithOnBusy]); with WithWait it queues for a slot, first come first
+// served across replicas, up to the wait limit, and gets the busy answer when
+// that passes. The limit bounds the wait only, not the handler. A request
+// whose context ends while it waits is answered 503 ([ErrRequestEnded]), as
+// with a lock.
+//
+// n must be 1 or more (and at most 1024, pglock's largest Semaphore).
+// WithLimit(1), the default, is one request per key: a plain lock, with every
+// other option as documented. Above 1, a semaphore's slots are
+// [pglock.Session] scope and exclusive, so Middleware refuses WithLimit(n)
+// with Transaction scope (there is no transaction to give the handler: use
+// [pglock.Locker.Do] inside the handler for work that must commit with a
+// lock), with a Locker in Transaction scope even given
+// WithScope(pglock.Session) (pglock makes Semaphores on Session Lockers
+// only), with [WithModeFunc] or [WithMode](pglock.Shared), and with a Locker
+// in Shared mode unless WithMode(pglock.Exclusive) is given; each is an
+// [ErrInvalidOption]. The
+// handler's context carries the slot's hold (a lost slot cancels it with
+// cause [pglock.ErrLockLost]) but no fencing token: slots take none.
+func WithLimit(n int) Option {
+	return func(c *config) {
+		if n < 1 {
+			c.invalid("WithLimit(%d): want 1 or more", n)
+			return
+		}
+		c.limit = n
 	}
 }
 
