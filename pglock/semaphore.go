@@ -2,11 +2,14 @@ package pglock
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // Semaphore is a counted lock: at most Size holders of its name at once,
@@ -27,9 +30,12 @@ import (
 //
 // Locks, semaphores and key sets of one Locker use the Locker's lock and
 // waiting connections ([WithWaitConns] bounds the waits: a head waiting on
-// more slots than there are free waiting places polls the others).
-// Semaphores are Session scope only: the queue key must be let go before
-// the work ends, which a transaction lock cannot do.
+// more slots than there are free waiting places polls the others). The
+// Locker's [WithWait] bounds an acquire's whole wait (in the queue and as
+// its head); a wait that passes it fails as Acquire's does.
+// Semaphores are Session scope only, whatever the Locker's scope: the queue
+// key must be let go before the work ends, which a transaction lock cannot
+// do.
 type Semaphore struct {
 	lk    *Locker
 	name  string
@@ -46,7 +52,9 @@ const maxSemaphoreSize = 1024
 
 // Semaphore returns a Semaphore of n slots named name, with the Locker's
 // namespace. n is 1 to 1024; every process must use the same n for a name.
-// A Locker in Transaction scope cannot make one ([ErrInvalidOption]).
+// Its slots are Session-scope locks whatever the Locker's scope (its
+// function runs in no transaction of its own); a Locker on a transaction
+// (pgx.Tx, *sql.Tx) cannot make one ([ErrInvalidOption]).
 func (lk *Locker) Semaphore(name string, n int) (*Semaphore, error) {
 	if err := lk.unmade(); err != nil {
 		return nil, err
@@ -56,9 +64,12 @@ func (lk *Locker) Semaphore(name string, n int) (*Semaphore, error) {
 		return nil, fmt.Errorf("%w: Semaphore: empty name", ErrInvalidKey)
 	case n < 1 || n > maxSemaphoreSize:
 		return nil, fmt.Errorf("%w: Semaphore %q: size %d, want 1 to %d", ErrInvalidOption, name, n, maxSemaphoreSize)
-	case lk.cfg.scope != Session:
-		return nil, fmt.Errorf("%w: Semaphore %q: a Locker in Transaction scope cannot make one"+
-			" (the queue's lock must be let go before the work ends): use a Locker in Session scope", ErrInvalidOption, name)
+	}
+	switch lk.conn.(type) {
+	case pgx.Tx, *sql.Tx:
+		return nil, fmt.Errorf("%w: Semaphore %q: a Locker on a transaction cannot make one"+
+			" (its slots are session locks, and the queue's lock must be let go before the work ends):"+
+			" use a Locker on a pool", ErrInvalidOption, name)
 	}
 	s := &Semaphore{lk: lk, name: name, slots: make([]Key, n)}
 	for i := range s.slots {
@@ -143,9 +154,10 @@ func (s *Semaphore) enclosed(ctx context.Context) bool {
 	return false
 }
 
-// slotLock returns a Lock on slot i.
+// slotLock returns a Lock on slot i: exclusive, with no wait bound of its
+// own (acquire bounds the whole acquire).
 func (s *Semaphore) slotLock(i int) (*Lock, error) {
-	l, err := s.lk.NewLock(s.slots[i], WithMode(Exclusive), noToken)
+	l, err := s.lk.NewLock(s.slots[i], WithScope(Session), WithMode(Exclusive), WithWait(0), noToken)
 	if errors.Is(err, ErrLockerClosed) {
 		err = fmt.Errorf("%w: %w", ErrNotAcquired, err)
 	}
@@ -179,9 +191,16 @@ func (s *Semaphore) acquire(ctx context.Context, wait bool) (*Lock, error) {
 	if l, err := s.tryAll(ctx); l != nil || err != nil || !wait {
 		return l, err
 	}
+	// The Locker's wait bound (WithWait) bounds the whole wait: the queue,
+	// then the head's.
+	if d := s.lk.cfg.waitTimeout; d > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, d)
+		defer cancel()
+	}
 	// Every slot is taken: queue for the head's place (FIFO across
 	// processes), then wait as the head.
-	q, err := s.lk.NewLock(s.queue, WithMode(Exclusive), noToken)
+	q, err := s.lk.NewLock(s.queue, WithScope(Session), WithMode(Exclusive), WithWait(0), noToken)
 	if err != nil {
 		if errors.Is(err, ErrLockerClosed) {
 			err = fmt.Errorf("%w: %w", ErrNotAcquired, err)

@@ -210,11 +210,71 @@ func TestSemaphoreTryAndNesting(t *testing.T) {
 			t.Errorf("Semaphore(%q, %d) = nil error", c.name, c.n)
 		}
 	}
+	// A Transaction-scope Locker's semaphore holds Session-scope slots; a
+	// Locker on a transaction cannot make one.
 	txl := muxLocker(t, pgtest.Pool(t, 2), pglock.WithScope(pglock.Transaction))
-	if _, err := txl.Semaphore(name, 2); !errors.Is(err, pglock.ErrInvalidOption) {
-		t.Errorf("Semaphore of a Transaction-scope Locker = %v, want ErrInvalidOption", err)
+	ts, err := txl.Semaphore(name+"-tx", 2)
+	if err != nil {
+		t.Fatalf("Semaphore of a Transaction-scope Locker = %v", err)
+	}
+	if err := ts.Do(bg, func(context.Context) error { return nil }); err != nil {
+		t.Errorf("Do of a Transaction-scope Locker's semaphore = %v", err)
+	}
+	tx, err := pgtest.Pool(t, 2).Begin(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(bg) }()
+	onTx, err := pglock.NewLocker(tx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := onTx.Semaphore(name, 2); !errors.Is(err, pglock.ErrInvalidOption) {
+		t.Errorf("Semaphore of a Locker on a transaction = %v, want ErrInvalidOption", err)
 	}
 	if err := s.Do(bg, nil); !errors.Is(err, pglock.ErrNilFunc) {
 		t.Errorf("Do(nil) = %v, want ErrNilFunc", err)
+	}
+}
+
+// The Locker's WithWait bounds a Semaphore acquire's whole wait (in the
+// queue, then as its head), not each step: seen failing before (the second
+// waiter, which became the head when the first gave up, waited the bound
+// again as the head: 1.5 s for a bound of 1 s).
+func TestSemaphoreWaitBound(t *testing.T) {
+	bg := context.Background()
+	const bound = time.Second
+	lk := muxLocker(t, pgtest.Pool(t, 4), pglock.WithWait(bound))
+	s, err := lk.Semaphore(pgtest.UniqueKey(t), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	held := make(chan struct{})
+	go func() { _ = s.Do(bg, func(context.Context) error { close(held); <-release; return nil }) }()
+	<-held
+	defer close(release)
+	// Two waiters, the second half a bound after the first (the head).
+	var wg sync.WaitGroup
+	took := make([]time.Duration, 2)
+	errs := make([]error, 2)
+	for i := range 2 {
+		if i == 1 {
+			time.Sleep(bound / 2)
+		}
+		wg.Go(func() {
+			start := time.Now()
+			errs[i] = s.Do(bg, func(context.Context) error { return nil })
+			took[i] = time.Since(start)
+		})
+	}
+	wg.Wait()
+	for i := range 2 {
+		if !errors.Is(errs[i], pglock.ErrNotAcquired) {
+			t.Errorf("waiter %d: %v, want ErrNotAcquired", i, errs[i])
+		}
+		if took[i] > bound*13/10 {
+			t.Errorf("waiter %d waited %v, want about %v (the Locker's WithWait)", i, took[i], bound)
+		}
 	}
 }
