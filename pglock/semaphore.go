@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -30,9 +32,10 @@ import (
 //
 // Locks, semaphores and key sets of one Locker use the Locker's lock and
 // waiting connections ([WithWaitConns] bounds the waits: a head waiting on
-// more slots than there are free waiting places polls the others). The
-// Locker's [WithWait] bounds an acquire's whole wait (in the queue and as
-// its head); a wait that passes it fails as Acquire's does.
+// more slots than there are free waiting places polls the others).
+// [WithWait] (the Locker's, or one given to [Locker.Semaphore]) bounds an
+// acquire's whole wait (in the queue and as its head); a wait that passes it
+// fails as Acquire's does.
 // Semaphores are Session scope only, whatever the Locker's scope: the queue
 // key must be let go before the work ends, which a transaction lock cannot
 // do.
@@ -41,6 +44,11 @@ type Semaphore struct {
 	name  string
 	slots []Key
 	queue Key
+	// opts are the options of its Locks (Semaphore's, then the ones that
+	// make them exclusive Session-scope locks without tokens); wait bounds
+	// a whole acquire (WithWait).
+	opts []Option
+	wait time.Duration
 	// start is where this process tries the slots from next: a rotating
 	// point, so that a process's holders spread over the slots.
 	start atomic.Uint32
@@ -52,11 +60,26 @@ const maxSemaphoreSize = 1024
 
 // Semaphore returns a Semaphore of n slots named name, with the Locker's
 // namespace. n is 1 to 1024; every process must use the same n for a name.
+// opts are options of a Lock, over the Locker's: [WithWait] bounds an
+// acquire's whole wait (in the queue, then as its head: a wait that passes
+// it fails as Acquire's does, and the bound does not reach the function),
+// [WithNamespace] names the keys, and the others ([WithObserver],
+// [WithLogger], [WithReleaseTimeout]...) apply to its locks; the slots are
+// exclusive Session-scope locks without fencing tokens, whatever
+// [WithScope], [WithMode] or [WithToken] say.
 // Its slots are Session-scope locks whatever the Locker's scope (its
 // function runs in no transaction of its own); a Locker on a transaction
 // (pgx.Tx, *sql.Tx) cannot make one ([ErrInvalidOption]).
-func (lk *Locker) Semaphore(name string, n int) (*Semaphore, error) {
+func (lk *Locker) Semaphore(name string, n int, opts ...Option) (*Semaphore, error) {
 	if err := lk.unmade(); err != nil {
+		return nil, err
+	}
+	cfg := lk.cfg
+	cfg.errs = nil
+	if err := cfg.apply(opts); err != nil {
+		return nil, err
+	}
+	if err := cfg.lockOnly(); err != nil {
 		return nil, err
 	}
 	switch {
@@ -71,15 +94,16 @@ func (lk *Locker) Semaphore(name string, n int) (*Semaphore, error) {
 			" (its slots are session locks, and the queue's lock must be let go before the work ends):"+
 			" use a Locker on a pool", ErrInvalidOption, name)
 	}
-	s := &Semaphore{lk: lk, name: name, slots: make([]Key, n)}
+	s := &Semaphore{lk: lk, name: name, slots: make([]Key, n), wait: cfg.waitTimeout,
+		opts: append(slices.Clip(opts), WithScope(Session), WithMode(Exclusive), WithWait(0), noToken)}
 	for i := range s.slots {
-		k, err := lk.cfg.keyOf(fmt.Sprintf("%s#%d", name, i))
+		k, err := cfg.keyOf(fmt.Sprintf("%s#%d", name, i))
 		if err != nil {
 			return nil, err
 		}
 		s.slots[i] = k
 	}
-	q, err := lk.cfg.keyOf(name + "#queue")
+	q, err := cfg.keyOf(name + "#queue")
 	if err != nil {
 		return nil, err
 	}
@@ -157,7 +181,7 @@ func (s *Semaphore) enclosed(ctx context.Context) bool {
 // slotLock returns a Lock on slot i: exclusive, with no wait bound of its
 // own (acquire bounds the whole acquire).
 func (s *Semaphore) slotLock(i int) (*Lock, error) {
-	l, err := s.lk.NewLock(s.slots[i], WithScope(Session), WithMode(Exclusive), WithWait(0), noToken)
+	l, err := s.lk.NewLock(s.slots[i], s.opts...)
 	if errors.Is(err, ErrLockerClosed) {
 		err = fmt.Errorf("%w: %w", ErrNotAcquired, err)
 	}
@@ -191,16 +215,16 @@ func (s *Semaphore) acquire(ctx context.Context, wait bool) (*Lock, error) {
 	if l, err := s.tryAll(ctx); l != nil || err != nil || !wait {
 		return l, err
 	}
-	// The Locker's wait bound (WithWait) bounds the whole wait: the queue,
-	// then the head's.
-	if d := s.lk.cfg.waitTimeout; d > 0 {
+	// The wait bound (WithWait) bounds the whole wait: the queue, then the
+	// head's.
+	if d := s.wait; d > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, d)
 		defer cancel()
 	}
 	// Every slot is taken: queue for the head's place (FIFO across
 	// processes), then wait as the head.
-	q, err := s.lk.NewLock(s.queue, WithScope(Session), WithMode(Exclusive), WithWait(0), noToken)
+	q, err := s.lk.NewLock(s.queue, s.opts...)
 	if err != nil {
 		if errors.Is(err, ErrLockerClosed) {
 			err = fmt.Errorf("%w: %w", ErrNotAcquired, err)

@@ -321,7 +321,6 @@ func TestLimitConfigErrors(t *testing.T) {
 		{"negative per kind", lk, riverlock.Config{Kinds: map[string]riverlock.KindConfig{"k": {Key: key, Limit: -3}}},
 			[]string{`Kinds["k"].Limit -3`}},
 		{"too large", lk, riverlock.Config{Key: key, Limit: 5000}, []string{"Limit 5000", "1024"}},
-		{"Transaction Locker", txLocker, riverlock.Config{Key: key, Limit: 2}, []string{"Limit 2", "Transaction scope"}},
 		{"shared namespace, two limits", lk, riverlock.Config{Kinds: map[string]riverlock.KindConfig{
 			"a": {Key: key, Namespace: "ns:", Limit: 2},
 			"b": {Key: key, Namespace: "ns:"},
@@ -345,6 +344,7 @@ func TestLimitConfigErrors(t *testing.T) {
 		cfg  riverlock.Config
 	}{
 		{"limit 1 on a Transaction Locker", txLocker, riverlock.Config{Key: key, Limit: 1}},
+		{"limit 2 on a Transaction Locker (session slots)", txLocker, riverlock.Config{Key: key, Limit: 2}},
 		{"limit without a key", txLocker, riverlock.Config{Limit: 3}},
 		{"largest", lk, riverlock.Config{Key: key, Limit: 1024}},
 		{"shared namespace, one limit", lk, riverlock.Config{Limit: 2, Kinds: map[string]riverlock.KindConfig{

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
-	"time"
 
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/rivertype"
@@ -42,13 +41,12 @@ var _ rivertype.WorkerMiddleware = (*Middleware)(nil)
 // The middleware takes exclusive session locks, whatever the Locker's
 // default scope and mode; it keeps the Locker's namespace (applied before
 // its own), logger, lost-check interval and release timeout. A Limit above
-// 1 ([Config.Limit]) needs a Locker in Session scope, since pglock makes
-// Semaphores on those only.
+// 1 ([Config.Limit]) takes a slot of a pglock Semaphore, a session lock too.
 //
 // A nil locker (also matching [ErrNilLocker]), a Locker on one connection
 // or a transaction, an invalid Policy, and a Limit that is negative, above
-// 1024, above 1 on a Locker in Transaction scope, or not the same for kinds
-// that share a Namespace are errors matching [ErrInvalidConfig].
+// 1024, or not the same for kinds that share a Namespace are errors
+// matching [ErrInvalidConfig].
 // A nil cfg is the zero Config.
 func NewMiddleware(locker *pglock.Locker, cfg *Config) (*Middleware, error) {
 	if locker == nil {
@@ -106,8 +104,8 @@ func NewMiddleware(locker *pglock.Locker, cfg *Config) (*Middleware, error) {
 	return m, nil
 }
 
-// checkLimits refuses limits above 1 that pglock cannot make (a Locker in
-// Transaction scope, a size out of range), and kinds that share a Namespace
+// checkLimits refuses limits above 1 that pglock cannot make (a size out of
+// range), and kinds that share a Namespace
 // with different limits: their jobs would take one semaphore with two sizes.
 func (m *Middleware) checkLimits() error {
 	type user struct {
@@ -191,7 +189,11 @@ func (m *Middleware) Work(ctx context.Context, job *rivertype.JobRow, doInner fu
 		held pglock.Key // what WorkTx inside finds held: the key's own
 	)
 	if s.limit > 1 {
-		sem, err = m.locker.Semaphore(name, s.limit)
+		var opts []pglock.Option
+		if s.busy.act == actWait {
+			opts = append(opts, pglock.WithWait(s.busy.d))
+		}
+		sem, err = m.locker.Semaphore(name, s.limit, opts...)
 		if err == nil {
 			held, err = m.locker.Key(name)
 		}
@@ -248,41 +250,16 @@ func (m *Middleware) Work(ctx context.Context, job *rivertype.JobRow, doInner fu
 	return err
 }
 
-// errWaitLimit is the cause of the context doLimited cancels when the Wait
-// limit passes.
-var errWaitLimit = errors.New("riverlock: wait limit passed")
-
 // doLimited runs run in a slot of sem (a Limit above 1): under Snooze and
 // Cancel only if one is free now (TryDo's (false, nil) when none is), under
-// Wait waiting up to the policy's limit. The limit must bound the wait only:
-// Semaphore.Do gives run the context it waited with, so the limit is a
-// timer that run stops as it starts, not a deadline. When the limit passes
-// first the error matches pglock.ErrNotAcquired and
+// Wait waiting up to the policy's limit, which sem bounds (it was made
+// WithWait): when it passes the error matches pglock.ErrNotAcquired and
 // context.DeadlineExceeded, as a Lock's WithWait does.
 func doLimited(ctx context.Context, sem *pglock.Semaphore, p Policy, run func(context.Context) error) (bool, error) {
 	if p.act != actWait {
 		return sem.TryDo(ctx, run)
 	}
-	wctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	timer := time.AfterFunc(p.d, func() { cancel(errWaitLimit) })
-	defer timer.Stop()
-	waitedOut := func() error {
-		return fmt.Errorf("%w: semaphore %q: no slot of %d free within %v: %w",
-			pglock.ErrNotAcquired, sem.Name(), sem.Size(), p.d, context.DeadlineExceeded)
-	}
-	started := false
-	err := sem.Do(wctx, func(ctx context.Context) error {
-		if !timer.Stop() { // the limit passed as the slot was granted
-			return waitedOut()
-		}
-		started = true
-		return run(ctx)
-	})
-	if !started && err != nil && ctx.Err() == nil && errors.Is(context.Cause(wctx), errWaitLimit) {
-		err = waitedOut()
-	}
-	return true, err
+	return true, sem.Do(ctx, run)
 }
 
 // busy applies the busy policy to a job whose key other jobs hold (why

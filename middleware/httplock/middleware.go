@@ -193,7 +193,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		sem  *pglock.Semaphore
 	)
 	if m.cfg.limit > 1 {
-		sem, err = m.locker.Semaphore(name, m.cfg.limit)
+		sem, err = m.locker.Semaphore(name, m.cfg.limit, pglock.WithWait(max(m.cfg.wait, 0)))
 		if errors.Is(err, pglock.ErrInvalidKey) { // an empty name: no namespace, empty key
 			m.keyError(w, r, fmt.Errorf("%w: %w", ErrKey, err))
 			return
@@ -275,41 +275,16 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// errWaitLimit is the cause of the context doLimited cancels when the wait
-// limit passes.
-var errWaitLimit = errors.New("httplock: wait limit passed")
-
-// doLimited runs fn in a slot of sem (WithLimit): if one is free now, without
-// a wait limit (TryDo's (false, nil) when none is), else waiting up to the
-// limit. The limit must bound the wait only: Semaphore.Do gives fn the
-// context it waited with, so the limit is a timer that fn stops as it
-// starts, not a deadline. When the limit passes first the error matches
-// pglock.ErrNotAcquired and context.DeadlineExceeded, as a Lock's WithWait
-// does, so notAcquired answers it busy.
+// doLimited runs fn in a slot of sem (WithLimit): if one is free now,
+// without a wait limit (TryDo's (false, nil) when none is), else waiting up
+// to the limit, which sem bounds (it was made WithWait): when it passes the
+// error matches pglock.ErrNotAcquired and context.DeadlineExceeded, as a
+// Lock's WithWait does, so notAcquired answers it busy.
 func (m *middleware) doLimited(ctx context.Context, sem *pglock.Semaphore, fn func(context.Context) error) (bool, error) {
 	if m.cfg.wait <= 0 {
 		return sem.TryDo(ctx, fn)
 	}
-	wctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	timer := time.AfterFunc(m.cfg.wait, func() { cancel(errWaitLimit) })
-	defer timer.Stop()
-	waitedOut := func() error {
-		return fmt.Errorf("%w: semaphore %q: no slot of %d free within %v: %w",
-			pglock.ErrNotAcquired, sem.Name(), sem.Size(), m.cfg.wait, context.DeadlineExceeded)
-	}
-	started := false
-	err := sem.Do(wctx, func(ctx context.Context) error {
-		if !timer.Stop() { // the limit passed as the slot was granted
-			return waitedOut()
-		}
-		started = true
-		return fn(ctx)
-	})
-	if !started && err != nil && ctx.Err() == nil && errors.Is(context.Cause(wctx), errWaitLimit) {
-		err = waitedOut()
-	}
-	return true, err
+	return true, sem.Do(ctx, fn)
 }
 
 // notAcquired answers a request whose lock was not taken.
