@@ -12,6 +12,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/pglock/internal/memlock"
 )
 
 // A source is what the caller gave NewLock: it opens one backend per hold.
@@ -129,6 +131,12 @@ func newSource(conn any, cfg *config, into *pgxSource) (source, error) {
 			return nil, fmt.Errorf("%w: a zero sql.Tx: begin it with sql.DB.BeginTx or sql.Conn.BeginTx", ErrUnsupportedConn)
 		}
 		s = &sqlSource{tx: c}
+	case *memlock.Session:
+		// The in-memory test double (package pglocktest): see backend_mem.go.
+		if c == nil {
+			return nil, fmt.Errorf("%w: nil in-memory session", ErrUnsupportedConn)
+		}
+		s = &memSource{sess: c}
 	case nil:
 		return nil, fmt.Errorf("%w: nil (want *pgxpool.Pool, *pgxpool.Conn, *pgx.Conn, pgx.Tx, *sql.DB, *sql.Conn or *sql.Tx)", ErrUnsupportedConn)
 	default:
@@ -143,6 +151,9 @@ func newSource(conn any, cfg *config, into *pgxSource) (source, error) {
 // settleScope checks the scope against the source: on a caller's
 // transaction it is Transaction, and asking for Session there is an error.
 func settleScope(s source, cfg *config) error {
+	if _, mem := s.(*memSource); mem && cfg.scope == Transaction {
+		return errMemTransaction // the in-memory double: Session scope only
+	}
 	if s.callerTx() {
 		if cfg.scopeSet && cfg.scope == Session {
 			return fmt.Errorf("%w: Session scope on a transaction (%s): the lock would outlive it; use pglock.Transaction, or pass the pool or connection", ErrInvalidOption, s.kind())

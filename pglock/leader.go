@@ -70,8 +70,8 @@ type LeaderConfig struct {
 	// has returned; it should not block. Between two terms the key can be
 	// free for a moment: that is not reported, and a new term of the same
 	// identity is not a new leader. It needs a Locker that multiplexes on a
-	// pool (the default on a *pgxpool.Pool or *sql.DB); on another Locker it
-	// is an error.
+	// pool (the default on a *pgxpool.Pool or *sql.DB), or a Locker of
+	// pglocktest's in-memory double; on another Locker it is an error.
 	OnNewLeader func(identity string)
 	// ObserveInterval is how often OnNewLeader's reads happen. Zero means
 	// DefaultLeaderObserveInterval (500 ms); otherwise 100 ms to 1 h. It
@@ -187,7 +187,11 @@ func settleIdentity(lk *Locker, cfg *LeaderConfig) error {
 		return fmt.Errorf("%w: leader ObserveInterval %v is out of range: want 0 (the default, %v) or %v..%v",
 			ErrInvalidOption, d, DefaultLeaderObserveInterval, minObserveInterval, maxObserveInterval)
 	}
-	if cfg.OnNewLeader != nil && (lk == nil || lk.mux == nil) {
+	mem := false // the in-memory double (pglocktest) knows who holds a key
+	if lk != nil {
+		_, mem = lk.src.(*memSource)
+	}
+	if cfg.OnNewLeader != nil && !mem && (lk == nil || lk.mux == nil) {
 		return fmt.Errorf("%w: leader OnNewLeader needs a Locker that multiplexes on a pool (*pgxpool.Pool, or *sql.DB with pgx's driver):"+
 			" on a pool connection of its own (WithMultiplexing(false)) or on one connection, a Leader's session keeps the application_name it has",
 			ErrInvalidOption)

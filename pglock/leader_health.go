@@ -50,6 +50,8 @@ func (ld *Leader) holdPID() int64 {
 		case conn != nil:
 			return int64(conn.PgConn().PID())
 		}
+	case *memBackend: // the in-memory double
+		return b.pid()
 	case *pgxBackend:
 		if proof := proofOf(b.conn); proof != nil {
 			return int64(proof.pid)

@@ -13,6 +13,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/pglock/internal/memlock"
 )
 
 // A Leader's identity (issue 25). Every replica can ask the server who leads:
@@ -138,6 +140,10 @@ func (lk *Locker) keyHolder(ctx context.Context, k Key) (pid int64, app string, 
 		if errors.Is(err, sql.ErrNoRows) {
 			return 0, "", false, nil
 		}
+	case *memlock.Session:
+		// The in-memory double: its table says.
+		pid, app, ok = memHolder(db, k)
+		return pid, app, ok, nil
 	default:
 		return 0, "", false, fmt.Errorf("%w: who holds key %s is read on a pool (*pgxpool.Pool or *sql.DB), not on a Locker on %T",
 			ErrUnsupportedConn, k, lk.conn)

@@ -64,7 +64,10 @@ func NewLocker(conn any, opts ...Option) (*Locker, error) {
 		return nil, err
 	}
 	lk := &Locker{conn: conn, cfg: cfg, src: src, pooled: src.owned(), setGate: make(chan struct{}, 1)}
-	switch {
+	switch _, mem := src.(*memSource); {
+	case mem:
+		// The in-memory double (pglocktest): each hold is a request in its
+		// table; there are no connections to multiplex.
 	case src.owned() && cfg.multiplex:
 		pool, _ := conn.(*pgxpool.Pool)
 		db, _ := conn.(*sql.DB)
@@ -213,6 +216,9 @@ func (lk *Locker) Close() error {
 	if lk.serial != nil {
 		close(lk.serial.closing)
 	}
+	if m, ok := lk.src.(*memSource); ok {
+		m.close() // the in-memory double: its holds are lost, as a mux's are
+	}
 	return nil
 }
 
@@ -256,6 +262,9 @@ func (lk *Locker) Stats() LockerStats {
 		return lk.mux.stats()
 	case lk.serial != nil:
 		return LockerStats{HeldKeys: int(lk.serial.holds.Load())}
+	}
+	if m, ok := lk.src.(*memSource); ok {
+		return m.stats() // the in-memory double: HeldKeys and Queued only
 	}
 	return LockerStats{}
 }

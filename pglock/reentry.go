@@ -9,6 +9,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/pglock/internal/memlock"
 )
 
 // Re-entrant Do. The context that Do and TryDo give their function carries
@@ -104,6 +106,8 @@ func ContextWithHold(ctx context.Context, l *Lock) context.Context {
 func domainOf(conn any) any {
 	switch c := conn.(type) {
 	case *pgxpool.Pool, *pgxpool.Conn, *pgx.Conn, *sql.DB, *sql.Conn:
+		return c
+	case *memlock.Session: // the in-memory double: one replica's Locker
 		return c
 	}
 	return nil
