@@ -130,9 +130,9 @@ func (p *healthProbe) do(ctx context.Context, about int64, fresh time.Duration, 
 //
 // Cost: at most one check per lost-check interval (500 ms by default),
 // whatever the number of callers (concurrent calls share one check, and
-// later ones its result), each bounded by twice the interval (1 s by
-// default; a connect under way goes on in the background for the next
-// check). It holds no lock and never waits for one.
+// later ones its result), each answered within twice the interval (1 s by
+// default; a connect or a statement under way goes on in the background).
+// It holds no lock and never waits for one.
 //
 // Kubernetes: wire it to the readiness probe, not to the liveness probe. A
 // database that is down or cut off makes every replica unhealthy at once:
@@ -159,11 +159,23 @@ func (lk *Locker) CheckHealth(ctx context.Context) error {
 	return lk.health().do(ctx, 0, interval, func() error {
 		cctx, cancel := context.WithTimeout(context.Background(), 2*interval)
 		defer cancel()
+		// The answer comes within the bound even when the check's request
+		// was already sent on a lock connection the network left silent
+		// (its statement bound, not the check's context, ends it there): the
+		// check goes on in the background and its result is dropped.
+		done := make(chan error, 1)
+		go func() {
+			if lk.mux != nil {
+				done <- lk.mux.reach(cctx)
+			} else {
+				done <- pingPool(cctx, lk.conn)
+			}
+		}()
 		var err error
-		if lk.mux != nil {
-			err = lk.mux.reach(cctx)
-		} else {
-			err = pingPool(cctx, lk.conn)
+		select {
+		case err = <-done:
+		case <-cctx.Done():
+			err = cctx.Err()
 		}
 		switch {
 		case err == nil:

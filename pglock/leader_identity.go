@@ -121,7 +121,8 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.mode = 'ExclusiveLock'
   AND l.classid = $1::oid AND l.objid = $2::oid AND l.objsubid = $3::smallint
 LIMIT 1`
 
-// keyHolder reads who holds k exclusively now (see holderSQL), on the
+// keyHolder reads who holds k exclusively now (see holderSQL): on a lock
+// connection of a multiplexing Locker when one is open, else on the
 // Locker's pool.
 func (lk *Locker) keyHolder(ctx context.Context, k Key) (pid int64, app string, ok bool, err error) {
 	if ctx == nil {
@@ -129,6 +130,24 @@ func (lk *Locker) keyHolder(ctx context.Context, k Key) (pid int64, app string, 
 	}
 	classid, objid, objsubid := k.LockTag()
 	args := []any{int64(classid), int64(objid), objsubid}
+	if lk.multiplexes() {
+		// On an open lock connection of the Locker's, sharing its turn with
+		// the lock requests of the moment: a pool the application keeps busy
+		// does not make the answer wait (a Leader's health check would call
+		// a sound leader in doubt).
+		var on bool
+		pid, app, ok, on, err = lk.mux.keyHolder(ctx, args)
+		if on {
+			if err != nil {
+				if unavailable(err) || errors.Is(err, errConnGone) {
+					err = fmt.Errorf("%w: read who holds key %s: %w", ErrUnavailable, k, err)
+				} else {
+					err = fmt.Errorf("pglock: read who holds key %s: %w", k, err)
+				}
+			}
+			return pid, app, ok, err
+		}
+	}
 	switch db := lk.conn.(type) {
 	case *pgxpool.Pool:
 		err = db.QueryRow(ctx, holderSQL, args...).Scan(&pid, &app)
@@ -222,4 +241,41 @@ func (ld *Leader) kicked() {
 	case ld.kick <- struct{}{}:
 	default:
 	}
+}
+
+// keyHolder runs holderSQL on an open lock connection (on reports whether
+// one was open to ask): a read of pg_locks that waits for no lock, bounded
+// as every statement there is, the caller's ctx ending only its place in the
+// queue (a statement cut by a context would cost the connection its locks).
+func (m *mux) keyHolder(ctx context.Context, args []any) (pid int64, app string, ok, on bool, err error) {
+	var c *lockConn
+	m.mu.Lock()
+	for _, s := range m.slots {
+		if s != nil && !s.isDead() && s.hasConn() {
+			c = s
+			break
+		}
+	}
+	m.mu.Unlock()
+	if c == nil {
+		return 0, "", false, false, nil
+	}
+	op := connOp{ctx: ctx, bounded: true, fn: func(conn *pgx.Conn) {
+		if conn == nil {
+			err = errConnGone
+			return
+		}
+		err = conn.QueryRow(context.Background(), holderSQL, args...).Scan(&pid, &app)
+	}}
+	c.do(&op)
+	if err == nil {
+		err = op.err
+	}
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, "", false, true, nil
+	}
+	if err != nil {
+		return 0, "", false, true, err
+	}
+	return pid, app, true, true, nil
 }

@@ -256,8 +256,7 @@ func (c *Session) Close() {
 	for h := range c.holds {
 		switch h.state {
 		case held:
-			s.unhold(h)
-			h.lost = why
+			h.lost = why // it blocks others until its watcher is told
 			lost = append(lost, h)
 		case waiting:
 			s.unqueue(h) // an Acquire waiting on it returns ErrClosed
@@ -267,6 +266,11 @@ func (c *Session) Close() {
 	s.mu.Unlock()
 	s.tell(lost, why)
 	s.mu.Lock()
+	for _, h := range lost {
+		if h.state == held {
+			s.unhold(h)
+		}
+	}
 	for k := range keys {
 		s.wake(k)
 	}
@@ -347,13 +351,19 @@ func (s *Server) Lose(key Key, why error) int {
 	if e := s.keys[key]; e != nil {
 		lost = slices.Clone(e.holds)
 		for _, h := range lost {
-			s.unhold(h)
-			h.lost = why
+			h.lost = why // its Release now says so; it still blocks others
 		}
 	}
 	s.mu.Unlock()
+	// The lost holds stay in the table, and go on blocking every request,
+	// until their watchers are told: no overlap window.
 	s.tell(lost, why)
 	s.mu.Lock()
+	for _, h := range lost {
+		if h.state == held {
+			s.unhold(h)
+		}
+	}
 	s.wake(key)
 	s.mu.Unlock()
 	return len(lost)
