@@ -276,7 +276,6 @@ func TestReview25CurrentLeaderAfterKill(t *testing.T) {
 		ld   *pglock.Leader
 		mu   sync.Mutex
 		seen []string
-		pid  atomic.Int32
 	}
 	mk := func(id string) *rep {
 		lk := muxLocker(t, pgtest.Pool(t, 4), pglock.WithLostCheckInterval(200*time.Millisecond))
