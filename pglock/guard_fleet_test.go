@@ -78,7 +78,10 @@ func TestGuardFleetHelper(t *testing.T) {
 	for _, l := range held {
 		select {
 		case <-l.Lost():
-			lost++
+			if lost++; lost == 1 {
+				// Why, for the test's report: a lost hold's Release says.
+				fmt.Fprintf(os.Stderr, "lost: %v\n", l.Release(bg))
+			}
 		default:
 		}
 	}
@@ -192,7 +195,7 @@ func TestGuardFleetOfProcesses(t *testing.T) {
 		}
 		t.Logf("replica %d: %s", i, line)
 		if lost > 0 {
-			t.Errorf("INVARIANT nil-means-held: replica %d lost %d of its %d locks", i, lost, h)
+			t.Errorf("INVARIANT nil-means-held: replica %d lost %d of its %d locks: %s", i, lost, h, r.stderr.String())
 		}
 		if other > 0 {
 			t.Errorf("replica %d: %d acquires failed with another error than ErrTooManyLocks: %s", i, other, r.stderr.String())
