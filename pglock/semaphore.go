@@ -144,11 +144,15 @@ func (s *Semaphore) do(ctx context.Context, fn func(ctx context.Context) error, 
 	if ctx == nil {
 		return false, fmt.Errorf("%w: Semaphore %q: nil context", ErrNotAcquired, s.name)
 	}
-	if s.enclosed(ctx) {
+	if h := s.enclosed(ctx); h != nil {
 		if err := ctx.Err(); err != nil {
 			return false, fmt.Errorf("%w: Semaphore %q: the enclosing hold has ended: %w", ErrNotAcquired, s.name, context.Cause(ctx))
 		}
-		return true, fn(ctx)
+		err := fn(ctx)
+		if h.l.holdGen() != h.gen { // as a nested Lock's Do (see Lock.nested)
+			err = join(err, fmt.Errorf("%w: Semaphore %q: the enclosing slot's hold ended while the nested function ran", ErrLockLost, s.name))
+		}
+		return true, err
 	}
 	l, err := s.acquire(ctx, wait)
 	if err != nil || l == nil {
@@ -157,25 +161,25 @@ func (s *Semaphore) do(ctx context.Context, fn func(ctx context.Context) error, 
 	return true, runSet(ctx, []*Lock{l}, false, fn)
 }
 
-// enclosed reports whether ctx is the context of a hold of one of the
-// Semaphore's slots (on the Locker's database).
-func (s *Semaphore) enclosed(ctx context.Context) bool {
+// enclosed returns the hold of one of the Semaphore's slots (on the
+// Locker's database) that ctx is the context of, if any.
+func (s *Semaphore) enclosed(ctx context.Context) *holdCtx {
 	domain := domainOf(s.lk.conn)
 	if domain == nil {
-		return false
+		return nil
 	}
 	h, _ := ctx.Value(holdsKey{}).(*holdCtx)
 	for ; h != nil; h, _ = h.Context.Value(holdsKey{}).(*holdCtx) {
-		if h.l.domain != domain || !h.l.Held() {
+		if h.l.domain != domain || h.l.holdGen() != h.gen || h.gen == noHold {
 			continue
 		}
 		for _, k := range s.slots {
 			if h.l.key == k {
-				return true
+				return h
 			}
 		}
 	}
-	return false
+	return nil
 }
 
 // slotLock returns a Lock on slot i: exclusive, with no wait bound of its
@@ -258,15 +262,19 @@ func (s *Semaphore) waitAny(ctx context.Context) (*Lock, error) {
 		l   *Lock
 		err error
 	}
-	results := make(chan result, n)
-	var wg sync.WaitGroup
+	// Every Lock first: a failure to make one (a Close) must not leave a
+	// wait already started, and perhaps granted, without its reader.
+	locks := make([]*Lock, n)
 	for i := range n {
 		l, err := s.slotLock(i)
 		if err != nil {
-			cancel()
-			wg.Wait()
 			return nil, err
 		}
+		locks[i] = l
+	}
+	results := make(chan result, n)
+	var wg sync.WaitGroup
+	for _, l := range locks {
 		wg.Go(func() {
 			err := l.Acquire(wctx)
 			results <- result{l, err}
