@@ -281,6 +281,33 @@
 // ended. A wait that PostgreSQL's deadlock detector ends (two sessions each
 // waiting for the other, SQLSTATE 40P01) fails with [ErrDeadlock] too.
 //
+// # Deadlocks between holders
+//
+// A wait made inside a hold (in the function of a Do, or in a context from
+// [ContextWithHold]) is a wait of that holder. When holders wait for each
+// other in a cycle (A holds k1 and waits for k2, B holds k2 and waits for
+// k1), one of the waits fails with [ErrDeadlock] within about
+// deadlock_timeout (1 s by default) of the cycle's closing, and the others
+// go on: in one process or across processes, on lock connections, with a
+// connection per hold, in either scope. PostgreSQL cannot see such a cycle
+// by itself: a hold lives on one session (a lock connection, or the hold's
+// pool connection) and the next wait of its holder on another, which holds
+// nothing. So the library finds it: such a wait names, in a comment of its
+// statement, the keys its context holds, and every deadlock_timeout while it
+// waits it reads pg_locks and pg_stat_activity (one statement on a lock
+// connection, else on a connection of the pool or *sql.DB) and looks for a
+// cycle through itself, its own process's waits included (those in a
+// Locker's key table, which no server sees). Waits made outside any hold
+// cost nothing: they cannot close a cycle. The cost of the others is that
+// statement every deadlock_timeout while they wait, and a wait statement
+// that skips pgx's statement cache. A cycle is only seen through holds that
+// contexts carry: a goroutine that holds a Lock from Acquire and waits for
+// another with an unrelated context is not known to hold anything (pass
+// ContextWithHold(ctx, lock) to say it is); the waits of the other
+// processes must run as a role that may read their statements in
+// pg_stat_activity (the same role, or pg_read_all_stats); and the in-memory
+// double (pglocktest) does not look for cycles.
+//
 // # Key sets
 //
 // [Locker.DoAll] holds several keys at once, all or nothing, and

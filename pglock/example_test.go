@@ -414,6 +414,49 @@ func ExampleLocker_Do_nested() {
 	// true
 }
 
+// Two transfers lock their source account, then, inside that hold, their
+// destination: one from account 1 to 2, one from 2 to 1. Each holds what
+// the other waits for; within about deadlock_timeout one of them fails
+// with ErrDeadlock (and lets its account go), and the other goes on.
+// (DoAll takes both accounts in one order, and never deadlocks.)
+func ExampleErrDeadlock() {
+	ctx := context.Background()
+	pool := examplePool()
+	defer pool.Close()
+	locker, err := pglock.NewLocker(pool)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer locker.Close()
+
+	var holding sync.WaitGroup
+	holding.Add(2)
+	transfer := func(from, to string) error {
+		return locker.Do(ctx, "example:deadlock:"+from, func(ctx context.Context) error {
+			holding.Done()
+			holding.Wait() // both hold their source account
+			return locker.Do(ctx, "example:deadlock:"+to, func(context.Context) error { return nil })
+		})
+	}
+	errs := make(chan error, 2)
+	go func() { errs <- transfer("1", "2") }()
+	go func() { errs <- transfer("2", "1") }()
+	deadlocks, done := 0, 0
+	for range 2 {
+		switch err := <-errs; {
+		case errors.Is(err, pglock.ErrDeadlock):
+			deadlocks++
+		case err == nil:
+			done++
+		default:
+			log.Fatal(err)
+		}
+	}
+	fmt.Println("deadlocks:", deadlocks, "done:", done)
+	// Output:
+	// deadlocks: 1 done: 1
+}
+
 // A transfer locks both accounts, all or nothing: two transfers between the
 // same accounts in opposite directions take the keys in the same order, so
 // they cannot deadlock.

@@ -13,3 +13,7 @@ var TokenSQLOnYugabyte = func() string {
 	}
 	return strings.Replace(tokenSQL, engine, "'15.2-YB-2025.1.0.0-b0'", 1)
 }()
+
+// DeadlockChecks is the number of checks for cycles of waits made so far
+// in the process (see deadlock.go).
+func DeadlockChecks() int64 { return cycles.checks.Load() }

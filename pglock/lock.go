@@ -342,9 +342,20 @@ func (l *Lock) acquire(ctx context.Context, wait, do bool) (bool, error) {
 		ctx, cancel = context.WithTimeout(ctx, l.cfg.waitTimeout)
 		defer cancel()
 	}
-	b, ok, err := l.open(ctx, wait)
+	// A wait inside a hold is checked for cycles of such waits (see
+	// deadlock.go); it runs in wctx, which a cycle ends.
+	wctx, rec := ctx, (*cycleRec)(nil)
+	if wait {
+		wctx, rec = l.watchCycles(ctx)
+	}
+	b, ok, err := l.open(wctx, wait)
+	cycleErr := rec.stop()
 	waited := time.Since(start)
 	switch {
+	case cycleErr != nil && (err != nil || !ok):
+		err = fmt.Errorf("%w: key %s: %w", ErrNotAcquired, l.key, cycleErr)
+		l.emit(EventNotAcquired, waited, err)
+		return false, err
 	case err != nil || (wait && !ok):
 		err = l.notAcquired(ctx, err)
 		l.emit(EventNotAcquired, waited, err)

@@ -31,8 +31,11 @@ var ErrSelfDeadlock = errors.New("pglock: the lock would wait for its own enclos
 
 // ErrDeadlock means a wait was ended because it was part of a cycle of waits
 // that could never end: PostgreSQL's deadlock detector ended it (SQLSTATE
-// 40P01, reachable with errors.As as a *pgconn.PgError), or the library saw
-// it first ([ErrSelfDeadlock]). The lock is not held (it matches
+// 40P01, reachable with errors.As as a *pgconn.PgError), the library found
+// a cycle of holders' waits that the server cannot see (see "Deadlocks
+// between holders" in the package documentation; the message names the
+// cycle's keys), or a nested lock would have waited for its own enclosing
+// hold ([ErrSelfDeadlock]). The lock is not held (it matches
 // [ErrNotAcquired]); the others in the cycle go on.
 var ErrDeadlock = errors.New("pglock: deadlock")
 

@@ -43,19 +43,25 @@ func waitSessionAs(ctx context.Context, l *Lock, conn *pgx.Conn, hot bool) (held
 	// Through a pooler, the wait proves it runs on the session the
 	// connection claimed, and takes nothing elsewhere (see sessionProof).
 	proof := proofOf(conn)
+	// A wait inside a hold names the hold in its text (see deadlock.go).
+	rec := cycleRecOf(ctx)
+	rec.waitsOn(conn)
 	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
 		if proof == nil && hot {
 			var r int32
-			err := conn.QueryRow(qctx, tryOrWaitSQL[pairIndex(l.key)], l.st.args...).Scan(&r)
+			sql, args := rec.tagged(tryOrWaitSQL[pairIndex(l.key)], l.st.args)
+			err := conn.QueryRow(qctx, sql, args...).Scan(&r)
 			contended = r == 2
 			return err
 		}
 		if proof == nil {
-			_, err := conn.Exec(qctx, l.st.lock, l.st.args...)
+			sql, args := rec.tagged(l.st.lock, l.st.args)
+			_, err := conn.Exec(qctx, sql, args...)
 			return err
 		}
 		var ok *bool
-		err := conn.QueryRow(qctx, provenSQL(l.st.lock, len(l.st.args), true), proof.with(l.st.args)...).Scan(&ok)
+		sql, args := rec.tagged(provenSQL(l.st.lock, len(l.st.args), true), proof.with(l.st.args))
+		err := conn.QueryRow(qctx, sql, args...).Scan(&ok)
 		if err == nil && ok == nil {
 			err = errSessionMoved
 		}
@@ -91,8 +97,14 @@ func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool,
 	if err := ctx.Err(); err != nil {
 		return false, true, err // nothing sent
 	}
+	rec := cycleRecOf(ctx)
+	rec.waitsOn(conn)
 	interrupted, err := interruptible(ctx, l, conn, func(qctx context.Context) error {
-		_, err := conn.Exec(qctx, "SAVEPOINT "+sp+"; "+l.lockLiteral())
+		q := "SAVEPOINT " + sp + "; " + l.lockLiteral()
+		if rec != nil {
+			q += rec.comment
+		}
+		_, err := conn.Exec(qctx, q)
 		return err
 	})
 	rctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
