@@ -131,11 +131,15 @@ func (lk *Locker) keyHolder(ctx context.Context, k Key) (pid int64, app string, 
 	}
 	classid, objid, objsubid := k.LockTag()
 	args := []any{int64(classid), int64(objid), objsubid}
-	if lk.multiplexes() {
+	if lk.mux != nil {
 		// On an open lock connection of the Locker's, sharing its turn with
 		// the lock requests of the moment: a pool the application keeps busy
 		// does not make the answer wait (a Leader's health check would call
-		// a sound leader in doubt).
+		// a sound leader in doubt). A Locker that holds one connection per
+		// hold (a *sql.DB whose driver is not pgx's) has none open, so it
+		// asks its pool. (Not lk.multiplexes(): its read of mux.perHold is
+		// not guarded, and the Locker's first acquire writes it, while
+		// OnNewLeader's observer may be reading.)
 		var on bool
 		pid, app, ok, on, err = lk.mux.keyHolder(ctx, args)
 		if on {
