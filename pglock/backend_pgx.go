@@ -65,6 +65,10 @@ type pgxBackend struct {
 	callerTx pgx.Tx        // the caller's transaction
 	ownTx    pgx.Tx        // the lock's own transaction (Transaction scope)
 	g        *callerGuard  // the lock-table guard of the server (see admit)
+	// prevApp is the application_name the pooled connection had before a
+	// Leader's campaign named it (named; see nameHold), given back by close.
+	prevApp string
+	named   bool
 }
 
 func (b *pgxBackend) guarded() *callerGuard { return b.g }
@@ -142,6 +146,13 @@ func (b *pgxBackend) close(healthy bool) {
 	}
 	pc := b.pooled
 	b.pooled = nil
+	if b.named && healthy && !b.conn.IsClosed() {
+		// A Leader's identity does not go back to the pool (see nameHold).
+		err := unnameHold(b.detach(context.Background()), b.conn, b.prevApp)
+		b.reattach()
+		healthy = err == nil
+	}
+	b.named = false
 	if healthy && !b.conn.IsClosed() {
 		pc.Release() // destroys it anyway if it is busy or inside a transaction
 		return
@@ -201,6 +212,17 @@ func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error
 	if err := checkPrimary(ctx, b.conn, b.l.cfg.releaseTimeout); err != nil {
 		b.close(false) // a pool connects again, perhaps to another host
 		return false, err
+	}
+	if b.pooled != nil && b.l.cfg.campaign {
+		// A Leader's campaign: the session carries its identity from
+		// before it waits until the connection goes back (see nameHold).
+		var err error
+		b.prevApp, b.named, err = nameHold(b.detach(ctx), b.conn, b.l)
+		b.reattach()
+		if err != nil {
+			b.close(false)
+			return false, err
+		}
 	}
 	if wait {
 		held, healthy, err := waitSession(ctx, b.l, b.conn)

@@ -86,6 +86,10 @@ type sqlBackend struct {
 	// under the context given to BeginTx, so this is how they are bounded.
 	txCancel context.CancelFunc
 	g        *callerGuard // the lock-table guard of the server (see admit)
+	// prevApp is the application_name the pinned connection had before a
+	// Leader's campaign named it (named; see nameHold), given back by close.
+	prevApp string
+	named   bool
 }
 
 func (b *sqlBackend) guarded() *callerGuard { return b.g }
@@ -133,6 +137,11 @@ func (b *sqlBackend) close(healthy bool) {
 		return
 	}
 	b.pinned = false
+	if b.named && healthy {
+		// A Leader's identity does not go back to the pool (see nameHold).
+		healthy = b.unname() == nil
+	}
+	b.named = false
 	if !healthy {
 		_ = b.conn.Raw(func(any) error { return driver.ErrBadConn })
 	}
@@ -284,6 +293,14 @@ func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 		b.close(false)
 		return false, perr
 	}
+	if b.pinned && b.l.cfg.campaign && b.l.cfg.scope == Session {
+		// A Leader's campaign: the session carries its identity from
+		// before it waits until the connection goes back (see nameHold).
+		if err := b.name(ctx); err != nil {
+			b.close(false)
+			return false, err
+		}
+	}
 	if b.l.cfg.scope == Transaction && b.callerTx == nil {
 		// The transaction must outlive ctx: database/sql rolls back a
 		// transaction whose context ends.
@@ -396,6 +413,35 @@ func (b *sqlBackend) release(ctx context.Context, commit bool) error {
 		}
 		return err
 	}
+}
+
+// name names the pinned connection with the Leader's identity when the lock
+// is a Leader's (see nameHold).
+func (b *sqlBackend) name(ctx context.Context) (err error) {
+	if ran, _ := b.onPgx(ctx, func(ctx context.Context, pc *pgx.Conn) error {
+		b.prevApp, b.named, err = nameHold(ctx, pc, b.l)
+		return nil
+	}); ran {
+		return err
+	}
+	b.prevApp, b.named, err = nameSQLHold(ctx, b.conn, b.l)
+	return err
+}
+
+// unname gives the pinned connection back the application_name that name
+// replaced.
+func (b *sqlBackend) unname() (err error) {
+	if ran, _ := b.onPgx(context.Background(), func(ctx context.Context, pc *pgx.Conn) error {
+		if pc.IsClosed() {
+			err = errConnGone
+			return nil
+		}
+		err = unnameHold(ctx, pc, b.prevApp)
+		return nil
+	}); ran {
+		return err
+	}
+	return unnameSQLHold(b.conn, b.prevApp, b.l.cfg.releaseTimeout)
 }
 
 // connGone reports whether the driver knows the connection is closed.

@@ -53,10 +53,12 @@ type LeaderConfig struct {
 	// ("host-1:4242"). It is 1 to 63 bytes of printable ASCII (what
 	// PostgreSQL keeps of an application_name as it is); other values are
 	// an error. Give each replica its own: two replicas with one identity
-	// cannot be told apart. (On a Locker that does not multiplex, and on a
-	// *sql.DB whose driver is not pgx's, the key lives on a pool
-	// connection, which keeps the pool's application_name: see
-	// CurrentLeader.)
+	// cannot be told apart. On a Locker that does not multiplex
+	// ([WithMultiplexing](false), or a *sql.DB whose driver is not pgx's)
+	// the key lives on a connection of the pool: it is named when the
+	// campaign takes it and gets the pool's application_name back before
+	// it returns to the pool. On a Locker on one connection the caller's
+	// session is left as it is.
 	Identity string
 	// OnNewLeader, if set, is called with the identity of each new leader
 	// that this replica sees (itself included), read from the server
@@ -69,9 +71,9 @@ type LeaderConfig struct {
 	// time (not in order with OnElected and OnDeposed), and never after Run
 	// has returned; it should not block. Between two terms the key can be
 	// free for a moment: that is not reported, and a new term of the same
-	// identity is not a new leader. It needs a Locker that multiplexes on a
-	// pool (the default on a *pgxpool.Pool or *sql.DB), or a Locker of
-	// pglocktest's in-memory double; on another Locker it is an error.
+	// identity is not a new leader. It needs a Locker on a pool (a
+	// *pgxpool.Pool or *sql.DB) or of pglocktest's in-memory double; on a
+	// Locker on one connection or transaction it is an error.
 	OnNewLeader func(identity string)
 	// ObserveInterval is how often OnNewLeader's reads happen. Zero means
 	// DefaultLeaderObserveInterval (500 ms); otherwise 100 ms to 1 h. It
@@ -116,9 +118,14 @@ type LeaderConfig struct {
 // application_name (see [LeaderConfig].Identity and [Leader.CurrentLeader]),
 // set before it waits, in one round trip; it is closed when the campaign or
 // the term ends (a campaign opens one, or takes an idle waiting
-// connection). With one connection per hold ([WithMultiplexing](false)) a
-// campaign takes a pool connection for as long as it waits and leads. A Locker on one connection holds one lock at a
-// time, so its other locks wait for the whole term there.
+// connection). With one connection per hold ([WithMultiplexing](false), or
+// a *sql.DB whose driver is not pgx's) a campaign takes a pool connection
+// for as long as it waits and leads, and names it with the identity in one
+// round trip (two with another driver than pgx's), then gives it back its
+// application_name, in one more, before it returns to the pool (a
+// connection whose name could not be given back is destroyed). A Locker on
+// one connection holds one lock at a time, so its other locks wait for the
+// whole term there.
 type Leader struct {
 	lk      *Locker
 	l       *Lock
@@ -139,7 +146,7 @@ type Leader struct {
 // lost-check interval and release timeout apply to its lock; its scope, mode
 // and wait timeout do not (see [Leader]). A bad key, a backoff or
 // ObserveInterval out of its range, a bad Identity, or OnNewLeader on a
-// Locker that does not multiplex (see [LeaderConfig]) is an error matching
+// Locker on one connection or transaction (see [LeaderConfig]) is an error matching
 // [ErrInvalidOption] ([ErrInvalidKey] for the key).
 func (lk *Locker) Leader(key any, cfg LeaderConfig) (*Leader, error) {
 	for _, b := range []struct {
@@ -191,9 +198,9 @@ func settleIdentity(lk *Locker, cfg *LeaderConfig) error {
 	if lk != nil {
 		_, mem = lk.src.(*memSource)
 	}
-	if cfg.OnNewLeader != nil && !mem && (lk == nil || lk.mux == nil) {
-		return fmt.Errorf("%w: leader OnNewLeader needs a Locker that multiplexes on a pool (*pgxpool.Pool, or *sql.DB with pgx's driver):"+
-			" on a pool connection of its own (WithMultiplexing(false)) or on one connection, a Leader's session keeps the application_name it has",
+	if cfg.OnNewLeader != nil && !mem && (lk == nil || !lk.pooled) {
+		return fmt.Errorf("%w: leader OnNewLeader needs a Locker on a pool (*pgxpool.Pool or *sql.DB):"+
+			" on one connection or transaction, a Leader's session is the caller's, and there is no pool to read who leads on",
 			ErrInvalidOption)
 	}
 	return nil

@@ -94,11 +94,12 @@ func (ld *Leader) Identity() string {
 // ask now and then, not in a loop (OnNewLeader polls for you).
 //
 // The identity is the holder's application_name whatever holds the key: a
-// session that takes the key without a Leader (psql, a Lock) shows its own,
-// and so does a Leader on a Locker that does not multiplex
-// ([WithMultiplexing](false), or a *sql.DB with a driver other than pgx's),
-// whose key lives on a pool connection: there the pool's application_name is
-// shown. On a Locker on one connection or transaction (no pool to ask on)
+// session that takes the key without a Leader (psql, a Lock) shows its own.
+// A Leader on a Locker that does not multiplex ([WithMultiplexing](false),
+// or a *sql.DB with a driver other than pgx's) names the pool connection
+// that holds its key (see [LeaderConfig].Identity), so it is shown as every
+// Leader is; a Leader on a Locker on one connection leaves the caller's
+// session as it is. On a Locker on one connection or transaction (no pool to ask on)
 // it returns an error matching [ErrUnsupportedConn]. A database error is
 // returned as it is (with [ErrUnavailable] when the server cannot be
 // reached).
@@ -130,11 +131,15 @@ func (lk *Locker) keyHolder(ctx context.Context, k Key) (pid int64, app string, 
 	}
 	classid, objid, objsubid := k.LockTag()
 	args := []any{int64(classid), int64(objid), objsubid}
-	if lk.multiplexes() {
+	if lk.mux != nil {
 		// On an open lock connection of the Locker's, sharing its turn with
 		// the lock requests of the moment: a pool the application keeps busy
 		// does not make the answer wait (a Leader's health check would call
-		// a sound leader in doubt).
+		// a sound leader in doubt). A Locker that holds one connection per
+		// hold (a *sql.DB whose driver is not pgx's) has none open, so it
+		// asks its pool. (Not lk.multiplexes(): its read of mux.perHold is
+		// not guarded, and the Locker's first acquire writes it, while
+		// OnNewLeader's observer may be reading.)
 		var on bool
 		pid, app, ok, on, err = lk.mux.keyHolder(ctx, args)
 		if on {
@@ -194,10 +199,84 @@ func nameCampaign(ctx context.Context, conn *pgx.Conn, l *Lock, bound time.Durat
 	}
 	sctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
-	if _, err := conn.Exec(sctx, "SELECT pg_catalog.set_config('application_name', $1, false)", id); err != nil {
+	if _, err := conn.Exec(sctx, setAppNameSQL, id); err != nil {
 		return fmt.Errorf("pglock: name the Leader's session %q: %w", id, err)
 	}
 	return nil
+}
+
+// setAppNameSQL sets the session's application_name until the session
+// ends or it is set again (not for the transaction alone).
+const setAppNameSQL = "SELECT pg_catalog.set_config('application_name', $1, false)"
+
+// A Leader on a Locker that does not multiplex (WithMultiplexing(false) on a
+// pool, a *sql.DB whose driver is not pgx's) campaigns and leads on a
+// connection of the caller's pool, taken for the hold. Its session carries
+// the Leader's identity too: the pool connection is named when the campaign
+// takes it, before it waits, and gets its application_name back before it
+// returns to the pool (see pgxBackend.close, sqlBackend.close), so that no
+// pooled connection keeps a Leader's name; a connection whose name could not
+// be given back is destroyed, as one in doubt is. On a caller's own
+// connection (a Locker on one connection) nothing is named: the connection
+// is the caller's, and no replica can read who leads there.
+
+// nameHold names conn, the pool connection of a hold of l, with the Leader's
+// identity when l is a Leader's lock, and returns the application_name that
+// the connection had (to give back when the hold ends) and whether it was
+// named. One round trip, none when the connection carries the identity
+// already (pgx knows the application_name: the server reports it). ctx
+// bounds the statement, and should not end with the caller's (see
+// pgxBackend.detach): a statement cut by its context costs the connection.
+func nameHold(ctx context.Context, conn *pgx.Conn, l *Lock) (prev string, named bool, err error) {
+	id := l.cfg.identity
+	if !l.cfg.campaign || id == "" {
+		return "", false, nil
+	}
+	prev = conn.PgConn().ParameterStatus("application_name")
+	if prev == id {
+		return "", false, nil
+	}
+	if err := retryCanceled(func() error { _, err := conn.Exec(ctx, setAppNameSQL, id); return err }); err != nil {
+		return "", false, fmt.Errorf("pglock: name the Leader's session %q: %w", id, err)
+	}
+	return prev, true, nil
+}
+
+// unnameHold gives conn back the application_name prev that nameHold
+// replaced.
+func unnameHold(ctx context.Context, conn *pgx.Conn, prev string) error {
+	return retryCanceled(func() error { _, err := conn.Exec(ctx, setAppNameSQL, prev); return err })
+}
+
+// nameSQLHold is nameHold on a *sql.Conn whose driver is not pgx's, which
+// does not tell the application_name: it is read first (two round trips).
+func nameSQLHold(ctx context.Context, conn *sql.Conn, l *Lock) (prev string, named bool, err error) {
+	id := l.cfg.identity
+	if !l.cfg.campaign || id == "" {
+		return "", false, nil
+	}
+	qctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
+	defer cancel()
+	err = retryCanceled(func() error {
+		return conn.QueryRowContext(qctx, "SELECT pg_catalog.current_setting('application_name')").Scan(&prev)
+	})
+	if err == nil && prev == id {
+		return "", false, nil
+	}
+	if err == nil {
+		err = retryCanceled(func() error { _, err := conn.ExecContext(qctx, setAppNameSQL, id); return err })
+	}
+	if err != nil {
+		return "", false, fmt.Errorf("pglock: name the Leader's session %q: %w", id, err)
+	}
+	return prev, true, nil
+}
+
+// unnameSQLHold is unnameHold on a *sql.Conn whose driver is not pgx's.
+func unnameSQLHold(conn *sql.Conn, prev string, bound time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), bound)
+	defer cancel()
+	return retryCanceled(func() error { _, err := conn.ExecContext(ctx, setAppNameSQL, prev); return err })
 }
 
 // observe reads who leads from the server every ObserveInterval, and at

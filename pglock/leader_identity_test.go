@@ -286,11 +286,10 @@ func TestLeaderIdentityConverges(t *testing.T) {
 }
 
 // Issue 25. The identity's default is the host name and process id; a bad
-// identity, a bad ObserveInterval, or OnNewLeader on a Locker whose Leader
-// cannot carry its identity is an error at construction; CurrentLeader
-// names whatever session holds the key (a Leader on a Locker without
-// multiplexing shows its pool connection's application_name); nil Leaders
-// fail cleanly.
+// identity, a bad ObserveInterval, or OnNewLeader on a Locker on one
+// connection is an error at construction; CurrentLeader names whatever
+// session holds the key (a plain Lock shows its pool's application_name, a
+// Leader without multiplexing its identity); nil Leaders fail cleanly.
 func TestLeaderIdentityConfig(t *testing.T) {
 	t.Parallel()
 	bg := context.Background()
@@ -329,7 +328,8 @@ func TestLeaderIdentityConfig(t *testing.T) {
 	}
 
 	// A Locker that does not multiplex: its Leader's key lives on a pool
-	// connection, which keeps the pool's application_name.
+	// connection, named with the Leader's identity while it holds it (see
+	// TestLeaderIdentityPerHold).
 	app := "per-hold-" + strconv.FormatInt(time.Now().UnixNano()%1e9, 36)
 	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
 	if err != nil {
@@ -347,10 +347,10 @@ func TestLeaderIdentityConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer perHold.Close()
-	if _, err := perHold.Leader(key, pglock.LeaderConfig{OnNewLeader: func(string) {}}); !errors.Is(err, pglock.ErrInvalidOption) {
-		t.Errorf("OnNewLeader on a Locker without multiplexing = %v, want ErrInvalidOption", err)
+	if _, err := perHold.Leader(key, pglock.LeaderConfig{OnNewLeader: func(string) {}}); err != nil {
+		t.Errorf("OnNewLeader on a Locker without multiplexing = %v", err)
 	}
-	phl, err := perHold.Leader(key+"-per-hold", pglock.LeaderConfig{Identity: "ignored-here"})
+	phl, err := perHold.Leader(key+"-per-hold", pglock.LeaderConfig{Identity: "per-hold-leader"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -361,8 +361,8 @@ func TestLeaderIdentityConfig(t *testing.T) {
 		done <- phl.Run(ctx, func(ctx context.Context) error { close(elected); <-ctx.Done(); return nil })
 	}()
 	<-elected
-	if id, ok, err := phl.CurrentLeader(bg); err != nil || !ok || id != app {
-		t.Errorf("CurrentLeader of a Leader without multiplexing = %q, %v, %v; want the pool's %q", id, ok, err, app)
+	if id, ok, err := phl.CurrentLeader(bg); err != nil || !ok || id != "per-hold-leader" {
+		t.Errorf("CurrentLeader of a Leader without multiplexing = %q, %v, %v; want its identity", id, ok, err)
 	}
 	cancel()
 	<-done

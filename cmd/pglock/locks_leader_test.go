@@ -15,9 +15,24 @@ import (
 // Issue 25. pglock locks names the Leader that leads, and those that
 // campaign: their sessions carry the Leaders' identities as
 // application_name, shown in the APPLICATION column and in the JSON's
-// application_name.
+// application_name; on a Locker that multiplexes and on one that holds each
+// key on a pool connection (WithMultiplexing(false)).
 func TestLocksLeaderIdentity(t *testing.T) {
-	t.Parallel()
+	for _, c := range []struct {
+		name string
+		opts []pglock.Option
+	}{
+		{"multiplexing", nil},
+		{"per hold", []pglock.Option{pglock.WithMultiplexing(false)}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			testLocksLeaderIdentity(t, c.opts...)
+		})
+	}
+}
+
+func testLocksLeaderIdentity(t *testing.T, opts ...pglock.Option) {
 	watch := pgtest.Pool(t, 2)
 	name := pgtest.UniqueKey(t)
 	key := keyOf(t, name)
@@ -29,7 +44,7 @@ func TestLocksLeaderIdentity(t *testing.T) {
 	defer cancel()
 	leaders := make([]*pglock.Leader, 2)
 	for i, id := range []string{"locks-leader-a-" + suffix, "locks-leader-b-" + suffix} {
-		lk, err := pglock.NewLocker(pgtest.Pool(t, 2))
+		lk, err := pglock.NewLocker(pgtest.Pool(t, 2), opts...)
 		if err != nil {
 			t.Fatal(err)
 		}
