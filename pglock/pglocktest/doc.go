@@ -41,7 +41,11 @@
 // acquire of a key fail (with [pglock.ErrUnavailable], as with the database
 // down). [Server.BusyNext] makes the next acquire find the key busy, and
 // [Server.HoldElsewhere] holds it as another replica until released.
-// [Server.Holders], [Server.Waiters] and [Server.Keys] show the table.
+// [Server.SetDown] takes the whole server down and back up, as a database
+// that stops and restarts: every hold is lost, every wait ends, and every
+// acquire fails with [pglock.ErrUnavailable] until it is up again.
+// [Server.SetDelay] makes every acquire take a while, as a slow network
+// does. [Server.Holders], [Server.Waiters] and [Server.Keys] show the table.
 //
 // Keys are [pglock.Key] values as the Locker takes them, namespace included:
 // use [pglock.Locker.Key] to get one from a name, or [Server.Keys] to find
@@ -59,5 +63,6 @@
 // short window after a real loss in which two holders can overlap (a Lose
 // is reported before the key is granted to anyone else). Nested locks that
 // would deadlock across two keys wait until their contexts end: there is no
-// deadlock detector.
+// deadlock detector. [pglock.Locker.CheckHealth] reports healthy even while
+// the server is down ([Server.SetDown]): it has no database to ask.
 package pglocktest

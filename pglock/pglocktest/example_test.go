@@ -63,3 +63,38 @@ func Example_lostLock() {
 	// 503 export abandoned: lock lost
 	// holders: 0
 }
+
+// The database goes away while a report runs under its lock, and comes
+// back: the report's context ends with a cause matching pglock.ErrLockLost
+// (the restart ended its session), acquires fail with
+// pglock.ErrUnavailable while the server is down (tell "down" from "busy"
+// with it), and go through again once it is up.
+func ExampleServer_SetDown() {
+	srv := pglocktest.NewServer()
+	locker, err := pglocktest.NewLocker(srv)
+	if err != nil {
+		panic(err)
+	}
+	defer locker.Close()
+	ctx := context.Background()
+
+	err = locker.Do(ctx, "report", func(ctx context.Context) error {
+		srv.SetDown(true) // the database stops while the report runs
+		<-ctx.Done()
+		fmt.Println("report stopped, lock lost:", errors.Is(context.Cause(ctx), pglock.ErrLockLost))
+		return context.Cause(ctx)
+	})
+	fmt.Println("Do lost its lock:", errors.Is(err, pglock.ErrLockLost))
+
+	_, err = locker.TryDo(ctx, "report", func(context.Context) error { return nil })
+	fmt.Println("while down, unavailable:", errors.Is(err, pglock.ErrNotAcquired) && errors.Is(err, pglock.ErrUnavailable))
+
+	srv.SetDown(false) // the database is back
+	err = locker.Do(ctx, "report", func(context.Context) error { return nil })
+	fmt.Println("back up:", err)
+	// Output:
+	// report stopped, lock lost: true
+	// Do lost its lock: true
+	// while down, unavailable: true
+	// back up: <nil>
+}

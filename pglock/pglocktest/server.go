@@ -3,6 +3,7 @@ package pglocktest
 import (
 	"fmt"
 	"sync/atomic"
+	"time"
 
 	"github.com/pglockkit/kit/pglock"
 	"github.com/pglockkit/kit/pglock/internal/memlock"
@@ -81,6 +82,46 @@ func (s *Server) BusyNext(key pglock.Key) {
 func (s *Server) HoldElsewhere(key pglock.Key) (release func()) {
 	_, cancel := s.mem.NewSession("elsewhere").Enqueue(memKey(key), memlock.Exclusive, "")
 	return cancel
+}
+
+// SetDown takes the whole server down (true) or brings it back up (false),
+// as when the database stops and restarts. Going down:
+//
+//   - every hold, by every Locker on s (and [Server.HoldElsewhere]'s), is
+//     lost, as with [Server.Lose]: Lost() closes and a Do's context is
+//     cancelled with a cause matching [pglock.ErrLockLost], before SetDown
+//     returns; the holders' Release returns an error matching ErrLockLost
+//     and [pglock.ErrUnavailable];
+//   - every waiting acquire ends with an error matching
+//     [pglock.ErrNotAcquired] and ErrUnavailable, and nothing is held.
+//
+// While down, every acquire (a try or a wait) fails at once with an error
+// matching ErrNotAcquired and ErrUnavailable, as when the database cannot
+// be reached, before [Server.FailNext] and [Server.BusyNext] apply (they
+// wait for the server to come up), and HoldElsewhere holds nothing. Coming
+// up, the table is empty and acquires go through again. SetDown(true) on a
+// server that is down, or SetDown(false) on one that is up, does nothing.
+//
+// [pglock.Locker.CheckHealth] does not see it: on the double it reports
+// healthy whether the server is up or down (it needs a database to ask).
+func (s *Server) SetDown(down bool) {
+	if !down {
+		s.mem.SetDown(nil)
+		return
+	}
+	s.mem.SetDown(fmt.Errorf("%w: pglocktest: the server is down (Server.SetDown)", pglock.ErrUnavailable))
+}
+
+// SetDelay makes every acquire on s, by any Locker (a try or a wait), take
+// d before it reaches the lock table, as a round trip to a slow or distant
+// server would: a TryAcquire takes d, an Acquire at least d. The acquire's
+// context bounds the delay: when it ends first, the acquire fails as a
+// wait cut short does (its error matches [pglock.ErrNotAcquired] and the
+// context's error) and nothing is held. Releases take no delay. 0 (or a
+// negative d) removes the delay; acquires already on their way keep the
+// delay they started with, unless the server goes down ([Server.SetDown]).
+func (s *Server) SetDelay(d time.Duration) {
+	s.mem.SetDelay(d)
 }
 
 // Holder is one hold, or one waiting acquire, of a key (see

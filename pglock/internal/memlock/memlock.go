@@ -21,7 +21,9 @@
 //
 // Faults are injected by the Server's hooks: Lose ends holds now and tells
 // their watchers before a waiter is granted; FailNext and BusyNext shape the
-// next request of a key.
+// next request of a key; SetDown takes the whole table down (every hold
+// lost, every wait and request refused) and back up; SetDelay makes every
+// request take a while before it reaches the table.
 package memlock
 
 import (
@@ -30,6 +32,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"time"
 )
 
 // Key is an advisory key: V is the bigint key, or the pair's two halves
@@ -72,7 +75,10 @@ type Hold struct {
 	key   Key
 	mode  Mode
 	label string
-	ready chan struct{} // closed when a queued request is granted
+	ready chan struct{} // closed when a queued request is granted, or refused
+	// refused is why a queued request was refused (the Server went down);
+	// written before ready is closed, nil when it was granted.
+	refused error
 
 	// Under the Server's mu.
 	state state
@@ -103,11 +109,21 @@ type Server struct {
 	faults   map[Key][]fault
 	tokens   map[Key]int64
 	sessions int64
+	down     error         // why requests fail; nil while the Server is up
+	up       *uptime       // the current (or the last) time up
+	delay    time.Duration // what each request takes before it reaches the table
+}
+
+// uptime is a time the Server is up: ended is closed when it goes down, and
+// why, written before, says why requests fail from then on.
+type uptime struct {
+	ended chan struct{}
+	why   error
 }
 
 // NewServer returns an empty lock table.
 func NewServer() *Server {
-	return &Server{keys: map[Key]*entry{}, faults: map[Key][]fault{}, tokens: map[Key]int64{}}
+	return &Server{keys: map[Key]*entry{}, faults: map[Key][]fault{}, tokens: map[Key]int64{}, up: &uptime{ended: make(chan struct{})}}
 }
 
 // Session is one client of a Server, named for introspection.
@@ -147,15 +163,28 @@ func (c *Session) Name() string { return c.name }
 // granted, ctx ends (ctx's error) or the Session closes (ErrClosed). A
 // grant that arrives as the wait ends is given back: on an error nothing is
 // held. label names the hold in introspection ("" for the Session's name).
-// An injected fault (FailNext, BusyNext) applies first.
+// The request takes the Server's delay (SetDelay) first, or less when ctx
+// ends (ctx's error), the Session closes or the Server goes down. While the
+// Server is down (SetDown) it fails with the reason given there, and a wait
+// under way when it goes down ends with that reason. Then an injected fault
+// (FailNext, BusyNext) applies, before the key is looked at.
 func (c *Session) Acquire(ctx context.Context, key Key, mode Mode, wait bool, label string) (*Hold, error) {
 	s := c.srv
+	if err := c.travel(ctx); err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	if c.closed {
 		s.mu.Unlock()
 		return nil, ErrClosed
 	}
+	if s.down != nil {
+		err := s.down
+		s.mu.Unlock()
+		return nil, err
+	}
 	if f, ok := s.popFault(key); ok {
+		up := s.up
 		s.mu.Unlock()
 		switch {
 		case f.err != nil:
@@ -163,12 +192,15 @@ func (c *Session) Acquire(ctx context.Context, key Key, mode Mode, wait bool, la
 		case !wait:
 			return nil, nil
 		}
-		// Busy for this wait: it waits as for a holder that never lets go.
+		// Busy for this wait: it waits as for a holder that never lets go,
+		// until the Server goes down.
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-c.closing:
 			return nil, ErrClosed
+		case <-up.ended:
+			return nil, up.why
 		}
 	}
 	h := &Hold{sess: c, key: key, mode: mode, label: label}
@@ -191,6 +223,9 @@ func (c *Session) Acquire(ctx context.Context, key Key, mode Mode, wait bool, la
 	var err error
 	select {
 	case <-h.ready:
+		if h.refused != nil {
+			return nil, h.refused // SetDown took it out of the queue
+		}
 		return h, nil
 	case <-ctx.Done():
 		err = ctx.Err()
@@ -211,12 +246,18 @@ func (c *Session) Acquire(ctx context.Context, key Key, mode Mode, wait bool, la
 
 // Enqueue requests key in mode for the Session without waiting for it: the
 // hold is granted now or when its turn in the queue comes. cancel ends it:
-// it releases the hold or leaves the queue.
+// it releases the hold or leaves the queue. It takes no delay and no fault;
+// while the Server is down the request is refused (h is never held), and a
+// hold or a place in the queue ends when it goes down.
 func (c *Session) Enqueue(key Key, mode Mode, label string) (h *Hold, cancel func()) {
 	s := c.srv
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	h = &Hold{sess: c, key: key, mode: mode, label: label}
+	if s.down != nil {
+		h.state = ended
+		return h, func() {}
+	}
 	e := s.entry(key)
 	if e.admits(mode, len(e.queue)) {
 		s.grant(e, h)
@@ -383,6 +424,91 @@ func (s *Server) BusyNext(key Key) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.faults[key] = append(s.faults[key], fault{busy: true})
+}
+
+// SetDown takes the Server down (why non-nil) or brings it back up (nil),
+// as a database that stops and restarts would. Going down, every hold of
+// every Session is lost, as Lose loses them (each watcher is told, with
+// why, before SetDown returns; their Release returns an error matching
+// ErrLost and why), every queued request ends with why, and from then on
+// every request (Acquire, after its delay) fails with why, before any fault
+// applies; Enqueue holds nothing. Coming up, the table is empty and
+// requests go through again. It returns the number of holds lost: 0 when
+// the Server was down already (its first reason stays) or comes up.
+func (s *Server) SetDown(why error) int {
+	s.mu.Lock()
+	if why == nil || s.down != nil {
+		if why == nil && s.down != nil {
+			s.down, s.up = nil, &uptime{ended: make(chan struct{})}
+		}
+		s.mu.Unlock()
+		return 0
+	}
+	s.down, s.up.why = why, why
+	close(s.up.ended)
+	var lost []*Hold
+	for _, e := range s.keys {
+		for _, h := range e.holds {
+			if h.lost == nil { // else a Lose or Close under way ends it
+				h.lost = why // it still blocks others until its watcher is told
+				lost = append(lost, h)
+			}
+		}
+		for _, h := range e.queue {
+			h.state = ended
+			delete(h.sess.holds, h)
+			h.refused = why
+			close(h.ready)
+		}
+		e.queue = nil
+	}
+	s.mu.Unlock()
+	s.tell(lost, why)
+	s.mu.Lock()
+	for _, h := range lost {
+		if h.state == held {
+			s.unhold(h)
+		}
+	}
+	for k := range s.keys {
+		s.wake(k) // requests made after a SetDown(nil) under way may wait
+	}
+	s.mu.Unlock()
+	return len(lost)
+}
+
+// SetDelay makes every request (Acquire, a try or a wait) take d before it
+// reaches the table, as a round trip to a slow or distant server would; 0
+// (or a negative d) removes the delay. Requests already on their way keep
+// the delay they started with.
+func (s *Server) SetDelay(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.delay = max(d, 0)
+}
+
+// travel is a request's way to the table: the Server's delay, cut short
+// when ctx ends (ctx's error), the Session closes (ErrClosed) or the Server
+// goes down (then the request goes on, to be refused).
+func (c *Session) travel(ctx context.Context) error {
+	s := c.srv
+	s.mu.Lock()
+	d, up := s.delay, s.up
+	s.mu.Unlock()
+	if d <= 0 {
+		return nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-up.ended:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c.closing:
+		return ErrClosed
+	}
+	return nil
 }
 
 // Holder is a hold or a waiting request as introspection shows it.

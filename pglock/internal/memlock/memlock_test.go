@@ -194,3 +194,108 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// SetDown loses every hold (watchers told before it returns), ends every
+// wait, and refuses every request and Enqueue until SetDown(nil); faults
+// wait for the Server to come up.
+func TestSetDown(t *testing.T) {
+	t.Parallel()
+	s := NewServer()
+	a, b, c := s.NewSession("a"), s.NewSession("b"), s.NewSession("c")
+	k1, k2, k3, k4 := Key{V: 11}, Key{V: 12}, Key{V: 13}, Key{V: 14}
+	h := mustHold(t, a, k1, Exclusive)
+	told := make(chan error, 1)
+	stop := h.Watch(func(err error) { told <- err })
+	defer stop()
+	waits := make(chan error, 2)
+	go func() { _, err := b.Acquire(context.Background(), k1, Shared, true, ""); waits <- err }()
+	s.BusyNext(k2)
+	go func() { _, err := c.Acquire(context.Background(), k2, Exclusive, true, ""); waits <- err }()
+	waitFor(t, func() bool { _, w := s.Holders(k1); return len(w) == 1 })
+	waitFor(t, func() bool { s.mu.Lock(); defer s.mu.Unlock(); return len(s.faults) == 0 })
+	elsewhere, _ := c.Enqueue(k3, Exclusive, "")
+
+	why := errors.New("down")
+	if n := s.SetDown(why); n != 2 {
+		t.Fatalf("SetDown = %d holds lost, want 2", n)
+	}
+	select {
+	case err := <-told:
+		if err != why {
+			t.Fatalf("told %v", err)
+		}
+	default:
+		t.Fatal("SetDown returned before telling the watcher")
+	}
+	for range 2 {
+		if err := <-waits; err != why {
+			t.Fatalf("a wait ended by SetDown: %v, want %v", err, why)
+		}
+	}
+	if err := h.Release(); !errors.Is(err, ErrLost) || !errors.Is(err, why) {
+		t.Fatalf("Release after SetDown = %v", err)
+	}
+	if err := elsewhere.Release(); !errors.Is(err, ErrLost) {
+		t.Fatalf("Release of the Enqueue hold after SetDown = %v", err)
+	}
+	if len(s.Keys()) != 0 {
+		t.Fatalf("keys left: %v", s.Keys())
+	}
+	s.FailNext(k4, errors.New("boom"))
+	if _, err := a.Acquire(context.Background(), k4, Exclusive, false, ""); err != why {
+		t.Fatalf("try while down = %v", err)
+	}
+	if h, _ := b.Enqueue(k4, Exclusive, ""); h.state != ended || len(s.Keys()) != 0 {
+		t.Fatal("Enqueue while down holds or queues")
+	}
+	if n := s.SetDown(errors.New("again")); n != 0 {
+		t.Fatalf("SetDown while down = %d", n)
+	}
+	if _, err := a.Acquire(context.Background(), k4, Exclusive, true, ""); err != why {
+		t.Fatalf("wait while down = %v, want the first reason", err)
+	}
+
+	s.SetDown(nil)
+	if _, err := a.Acquire(context.Background(), k4, Exclusive, false, ""); err == nil || err.Error() != "boom" {
+		t.Fatalf("the fault after SetDown(nil) = %v", err)
+	}
+	_ = mustHold(t, a, k4, Exclusive).Release()
+	_ = mustHold(t, b, k1, Exclusive).Release()
+}
+
+// SetDelay holds every request back: a context that ends first ends it
+// with nothing held, and the Server going down sends it on to be refused.
+func TestSetDelay(t *testing.T) {
+	t.Parallel()
+	s := NewServer()
+	a := s.NewSession("a")
+	k := Key{V: 21}
+	const d = 30 * time.Millisecond
+	s.SetDelay(d)
+	start := time.Now()
+	h := mustHold(t, a, k, Exclusive)
+	if took := time.Since(start); took < d {
+		t.Fatalf("an acquire took %v with a delay of %v", took, d)
+	}
+	_ = h.Release()
+
+	s.SetDelay(time.Hour)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if h, err := a.Acquire(ctx, k, Exclusive, false, ""); h != nil || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a try whose context ends during the delay = %v, %v", h, err)
+	}
+	got := make(chan error, 1)
+	go func() { _, err := a.Acquire(context.Background(), k, Exclusive, true, ""); got <- err }()
+	why := errors.New("down")
+	s.SetDown(why)
+	if err := <-got; err != why {
+		t.Fatalf("a request on its way when the Server went down = %v", err)
+	}
+	s.SetDown(nil)
+	s.SetDelay(0)
+	_ = mustHold(t, a, k, Exclusive).Release()
+	if len(s.Keys()) != 0 {
+		t.Fatalf("keys left: %v", s.Keys())
+	}
+}
