@@ -91,6 +91,10 @@ type cycleRec struct {
 	cancel context.CancelCauseFunc
 	rows   func(ctx context.Context, extra string) ([]lockRow, error)
 	log    *slog.Logger
+	// space is the lock table of the wait: nil for PostgreSQL, the
+	// *memlock.Server of the in-memory double (whose waits are all in the
+	// process, and never meet PostgreSQL's).
+	space any
 
 	// Guarded by cycles.mu.
 	ended bool  // the wait ended a cycle (err says which)
@@ -123,16 +127,22 @@ func cycleRecOf(ctx context.Context) *cycleRec {
 	return r
 }
 
+// spaceOf is the lock table of a Lock's domain (see cycleRec.space).
+func spaceOf(domain any) any {
+	if s, ok := domain.(*memlock.Session); ok {
+		return s.Server()
+	}
+	return nil
+}
+
 // holdTags returns the holds that ctx carries (see holdCtx), live ones only,
-// for a Lock on l's database.
-func holdTags(ctx context.Context) []holdTag {
+// in the lock table space.
+func holdTags(ctx context.Context, space any) []holdTag {
 	var tags []holdTag
 	h, _ := ctx.Value(holdsKey{}).(*holdCtx)
 	for h != nil && len(tags) < maxCycleTags {
-		if h.l.holdGen() == h.gen {
-			if _, mem := h.l.domain.(*memlock.Session); !mem {
-				tags = append(tags, holdTag{tagOf(h.l.key), h.l.cfg.mode == Exclusive})
-			}
+		if h.l.holdGen() == h.gen && spaceOf(h.l.domain) == space {
+			tags = append(tags, holdTag{tagOf(h.l.key), h.l.cfg.mode == Exclusive})
 		}
 		h, _ = h.Context.Value(holdsKey{}).(*holdCtx)
 	}
@@ -147,14 +157,12 @@ func (l *Lock) watchCycles(ctx context.Context) (context.Context, *cycleRec) {
 	if _, ok := ctx.Value(holdsKey{}).(*holdCtx); !ok {
 		return ctx, nil
 	}
-	if _, mem := l.domain.(*memlock.Session); mem {
-		return ctx, nil
-	}
-	tags := holdTags(ctx)
+	space := spaceOf(l.domain)
+	tags := holdTags(ctx, space)
 	if len(tags) == 0 {
 		return ctx, nil
 	}
-	r := &cycleRec{key: tagOf(l.key), name: l.key.String(), exclusive: l.cfg.mode == Exclusive, tags: tags, log: l.log}
+	r := &cycleRec{key: tagOf(l.key), name: l.key.String(), exclusive: l.cfg.mode == Exclusive, tags: tags, log: l.log, space: space}
 	r.comment = cycleComment(tags)
 	r.rows = rowsOf(l.src)
 	ctx, r.cancel = context.WithCancelCause(ctx)
@@ -303,7 +311,7 @@ func (r *cycleRec) check() {
 		}
 	}
 	cycles.mu.Lock()
-	g := newWaitGraph(rows)
+	g := newWaitGraph(rows, r.space)
 	path := g.cycleThrough(r)
 	end := false
 	if path != nil {
@@ -340,7 +348,7 @@ func (r *cycleRec) localKeys() string {
 	defer cycles.mu.Unlock()
 	var b strings.Builder
 	for w := range cycles.recs {
-		if w.ended || w.pid.Load() != 0 {
+		if w.ended || w.pid.Load() != 0 || w.space != r.space {
 			continue
 		}
 		if b.Len() > 0 {
@@ -521,13 +529,13 @@ type waitGraph struct {
 	holders map[lockTag][]holder
 }
 
-// newWaitGraph builds the graph. It also takes the server's
-// deadlock_timeout from rows.
-func newWaitGraph(rows []lockRow) *waitGraph {
+// newWaitGraph builds the graph of the lock table space. It also takes
+// the server's deadlock_timeout from rows.
+func newWaitGraph(rows []lockRow, space any) *waitGraph {
 	g := &waitGraph{nodes: make(map[int64]*waitNode), holders: make(map[lockTag][]holder)}
 	ended := make(map[int32]bool)
 	for w := range cycles.recs {
-		if w.ended {
+		if w.ended && w.space == space {
 			if pid := w.pid.Load(); pid != 0 {
 				ended[pid] = true
 			}
@@ -547,7 +555,7 @@ func newWaitGraph(rows []lockRow) *waitGraph {
 	}
 	next := int64(-1)
 	for w := range cycles.recs {
-		if w.ended {
+		if w.ended || w.space != space {
 			continue
 		}
 		if n, ok := g.nodes[int64(w.pid.Load())]; ok && n.key == w.key {

@@ -305,8 +305,8 @@
 // another with an unrelated context is not known to hold anything (pass
 // ContextWithHold(ctx, lock) to say it is); the waits of the other
 // processes must run as a role that may read their statements in
-// pg_stat_activity (the same role, or pg_read_all_stats); and the in-memory
-// double (pglocktest) does not look for cycles.
+// pg_stat_activity (the same role, or pg_read_all_stats). The in-memory
+// double (pglocktest) ends such cycles too.
 //
 // # Key sets
 //

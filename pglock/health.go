@@ -12,6 +12,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/pglock/internal/memlock"
 )
 
 // HealthHandler returns an http.Handler for a health check: check is
@@ -222,6 +224,8 @@ func pingPool(ctx context.Context, db any) error {
 		return p.Ping(ctx)
 	case *sql.DB:
 		return p.PingContext(ctx)
+	case *memlock.Session: // the in-memory double: down or up
+		return p.Server().Down()
 	}
 	return nil
 }

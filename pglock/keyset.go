@@ -64,8 +64,21 @@ func (lk *Locker) TryDoAll(ctx context.Context, keys []any, fn func(ctx context.
 }
 
 // multiplexes reports whether the Locker holds its session locks on lock
-// connections (not one pool connection per hold).
+// connections (not one pool connection per hold). On a *sql.DB that is
+// known once the Locker is ready (see mux.init, which decides it): call it
+// after sharesConns, or after an acquire of the Locker succeeded.
 func (lk *Locker) multiplexes() bool { return lk.mux != nil && lk.mux.perHold == nil }
+
+// sharesConns is multiplexes, made ready first (within ctx).
+func (lk *Locker) sharesConns(ctx context.Context) (bool, error) {
+	if lk.mux == nil {
+		return false, nil
+	}
+	if err := lk.mux.init(ctx); err != nil {
+		return false, fmt.Errorf("%w: key set: %w", ErrNotAcquired, lk.mux.closedErr(ctx, err))
+	}
+	return lk.multiplexes(), nil
+}
 
 // noToken turns WithToken off: the Locks of a key set take no tokens.
 func noToken(c *config) { c.token = false }
@@ -150,7 +163,11 @@ func (lk *Locker) doAll(ctx context.Context, keys []any, fn func(ctx context.Con
 // acquireSet takes every lock of locks (in canonical order): all held when
 // it returns true, none when it returns false or an error.
 func (lk *Locker) acquireSet(ctx context.Context, locks []*Lock, wait bool) (bool, error) {
-	if !lk.multiplexes() && len(locks) > 1 {
+	shared, err := lk.sharesConns(ctx)
+	if err != nil {
+		return false, err
+	}
+	if !shared && len(locks) > 1 {
 		// Each hold takes a pool connection: two sets taking theirs at
 		// once could each wait for a connection the other keeps. One set
 		// of the Locker takes its keys at a time.
@@ -164,12 +181,12 @@ func (lk *Locker) acquireSet(ctx context.Context, locks []*Lock, wait bool) (boo
 	n := len(locks)
 	held := 0 // locks[:held] are held
 	giveUp := func(err error) (bool, error) {
-		return false, join(err, releaseAll(context.WithoutCancel(ctx), locks[:held], lk.multiplexes()))
+		return false, join(err, releaseAll(context.WithoutCancel(ctx), locks[:held], shared))
 	}
 	oks := make([]bool, n)
 	errs := make([]error, n)
 	for held < n {
-		lk.trySet(ctx, locks[held:], oks[held:], errs[held:])
+		lk.trySet(ctx, locks[held:], oks[held:], errs[held:], shared)
 		j := held
 		for j < n && oks[j] && errs[j] == nil {
 			j++
@@ -187,7 +204,7 @@ func (lk *Locker) acquireSet(ctx context.Context, locks []*Lock, wait bool) (boo
 			}
 		}
 		held = j
-		if rerr := releaseAll(context.WithoutCancel(ctx), above, lk.multiplexes()); rerr != nil && firstErr == nil {
+		if rerr := releaseAll(context.WithoutCancel(ctx), above, shared); rerr != nil && firstErr == nil {
 			firstErr = rerr
 		}
 		switch {
@@ -208,11 +225,11 @@ func (lk *Locker) acquireSet(ctx context.Context, locks []*Lock, wait bool) (boo
 
 // trySet tries every lock of locks, at once on a multiplexing Locker (the
 // lock connections send concurrent tries in one statement), else one after
-// the other until one is busy or fails.
-func (lk *Locker) trySet(ctx context.Context, locks []*Lock, oks []bool, errs []error) {
+// the other until one is busy or fails (shared: see sharesConns).
+func (lk *Locker) trySet(ctx context.Context, locks []*Lock, oks []bool, errs []error, shared bool) {
 	clear(oks)
 	clear(errs)
-	if !lk.multiplexes() || len(locks) == 1 {
+	if !shared || len(locks) == 1 {
 		for i, l := range locks {
 			oks[i], errs[i] = l.TryAcquire(ctx)
 			if !oks[i] || errs[i] != nil {

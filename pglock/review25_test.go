@@ -230,7 +230,13 @@ func TestReview25LeaderStorm(t *testing.T) {
 			}
 		})
 	}
+	// 6 s of storm, and at least one term: on a loaded machine a campaign
+	// (a connection of its own, named) can take longer than the Runs'
+	// contexts for a while.
 	time.Sleep(6 * time.Second)
+	for end := time.Now().Add(30 * time.Second); terms.Load() == 0 && time.Now().Before(end); {
+		time.Sleep(10 * time.Millisecond)
+	}
 	close(stop)
 	wg.Wait()
 	t.Logf("terms %d, locks %d, max at once %d", terms.Load(), locks.Load(), ov.Max())

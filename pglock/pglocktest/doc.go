@@ -46,6 +46,8 @@
 // acquire fails with [pglock.ErrUnavailable] until it is up again.
 // [Server.SetDelay] makes every acquire take a while, as a slow network
 // does. [Server.Holders], [Server.Waiters] and [Server.Keys] show the table.
+// Nested Do of replicas that wait for each other in a cycle end as they do
+// on PostgreSQL: one fails with [pglock.ErrDeadlock] within about a second.
 //
 // Keys are [pglock.Key] values as the Locker takes them, namespace included:
 // use [pglock.Locker.Key] to get one from a name, or [Server.Keys] to find
@@ -61,8 +63,5 @@
 // table's size, poolers, standbys, fences and tick claims in the pglock
 // schema ([pglock.CheckFence], [pglock.ClaimTick] need a database), or the
 // short window after a real loss in which two holders can overlap (a Lose
-// is reported before the key is granted to anyone else). Nested locks that
-// would deadlock across two keys wait until their contexts end: there is no
-// deadlock detector. [pglock.Locker.CheckHealth] reports healthy even while
-// the server is down ([Server.SetDown]): it has no database to ask.
+// is reported before the key is granted to anyone else).
 package pglocktest

@@ -74,6 +74,9 @@ func TestSetDown(t *testing.T) {
 	if keys := srv.Keys(); len(keys) != 0 {
 		t.Fatalf("keys while down: %v", keys)
 	}
+	if err := a.CheckHealth(bounded(t)); !errors.Is(err, pglock.ErrUnavailable) {
+		t.Fatalf("CheckHealth while down = %v, want ErrUnavailable", err)
+	}
 
 	// While down: every acquire fails at once, whether it waits or not.
 	srv.FailNext(keyOf(t, a, "k"), errors.New("boom")) // kept for after
@@ -91,6 +94,8 @@ func TestSetDown(t *testing.T) {
 
 	srv.SetDown(false)
 	srv.SetDown(false) // no change
+	// Healthy again within a check interval (the answer is kept for one).
+	waitFor(t, "CheckHealth healthy once up", func() bool { return a.CheckHealth(bounded(t)) == nil })
 	if err := a.Do(bounded(t), "k", func(context.Context) error { return nil }); err == nil || !errors.Is(err, pglock.ErrNotAcquired) || errors.Is(err, pglock.ErrUnavailable) {
 		t.Fatalf("the first acquire after SetDown(false) = %v, want FailNext's error", err)
 	}

@@ -102,8 +102,9 @@ func (s *Server) HoldElsewhere(key pglock.Key) (release func()) {
 // up, the table is empty and acquires go through again. SetDown(true) on a
 // server that is down, or SetDown(false) on one that is up, does nothing.
 //
-// [pglock.Locker.CheckHealth] does not see it: on the double it reports
-// healthy whether the server is up or down (it needs a database to ask).
+// While the server is down, [pglock.Locker.CheckHealth] of its Lockers
+// reports an error matching [pglock.ErrUnavailable] (within its check
+// interval: an answer is kept for one).
 func (s *Server) SetDown(down bool) {
 	if !down {
 		s.mem.SetDown(nil)

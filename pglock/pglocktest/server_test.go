@@ -3,6 +3,7 @@ package pglocktest_test
 import (
 	"context"
 	"errors"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -348,5 +349,38 @@ func TestLeader(t *testing.T) {
 	}
 	if err := <-db; !errors.Is(err, context.Canceled) {
 		t.Fatalf("b's Run = %v", err)
+	}
+}
+
+// Two replicas, each holding one key in a Do and waiting for the other's
+// in a nested Do: one wait ends with ErrDeadlock within about a second, the
+// other is granted once that side lets go (as on PostgreSQL).
+func TestDeadlockEnds(t *testing.T) {
+	t.Parallel()
+	srv := pglocktest.NewServer()
+	lks := [2]*pglock.Locker{replica(t, srv), replica(t, srv)}
+	keys := [2][2]string{{"k1", "k2"}, {"k2", "k1"}}
+	var holding sync.WaitGroup
+	holding.Add(2)
+	errs := make(chan error, 2)
+	start := time.Now()
+	for i := range 2 {
+		go func() {
+			errs <- lks[i].Do(bounded(t), keys[i][0], func(ctx context.Context) error {
+				holding.Done()
+				holding.Wait()
+				return lks[i].Do(ctx, keys[i][1], func(context.Context) error { return nil })
+			})
+		}()
+	}
+	first := <-errs
+	if !errors.Is(first, pglock.ErrDeadlock) || !errors.Is(first, pglock.ErrNotAcquired) {
+		t.Fatalf("the first Do to end = %v, want ErrDeadlock", first)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("the cycle ended after %v", d)
+	}
+	if err := <-errs; err != nil {
+		t.Fatalf("the other Do = %v, want granted", err)
 	}
 }

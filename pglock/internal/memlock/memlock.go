@@ -477,6 +477,14 @@ func (s *Server) SetDown(why error) int {
 	return len(lost)
 }
 
+// Down returns why requests fail while the Server is down (see SetDown),
+// nil while it is up.
+func (s *Server) Down() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.down
+}
+
 // SetDelay makes every request (Acquire, a try or a wait) take d before it
 // reaches the table, as a round trip to a slow or distant server would; 0
 // (or a negative d) removes the delay. Requests already on their way keep
