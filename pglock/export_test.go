@@ -17,3 +17,12 @@ var TokenSQLOnYugabyte = func() string {
 // DeadlockChecks is the number of checks for cycles of waits made so far
 // in the process (see deadlock.go).
 func DeadlockChecks() int64 { return cycles.checks.Load() }
+
+// LockStatements is the number of statements of lock requests that lk's
+// lock connections have sent (0 for a Locker without them).
+func LockStatements(lk *Locker) int64 {
+	if lk.mux == nil {
+		return 0
+	}
+	return lk.mux.statements.Load()
+}

@@ -159,3 +159,35 @@ func TestKeySetTryHoldsNothingWhenBusy(t *testing.T) {
 		})
 	}
 }
+
+// A key set's tries share statements, and so do its unlocks: on a default
+// Locker (2 lock connections) a 3-key DoAll of free keys sends at most one
+// statement per lock connection for the tries and one for the unlocks.
+// Before, the first try (and the first unlock) of a set went alone, and the
+// others followed in a second statement: 6 in all.
+func TestKeySetSharesStatements(t *testing.T) {
+	bg := context.Background()
+	lk, err := pglock.NewLocker(pgtest.Pool(t, 4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lk.Close()
+	base := pgtest.UniqueKey(t)
+	set := []any{base + "-a", base + "-b", base + "-c"}
+	noop := func(context.Context) error { return nil }
+	if err := lk.DoAll(bg, set, noop); err != nil { // opens the lock connections
+		t.Fatal(err)
+	}
+	const n = 200
+	before := pglock.LockStatements(lk)
+	for range n {
+		if err := lk.DoAll(bg, set, noop); err != nil {
+			t.Fatal(err)
+		}
+	}
+	per := float64(pglock.LockStatements(lk)-before) / n
+	t.Logf("statements per 3-key DoAll: %.2f", per)
+	if per > 4.2 {
+		t.Errorf("%.2f statements per 3-key DoAll on 2 lock connections; want at most 4 (one try and one unlock statement per connection)", per)
+	}
+}

@@ -90,6 +90,9 @@ type connOp struct {
 	// ctx bounds the connect, when the request is the first on a new
 	// connection (nil: only the connect bound).
 	ctx context.Context
+	// member: the request is one of a key set's (see setBatch), also when
+	// ctx does not say so (an unlock has no ctx).
+	member *setMember
 
 	ok    bool  // the function's result
 	err   error // the request failed (see errConnGone)
@@ -116,12 +119,14 @@ func (c *lockConn) do(op *connOp) {
 		op.err = fmt.Errorf("%w: %w", errConnGone, c.dead)
 		return
 	}
+	member := op.setMember()
 	if c.active {
 		// Another goroutine owns the connection: wait to be served or handed
 		// it. (A request that finds it free needs no channel.)
 		op.done = make(chan struct{})
 		c.queue = append(c.queue, op)
 		c.mu.Unlock()
+		member.arrive()
 		if !c.await(op) {
 			return
 		}
@@ -129,6 +134,13 @@ func (c *lockConn) do(op *connOp) {
 	} else {
 		c.active = true
 		c.queue = append(c.queue, op)
+		if member != nil && !member.arrive() {
+			// A request of a key set: the others of the set are on their
+			// way; they queue behind this one and share its statement.
+			c.mu.Unlock()
+			member.linger()
+			c.mu.Lock()
+		}
 	}
 	// This goroutine owns the connection now, and op is first in the queue:
 	// flush requests up to the first fn (or the fn alone).
@@ -392,6 +404,7 @@ func (c *lockConn) dial() <-chan struct{} {
 // keep it busy (and its watch stopped) is lost within the same bound as an
 // idle one.
 func (c *lockConn) exec(batch []*connOp) {
+	c.m.statements.Add(1)
 	conn := c.conn
 	nc := conn.PgConn().Conn()
 	_ = nc.SetDeadline(time.Now().Add(c.m.statementBound()))

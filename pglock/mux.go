@@ -49,6 +49,10 @@ type mux struct {
 	// connect fails with it at once.
 	refused atomic.Pointer[error]
 
+	// statements counts the lock requests' statements on lock connections
+	// (tests read it).
+	statements atomic.Int64
+
 	// hints are the homes of keys moved by pick (slot+1; 0: the slot by
 	// hash), by bucket of hintOf.
 	hints [hintBuckets]atomic.Int32
@@ -1118,7 +1122,7 @@ func (m *mux) connLost(c *lockConn, err error) {
 // unlock takes the key again in the same statement and hands it over: one
 // round trip per hand-off, and a waiter of another session, queued in the
 // server, still comes first (see connOp.retake).
-func (m *mux) give(e *keyEntry, mode Mode) error {
+func (m *mux) give(e *keyEntry, mode Mode, member *setMember) error {
 	m.t.mu.Lock()
 	c, lostErr := e.conn, e.lostErr
 	m.t.mu.Unlock()
@@ -1126,7 +1130,7 @@ func (m *mux) give(e *keyEntry, mode Mode) error {
 		m.ended(e, c, false)
 		return join(ErrLockLost, lostErr)
 	}
-	op := connOp{unlock: true, key: e.key, mode: mode}
+	op := connOp{unlock: true, key: e.key, mode: mode, member: member}
 	accept := m.handsTo(c)
 	if mode == Exclusive && c.slot < 0 && accept(false) && m.t.isHot(e.key) && m.t.canRelay(e) {
 		if done, err := m.relay(e, c); done {
@@ -1448,13 +1452,19 @@ func (m *mux) closedErr(ctx context.Context, err error) error {
 
 // release ends the hold; the last local holder of the key unlocks it. The
 // unlock is bounded by the release timeout, not by ctx.
-func (b *muxBackend) release(context.Context, bool) error { return b.end() }
+func (b *muxBackend) release(ctx context.Context, _ bool) error {
+	return b.endAs(setMemberOf(ctx))
+}
 
 // discard ends a hold that was lost: nothing is sent for it (unless it turns
 // out not to be lost, then it is unlocked).
 func (b *muxBackend) discard() { _ = b.end() }
 
-func (b *muxBackend) end() error {
+func (b *muxBackend) end() error { return b.endAs(nil) }
+
+// endAs is end; member: the release is one of a key set's (see setBatch),
+// whose unlock lingers for the others' on a free lock connection.
+func (b *muxBackend) endAs(member *setMember) error {
 	e := b.e
 	if e == nil {
 		return nil
@@ -1486,7 +1496,7 @@ func (b *muxBackend) end() error {
 		}
 		return checkErr
 	}
-	return b.m.give(e, b.l.cfg.mode)
+	return b.m.give(e, b.l.cfg.mode, member)
 }
 
 // watch registers lost to be called when the hold's connection is lost;
