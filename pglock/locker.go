@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -45,6 +46,41 @@ type Locker struct {
 	// setGate lets one key set at a time take its keys on a Locker that
 	// does not multiplex (see acquireSet).
 	setGate chan struct{}
+	// background runs the Locker's own clean-ups that a caller need not
+	// wait for (a Semaphore's waits ended, its queue's place given back);
+	// Close waits for them.
+	background tasks
+}
+
+// tasks runs functions in goroutines that an owner's close waits for.
+type tasks struct {
+	mu     sync.Mutex
+	wg     sync.WaitGroup
+	closed bool
+}
+
+// Go runs fn in a goroutine, or at once once the owner is closing.
+func (t *tasks) Go(fn func()) {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		fn()
+		return
+	}
+	t.wg.Add(1)
+	t.mu.Unlock()
+	go func() {
+		defer t.wg.Done()
+		fn()
+	}()
+}
+
+// close waits for the functions under way; later ones run at once.
+func (t *tasks) close() {
+	t.mu.Lock()
+	t.closed = true
+	t.mu.Unlock()
+	t.wg.Wait()
 }
 
 // NewLocker returns a Locker for conn, which is one of the types [NewLock]
@@ -210,6 +246,7 @@ func (lk *Locker) Close() error {
 	if lk == nil || lk.closed.Swap(true) {
 		return nil
 	}
+	lk.background.close()
 	if lk.mux != nil {
 		return lk.mux.close()
 	}

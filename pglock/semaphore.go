@@ -238,15 +238,21 @@ func (s *Semaphore) acquire(ctx context.Context, wait bool) (*Lock, error) {
 	if err := q.Acquire(ctx); err != nil {
 		return nil, err
 	}
-	defer func() { _ = q.Release(context.WithoutCancel(ctx)) }()
 	for {
 		// A slot may have freed while this process queued.
-		if l, err := s.tryAll(ctx); l != nil || err != nil {
-			return l, err
+		l, err := s.tryAll(ctx)
+		if l == nil && err == nil {
+			l, err = s.waitAny(ctx)
 		}
-		l, err := s.waitAny(ctx)
-		if l != nil || err != nil {
-			return l, err
+		switch {
+		case l != nil:
+			// The head's place goes to the next in the queue while the
+			// function runs: its unlock need not delay the function.
+			s.lk.background.Go(func() { _ = q.Release(context.WithoutCancel(ctx)) })
+			return l, nil
+		case err != nil:
+			_ = q.Release(context.WithoutCancel(ctx))
+			return nil, err
 		}
 	}
 }
@@ -282,12 +288,25 @@ func (s *Semaphore) waitAny(ctx context.Context) (*Lock, error) {
 	}
 	var got *Lock
 	var firstErr error
-	for range n {
+	for i := range n {
 		r := <-results
 		switch {
 		case r.err == nil && got == nil:
 			got = r.l
 			cancel() // the others stop waiting
+			// The function need not wait for their cancels (each a round
+			// trip, or a connection of its own): they end, and a slot
+			// granted as its cancel arrived is let go, in the background.
+			rest := n - i - 1
+			s.lk.background.Go(func() {
+				for range rest {
+					if r := <-results; r.err == nil {
+						_ = r.l.Release(context.WithoutCancel(ctx))
+					}
+				}
+				wg.Wait()
+			})
+			return got, nil
 		case r.err == nil:
 			_ = r.l.Release(context.WithoutCancel(ctx)) // granted as the cancel arrived
 		case got == nil && firstErr == nil && wctx.Err() == nil:
@@ -296,9 +315,6 @@ func (s *Semaphore) waitAny(ctx context.Context) (*Lock, error) {
 		}
 	}
 	wg.Wait()
-	if got != nil {
-		return got, nil
-	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("%w: Semaphore %q: %w", ErrNotAcquired, s.name, err)
 	}
