@@ -13,7 +13,7 @@ import (
 
 // The watch of a hold on a pool connection of its own is taken from a pool
 // of watches and given back when the hold ends, and its timer is left set
-// between holds (see rewatch): after many short holds of Locks made per hold,
+// between holds (see connwatch.Rewatch): after many short holds of Locks made per hold,
 // each armed and stopped before its watch started, a hold of another Lock,
 // with a shorter check interval than theirs (so a shorter delay than the
 // timer left set), still sees its connection terminated, and the loss is
@@ -26,7 +26,7 @@ func TestWatchReusedAcrossHoldsAndLocks(t *testing.T) {
 
 // The same for holds in the lock's own transaction on a pool, whose watch
 // asks the kernel whether the server closed the connection (Linux; see
-// watchPeer): reused across Locks made per hold, with its timer left set,
+// connwatch.Peer): reused across Locks made per hold, with its timer left set,
 // it still sees the server end a hold's session, and tells that hold only.
 func TestPeerWatchReusedAcrossHoldsAndLocks(t *testing.T) {
 	if runtime.GOOS != "linux" {
@@ -76,7 +76,7 @@ func watchReuse(t *testing.T, opts ...pglock.Option) {
 		t.Fatal(err)
 	}
 
-	for _, interval := range []time.Duration{20 * time.Millisecond, pglock.DefaultLostCheckInterval} {
+	for _, interval := range []time.Duration{40 * time.Millisecond, pglock.DefaultLostCheckInterval} {
 		short() // leaves the timer set for a later start than the next hold's
 		l, err := pglock.NewLock(pool, pgtest.UniqueKey(t), append(opts, pglock.WithLostCheckInterval(interval))...)
 		if err != nil {
