@@ -9,6 +9,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
 // pgxSource is a *pgxpool.Pool, a caller's *pgx.Conn (or *pgxpool.Conn), or a
@@ -205,7 +207,7 @@ func (b *pgxBackend) try(ctx context.Context, q interface {
 // the server's queue (pg_advisory_lock): one round trip whether the key is
 // free or held, and no try before it that a busy key would pay for.
 func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error) {
-	if err := checkSession(ctx, b.conn, b.l.cfg.releaseTimeout); err != nil {
+	if err := pooler.Check(ctx, b.conn, b.l.cfg.releaseTimeout, notePrimary); err != nil {
 		b.close(errors.Is(err, ErrTransactionPooler) && !b.conn.IsClosed())
 		return false, err
 	}
@@ -234,11 +236,11 @@ func (b *pgxBackend) acquireSession(ctx context.Context, wait bool) (bool, error
 	}
 	var ok bool
 	var err error
-	if proof := proofOf(b.conn); proof != nil {
+	if proof := pooler.ProofOf(b.conn); proof != nil {
 		// Through a pooler: the try proves it runs on the session the
-		// connection claimed (see sessionProof).
+		// connection claimed (see pooler.Proof).
 		dctx := b.detach(ctx)
-		ok, err = provenTry(dctx, b.conn, proof, b.st.try, b.st.args)
+		ok, err = pooler.ProvenTry(dctx, b.conn, proof, b.st.try, b.st.args)
 		b.reattach()
 	} else {
 		ok, err = b.try(ctx, b.conn)

@@ -12,6 +12,9 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/pglockkit/kit/pglock/internal/connwatch"
+	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
 // sqlSource is a *sql.DB, a caller's *sql.Conn, or a caller's *sql.Tx, with
@@ -164,10 +167,10 @@ func (b *sqlBackend) try(ctx context.Context) (bool, error) {
 	var ok bool
 	if b.ownTx == nil && b.callerTx == nil {
 		if ran, err := b.onPgx(ctx, func(ctx context.Context, pc *pgx.Conn) error {
-			if proof := proofOf(pc); proof != nil && b.l.cfg.scope == Session {
-				// Through a pooler: see sessionProof.
+			if proof := pooler.ProofOf(pc); proof != nil && b.l.cfg.scope == Session {
+				// Through a pooler: see pooler.Proof.
 				var err error
-				ok, err = provenTry(ctx, pc, proof, b.st.try, b.st.args)
+				ok, err = pooler.ProvenTry(ctx, pc, proof, b.st.try, b.st.args)
 				return err
 			}
 			return pc.QueryRow(ctx, b.st.try, b.st.args...).Scan(&ok)
@@ -275,7 +278,7 @@ func (b *sqlBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 		// Only pgx's driver shows the connection's cancel key, which the
 		// check needs: with other drivers a transaction pooler goes unseen.
 		var err error
-		b.withPgx(func(pc *pgx.Conn) { err = checkSession(ctx, pc, b.l.cfg.releaseTimeout) })
+		b.withPgx(func(pc *pgx.Conn) { err = pooler.Check(ctx, pc, b.l.cfg.releaseTimeout, notePrimary) })
 		if err != nil {
 			b.close(errors.Is(err, ErrTransactionPooler) && !b.connGone())
 			return false, err
@@ -484,25 +487,25 @@ func (b *sqlBackend) watch(interval time.Duration, lost func(error)) func() {
 	}
 	if b.l.cfg.scope != Session {
 		// The lock's own transaction, which the work uses: watched from
-		// the kernel's side only (see watchPeer), with pgx's driver.
+		// the kernel's side only (see connwatch.Peer), with pgx's driver.
 		var nc net.Conn
 		if b.ownTx == nil || !b.withPgx(func(pc *pgx.Conn) { nc = pc.PgConn().Conn() }) {
 			return nil
 		}
-		return watchPeer(nc, interval, lost)
+		return connwatch.Peer(nc, interval, lost)
 	}
 	stop := make(chan struct{})
-	w := &pgxWatcher{interval: interval, lost: lost}
+	w := connwatch.NewConn(interval, lost)
 	run := func() {
 		// With pgx's driver, watch the connection itself; else ping it.
-		if b.withPgx(func(pc *pgx.Conn) { w.attach(pc); w.run() }) {
+		if b.withPgx(func(pc *pgx.Conn) { w.Attach(pc); w.Run() }) {
 			return
 		}
 		b.pingLoop(interval, stop, lost)
 	}
-	return watchAfter(min(watchDelay, interval), run, func() {
+	return connwatch.After(min(connwatch.Delay, interval), run, func() {
 		close(stop)
-		w.stop()
+		w.Stop()
 	})
 }
 

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+
+	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
 // Sentinel errors. Match them with errors.Is: errors returned by this package
@@ -46,8 +48,7 @@ var (
 	// is a configuration error: trying again does not help. It also matches
 	// ErrNotAcquired; the lock is not held. See the package documentation,
 	// "Running in production".
-	ErrTransactionPooler = errors.New("pglock: session lock through a transaction pooler" +
-		" (use Transaction scope, session pooling, or a direct connection)")
+	ErrTransactionPooler = pooler.ErrTransactionPooler
 
 	// ErrUnavailable means the database could not be reached or its
 	// connection failed (the server is down, restarting or refusing

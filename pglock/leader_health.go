@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
 // ErrLeaderInDoubt is what [Leader.CheckHealth] returns (wrapped) while the
@@ -46,15 +48,15 @@ func (ld *Leader) holdPID() int64 {
 		c.mu.Unlock()
 		switch {
 		case proof != nil:
-			return int64(proof.pid) // through a pooler: the server's pid
+			return int64(proof.PID()) // through a pooler: the server's pid
 		case conn != nil:
 			return int64(conn.PgConn().PID())
 		}
 	case *memBackend: // the in-memory double
 		return b.pid()
 	case *pgxBackend:
-		if proof := proofOf(b.conn); proof != nil {
-			return int64(proof.pid)
+		if proof := pooler.ProofOf(b.conn); proof != nil {
+			return int64(proof.PID())
 		}
 		return int64(b.conn.PgConn().PID())
 	}

@@ -11,6 +11,9 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/pglockkit/kit/pglock/internal/connwatch"
+	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
 // Lock is one advisory lock on one key, bound to the database it was made
@@ -82,8 +85,8 @@ type Lock struct {
 	// connection of its own (pgxBackend.watch), taken from a pool of them
 	// and given back by dropHold; peer is the same for a hold in the
 	// lock's own transaction.
-	watch *rewatch
-	peer  *peerWatch
+	watch *connwatch.Rewatch
+	peer  *connwatch.PeerWatch
 }
 
 // NewLock returns a Lock on key for conn, which is one of *pgxpool.Pool,
@@ -437,7 +440,7 @@ func (l *Lock) notAcquired(ctx context.Context, err error) error {
 	switch {
 	case err == nil && ctxErr == nil:
 		return fmt.Errorf("%w: key %s", ErrNotAcquired, l.key)
-	case statementPooler(err):
+	case pooler.StatementPooler(err):
 		// A configuration that cannot work, not a server that is down:
 		// retrying does not help.
 		return fmt.Errorf("%w: key %s: %w: statement pooling allows no transaction block, which Transaction scope needs"+
@@ -471,11 +474,11 @@ func (l *Lock) dropHold() backend {
 		l.stopWatch = nil
 	}
 	if l.watch != nil {
-		putRewatch(l.watch)
+		connwatch.PutRewatch(l.watch)
 		l.watch = nil
 	}
 	if l.peer != nil {
-		putPeerWatch(l.peer)
+		connwatch.PutPeerWatch(l.peer)
 		l.peer = nil
 	}
 	b := l.b

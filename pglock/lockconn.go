@@ -9,6 +9,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pglockkit/kit/pglock/internal/connwatch"
+	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
 // lockConn is one PostgreSQL session that a multiplexing Locker opened for
@@ -22,7 +25,7 @@ import (
 // it got.
 //
 // While it holds a lock and nobody uses it, the connection is watched (see
-// pgxWatcher); when it dies or goes silent every lock on it is lost at once.
+// connwatch.Conn); when it dies or goes silent every lock on it is lost at once.
 type lockConn struct {
 	m    *mux
 	slot int // index in mux.conns, or -1 for a waiting connection
@@ -34,8 +37,8 @@ type lockConn struct {
 	conn   *pgx.Conn // nil until the first use opens it
 	connAt time.Time // when conn was opened
 	// proof: conn goes through a pooler; its statements prove they run on
-	// the server session it claimed (see sessionProof). Set with conn.
-	proof *sessionProof
+	// the server session it claimed (see pooler.Proof). Set with conn.
+	proof *pooler.Proof
 	// dialing is closed when the connect under way is done (nil when none
 	// is); dialErr is why the last one failed.
 	dialing chan struct{}
@@ -48,7 +51,7 @@ type lockConn struct {
 	// watch watches the connection while it holds locks and nobody uses it,
 	// and lastUsed is when it last ran a statement; only the goroutine that
 	// owns the connection touches them.
-	watch    rewatch
+	watch    connwatch.Rewatch
 	lastUsed time.Time
 	// blockAt is when the connection's open transaction block began (see
 	// block); only the goroutine that owns the connection touches it.
@@ -215,7 +218,7 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 	for _, o := range batch {
 		o.retry = false // set again below if the connect is cut short again
 	}
-	c.watch.stop()
+	c.watch.Stop()
 	if why := batch[0].closing; why != nil {
 		c.lose(why) // run by the goroutine that owns the connection
 		return nil
@@ -264,7 +267,7 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 	watch := c.dead == nil && c.holds > 0 && !c.conn.IsClosed()
 	c.mu.Unlock()
 	if watch {
-		c.watch.arm(c.conn, c.m.lostCheck, c.lose, c.idlePing)
+		c.watch.Arm(c.conn, c.m.lostCheck, c.lose, c.idlePing)
 	}
 	return nil
 }
@@ -392,7 +395,7 @@ func (c *lockConn) dial() <-chan struct{} {
 			_ = conn.Close(ctx)
 			cancel()
 		default:
-			c.conn, c.connAt, c.proof = conn, time.Now(), proofOf(conn)
+			c.conn, c.connAt, c.proof = conn, time.Now(), pooler.ProofOf(conn)
 		}
 	}()
 	return done
@@ -436,7 +439,7 @@ func (c *lockConn) exec(batch []*connOp) {
 	}
 	// The deadline is left in place (one timer change less per statement):
 	// the next statement sets its own, and the watch and the connection's
-	// other uses clear it first (see flush and pgxWatcher.run).
+	// other uses clear it first (see flush and connwatch.Conn.Run).
 	if err != nil {
 		c.failed(batch, err)
 		return
@@ -570,8 +573,8 @@ FROM unnest($1::int2[], $2::int8[], $3::int4[], $4::int4[]) WITH ORDINALITY AS t
 // run only when the statement runs on the server session the connection
 // claimed ($5 its pid, $6 the claim's token), in the same statement, else
 // every row answers -1 and nothing is taken or given back (see
-// sessionProof).
-const provenBatchSQL = `SELECT t.i, CASE WHEN pg_backend_pid() = $5::int8 AND current_setting('` + sessionSetting +
+// pooler.Proof).
+const provenBatchSQL = `SELECT t.i, CASE WHEN pg_backend_pid() = $5::int8 AND current_setting('` + pooler.Setting +
 	`', true) IS NOT DISTINCT FROM $6::text THEN ` + batchOps + ` ELSE -1 END
 FROM unnest($1::int2[], $2::int8[], $3::int4[], $4::int4[]) WITH ORDINALITY AS t(op, k, a, b, i)`
 
@@ -590,8 +593,8 @@ const batchOps = `CASE t.op
 
 // execBatch runs batch in one statement; with proof (a connection through
 // a pooler), only on the session the connection claimed: elsewhere it takes
-// nothing and returns errSessionMoved.
-func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp, proof *sessionProof) error {
+// nothing and returns pooler.ErrSessionMoved.
+func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp, proof *pooler.Proof) error {
 	ops := make([]int16, len(batch))
 	ks := make([]int64, len(batch))
 	as := make([]int32, len(batch))
@@ -624,7 +627,7 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp, proof *sess
 	var rows pgx.Rows
 	var err error
 	if proof != nil {
-		rows, err = conn.Query(ctx, provenBatchSQL, ops, ks, as, bs, int64(proof.pid), proof.token)
+		rows, err = conn.Query(ctx, provenBatchSQL, ops, ks, as, bs, int64(proof.PID()), proof.Token())
 	} else {
 		rows, err = conn.Query(ctx, batchSQL, ops, ks, as, bs)
 	}
@@ -652,7 +655,7 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp, proof *sess
 		return err
 	}
 	if moved {
-		return errSessionMoved
+		return pooler.ErrSessionMoved
 	}
 	if n != len(batch) {
 		return fmt.Errorf("pglock: batch answered %d rows of %d", n, len(batch))
@@ -667,7 +670,7 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp, proof *sess
 // even that fails, or the connection died, the connection is lost, and with
 // it every lock on it.
 func (c *lockConn) failed(batch []*connOp, err error) {
-	if errors.Is(err, errSessionMoved) {
+	if errors.Is(err, pooler.ErrSessionMoved) {
 		// Through a transaction pooler: nothing of the statement ran, and
 		// the session that holds this connection's locks cannot be reached
 		// for sure. The connection, and every later one, is refused.

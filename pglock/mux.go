@@ -15,6 +15,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
 // mux is the source of a multiplexing Locker's session locks: they live on a
@@ -375,7 +377,7 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 	if err != nil {
 		return nil, err
 	}
-	if err := checkSession(ctx, conn, m.releaseTimeout); err != nil {
+	if err := pooler.Check(ctx, conn, m.releaseTimeout, notePrimary); err != nil {
 		if errors.Is(err, ErrTransactionPooler) {
 			m.refused.Store(&err)
 		}
@@ -866,6 +868,52 @@ func (m *mux) serverWait(wctx context.Context, b *muxBackend, placed, hot bool) 
 		}
 		return nil, false, false, ErrLockerClosed
 	}
+	for attempt := 0; ; attempt++ {
+		var start time.Time
+		wc, held, healthy, start, err = m.serverWaitOn(wctx, b, wc, placed, hot)
+		// An idle waiting connection whose session the server ended
+		// (pg_terminate_backend, a restart) answers the first statement
+		// sent to it, at once, with the end of its session: the wait never
+		// reached the server's queue. It runs again, once, on another
+		// connection, as a pool's dead idle connection is replaced (see
+		// Lock.open); a wait ended later in its course fails as before.
+		if attempt > 0 || held || !retryable(err) || time.Since(start) > deadOnArrival || wctx.Err() != nil {
+			return wc, held, healthy, err
+		}
+		if wc = m.replaceWaitConn(wc, placed); wc == nil {
+			return nil, false, false, ErrLockerClosed
+		}
+	}
+}
+
+// deadOnArrival is how soon the first answer to a waiting connection's
+// statement must come to be taken for a session that was over before the
+// statement was sent (see serverWait).
+const deadOnArrival = 50 * time.Millisecond
+
+// replaceWaitConn closes wc, whose session ended, and returns another
+// waiting connection in its stead, with its place (placed) kept; nil once
+// the Locker is closed (the place given back).
+func (m *mux) replaceWaitConn(wc *lockConn, placed bool) *lockConn {
+	m.mu.Lock()
+	delete(m.waitBusy, wc)
+	if wc.placed {
+		wc.placed = false
+		m.placedConns--
+	}
+	m.mu.Unlock()
+	wc.close(errConnGone)
+	next := m.waitConn(placed)
+	if next == nil && placed {
+		<-m.waitSem
+	}
+	return next
+}
+
+// serverWaitOn is one attempt of serverWait on wc; start is when its wait
+// statement was sent.
+func (m *mux) serverWaitOn(wctx context.Context, b *muxBackend, wc *lockConn, placed, hot bool) (_ *lockConn, held, healthy bool, start time.Time, err error) {
+	start = time.Now()
 	op := connOp{ctx: wctx, fn: func(conn *pgx.Conn) {
 		if !placed {
 			// A Leader's campaign: its session carries the Leader's
@@ -874,7 +922,7 @@ func (m *mux) serverWait(wctx context.Context, b *muxBackend, placed, hot bool) 
 				return
 			}
 		}
-		start := time.Now()
+		start = time.Now()
 		var contended bool
 		held, healthy, contended, err = waitSessionAs(wctx, b.l, conn, hot)
 		if contended {
@@ -893,7 +941,7 @@ func (m *mux) serverWait(wctx context.Context, b *muxBackend, placed, hot bool) 
 		// connect under way goes on, for the next wait.
 		err, healthy = op.err, errors.Is(op.err, errConnectCut)
 	}
-	return wc, held, healthy, err
+	return wc, held, healthy, start, err
 }
 
 // waited ends a wait of the owner of e's turn on wc: a grant is recorded
@@ -1185,7 +1233,7 @@ func (m *mux) relay(e *keyEntry, c *lockConn) (done bool, err error) {
 			err = errConnGone
 			return
 		}
-		if proofOf(conn) != nil {
+		if pooler.ProofOf(conn) != nil {
 			return
 		}
 		done = true

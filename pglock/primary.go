@@ -22,7 +22,7 @@ import (
 //
 // The check costs no round trip of its own where the library already sends
 // a statement once per connection: it is a column of the claim statement of
-// the pooler check (Session scope, see checkSession). Elsewhere (Transaction
+// the pooler check (Session scope, see pooler.Check). Elsewhere (Transaction
 // scope on a connection's first hold) it is one statement, once per
 // connection.
 

@@ -629,3 +629,75 @@ func TestRelayTerminateWaitConns2(t *testing.T) {
 	chaosRun(t, chaosOpts{dur: 4 * time.Second, goroutines: 6, raw: 2, terminate: true, shared: true, holdMax: 20 * time.Millisecond,
 		optsA: []pglock.Option{pglock.WithWaitConns(2)}, waitA: 2})
 }
+
+// A waiting connection whose session the server ended while it sat idle
+// (pg_terminate_backend of every session of the Locker, as an admin or a
+// restart would) does not fail the next wait: the wait's statement is
+// answered at once with the end of the session, and the wait runs again on
+// a new connection, and is granted when the key is let go. Before, that
+// wait failed with ErrUnavailable (seen in a loaded CI run of
+// TestReview24PickUnderLoad: "Locker 1 after the kills").
+func TestIdleWaitingConnKilled(t *testing.T) {
+	bg := context.Background()
+	app := "idlewait-" + randomSuffix()
+	watch := pgtest.Pool(t, 2)
+	lk := muxLocker(t, chaosPool(t, app, 2))
+	k := pgtest.UniqueKey(t)
+	key, err := lk.Key(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	holdElsewhere := func() func() {
+		c, err := watch.Acquire(bg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Exec(bg, "SELECT pg_advisory_lock($1::bigint)", key.Int64()); err != nil {
+			t.Fatal(err)
+		}
+		var once sync.Once
+		return func() {
+			once.Do(func() {
+				_, _ = c.Exec(bg, "SELECT pg_advisory_unlock($1::bigint)", key.Int64())
+				c.Release()
+			})
+		}
+	}
+	// waitOnce: a Do of k that must wait for another session's hold.
+	waitOnce := func() error {
+		release := holdElsewhere()
+		defer release()
+		done := make(chan error, 1)
+		go func() {
+			ctx, cancel := context.WithTimeout(bg, 10*time.Second)
+			defer cancel()
+			done <- lk.Do(ctx, k, func(context.Context) error { return nil })
+		}()
+		for locktest.Waiters(t, watch, key) != 1 {
+			select {
+			case err := <-done:
+				return fmt.Errorf("ended before the key was let go: %w", err)
+			case <-time.After(2 * time.Millisecond):
+			}
+		}
+		release()
+		return <-done
+	}
+	if err := waitOnce(); err != nil { // leaves an idle waiting connection
+		t.Fatal(err)
+	}
+	if s := lk.Stats(); s.IdleConns == 0 {
+		t.Fatalf("no idle waiting connection after a wait: %+v", s)
+	}
+	if _, err := watch.Exec(bg, "SELECT pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE application_name = $1", app); err != nil {
+		t.Fatal(err)
+	}
+	chaosWaitFor(t, "the Locker's sessions to end", func() bool {
+		var n int
+		err := watch.QueryRow(bg, "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name = $1", app).Scan(&n)
+		return err == nil && n == 0
+	})
+	if err := waitOnce(); err != nil {
+		t.Fatalf("the first wait after the Locker's idle sessions were ended: %v", err)
+	}
+}

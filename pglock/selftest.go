@@ -7,6 +7,8 @@ import (
 	"math/rand/v2"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
 // The exclusion self-test (issue 23). An engine that speaks PostgreSQL's
@@ -60,7 +62,7 @@ func (m *mux) selfTest(ctx context.Context, c *lockConn) (tested bool, err error
 		// that resets sessions (server_reset_query_always) lets go of the
 		// first lock between two statements, and the lock statements'
 		// proofs refuse it (ErrTransactionPooler) at the first lock.
-		if pooled = proofOf(conn) != nil; !pooled {
+		if pooled = pooler.ProofOf(conn) != nil; !pooled {
 			ferr = conn.QueryRow(ctx, selfTestSQL, int32(selfTestClass), obj).Scan(&first)
 		}
 	}}
@@ -87,12 +89,12 @@ func (m *mux) selfTest(ctx context.Context, c *lockConn) (tested bool, err error
 // or *sql.DB, and lets it go if it got it (a connection that could not is
 // destroyed, and so is one opened for the test). ok is false when the try
 // could not run (every connection of the pool is checked out, or none came
-// within maxProbeTime) or ran on a standby: a pool on a host list may reach
+// within pooler.MaxProbeTime) or ran on a standby: a pool on a host list may reach
 // one, where the first session's lock is not (the Locker's own connections
 // go to the primary), and its try tells nothing.
 func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
 	// A pool the caller keeps busy is not waited for long.
-	ctx, cancel := context.WithTimeout(ctx, maxProbeTime)
+	ctx, cancel := context.WithTimeout(ctx, pooler.MaxProbeTime)
 	defer cancel()
 	switch {
 	case m.pool != nil:

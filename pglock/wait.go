@@ -10,6 +10,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
 // waitSession waits in the server's queue on conn until the session lock is
@@ -41,8 +43,8 @@ func waitSessionAs(ctx context.Context, l *Lock, conn *pgx.Conn, hot bool) (held
 		return false, true, false, err // nothing sent
 	}
 	// Through a pooler, the wait proves it runs on the session the
-	// connection claimed, and takes nothing elsewhere (see sessionProof).
-	proof := proofOf(conn)
+	// connection claimed, and takes nothing elsewhere (see pooler.Proof).
+	proof := pooler.ProofOf(conn)
 	// A wait inside a hold names the hold in its text (see deadlock.go).
 	rec := cycleRecOf(ctx)
 	rec.waitsOn(conn)
@@ -60,17 +62,17 @@ func waitSessionAs(ctx context.Context, l *Lock, conn *pgx.Conn, hot bool) (held
 			return err
 		}
 		var ok *bool
-		sql, args := rec.tagged(provenSQL(l.st.lock, len(l.st.args), true), proof.with(l.st.args))
+		sql, args := rec.tagged(pooler.ProvenSQL(l.st.lock, len(l.st.args), true), proof.With(l.st.args))
 		err := conn.QueryRow(qctx, sql, args...).Scan(&ok)
 		if err == nil && ok == nil {
-			err = errSessionMoved
+			err = pooler.ErrSessionMoved
 		}
 		return err
 	})
 	if err == nil && !interrupted {
 		return true, true, contended, nil
 	}
-	if errors.Is(err, errSessionMoved) {
+	if errors.Is(err, pooler.ErrSessionMoved) {
 		return false, false, false, err // nothing taken; the connection is refused
 	}
 	if conn.IsClosed() {

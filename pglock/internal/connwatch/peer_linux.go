@@ -1,4 +1,4 @@
-package pglock
+package connwatch
 
 import (
 	"encoding/binary"

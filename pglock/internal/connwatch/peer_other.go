@@ -1,9 +1,9 @@
 //go:build !linux
 
-package pglock
+package connwatch
 
 import "syscall"
 
-// peerClosed cannot tell here (see watch_linux.go): a transaction's loss is
+// peerClosed cannot tell here (see peer_linux.go): a transaction's loss is
 // seen at its next statement.
 func peerClosed(syscall.RawConn) (closed, ok bool) { return false, false }
