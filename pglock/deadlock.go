@@ -84,8 +84,12 @@ type cycleRec struct {
 	key       lockTag
 	name      string // the key, as errors show it
 	exclusive bool
-	tags      []holdTag
-	comment   string // the statement's comment, from tags
+	// tags are the holds of the wait's context (all of them: the comment
+	// names maxCycleTags at most), and holds the contexts they came from,
+	// to leave out those that end while the wait goes on (liveTags).
+	tags    []holdTag
+	holds   []*holdCtx
+	comment string // the statement's comment, from tags
 	// pid is the server session that the wait waits on, 0 while none.
 	pid    atomic.Int32
 	cancel context.CancelCauseFunc
@@ -136,15 +140,35 @@ func spaceOf(domain any) any {
 }
 
 // holdTags returns the holds that ctx carries (see holdCtx), live ones only,
-// in the lock table space.
-func holdTags(ctx context.Context, space any) []holdTag {
+// in the lock table space, innermost first, and the contexts they come
+// from. A holdCtx of a Lock that was not held (ContextWithHold) carries no
+// hold.
+func holdTags(ctx context.Context, space any) ([]holdTag, []*holdCtx) {
 	var tags []holdTag
+	var holds []*holdCtx
 	h, _ := ctx.Value(holdsKey{}).(*holdCtx)
-	for h != nil && len(tags) < maxCycleTags {
-		if h.l.holdGen() == h.gen && spaceOf(h.l.domain) == space {
+	for h != nil {
+		if h.live() && spaceOf(h.l.domain) == space {
 			tags = append(tags, holdTag{tagOf(h.l.key), h.l.cfg.mode == Exclusive})
+			holds = append(holds, h)
 		}
 		h, _ = h.Context.Value(holdsKey{}).(*holdCtx)
+	}
+	return tags, holds
+}
+
+// live reports whether h's hold is still held (not released, not lost).
+func (h *holdCtx) live() bool { return h.gen != noHold && h.l.holdGen() == h.gen }
+
+// liveTags returns r's tags whose holds are still held: a hold released or
+// lost while r waits (ContextWithHold's context does not end with it) no
+// longer closes a cycle.
+func (r *cycleRec) liveTags() []holdTag {
+	var tags []holdTag
+	for i, h := range r.holds {
+		if h.live() {
+			tags = append(tags, r.tags[i])
+		}
 	}
 	return tags
 }
@@ -158,12 +182,14 @@ func (l *Lock) watchCycles(ctx context.Context) (context.Context, *cycleRec) {
 		return ctx, nil
 	}
 	space := spaceOf(l.domain)
-	tags := holdTags(ctx, space)
+	tags, holds := holdTags(ctx, space)
 	if len(tags) == 0 {
 		return ctx, nil
 	}
-	r := &cycleRec{key: tagOf(l.key), name: l.key.String(), exclusive: l.cfg.mode == Exclusive, tags: tags, log: l.log, space: space}
-	r.comment = cycleComment(tags)
+	r := &cycleRec{key: tagOf(l.key), name: l.key.String(), exclusive: l.cfg.mode == Exclusive, tags: tags, holds: holds, log: l.log, space: space}
+	// The statement's text is cut at track_activity_query_size: it names
+	// the innermost holds only.
+	r.comment = cycleComment(tags[:min(len(tags), maxCycleTags)])
 	r.rows = rowsOf(l.src)
 	ctx, r.cancel = context.WithCancelCause(ctx)
 	ctx = context.WithValue(ctx, cycleKey{}, r)
@@ -235,11 +261,18 @@ func (r *cycleRec) tagged(sql string, args []any) (string, []any) {
 	return sql + r.comment, append([]any{pgx.QueryExecModeExec}, args...)
 }
 
-// waitsOn records the server session that r's wait waits on now.
+// waitsOn records the server session that r's wait waits on now: its
+// server pid, as pg_locks shows it (through a pooler, the pid of the
+// session the connection claimed, not the pooler's).
 func (r *cycleRec) waitsOn(conn *pgx.Conn) {
-	if r != nil {
-		r.pid.Store(int32(conn.PgConn().PID()))
+	if r == nil {
+		return
 	}
+	pid := conn.PgConn().PID()
+	if p := proofOf(conn); p != nil {
+		pid = p.pid
+	}
+	r.pid.Store(int32(pid))
 }
 
 // schedule arms the next check.
@@ -311,7 +344,7 @@ func (r *cycleRec) check() {
 		}
 	}
 	cycles.mu.Lock()
-	g := newWaitGraph(rows, r.space)
+	g := newWaitGraph(rows, r.space, r.rows != nil)
 	path := g.cycleThrough(r)
 	end := false
 	if path != nil {
@@ -372,10 +405,12 @@ type lockRow struct {
 // cycle: the requests that wait, the holds of keys that a request waits for
 // or that a wait of the process wants ($1, "c.o.s,..."), and the text of
 // each waiting statement; then one row (pid 0) with deadlock_timeout in ms.
+// The holds of prepared transactions (pid NULL) are left out: they never
+// wait.
 const cycleSQL = `SELECT l.pid, l.classid::bigint, l.objid::bigint, l.objsubid::integer, l.mode = 'ExclusiveLock', l.granted,` +
 	` CASE WHEN l.granted THEN '' ELSE coalesce(a.query, '') END` +
 	` FROM pg_catalog.pg_locks l LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid AND NOT l.granted` +
-	` WHERE l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())` +
+	` WHERE l.locktype = 'advisory' AND l.pid IS NOT NULL AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())` +
 	` AND (NOT l.granted OR (l.classid, l.objid, l.objsubid) IN (SELECT classid, objid, objsubid FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND NOT granted)` +
 	` OR concat_ws('.', l.classid, l.objid, l.objsubid) = ANY (string_to_array($1::text, ',')))` +
 	` UNION ALL SELECT 0, 0, 0, 0, false, false, (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000)::bigint::text`
@@ -530,8 +565,11 @@ type waitGraph struct {
 }
 
 // newWaitGraph builds the graph of the lock table space. It also takes
-// the server's deadlock_timeout from rows.
-func newWaitGraph(rows []lockRow, space any) *waitGraph {
+// the server's deadlock_timeout from rows. read says that rows were read
+// from the server: then a record of a wait in the server (pid set) that
+// rows do not show waits in another database or server (or its wait is
+// over, or not yet sent), and is left out.
+func newWaitGraph(rows []lockRow, space any, read bool) *waitGraph {
 	g := &waitGraph{nodes: make(map[int64]*waitNode), holders: make(map[lockTag][]holder)}
 	ended := make(map[int32]bool)
 	for w := range cycles.recs {
@@ -558,14 +596,18 @@ func newWaitGraph(rows []lockRow, space any) *waitGraph {
 		if w.ended || w.space != space {
 			continue
 		}
-		if n, ok := g.nodes[int64(w.pid.Load())]; ok && n.key == w.key {
+		pid := w.pid.Load()
+		if n, ok := g.nodes[int64(pid)]; ok && n.key == w.key {
+			// The process's own record is the truth of its holds: the
+			// comment may be cut, and names holds that may have ended.
 			n.rec = w
-			if len(n.tags) == 0 {
-				n.tags = w.tags // a statement text the server would not show
-			}
+			n.tags = w.liveTags()
 			continue
 		}
-		g.nodes[next] = &waitNode{id: next, key: w.key, exclusive: w.exclusive, tags: w.tags, rec: w}
+		if pid != 0 && read {
+			continue
+		}
+		g.nodes[next] = &waitNode{id: next, key: w.key, exclusive: w.exclusive, tags: w.liveTags(), rec: w}
 		next--
 	}
 	return g
