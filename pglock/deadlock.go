@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglockkit/kit/pglock/internal/memlock"
+	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
 // Deadlocks between holders (issue 24). PostgreSQL ends a cycle of waits
@@ -269,8 +270,8 @@ func (r *cycleRec) waitsOn(conn *pgx.Conn) {
 		return
 	}
 	pid := conn.PgConn().PID()
-	if p := proofOf(conn); p != nil {
-		pid = p.pid
+	if p := pooler.ProofOf(conn); p != nil {
+		pid = p.PID()
 	}
 	r.pid.Store(int32(pid))
 }

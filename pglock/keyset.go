@@ -217,7 +217,14 @@ func (lk *Locker) acquireSet(ctx context.Context, locks []*Lock, wait bool) (boo
 		case !wait:
 			return giveUp(nil)
 		}
-		if err := locks[held].Acquire(ctx); err != nil {
+		// The wait is a wait of the holder of the keys below it (see
+		// deadlock.go): a holder elsewhere that waits for one of them
+		// closes a cycle that ends.
+		wctx := ctx
+		for _, l := range locks[:held] {
+			wctx = ContextWithHold(wctx, l)
+		}
+		if err := locks[held].Acquire(wctx); err != nil {
 			return giveUp(err)
 		}
 		held++

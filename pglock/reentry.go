@@ -95,8 +95,8 @@ func (c *holdCtx) Value(key any) any {
 // inside Do's function (see [Lock.Do]). The hold must outlive the use of
 // the context; once it ends, a nested Do in that context fails.
 func ContextWithHold(ctx context.Context, l *Lock) context.Context {
-	if l == nil || l.src == nil {
-		return ctx
+	if ctx == nil || l == nil || l.src == nil {
+		return ctx // a nil ctx stays nil: a lock in it fails with its error
 	}
 	return &holdCtx{Context: ctx, l: l, gen: l.holdGen()}
 }

@@ -531,9 +531,6 @@ func TestReview26SemaphoreWaitIsNoCycle(t *testing.T) {
 //
 // A's DoAll holds ka and waits for kb; B holds kb and waits for ka.
 func TestReview26KeySetPartialHoldCycleEnds(t *testing.T) {
-	r26Skip(t, "defect: DoAll's partial holds are not carried by its wait's context, so a cycle through them never ends; "+
-		"fix (keyset.go, acquireSet): wait for locks[held] in a context that carries locks[:held] "+
-		"(for each, &holdCtx{Context: wctx, l: l, gen: l.holdGen()}), as doAllTx already does")
 	bg := context.Background()
 	lk := r26Locker(t, r26Pool(t, pgtest.URL(t), 8, nil))
 	base := rand.Int64N(1 << 60)
@@ -1068,8 +1065,6 @@ func TestReview26ChecksPerWait(t *testing.T) {
 // library, where a nil context given to Do is an error (ErrNotAcquired,
 // "nil context").
 func TestReview26ContextWithHoldNilContext(t *testing.T) {
-	r26Skip(t, "defect (reentry.go): ContextWithHold(nil, l) makes a holdCtx with a nil parent, and a Do in it panics; "+
-		"fix: return ctx (nil) unchanged when ctx is nil, so that the Do fails with its nil-context error")
 	lk := r26Locker(t, r26Pool(t, pgtest.URL(t), 4, nil))
 	keys := r26Keys(t, 2)
 	l, rel := r26Hold(t, lk, keys[0])
