@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"fmt"
 	"log/slog"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/pglockkit/kit/pglock/internal/memlock"
 	"github.com/pglockkit/kit/pglock/internal/pooler"
+	"github.com/pglockkit/kit/pglock/internal/waitgraph"
 )
 
 // Deadlocks between holders (issue 24). PostgreSQL ends a cycle of waits
@@ -39,16 +39,14 @@ import (
 // waits in a Locker's key table that no server sees). A wait found in a
 // cycle ends with ErrDeadlock.
 //
+// The graph itself, and who waits for whom in it, is package
+// internal/waitgraph's; this file records the waits and feeds it.
+//
 // One wait of a cycle ends, not all: within the process the checks take
 // turns (cycles.mu) and a wait that was ended no longer counts; across
 // processes, of a cycle made only of waits in the server the one with the
 // highest process ID ends, and another ends itself only if the cycle is
 // still there two checks later (a victim that does not check).
-
-// cycleMark starts the comment of a waiting statement that names the holds
-// it waits on behalf of: "/*pglock-for:classid.objid.objsubid.m,...*/",
-// m "e" for an exclusive hold and "s" for a shared one.
-const cycleMark = "/*pglock-for:"
 
 // maxCycleTags bounds the holds a waiting statement names (its text is cut
 // at track_activity_query_size, 1 kB by default, in pg_stat_activity).
@@ -58,43 +56,28 @@ const maxCycleTags = 24
 // deadlock_timeout is known (its default is 1 s).
 const defaultCycleCheck = time.Second
 
-// lockTag is a key as pg_locks shows it.
-type lockTag struct {
-	c, o uint32
-	s    int16
+// tagOf is k as pg_locks shows it.
+func tagOf(k Key) waitgraph.Key {
+	c, o, sub := k.LockTag()
+	return waitgraph.Key{C: c, O: o, S: sub}
 }
-
-func tagOf(k Key) lockTag {
-	c, o, s := k.LockTag()
-	return lockTag{c, o, s}
-}
-
-// holdTag is a hold that a wait is made on behalf of.
-type holdTag struct {
-	key       lockTag
-	exclusive bool
-}
-
-// conflicts reports whether a request in mode exclusive (or shared) must
-// wait for a hold (or request) in mode other.
-func conflicts(exclusive, other bool) bool { return exclusive || other }
 
 // cycleRec is a wait made inside a hold (see above). Its fields but pid are
 // fixed once it is made, or guarded by cycles.mu.
 type cycleRec struct {
-	key       lockTag
+	key       waitgraph.Key
 	name      string // the key, as errors show it
 	exclusive bool
 	// tags are the holds of the wait's context (all of them: the comment
 	// names maxCycleTags at most), and holds the contexts they came from,
 	// to leave out those that end while the wait goes on (liveTags).
-	tags    []holdTag
+	tags    []waitgraph.Hold
 	holds   []*holdCtx
 	comment string // the statement's comment, from tags
 	// pid is the server session that the wait waits on, 0 while none.
 	pid    atomic.Int32
 	cancel context.CancelCauseFunc
-	rows   func(ctx context.Context, extra string) ([]lockRow, error)
+	rows   func(ctx context.Context, extra string) ([]waitgraph.Row, error)
 	log    *slog.Logger
 	// space is the lock table of the wait: nil for PostgreSQL, the
 	// *memlock.Server of the in-memory double (whose waits are all in the
@@ -144,13 +127,13 @@ func spaceOf(domain any) any {
 // in the lock table space, innermost first, and the contexts they come
 // from. A holdCtx of a Lock that was not held (ContextWithHold) carries no
 // hold.
-func holdTags(ctx context.Context, space any) ([]holdTag, []*holdCtx) {
-	var tags []holdTag
+func holdTags(ctx context.Context, space any) ([]waitgraph.Hold, []*holdCtx) {
+	var tags []waitgraph.Hold
 	var holds []*holdCtx
 	h, _ := ctx.Value(holdsKey{}).(*holdCtx)
 	for h != nil {
 		if h.live() && spaceOf(h.l.domain) == space {
-			tags = append(tags, holdTag{tagOf(h.l.key), h.l.cfg.mode == Exclusive})
+			tags = append(tags, waitgraph.Hold{Key: tagOf(h.l.key), Exclusive: h.l.cfg.mode == Exclusive})
 			holds = append(holds, h)
 		}
 		h, _ = h.Context.Value(holdsKey{}).(*holdCtx)
@@ -164,8 +147,8 @@ func (h *holdCtx) live() bool { return h.gen != noHold && h.l.holdGen() == h.gen
 // liveTags returns r's tags whose holds are still held: a hold released or
 // lost while r waits (ContextWithHold's context does not end with it) no
 // longer closes a cycle.
-func (r *cycleRec) liveTags() []holdTag {
-	var tags []holdTag
+func (r *cycleRec) liveTags() []waitgraph.Hold {
+	var tags []waitgraph.Hold
 	for i, h := range r.holds {
 		if h.live() {
 			tags = append(tags, r.tags[i])
@@ -190,7 +173,7 @@ func (l *Lock) watchCycles(ctx context.Context) (context.Context, *cycleRec) {
 	r := &cycleRec{key: tagOf(l.key), name: l.key.String(), exclusive: l.cfg.mode == Exclusive, tags: tags, holds: holds, log: l.log, space: space}
 	// The statement's text is cut at track_activity_query_size: it names
 	// the innermost holds only.
-	r.comment = cycleComment(tags[:min(len(tags), maxCycleTags)])
+	r.comment = waitgraph.Comment(tags[:min(len(tags), maxCycleTags)])
 	r.rows = rowsOf(l.src)
 	ctx, r.cancel = context.WithCancelCause(ctx)
 	ctx = context.WithValue(ctx, cycleKey{}, r)
@@ -202,54 +185,6 @@ func (l *Lock) watchCycles(ctx context.Context) (context.Context, *cycleRec) {
 	cycles.mu.Unlock()
 	r.schedule()
 	return ctx, r
-}
-
-// cycleComment is the comment of a waiting statement made on behalf of tags.
-func cycleComment(tags []holdTag) string {
-	var b strings.Builder
-	b.WriteString(" " + cycleMark)
-	for i, t := range tags {
-		if i > 0 {
-			b.WriteByte(',')
-		}
-		fmt.Fprintf(&b, "%d.%d.%d.", t.key.c, t.key.o, t.key.s)
-		if t.exclusive {
-			b.WriteByte('e')
-		} else {
-			b.WriteByte('s')
-		}
-	}
-	b.WriteString("*/")
-	return b.String()
-}
-
-// parseCycleComment returns the holds that a waiting statement's text names
-// (see cycleComment).
-func parseCycleComment(q string) []holdTag {
-	i := strings.Index(q, cycleMark)
-	if i < 0 {
-		return nil
-	}
-	q = q[i+len(cycleMark):]
-	end := strings.Index(q, "*/")
-	if end < 0 {
-		return nil // cut short
-	}
-	var tags []holdTag
-	for f := range strings.SplitSeq(q[:end], ",") {
-		p := strings.Split(f, ".")
-		if len(p) != 4 {
-			continue
-		}
-		c, err1 := strconv.ParseUint(p[0], 10, 32)
-		o, err2 := strconv.ParseUint(p[1], 10, 32)
-		s, err3 := strconv.ParseInt(p[2], 10, 16)
-		if err1 != nil || err2 != nil || err3 != nil || (p[3] != "e" && p[3] != "s") {
-			continue
-		}
-		tags = append(tags, holdTag{lockTag{uint32(c), uint32(o), int16(s)}, p[3] == "e"})
-	}
-	return tags
 }
 
 // tagged returns sql with r's comment (when r is not nil), and the mode of
@@ -333,7 +268,7 @@ func (r *cycleRec) check() {
 	defer cancel()
 	cycles.checks.Add(1)
 
-	var rows []lockRow
+	var rows []waitgraph.Row
 	if r.rows != nil {
 		var err error
 		if rows, err = r.rows(ctx, r.localKeys()); err != nil {
@@ -346,10 +281,10 @@ func (r *cycleRec) check() {
 	}
 	cycles.mu.Lock()
 	g := newWaitGraph(rows, r.space, r.rows != nil)
-	path := g.cycleThrough(r)
+	path := g.CycleThrough(r)
 	end := false
 	if path != nil {
-		switch victim := g.victim(path); {
+		switch victim := waitgraph.Victim(path); {
 		case victim == 0, victim == int64(r.pid.Load()), r.seen >= 2:
 			// A cycle with a wait of this process that no server sees
 			// (victim 0: only this process can end it, and its checks
@@ -365,7 +300,7 @@ func (r *cycleRec) check() {
 	}
 	if end {
 		r.ended = true
-		r.err = fmt.Errorf("%w: %s", ErrDeadlock, g.describe(path))
+		r.err = fmt.Errorf("%w: %s", ErrDeadlock, describeCycle(path))
 	}
 	cycles.mu.Unlock()
 	if end {
@@ -388,18 +323,9 @@ func (r *cycleRec) localKeys() string {
 		if b.Len() > 0 {
 			b.WriteByte(',')
 		}
-		fmt.Fprintf(&b, "%d.%d.%d", w.key.c, w.key.o, w.key.s)
+		fmt.Fprintf(&b, "%d.%d.%d", w.key.C, w.key.O, w.key.S)
 	}
 	return b.String()
-}
-
-// lockRow is a row of cycleSQL.
-type lockRow struct {
-	pid       int32
-	key       lockTag
-	exclusive bool
-	granted   bool
-	query     string
 }
 
 // cycleSQL reads the advisory locks of the database that matter to a
@@ -420,17 +346,17 @@ const cycleSQL = `SELECT l.pid, l.classid::bigint, l.objid::bigint, l.objsubid::
 // other than the waiting one, or nil where there is none (a caller's
 // connection or transaction: its holds and waits share one session, whose
 // cycles the server sees).
-func rowsOf(src source) func(ctx context.Context, extra string) ([]lockRow, error) {
+func rowsOf(src source) func(ctx context.Context, extra string) ([]waitgraph.Row, error) {
 	switch s := src.(type) {
 	case *mux:
 		return s.cycleRows
 	case *pgxSource:
 		if s.pool != nil {
-			return func(ctx context.Context, extra string) ([]lockRow, error) { return poolRows(ctx, s.pool, extra) }
+			return func(ctx context.Context, extra string) ([]waitgraph.Row, error) { return poolRows(ctx, s.pool, extra) }
 		}
 	case *sqlSource:
 		if s.db != nil {
-			return func(ctx context.Context, extra string) ([]lockRow, error) { return sqlRows(ctx, s.db, extra) }
+			return func(ctx context.Context, extra string) ([]waitgraph.Row, error) { return sqlRows(ctx, s.db, extra) }
 		}
 	}
 	return nil
@@ -438,7 +364,7 @@ func rowsOf(src source) func(ctx context.Context, extra string) ([]lockRow, erro
 
 // cycleRows runs cycleSQL on one of m's lock connections (the statement
 // waits for no lock), else on the pool or *sql.DB.
-func (m *mux) cycleRows(ctx context.Context, extra string) (rows []lockRow, err error) {
+func (m *mux) cycleRows(ctx context.Context, extra string) (rows []waitgraph.Row, err error) {
 	if c := m.openSlot(); c != nil {
 		op := connOp{ctx: ctx, bounded: true, fn: func(conn *pgx.Conn) {
 			if conn == nil {
@@ -484,7 +410,7 @@ const poolAcquireWait = 100 * time.Millisecond
 
 // poolRows runs cycleSQL on a connection of pool, or on a connection of its
 // own when the pool has none to spare.
-func poolRows(ctx context.Context, pool *pgxpool.Pool, extra string) ([]lockRow, error) {
+func poolRows(ctx context.Context, pool *pgxpool.Pool, extra string) ([]waitgraph.Row, error) {
 	actx, cancel := context.WithTimeout(ctx, poolAcquireWait)
 	pc, err := pool.Acquire(actx)
 	cancel()
@@ -518,23 +444,23 @@ type rowsScanner interface {
 	Err() error
 }
 
-func scanLockRows(rows rowsScanner) ([]lockRow, error) {
-	var out []lockRow
+func scanLockRows(rows rowsScanner) ([]waitgraph.Row, error) {
+	var out []waitgraph.Row
 	for rows.Next() {
-		var row lockRow
+		var row waitgraph.Row
 		var c, o int64
-		var s int32
-		if err := rows.Scan(&row.pid, &c, &o, &s, &row.exclusive, &row.granted, &row.query); err != nil {
+		var sub int32
+		if err := rows.Scan(&row.PID, &c, &o, &sub, &row.Exclusive, &row.Granted, &row.Query); err != nil {
 			return nil, err
 		}
-		row.key = lockTag{uint32(c), uint32(o), int16(s)}
+		row.Key = waitgraph.Key{C: uint32(c), O: uint32(o), S: int16(sub)}
 		out = append(out, row)
 	}
 	return out, rows.Err()
 }
 
 // sqlRows runs cycleSQL on db (a check waits for one of its connections).
-func sqlRows(ctx context.Context, db *sql.DB, extra string) ([]lockRow, error) {
+func sqlRows(ctx context.Context, db *sql.DB, extra string) ([]waitgraph.Row, error) {
 	r, err := db.QueryContext(ctx, cycleSQL, extra)
 	if err != nil {
 		return nil, err
@@ -543,167 +469,46 @@ func sqlRows(ctx context.Context, db *sql.DB, extra string) ([]lockRow, error) {
 	return scanLockRows(r)
 }
 
-// waitNode is a wait of the graph: a session waiting in the server (id its
-// process ID) or a wait of this process that no server sees (id < 0).
-type waitNode struct {
-	id        int64
-	key       lockTag
-	exclusive bool
-	tags      []holdTag
-	rec       *cycleRec // this process's record of it, if any
-}
-
-type holder struct {
-	pid       int32
-	exclusive bool
-}
-
-// waitGraph is who waits for whom, from cycleSQL's rows and the process's
-// records. cycles.mu must be held while it is used.
-type waitGraph struct {
-	nodes   map[int64]*waitNode
-	holders map[lockTag][]holder
-}
-
-// newWaitGraph builds the graph of the lock table space. It also takes
-// the server's deadlock_timeout from rows. read says that rows were read
-// from the server: then a record of a wait in the server (pid set) that
-// rows do not show waits in another database or server (or its wait is
-// over, or not yet sent), and is left out.
-func newWaitGraph(rows []lockRow, space any, read bool) *waitGraph {
-	g := &waitGraph{nodes: make(map[int64]*waitNode), holders: make(map[lockTag][]holder)}
-	ended := make(map[int32]bool)
+// newWaitGraph builds the graph of the lock table space from rows and the
+// process's records (cycles.mu held); read: rows were read from the server.
+// It also takes the server's deadlock_timeout from rows (the row of pid 0).
+func newWaitGraph(rows []waitgraph.Row, space any, read bool) *waitgraph.Graph {
+	ignore := make(map[int32]bool)
+	var locals []waitgraph.Local
 	for w := range cycles.recs {
-		if w.ended && w.space == space {
-			if pid := w.pid.Load(); pid != 0 {
-				ended[pid] = true
-			}
-		}
-	}
-	for _, row := range rows {
-		switch {
-		case row.pid == 0:
-			if ms, err := strconv.ParseInt(row.query, 10, 64); err == nil && ms > 0 {
-				cycles.every.Store(int64(max(time.Duration(ms)*time.Millisecond, 10*time.Millisecond)))
-			}
-		case row.granted:
-			g.holders[row.key] = append(g.holders[row.key], holder{row.pid, row.exclusive})
-		case !ended[row.pid]:
-			g.nodes[int64(row.pid)] = &waitNode{id: int64(row.pid), key: row.key, exclusive: row.exclusive, tags: parseCycleComment(row.query)}
-		}
-	}
-	next := int64(-1)
-	for w := range cycles.recs {
-		if w.ended || w.space != space {
+		if w.space != space {
 			continue
 		}
 		pid := w.pid.Load()
-		if n, ok := g.nodes[int64(pid)]; ok && n.key == w.key {
-			// The process's own record is the truth of its holds: the
-			// comment may be cut, and names holds that may have ended.
-			n.rec = w
-			n.tags = w.liveTags()
+		if w.ended {
+			if pid != 0 {
+				ignore[pid] = true
+			}
 			continue
 		}
-		if pid != 0 && read {
+		locals = append(locals, waitgraph.Local{PID: pid, Key: w.key, Exclusive: w.exclusive, Holds: w.liveTags(), Ref: w})
+	}
+	server := rows[:0:0]
+	for _, row := range rows {
+		if row.PID != 0 {
+			server = append(server, row)
 			continue
 		}
-		g.nodes[next] = &waitNode{id: next, key: w.key, exclusive: w.exclusive, tags: w.liveTags(), rec: w}
-		next--
+		if ms, err := strconv.ParseInt(row.Query, 10, 64); err == nil && ms > 0 {
+			cycles.every.Store(int64(max(time.Duration(ms)*time.Millisecond, 10*time.Millisecond)))
+		}
 	}
-	return g
+	return waitgraph.New(server, locals, ignore, read)
 }
 
-// edges returns the waits that n waits for: sessions that hold n's key in a
-// conflicting mode and wait themselves, and waits made on behalf of a
-// conflicting hold of n's key.
-func (g *waitGraph) edges(n *waitNode) []int64 {
-	var out []int64
-	for _, h := range g.holders[n.key] {
-		if int64(h.pid) != n.id && conflicts(n.exclusive, h.exclusive) {
-			if _, waits := g.nodes[int64(h.pid)]; waits {
-				out = append(out, int64(h.pid))
-			}
-		}
-	}
-	for id, x := range g.nodes {
-		if id == n.id {
-			continue
-		}
-		for _, t := range x.tags {
-			if t.key == n.key && conflicts(n.exclusive, t.exclusive) {
-				out = append(out, id)
-				break
-			}
-		}
-	}
-	slices.Sort(out)
-	return slices.Compact(out)
-}
-
-// nodeOf returns r's node, nil when r's wait is not in the graph.
-func (g *waitGraph) nodeOf(r *cycleRec) *waitNode {
-	for _, n := range g.nodes {
-		if n.rec == r {
-			return n
-		}
-	}
-	return nil
-}
-
-// cycleThrough returns a cycle of waits through r's (r's node first), or
-// nil.
-func (g *waitGraph) cycleThrough(r *cycleRec) []*waitNode {
-	start := g.nodeOf(r)
-	if start == nil {
-		return nil
-	}
-	// Depth first, each node once: a path back to start is a cycle.
-	seen := map[int64]bool{start.id: true}
-	var walk func(n *waitNode, path []*waitNode) []*waitNode
-	walk = func(n *waitNode, path []*waitNode) []*waitNode {
-		for _, id := range g.edges(n) {
-			if id == start.id {
-				return path
-			}
-			if seen[id] {
-				continue
-			}
-			seen[id] = true
-			x := g.nodes[id]
-			if found := walk(x, append(path, x)); found != nil {
-				return found
-			}
-		}
-		return nil
-	}
-	return walk(start, []*waitNode{start})
-}
-
-// victim returns the wait of path that is to end: 0 when path has a wait
-// of this process that no server sees (then the checking wait ends), else
-// the highest process ID among the waits made on behalf of holds.
-func (g *waitGraph) victim(path []*waitNode) int64 {
-	var v int64
-	for _, n := range path {
-		if n.id < 0 {
-			return 0
-		}
-		if len(n.tags) > 0 && n.id > v {
-			v = n.id
-		}
-	}
-	return v
-}
-
-// describe says what the cycle of path is, for ErrDeadlock's message.
-func (g *waitGraph) describe(path []*waitNode) string {
+// describeCycle says what cycle is, for ErrDeadlock's message.
+func describeCycle(cycle []*waitgraph.Node) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "a cycle of %d waits of holders, each waiting for what the next holds: this wait for key %s", len(path), keyOfTag(path[0].key))
-	for _, n := range path[1:] {
-		fmt.Fprintf(&b, ", then a wait for key %s", keyOfTag(n.key))
-		if n.id > 0 {
-			fmt.Fprintf(&b, " (server process %d)", n.id)
+	fmt.Fprintf(&b, "a cycle of %d waits of holders, each waiting for what the next holds: this wait for key %s", len(cycle), keyOfTag(cycle[0].Key))
+	for _, n := range cycle[1:] {
+		fmt.Fprintf(&b, ", then a wait for key %s", keyOfTag(n.Key))
+		if n.ID > 0 {
+			fmt.Fprintf(&b, " (server process %d)", n.ID)
 		}
 	}
 	b.WriteString(", which waits for this one")
@@ -711,6 +516,6 @@ func (g *waitGraph) describe(path []*waitNode) string {
 }
 
 // keyOfTag is the key that pg_locks shows as t (see Key.LockTag).
-func keyOfTag(t lockTag) Key {
-	return Key{v: int64(uint64(t.c)<<32 | uint64(t.o)), pair: t.s == 2}
+func keyOfTag(t waitgraph.Key) Key {
+	return Key{v: int64(uint64(t.C)<<32 | uint64(t.O)), pair: t.S == 2}
 }

@@ -138,9 +138,13 @@ func Conflicts(exclusive, other bool) bool { return exclusive || other }
 // New builds the graph from the server's rows and the process's waits.
 // Sessions in ignore (waits of the process that were ended, whose rows may
 // still show) are left out. A Local whose PID has a waiting row for the
-// same key is that row's node (and lends it its holds when the row's
-// statement names none); any other Local is a node of its own.
-func New(rows []Row, locals []Local, ignore map[int32]bool) *Graph {
+// same key is that row's node, with the Local's holds (the process's own
+// record is the truth of them: a statement's comment may be cut, and names
+// holds that may have ended since); any other Local is a node of its own,
+// unless read (rows were read from the server) and its PID is not 0: then
+// it waits on another database or server, or its wait is over or not yet
+// sent, and is left out.
+func New(rows []Row, locals []Local, ignore map[int32]bool, read bool) *Graph {
 	g := &Graph{nodes: make(map[int64]*Node), holders: make(map[Key][]holder)}
 	for _, r := range rows {
 		switch {
@@ -153,10 +157,10 @@ func New(rows []Row, locals []Local, ignore map[int32]bool) *Graph {
 	next := int64(-1)
 	for _, l := range locals {
 		if n, ok := g.nodes[int64(l.PID)]; ok && l.PID != 0 && n.Key == l.Key && n.Ref == nil {
-			n.Ref = l.Ref
-			if len(n.Holds) == 0 {
-				n.Holds = l.Holds
-			}
+			n.Ref, n.Holds = l.Ref, l.Holds
+			continue
+		}
+		if l.PID != 0 && read {
 			continue
 		}
 		g.nodes[next] = &Node{ID: next, Key: l.Key, Exclusive: l.Exclusive, Holds: l.Holds, Ref: l.Ref}

@@ -76,7 +76,7 @@ func TestCycleThroughModel(t *testing.T) {
 			}
 			locals = append(locals, Local{Key: key(), Exclusive: rng.IntN(3) > 0, Holds: holds, Ref: len(locals)})
 		}
-		g := New(rows, locals, nil)
+		g := New(rows, locals, nil, true)
 
 		// The definition, from scratch.
 		edge := func(a, b *Node) bool {
@@ -172,15 +172,15 @@ func TestIgnoredSessions(t *testing.T) {
 		{PID: 20, Key: k1, Exclusive: true, Query: "x" + Comment([]Hold{{k2, true}})},
 	}
 	locals := []Local{{PID: 10, Key: k2, Exclusive: true, Holds: []Hold{{k1, true}}, Ref: "a"}}
-	if c := New(rows, locals, nil).CycleThrough("a"); len(c) != 2 || Victim(c) != 20 {
+	if c := New(rows, locals, nil, true).CycleThrough("a"); len(c) != 2 || Victim(c) != 20 {
 		t.Fatalf("cycle %v, victim %d; want 2 waits, victim 20", c, Victim(c))
 	}
-	if c := New(rows, locals, map[int32]bool{20: true}).CycleThrough("a"); c != nil {
+	if c := New(rows, locals, map[int32]bool{20: true}, true).CycleThrough("a"); c != nil {
 		t.Fatalf("a cycle through an ignored session: %v", c)
 	}
 	// Shared holds and a shared wait do not conflict.
 	shared := []Row{{PID: 10, Key: k2, Query: "x" + Comment([]Hold{{k1, false}})}, {PID: 20, Key: k1, Query: "x" + Comment([]Hold{{k2, false}})}}
-	if c := New(shared, []Local{{PID: 10, Key: k2, Ref: "a"}}, nil).CycleThrough("a"); c != nil {
+	if c := New(shared, []Local{{PID: 10, Key: k2, Ref: "a"}}, nil, true).CycleThrough("a"); c != nil {
 		t.Fatalf("a cycle of shared waits: %v", c)
 	}
 }
