@@ -56,6 +56,26 @@ const maxCycleTags = 24
 // deadlock_timeout is known (its default is 1 s).
 const defaultCycleCheck = time.Second
 
+// withoutHolds returns ctx without the holds it carries, for waits that are
+// not to be checked for cycles (see Semaphore.waitAny); nested Do in it is
+// not re-entrant either.
+func withoutHolds(ctx context.Context) context.Context {
+	if ctx.Value(holdsKey{}) == nil {
+		return ctx
+	}
+	return noHoldsCtx{ctx}
+}
+
+// noHoldsCtx hides the holds of its parent.
+type noHoldsCtx struct{ context.Context }
+
+func (c noHoldsCtx) Value(key any) any {
+	if key == (holdsKey{}) {
+		return nil
+	}
+	return c.Context.Value(key)
+}
+
 // tagOf is k as pg_locks shows it.
 func tagOf(k Key) waitgraph.Key {
 	c, o, sub := k.LockTag()

@@ -308,6 +308,18 @@
 // pg_stat_activity (the same role, or pg_read_all_stats). The in-memory
 // double (pglocktest) ends such cycles too.
 //
+// What it does not see (the waits then last until their contexts end): a
+// Shared wait queued behind an Exclusive one that closes the cycle (the
+// graph meets holds, not the server's queue order); a cycle across
+// processes whose every wait of one process is queued in its Locker's key
+// table behind another of its goroutines (no server, and no other process,
+// sees those); and a Semaphore's wait for a slot, which is granted when any
+// slot frees (its waits are not checked at all). Two Lockers of one
+// process on two databases whose nested waits use the same keys in the
+// same shape can be taken for one cycle. Each wait inside a hold reads
+// pg_locks once per deadlock_timeout: a thousand such waits at once are a
+// thousand reads a second.
+//
 // # Key sets
 //
 // [Locker.DoAll] holds several keys at once, all or nothing, and

@@ -456,9 +456,6 @@ func TestReview26PgBouncer(t *testing.T) {
 // A holds k1 and waits for a slot of a Semaphore of 2; B holds slot 1 and
 // waits for k1; C holds slot 2 and waits for nothing (it lets go later).
 func TestReview26SemaphoreWaitIsNoCycle(t *testing.T) {
-	r26Skip(t, "defect: a Semaphore's head waits for any slot (an OR of waits), but each slot's wait is checked as if it were the only one: "+
-		"one slot held by a waiter of the enclosing hold reads as a cycle while another slot's holder waits for nothing (false ErrDeadlock); "+
-		"fix: tag waitAny's waits as one group (a shared *cycleGroup in the record) and end a member only when every live member of the group is on a cycle")
 	bg := context.Background()
 	lk := r26Locker(t, r26Pool(t, pgtest.URL(t), 12, nil))
 	k1 := r26Keys(t, 1)[0]

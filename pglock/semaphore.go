@@ -261,7 +261,10 @@ func (s *Semaphore) acquire(ctx context.Context, wait bool) (*Lock, error) {
 // letting go of any other granted meanwhile; nil, nil when the waits ended
 // without a grant (a slot lost as it was granted: try again).
 func (s *Semaphore) waitAny(ctx context.Context) (*Lock, error) {
-	wctx, cancel := context.WithCancel(ctx)
+	// Granted when any slot frees: no one slot's wait can close a cycle of
+	// waits on its own, so they are not waits of the context's holds (see
+	// deadlock.go), which checks each wait alone.
+	wctx, cancel := context.WithCancel(withoutHolds(ctx))
 	defer cancel()
 	n := len(s.slots)
 	type result struct {
