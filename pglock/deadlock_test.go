@@ -9,7 +9,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -132,44 +131,14 @@ func TestDeadlockAcrossProcesses(t *testing.T) {
 			db := pgtest.Pool(t, 4)
 			k1 := pgtest.UniqueKey(t) + "-1"
 			k2 := pgtest.UniqueKey(t) + "-2"
-			type proc struct {
-				cmd   *exec.Cmd
-				stdin io.WriteCloser
-				lines chan string
-			}
-			var procs []*proc
+			var procs []*child
 			for _, keys := range []string{k1 + "," + k2, k2 + "," + k1} {
-				cmd := exec.Command(os.Args[0], "-test.run=^TestDeadlockHelper$", "-test.count=1", "-test.timeout=1m")
-				cmd.Env = append(os.Environ(), cycleURLEnv+"="+url, cycleKeysEnv+"="+keys, cycleModeEnv+"="+mode)
-				cmd.Stderr = os.Stderr
-				out, err := cmd.StdoutPipe()
-				if err != nil {
-					t.Fatal(err)
-				}
-				p := &proc{cmd: cmd, lines: make(chan string, 8)}
-				if p.stdin, err = cmd.StdinPipe(); err != nil {
-					t.Fatal(err)
-				}
-				if err := cmd.Start(); err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() {
-					_ = cmd.Process.Kill()
-					_ = cmd.Wait()
-				})
-				go func() {
-					defer close(p.lines)
-					sc := bufio.NewScanner(out)
-					for sc.Scan() {
-						p.lines <- sc.Text()
-					}
-				}()
-				procs = append(procs, p)
+				procs = append(procs, startChild(t, "TestDeadlockHelper", cycleURLEnv+"="+url, cycleKeysEnv+"="+keys, cycleModeEnv+"="+mode))
 			}
 			// line returns p's next line that starts with one of prefixes
 			// ("" if none came within 20 s, or p ended); next fails the
 			// test then.
-			line := func(p *proc, prefixes ...string) string {
+			line := func(p *child, prefixes ...string) string {
 				timeout := time.After(20 * time.Second)
 				for {
 					select {
@@ -187,7 +156,7 @@ func TestDeadlockAcrossProcesses(t *testing.T) {
 					}
 				}
 			}
-			next := func(p *proc, prefixes ...string) string {
+			next := func(p *child, prefixes ...string) string {
 				t.Helper()
 				l := line(p, prefixes...)
 				if l == "" {
