@@ -22,6 +22,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglockkit/kit/internal/locktest"
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/pglock"
 )
@@ -547,7 +548,9 @@ func TestReview26KeySetPartialHoldCycleEnds(t *testing.T) {
 		err := lk.DoAll(ctx, []any{ka, kb}, func(context.Context) error { <-release; return nil })
 		out <- r26Result{"A (DoAll: holds ka, waits for kb)", err, time.Since(t0)}
 	})
-	time.Sleep(200 * time.Millisecond) // A holds ka and waits for kb
+	// A holds ka and waits for kb, held by B in the same Locker: in its
+	// key table.
+	locktest.WaitFor(t, "A's DoAll to wait for kb", func() bool { return lk.Stats().Queued == 1 })
 	t0 := time.Now()
 	close(start)
 	r := <-out
@@ -1005,15 +1008,23 @@ func TestReview26OneOffCheckConnectionsClose(t *testing.T) {
 			return lks[0].Do(ctx, keys[1], func(context.Context) error { return nil })
 		})
 	}()
-	time.Sleep(300 * time.Millisecond)
+	// The hold's session and the nested wait's (in the server's queue).
+	k1, err := lks[0].Key(keys[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	locktest.WaitFor(t, "the nested wait in the server", func() bool { return locktest.Waiters(t, watch, k1) == 1 })
 	at := sessions()
 	before := pglock.DeadlockChecks()
-	for pglock.DeadlockChecks() < before+2 {
+	locktest.WaitFor(t, "two checks", func() bool { return pglock.DeadlockChecks() >= before+2 })
+	// A check counts as it starts, and closes its connection as it ends:
+	// they go within seconds; a connection left open would stay.
+	deadline := time.Now().Add(10 * time.Second)
+	for sessions() > at && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	time.Sleep(100 * time.Millisecond)
 	if n := sessions(); n > at {
-		t.Errorf("%d sessions after two checks on a used-up pool, %d before: the checks' connections stay open", n, at)
+		t.Errorf("%d sessions 10 s after two checks on a used-up pool, %d before: the checks' connections stay open", n, at)
 	}
 	rel()
 	if err := <-done; err != nil {
