@@ -393,6 +393,9 @@ func (m *mux) cycleRows(ctx context.Context, extra string) (rows []waitgraph.Row
 			}
 			var r pgx.Rows
 			if r, err = conn.Query(context.Background(), cycleSQL, extra); err == nil {
+				// Closed on every path: rows left open would keep the lock
+				// connection busy, and its next statement would lose it.
+				defer r.Close()
 				rows, err = scanLockRows(r)
 			}
 		}}
@@ -440,6 +443,7 @@ func poolRows(ctx context.Context, pool *pgxpool.Pool, extra string) ([]waitgrap
 		if err != nil {
 			return nil, err
 		}
+		defer r.Close()
 		return scanLockRows(r)
 	}
 	if ctx.Err() != nil {
@@ -454,6 +458,7 @@ func poolRows(ctx context.Context, pool *pgxpool.Pool, extra string) ([]waitgrap
 	if err != nil {
 		return nil, err
 	}
+	defer r.Close()
 	return scanLockRows(r)
 }
 
