@@ -278,3 +278,117 @@ func TestSemaphoreWaitBound(t *testing.T) {
 		}
 	}
 }
+
+// Locker.Close racing a Semaphore's head: every slot is held elsewhere, so
+// the head of the Semaphore's queue waits for every slot at once; one slot
+// frees and Close lands at a random moment around its grant, while the head
+// may be running its function and its other slot waits' cancels and its
+// queue unlock go on in the background. In every round every Do returns
+// (nil, or an error saying the Locker closed, the slot was not acquired or
+// was lost), Close returns, and once the other holder lets go no slot or
+// queue key of the Semaphore is held or waited for (TestMain's goleak
+// check covers the goroutines).
+func TestSemaphoreCloseRacesHead(t *testing.T) {
+	const n, rounds, goroutines = 2, 12, 3
+	bg := context.Background()
+	watch := pgtest.Pool(t, 2)
+	otherPool := pgtest.Pool(t, n)
+	var ran, closedErrs atomic.Int32
+	defer func() { t.Logf("%d Dos ran their function, %d ended by the Close", ran.Load(), closedErrs.Load()) }()
+	for r := range rounds {
+		name := fmt.Sprintf("%s-%d", pgtest.UniqueKey(t), r)
+		lk, err := pglock.NewLocker(pgtest.Pool(t, 4))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := lk.Semaphore(name, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		slotKeys := make([]pglock.Key, n)
+		others := make([]*pglock.Lock, n)
+		for i := range n {
+			slotKeys[i], _ = lk.Key(fmt.Sprintf("%s#%d", name, i))
+			if others[i], err = pglock.NewLock(otherPool, slotKeys[i]); err != nil {
+				t.Fatal(err)
+			}
+			if err := others[i].Acquire(bg); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ctx, cancel := context.WithTimeout(bg, 30*time.Second)
+		results := make(chan error, goroutines)
+		for range goroutines {
+			go func() {
+				results <- s.Do(ctx, func(fctx context.Context) error {
+					ran.Add(1)
+					select {
+					case <-fctx.Done():
+					case <-time.After(time.Duration(rand.IntN(3)) * time.Millisecond):
+					}
+					return nil
+				})
+			}()
+		}
+		// The head waits for every slot: each slot key has a waiter.
+		deadline := time.Now().Add(15 * time.Second)
+		for waiting := 0; waiting < n; {
+			waiting = 0
+			for _, k := range slotKeys {
+				hs, err := pgtest.Holders(bg, watch, k)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, h := range hs {
+					if !h.Granted {
+						waiting++
+						break
+					}
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: the head waits for %d of %d slots after 15 s", r, waiting, n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		if err := others[r%n].Release(bg); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Duration(rand.IntN(3000)) * time.Microsecond)
+		closed := make(chan error, 1)
+		go func() { closed <- lk.Close() }()
+		select {
+		case err := <-closed:
+			if err != nil {
+				t.Errorf("round %d: Close = %v", r, err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("round %d: Close did not return in 20 s", r)
+		}
+		for range goroutines {
+			select {
+			case err := <-results:
+				if err != nil {
+					closedErrs.Add(1)
+				}
+				if err != nil && !errors.Is(err, pglock.ErrLockerClosed) && !errors.Is(err, pglock.ErrNotAcquired) && !errors.Is(err, pglock.ErrLockLost) {
+					t.Errorf("round %d: Do = %v", r, err)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatalf("round %d: a Do did not return 20 s after Close", r)
+			}
+		}
+		cancel()
+		for i, o := range others {
+			if i != r%n {
+				if err := o.Release(bg); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		queue, _ := lk.Key(name + "#queue")
+		for _, k := range append(slotKeys, queue) {
+			pgtest.WaitFree(t, watch, k)
+		}
+	}
+}
