@@ -36,10 +36,7 @@ func (ld *Leader) holdPID() int64 {
 		if b.e == nil {
 			return 0
 		}
-		t := b.m.t
-		t.mu.Lock()
-		c := b.e.conn
-		t.mu.Unlock()
+		c, _ := b.m.t.HeldOn(b.e)
 		if c == nil {
 			return 0
 		}

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pglockkit/kit/pglock/internal/connwatch"
+	"github.com/pglockkit/kit/pglock/internal/keytable"
 	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
@@ -57,10 +58,14 @@ type lockConn struct {
 	// block); only the goroutine that owns the connection touches it.
 	blockAt time.Time
 
-	// lost is set (under the key table's mutex) when the connection is lost,
-	// so that a grant recorded after the loss is known to be lost too.
-	lost error
+	// kt is the key table's record of the connection: it is marked lost
+	// (see keyTable.LoseConn) so that a grant recorded after the loss is
+	// known to be lost too.
+	kt keytable.ConnState
 }
+
+// KeyTableState returns the key table's record of c (see keytable.Conn).
+func (c *lockConn) KeyTableState() *keytable.ConnState { return &c.kt }
 
 // connOp is one request to a lockConn: a non-blocking lock or an unlock of
 // one key, or (fn) a use of the connection alone.
@@ -85,8 +90,8 @@ type connOp struct {
 	check bool
 	// probe (a request, Shared mode) asks whether a new shared request of
 	// another session would be granted now: false when a session waits for
-	// (or holds) the key in Exclusive mode (see keyTable.probes). It takes
-	// nothing: what it takes it gives back in the same statement.
+	// (or holds) the key in Exclusive mode (see keytable.Config.Probes). It
+	// takes nothing: what it takes it gives back in the same statement.
 	probe bool
 	// closing closes the connection (for this reason) instead.
 	closing error

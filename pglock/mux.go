@@ -16,8 +16,24 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglockkit/kit/pglock/internal/keytable"
 	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
+
+// keyTable is a multiplexing Locker's table of keys (see package keytable):
+// exclusion among its Locks, which share sessions. keyEntry is one key of it.
+type (
+	keyTable = keytable.Table[Key, *lockConn, *muxBackend, *relayWait]
+	keyEntry = keytable.Entry[Key, *lockConn, *muxBackend, *relayWait]
+)
+
+// tableMode is m as the key table knows it.
+func tableMode(m Mode) keytable.Mode {
+	if m == Shared {
+		return keytable.Shared
+	}
+	return keytable.Exclusive
+}
 
 // mux is the source of a multiplexing Locker's session locks: they live on a
 // few connections of the Locker's own (lock connections), not on one pool
@@ -77,9 +93,11 @@ type mux struct {
 
 func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
 	closing, cancel := context.WithCancel(context.Background())
-	t := newKeyTable()
-	t.sharedTries = true
-	t.probes = true // see mux.probe
+	t := keytable.New[Key, *lockConn, *muxBackend, *relayWait](keytable.Config{
+		SharedTries: true,
+		Probes:      true, // see mux.probe
+		Closed:      ErrLockerClosed,
+	})
 	return &mux{
 		closing:        closing,
 		cancelClosing:  cancel,
@@ -560,12 +578,13 @@ func (m *mux) slot(i int) *lockConn {
 // unless that one is running a statement while another lock connection is
 // free (open and unused, or not opened yet), which then takes it at once
 // rather than after the home's round trip, and becomes the home of the
-// key's bucket of hints. The hold lives where it was taken (keyEntry.conn):
-// its unlock goes there, whatever the home. So a few goroutines on distinct
-// keys use the lock connections side by side, as many raw sessions would,
-// even when their keys hash to one slot (after one collision their keys
-// live apart), and under load, when all are busy, requests queue at home and
-// share its statements. nil once the Locker is closed.
+// key's bucket of hints. The hold lives where it was taken (see
+// keyTable.HeldOn): its unlock goes there, whatever the home. So a few
+// goroutines on distinct keys use the lock connections side by side, as many
+// raw sessions would, even when their keys hash to one slot (after one
+// collision their keys live apart), and under load, when all are busy,
+// requests queue at home and share its statements. nil once the Locker is
+// closed.
 func (m *mux) pick(k Key) *lockConn {
 	home := m.homeOf(k)
 	c := m.slot(home)
@@ -671,32 +690,32 @@ func (m *mux) isClosed() bool {
 
 // take takes the server's lock on e's key; the caller owns e's turn, which
 // take passes on when the lock is not held afterwards. A key that a session
-// of another process contends for (see hotFor) is waited for in the
+// of another process contends for (see keytable.HotFor) is waited for in the
 // server's queue at once, when waiting places are free (see takeHot).
 func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (bool, error) {
 	if wait && b.l.cfg.campaign {
 		return m.takeCampaign(ctx, b, e)
 	}
-	if wait && b.l.cfg.mode == Exclusive && !b.l.cfg.campaign && m.t.isHot(e.key) {
+	if wait && b.l.cfg.mode == Exclusive && !b.l.cfg.campaign && m.t.IsHot(e.Key()) {
 		if done, held, err := m.takeHot(ctx, b, e); done {
 			return held, err
 		}
 	}
 	ok, err := m.try(ctx, e, b.l.cfg.mode)
 	if err == nil && !ok {
-		m.t.markHot(e.key) // held or waited for by another session
+		m.t.MarkHot(e.Key()) // held or waited for by another session
 	}
 	switch {
 	case err != nil || (!ok && !wait):
-		m.t.passTurn(e)
+		m.t.PassTurn(e)
 		return false, err
 	case ok:
 		return true, nil
 	}
-	m.t.tried(e)
+	m.t.Tried(e)
 	held, err := m.wait(ctx, b, e)
 	if !held {
-		m.t.passTurn(e)
+		m.t.PassTurn(e)
 	}
 	return held, err
 }
@@ -708,20 +727,20 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 // nameCampaign), which every replica reads from the server. The caps are
 // checked as a try checks them; the grant is counted as a wait's is.
 func (m *mux) takeCampaign(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error) {
-	err := m.guard(ctx, e.key)
+	err := m.guard(ctx, e.Key())
 	if err == nil {
-		if err = m.reserve(e.key); err == nil {
+		if err = m.reserve(e.Key()); err == nil {
 			m.unreserve() // counted once granted, as a wait is
 		}
 	}
 	if err != nil {
-		m.t.passTurn(e)
+		m.t.PassTurn(e)
 		return false, err
 	}
-	m.t.tried(e) // tries queued behind are answered busy
+	m.t.Tried(e) // tries queued behind are answered busy
 	held, err := m.wait(ctx, b, e)
 	if !held {
-		m.t.passTurn(e)
+		m.t.PassTurn(e)
 	}
 	return held, err
 }
@@ -729,7 +748,7 @@ func (m *mux) takeCampaign(ctx context.Context, b *muxBackend, e *keyEntry) (boo
 // try takes the key with the non-blocking function on its lock connection;
 // held, it counts against the cap (see reserve).
 func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode) (bool, error) {
-	k := e.key
+	k := e.Key()
 	if err := m.guard(ctx, k); err != nil {
 		return false, err
 	}
@@ -747,7 +766,7 @@ func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode) (bool, error) {
 		}
 		op.ok, op.err = false, nil
 		c.do(&op)
-		if op.err == nil && op.ok && !m.t.granted(e, mode, c) {
+		if op.err == nil && op.ok && !m.t.Granted(e, tableMode(mode), c) {
 			op.ok, op.err = false, fmt.Errorf("%w: lost before the grant was recorded", errConnGone)
 		}
 		if !errors.Is(op.err, errConnGone) {
@@ -825,29 +844,29 @@ func (m *mux) takeHot(ctx context.Context, b *muxBackend, e *keyEntry) (done, he
 	default:
 		return false, false, nil
 	}
-	err = m.guard(ctx, e.key)
+	err = m.guard(ctx, e.Key())
 	if err == nil {
-		if err = m.reserve(e.key); err == nil {
+		if err = m.reserve(e.Key()); err == nil {
 			m.unreserve() // counted once granted, as a wait is
 		}
 	}
 	if err != nil {
 		<-m.waitSem
-		m.t.passTurn(e)
+		m.t.PassTurn(e)
 		return true, false, err
 	}
 	// Tries queued behind are answered busy, as after a try that failed.
-	m.t.tried(e)
+	m.t.Tried(e)
 	wctx, cancel := m.waitContext(ctx)
 	defer cancel()
 	wc, held, healthy, err := m.serverWait(wctx, b, true, true)
 	if wc == nil {
-		m.t.passTurn(e)
+		m.t.PassTurn(e)
 		return true, false, ErrLockerClosed
 	}
 	held, err = m.waited(ctx, e, b.l.cfg.mode, wc, held, healthy, err)
 	if !held {
-		m.t.passTurn(e)
+		m.t.PassTurn(e)
 	}
 	return true, held, err
 }
@@ -926,7 +945,7 @@ func (m *mux) serverWaitOn(wctx context.Context, b *muxBackend, wc *lockConn, pl
 		var contended bool
 		held, healthy, contended, err = waitSessionAs(wctx, b.l, conn, hot)
 		if contended {
-			m.t.markHot(b.l.key)
+			m.t.MarkHot(b.l.key)
 		}
 		if held && time.Since(start) >= m.statementBound() {
 			held, healthy, err = m.confirm(conn)
@@ -948,7 +967,7 @@ func (m *mux) serverWaitOn(wctx context.Context, b *muxBackend, wc *lockConn, pl
 // (and counted against the cap); else wc is given back, and the error
 // returned.
 func (m *mux) waited(ctx context.Context, e *keyEntry, mode Mode, wc *lockConn, held, healthy bool, err error) (bool, error) {
-	if held && m.t.granted(e, mode, wc) {
+	if held && m.t.Granted(e, tableMode(mode), wc) {
 		// Counted when granted, not while waiting: a waiter takes no slot
 		// of the cap. Past the cap too, since the lock is held by now: the
 		// cap is passed by at most the waits under way (WithWaitConns, and
@@ -970,13 +989,13 @@ func (m *mux) waited(ctx context.Context, e *keyEntry, mode Mode, wc *lockConn, 
 }
 
 // takeRelay is the acquire of the goroutine to which the turn was relayed
-// with a wait in the server's queue (admitRelay, see relay): it finishes
-// that wait, as its own, on the waiting connection and place that came with
-// it. A relayed wait is counted as a wait is: when granted, not while
+// with a wait in the server's queue (keytable.AdmitRelay, see relay): it
+// finishes that wait, as its own, on the waiting connection and place that
+// came with it. A relayed wait is counted as a wait is: when granted, not while
 // waiting; and since the key passes from one Lock of the process to the
 // next, as in a hand-off, the caps are not checked again.
 func (m *mux) takeRelay(ctx context.Context, e *keyEntry) (bool, error) {
-	rw := m.t.relayed(e)
+	rw := m.t.Relayed(e)
 	wc := rw.conn
 	wctx, cancel := m.waitContext(ctx)
 	defer cancel()
@@ -984,9 +1003,9 @@ func (m *mux) takeRelay(ctx context.Context, e *keyEntry) (bool, error) {
 	var err error
 	op := connOp{fn: func(conn *pgx.Conn) {
 		var contended bool
-		held, healthy, contended, err = waitRelayed(wctx, conn, rw, e.key, m.releaseTimeout)
+		held, healthy, contended, err = waitRelayed(wctx, conn, rw, e.Key(), m.releaseTimeout)
 		if contended {
-			m.t.markHot(e.key) // another session had the key, or waited for it, first
+			m.t.MarkHot(e.Key()) // another session had the key, or waited for it, first
 		}
 		if held && time.Since(rw.sent) >= m.statementBound() {
 			held, healthy, err = m.confirm(conn)
@@ -1001,7 +1020,7 @@ func (m *mux) takeRelay(ctx context.Context, e *keyEntry) (bool, error) {
 	}
 	held, err = m.waited(ctx, e, Exclusive, wc, held, healthy, err)
 	if !held {
-		m.t.passTurn(e)
+		m.t.PassTurn(e)
 	}
 	return held, err
 }
@@ -1144,24 +1163,7 @@ func (m *mux) putWaitConn(c *lockConn, healthy bool) {
 
 // connLost marks every key held on c as lost and tells its holders.
 func (m *mux) connLost(c *lockConn, err error) {
-	var fns []func(error)
-	m.t.mu.Lock()
-	if c.lost == nil {
-		c.lost = err
-	}
-	for _, e := range m.t.m {
-		if e.conn != c || e.lostErr != nil {
-			continue
-		}
-		e.lostErr = err
-		for _, h := range e.onLost {
-			fns = append(fns, h.fn)
-		}
-	}
-	m.t.mu.Unlock()
-	for _, f := range fns {
-		f(err)
-	}
+	m.t.LoseConn(c, err)
 }
 
 // give gives back the server's lock on e's key (the caller owns e's turn),
@@ -1171,30 +1173,28 @@ func (m *mux) connLost(c *lockConn, err error) {
 // round trip per hand-off, and a waiter of another session, queued in the
 // server, still comes first (see connOp.retake).
 func (m *mux) give(e *keyEntry, mode Mode, member *setMember) error {
-	m.t.mu.Lock()
-	c, lostErr := e.conn, e.lostErr
-	m.t.mu.Unlock()
+	c, lostErr := m.t.HeldOn(e)
 	if lostErr != nil {
 		m.ended(e, c, false)
 		return join(ErrLockLost, lostErr)
 	}
-	op := connOp{unlock: true, key: e.key, mode: mode, member: member}
+	op := connOp{unlock: true, key: e.Key(), mode: mode, member: member}
 	accept := m.handsTo(c)
-	if mode == Exclusive && c.slot < 0 && accept(false) && m.t.isHot(e.key) && m.t.canRelay(e) {
+	if mode == Exclusive && c.slot < 0 && accept(false) && m.t.IsHot(e.Key()) && m.t.CanRelay(e) {
 		if done, err := m.relay(e, c); done {
 			return err
 		}
 	}
-	next, campaign := m.t.nextExclusive(e)
+	next, campaign := m.t.NextExclusive(e)
 	op.retake = mode == Exclusive && next && accept(campaign)
 	err := m.unlock(c, &op)
 	if err == nil && op.retake && !op.retaken {
 		// The unlock granted the key to a session of another process,
 		// queued in the server.
-		m.t.markHot(e.key)
+		m.t.MarkHot(e.Key())
 	}
 	if err == nil && op.retaken {
-		handed, lost := m.t.handOff(e, c, accept)
+		handed, lost := m.t.HandOff(e, c, accept)
 		switch {
 		case handed:
 			return nil
@@ -1203,7 +1203,7 @@ func (m *mux) give(e *keyEntry, mode Mode, member *setMember) error {
 			return nil
 		}
 		// The waiter left meanwhile: give the key back after all.
-		op = connOp{unlock: true, key: e.key, mode: mode}
+		op = connOp{unlock: true, key: e.Key(), mode: mode}
 		err = m.unlock(c, &op)
 	}
 	m.ended(e, c, err == nil)
@@ -1214,8 +1214,8 @@ func (m *mux) give(e *keyEntry, mode Mode, member *setMember) error {
 // connection c (the caller owns e's turn), and passes the turn to the next
 // goroutine of the process, which waits for an exclusive hold, with a wait
 // for the key in the server's queue that relay sends on c in the same write
-// as the unlock, with c and its place (see keyTable.relayTo). While a
-// session of another process contends for the key (see hotFor), the
+// as the unlock, with c and its place (see keyTable.RelayTo). While a
+// session of another process contends for the key (see keytable.HotFor), the
 // process is so back in the server's queue from the instant its hold ends,
 // on a backend that is running already, as a process with a session per
 // waiter would be; a retake would keep the key only when no request is
@@ -1237,7 +1237,7 @@ func (m *mux) relay(e *keyEntry, c *lockConn) (done bool, err error) {
 			return
 		}
 		done = true
-		p, ok, gone, serr := sendRelay(conn, e.key)
+		p, ok, gone, serr := sendRelay(conn, e.Key())
 		switch {
 		case gone:
 			err = fmt.Errorf("%w: %w", errConnGone, serr)
@@ -1267,16 +1267,16 @@ func (m *mux) relay(e *keyEntry, c *lockConn) (done bool, err error) {
 		return true, nil
 	case !held:
 		// Not held, and a wait queued: the session is in doubt, closed.
-		m.relayEnded(e.key, rw, false)
+		m.relayEnded(e.Key(), rw, false)
 		m.ended(e, c, false)
 		return true, errServerNotHeld
 	}
 	m.unreserve()
-	if !m.t.relayTo(e, rw) {
+	if !m.t.RelayTo(e, rw) {
 		// Nobody left to take it: the wait is stopped.
-		m.relayEnded(e.key, rw, true)
+		m.relayEnded(e.Key(), rw, true)
 		m.putWaitConn(c, !c.isDead())
-		m.t.passTurn(e)
+		m.t.PassTurn(e)
 	}
 	return true, nil
 }
@@ -1336,7 +1336,7 @@ func (m *mux) ended(e *keyEntry, c *lockConn, healthy bool) {
 	if c != nil && c.slot < 0 {
 		m.putWaitConn(c, healthy)
 	}
-	m.t.passTurn(e)
+	m.t.PassTurn(e)
 }
 
 // close closes every connection: the locks on them are lost.
@@ -1360,7 +1360,7 @@ func (m *mux) close() error {
 		cs = append(cs, c)
 	}
 	m.mu.Unlock()
-	close(m.t.closing)
+	m.t.Close()
 	for _, c := range cs {
 		c.close(ErrLockerClosed)
 	}
@@ -1370,7 +1370,7 @@ func (m *mux) close() error {
 // stats counts what the multiplexer uses now.
 func (m *mux) stats() LockerStats {
 	var s LockerStats
-	s.HeldKeys, s.Queued = m.t.counts()
+	s.HeldKeys, s.Queued = m.t.Counts()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, c := range m.slots {
@@ -1410,27 +1410,27 @@ type muxBackend struct {
 
 func (b *muxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 	mode := b.l.cfg.mode
-	e, adm, err := b.m.t.enterAs(ctx, b.l.key, mode, wait, b.l.cfg.campaign)
+	e, adm, err := b.m.t.Enter(ctx, b.l.key, tableMode(mode), wait, b.l.cfg.campaign)
 	switch {
-	case adm == admitRelay && err != nil:
+	case adm == keytable.AdmitRelay && err != nil:
 		// Relayed a wait as ctx ended: it is stopped, and the turn passed
 		// on (takeRelay finds ctx ended and keeps nothing).
 		_, _ = b.m.takeRelay(ctx, e)
 		return false, err
 	case err != nil:
 		return false, err
-	case adm == admitBusy:
+	case adm == keytable.AdmitBusy:
 		return false, nil
-	case adm == admitRelay:
+	case adm == keytable.AdmitRelay:
 		ok, err := b.m.takeRelay(ctx, e)
 		if ok {
 			b.e = e
 		}
 		return ok, b.m.closedErr(ctx, err)
-	case adm == admitJoined:
+	case adm == keytable.AdmitJoined:
 		b.e = e
 		return true, nil
-	case adm == admitProbe:
+	case adm == keytable.AdmitProbe:
 		b.e = e
 		b.m.probe(ctx, e)
 		return true, nil
@@ -1444,17 +1444,15 @@ func (b *muxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 
 // probe checks, for a shared hold of e's key that others of the process keep
 // joining, whether a session of another process waits for the key in
-// Exclusive mode, and records it (see keyTable.probes): a new shared request
-// of a session that does not hold the key is granted only when none does. It
-// runs on the key's lock connection when the key is held on a waiting
-// connection, else on another lock connection, else (WithLockConns(1)) on a
-// waiting connection if one is free; when none is, the probe tells nothing
-// and the next joiner tries again.
+// Exclusive mode, and records it (see keytable.Config.Probes): a new shared
+// request of a session that does not hold the key is granted only when none
+// does. It runs on the key's lock connection when the key is held on a
+// waiting connection, else on another lock connection, else
+// (WithLockConns(1)) on a waiting connection if one is free; when none is,
+// the probe tells nothing and the next joiner tries again.
 func (m *mux) probe(ctx context.Context, e *keyEntry) {
-	m.t.mu.Lock()
-	held := e.conn
-	m.t.mu.Unlock()
-	slot := m.slotOf(e.key)
+	held, _ := m.t.HeldOn(e)
+	slot := m.slotOf(e.Key())
 	var c, borrowed *lockConn
 	switch {
 	case held == nil || held.slot != slot:
@@ -1473,14 +1471,14 @@ func (m *mux) probe(ctx context.Context, e *keyEntry) {
 	}
 	exclusiveWaits, ok := false, false
 	if c != nil {
-		op := connOp{ctx: ctx, key: e.key, mode: Shared, probe: true}
+		op := connOp{ctx: ctx, key: e.Key(), mode: Shared, probe: true}
 		c.do(&op)
 		exclusiveWaits, ok = !op.ok, op.err == nil
 		if borrowed != nil {
 			m.putWaitConn(borrowed, ok || errors.Is(op.err, errConnectCut))
 		}
 	}
-	m.t.probed(e, exclusiveWaits, ok)
+	m.t.Probed(e, exclusiveWaits, ok)
 }
 
 // closedErr is the error of an acquire that failed while the Locker was
@@ -1519,11 +1517,7 @@ func (b *muxBackend) endAs(member *setMember) error {
 	}
 	b.e = nil
 	t := b.m.t
-	t.mu.Lock()
-	e.dropHook(b)
-	lostErr := e.lostErr
-	c, others := e.conn, e.holders > 1
-	t.mu.Unlock()
+	c, lostErr, others := t.Leaving(e, b)
 	// A shared holder that leaves while others keep the server's lock
 	// unlocks nothing, but a statement on the lock's session proves that the
 	// lock lived until now (its connection may have died unnoticed yet). It
@@ -1538,7 +1532,7 @@ func (b *muxBackend) endAs(member *setMember) error {
 			checkErr = join(ErrLockLost, op.err)
 		}
 	}
-	if !t.leave(e) {
+	if !t.Leave(e) {
 		if lostErr != nil {
 			return join(ErrLockLost, lostErr)
 		}
@@ -1552,18 +1546,10 @@ func (b *muxBackend) endAs(member *setMember) error {
 func (b *muxBackend) watch(_ time.Duration, lost func(error)) func() {
 	e := b.e
 	t := b.m.t
-	t.mu.Lock()
-	e.onLost = append(e.onLost, lostHook{b, lost})
-	lostErr := e.lostErr
-	t.mu.Unlock()
-	if lostErr != nil {
+	if lostErr := t.Watch(e, b, lost); lostErr != nil {
 		lost(lostErr)
 	}
-	return func() {
-		t.mu.Lock()
-		e.dropHook(b)
-		t.mu.Unlock()
-	}
+	return func() { t.Unwatch(e, b) }
 }
 
 func (b *muxBackend) pgxTx() pgx.Tx  { return nil }
@@ -1600,13 +1586,10 @@ func (c *lockConn) hasConn() bool {
 // server lock: the key's lock connection, or the waiting connection that
 // was granted it.
 func (b *muxBackend) token(ctx context.Context) (int64, error) {
-	t := b.m.t
-	t.mu.Lock()
 	var c *lockConn
 	if b.e != nil {
-		c = b.e.conn
+		c, _ = b.m.t.HeldOn(b.e)
 	}
-	t.mu.Unlock()
 	if c == nil {
 		return 0, fmt.Errorf("%w: take a fencing token: the key's connection is gone", ErrLockLost)
 	}

@@ -118,11 +118,12 @@ func TestPickMovesOffABusyHome(t *testing.T) {
 // heldSlot is the slot of the lock connection that holds k.
 func heldSlot(t *testing.T, m *mux, k Key) int {
 	t.Helper()
-	m.t.mu.Lock()
-	defer m.t.mu.Unlock()
-	e := m.t.m[k]
-	if e == nil || e.conn == nil {
+	var c *lockConn
+	if e := m.t.Find(k); e != nil {
+		c, _ = m.t.HeldOn(e)
+	}
+	if c == nil {
 		t.Fatalf("key %s is not held", k)
 	}
-	return e.conn.slot
+	return c.slot
 }

@@ -65,9 +65,10 @@ func review2AppPool(t *testing.T, maxConns int32) (*pgxpool.Pool, func() int) {
 // The cause was that mux.wait gives a campaign an unplaced connection (mux.go:531,
 // waitConn(false) at mux.go:681), and mux.give hands an exclusive hold to the
 // next local waiter by a retake on the same connection (mux.go:754,
-// keyTable.handOff at keytable.go:293) whatever the waiter is: the ordinary
-// Acquire now holds a key on a connection outside WithWaitConns, for as long
-// as it (and any chain of hand-offs after it) keeps the key. The reverse hand-
+// keyTable.handOff at keytable.go:293, now keytable.Table.HandOff) whatever
+// the waiter is: the ordinary Acquire now holds a key on a connection outside
+// WithWaitConns, for as long as it (and any chain of hand-offs after it)
+// keeps the key. The reverse hand-
 // off (a placed connection to a queued Leader) keeps a place for a whole term.
 func TestLeaderHandOffKeepsSessionBudget(t *testing.T) {
 	bg := context.Background()

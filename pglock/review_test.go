@@ -64,9 +64,9 @@ func TestColdLockerHonoursEachCallersDeadline(t *testing.T) {
 
 // Invariant (Shared mode, doc.go): shared holders admit other shared
 // holders. With WithLockConns(1) (no probe possible), a shared hold older
-// than sharedJoinRecheck starts draining although no writer exists anywhere:
-// a second shared TryAcquire reports busy, and a shared Acquire waits for
-// the first reader to leave.
+// than keytable.SharedJoinRecheck starts draining although no writer exists
+// anywhere: a second shared TryAcquire reports busy, and a shared Acquire
+// waits for the first reader to leave.
 func TestSharedHoldersJoinWithoutWriterOnOneLockConn(t *testing.T) {
 	t.Parallel()
 	bg := context.Background()

@@ -34,7 +34,7 @@ var tryOrWaitSQL = [2]string{
 }
 
 // waitSessionAs is waitSession; hot (an exclusive key that a session of
-// another process contends for, see hotFor), with tryOrWaitSQL, and
+// another process contends for, see keytable.HotFor), with tryOrWaitSQL, and
 // contended reports that the wait had to wait: another session held the key
 // or waited for it when it began. Through a pooler hot changes nothing, and
 // contended is false.

@@ -1,6 +1,6 @@
-package pglock
+package keytable
 
-// A model-based randomized test of keyTable (keytable.go): simulated actors
+// A model-based randomized test of Table (keytable.go, conn.go): simulated actors
 // enter, take, hold, hand off and give back a few keys, in random order, each
 // blocking enter in its own goroutine, and after every step the table is
 // compared with a plain reference model (mState) and checked for invariants.
@@ -57,7 +57,7 @@ type mActor struct {
 	st, phase, key int
 	mode           Mode
 	wait           bool
-	probeDue       bool   // joined with admitProbe, has not called probed yet
+	probeDue       bool   // joined with AdmitProbe, has not called Probed yet
 	cancelled      bool   // the ctx of its enter ended
 	woken          bool   // its enter was woken by ctx or Close
 	adm            string // stDelivered: what it was let in with
@@ -184,7 +184,7 @@ func (s *mState) enter(a, k int, mode Mode, wait bool) {
 	}
 	if mode == Shared && len(e.queue) == 0 && s.joinable(e) {
 		adm := "joined"
-		if !e.probing && s.now-e.checked >= int64(sharedJoinRecheck) {
+		if !e.probing && s.now-e.checked >= int64(SharedJoinRecheck) {
 			if s.probes {
 				e.probing, adm = true, "probe"
 			} else {
@@ -219,7 +219,7 @@ func (s *mState) admitShared(k int) {
 	e := s.keys[k]
 	for len(e.queue) > 0 && s.act[e.queue[0]].mode == Shared && s.joinable(e) {
 		adm := "joined"
-		if !e.probing && s.now-e.checked >= int64(sharedJoinRecheck) {
+		if !e.probing && s.now-e.checked >= int64(SharedJoinRecheck) {
 			if !s.probes {
 				e.draining = true
 				return
@@ -530,11 +530,11 @@ type rActor struct {
 	done      chan struct{}
 	running   bool
 	cancelled bool
-	w         *keyWaiter // its waiter, once seen in a queue
-	e         *keyEntry  // the entry it holds or has the turn of
+	w         *waiter // its waiter, once seen in a queue
+	e         *rEntry // the entry it holds or has the turn of
 	// enter's results, set before done is closed
-	re   *keyEntry
-	radm admission
+	re   *rEntry
+	radm Admission
 	rerr error
 }
 
@@ -565,14 +565,14 @@ func (s *byteSource) pick(n int) int {
 
 type mRun struct {
 	src      mSource
-	kt       *keyTable
-	keys     [mKeys]Key
+	kt       *rTable
+	keys     [mKeys]int64
 	base     time.Time
 	clock    atomic.Int64
-	conns    map[*lockConn]int
+	conns    map[*mConn]int
 	nextConn int
 	act      [mActors]rActor
-	waiterOf map[*keyWaiter]int
+	waiterOf map[*waiter]int
 	fresh    int // the actor whose enter started this step, or -1
 	closed   bool
 	model    *mState
@@ -588,13 +588,28 @@ type mStep struct {
 	ret string
 }
 
-var errModelLost = errors.New("model: connection lost")
+var (
+	errModelLost   = errors.New("model: connection lost")
+	errModelClosed = errors.New("model: table closed")
+)
+
+// mConn is a connection of the driver's grants.
+type mConn struct{ state ConnState }
+
+func (c *mConn) KeyTableState() *ConnState { return &c.state }
+
+// The table under test: int64 keys, mConn connections; the model neither
+// watches holds nor relays turns (holders and relays are ints, unused).
+type (
+	rTable = Table[int64, *mConn, int, int]
+	rEntry = Entry[int64, *mConn, int, int]
+)
 
 func newMRun(src mSource) *mRun {
-	r := &mRun{src: src, kt: newKeyTable(), base: time.Unix(1_000_000, 0),
-		conns: make(map[*lockConn]int), waiterOf: make(map[*keyWaiter]int), fresh: -1}
+	r := &mRun{src: src, kt: New[int64, *mConn, int, int](Config{Closed: errModelClosed}), base: time.Unix(1_000_000, 0),
+		conns: make(map[*mConn]int), waiterOf: make(map[*waiter]int), fresh: -1}
 	for k := range r.keys {
-		r.keys[k] = Int64Key(int64(1000 + k))
+		r.keys[k] = int64(1000 + k)
 	}
 	r.kt.now = func() time.Time { return r.base.Add(time.Duration(r.clock.Load())) }
 	r.kt.sharedTries = src.pick(4) != 0
@@ -675,7 +690,7 @@ func (r *mRun) gen(racy bool) (mOp, bool) {
 		v := r.src.pick(3)
 		op.ok, op.excl = v != 0, v == 1
 	case "clock":
-		op.d = []time.Duration{time.Millisecond, 40 * time.Millisecond, sharedJoinRecheck - time.Nanosecond, sharedJoinRecheck}[r.src.pick(4)]
+		op.d = []time.Duration{time.Millisecond, 40 * time.Millisecond, SharedJoinRecheck - time.Nanosecond, SharedJoinRecheck}[r.src.pick(4)]
 	}
 	return op, true
 }
@@ -692,29 +707,29 @@ func (r *mRun) do(op mOp) string {
 		r.fresh = op.a
 		key := r.keys[op.k]
 		go func() {
-			e, adm, err := kt.enter(ctx, key, op.mode, op.wait)
+			e, adm, err := kt.Enter(ctx, key, op.mode, op.wait, false)
 			ra.re, ra.radm, ra.rerr = e, adm, err
 			close(done)
 		}()
 	case "grant":
-		var c *lockConn
+		var c *mConn
 		if op.conn != 0 {
-			c = &lockConn{}
+			c = &mConn{}
 			r.conns[c] = op.conn
 			if op.lostConn {
 				kt.mu.Lock()
-				c.lost = errModelLost
+				c.state.lost = errModelLost
 				kt.mu.Unlock()
 			}
 		}
-		return fmt.Sprint(kt.granted(ra.e, r.model.act[op.a].mode, c))
+		return fmt.Sprint(kt.Granted(ra.e, r.model.act[op.a].mode, c))
 	case "tried":
-		kt.tried(ra.e)
+		kt.Tried(ra.e)
 	case "pass":
-		kt.passTurn(ra.e)
+		kt.PassTurn(ra.e)
 		ra.e = nil
 	case "leave":
-		if kt.leave(ra.e) {
+		if kt.Leave(ra.e) {
 			return "last"
 		}
 		ra.e = nil
@@ -723,7 +738,7 @@ func (r *mRun) do(op mOp) string {
 		kt.mu.Lock()
 		c := ra.e.conn
 		kt.mu.Unlock()
-		handed, lost := kt.handOff(ra.e, c, func(bool) bool { return true })
+		handed, lost := kt.HandOff(ra.e, c, func(bool) bool { return true })
 		switch {
 		case handed:
 			ra.e = nil
@@ -733,24 +748,17 @@ func (r *mRun) do(op mOp) string {
 		}
 		return "no"
 	case "probed":
-		kt.probed(ra.e, op.excl, op.ok)
-	case "lose": // as mux.connLost does
+		kt.Probed(ra.e, op.excl, op.ok)
+	case "lose":
 		kt.mu.Lock()
 		c := kt.m[r.keys[op.k]].conn
-		if c.lost == nil {
-			c.lost = errModelLost
-		}
-		for _, e := range kt.m {
-			if e.conn == c && e.lostErr == nil {
-				e.lostErr = errModelLost
-			}
-		}
 		kt.mu.Unlock()
+		kt.LoseConn(c, errModelLost)
 	case "clock":
 		r.clock.Add(int64(op.d))
 	case "close":
 		r.closed = true
-		close(kt.closing)
+		kt.Close()
 	case "cancel":
 		ra.cancelled = true
 		ra.cancel()
@@ -842,13 +850,13 @@ func (r *mRun) observe(ret string) (snap, []string) {
 		switch {
 		case errors.Is(ra.rerr, context.Canceled):
 			p.out[a] = "err:canceled"
-		case errors.Is(ra.rerr, ErrLockerClosed):
+		case errors.Is(ra.rerr, errModelClosed):
 			p.out[a] = "err:closed"
 		case ra.rerr != nil:
 			p.out[a] = "err:" + ra.rerr.Error()
 		default:
-			p.out[a] = [...]string{admitTurn: "turn", admitJoined: "joined", admitBusy: "busy", admitProbe: "probe"}[ra.radm]
-			if ra.radm != admitBusy {
+			p.out[a] = [...]string{AdmitTurn: "turn", AdmitJoined: "joined", AdmitBusy: "busy", AdmitProbe: "probe"}[ra.radm]
+			if ra.radm != AdmitBusy {
 				ra.e = ra.re
 			}
 		}
@@ -1089,7 +1097,7 @@ func (r *mRun) finishQuietly() {
 	}
 	if !r.closed {
 		r.closed = true
-		close(r.kt.closing)
+		r.kt.Close()
 	}
 }
 
