@@ -300,3 +300,15 @@ func (l *Lock) ownTxBegin() string {
 	l.st.begin = b.String()
 	return l.st.begin
 }
+
+// AbandonedSessionTimeout bounds how long the server keeps the session of a
+// multiplexing Locker's lock connection whose client has gone silent, and so
+// its locks: it ends it within this time of silence (by server-side TCP
+// keepalives from half of it, tcp_user_timeout, or idle_session_timeout),
+// and never before the client has seen the loss (twice the lost-check
+// interval). With a lost-check interval above a quarter of it, the bound is
+// four intervals. The bound holds on PostgreSQL 14 and later; before 14
+// there is no idle_session_timeout, and behind a proxy or middlebox that
+// answers TCP for a vanished client (so that keepalives never fail), the
+// server keeps the session until the proxy closes it.
+const AbandonedSessionTimeout = 6 * time.Second

@@ -1,0 +1,137 @@
+package pglock
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+// take takes the server's lock on e's key; the caller owns e's turn, which
+// take passes on when the lock is not held afterwards. A key that a session
+// of another process contends for (see keytable.HotFor) is waited for in the
+// server's queue at once, when waiting places are free (see takeHot).
+func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (bool, error) {
+	if wait && b.l.cfg.campaign {
+		return m.takeCampaign(ctx, b, e)
+	}
+	if wait && b.l.cfg.mode == Exclusive && !b.l.cfg.campaign && m.t.IsHot(e.Key()) {
+		if done, held, err := m.takeHot(ctx, b, e); done {
+			return held, err
+		}
+	}
+	ok, err := m.try(ctx, e, b.l.cfg.mode)
+	if err == nil && !ok {
+		m.t.MarkHot(e.Key()) // held or waited for by another session
+	}
+	switch {
+	case err != nil || (!ok && !wait):
+		m.t.PassTurn(e)
+		return false, err
+	case ok:
+		return true, nil
+	}
+	m.t.Tried(e)
+	held, err := m.wait(ctx, b, e)
+	if !held {
+		m.t.PassTurn(e)
+	}
+	return held, err
+}
+
+// takeCampaign is take for a Leader's campaign (issue 25): it waits, and
+// leads, on a waiting connection of its own, never on a lock connection, so
+// that the session that holds the Leader's key is the Leader's alone and
+// carries its identity (application_name, set before the wait: see
+// nameCampaign), which every replica reads from the server. The caps are
+// checked as a try checks them; the grant is counted as a wait's is.
+func (m *mux) takeCampaign(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error) {
+	err := m.guard(ctx, e.Key())
+	if err == nil {
+		if err = m.reserve(e.Key()); err == nil {
+			m.unreserve() // counted once granted, as a wait is
+		}
+	}
+	if err != nil {
+		m.t.PassTurn(e)
+		return false, err
+	}
+	m.t.Tried(e) // tries queued behind are answered busy
+	held, err := m.wait(ctx, b, e)
+	if !held {
+		m.t.PassTurn(e)
+	}
+	return held, err
+}
+
+// try takes the key with the non-blocking function on its lock connection;
+// held, it counts against the cap (see reserve).
+func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode) (bool, error) {
+	k := e.Key()
+	if err := m.guard(ctx, k); err != nil {
+		return false, err
+	}
+	if err := m.reserve(k); err != nil {
+		return false, err
+	}
+	var c *lockConn
+	op := connOp{ctx: ctx, key: k, mode: mode}
+	// A connection lost before or during the statement, or before its grant
+	// was recorded, holds nothing: try again on a new one.
+	for range 3 {
+		if c = m.pick(k); c == nil {
+			op.err = ErrLockerClosed
+			break
+		}
+		op.ok, op.err = false, nil
+		c.do(&op)
+		if op.err == nil && op.ok && !m.t.Granted(e, tableMode(mode), c) {
+			op.ok, op.err = false, fmt.Errorf("%w: lost before the grant was recorded", errConnGone)
+		}
+		if !errors.Is(op.err, errConnGone) {
+			break
+		}
+	}
+	if op.err != nil || !op.ok {
+		m.unreserve()
+	}
+	return op.ok, op.err
+}
+
+// probe checks, for a shared hold of e's key that others of the process keep
+// joining, whether a session of another process waits for the key in
+// Exclusive mode, and records it (see keytable.Config.Probes): a new shared
+// request of a session that does not hold the key is granted only when none
+// does. It runs on the key's lock connection when the key is held on a
+// waiting connection, else on another lock connection, else
+// (WithLockConns(1)) on a waiting connection if one is free; when none is,
+// the probe tells nothing and the next joiner tries again.
+func (m *mux) probe(ctx context.Context, e *keyEntry) {
+	held, _ := m.t.HeldOn(e)
+	slot := m.slotOf(e.Key())
+	var c, borrowed *lockConn
+	switch {
+	case held == nil || held.slot != slot:
+		c = m.slot(slot)
+	case m.conns > 1:
+		c = m.slot((slot + 1) % m.conns)
+	default:
+		select {
+		case m.waitSem <- struct{}{}:
+			if borrowed = m.waitConn(true); borrowed == nil {
+				<-m.waitSem
+			}
+			c = borrowed
+		default:
+		}
+	}
+	exclusiveWaits, ok := false, false
+	if c != nil {
+		op := connOp{ctx: ctx, key: e.Key(), mode: Shared, probe: true}
+		c.do(&op)
+		exclusiveWaits, ok = !op.ok, op.err == nil
+		if borrowed != nil {
+			m.putWaitConn(borrowed, ok || errors.Is(op.err, errConnectCut))
+		}
+	}
+	m.t.Probed(e, exclusiveWaits, ok)
+}
