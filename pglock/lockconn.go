@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"sync"
 	"time"
 
@@ -423,17 +424,53 @@ func (c *lockConn) markDead(err error) {
 // goroutine that owns it): it takes no more requests, is closed (which ends
 // the server's session, and every lock on it, if it still lives), and every
 // Lock held on it is told.
+//
+// A close the Locker chose (its Close, a waiting connection it gives up:
+// why is ErrLockerClosed or errConnGone itself) waits for the server to end
+// the session (see endSession), so that its locks are free and its place
+// in the session budget is empty, as the server counts them, before the
+// holders are told and another connection takes the place. A loss closes
+// at once: the holders must hear of it without delay.
 func (c *lockConn) lose(err error) {
 	c.markDead(err)
 	c.mu.Lock()
 	conn := c.conn
 	c.mu.Unlock()
 	if conn != nil && !conn.IsClosed() {
-		ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
-		_ = conn.Close(ctx)
-		cancel()
+		if err == errConnGone || errors.Is(err, ErrLockerClosed) {
+			endSession(conn, min(c.m.statementBound(), maxSessionEnd))
+		} else {
+			ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
+			_ = conn.Close(ctx)
+			cancel()
+		}
 	}
 	c.m.connLost(c, err)
+}
+
+// maxSessionEnd bounds how long endSession waits for the server.
+const maxSessionEnd = time.Second
+
+// endSession closes conn, which nobody else uses, and waits (at most bound)
+// for the server to end its session. pgx's Close sends Terminate and
+// returns at once, while the server's backend is still releasing its locks
+// and leaving pg_stat_activity: a moment in which another session cannot
+// take the keys yet, and the closed session still counts against
+// max_connections and the Locker's budget. The server closes its end of
+// the socket only once its backend has done both (PostgreSQL releases the
+// locks and the activity entry in shmem_exit, before the on_proc_exit
+// callback that closes the socket), so endSession sends Terminate itself
+// and reads until the server closes, then closes conn.
+func endSession(conn *pgx.Conn, bound time.Duration) {
+	nc := conn.PgConn().Conn()
+	if err := nc.SetDeadline(time.Now().Add(bound)); err == nil {
+		if _, err := nc.Write([]byte{'X', 0, 0, 0, 4}); err == nil {
+			_, _ = io.Copy(io.Discard, nc)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), bound)
+	defer cancel()
+	_ = conn.Close(ctx)
 }
 
 // addHolds changes the count of server locks held (for a waiting

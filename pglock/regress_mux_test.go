@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -242,7 +243,22 @@ func TestLockerSessionsBoundedByLockAndWaitConns(t *testing.T) {
 			s := lk.Stats()
 			if sessions > maxSessions.Load() {
 				maxSessions.Store(sessions)
-				worst.Store(fmt.Sprintf("%d sessions named %q besides the pool's, Stats %+v", sessions, app, s))
+				// The sessions themselves, to tell which one was too many.
+				var rows []string
+				rs, err := watch.Query(bg, `SELECT pid, backend_start, coalesce(state, ''), left(query, 60) FROM pg_catalog.pg_stat_activity WHERE application_name = $1 ORDER BY backend_start`, app)
+				if err == nil {
+					for rs.Next() {
+						var pid int32
+						var started time.Time
+						var state, query string
+						if rs.Scan(&pid, &started, &state, &query) == nil {
+							rows = append(rows, fmt.Sprintf("pid %d started %s %s %q", pid, started.Format("15:04:05.000"), state, query))
+						}
+					}
+					rs.Close()
+				}
+				worst.Store(fmt.Sprintf("%d sessions named %q besides the pool's (%d), Stats %+v, at %s: %s", sessions, app,
+					pool.Stat().TotalConns(), s, time.Now().Format("15:04:05.000"), strings.Join(rows, "; ")))
 			}
 			if c := int64(s.LockConns + s.WaitConns); c > maxStats.Load() {
 				maxStats.Store(c)

@@ -115,7 +115,7 @@ func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
 			return pc.QueryRow(ctx, sql, args...)
 		})
 		if opened || !clean {
-			_ = pc.Hijack().Close(context.WithoutCancel(ctx))
+			endSession(pc.Hijack(), pooler.MaxProbeTime)
 		} else {
 			pc.Release()
 		}
