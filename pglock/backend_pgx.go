@@ -276,7 +276,7 @@ func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) 
 	var tx pgx.Tx
 	interrupted, err := interruptible(ctx, b.l, b.conn, func(qctx context.Context) error {
 		var err error
-		tx, err = b.conn.BeginTx(qctx, pgx.TxOptions{BeginQuery: b.l.ownTxBegin()})
+		tx, err = b.conn.BeginTx(qctx, pgx.TxOptions{BeginQuery: b.l.ownTxBegin(b.txBoundKnown())})
 		return err
 	})
 	if err == nil && !interrupted {
@@ -285,6 +285,18 @@ func (b *pgxBackend) acquireOwnTx(ctx context.Context, wait bool) (bool, error) 
 	}
 	b.endFailedTx(ctx) // destroys a closed connection, rolls back on a live one
 	return false, err
+}
+
+// txBoundKnown is what the primary check found of the session's own
+// idle_in_transaction_session_timeout (see primaryTxSQL).
+func (b *pgxBackend) txBoundKnown() txBoundKnown {
+	switch own, known := sessionTxBound(b.conn); {
+	case !known:
+		return txBoundUnknown
+	case own:
+		return txBoundOwn
+	}
+	return txBoundNone
 }
 
 // endFailedTx rolls back the transaction that did not get the lock, if one

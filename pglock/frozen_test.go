@@ -469,3 +469,54 @@ func TestFrozenBoundSettings(t *testing.T) {
 		_ = lk.Close()
 	}
 }
+
+// The lock's own transaction gets its bound whatever its connection met
+// first: a session whose idle_in_transaction_session_timeout is 0 gets
+// AbandonedTransactionTimeout (SET LOCAL, the session's bound read once
+// per connection), one that has its own keeps it, and after the
+// transaction the session is as it was.
+func TestTransactionBoundPerSession(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	for _, c := range []struct {
+		name, own, want string
+	}{{"none", "", "1min"}, {"own", "3s", "3s"}} {
+		cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.MaxConns = 1
+		if c.own != "" {
+			cfg.ConnConfig.RuntimeParams["idle_in_transaction_session_timeout"] = c.own
+		}
+		pool, err := pgxpool.NewWithConfig(ctx, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(pool.Close)
+		lk := muxLocker(t, pool, pglock.WithScope(pglock.Transaction))
+		for i := range 3 { // the first hold reads the session's bound, the others use it
+			err := lk.Do(ctx, pgtest.UniqueKey(t), func(ctx context.Context) error {
+				tx, _ := pglock.TxFromContext(ctx)
+				var v string
+				if err := tx.QueryRow(ctx, "SELECT current_setting('idle_in_transaction_session_timeout')").Scan(&v); err != nil {
+					return err
+				}
+				if v != c.want {
+					t.Errorf("%s, hold %d: idle_in_transaction_session_timeout %q in the hold, want %s", c.name, i, v, c.want)
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var after string
+			if err := pool.QueryRow(ctx, "SELECT current_setting('idle_in_transaction_session_timeout')").Scan(&after); err != nil {
+				t.Fatal(err)
+			}
+			if want := map[string]string{"": "0", "3s": "3s"}[c.own]; after != want {
+				t.Errorf("%s, after hold %d: idle_in_transaction_session_timeout %q, want %s", c.name, i, after, want)
+			}
+		}
+	}
+}

@@ -36,6 +36,21 @@ const primaryDataKey = "pglock.primary"
 // primarySQL asks whether the server is in recovery (a standby).
 const primarySQL = "SELECT pg_catalog.pg_is_in_recovery()"
 
+// primaryTxSQL is primarySQL with a second column: whether the session has
+// an idle_in_transaction_session_timeout of its own (not 0: the server's,
+// role's, database's or the pool's), which the lock's own transaction
+// then keeps (see AbandonedTransactionTimeout). These do not change during
+// a session (ALTER ROLE and ALTER DATABASE apply to later sessions; a
+// pool's settings are startup parameters), so it is read with the primary
+// check, once per connection, rather than in every lock statement: asked
+// there, it cost about 15 us of the server's planning per hold.
+const primaryTxSQL = "SELECT pg_catalog.pg_is_in_recovery(), current_setting('idle_in_transaction_session_timeout') <> '0'"
+
+// txBoundDataKey is the key, in a connection's CustomData, of the second
+// column of primaryTxSQL (absent when the connection was checked by
+// another statement).
+const txBoundDataKey = "pglock.ownTxBound"
+
 // checkPrimary returns an error matching ErrNotPrimary when conn's server is
 // a standby, checking once per connection (see above); bound limits the
 // statement, which ctx does not interrupt (pgx would close the connection).
@@ -49,13 +64,22 @@ func checkPrimary(ctx context.Context, conn *pgx.Conn, bound time.Duration) erro
 	}
 	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), bound)
 	defer cancel()
-	var inRecovery bool
+	var inRecovery, ownTxBound bool
 	// The simple protocol: through a transaction pooler a prepared
 	// statement could fail for reasons of the pooler's own.
-	if err := conn.QueryRow(qctx, primarySQL, pgx.QueryExecModeSimpleProtocol).Scan(&inRecovery); err != nil {
+	if err := conn.QueryRow(qctx, primaryTxSQL, pgx.QueryExecModeSimpleProtocol).Scan(&inRecovery, &ownTxBound); err != nil {
 		return fmt.Errorf("pglock: check that the server is a primary: %w", err)
 	}
+	data[txBoundDataKey] = ownTxBound
 	return notePrimary(conn, inRecovery)
+}
+
+// sessionTxBound reports what primaryTxSQL found of conn's session: own
+// (it has an idle_in_transaction_session_timeout of its own) and known
+// (false when the connection was checked by another statement).
+func sessionTxBound(conn *pgx.Conn) (own, known bool) {
+	own, known = conn.PgConn().CustomData()[txBoundDataKey].(bool)
+	return own, known
 }
 
 // notePrimary records what a statement of conn found (pg_is_in_recovery()),

@@ -28,9 +28,22 @@ type statements struct {
 	bound string
 	txSet string
 	// begin is ownTxBegin's statement, made at its first use ("" until
-	// then, and again when bindPool changes the statements).
-	begin string
+	// then, and again when bindPool changes the statements), for the
+	// session's bound beginFor (see ownTxBegin).
+	begin    string
+	beginFor txBoundKnown
 }
+
+// txBoundKnown is what is known of a session's own
+// idle_in_transaction_session_timeout, when the lock's own transaction
+// opens (see ownTxBegin).
+type txBoundKnown uint8
+
+const (
+	txBoundUnknown txBoundKnown = iota // not read: the lock statement asks
+	txBoundNone                        // 0: the transaction sets the bound
+	txBoundOwn                         // the session's is kept
+)
 
 // fixed holds the statements that do not depend on the key's value, per
 // [scope][mode][pair], built once.
@@ -264,21 +277,31 @@ func (l *Lock) bindPool(bounded bool) {
 
 // ownTxBegin is the statement that opens the lock's own transaction and
 // waits for the lock in it, in one round trip (the simple protocol), with
-// the transaction's server-side bound when the statements have one: set in
-// the lock's statement, once the lock is granted (the transaction is not
-// idle before), which spares the server a statement per hold. It is built
-// once per Lock (l.mu held).
-func (l *Lock) ownTxBegin() string {
-	if l.st.begin != "" {
+// the transaction's server-side bound when the statements have one. What
+// the session's own bound is (sess) is read once per connection (see
+// primaryTxSQL): a session with its own keeps it, and the statement is the
+// plain lock; one without gets SET LOCAL first (the cheapest form
+// measured: the server plans every simple-protocol statement, and an
+// expression costs it more than a SET); unknown, the lock statement asks
+// (see setIdleInTx). It is built once per Lock and session kind (l.mu held).
+func (l *Lock) ownTxBegin(sess txBoundKnown) string {
+	if l.st.begin != "" && l.st.beginFor == sess {
 		return l.st.begin
 	}
+	l.st.beginFor = sess
 	// lockLiteral's text, made in one allocation: a Locker's Do makes a
 	// Lock per call.
 	xact, shared, _ := fnNames(l.cfg.scope, l.cfg.mode)
 	var b strings.Builder
 	var num [20]byte
-	b.Grow(96 + len(l.st.txSet))
-	b.WriteString("BEGIN; SELECT pg_advisory_")
+	b.Grow(96 + len(l.st.txSet) + len(l.st.bound))
+	b.WriteString("BEGIN; ")
+	if l.st.txSet != "" && sess == txBoundNone {
+		b.WriteString("SET LOCAL idle_in_transaction_session_timeout = ")
+		b.WriteString(l.st.bound)
+		b.WriteString("; ")
+	}
+	b.WriteString("SELECT pg_advisory_")
 	b.WriteString(xact)
 	b.WriteString("lock")
 	b.WriteString(shared)
@@ -293,7 +316,7 @@ func (l *Lock) ownTxBegin() string {
 		b.Write(strconv.AppendInt(num[:0], l.key.v, 10))
 		b.WriteString("::bigint)")
 	}
-	if l.st.txSet != "" {
+	if l.st.txSet != "" && sess == txBoundUnknown {
 		b.WriteString(" IS NOT NULL AND ")
 		b.WriteString(l.st.txSet)
 	}
