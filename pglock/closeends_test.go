@@ -2,7 +2,10 @@ package pglock_test
 
 import (
 	"context"
+	"fmt"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -65,5 +68,51 @@ func TestCloseEndsTheServerSessions(t *testing.T) {
 	}
 	if late > 0 {
 		t.Errorf("%d of %d Closes returned before the server ended their sessions", late, rounds)
+	}
+}
+
+// Close on a silent network (a blackholed proxy, before the watches see
+// it) does not wait for the server once per connection: it ends the
+// Locker's sessions side by side, within about one bound of endSession (a
+// second), not one per lock connection. (A wait under way on such a network
+// is another matter: its cancel request is bounded by the release timeout.)
+func TestCloseOnASilentNetwork(t *testing.T) {
+	t.Parallel()
+	const conns = 4
+	bg := context.Background()
+	proxy, pool := faultProxyPool(t, 4)
+	lk, err := pglock.NewLocker(pool, pglock.WithLockConns(conns), pglock.WithLostCheckInterval(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Keys held on every lock connection: tries at once, so that some find
+	// their home busy and open another.
+	for i := 0; lk.Stats().LockConns < conns; i++ {
+		if i > 100 {
+			t.Fatalf("the Locker opened %d lock connections, want %d", lk.Stats().LockConns, conns)
+		}
+		var wg sync.WaitGroup
+		for j := range 8 {
+			l, err := lk.NewLock(fmt.Sprintf("%s-%d-%d", pgtest.UniqueKey(t), i, j))
+			if err != nil {
+				t.Fatal(err)
+			}
+			wg.Go(func() {
+				if err := l.Acquire(bg); err != nil {
+					t.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+	}
+	proxy.Blackhole()
+	start := time.Now()
+	if err := lk.Close(); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	t.Logf("Close of %d lock connections on a silent network took %v", conns, took.Round(time.Millisecond))
+	if took > 2500*time.Millisecond {
+		t.Errorf("Close took %v on a silent network, want about one second (endSession's bound), not one per connection", took)
 	}
 }

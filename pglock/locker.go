@@ -238,8 +238,9 @@ func (lk *Locker) Pooled() bool { return lk != nil && lk.pooled }
 
 // Close closes the Locker's lock connections, which ends every session lock
 // held on them (each such Lock reports [Lock.Lost]): when Close returns, the
-// server has ended those sessions (it waits for each up to a second), so
-// another process can take their keys at once. It makes the Locker's
+// server has ended those sessions, so another process can take their keys
+// at once (it waits for them side by side, up to a second on a silent
+// network). It makes the Locker's
 // methods, and the acquires of its Locks, fail with [ErrLockerClosed]. It
 // does not close the pool or connection the Locker was made with; Locks in
 // Transaction scope end as their transactions do. Close is safe to call more

@@ -208,9 +208,13 @@ func (m *mux) close() error {
 	}
 	m.mu.Unlock()
 	m.t.Close()
+	// Side by side: each close waits for the server to end its session
+	// (see endSession), up to its bound on a silent network.
+	var wg sync.WaitGroup
 	for _, c := range cs {
-		c.close(ErrLockerClosed)
+		wg.Go(func() { c.close(ErrLockerClosed) })
 	}
+	wg.Wait()
 	return nil
 }
 
