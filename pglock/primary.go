@@ -39,11 +39,12 @@ const primarySQL = "SELECT pg_catalog.pg_is_in_recovery()"
 // primaryTxSQL is primarySQL with a second column: whether the session has
 // an idle_in_transaction_session_timeout of its own (not 0: the server's,
 // role's, database's or the pool's), which the lock's own transaction
-// then keeps (see AbandonedTransactionTimeout). These do not change during
-// a session (ALTER ROLE and ALTER DATABASE apply to later sessions; a
-// pool's settings are startup parameters), so it is read with the primary
+// then keeps (see AbandonedTransactionTimeout). It is read with the primary
 // check, once per connection, rather than in every lock statement: asked
-// there, it cost about 15 us of the server's planning per hold.
+// there, it cost about 15 us of the server's planning per hold. A session
+// with none at the check (the common case) then gets the bound by SET
+// LOCAL. One with its own is still asked in the lock statement: a plain
+// SET can change the setting during the session (see Lock.ownTxBegin).
 const primaryTxSQL = "SELECT pg_catalog.pg_is_in_recovery(), current_setting('idle_in_transaction_session_timeout') <> '0'"
 
 // txBoundDataKey is the key, in a connection's CustomData, of the second

@@ -42,7 +42,7 @@ type txBoundKnown uint8
 const (
 	txBoundUnknown txBoundKnown = iota // not read: the lock statement asks
 	txBoundNone                        // 0: the transaction sets the bound
-	txBoundOwn                         // the session's is kept
+	txBoundOwn                         // not 0 when read: the lock statement asks again
 )
 
 // fixed holds the statements that do not depend on the key's value, per
@@ -279,11 +279,15 @@ func (l *Lock) bindPool(bounded bool) {
 // waits for the lock in it, in one round trip (the simple protocol), with
 // the transaction's server-side bound when the statements have one. What
 // the session's own bound is (sess) is read once per connection (see
-// primaryTxSQL): a session with its own keeps it, and the statement is the
-// plain lock; one without gets SET LOCAL first (the cheapest form
+// primaryTxSQL): one without gets SET LOCAL first (the cheapest form
 // measured: the server plans every simple-protocol statement, and an
-// expression costs it more than a SET); unknown, the lock statement asks
-// (see setIdleInTx). It is built once per Lock and session kind (l.mu held).
+// expression costs it more than a SET); with one, or unknown, the lock
+// statement asks (see setIdleInTx). A session found with a bound of its
+// own is asked again each time, not trusted: a plain SET (by the work of an
+// earlier hold, or any other user of the pool's connection) can turn it off
+// for the session since, and the plain lock would then leave the
+// transaction with no bound at all (TestReview27TxBoundStaleAfterSessionSET).
+// It is built once per Lock and session kind (l.mu held).
 func (l *Lock) ownTxBegin(sess txBoundKnown) string {
 	if l.st.begin != "" && l.st.beginFor == sess {
 		return l.st.begin
@@ -316,7 +320,7 @@ func (l *Lock) ownTxBegin(sess txBoundKnown) string {
 		b.Write(strconv.AppendInt(num[:0], l.key.v, 10))
 		b.WriteString("::bigint)")
 	}
-	if l.st.txSet != "" && sess == txBoundUnknown {
+	if l.st.txSet != "" && sess != txBoundNone {
 		b.WriteString(" IS NOT NULL AND ")
 		b.WriteString(l.st.txSet)
 	}
