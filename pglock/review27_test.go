@@ -388,11 +388,14 @@ func r27Contender(t *testing.T, keys []string, stop <-chan struct{}, wg *sync.Wa
 	}
 }
 
-// Locker.Close racing every kind of call on many goroutines, with another
-// process contending for the keys (so that waits run on waiting
-// connections) and callers cancelling: every call returns, and once Close
-// has returned none of the Locker's sessions is left on the server, nor any
-// advisory lock of theirs.
+// HELD: Locker.Close racing every kind of call on many goroutines, with
+// another process contending for the keys (so that waits run on waiting
+// connections) and callers cancelling: Close and every call return, no
+// race, no panic, no goroutine left (TestMain), and once Close has returned
+// no advisory lock of the Locker's sessions is left on the server. A session
+// of a connect under way may outlive Close by a few milliseconds (the
+// defect TestReview27CloseDuringConnect shows); here each must be gone
+// within 200 ms.
 func TestReview27CloseStorm(t *testing.T) {
 	t.Parallel()
 	bg := context.Background()
@@ -496,6 +499,14 @@ func TestReview27CloseStorm(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatalf("round %d: calls still running 5 s after Close and their cancel", r)
 		}
+		if len(left) > 0 && locks == 0 {
+			t.Logf("round %d: just after Close, %d sessions of connects under way:%s", r, len(left), what)
+			deadline := time.Now().Add(200 * time.Millisecond)
+			for len(left) > 0 && time.Now().Before(deadline) {
+				time.Sleep(5 * time.Millisecond)
+				left = r27LockerSessions(t, watch, app, &pids)
+			}
+		}
 		if len(left) > 0 || locks > 0 {
 			bad = append(bad, fmt.Sprintf("round %d: just after Close: %d of the Locker's sessions on the server (%v), %d advisory locks of them; Stats %+v (calls %d):%s",
 				r, len(left), left, locks, st, calls.Load(), what))
@@ -577,17 +588,18 @@ func r27Busy(t testing.TB, watch *pgxpool.Pool, ks []pglock.Key) []pglock.Key {
 	return busy
 }
 
-// Through PgBouncer in session mode, "when Close returns, another process
+// DEFECT (not fixed): through PgBouncer in session mode, "when Close returns, another process
 // can take the Locker's keys at once" rests on PgBouncer: endSession's
 // Terminate reaches PgBouncer, which closes the client socket at once and
 // only then resets the server connection it keeps (server_reset_query,
 // DISCARD ALL, which unlocks the advisory locks). endSession's EOF then says
-// nothing of the server's locks.
+// nothing of the server's locks: in about one Close of ten, some or all of
+// its keys are still held for 1-6 ms after Close returns.
 func TestReview27PgBouncerCloseFreesKeys(t *testing.T) {
 	t.Parallel()
 	b := pgtest.StartPgBouncerT(t, "session", 20)
 	watch := pgtest.Pool(t, 2)
-	const rounds = 15
+	const rounds = 40
 	late := 0
 	for r := range rounds {
 		pool := r27Pool(t, b.URL, "", 4, nil, nil)
@@ -615,9 +627,16 @@ func TestReview27PgBouncerCloseFreesKeys(t *testing.T) {
 	}
 }
 
-// Close racing a cold Locker's first calls (connects under way: the lock
-// connection's, the waiting connections', the self-test's): once Close has
-// returned, none of the Locker's sessions is left on the server.
+// DEFECT (not fixed): Close racing a cold Locker's first calls. Close
+// ends the connections it has, but not a connect under way (a lock
+// connection's or a waiting connection's dial goroutine, lockConn.dial):
+// Close cancels it (m.closing) and returns without waiting; a connect cut
+// mid-way is closed by pgx, and one that finished is closed by the dial
+// goroutine with a plain Close (not endSession), both after Close has
+// returned. In a third of the rounds a session of the Locker (seen in
+// pg_stat_activity at every stage of mux.connect: startup, the pooler
+// check, the session settings, the Prepare of the unlocks) is still on the
+// server just after Close, gone a few milliseconds later.
 func TestReview27CloseDuringConnect(t *testing.T) {
 	t.Parallel()
 	bg := context.Background()
@@ -676,7 +695,7 @@ func TestReview27CloseDuringConnect(t *testing.T) {
 	}
 }
 
-// HELD? Lock connections and waiting connections killed by
+// HELD: lock connections and waiting connections killed by
 // pg_terminate_backend just before Close: Close returns at once (endSession
 // meets a socket the server closed), every Lost closes, nothing is left.
 func TestReview27TerminatedBeforeClose(t *testing.T) {
@@ -718,7 +737,7 @@ func TestReview27TerminatedBeforeClose(t *testing.T) {
 	}
 }
 
-// The session budget as the server counts it: under bursts of waits with
+// HELD: the session budget as the server counts it: under bursts of waits with
 // cancels (waiting connections given up and replaced), the Locker's
 // sessions on the server never exceed Stats().MaxSessions.
 func TestReview27BudgetUnderCancels(t *testing.T) {
@@ -766,11 +785,14 @@ func TestReview27BudgetUnderCancels(t *testing.T) {
 	}
 }
 
-// A Leader's campaign connection is never kept: when its campaign ends
+// HELD (a suspected window not hit): a Leader's campaign connection is
+// never kept: when its campaign ends
 // (its Run's context cancelled) putWaitConn takes it out of the Locker's
 // busy set and then closes it, waiting for the server (endSession). A Close
 // that comes in between does not see it, and returns while that session is
-// still on the server.
+// still on the server. 30 rounds with Close 0-8 ms after the cancel never
+// caught it: the cancel's round trip keeps the connection in the busy set
+// until Close has taken it.
 func TestReview27CloseRacingCampaignEnd(t *testing.T) {
 	t.Parallel()
 	bg := context.Background()
@@ -836,5 +858,47 @@ func TestReview27CloseRacingCampaignEnd(t *testing.T) {
 	}
 	if len(bad) > 0 {
 		t.Errorf("%d of %d Closes racing a campaign's end returned with a session of the Locker still on the server", len(bad), rounds)
+	}
+}
+
+// DEFECT (not fixed; a documentation bound): Locker.Close says it waits for the server "side by side, up to a second on
+// a silent network". A lock connection whose watch is pinging when Close
+// comes (the network went silent a check interval ago, before the watch
+// noticed) is not closed until the ping gives up: Close first stops the
+// watch, and stopping a ping waits for it, up to the check interval: 1.65 s
+// here with a 2 s interval, every run (it was so before endSession too; the
+// claim is new).
+func TestReview27CloseDuringWatchPingOnASilentNetwork(t *testing.T) {
+	t.Parallel()
+	const interval = 2 * time.Second
+	proxy, pool := faultProxyPool(t, 2)
+	lk, err := pglock.NewLocker(pool, pglock.WithLockConns(1), pglock.WithLostCheckInterval(interval))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := lk.NewLock(pgtest.UniqueKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Acquire(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	proxy.Blackhole()
+	// The watch reads for one interval (from about 50 ms after the acquire),
+	// then pings, for up to another interval, on the silent network.
+	time.Sleep(interval + 400*time.Millisecond)
+	select {
+	case <-l.Lost():
+		t.Fatal("the loss was seen before the ping could give up: the test's timing is off")
+	default:
+	}
+	start := time.Now()
+	if err := lk.Close(); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	t.Logf("Close took %v with the watch's ping under way on a silent network (check interval %v)", took.Round(time.Millisecond), interval)
+	if took > 1300*time.Millisecond {
+		t.Errorf("Close took %v on a silent network, want up to about a second (Locker.Close's doc): it waited for the watch's ping, which lasts up to the check interval", took)
 	}
 }
