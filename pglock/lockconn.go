@@ -434,11 +434,18 @@ func (c *lockConn) markDead(err error) {
 func (c *lockConn) lose(err error) {
 	c.markDead(err)
 	c.mu.Lock()
-	conn := c.conn
+	conn, proof := c.conn, c.proof
 	c.mu.Unlock()
 	if conn != nil && !conn.IsClosed() {
 		if err == errConnGone || errors.Is(err, ErrLockerClosed) {
-			endSession(conn, min(c.m.statementBound(), maxSessionEnd))
+			bound := min(c.m.statementBound(), maxSessionEnd)
+			if proof != nil {
+				// Through a pooler the end of the socket is the pooler's,
+				// which resets the server session only afterwards: the
+				// locks are given back first, on the session itself.
+				unlockAll(conn, bound)
+			}
+			endSession(conn, bound)
 		} else {
 			ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
 			_ = conn.Close(ctx)
@@ -446,6 +453,16 @@ func (c *lockConn) lose(err error) {
 		}
 	}
 	c.m.connLost(c, err)
+}
+
+// unlockAll gives back every session lock of conn, which nobody else uses,
+// bounded by bound (a deadline on the socket: pgx closes the connection if
+// it passes).
+func unlockAll(conn *pgx.Conn, bound time.Duration) {
+	if conn.PgConn().Conn().SetDeadline(time.Now().Add(bound)) != nil {
+		return
+	}
+	_, _ = conn.PgConn().Exec(context.Background(), "SELECT pg_catalog.pg_advisory_unlock_all()").ReadAll()
 }
 
 // maxSessionEnd bounds how long endSession waits for the server.

@@ -239,12 +239,15 @@ func (lk *Locker) Pooled() bool { return lk != nil && lk.pooled }
 // Close closes the Locker's lock connections, which ends every session lock
 // held on them (each such Lock reports [Lock.Lost]): when Close returns, the
 // server has ended those sessions, so another process can take their keys
-// at once (it waits for them side by side, up to a second on a silent
-// network). It makes the Locker's
-// methods, and the acquires of its Locks, fail with [ErrLockerClosed]. It
-// does not close the pool or connection the Locker was made with; Locks in
-// Transaction scope end as their transactions do. Close is safe to call more
-// than once and returns nil.
+// at once (it waits for them side by side: on a silent network up to a
+// second, or, for a connection whose watch is pinging, up to
+// [WithLostCheckInterval] and a second). Through a session pooler the
+// locks are given back before the session is left to the pooler. A
+// connect under way when Close is called is cut off but not waited for.
+// It makes the Locker's methods, and the acquires of its Locks, fail with
+// [ErrLockerClosed]. It does not close the pool or connection the Locker
+// was made with; Locks in Transaction scope end as their transactions do.
+// Close is safe to call more than once and returns nil.
 func (lk *Locker) Close() error {
 	if lk == nil || lk.closed.Swap(true) {
 		return nil
