@@ -1,12 +1,10 @@
 package pglock_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -137,43 +135,13 @@ func TestGuardFleetOfProcesses(t *testing.T) {
 	innocentHeld := innocentLocks(t, muxLocker(t, innocentPool))
 	stopBystander := startBystander(t, srv.URL)
 
-	type replica struct {
-		cmd    *exec.Cmd
-		stdin  io.WriteCloser
-		lines  chan string
-		stderr *lockedBuilder
-	}
-	var replicas []*replica
+	var replicas []*child
 	for id := range fleetProcesses {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestGuardFleetHelper$", "-test.count=1", "-test.timeout=2m")
-		cmd.Env = append(os.Environ(), fleetURLEnv+"="+srv.URL, fmt.Sprintf("%s=%d", fleetIDEnv, id))
-		r := &replica{cmd: cmd, lines: make(chan string, 8), stderr: &lockedBuilder{}}
-		cmd.Stderr = r.stderr
-		out, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if r.stdin, err = cmd.StdinPipe(); err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-		})
-		go func() {
-			defer close(r.lines)
-			sc := bufio.NewScanner(out)
-			for sc.Scan() {
-				r.lines <- sc.Text()
-			}
-		}()
-		replicas = append(replicas, r)
+		replicas = append(replicas, startChild(t, "TestGuardFleetHelper",
+			fleetURLEnv+"="+srv.URL, fmt.Sprintf("%s=%d", fleetIDEnv, id)))
 	}
 	// next returns the replica's next line that starts with prefix.
-	next := func(r *replica, prefix string) string {
+	next := func(r *child, prefix string) string {
 		t.Helper()
 		timer := time.NewTimer(2 * time.Minute)
 		defer timer.Stop()
