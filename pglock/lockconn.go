@@ -45,6 +45,9 @@ type lockConn struct {
 	// proof: conn goes through a pooler; its statements prove they run on
 	// the server session it claimed (see pooler.Proof). Set with conn.
 	proof *pooler.Proof
+	// counted: conn's session is counted in the mux's sessions, until the
+	// goroutine that clears this closes it (see mux.waitSessions).
+	counted bool
 	// dialing is closed when the connect under way is done (nil when none
 	// is); dialErr is why the last one failed.
 	dialing chan struct{}
@@ -340,12 +343,17 @@ func (c *lockConn) open(batch []*connOp) error {
 		c.lose(errors.New("connection closed"))
 		return errConnGone
 	case conn != nil && holds == 0 && time.Since(c.lastUsed) > c.m.abandonBound()/2:
+		c.mu.Lock()
+		c.conn = nil
+		counted := c.counted
+		c.counted = false
+		c.mu.Unlock()
 		ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
 		_ = conn.Close(ctx)
 		cancel()
-		c.mu.Lock()
-		c.conn = nil
-		c.mu.Unlock()
+		if counted {
+			c.m.sessionEnded()
+		}
 	case conn != nil:
 		return nil
 	}
@@ -387,26 +395,46 @@ func (c *lockConn) dial() <-chan struct{} {
 		return c.dialing
 	}
 	done := make(chan struct{})
+	if !c.m.sessionStarted() {
+		// The Locker is closed: no new session.
+		c.dialErr = ErrLockerClosed
+		if c.dead == nil {
+			c.dead = ErrLockerClosed
+		}
+		close(done)
+		return done
+	}
 	c.dialing = done
 	go func() {
-		conn, err := c.m.connect(c.m.closing, c.slot >= 0)
+		// Not cut by the Locker's Close at once: Close waits for the
+		// connect and ends its session (see mux.waitSessions).
+		conn, err := c.m.connect(c.m.dialing, c.slot >= 0)
 		c.mu.Lock()
-		defer c.mu.Unlock()
 		c.dialing = nil
-		defer close(done)
 		switch {
 		case err != nil:
 			c.dialErr = err
 			if c.dead == nil {
 				c.dead = err
 			}
-		case c.dead != nil: // lost or closed meanwhile (the Locker's Close)
-			ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
-			_ = conn.Close(ctx)
-			cancel()
+			c.m.sessionEnded()
+		case c.dead != nil || c.m.closing.Err() != nil:
+			// Lost or closed meanwhile (the Locker's Close): the new
+			// session ends before Close returns.
+			if c.dead == nil {
+				c.dead = ErrLockerClosed
+			}
+			c.dialErr = c.dead
+			c.mu.Unlock()
+			endSession(conn, min(c.m.statementBound(), maxSessionEnd))
+			c.m.sessionEnded()
+			close(done)
+			return
 		default:
-			c.conn, c.connAt, c.proof = conn, time.Now(), pooler.ProofOf(conn)
+			c.conn, c.connAt, c.proof, c.counted = conn, time.Now(), pooler.ProofOf(conn), true
 		}
+		c.mu.Unlock()
+		close(done)
 	}()
 	return done
 }
@@ -434,8 +462,20 @@ func (c *lockConn) markDead(err error) {
 func (c *lockConn) lose(err error) {
 	c.markDead(err)
 	c.mu.Lock()
-	conn, proof := c.conn, c.proof
+	conn, proof, counted := c.conn, c.proof, c.counted
+	c.counted = false
 	c.mu.Unlock()
+	if counted {
+		if conn != nil && conn.IsClosed() {
+			// pgx closed it, in a statement cut short (asyncClose: a
+			// cancel request, Terminate, then reading until the server
+			// ends the session), or an earlier close did: counted out
+			// when that is done, without holding up the holders' news.
+			c.m.sessionEndedWith(conn.PgConn().CleanupDone())
+		} else {
+			defer c.m.sessionEnded() // after the close below
+		}
+	}
 	if conn != nil && !conn.IsClosed() {
 		if err == errConnGone || errors.Is(err, ErrLockerClosed) {
 			bound := min(c.m.statementBound(), maxSessionEnd)

@@ -243,7 +243,8 @@ func (lk *Locker) Pooled() bool { return lk != nil && lk.pooled }
 // second, or, for a connection whose watch is pinging, up to
 // [WithLostCheckInterval] and a second). Through a session pooler the
 // locks are given back before the session is left to the pooler. A
-// connect under way when Close is called is cut off but not waited for.
+// connect under way when Close is called is waited for, and its session
+// ended, too (on a silent network it is cut off after a second).
 // It makes the Locker's methods, and the acquires of its Locks, fail with
 // [ErrLockerClosed]. It does not close the pool or connection the Locker
 // was made with; Locks in Transaction scope end as their transactions do.

@@ -67,6 +67,17 @@ type mux struct {
 	closing       context.Context // ends when the Locker is closed
 	cancelClosing context.CancelFunc
 
+	// The Locker's sessions, from the start of their connect
+	// (lockConn.dial) until closed (lockConn.lose): Close waits until none
+	// is left (see waitSessions). sessMu is taken after a lockConn's mu,
+	// never before.
+	sessMu        sync.Mutex
+	sessions      int
+	sessionsShut  bool            // Close began: no new session
+	sessionsGone  chan struct{}   // closed when sessions falls to 0 after Close began
+	dialing       context.Context // ends when Close stops waiting for connects
+	cancelDialing context.CancelFunc
+
 	initMu  sync.Mutex
 	inited  atomic.Bool
 	initRun *initRun // the run of initOnce under way; guarded by initMu
@@ -103,6 +114,7 @@ type mux struct {
 
 func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
 	closing, cancel := context.WithCancel(context.Background())
+	dialing, cancelDialing := context.WithCancel(context.Background())
 	t := keytable.New[Key, *lockConn, *muxBackend, *relayWait](keytable.Config{
 		SharedTries: true,
 		Probes:      true, // see mux.probe
@@ -111,6 +123,8 @@ func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
 	return &mux{
 		closing:        closing,
 		cancelClosing:  cancel,
+		dialing:        dialing,
+		cancelDialing:  cancelDialing,
 		t:              t,
 		pool:           pool,
 		db:             db,
@@ -209,13 +223,89 @@ func (m *mux) close() error {
 	m.mu.Unlock()
 	m.t.Close()
 	// Side by side: each close waits for the server to end its session
-	// (see endSession), up to its bound on a silent network.
+	// (see endSession), up to its bound on a silent network; so do the
+	// connects under way.
 	var wg sync.WaitGroup
 	for _, c := range cs {
 		wg.Go(func() { c.close(ErrLockerClosed) })
 	}
+	wg.Go(m.waitSessions)
 	wg.Wait()
 	return nil
+}
+
+// sessionStarted counts a session whose connect starts now, unless the
+// Locker is closed; sessionEnded counts it out once closed (after
+// endSession for a close the Locker chose), exactly once.
+func (m *mux) sessionStarted() bool {
+	m.sessMu.Lock()
+	defer m.sessMu.Unlock()
+	if m.sessionsShut {
+		return false
+	}
+	m.sessions++
+	return true
+}
+
+// sessionEnded counts out a session counted by sessionStarted.
+func (m *mux) sessionEnded() {
+	m.sessMu.Lock()
+	defer m.sessMu.Unlock()
+	m.sessions--
+	if m.sessions == 0 && m.sessionsGone != nil {
+		close(m.sessionsGone)
+		m.sessionsGone = nil
+	}
+}
+
+// sessionEndedWith counts out a session counted by sessionStarted once done
+// is closed, or after maxSessionEnd.
+func (m *mux) sessionEndedWith(done <-chan struct{}) {
+	go func() {
+		t := time.NewTimer(maxSessionEnd)
+		defer t.Stop()
+		select {
+		case <-done:
+		case <-t.C:
+		}
+		m.sessionEnded()
+	}()
+}
+
+// waitSessions, run by Close beside the closes of the connections it has,
+// waits until every session of the Locker is closed: also those of
+// connects under way, and of waiting connections a goroutine has taken out
+// of the Locker's sets to close them itself. A connect cut mid-way leaves a
+// session the server ends later, on its own (pgx closes the socket in the
+// middle of the startup or of the connection's first statements); so
+// connects are not cut at once: each finishes and is then ended by
+// endSession. Only those still connecting after maxSessionEnd (a silent
+// network) are cut off. The wait is bounded: a session that some goroutine
+// is slow to close does not make Close hang.
+func (m *mux) waitSessions() {
+	m.sessMu.Lock()
+	m.sessionsShut = true
+	if m.sessions == 0 {
+		m.sessMu.Unlock()
+		m.cancelDialing()
+		return
+	}
+	gone := make(chan struct{})
+	m.sessionsGone = gone
+	m.sessMu.Unlock()
+	t := time.NewTimer(maxSessionEnd)
+	defer t.Stop()
+	select {
+	case <-gone:
+	case <-t.C:
+		m.cancelDialing()
+		t.Reset(m.releaseTimeout + maxSessionEnd)
+		select {
+		case <-gone:
+		case <-t.C:
+		}
+	}
+	m.cancelDialing()
 }
 
 // stats counts what the multiplexer uses now.
