@@ -18,6 +18,10 @@ func TestMain(m *testing.M) { pgtest.Main(m) }
 // SQL, each run once per call.
 type pair struct {
 	lib, raw func(b *testing.B)
+	// same, when set, is raw pgx sending the library's own statements
+	// (sameAs): the paired sub-benchmark then also reports
+	// pglock/same-sql, the library's cost beyond its SQL.
+	same func(b *testing.B)
 }
 
 // contexts are the contexts every comparison runs with, each as a
@@ -83,6 +87,10 @@ func runPair(b *testing.B, mk func(b *testing.B, ctx context.Context) pair) {
 		})
 		b.Run("paired", func(b *testing.B) {
 			p := setup(b)
+			if p.same != nil {
+				pgtest.PairedSameSQL(b, "pglock", func() { p.lib(b) }, func() { p.raw(b) }, func() { p.same(b) })
+				return
+			}
 			pgtest.Paired(b, "pglock", func() { p.lib(b) }, func() { p.raw(b) })
 		})
 	})
@@ -91,8 +99,23 @@ func runPair(b *testing.B, mk func(b *testing.B, ctx context.Context) pair) {
 // run is runPair on a pgx pool of 4 (its connections opened beforehand)
 // with two fresh keys: k for the library, rk for raw pgx.
 func run(b *testing.B, setup func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair) {
+	runOn(b, false, setup)
+}
+
+// runSame is run on a tracedPool, for a setup whose pair has same (see
+// sameAs).
+func runSame(b *testing.B, setup func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair) {
+	runOn(b, true, setup)
+}
+
+func runOn(b *testing.B, traced bool, setup func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair) {
 	runPair(b, func(b *testing.B, ctx context.Context) pair {
-		pool := pgtest.Pool(b, 4)
+		var pool *pgxpool.Pool
+		if traced {
+			pool = tracedPool(b, 4)
+		} else {
+			pool = pgtest.Pool(b, 4)
+		}
 		for range 4 {
 			must(b, pool.Ping(ctx))
 		}
@@ -141,15 +164,17 @@ func rawSession(ctx context.Context, b *testing.B, pool *pgxpool.Pool, k pglock.
 // Session Acquire + Release, uncontended, of a Lock made by pglock.New on a
 // pool (one pool connection per hold).
 func BenchmarkSessionAcquireRelease(b *testing.B) {
-	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+	runSame(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		l, err := pglock.NewLock(pool, k)
 		must(b, err)
+		lib := func(b *testing.B) {
+			must(b, l.Acquire(ctx))
+			must(b, l.Release(ctx))
+		}
 		return pair{
-			lib: func(b *testing.B) {
-				must(b, l.Acquire(ctx))
-				must(b, l.Release(ctx))
-			},
-			raw: func(b *testing.B) { rawSession(ctx, b, pool, rk, func() {}) },
+			lib:  lib,
+			raw:  func(b *testing.B) { rawSession(ctx, b, pool, rk, func() {}) },
+			same: sameAs(b, ctx, pool, lib),
 		}
 	})
 }
@@ -158,25 +183,29 @@ func BenchmarkSessionAcquireRelease(b *testing.B) {
 // and Release, uncontended (one pool connection per hold), beside raw pgx:
 // pool.Acquire, pg_advisory_lock, pg_advisory_unlock, Release.
 func BenchmarkSessionNewAcquireRelease(b *testing.B) {
-	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+	runSame(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+		lib := func(b *testing.B) {
+			l, err := pglock.NewLock(pool, k)
+			must(b, err)
+			must(b, l.Acquire(ctx))
+			must(b, l.Release(ctx))
+		}
 		return pair{
-			lib: func(b *testing.B) {
-				l, err := pglock.NewLock(pool, k)
-				must(b, err)
-				must(b, l.Acquire(ctx))
-				must(b, l.Release(ctx))
-			},
-			raw: func(b *testing.B) { rawSession(ctx, b, pool, rk, func() {}) },
+			lib:  lib,
+			raw:  func(b *testing.B) { rawSession(ctx, b, pool, rk, func() {}) },
+			same: sameAs(b, ctx, pool, lib),
 		}
 	})
 }
 
 // TryAcquire + Release, uncontended, of a Lock made by pglock.New on a pool.
 func BenchmarkTryAcquireRelease(b *testing.B) {
-	run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+	runSame(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 		l, err := pglock.NewLock(pool, k)
 		must(b, err)
-		return tryPair(ctx, pool, l, rk)
+		p := tryPair(ctx, pool, l, rk)
+		p.same = sameAs(b, ctx, pool, p.lib)
+		return p
 	})
 }
 
@@ -245,12 +274,16 @@ func newLocker(b *testing.B, conn any, opts ...pglock.Option) *pglock.Locker {
 func BenchmarkDoSession(b *testing.B) {
 	for _, kind := range lockers {
 		b.Run(kind.name, func(b *testing.B) {
-			run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+			runSame(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 				lk := newLocker(b, pool, kind.opts...)
-				return pair{
+				p := pair{
 					lib: func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) },
 					raw: func(b *testing.B) { rawSession(ctx, b, pool, rk, func() { must(b, noop(ctx)) }) },
 				}
+				if kind.opts != nil { // per hold: its statements on a pool connection
+					p.same = sameAs(b, ctx, pool, p.lib)
+				}
+				return p
 			})
 		})
 	}
@@ -284,7 +317,7 @@ func BenchmarkDoTransaction(b *testing.B) {
 		rts    int
 	}{{"LockDo/vs-2rt", false, 2}, {"LockDo/vs-3rt", false, 3}, {"LockerDo/vs-2rt", true, 2}} {
 		b.Run(c.name, func(b *testing.B) {
-			run(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+			runSame(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 				var lib func(b *testing.B)
 				if c.locker {
 					lk := newLocker(b, pool, pglock.WithScope(pglock.Transaction))
@@ -299,7 +332,7 @@ func BenchmarkDoTransaction(b *testing.B) {
 				if c.rts == 3 {
 					raw = func(b *testing.B) { threeRT(ctx, b, pool, rk) }
 				}
-				return pair{lib: lib, raw: raw}
+				return pair{lib: lib, raw: raw, same: sameAs(b, ctx, pool, lib)}
 			})
 		})
 	}

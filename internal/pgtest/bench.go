@@ -40,3 +40,28 @@ func PairedAs(b *testing.B, name, base string, lib, raw func()) {
 	b.ReportMetric(float64(rawT.Nanoseconds())/float64(i), base+"-ns/op")
 	b.ReportMetric(float64(libT)/float64(rawT), name+"/"+base)
 }
+
+// PairedSameSQL is Paired with a third side, same: raw pgx sending exactly
+// the statements the library sends (recorded from it), where raw is what
+// code without the library would write. It rotates the three sides' order
+// every iteration and reports each one's ns/op, "<name>/raw", and
+// "<name>/same-sql": what the library's own work costs beyond its SQL.
+func PairedSameSQL(b *testing.B, name string, lib, raw, same func()) {
+	sides := [3]func(){lib, raw, same}
+	var t [3]time.Duration
+	i := 0
+	for b.Loop() {
+		for j := range 3 {
+			s := (i + j) % 3
+			t0 := time.Now()
+			sides[s]()
+			t[s] += time.Since(t0)
+		}
+		i++
+	}
+	b.ReportMetric(float64(t[0].Nanoseconds())/float64(i), name+"-ns/op")
+	b.ReportMetric(float64(t[1].Nanoseconds())/float64(i), "raw-ns/op")
+	b.ReportMetric(float64(t[2].Nanoseconds())/float64(i), "same-sql-ns/op")
+	b.ReportMetric(float64(t[0])/float64(t[1]), name+"/raw")
+	b.ReportMetric(float64(t[0])/float64(t[2]), name+"/same-sql")
+}
