@@ -3,14 +3,12 @@ package pglock
 import (
 	"context"
 	"database/sql"
-	"errors"
 	"fmt"
 	"reflect"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglockkit/kit/pglock/internal/memlock"
@@ -234,30 +232,8 @@ func isNilTx(tx pgx.Tx) (isNil bool) {
 	return tx == nil || tx.Conn() == nil
 }
 
-// queryCanceled is the SQLSTATE of a statement cancelled on request.
-const queryCanceled = "57014"
-
-func isCanceled(err error) bool {
-	if err == nil {
-		return false
-	}
-	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && pgErr.Code == queryCanceled
-}
-
 // bounded returns a context for statements that must run even when ctx has
 // ended (unlock, commit, rollback, cleanup), bounded by d.
 func bounded(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), d)
-}
-
-// retryCanceled runs f again once when it fails with query_canceled: a cancel
-// request sent for an earlier wait can reach the server late and hit the
-// statement after it.
-func retryCanceled(f func() error) error {
-	err := f()
-	if isCanceled(err) {
-		err = f()
-	}
-	return err
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pglockkit/kit/pglock/internal/keytable"
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 )
 
 // muxBackend is one hold of a multiplexing Locker's Lock.
@@ -56,7 +57,7 @@ func (b *muxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
 // release ends the hold; the last local holder of the key unlocks it. The
 // unlock is bounded by the release timeout, not by ctx.
 func (b *muxBackend) release(ctx context.Context, _ bool) error {
-	return b.endAs(setMemberOf(ctx))
+	return b.endAs(lockconn.SetMemberOf(ctx))
 }
 
 // discard ends a hold that was lost: nothing is sent for it (unless it turns
@@ -65,9 +66,9 @@ func (b *muxBackend) discard() { _ = b.end() }
 
 func (b *muxBackend) end() error { return b.endAs(nil) }
 
-// endAs is end; member: the release is one of a key set's (see setBatch),
+// endAs is end; member: the release is one of a key set's (see lockconn.SetBatch),
 // whose unlock lingers for the others' on a free lock connection.
-func (b *muxBackend) endAs(member *setMember) error {
+func (b *muxBackend) endAs(member *lockconn.SetMember) error {
 	e := b.e
 	if e == nil {
 		return nil
@@ -83,10 +84,10 @@ func (b *muxBackend) endAs(member *setMember) error {
 	// reused) before it is answered.
 	var checkErr error
 	if lostErr == nil && others && c != nil {
-		op := connOp{check: true}
-		c.do(&op)
-		if errors.Is(op.err, errConnGone) {
-			checkErr = join(ErrLockLost, op.err)
+		op := connOp{Check: true}
+		c.Do(&op)
+		if errors.Is(op.Err, errConnGone) {
+			checkErr = join(ErrLockLost, op.Err)
 		}
 	}
 	if !t.Leave(e) {
@@ -129,21 +130,21 @@ func (b *muxBackend) token(ctx context.Context) (int64, error) {
 	// One statement per attempt, which does not wait for a lock on a lock
 	// connection (its lock_timeout is short, and the key's row is locked
 	// NOWAIT): the connection serves other keys between attempts. It is
-	// bounded like any statement there (see lockConn.flush), so a silent
+	// bounded like any statement there (see lockconn.Conn.flush), so a silent
 	// network loses the connection within the same bound as when idle.
 	return b.l.takeToken(ctx, func() (int64, error) {
 		var token int64
 		var err error
-		op := connOp{ctx: ctx, bounded: true, fn: func(conn *pgx.Conn) {
+		op := connOp{Ctx: ctx, Bounded: true, Fn: func(conn *pgx.Conn) {
 			if conn == nil {
 				err = errConnGone
 				return
 			}
 			token, err = b.l.tokenOnce(context.Background(), conn, true, false)
 		}}
-		c.do(&op)
+		c.Do(&op)
 		if err == nil {
-			err = op.err
+			err = op.Err
 		}
 		return token, err
 	})

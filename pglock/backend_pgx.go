@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
@@ -310,7 +311,7 @@ func (b *pgxBackend) endFailedTx(ctx context.Context) {
 	}
 	rctx, cancel := b.bounded(ctx)
 	defer cancel()
-	err := retryCanceled(func() error {
+	err := lockconn.RetryCanceled(func() error {
 		if b.conn.PgConn().TxStatus() == 'I' {
 			return nil
 		}
@@ -392,7 +393,7 @@ func (b *pgxBackend) unlockSession(ctx context.Context) error {
 	}
 	rctx := b.detach(ctx)
 	var ok bool
-	err := retryCanceled(func() error {
+	err := lockconn.RetryCanceled(func() error {
 		return b.conn.QueryRow(rctx, b.st.unlock, b.st.args...).Scan(&ok)
 	})
 	b.reattach()

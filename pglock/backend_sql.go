@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pglockkit/kit/pglock/internal/connwatch"
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
@@ -353,7 +354,7 @@ func (b *sqlBackend) release(ctx context.Context, commit bool) error {
 	case b.l.cfg.scope == Session:
 		var ok bool
 		ran, err := b.onPgx(ctx, func(ctx context.Context, pc *pgx.Conn) error {
-			return retryCanceled(func() error { return pc.QueryRow(ctx, b.st.unlock, b.st.args...).Scan(&ok) })
+			return lockconn.RetryCanceled(func() error { return pc.QueryRow(ctx, b.st.unlock, b.st.args...).Scan(&ok) })
 		})
 		if !ran {
 			rctx, cancel := bounded(ctx, b.l.cfg.releaseTimeout)

@@ -386,7 +386,7 @@ func rowsOf(src source) func(ctx context.Context, extra string) ([]waitgraph.Row
 // waits for no lock), else on the pool or *sql.DB.
 func (m *mux) cycleRows(ctx context.Context, extra string) (rows []waitgraph.Row, err error) {
 	if c := m.openSlot(); c != nil {
-		op := connOp{ctx: ctx, bounded: true, fn: func(conn *pgx.Conn) {
+		op := connOp{Ctx: ctx, Bounded: true, Fn: func(conn *pgx.Conn) {
 			if conn == nil {
 				err = errConnGone
 				return
@@ -399,9 +399,9 @@ func (m *mux) cycleRows(ctx context.Context, extra string) (rows []waitgraph.Row
 				rows, err = scanLockRows(r)
 			}
 		}}
-		c.do(&op)
+		c.Do(&op)
 		if err == nil {
-			err = op.err
+			err = op.Err
 		}
 		return rows, err
 	}
@@ -419,7 +419,7 @@ func (m *mux) openSlot() *lockConn {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, s := range m.slots {
-		if s != nil && !s.isDead() && s.hasConn() {
+		if s != nil && !s.IsDead() && s.HasConn() {
 			return s
 		}
 	}

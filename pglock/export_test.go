@@ -24,5 +24,5 @@ func LockStatements(lk *Locker) int64 {
 	if lk.mux == nil {
 		return 0
 	}
-	return lk.mux.statements.Load()
+	return lk.mux.lc.Statements()
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 	"github.com/pglockkit/kit/pglock/internal/memlock"
 )
 
@@ -184,7 +185,7 @@ func (lk *Locker) CheckHealth(ctx context.Context) error {
 			return nil
 		case lk.closed.Load():
 			return ErrLockerClosed
-		case ctxEnded(cctx) != nil:
+		case lockconn.ContextEnded(cctx) != nil:
 			// The bound's error says less than the failure before it.
 			return fmt.Errorf("%w: no answer from the server within %v (%v)", ErrUnavailable, 2*interval, err)
 		case strings.HasPrefix(err.Error(), ErrUnavailable.Error()):
@@ -245,15 +246,15 @@ func (m *mux) reach(ctx context.Context) error {
 		m.mu.Lock()
 		c := m.slots[i]
 		m.mu.Unlock()
-		if c == nil || c.isDead() || !c.hasConn() {
+		if c == nil || c.IsDead() || !c.HasConn() {
 			continue
 		}
-		op := connOp{ctx: ctx, check: true}
-		c.do(&op)
-		if op.err == nil && op.ok {
+		op := connOp{Ctx: ctx, Check: true}
+		c.Do(&op)
+		if op.Err == nil && op.OK {
 			return nil
 		}
-		last = op.err
+		last = op.Err
 		if ctx.Err() != nil {
 			return last
 		}
@@ -264,14 +265,14 @@ func (m *mux) reach(ctx context.Context) error {
 	if c == nil {
 		return ErrLockerClosed
 	}
-	op := connOp{ctx: ctx, check: true}
-	c.do(&op)
+	op := connOp{Ctx: ctx, Check: true}
+	c.Do(&op)
 	switch {
-	case op.err != nil && last != nil:
-		return fmt.Errorf("%w; then: %w", last, op.err)
-	case op.err != nil:
-		return op.err
-	case !op.ok:
+	case op.Err != nil && last != nil:
+		return fmt.Errorf("%w; then: %w", last, op.Err)
+	case op.Err != nil:
+		return op.Err
+	case !op.OK:
 		return errors.Join(last, errors.New("pglock: the lock connection's check answered false"))
 	}
 	return nil

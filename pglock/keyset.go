@@ -8,10 +8,10 @@ import (
 	"fmt"
 	"slices"
 	"sync"
-	"sync/atomic"
-	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 )
 
 // Key sets: several keys held at once, all or nothing (issue 24).
@@ -248,90 +248,16 @@ func (lk *Locker) trySet(ctx context.Context, locks []*Lock, oks []bool, errs []
 		return
 	}
 	var wg sync.WaitGroup
-	batch := newSetBatch(len(locks))
+	batch := lockconn.NewSetBatch(len(locks))
 	for i, l := range locks {
-		m := &setMember{b: batch}
-		mctx := context.WithValue(ctx, setMemberKey{}, m)
+		m := batch.Member()
+		mctx := lockconn.WithSetMember(ctx, m)
 		wg.Go(func() {
 			oks[i], errs[i] = l.TryAcquire(mctx)
-			m.arrive() // a try that never reached a lock connection
+			m.Arrive() // a try that never reached a lock connection
 		})
 	}
 	wg.Wait()
-}
-
-// setBatch gathers the tries (or the unlocks) of one key set on the lock
-// connections: a request of the set that finds its lock connection free
-// waits there (lingers), as its owner, until every other request of the
-// set is queued on a lock connection or has ended without one, for at most
-// setLinger, so that the set's requests share statements instead of the
-// first going alone.
-type setBatch struct {
-	pending atomic.Int32 // tries of the set not yet queued or ended
-	ready   chan struct{}
-}
-
-func newSetBatch(n int) *setBatch {
-	b := &setBatch{ready: make(chan struct{})}
-	b.pending.Store(int32(n))
-	return b
-}
-
-// setLinger bounds how long a try of a key set lingers for the others.
-const setLinger = time.Millisecond
-
-// setMember is one try of a setBatch; it arrives once.
-type setMember struct {
-	b    *setBatch
-	once sync.Once
-}
-
-// setMemberKey is the context key of a try's setMember.
-type setMemberKey struct{}
-
-// setMember returns the key-set request that o is, or nil.
-func (o *connOp) setMember() *setMember {
-	if !o.isRequest() {
-		return nil
-	}
-	if o.member != nil {
-		return o.member
-	}
-	return setMemberOf(o.ctx)
-}
-
-// setMemberOf returns the key-set request that ctx is the context of, or
-// nil.
-func setMemberOf(ctx context.Context) *setMember {
-	if ctx == nil {
-		return nil
-	}
-	m, _ := ctx.Value(setMemberKey{}).(*setMember)
-	return m
-}
-
-// arrive counts m as queued (or ended); it reports whether every try of
-// the set has arrived. Safe on a nil m.
-func (m *setMember) arrive() bool {
-	if m == nil {
-		return true
-	}
-	m.once.Do(func() {
-		if m.b.pending.Add(-1) == 0 {
-			close(m.b.ready)
-		}
-	})
-	return m.b.pending.Load() == 0
-}
-
-// linger waits until every try of m's set has arrived, or setLinger.
-func (m *setMember) linger() {
-	t := time.NewTimer(setLinger)
-	defer t.Stop()
-	select {
-	case <-m.b.ready:
-	case <-t.C:
-	}
 }
 
 // releaseAll releases locks and joins their errors: at once on a
@@ -341,13 +267,13 @@ func releaseAll(ctx context.Context, locks []*Lock, mux bool) error {
 	errs := make([]error, len(locks))
 	if mux && len(locks) > 1 {
 		var wg sync.WaitGroup
-		batch := newSetBatch(len(locks))
+		batch := lockconn.NewSetBatch(len(locks))
 		for i, l := range locks {
-			m := &setMember{b: batch}
-			mctx := context.WithValue(ctx, setMemberKey{}, m)
+			m := batch.Member()
+			mctx := lockconn.WithSetMember(ctx, m)
 			wg.Go(func() {
 				errs[i] = l.Release(mctx)
-				m.arrive() // a release that sent no unlock
+				m.Arrive() // a release that sent no unlock
 			})
 		}
 		wg.Wait()

@@ -40,15 +40,7 @@ func (ld *Leader) holdPID() int64 {
 		if c == nil {
 			return 0
 		}
-		c.mu.Lock()
-		conn, proof := c.conn, c.proof
-		c.mu.Unlock()
-		switch {
-		case proof != nil:
-			return int64(proof.PID()) // through a pooler: the server's pid
-		case conn != nil:
-			return int64(conn.PgConn().PID())
-		}
+		return c.SessionPID()
 	case *memBackend: // the in-memory double
 		return b.pid()
 	case *pgxBackend:

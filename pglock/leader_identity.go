@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 	"github.com/pglockkit/kit/pglock/internal/memlock"
 )
 
@@ -236,7 +237,7 @@ func nameHold(ctx context.Context, conn *pgx.Conn, l *Lock) (prev string, named 
 	if prev == id {
 		return "", false, nil
 	}
-	if err := retryCanceled(func() error { _, err := conn.Exec(ctx, setAppNameSQL, id); return err }); err != nil {
+	if err := lockconn.RetryCanceled(func() error { _, err := conn.Exec(ctx, setAppNameSQL, id); return err }); err != nil {
 		return "", false, fmt.Errorf("pglock: name the Leader's session %q: %w", id, err)
 	}
 	return prev, true, nil
@@ -245,7 +246,7 @@ func nameHold(ctx context.Context, conn *pgx.Conn, l *Lock) (prev string, named 
 // unnameHold gives conn back the application_name prev that nameHold
 // replaced.
 func unnameHold(ctx context.Context, conn *pgx.Conn, prev string) error {
-	return retryCanceled(func() error { _, err := conn.Exec(ctx, setAppNameSQL, prev); return err })
+	return lockconn.RetryCanceled(func() error { _, err := conn.Exec(ctx, setAppNameSQL, prev); return err })
 }
 
 // nameSQLHold is nameHold on a *sql.Conn whose driver is not pgx's, which
@@ -257,14 +258,14 @@ func nameSQLHold(ctx context.Context, conn *sql.Conn, l *Lock) (prev string, nam
 	}
 	qctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
 	defer cancel()
-	err = retryCanceled(func() error {
+	err = lockconn.RetryCanceled(func() error {
 		return conn.QueryRowContext(qctx, "SELECT pg_catalog.current_setting('application_name')").Scan(&prev)
 	})
 	if err == nil && prev == id {
 		return "", false, nil
 	}
 	if err == nil {
-		err = retryCanceled(func() error { _, err := conn.ExecContext(qctx, setAppNameSQL, id); return err })
+		err = lockconn.RetryCanceled(func() error { _, err := conn.ExecContext(qctx, setAppNameSQL, id); return err })
 	}
 	if err != nil {
 		return "", false, fmt.Errorf("pglock: name the Leader's session %q: %w", id, err)
@@ -276,7 +277,7 @@ func nameSQLHold(ctx context.Context, conn *sql.Conn, l *Lock) (prev string, nam
 func unnameSQLHold(conn *sql.Conn, prev string, bound time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), bound)
 	defer cancel()
-	return retryCanceled(func() error { _, err := conn.ExecContext(ctx, setAppNameSQL, prev); return err })
+	return lockconn.RetryCanceled(func() error { _, err := conn.ExecContext(ctx, setAppNameSQL, prev); return err })
 }
 
 // observe reads who leads from the server every ObserveInterval, and at
@@ -330,7 +331,7 @@ func (m *mux) keyHolder(ctx context.Context, args []any) (pid int64, app string,
 	var c *lockConn
 	m.mu.Lock()
 	for _, s := range m.slots {
-		if s != nil && !s.isDead() && s.hasConn() {
+		if s != nil && !s.IsDead() && s.HasConn() {
 			c = s
 			break
 		}
@@ -339,16 +340,16 @@ func (m *mux) keyHolder(ctx context.Context, args []any) (pid int64, app string,
 	if c == nil {
 		return 0, "", false, false, nil
 	}
-	op := connOp{ctx: ctx, bounded: true, fn: func(conn *pgx.Conn) {
+	op := connOp{Ctx: ctx, Bounded: true, Fn: func(conn *pgx.Conn) {
 		if conn == nil {
 			err = errConnGone
 			return
 		}
 		err = conn.QueryRow(context.Background(), holderSQL, args...).Scan(&pid, &app)
 	}}
-	c.do(&op)
+	c.Do(&op)
 	if err == nil {
-		err = op.err
+		err = op.Err
 	}
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, "", false, true, nil

@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pglockkit/kit/pglock/internal/connwatch"
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
@@ -436,7 +437,7 @@ func (l *Lock) open(ctx context.Context, wait bool) (backend, bool, error) {
 func (l *Lock) notAcquired(ctx context.Context, err error) error {
 	// A dial or read cut by the deadline can fail before ctx's own timer
 	// fires: a passed deadline counts as ended.
-	ctxErr := ctxEnded(ctx)
+	ctxErr := lockconn.ContextEnded(ctx)
 	switch {
 	case err == nil && ctxErr == nil:
 		return fmt.Errorf("%w: key %s", ErrNotAcquired, l.key)
@@ -449,8 +450,8 @@ func (l *Lock) notAcquired(ctx context.Context, err error) error {
 	case isDeadlock(err) && !errors.Is(err, ErrDeadlock):
 		// PostgreSQL ended this wait to break a cycle of waits.
 		return fmt.Errorf("%w: key %s: %w: %w", ErrNotAcquired, l.key, ErrDeadlock, err)
-	case outOfSharedMemory(err) && !errors.Is(err, ErrTooManyLocks):
-		return fmt.Errorf("%w: key %s: %w", ErrNotAcquired, l.key, lockFailed(err))
+	case lockconn.OutOfSharedMemory(err) && !errors.Is(err, ErrTooManyLocks):
+		return fmt.Errorf("%w: key %s: %w", ErrNotAcquired, l.key, lockconn.LockFailed(ErrTooManyLocks, err))
 	case errors.Is(err, ErrUnavailable):
 		// The server could not be reached (in time): not a busy key, even
 		// when the context ended meanwhile.

@@ -13,6 +13,21 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglockkit/kit/pglock/internal/keytable"
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
+)
+
+// lockConn is one of a multiplexing Locker's own connections (see package
+// lockconn), and connOp one request to it.
+type (
+	lockConn = lockconn.Conn
+	connOp   = lockconn.Op
+)
+
+// errConnGone and errConnectCut are the lock connections' errors (see
+// lockconn.ErrGone and lockconn.ErrConnectCut).
+var (
+	errConnGone   = lockconn.ErrGone
+	errConnectCut = lockconn.ErrConnectCut
 )
 
 // keyTable is a multiplexing Locker's table of keys (see package keytable):
@@ -43,11 +58,12 @@ func tableMode(m Mode) keytable.Mode {
 // Its methods are in files by concern. A hold (backend_mux.go) calls into
 // taking, waiting and giving back; taking and waiting call each other (a
 // busy try goes on to wait, a wait without a waiting connection polls with
-// tries); all of them use routing and connecting, lockconn.go (one lock or
-// waiting connection) and the key table (package keytable), which calls
-// nothing of theirs:
+// tries); all of them use routing and connecting, package lockconn (one
+// lock or waiting connection, which m owns: see lockconn.Owner) and the key
+// table (package keytable), which call nothing of theirs but the owner's
+// methods:
 //
-//	mux.go          the type, Close, Stats
+//	mux.go          the type, Close, Stats; the owner of the lock connections
 //	mux_connect.go  readiness, connecting, the server's lock table (guard)
 //	mux_route.go    which lock connection a key goes to; the lock cap
 //	mux_take.go     a key taken without waiting (and shared holders' probe)
@@ -67,16 +83,9 @@ type mux struct {
 	closing       context.Context // ends when the Locker is closed
 	cancelClosing context.CancelFunc
 
-	// The Locker's sessions, from the start of their connect
-	// (lockConn.dial) until closed (lockConn.lose): Close waits until none
-	// is left (see waitSessions). sessMu is taken after a lockConn's mu,
-	// never before.
-	sessMu        sync.Mutex
-	sessions      int
-	sessionsShut  bool            // Close began: no new session
-	sessionsGone  chan struct{}   // closed when sessions falls to 0 after Close began
-	dialing       context.Context // ends when Close stops waiting for connects
-	cancelDialing context.CancelFunc
+	// lc is what the lock connections share: their configuration, their
+	// sessions (which Close waits for) and the count of their statements.
+	lc *lockconn.Group
 
 	initMu  sync.Mutex
 	inited  atomic.Bool
@@ -87,10 +96,6 @@ type mux struct {
 	// of a self-test that found locks that do not exclude: every later
 	// connect fails with it at once.
 	refused atomic.Pointer[error]
-
-	// statements counts the lock requests' statements on lock connections
-	// (tests read it).
-	statements atomic.Int64
 
 	// hints are the homes of keys moved by pick (slot+1; 0: the slot by
 	// hash), by bucket of hintOf.
@@ -114,17 +119,14 @@ type mux struct {
 
 func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
 	closing, cancel := context.WithCancel(context.Background())
-	dialing, cancelDialing := context.WithCancel(context.Background())
 	t := keytable.New[Key, *lockConn, *muxBackend, *relayWait](keytable.Config{
 		SharedTries: true,
 		Probes:      true, // see mux.probe
 		Closed:      ErrLockerClosed,
 	})
-	return &mux{
+	m := &mux{
 		closing:        closing,
 		cancelClosing:  cancel,
-		dialing:        dialing,
-		cancelDialing:  cancelDialing,
 		t:              t,
 		pool:           pool,
 		db:             db,
@@ -137,6 +139,47 @@ func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
 		waitSem:        make(chan struct{}, cfg.waitConns),
 		waitBusy:       make(map[*lockConn]struct{}),
 	}
+	m.lc = lockconn.NewGroup(m, lockconn.Config{
+		LostCheck:      m.lostCheck,
+		ReleaseTimeout: m.releaseTimeout,
+		StatementBound: m.statementBound(),
+		AbandonBound:   m.abandonBound(),
+		Closing:        closing,
+		Closed:         ErrLockerClosed,
+		Unavailable:    ErrUnavailable,
+		TooManyLocks:   ErrTooManyLocks,
+		Join:           join,
+		Statements:     lockConnStatements,
+	})
+	return m
+}
+
+// lockConnStatements are the lock connections' statements (see
+// lockconn.Config.Statements), by [mode][pair].
+var lockConnStatements = func() (s [2][2]lockconn.Statements) {
+	for mode := range 2 {
+		for pair := range 2 {
+			st := &fixed[Session][mode][pair]
+			s[mode][pair] = lockconn.Statements{Try: st.try, Unlock: st.unlock}
+		}
+	}
+	return s
+}()
+
+// Connect opens a lock connection (lock) or a waiting one (see
+// mux.connect): m owns its lock connections (see lockconn.Owner).
+func (m *mux) Connect(ctx context.Context, lock bool) (*pgx.Conn, error) {
+	return m.connect(ctx, lock)
+}
+
+// Lost marks every key held on c as lost and tells its holders.
+func (m *mux) Lost(c *lockConn, err error) {
+	m.t.LoseConn(c, err)
+}
+
+// Refuse makes every later connect fail with err.
+func (m *mux) Refuse(err error) {
+	m.refused.Store(&err)
 }
 
 func (m *mux) owned() bool    { return true }
@@ -195,11 +238,6 @@ func (m *mux) isClosed() bool {
 	return m.closed
 }
 
-// connLost marks every key held on c as lost and tells its holders.
-func (m *mux) connLost(c *lockConn, err error) {
-	m.t.LoseConn(c, err)
-}
-
 // close closes every connection: the locks on them are lost.
 func (m *mux) close() error {
 	m.cancelClosing()
@@ -223,89 +261,15 @@ func (m *mux) close() error {
 	m.mu.Unlock()
 	m.t.Close()
 	// Side by side: each close waits for the server to end its session
-	// (see endSession), up to its bound on a silent network; so do the
-	// connects under way.
+	// (see lockconn.EndSession), up to its bound on a silent network; so do
+	// the connects under way.
 	var wg sync.WaitGroup
 	for _, c := range cs {
-		wg.Go(func() { c.close(ErrLockerClosed) })
+		wg.Go(func() { c.Close(ErrLockerClosed) })
 	}
-	wg.Go(m.waitSessions)
+	wg.Go(m.lc.WaitSessions)
 	wg.Wait()
 	return nil
-}
-
-// sessionStarted counts a session whose connect starts now, unless the
-// Locker is closed; sessionEnded counts it out once closed (after
-// endSession for a close the Locker chose), exactly once.
-func (m *mux) sessionStarted() bool {
-	m.sessMu.Lock()
-	defer m.sessMu.Unlock()
-	if m.sessionsShut {
-		return false
-	}
-	m.sessions++
-	return true
-}
-
-// sessionEnded counts out a session counted by sessionStarted.
-func (m *mux) sessionEnded() {
-	m.sessMu.Lock()
-	defer m.sessMu.Unlock()
-	m.sessions--
-	if m.sessions == 0 && m.sessionsGone != nil {
-		close(m.sessionsGone)
-		m.sessionsGone = nil
-	}
-}
-
-// sessionEndedWith counts out a session counted by sessionStarted once done
-// is closed, or after maxSessionEnd.
-func (m *mux) sessionEndedWith(done <-chan struct{}) {
-	go func() {
-		t := time.NewTimer(maxSessionEnd)
-		defer t.Stop()
-		select {
-		case <-done:
-		case <-t.C:
-		}
-		m.sessionEnded()
-	}()
-}
-
-// waitSessions, run by Close beside the closes of the connections it has,
-// waits until every session of the Locker is closed: also those of
-// connects under way, and of waiting connections a goroutine has taken out
-// of the Locker's sets to close them itself. A connect cut mid-way leaves a
-// session the server ends later, on its own (pgx closes the socket in the
-// middle of the startup or of the connection's first statements); so
-// connects are not cut at once: each finishes and is then ended by
-// endSession. Only those still connecting after maxSessionEnd (a silent
-// network) are cut off. The wait is bounded: a session that some goroutine
-// is slow to close does not make Close hang.
-func (m *mux) waitSessions() {
-	m.sessMu.Lock()
-	m.sessionsShut = true
-	if m.sessions == 0 {
-		m.sessMu.Unlock()
-		m.cancelDialing()
-		return
-	}
-	gone := make(chan struct{})
-	m.sessionsGone = gone
-	m.sessMu.Unlock()
-	t := time.NewTimer(maxSessionEnd)
-	defer t.Stop()
-	select {
-	case <-gone:
-	case <-t.C:
-		m.cancelDialing()
-		t.Reset(m.releaseTimeout + maxSessionEnd)
-		select {
-		case <-gone:
-		case <-t.C:
-		}
-	}
-	m.cancelDialing()
 }
 
 // stats counts what the multiplexer uses now.
@@ -315,22 +279,22 @@ func (m *mux) stats() LockerStats {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, c := range m.slots {
-		if c != nil && !c.isDead() && c.hasConn() {
+		if c != nil && !c.IsDead() && c.HasConn() {
 			s.LockConns++
 		}
 	}
 	for c := range m.waitBusy {
 		switch {
-		case !c.placed:
+		case !c.Placed:
 			s.LeaderConns++
-		case c.holdsAny():
+		case c.HoldsAny():
 			s.HoldingConns++
 		default:
 			s.WaitingConns++
 		}
 	}
 	for _, c := range m.waitIdle {
-		if c.hasConn() {
+		if c.HasConn() {
 			s.IdleConns++
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
@@ -68,13 +69,9 @@ func (m *mux) init(ctx context.Context) error {
 
 // connectingErr is the error of a request whose context ended (ctxErr)
 // while the connection it needs was still being opened: ErrUnavailable, not
-// busy. A deadline is said in the text only, so that it does not read as a
-// busy key; a cancel is kept (context.Canceled matches).
+// busy (see lockconn.ConnectingErr).
 func connectingErr(ctxErr error) error {
-	if errors.Is(ctxErr, context.DeadlineExceeded) {
-		return fmt.Errorf("%w: %w (%v)", ErrUnavailable, errConnectCut, ctxErr)
-	}
-	return fmt.Errorf("%w: %w: %w", ErrUnavailable, errConnectCut, ctxErr)
+	return lockconn.ConnectingErr(ErrUnavailable, ctxErr)
 }
 
 // initOnce finds the connection settings (on a *sql.DB, those of pgx's
@@ -116,10 +113,10 @@ func (m *mux) initOnce() error {
 		return ErrLockerClosed
 	}
 	var err error
-	op := connOp{ctx: ctx, fn: func(conn *pgx.Conn) { err = m.readLimit(conn) }}
-	c.do(&op)
+	op := connOp{Ctx: ctx, Fn: func(conn *pgx.Conn) { err = m.readLimit(conn) }}
+	c.Do(&op)
 	if err == nil {
-		err = op.err
+		err = op.Err
 	}
 	if err == nil {
 		if _, err = m.selfTest(ctx, c); err != nil {
@@ -183,12 +180,12 @@ func (m *mux) serverAdvisory() (n, capacity int, err error) {
 	if c == nil {
 		return 0, 0, ErrLockerClosed
 	}
-	op := connOp{fn: func(conn *pgx.Conn) {
+	op := connOp{Fn: func(conn *pgx.Conn) {
 		err = conn.QueryRow(context.Background(), guardCountSQL).Scan(&n, &capacity)
 	}}
-	c.do(&op)
+	c.Do(&op)
 	if err == nil {
-		err = op.err
+		err = op.Err
 	}
 	return n, capacity, err
 }
@@ -283,7 +280,7 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 		}
 	}
 	// A lock connection that holds many locks stays inside a transaction
-	// block (see blockFrom): there idle_session_timeout does not apply, and
+	// block (see lockconn.blockFrom): there idle_session_timeout does not apply, and
 	// idle_in_transaction_session_timeout bounds a silent client instead
 	// (set whatever the pool's configuration says: these sessions are the
 	// Locker's, and the block is its own).
@@ -324,7 +321,7 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 	keepAlive(conn.PgConn().Conn(), max(bound/2, time.Second))
 	if lockConn {
 		// The unlocks that clean up after a failed statement (see
-		// lockConn.cleanup) are prepared now: on a full lock table their
+		// lockconn.Conn.cleanup) are prepared now: on a full lock table their
 		// Parse could need a lock for the catalog lookups (when a filler's
 		// strong locks keep catalogs off the fast path), fail, and lose
 		// the connection with every lock on it.

@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
@@ -16,29 +17,30 @@ import (
 // the next goroutine of the process waits for the same exclusive key, the
 // unlock takes the key again in the same statement and hands it over: one
 // round trip per hand-off, and a waiter of another session, queued in the
-// server, still comes first (see connOp.retake).
-func (m *mux) give(e *keyEntry, mode Mode, member *setMember) error {
+// server, still comes first (see lockconn.Op.Retake).
+func (m *mux) give(e *keyEntry, mode Mode, member *lockconn.SetMember) error {
 	c, lostErr := m.t.HeldOn(e)
 	if lostErr != nil {
 		m.ended(e, c, false)
 		return join(ErrLockLost, lostErr)
 	}
-	op := connOp{unlock: true, key: e.Key(), mode: mode, member: member}
+	k := e.Key()
+	op := connOp{Unlock: true, Key: k.v, Pair: k.pair, Shared: mode == Shared, Member: member}
 	accept := m.handsTo(c)
-	if mode == Exclusive && c.slot < 0 && accept(false) && m.t.IsHot(e.Key()) && m.t.CanRelay(e) {
+	if mode == Exclusive && c.Slot() < 0 && accept(false) && m.t.IsHot(e.Key()) && m.t.CanRelay(e) {
 		if done, err := m.relay(e, c); done {
 			return err
 		}
 	}
 	next, campaign := m.t.NextExclusive(e)
-	op.retake = mode == Exclusive && next && accept(campaign)
+	op.Retake = mode == Exclusive && next && accept(campaign)
 	err := m.unlock(c, &op)
-	if err == nil && op.retake && !op.retaken {
+	if err == nil && op.Retake && !op.Retaken {
 		// The unlock granted the key to a session of another process,
 		// queued in the server.
 		m.t.MarkHot(e.Key())
 	}
-	if err == nil && op.retaken {
+	if err == nil && op.Retaken {
 		handed, lost := m.t.HandOff(e, c, accept)
 		switch {
 		case handed:
@@ -48,7 +50,7 @@ func (m *mux) give(e *keyEntry, mode Mode, member *setMember) error {
 			return nil
 		}
 		// The waiter left meanwhile: give the key back after all.
-		op = connOp{unlock: true, key: e.Key(), mode: mode}
+		op = connOp{Unlock: true, Key: k.v, Pair: k.pair, Shared: mode == Shared}
 		err = m.unlock(c, &op)
 	}
 	m.ended(e, c, err == nil)
@@ -73,7 +75,7 @@ func (m *mux) give(e *keyEntry, mode Mode, member *setMember) error {
 func (m *mux) relay(e *keyEntry, c *lockConn) (done bool, err error) {
 	var rw *relayWait
 	var held bool
-	op := connOp{bounded: true, fn: func(conn *pgx.Conn) {
+	op := connOp{Bounded: true, Fn: func(conn *pgx.Conn) {
 		if conn == nil {
 			err = errConnGone
 			return
@@ -95,13 +97,13 @@ func (m *mux) relay(e *keyEntry, c *lockConn) (done bool, err error) {
 		_ = conn.PgConn().Conn().SetDeadline(time.Time{}) // the wait is not bounded
 		held = ok
 		rw = &relayWait{conn: c, pc: conn.PgConn(), p: p, sent: time.Now()}
-		c.addHolds(-1)
+		c.AddHolds(-1)
 	}}
-	c.do(&op)
+	c.Do(&op)
 	switch {
-	case op.err != nil:
+	case op.Err != nil:
 		m.ended(e, c, false)
-		return true, join(ErrLockLost, op.err)
+		return true, join(ErrLockLost, op.Err)
 	case !done:
 		return false, nil
 	case err != nil:
@@ -120,7 +122,7 @@ func (m *mux) relay(e *keyEntry, c *lockConn) (done bool, err error) {
 	if !m.t.RelayTo(e, rw) {
 		// Nobody left to take it: the wait is stopped.
 		m.relayEnded(e.Key(), rw, true)
-		m.putWaitConn(c, !c.isDead())
+		m.putWaitConn(c, !c.IsDead())
 		m.t.PassTurn(e)
 	}
 	return true, nil
@@ -132,7 +134,7 @@ func (m *mux) relay(e *keyEntry, c *lockConn) (done bool, err error) {
 func (m *mux) relayEnded(k Key, rw *relayWait, healthy bool) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	op := connOp{fn: func(conn *pgx.Conn) {
+	op := connOp{Fn: func(conn *pgx.Conn) {
 		_, ok, _, _ := waitRelayed(ctx, conn, rw, k, m.releaseTimeout)
 		if (!ok || !healthy) && conn != nil && !conn.IsClosed() {
 			cctx, ccancel := context.WithTimeout(context.Background(), m.releaseTimeout)
@@ -140,7 +142,7 @@ func (m *mux) relayEnded(k Key, rw *relayWait, healthy bool) {
 			ccancel()
 		}
 	}}
-	rw.conn.do(&op)
+	rw.conn.Do(&op)
 }
 
 // handsTo says to which waiters a hold on c may be handed without leaving
@@ -149,26 +151,26 @@ func (m *mux) relayEnded(k Key, rw *relayWait, healthy bool) {
 // the place for a whole term); on a Leader's own connection, none (the hold
 // would live outside the places). The others take the key the usual way.
 func (m *mux) handsTo(c *lockConn) func(campaign bool) bool {
-	if c.slot >= 0 {
+	if c.Slot() >= 0 {
 		// Not to a Leader's campaign, which takes its key on a connection
 		// of its own (issue 25, see takeCampaign).
 		return func(campaign bool) bool { return !campaign }
 	}
 	m.mu.Lock()
-	placed := c.placed
+	placed := c.Placed
 	m.mu.Unlock()
 	return func(campaign bool) bool { return placed && !campaign }
 }
 
 // unlock sends an unlock (or retake) on c and says how it went.
 func (m *mux) unlock(c *lockConn, op *connOp) error {
-	c.do(op)
+	c.Do(op)
 	switch {
-	case errors.Is(op.err, errConnGone):
-		return join(ErrLockLost, op.err)
-	case op.err != nil:
-		return join(errUnlockFailed, op.err)
-	case !op.ok:
+	case errors.Is(op.Err, errConnGone):
+		return join(ErrLockLost, op.Err)
+	case op.Err != nil:
+		return join(errUnlockFailed, op.Err)
+	case !op.OK:
 		return errServerNotHeld
 	}
 	return nil
@@ -178,7 +180,7 @@ func (m *mux) unlock(c *lockConn, op *connOp) error {
 // connection and e's turn are given back.
 func (m *mux) ended(e *keyEntry, c *lockConn, healthy bool) {
 	m.unreserve()
-	if c != nil && c.slot < 0 {
+	if c != nil && c.Slot() < 0 {
 		m.putWaitConn(c, healthy)
 	}
 	m.t.PassTurn(e)

@@ -13,8 +13,8 @@ func (m *mux) slot(i int) *lockConn {
 		return nil
 	}
 	c := m.slots[i]
-	if c == nil || c.isDead() {
-		c = &lockConn{m: m, slot: i}
+	if c == nil || c.IsDead() {
+		c = m.lc.New(i)
 		m.slots[i] = c
 	}
 	return c
@@ -34,7 +34,7 @@ func (m *mux) slot(i int) *lockConn {
 func (m *mux) pick(k Key) *lockConn {
 	home := m.homeOf(k)
 	c := m.slot(home)
-	if c == nil || m.conns == 1 || !c.busy() {
+	if c == nil || m.conns == 1 || !c.Busy() {
 		return c
 	}
 	m.mu.Lock()
@@ -50,7 +50,7 @@ func (m *mux) pick(k Key) *lockConn {
 			if unopened < 0 {
 				unopened = j
 			}
-		case o.free():
+		case o.Free():
 			m.hints[hintOf(k)].Store(int32(j) + 1)
 			return o
 		}
@@ -58,7 +58,7 @@ func (m *mux) pick(k Key) *lockConn {
 	if unopened >= 0 {
 		// A slot no key has used yet: opened now, once (a connect instead
 		// of the home's round trip).
-		o := &lockConn{m: m, slot: unopened}
+		o := m.lc.New(unopened)
 		m.slots[unopened] = o
 		m.hints[hintOf(k)].Store(int32(unopened) + 1)
 		return o

@@ -74,27 +74,27 @@ func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode) (bool, error) {
 		return false, err
 	}
 	var c *lockConn
-	op := connOp{ctx: ctx, key: k, mode: mode}
+	op := connOp{Ctx: ctx, Key: k.v, Pair: k.pair, Shared: mode == Shared}
 	// A connection lost before or during the statement, or before its grant
 	// was recorded, holds nothing: try again on a new one.
 	for range 3 {
 		if c = m.pick(k); c == nil {
-			op.err = ErrLockerClosed
+			op.Err = ErrLockerClosed
 			break
 		}
-		op.ok, op.err = false, nil
-		c.do(&op)
-		if op.err == nil && op.ok && !m.t.Granted(e, tableMode(mode), c) {
-			op.ok, op.err = false, fmt.Errorf("%w: lost before the grant was recorded", errConnGone)
+		op.OK, op.Err = false, nil
+		c.Do(&op)
+		if op.Err == nil && op.OK && !m.t.Granted(e, tableMode(mode), c) {
+			op.OK, op.Err = false, fmt.Errorf("%w: lost before the grant was recorded", errConnGone)
 		}
-		if !errors.Is(op.err, errConnGone) {
+		if !errors.Is(op.Err, errConnGone) {
 			break
 		}
 	}
-	if op.err != nil || !op.ok {
+	if op.Err != nil || !op.OK {
 		m.unreserve()
 	}
-	return op.ok, op.err
+	return op.OK, op.Err
 }
 
 // probe checks, for a shared hold of e's key that others of the process keep
@@ -110,7 +110,7 @@ func (m *mux) probe(ctx context.Context, e *keyEntry) {
 	slot := m.slotOf(e.Key())
 	var c, borrowed *lockConn
 	switch {
-	case held == nil || held.slot != slot:
+	case held == nil || held.Slot() != slot:
 		c = m.slot(slot)
 	case m.conns > 1:
 		c = m.slot((slot + 1) % m.conns)
@@ -126,11 +126,12 @@ func (m *mux) probe(ctx context.Context, e *keyEntry) {
 	}
 	exclusiveWaits, ok := false, false
 	if c != nil {
-		op := connOp{ctx: ctx, key: e.Key(), mode: Shared, probe: true}
-		c.do(&op)
-		exclusiveWaits, ok = !op.ok, op.err == nil
+		k := e.Key()
+		op := connOp{Ctx: ctx, Key: k.v, Pair: k.pair, Shared: true, Probe: true}
+		c.Do(&op)
+		exclusiveWaits, ok = !op.OK, op.Err == nil
 		if borrowed != nil {
-			m.putWaitConn(borrowed, ok || errors.Is(op.err, errConnectCut))
+			m.putWaitConn(borrowed, ok || errors.Is(op.Err, errConnectCut))
 		}
 	}
 	m.t.Probed(e, exclusiveWaits, ok)

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 )
 
 // wait waits for the key in the server's queue on a waiting connection. A
@@ -146,12 +148,12 @@ const deadOnArrival = 50 * time.Millisecond
 func (m *mux) replaceWaitConn(wc *lockConn, placed bool) *lockConn {
 	m.mu.Lock()
 	delete(m.waitBusy, wc)
-	if wc.placed {
-		wc.placed = false
+	if wc.Placed {
+		wc.Placed = false
 		m.placedConns--
 	}
 	m.mu.Unlock()
-	wc.close(errConnGone)
+	wc.Close(errConnGone)
 	next := m.waitConn(placed)
 	if next == nil && placed {
 		<-m.waitSem
@@ -163,7 +165,7 @@ func (m *mux) replaceWaitConn(wc *lockConn, placed bool) *lockConn {
 // statement was sent.
 func (m *mux) serverWaitOn(wctx context.Context, b *muxBackend, wc *lockConn, placed, hot bool) (_ *lockConn, held, healthy bool, start time.Time, err error) {
 	start = time.Now()
-	op := connOp{ctx: wctx, fn: func(conn *pgx.Conn) {
+	op := connOp{Ctx: wctx, Fn: func(conn *pgx.Conn) {
 		if !placed {
 			// A Leader's campaign: its session carries the Leader's
 			// identity before it waits (issue 25, see nameCampaign).
@@ -181,14 +183,14 @@ func (m *mux) serverWaitOn(wctx context.Context, b *muxBackend, wc *lockConn, pl
 			held, healthy, err = m.confirm(conn)
 		}
 		if held {
-			wc.addHolds(1)
+			wc.AddHolds(1)
 		}
 	}}
-	wc.do(&op)
-	if op.err != nil {
+	wc.Do(&op)
+	if op.Err != nil {
 		// The waiting connection could not be opened, or not yet: a
 		// connect under way goes on, for the next wait.
-		err, healthy = op.err, errors.Is(op.err, errConnectCut)
+		err, healthy = op.Err, errors.Is(op.Err, errConnectCut)
 	}
 	return wc, held, healthy, start, err
 }
@@ -231,7 +233,7 @@ func (m *mux) takeRelay(ctx context.Context, e *keyEntry) (bool, error) {
 	defer cancel()
 	var held, healthy bool
 	var err error
-	op := connOp{fn: func(conn *pgx.Conn) {
+	op := connOp{Fn: func(conn *pgx.Conn) {
 		var contended bool
 		held, healthy, contended, err = waitRelayed(wctx, conn, rw, e.Key(), m.releaseTimeout)
 		if contended {
@@ -241,12 +243,12 @@ func (m *mux) takeRelay(ctx context.Context, e *keyEntry) (bool, error) {
 			held, healthy, err = m.confirm(conn)
 		}
 		if held {
-			wc.addHolds(1)
+			wc.AddHolds(1)
 		}
 	}}
-	wc.do(&op)
-	if op.err != nil {
-		held, healthy, err = false, false, op.err
+	wc.Do(&op)
+	if op.Err != nil {
+		held, healthy, err = false, false, op.Err
 	}
 	held, err = m.waited(ctx, e, Exclusive, wc, held, healthy, err)
 	if !held {
@@ -269,8 +271,8 @@ func (m *mux) confirm(conn *pgx.Conn) (held, healthy bool, err error) {
 	_ = nc.SetDeadline(time.Now().Add(m.statementBound()))
 	var ok bool
 	// A cancel request sent for the wait can land late, on this statement:
-	// that says nothing of the session (see retryCanceled).
-	err = retryCanceled(func() error { return conn.QueryRow(context.Background(), checkSQL).Scan(&ok) })
+	// that says nothing of the session (see lockconn.RetryCanceled).
+	err = lockconn.RetryCanceled(func() error { return conn.QueryRow(context.Background(), lockconn.CheckSQL).Scan(&ok) })
 	if err == nil {
 		_ = nc.SetDeadline(time.Time{})
 		return true, true, nil
@@ -345,14 +347,14 @@ func (m *mux) waitConn(placed bool) *lockConn {
 	for len(m.waitIdle) > 0 && c == nil {
 		c = m.waitIdle[len(m.waitIdle)-1]
 		m.waitIdle = m.waitIdle[:len(m.waitIdle)-1]
-		if c.isDead() {
+		if c.IsDead() {
 			c = nil
 		}
 	}
 	if c == nil {
-		c = &lockConn{m: m, slot: -1}
+		c = m.lc.New(-1)
 	}
-	c.placed = placed
+	c.Placed = placed
 	if placed {
 		m.placedConns++
 	}
@@ -368,9 +370,9 @@ func (m *mux) waitConn(placed bool) *lockConn {
 func (m *mux) putWaitConn(c *lockConn, healthy bool) {
 	m.mu.Lock()
 	delete(m.waitBusy, c)
-	placed := c.placed
+	placed := c.Placed
 	if placed {
-		c.placed = false
+		c.Placed = false
 		m.placedConns--
 	}
 	// Idle and placed connections together stay within WithWaitConns: a
@@ -378,13 +380,13 @@ func (m *mux) putWaitConn(c *lockConn, healthy bool) {
 	// only when none is idle. A Leader's campaign connection (not placed)
 	// is not kept: it carries the Leader's identity (issue 25, see
 	// nameCampaign).
-	keep := healthy && placed && !m.closed && !c.isDead() && len(m.waitIdle)+m.placedConns < m.waitConns
+	keep := healthy && placed && !m.closed && !c.IsDead() && len(m.waitIdle)+m.placedConns < m.waitConns
 	if keep {
 		m.waitIdle = append(m.waitIdle, c)
 	}
 	m.mu.Unlock()
 	if !keep {
-		c.close(errConnGone)
+		c.Close(errConnGone)
 	}
 	if placed {
 		<-m.waitSem

@@ -60,7 +60,7 @@ func TestPickMovesOffABusyHome(t *testing.T) {
 	if err := lk.Do(bg, warm, func(context.Context) error { return nil }); err != nil {
 		t.Fatal(err)
 	}
-	if m.slots[1] != nil && m.slots[1].hasConn() {
+	if m.slots[1] != nil && m.slots[1].HasConn() {
 		t.Fatal("the second lock connection is open before the test needs it")
 	}
 
@@ -70,7 +70,7 @@ func TestPickMovesOffABusyHome(t *testing.T) {
 	busyDone := make(chan struct{})
 	go func() {
 		defer close(busyDone)
-		home.do(&connOp{fn: func(*pgx.Conn) { close(running); <-release }})
+		home.Do(&connOp{Fn: func(*pgx.Conn) { close(running); <-release }})
 	}()
 	<-running
 	ctx, cancel := context.WithTimeout(bg, 10*time.Second)
@@ -125,5 +125,5 @@ func heldSlot(t *testing.T, m *mux, k Key) int {
 	if c == nil {
 		t.Fatalf("key %s is not held", k)
 	}
-	return c.slot
+	return c.Slot()
 }

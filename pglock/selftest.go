@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
@@ -57,7 +58,7 @@ func (m *mux) selfTest(ctx context.Context, c *lockConn) (tested bool, err error
 	obj := rand.Int32()
 	var first, pooled bool
 	var ferr error
-	op := connOp{ctx: ctx, fn: func(conn *pgx.Conn) {
+	op := connOp{Ctx: ctx, Fn: func(conn *pgx.Conn) {
 		// Through a pooler the test proves nothing: a transaction pooler
 		// that resets sessions (server_reset_query_always) lets go of the
 		// first lock between two statements, and the lock statements'
@@ -66,16 +67,16 @@ func (m *mux) selfTest(ctx context.Context, c *lockConn) (tested bool, err error
 			ferr = conn.QueryRow(ctx, selfTestSQL, int32(selfTestClass), obj).Scan(&first)
 		}
 	}}
-	c.do(&op)
-	if pooled || ferr != nil || op.err != nil || !first {
+	c.Do(&op)
+	if pooled || ferr != nil || op.Err != nil || !first {
 		return false, nil
 	}
 	defer func() {
-		op := connOp{ctx: context.WithoutCancel(ctx), fn: func(conn *pgx.Conn) {
+		op := connOp{Ctx: context.WithoutCancel(ctx), Fn: func(conn *pgx.Conn) {
 			var ok bool
 			_ = conn.QueryRow(context.WithoutCancel(ctx), selfTestUnlockSQL, int32(selfTestClass), obj).Scan(&ok)
 		}}
-		c.do(&op)
+		c.Do(&op)
 	}()
 	second, ok := m.secondTry(ctx, obj)
 	if !ok {
@@ -115,7 +116,7 @@ func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
 			return pc.QueryRow(ctx, sql, args...)
 		})
 		if opened || !clean {
-			endSession(pc.Hijack(), pooler.MaxProbeTime)
+			lockconn.EndSession(pc.Hijack(), pooler.MaxProbeTime)
 		} else {
 			pc.Release()
 		}

@@ -58,6 +58,15 @@ var fixed = func() (t [2][2][2]statements) {
 	return t
 }()
 
+// pairIndex is the index of k's form in fixed: 1 for a pair key, 0 for a
+// bigint key.
+func pairIndex(k Key) int {
+	if k.pair {
+		return 1
+	}
+	return 0
+}
+
 func fnNames(scope Scope, mode Mode) (xact, shared, pgMode string) {
 	pgMode = "ExclusiveLock"
 	if scope == Transaction {

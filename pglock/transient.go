@@ -12,6 +12,8 @@ import (
 	"syscall"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 )
 
 // unavailable reports whether err means the database could not be reached or
@@ -90,7 +92,7 @@ func (s *sqlSource) retries() int {
 // reaches the connect error (*pgconn.ConnectError). Other errors are
 // returned as they are.
 func connectErr(ctx context.Context, err error) error {
-	if err == nil || !errors.Is(err, context.DeadlineExceeded) || ctxEnded(ctx) != nil {
+	if err == nil || !errors.Is(err, context.DeadlineExceeded) || lockconn.ContextEnded(ctx) != nil {
 		return err
 	}
 	return &connectTimeout{err: err}

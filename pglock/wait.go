@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
@@ -80,7 +81,7 @@ func waitSessionAs(ctx context.Context, l *Lock, conn *pgx.Conn, hot bool) (held
 	}
 	cctx, cancel := bounded(ctx, l.cfg.releaseTimeout)
 	defer cancel()
-	cerr := retryCanceled(func() error {
+	cerr := lockconn.RetryCanceled(func() error {
 		_, err := conn.Exec(cctx, l.st.cleanup, l.cleanupArgs()...)
 		return err
 	})
@@ -120,7 +121,7 @@ func waitInTx(ctx context.Context, l *Lock, conn *pgx.Conn) (held, healthy bool,
 	if conn.IsClosed() {
 		return false, false, err
 	}
-	rerr := retryCanceled(func() error {
+	rerr := lockconn.RetryCanceled(func() error {
 		_, err := conn.Exec(rctx, "ROLLBACK TO SAVEPOINT "+sp+"; RELEASE SAVEPOINT "+sp)
 		return err
 	})
@@ -365,7 +366,7 @@ func waitRelayed(ctx context.Context, conn *pgx.Conn, rw *relayWait, k Key, boun
 	st := &fixed[Session][Exclusive][pairIndex(k)]
 	classid, objid, objsubid := k.LockTag()
 	args := append(k.args(), int64(classid), int64(objid), objsubid)
-	cerr := retryCanceled(func() error {
+	cerr := lockconn.RetryCanceled(func() error {
 		_, err := conn.Exec(cctx, st.cleanup, args...)
 		return err
 	})

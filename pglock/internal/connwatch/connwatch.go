@@ -95,7 +95,7 @@ func (w *Conn) Run() {
 		}
 		w.reading = true
 		// Both: the write side may keep the deadline of a lock connection's
-		// last statement (pglock's lockConn.exec leaves it).
+		// last statement (lockconn's Conn.exec leaves it).
 		_ = w.nc.SetDeadline(time.Now().Add(w.interval))
 		w.mu.Unlock()
 

@@ -1,9 +1,9 @@
 // Package keytable is a Locker's in-process table of keys: the exclusion
 // among the Locks of one process that share a server session, which
 // PostgreSQL does not give them (a session that takes a key twice holds it
-// twice). pglock's lock connections (mux.go, lockconn.go) run on it. It does
-// not import pglock: pglock imports it. It sends nothing to a server; it
-// records what its callers did there, and decides who goes next.
+// twice). pglock's lock connections (mux.go, package lockconn) run on it.
+// It does not import pglock: pglock imports it. It sends nothing to a
+// server; it records what its callers did there, and decides who goes next.
 //
 // # What it guards
 //

@@ -86,7 +86,7 @@ const (
 // claimed: that session's pid and the claim's token. Through a session
 // pooler it always does; through a transaction pooler that the probe did not
 // catch (one that resets sessions after every transaction, say) it does not,
-// and the statement takes nothing (see pglock's lockConn.exec).
+// and the statement takes nothing (see lockconn's Conn.exec).
 type Proof struct {
 	pid   uint32
 	token string

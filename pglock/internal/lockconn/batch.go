@@ -1,4 +1,4 @@
-package pglock
+package lockconn
 
 import (
 	"context"
@@ -13,15 +13,15 @@ import (
 )
 
 // exec sends the lock and unlock requests of batch in one statement, bounded
-// by a socket deadline (not by a context: see pgxBackend.detach) of
-// mux.statementBound, so that a connection that goes silent while requests
+// by a socket deadline (not by a context: see pglock's pgxBackend.detach) of
+// Config.StatementBound, so that a connection that goes silent while requests
 // keep it busy (and its watch stopped) is lost within the same bound as an
 // idle one.
-func (c *lockConn) exec(batch []*connOp) {
-	c.m.statements.Add(1)
+func (c *Conn) exec(batch []*Op) {
+	c.g.statements.Add(1)
 	conn := c.conn
 	nc := conn.PgConn().Conn()
-	_ = nc.SetDeadline(time.Now().Add(c.m.statementBound()))
+	_ = nc.SetDeadline(time.Now().Add(c.g.cfg.StatementBound))
 	ctx := context.Background()
 	err := c.block()
 	switch {
@@ -30,20 +30,20 @@ func (c *lockConn) exec(batch []*connOp) {
 		err = execBatch(ctx, conn, batch, c.proof)
 	case len(batch) == 1:
 		o := batch[0]
-		st := &fixed[Session][o.mode][pairIndex(o.key)]
+		st := &c.g.cfg.Statements[o.sharedIndex()][o.pairIndex()]
 		switch {
-		case o.check:
-			err = conn.QueryRow(ctx, checkSQL).Scan(&o.ok)
-		case o.probe:
-			err = conn.QueryRow(ctx, sharedProbeSQL[pairIndex(o.key)], o.key.args()...).Scan(&o.ok)
-		case o.retake:
+		case o.Check:
+			err = conn.QueryRow(ctx, CheckSQL).Scan(&o.OK)
+		case o.Probe:
+			err = conn.QueryRow(ctx, sharedProbeSQL[o.pairIndex()], o.args()...).Scan(&o.OK)
+		case o.Retake:
 			var r int32
-			err = conn.QueryRow(ctx, retakeSQL[pairIndex(o.key)], o.key.args()...).Scan(&r)
-			o.ok, o.retaken = r >= 1, r == 2
-		case o.unlock:
-			err = conn.QueryRow(ctx, st.unlock, o.key.args()...).Scan(&o.ok)
+			err = conn.QueryRow(ctx, retakeSQL[o.pairIndex()], o.args()...).Scan(&r)
+			o.OK, o.Retaken = r >= 1, r == 2
+		case o.Unlock:
+			err = conn.QueryRow(ctx, st.Unlock, o.args()...).Scan(&o.OK)
 		default:
-			err = conn.QueryRow(ctx, st.try, o.key.args()...).Scan(&o.ok)
+			err = conn.QueryRow(ctx, st.Try, o.args()...).Scan(&o.OK)
 		}
 	default:
 		err = execBatch(ctx, conn, batch, nil)
@@ -58,10 +58,10 @@ func (c *lockConn) exec(batch []*connOp) {
 	c.mu.Lock()
 	for _, o := range batch {
 		switch {
-		case o.check, o.probe, o.retaken:
-		case o.unlock:
+		case o.Check, o.Probe, o.Retaken:
+		case o.Unlock:
 			c.holds--
-		case o.ok:
+		case o.OK:
 			c.holds++
 		}
 	}
@@ -71,10 +71,10 @@ func (c *lockConn) exec(batch []*connOp) {
 // retakeSQL is the retake of a bigint and of a pair key: 0 when the unlock
 // found the key not held, 1 when it was unlocked, 2 when it was unlocked and
 // taken again.
-// checkSQL is a check request alone (see connOp.check).
-const checkSQL = `SELECT true`
+// CheckSQL is a check request alone (see Op.Check).
+const CheckSQL = `SELECT true`
 
-// sharedProbeSQL is a probe request alone (see connOp.probe), of a bigint and of a
+// sharedProbeSQL is a probe request alone (see Op.Probe), of a bigint and of a
 // pair key.
 var sharedProbeSQL = [2]string{
 	`SELECT CASE WHEN pg_try_advisory_lock_shared($1::bigint) THEN pg_advisory_unlock_shared($1::bigint) ELSE false END`,
@@ -118,32 +118,32 @@ const batchOps = `CASE t.op
 // execBatch runs batch in one statement; with proof (a connection through
 // a pooler), only on the session the connection claimed: elsewhere it takes
 // nothing and returns pooler.ErrSessionMoved.
-func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp, proof *pooler.Proof) error {
+func execBatch(ctx context.Context, conn *pgx.Conn, batch []*Op, proof *pooler.Proof) error {
 	ops := make([]int16, len(batch))
 	ks := make([]int64, len(batch))
 	as := make([]int32, len(batch))
 	bs := make([]int32, len(batch))
 	for i, o := range batch {
 		var op int16
-		if o.mode == Shared {
+		if o.Shared {
 			op |= 1
 		}
-		if o.key.pair {
+		if o.Pair {
 			op |= 2
-			as[i], bs[i] = o.key.halves()
+			as[i], bs[i] = o.halves()
 		} else {
-			ks[i] = o.key.v
+			ks[i] = o.Key
 		}
-		if o.unlock {
+		if o.Unlock {
 			op |= 4
 		}
-		if o.retake {
+		if o.Retake {
 			op |= 8
 		}
-		if o.probe {
+		if o.Probe {
 			op |= 32
 		}
-		if o.check {
+		if o.Check {
 			op = 16
 		}
 		ops[i] = op
@@ -171,7 +171,7 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp, proof *pool
 			return fmt.Errorf("pglock: batch answered row %d of %d", i, len(batch))
 		}
 		o := batch[i-1]
-		o.ok, o.retaken = r >= 1, o.retake && r == 2
+		o.OK, o.Retaken = r >= 1, o.Retake && r == 2
 		moved = moved || r < 0
 		n++
 	}
@@ -193,15 +193,15 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*connOp, proof *pool
 // batch that this session holds is given back (looked up in pg_locks); when
 // even that fails, or the connection died, the connection is lost, and with
 // it every lock on it.
-func (c *lockConn) failed(batch []*connOp, err error) {
+func (c *Conn) failed(batch []*Op, err error) {
 	if errors.Is(err, pooler.ErrSessionMoved) {
 		// Through a transaction pooler: nothing of the statement ran, and
 		// the session that holds this connection's locks cannot be reached
 		// for sure. The connection, and every later one, is refused.
-		c.m.refused.Store(&err)
+		c.g.owner.Refuse(err)
 		c.lose(err)
 		for _, o := range batch {
-			o.ok, o.retaken, o.err = false, false, err
+			o.OK, o.Retaken, o.Err = false, false, err
 		}
 		return
 	}
@@ -209,31 +209,31 @@ func (c *lockConn) failed(batch []*connOp, err error) {
 		if cerr := c.cleanup(batch); cerr == nil {
 			c.mu.Lock()
 			for _, o := range batch {
-				if o.check {
-					o.ok = true // the session lives: the cleanup ran on it
+				if o.Check {
+					o.OK = true // the session lives: the cleanup ran on it
 					continue
 				}
-				if o.probe { // inconclusive; nothing of it is held (cleanup)
-					o.ok, o.err = false, err
+				if o.Probe { // inconclusive; nothing of it is held (cleanup)
+					o.OK, o.Err = false, err
 					continue
 				}
-				if o.unlock {
+				if o.Unlock {
 					c.holds-- // given back by the cleanup
-					o.ok, o.retaken = true, false
+					o.OK, o.Retaken = true, false
 				} else {
-					o.ok, o.err = false, lockFailed(err)
+					o.OK, o.Err = false, LockFailed(c.g.cfg.TooManyLocks, err)
 				}
 			}
 			c.mu.Unlock()
 			return
 		} else {
-			err = join(err, cerr)
+			err = c.g.cfg.Join(err, cerr)
 		}
 	}
 	c.lose(err)
 	for _, o := range batch {
-		o.ok, o.retaken = false, false
-		o.err = fmt.Errorf("%w: %w", errConnGone, err)
+		o.OK, o.Retaken = false, false
+		o.Err = fmt.Errorf("%w: %w", ErrGone, err)
 	}
 }
 
@@ -245,10 +245,10 @@ func (c *lockConn) failed(batch []*connOp, err error) {
 // it failed (an unlock of a key not held just answers false). Plain unlocks
 // need no slot of the server's lock table: they work when it is full, where
 // a look-up in pg_locks would fail too.
-func (c *lockConn) cleanup(batch []*connOp) error {
+func (c *Conn) cleanup(batch []*Op) error {
 	ctx := context.Background()
 	nc := c.conn.PgConn().Conn()
-	_ = nc.SetDeadline(time.Now().Add(c.m.releaseTimeout))
+	_ = nc.SetDeadline(time.Now().Add(c.g.cfg.ReleaseTimeout))
 	defer func() {
 		if !c.conn.IsClosed() {
 			_ = nc.SetDeadline(time.Time{})
@@ -259,35 +259,80 @@ func (c *lockConn) cleanup(batch []*connOp) error {
 	}
 	var b pgx.Batch
 	for _, o := range batch {
-		if o.check {
+		if o.Check {
 			continue
 		}
-		b.Queue(fixed[Session][o.mode][pairIndex(o.key)].unlock, o.key.args()...)
+		b.Queue(c.g.cfg.Statements[o.sharedIndex()][o.pairIndex()].Unlock, o.args()...)
 	}
-	return retryCanceled(func() error { return c.conn.SendBatch(ctx, &b).Close() })
+	return RetryCanceled(func() error { return c.conn.SendBatch(ctx, &b).Close() })
 }
 
-// lockFailed is the error of a lock request whose statement failed while the
+// LockFailed is the error of a lock request whose statement failed while the
 // connection lives on: a full lock table (out of shared memory, 53200) is
-// ErrTooManyLocks, which fails that acquire only.
-func lockFailed(err error) error {
-	if outOfSharedMemory(err) {
+// tooMany (pglock's ErrTooManyLocks, Config.TooManyLocks), which fails that
+// acquire only.
+func LockFailed(tooMany, err error) error {
+	if OutOfSharedMemory(err) {
 		return fmt.Errorf("%w: the server's lock table is full (max_locks_per_transaction * (max_connections + max_prepared_transactions) slots, shared by every session): %w",
-			ErrTooManyLocks, err)
+			tooMany, err)
 	}
 	return err
 }
 
-// outOfSharedMemory reports whether err is the server's "out of shared
+// OutOfSharedMemory reports whether err is the server's "out of shared
 // memory" (53200): a full lock table.
-func outOfSharedMemory(err error) bool {
+func OutOfSharedMemory(err error) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && pgErr.Code == "53200"
 }
 
-func pairIndex(k Key) int {
-	if k.pair {
+// pairIndex is 1 for a pair key, 0 for a bigint key.
+func (o *Op) pairIndex() int {
+	if o.Pair {
 		return 1
 	}
 	return 0
+}
+
+// sharedIndex is 1 for a shared request, 0 for an exclusive one.
+func (o *Op) sharedIndex() int {
+	if o.Shared {
+		return 1
+	}
+	return 0
+}
+
+// halves returns a pair key's two integers.
+func (o *Op) halves() (int32, int32) { return int32(o.Key >> 32), int32(uint32(o.Key)) }
+
+// args returns the bind arguments of the SQL functions for o's key.
+func (o *Op) args() []any {
+	if o.Pair {
+		a, b := o.halves()
+		return []any{a, b}
+	}
+	return []any{o.Key}
+}
+
+// queryCanceled is the SQLSTATE of a statement cancelled on request.
+const queryCanceled = "57014"
+
+// isCanceled reports whether err is the server's query_canceled.
+func isCanceled(err error) bool {
+	if err == nil {
+		return false
+	}
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == queryCanceled
+}
+
+// RetryCanceled runs f again once when it fails with query_canceled: a
+// cancel request sent for an earlier wait can reach the server late and hit
+// the statement after it.
+func RetryCanceled(f func() error) error {
+	err := f()
+	if isCanceled(err) {
+		err = f()
+	}
+	return err
 }

@@ -1,4 +1,4 @@
-package pglock
+package lockconn
 
 import (
 	"context"
@@ -15,13 +15,13 @@ import (
 	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
-// lockConn is one PostgreSQL session that a multiplexing Locker opened for
+// Conn is one PostgreSQL session that a multiplexing Locker opened for
 // itself (a "lock connection"): it holds the session locks of many Locks at
 // once. Lock and unlock requests of concurrent goroutines are combined: the
 // goroutine that finds the connection free sends every queued request in one
 // statement (one round trip), and hands the connection to the next queued
 // goroutine when it is done, so no goroutine runs while the connection is
-// idle except its watch. A waiting connection (slot < 0) is a lockConn that
+// idle except its watch. A waiting connection (slot < 0) is a Conn that
 // one goroutine uses alone, to wait in the server's queue and then hold what
 // it got.
 //
@@ -29,15 +29,17 @@ import (
 // connwatch.Conn); when it dies or goes silent every lock on it is lost at once.
 //
 // This file holds the queue of requests and the connection's life (open,
-// lost, closed); lockconn_batch.go the statement that runs a batch of
-// requests and what its failure means; lockconn_block.go the transaction
-// block a connection holding many locks runs its statements in.
-type lockConn struct {
-	m    *mux
-	slot int // index in mux.conns, or -1 for a waiting connection
-	// placed: a waiting connection that holds a place among WithWaitConns
-	// (see mux.wait); guarded by the mux's mutex.
-	placed bool
+// lost, closed); batch.go the statement that runs a batch of requests and
+// what its failure means; block.go the transaction block a connection
+// holding many locks runs its statements in; group.go what the connections
+// of one Locker share (its Owner, Config and sessions).
+type Conn struct {
+	g    *Group
+	slot int // index among the Locker's lock connections, or -1 for a waiting connection
+	// Placed: a waiting connection that holds a place among WithWaitConns
+	// (see pglock's mux.wait); guarded by the owner's mutex, never touched
+	// here.
+	Placed bool
 
 	mu     sync.Mutex
 	conn   *pgx.Conn // nil until the first use opens it
@@ -45,14 +47,14 @@ type lockConn struct {
 	// proof: conn goes through a pooler; its statements prove they run on
 	// the server session it claimed (see pooler.Proof). Set with conn.
 	proof *pooler.Proof
-	// counted: conn's session is counted in the mux's sessions, until the
-	// goroutine that clears this closes it (see mux.waitSessions).
+	// counted: conn's session is counted in the group's sessions, until the
+	// goroutine that clears this closes it (see Group.WaitSessions).
 	counted bool
 	// dialing is closed when the connect under way is done (nil when none
 	// is); dialErr is why the last one failed.
 	dialing chan struct{}
 	dialErr error
-	queue   []*connOp
+	queue   []*Op
 	active  bool  // a goroutine owns the connection (flushes or waits)
 	dead    error // the connection was lost or closed: no new request is taken
 	holds   int   // server locks held on it
@@ -67,51 +69,62 @@ type lockConn struct {
 	blockAt time.Time
 
 	// kt is the key table's record of the connection: it is marked lost
-	// (see keyTable.LoseConn) so that a grant recorded after the loss is
-	// known to be lost too.
+	// (see keytable.Table.LoseConn) so that a grant recorded after the loss
+	// is known to be lost too.
 	kt keytable.ConnState
 }
 
 // KeyTableState returns the key table's record of c (see keytable.Conn).
-func (c *lockConn) KeyTableState() *keytable.ConnState { return &c.kt }
+func (c *Conn) KeyTableState() *keytable.ConnState { return &c.kt }
 
-// connOp is one request to a lockConn: a non-blocking lock or an unlock of
-// one key, or (fn) a use of the connection alone.
-type connOp struct {
-	unlock bool
-	// retake (with unlock, Exclusive mode) takes the key again with the
+// Slot returns c's index among the Locker's lock connections, or -1 for a
+// waiting connection.
+func (c *Conn) Slot() int { return c.slot }
+
+// Op is one request to a Conn: a non-blocking lock or an unlock of
+// one key, or (Fn) a use of the connection alone. The caller sets the
+// request's fields and reads its results (OK, Retaken, Err) once Do returns.
+type Op struct {
+	// Unlock gives the key back; a request with none of Unlock, Check,
+	// Probe and Fn takes it with the non-blocking function.
+	Unlock bool
+	// Retake (with Unlock, exclusive) takes the key again with the
 	// non-blocking function right after the unlock, in the same statement:
 	// a hand-off to the next waiter of the process in one round trip, in
 	// which a waiter of another session, queued in the server, is served
 	// first (the unlock grants it the key, so the retake fails).
-	retake  bool
-	retaken bool // the retake's result
-	key     Key
-	mode    Mode
-	fn      func(*pgx.Conn)
-	// bounded: fn runs under the statement bound on a waiting connection
+	Retake  bool
+	Retaken bool // the retake's result
+	// Key is the key: a bigint, or (Pair) two integers, Key's high and
+	// low 32 bits; Shared is the mode (false: exclusive).
+	Key    int64
+	Pair   bool
+	Shared bool
+	// Fn is a use of the connection alone.
+	Fn func(*pgx.Conn)
+	// Bounded: Fn runs under the statement bound on a waiting connection
 	// too (on a lock connection it always does).
-	bounded bool
-	// check (a request) proves that the session is still alive, by a
+	Bounded bool
+	// Check (a request) proves that the session is still alive, by a
 	// statement on it: the release of a shared co-holder, which unlocks
 	// nothing, still learns whether the lock lived until then.
-	check bool
-	// probe (a request, Shared mode) asks whether a new shared request of
+	Check bool
+	// Probe (a request, Shared) asks whether a new shared request of
 	// another session would be granted now: false when a session waits for
-	// (or holds) the key in Exclusive mode (see keytable.Config.Probes). It
+	// (or holds) the key in exclusive mode (see keytable.Config.Probes). It
 	// takes nothing: what it takes it gives back in the same statement.
-	probe bool
+	Probe bool
 	// closing closes the connection (for this reason) instead.
 	closing error
-	// ctx bounds the connect, when the request is the first on a new
+	// Ctx bounds the connect, when the request is the first on a new
 	// connection (nil: only the connect bound).
-	ctx context.Context
-	// member: the request is one of a key set's (see setBatch), also when
-	// ctx does not say so (an unlock has no ctx).
-	member *setMember
+	Ctx context.Context
+	// Member: the request is one of a key set's (see SetBatch), also when
+	// Ctx does not say so (an unlock has no Ctx).
+	Member *SetMember
 
-	ok    bool  // the function's result
-	err   error // the request failed (see errConnGone)
+	OK    bool  // the function's result
+	Err   error // the request failed (see ErrGone)
 	lead  bool  // handed the connection: the receiver flushes the queue
 	retry bool  // put back in the queue after a connect cut short
 	done  chan struct{}
@@ -119,20 +132,20 @@ type connOp struct {
 
 // isRequest reports whether o is a lock or unlock request, which can share a
 // statement with others.
-func (o *connOp) isRequest() bool { return o.fn == nil && o.closing == nil }
+func (o *Op) isRequest() bool { return o.Fn == nil && o.closing == nil }
 
-// errConnGone: a lock connection that is lost or closed took a request; the
-// request was not sent, or was sent on a session that then ended, so it holds
-// nothing.
-var errConnGone = errors.New("pglock: lock connection gone")
+// ErrGone means that a lock connection that is lost or closed took a
+// request: the request was not sent, or was sent on a session that then
+// ended, so it holds nothing.
+var ErrGone = errors.New("pglock: lock connection gone")
 
-// do runs op on the connection and returns when op has its result.
-func (c *lockConn) do(op *connOp) {
+// Do runs op on the connection and returns when op has its result.
+func (c *Conn) Do(op *Op) {
 	op.done, op.lead, op.retry = nil, false, false
 	c.mu.Lock()
 	if c.dead != nil {
 		c.mu.Unlock()
-		op.err = fmt.Errorf("%w: %w", errConnGone, c.dead)
+		op.Err = fmt.Errorf("%w: %w", ErrGone, c.dead)
 		return
 	}
 	member := op.setMember()
@@ -142,7 +155,7 @@ func (c *lockConn) do(op *connOp) {
 		op.done = make(chan struct{})
 		c.queue = append(c.queue, op)
 		c.mu.Unlock()
-		member.arrive()
+		member.Arrive()
 		if !c.await(op) {
 			return
 		}
@@ -150,7 +163,7 @@ func (c *lockConn) do(op *connOp) {
 	} else {
 		c.active = true
 		c.queue = append(c.queue, op)
-		if member != nil && !member.arrive() {
+		if member != nil && !member.Arrive() {
 			// A request of a key set: the others of the set are on their
 			// way; they queue behind this one and share its statement.
 			c.mu.Unlock()
@@ -199,10 +212,10 @@ func (c *lockConn) do(op *connOp) {
 // reports true). A request whose context ends while it is still queued, not
 // yet sent, leaves the queue and fails with its context's error; one already
 // sent is waited for: its result may be a lock to own.
-func (c *lockConn) await(op *connOp) bool {
+func (c *Conn) await(op *Op) bool {
 	var ended <-chan struct{}
-	if op.ctx != nil {
-		ended = op.ctx.Done()
+	if op.Ctx != nil {
+		ended = op.Ctx.Done()
 	}
 	select {
 	case <-op.done:
@@ -214,7 +227,7 @@ func (c *lockConn) await(op *connOp) bool {
 		if q == op && !op.lead {
 			c.queue = append(c.queue[:i], c.queue[i+1:]...)
 			c.mu.Unlock()
-			op.err = op.ctx.Err()
+			op.Err = op.Ctx.Err()
 			return false
 		}
 	}
@@ -227,7 +240,7 @@ func (c *lockConn) await(op *connOp) bool {
 // calling goroutine owns the connection. When a connect was cut short by the
 // context of the request it ran for, the requests whose contexts ended fail
 // and the others are returned, marked retry, for another attempt.
-func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
+func (c *Conn) flush(batch []*Op) (retry []*Op) {
 	for _, o := range batch {
 		o.retry = false // set again below if the connect is cut short again
 	}
@@ -239,12 +252,12 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 	if err := c.open(batch); err != nil {
 		for _, o := range batch {
 			switch {
-			case !errors.Is(err, errConnectCut):
-				o.err = err
-			case ctxEnded(o.ctx) != nil:
-				o.err = connectingErr(ctxEnded(o.ctx))
+			case !errors.Is(err, ErrConnectCut):
+				o.Err = err
+			case ContextEnded(o.Ctx) != nil:
+				o.Err = ConnectingErr(c.g.cfg.Unavailable, ContextEnded(o.Ctx))
 			case o == batch[0]: // the caller of flush does not wait again
-				o.err = err
+				o.Err = err
 			default:
 				o.retry = true
 				retry = append(retry, o)
@@ -252,22 +265,22 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 		}
 		return retry
 	}
-	if o := batch[0]; o.fn != nil {
+	if o := batch[0]; o.Fn != nil {
 		// On a lock connection, and for a bounded use of a waiting one (a
 		// fencing token), the use is bounded like a statement (see exec):
 		// a silent network is noticed within the same bound as when idle,
 		// and the connection is lost then. A wait is not: it lasts as
-		// long as its context allows (see interruptible).
+		// long as its context allows (see pglock's interruptible).
 		var dl time.Time
-		if c.slot >= 0 || o.bounded {
-			dl = time.Now().Add(c.m.statementBound())
+		if c.slot >= 0 || o.Bounded {
+			dl = time.Now().Add(c.g.cfg.StatementBound)
 		}
 		_ = c.conn.PgConn().Conn().SetDeadline(dl)
 		if err := c.endBlock(); err != nil {
 			c.lose(err)
 			return nil
 		}
-		o.fn(c.conn)
+		o.Fn(c.conn)
 		if c.conn.IsClosed() {
 			c.lose(errors.New("pglock: the connection closed during a statement"))
 			return nil
@@ -280,31 +293,43 @@ func (c *lockConn) flush(batch []*connOp) (retry []*connOp) {
 	watch := c.dead == nil && c.holds > 0 && !c.conn.IsClosed()
 	c.mu.Unlock()
 	if watch {
-		c.watch.Arm(c.conn, c.m.lostCheck, c.lose, c.idlePing)
+		c.watch.Arm(c.conn, c.g.cfg.LostCheck, c.lose, c.idlePing)
 	}
 	return nil
 }
 
-// errConnectCut: the requests for which a connect runs all ended before it
-// was done; the connection is not lost: the connect goes on, and other
-// requests find it done (see lockConn.open).
-var errConnectCut = errors.New("pglock: no connection to the server yet, a connect is under way")
+// ErrConnectCut means that the requests for which a connect runs all ended
+// before it was done; the connection is not lost: the connect goes on, and
+// other requests find it done (see Conn.open).
+var ErrConnectCut = errors.New("pglock: no connection to the server yet, a connect is under way")
+
+// ConnectingErr is the error of a request whose context ended (ctxErr)
+// while the connection it needs was still being opened: unavailable (the
+// Locker's sentinel, Config.Unavailable), not busy. A deadline is said in
+// the text only, so that it does not read as a busy key; a cancel is kept
+// (context.Canceled matches).
+func ConnectingErr(unavailable, ctxErr error) error {
+	if errors.Is(ctxErr, context.DeadlineExceeded) {
+		return fmt.Errorf("%w: %w (%v)", unavailable, ErrConnectCut, ctxErr)
+	}
+	return fmt.Errorf("%w: %w: %w", unavailable, ErrConnectCut, ctxErr)
+}
 
 // connectContext returns the context for a connect on behalf of batch: that
 // of the first request whose context has not ended (nil when one has none).
-func connectContext(batch []*connOp) (context.Context, bool) {
+func connectContext(batch []*Op) (context.Context, bool) {
 	for _, o := range batch {
-		if ctxEnded(o.ctx) == nil {
-			return o.ctx, true
+		if ContextEnded(o.Ctx) == nil {
+			return o.Ctx, true
 		}
 	}
 	return nil, false
 }
 
-// ctxEnded returns ctx's error, or DeadlineExceeded once its deadline has
+// ContextEnded returns ctx's error, or DeadlineExceeded once its deadline has
 // passed (a dial cut by the deadline can return before ctx's timer fires);
 // nil for a nil ctx.
-func ctxEnded(ctx context.Context) error {
+func ContextEnded(ctx context.Context) error {
 	if ctx == nil {
 		return nil
 	}
@@ -320,16 +345,16 @@ func ctxEnded(ctx context.Context) error {
 // open connects on first use; a connection that died since is gone. A
 // connection that held nothing and ran nothing for half the
 // abandoned-session bound is replaced before the server ends it as idle (see
-// mux.connect).
+// Owner.Connect).
 //
 // The connect is the Locker's, not the request's: it runs in a goroutine of
 // its own, bounded by the connect timeout (the pool's ConnectTimeout, else
 // the release timeout) and by the Locker's Close. open waits for it as long
 // as the context of one request of batch allows; when they have all ended,
-// it returns errConnectCut and the connect goes on, so that the next request
+// it returns ErrConnectCut and the connect goes on, so that the next request
 // finds it done (a cold Locker is not kept cold by callers with short
 // deadlines).
-func (c *lockConn) open(batch []*connOp) error {
+func (c *Conn) open(batch []*Op) error {
 	c.mu.Lock()
 	dead, conn, holds, connAt := c.dead, c.conn, c.holds, c.connAt
 	c.mu.Unlock()
@@ -338,21 +363,21 @@ func (c *lockConn) open(batch []*connOp) error {
 	}
 	switch {
 	case dead != nil:
-		return fmt.Errorf("%w: %w", errConnGone, dead)
+		return fmt.Errorf("%w: %w", ErrGone, dead)
 	case conn != nil && conn.IsClosed():
 		c.lose(errors.New("connection closed"))
-		return errConnGone
-	case conn != nil && holds == 0 && time.Since(c.lastUsed) > c.m.abandonBound()/2:
+		return ErrGone
+	case conn != nil && holds == 0 && time.Since(c.lastUsed) > c.g.cfg.AbandonBound/2:
 		c.mu.Lock()
 		c.conn = nil
 		counted := c.counted
 		c.counted = false
 		c.mu.Unlock()
-		ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), c.g.cfg.ReleaseTimeout)
 		_ = conn.Close(ctx)
 		cancel()
 		if counted {
-			c.m.sessionEnded()
+			c.g.sessionEnded()
 		}
 	case conn != nil:
 		return nil
@@ -361,7 +386,7 @@ func (c *lockConn) open(batch []*connOp) error {
 	for {
 		ctx, ok := connectContext(batch)
 		if !ok {
-			return errConnectCut
+			return ErrConnectCut
 		}
 		var ended <-chan struct{}
 		if ctx != nil {
@@ -374,7 +399,7 @@ func (c *lockConn) open(batch []*connOp) error {
 			c.mu.Unlock()
 			if conn == nil {
 				if err == nil {
-					err = ErrLockerClosed
+					err = c.g.cfg.Closed
 				}
 				return fmt.Errorf("pglock: open a lock connection: %w", err)
 			}
@@ -388,18 +413,18 @@ func (c *lockConn) open(batch []*connOp) error {
 // dial starts connecting, unless a connect is under way, and returns a
 // channel closed when it is done: then c.conn is the new connection, or c is
 // dead and c.dialErr says why.
-func (c *lockConn) dial() <-chan struct{} {
+func (c *Conn) dial() <-chan struct{} {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.dialing != nil {
 		return c.dialing
 	}
 	done := make(chan struct{})
-	if !c.m.sessionStarted() {
+	if !c.g.sessionStarted() {
 		// The Locker is closed: no new session.
-		c.dialErr = ErrLockerClosed
+		c.dialErr = c.g.cfg.Closed
 		if c.dead == nil {
-			c.dead = ErrLockerClosed
+			c.dead = c.g.cfg.Closed
 		}
 		close(done)
 		return done
@@ -407,8 +432,8 @@ func (c *lockConn) dial() <-chan struct{} {
 	c.dialing = done
 	go func() {
 		// Not cut by the Locker's Close at once: Close waits for the
-		// connect and ends its session (see mux.waitSessions).
-		conn, err := c.m.connect(c.m.dialing, c.slot >= 0)
+		// connect and ends its session (see Group.WaitSessions).
+		conn, err := c.g.owner.Connect(c.g.dialing, c.slot >= 0)
 		c.mu.Lock()
 		c.dialing = nil
 		switch {
@@ -417,17 +442,17 @@ func (c *lockConn) dial() <-chan struct{} {
 			if c.dead == nil {
 				c.dead = err
 			}
-			c.m.sessionEnded()
-		case c.dead != nil || c.m.closing.Err() != nil:
+			c.g.sessionEnded()
+		case c.dead != nil || c.g.cfg.Closing.Err() != nil:
 			// Lost or closed meanwhile (the Locker's Close): the new
 			// session ends before Close returns.
 			if c.dead == nil {
-				c.dead = ErrLockerClosed
+				c.dead = c.g.cfg.Closed
 			}
 			c.dialErr = c.dead
 			c.mu.Unlock()
-			endSession(conn, min(c.m.statementBound(), maxSessionEnd))
-			c.m.sessionEnded()
+			EndSession(conn, min(c.g.cfg.StatementBound, maxSessionEnd))
+			c.g.sessionEnded()
 			close(done)
 			return
 		default:
@@ -440,7 +465,7 @@ func (c *lockConn) dial() <-chan struct{} {
 }
 
 // markDead stops the connection taking requests.
-func (c *lockConn) markDead(err error) {
+func (c *Conn) markDead(err error) {
 	c.mu.Lock()
 	if c.dead == nil {
 		c.dead = err
@@ -454,12 +479,12 @@ func (c *lockConn) markDead(err error) {
 // Lock held on it is told.
 //
 // A close the Locker chose (its Close, a waiting connection it gives up:
-// why is ErrLockerClosed or errConnGone itself) waits for the server to end
-// the session (see endSession), so that its locks are free and its place
+// why is Config.Closed or ErrGone itself) waits for the server to end
+// the session (see EndSession), so that its locks are free and its place
 // in the session budget is empty, as the server counts them, before the
 // holders are told and another connection takes the place. A loss closes
 // at once: the holders must hear of it without delay.
-func (c *lockConn) lose(err error) {
+func (c *Conn) lose(err error) {
 	c.markDead(err)
 	c.mu.Lock()
 	conn, proof, counted := c.conn, c.proof, c.counted
@@ -471,28 +496,28 @@ func (c *lockConn) lose(err error) {
 			// cancel request, Terminate, then reading until the server
 			// ends the session), or an earlier close did: counted out
 			// when that is done, without holding up the holders' news.
-			c.m.sessionEndedWith(conn.PgConn().CleanupDone())
+			c.g.sessionEndedWith(conn.PgConn().CleanupDone())
 		} else {
-			defer c.m.sessionEnded() // after the close below
+			defer c.g.sessionEnded() // after the close below
 		}
 	}
 	if conn != nil && !conn.IsClosed() {
-		if err == errConnGone || errors.Is(err, ErrLockerClosed) {
-			bound := min(c.m.statementBound(), maxSessionEnd)
+		if err == ErrGone || errors.Is(err, c.g.cfg.Closed) {
+			bound := min(c.g.cfg.StatementBound, maxSessionEnd)
 			if proof != nil {
 				// Through a pooler the end of the socket is the pooler's,
 				// which resets the server session only afterwards: the
 				// locks are given back first, on the session itself.
 				unlockAll(conn, bound)
 			}
-			endSession(conn, bound)
+			EndSession(conn, bound)
 		} else {
-			ctx, cancel := context.WithTimeout(context.Background(), c.m.releaseTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), c.g.cfg.ReleaseTimeout)
 			_ = conn.Close(ctx)
 			cancel()
 		}
 	}
-	c.m.connLost(c, err)
+	c.g.owner.Lost(c, err)
 }
 
 // unlockAll gives back every session lock of conn, which nobody else uses,
@@ -505,10 +530,10 @@ func unlockAll(conn *pgx.Conn, bound time.Duration) {
 	_, _ = conn.PgConn().Exec(context.Background(), "SELECT pg_catalog.pg_advisory_unlock_all()").ReadAll()
 }
 
-// maxSessionEnd bounds how long endSession waits for the server.
+// maxSessionEnd bounds how long EndSession waits for the server.
 const maxSessionEnd = time.Second
 
-// endSession closes conn, which nobody else uses, and waits (at most bound)
+// EndSession closes conn, which nobody else uses, and waits (at most bound)
 // for the server to end its session. pgx's Close sends Terminate and
 // returns at once, while the server's backend is still releasing its locks
 // and leaving pg_stat_activity: a moment in which another session cannot
@@ -516,9 +541,9 @@ const maxSessionEnd = time.Second
 // max_connections and the Locker's budget. The server closes its end of
 // the socket only once its backend has done both (PostgreSQL releases the
 // locks and the activity entry in shmem_exit, before the on_proc_exit
-// callback that closes the socket), so endSession sends Terminate itself
+// callback that closes the socket), so EndSession sends Terminate itself
 // and reads until the server closes, then closes conn.
-func endSession(conn *pgx.Conn, bound time.Duration) {
+func EndSession(conn *pgx.Conn, bound time.Duration) {
 	nc := conn.PgConn().Conn()
 	if err := nc.SetDeadline(time.Now().Add(bound)); err == nil {
 		if _, err := nc.Write([]byte{'X', 0, 0, 0, 4}); err == nil {
@@ -530,54 +555,70 @@ func endSession(conn *pgx.Conn, bound time.Duration) {
 	_ = conn.Close(ctx)
 }
 
-// addHolds changes the count of server locks held (for a waiting
+// AddHolds changes the count of server locks held (for a waiting
 // connection's wait, which runs outside exec).
-func (c *lockConn) addHolds(n int) {
+func (c *Conn) AddHolds(n int) {
 	c.mu.Lock()
 	c.holds += n
 	c.mu.Unlock()
 }
 
-// holdsAny reports whether the connection holds a server lock.
-func (c *lockConn) holdsAny() bool {
+// HoldsAny reports whether the connection holds a server lock.
+func (c *Conn) HoldsAny() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.holds > 0
 }
 
-// isDead reports whether the connection takes no more requests.
-func (c *lockConn) isDead() bool {
+// IsDead reports whether the connection takes no more requests.
+func (c *Conn) IsDead() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.dead != nil
 }
 
-// close closes the connection once the goroutine using it is done: every
+// Close closes the connection once the goroutine using it is done: every
 // lock on it is lost (the server ends them with the session).
-func (c *lockConn) close(why error) {
-	c.do(&connOp{closing: why})
+func (c *Conn) Close(why error) {
+	c.Do(&Op{closing: why})
 }
 
-// busy reports whether a goroutine is using the connection (its requests
+// Busy reports whether a goroutine is using the connection (its requests
 // would queue).
-func (c *lockConn) busy() bool {
+func (c *Conn) Busy() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.active
 }
 
-// free reports whether the connection is open, not known to be lost, and
+// Free reports whether the connection is open, not known to be lost, and
 // unused: a request sent now runs at once. (The pgx connection itself is
 // not asked: its watch may be using it.)
-func (c *lockConn) free() bool {
+func (c *Conn) Free() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return !c.active && c.dead == nil && c.conn != nil
 }
 
-// hasConn reports whether the lock connection has been opened.
-func (c *lockConn) hasConn() bool {
+// HasConn reports whether the lock connection has been opened.
+func (c *Conn) HasConn() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.conn != nil
+}
+
+// SessionPID returns the server pid of c's session: through a pooler the
+// server's (see pooler.Proof), else the one the connection's startup
+// reported; 0 when c is not open.
+func (c *Conn) SessionPID() int64 {
+	c.mu.Lock()
+	conn, proof := c.conn, c.proof
+	c.mu.Unlock()
+	switch {
+	case proof != nil:
+		return int64(proof.PID()) // through a pooler: the server's pid
+	case conn != nil:
+		return int64(conn.PgConn().PID())
+	}
+	return 0
 }

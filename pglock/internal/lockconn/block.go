@@ -1,4 +1,4 @@
-package pglock
+package lockconn
 
 import (
 	"context"
@@ -24,7 +24,7 @@ import (
 // idle one drops within a check interval; pg_stat_activity shows it "idle
 // in transaction" only between statements. The server ends a silent
 // client's session as before (idle_in_transaction_session_timeout, set with
-// idle_session_timeout: see mux.connect). Through a pooler (proof) the
+// idle_session_timeout: see Owner.Connect). Through a pooler (proof) the
 // connection never opens a block.
 const (
 	blockFrom   = 64
@@ -33,7 +33,7 @@ const (
 
 // block opens, renews or ends the connection's transaction block before a
 // statement (see blockFrom), in one extra round trip when it does.
-func (c *lockConn) block() error {
+func (c *Conn) block() error {
 	if c.slot < 0 || c.proof != nil {
 		return nil
 	}
@@ -68,7 +68,7 @@ func (c *lockConn) block() error {
 // portal) and is not left idle in transaction; the next lock request opens
 // a new one. The watch runs only while the goroutine that owns the
 // connection leaves it alone.
-func (c *lockConn) idlePing(ctx context.Context) error {
+func (c *Conn) idlePing(ctx context.Context) error {
 	if c.conn.PgConn().TxStatus() != 'I' {
 		return c.conn.PgConn().Exec(ctx, "COMMIT").Close()
 	}
@@ -77,7 +77,7 @@ func (c *lockConn) idlePing(ctx context.Context) error {
 
 // endBlock ends the connection's transaction block, if one is open, before
 // a use of the connection that is not a lock request (see blockFrom).
-func (c *lockConn) endBlock() error {
+func (c *Conn) endBlock() error {
 	if c.conn == nil {
 		return nil
 	}

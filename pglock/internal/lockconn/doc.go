@@ -1,0 +1,47 @@
+// Package lockconn holds a multiplexing Locker's own connections to the
+// server: lock connections, each of which holds the session locks of many
+// Locks at once, and waiting connections, each used by one goroutine to
+// wait in the server's queue and then hold what it got. It sends the lock
+// and unlock requests, opens, watches and closes the sessions, and counts
+// them. It does not import pglock: pglock's mux (its Owner) decides which
+// key goes to which connection, with the key table (package keytable), and
+// what a request is for; a Conn runs the requests it is given.
+//
+// # What it keeps
+//
+//   - One goroutine owns a connection at a time. A request (Conn.Do) that
+//     finds the connection free owns it until its request is done; others
+//     queue, and are served in the statement of the goroutine that owns it,
+//     or handed the connection in the order they came. Nothing else uses the
+//     connection meanwhile: its watch (connwatch) runs only while nobody
+//     owns it, and is stopped before a use.
+//   - Requests are batched up to the first Fn: the owner sends every queued
+//     lock, unlock, check and probe request in one statement (one round
+//     trip), up to the first use of the connection alone (Op.Fn), which
+//     runs alone, in its turn. A request of a key set lingers a moment for
+//     the rest of its set (SetBatch).
+//   - Nothing sent on a lock connection waits for anything but the network:
+//     requests use the non-blocking functions, each statement is bounded by
+//     a socket deadline (Config.StatementBound), and a silent connection is
+//     lost within that bound, busy or idle.
+//   - A statement that failed half way takes nothing: every key of its
+//     batch that the session may hold is given back, or the connection is
+//     lost with every lock on it. A loss is told to the owner (Owner.Lost)
+//     after the connection is marked dead and takes no more requests; the
+//     key table then refuses a grant recorded on it (keytable.ConnState).
+//   - Through a pooler, a statement runs only on the server session its
+//     connection claimed (pooler.Proof); one that finds another makes the
+//     owner refuse every later connect (Owner.Refuse).
+//   - Every session is counted from the start of its connect until it is
+//     closed, and the Locker's Close waits for them all, connects under way
+//     included (Group.WaitSessions); a session the Locker closes on purpose
+//     is waited for until the server has ended it (EndSession).
+//
+// # Files
+//
+//	group.go     Owner, Config, Group: what the connections of a Locker share; the session count
+//	conn.go      the queue of requests and the connection's life (open, lost, closed)
+//	batch.go     the statement that runs a batch of requests, and what its failure means
+//	block.go     the transaction block a connection holding many locks runs its statements in
+//	setbatch.go  the requests of one key set, which share statements
+package lockconn
