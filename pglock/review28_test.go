@@ -126,7 +126,7 @@ func r28After(t testing.TB, watch *pgxpool.Pool, app string, pids *sync.Map) (le
 // shutdown path, a signal handler and a deferred Close) returns nil at once
 // (Locker.Close: lk.closed.Swap(true)), before the first has ended anything:
 // the Locker's sessions are on the server and often its keys held.
-// Measured: 14, 15, 17 and 15 of 20 rounds in 4 runs (in the others the
+// Measured: 87 of 120 rounds in 6 runs (13 to 17 of 20 each; in the others the
 // first Close had ended everything before the check; the second Close
 // returned at once in every round). Fix: a later Close waits for the first
 // to finish (a channel closed at the end of the first Close), as
@@ -181,8 +181,9 @@ var r28Kinds = []string{"waiting", "holding on a waiting connection", "holding o
 // branch). Both are counted out before the server has ended the backend,
 // so Close could return while it is still exiting; but the backend exits
 // (locks and activity entry gone) before the client has read its FATAL
-// message and gone through the loss: 0 of 108 Closes (3 runs of 12 rounds
-// of each kind) found a terminated session, or a lock of it, after Close.
+// message and gone through the loss: 0 of 252 Closes (7 runs of 12 rounds
+// of each of the 3 kinds) found a terminated session, or a lock of it,
+// after Close.
 func TestReview28TerminatedThenClose(t *testing.T) {
 	t.Parallel()
 	bg := context.Background()
@@ -325,8 +326,10 @@ func r28Op(ctx context.Context, t *testing.T, lk *pglock.Locker, sem *pglock.Sem
 // timeout + 1 s; a double decrement makes it return early or, below zero,
 // wait its bound too), the Locker's sessions and advisory locks on the
 // server, and that every call returns. A session left just after Close
-// that the killer terminated is TestReview28TerminatedThenClose's defect,
-// logged here, not counted.
+// that the killer terminated (still exiting) is logged, not counted (see
+// TestReview28TerminatedThenClose). 0 of 32 rounds in 4 runs; the longest
+// Close 85-290 ms (cancel requests resent for waits the server had not
+// started yet).
 func TestReview28StormWithKillsThenClose(t *testing.T) {
 	t.Parallel()
 	watch := pgtest.Pool(t, 3)
@@ -532,33 +535,62 @@ func r28Through(p *r28DelayProxy) func(*pgxpool.Config) {
 	}
 }
 
-// DEFECT (on a slow network; see the rates in the log): a connect that
-// takes longer than a second because the network is slow, not silent (the
-// server's answers arrive 400 ms late, the client's bytes at once), is cut
-// off by Close after maxSessionEnd: pgx closes the socket in the middle of
-// the connect (or, in mux.connect's statements after it, asyncClose, whose
-// CleanupDone is not waited for: connect's error path closes it with a plain
-// Close and the dial goroutine counts it out at once), and Close returns
-// while the server's backend, which has its startup done, is still there:
+// DEFECT (on a slow network): a connect that takes longer than a second
+// because the network is slow, not silent (the server's answers arrive
+// 400 ms late, the client's bytes at once; a proxy of the test's on
+// 127.0.0.1), is cut off by Close after maxSessionEnd, in the middle of
+// mux.connect's statements after pgx's connect (the session is on the
+// server, idle after its set_config or one of the Prepares): pgx closes
+// the connection asynchronously (asyncClose: cancel request, Terminate,
+// then reading to EOF), connect's error path calls a plain Close, which
+// returns at once, the dial goroutine counts the session out, and Close
+// returns while the server's backend is still there (gone 0.3-10 ms
+// later here; on a real slow network, one trip of Terminate later).
+// Measured: 6 of 6 rounds in each of 8 runs (48 of 48). This is
 // the very case 306e31f meant to close ("a connect cut mid-way leaves a
-// session the server ends later, on its own"). Close's own duration stays
-// bounded (HELD: about a second, checked too). Fix: after cancelDialing,
-// wait (within the remaining bound) for the cut connect's session too: in
-// mux.connect, end a conn it gives up with endSession (not Close), and have
-// the dial goroutine count it out only when pgx's CleanupDone (asyncClose,
-// which reads to EOF) is closed.
+// session the server ends later, on its own"), moved past a second. Close's
+// own duration stays bounded (HELD: 1.00 s, checked too). Fix: in
+// mux.connect, on every error after pgx.ConnectConfig succeeded, wait for
+// conn.PgConn().CleanupDone() (bounded by what is left of Close's wait)
+// after the Close, or end the connection with endSession; then the dial
+// goroutine counts it out only once the server has ended it.
 func TestReview28CloseDuringSlowConnect(t *testing.T) {
 	r26Skip(t, "defect: a connect cut off by Close on a slow network leaves its session on the server after Close returns")
 	t.Parallel()
+	bad := r28SlowConnect(t, 400*time.Millisecond, 6, 1500*time.Millisecond)
+	for _, b := range bad {
+		t.Log(b)
+	}
+	if len(bad) > 0 {
+		t.Errorf("%d of %d Closes during a slow connect returned with the connect's session still on the server", len(bad), 6)
+	}
+}
+
+// HELD: the same on a network slow enough that a connect takes about half
+// a second (60 ms each way of every answer, about ten round trips): Close
+// during the connect waits for it (it is not cut: under a second), ends its
+// session with endSession, and returns with nothing of the Locker's on the
+// server. 0 of 8 rounds, every run.
+func TestReview28CloseDuringModeratelySlowConnect(t *testing.T) {
+	t.Parallel()
+	for _, b := range r28SlowConnect(t, 60*time.Millisecond, 8, 500*time.Millisecond) {
+		t.Error(b)
+	}
+}
+
+// r28SlowConnect closes a Locker whose first connect runs through a proxy
+// that holds every answer of the server back for delay, at a random moment
+// up to sleepMax after the connect's session is on the server, rounds
+// times; it returns what was left on the server just after each Close.
+func r28SlowConnect(t *testing.T, delay time.Duration, rounds int, sleepMax time.Duration) []string {
 	u := pgtest.URL(t)
 	cc, err := pgx.ParseConfig(u)
 	if err != nil {
 		t.Fatal(err)
 	}
 	network, addr := pgconn.NetworkAddress(cc.Host, cc.Port)
-	proxy := r28NewDelayProxy(t, network, addr, 400*time.Millisecond)
+	proxy := r28NewDelayProxy(t, network, addr, delay)
 	watch := pgtest.Pool(t, 2)
-	const rounds = 6
 	var bad []string
 	for r := range rounds {
 		app := "r28-slow-" + randomSuffix()
@@ -579,7 +611,7 @@ func TestReview28CloseDuringSlowConnect(t *testing.T) {
 		if !r28Until(5*time.Second, func() bool { return len(r27LockerSessions(t, watch, app, &pids)) > 0 }) {
 			t.Fatalf("round %d: the Locker's connect did not reach the server", r)
 		}
-		time.Sleep(time.Duration(rand.IntN(1500)) * time.Millisecond)
+		time.Sleep(time.Duration(rand.Int64N(int64(sleepMax))))
 		start := time.Now()
 		if err := lk.Close(); err != nil {
 			t.Fatal(err)
@@ -598,12 +630,7 @@ func TestReview28CloseDuringSlowConnect(t *testing.T) {
 		}
 		pool.Close()
 	}
-	for _, b := range bad {
-		t.Log(b)
-	}
-	if len(bad) > 0 {
-		t.Errorf("%d of %d Closes during a slow connect returned with the connect's session still on the server", len(bad), rounds)
-	}
+	return bad
 }
 
 // r28Busy returns the stacks of goroutines running the Locker's own work
@@ -641,7 +668,8 @@ func r28PoolSessions(t testing.TB, watch *pgxpool.Pool, app string) int {
 // random moments, with waits started: Close takes under a second, nothing
 // of the Locker's is on the server after it, no extra session of its pool
 // (the self-test's) either, and within goleak's settle retries no goroutine
-// is left. Logged, not failed: in 2 of 90 rounds the init's goroutine
+// is left: 0 extra sessions in 210 rounds (7 runs). Logged, not failed:
+// in 4 of 210 rounds the init's goroutine
 // (initOnce) or a dial goroutine was still finishing just after Close
 // returned (Close does not wait for initOnce; it had nothing left on the
 // server). Not parallel: the goroutine checks see every goroutine of the
@@ -715,6 +743,7 @@ func TestReview28CloseDuringInit(t *testing.T) {
 // leader) or as it ends (Run's context cancelled at a random moment around
 // Close): no session of the Leader's identity or the Locker's is on the
 // server when Close returns, Close takes under a second, Run returns.
+// 0 of 30 rounds in each of 4 runs.
 func TestReview28CloseRacingCampaignStart(t *testing.T) {
 	t.Parallel()
 	bg := context.Background()
@@ -773,13 +802,14 @@ func TestReview28CloseRacingCampaignStart(t *testing.T) {
 	}
 }
 
-// HELD/DEFECT (see the log): Close racing an idle reconnect. A lock
-// connection that held nothing for half the abandoned-session bound (3 s) is
-// replaced at its next use (lockConn.open): the old session is closed with a
-// plain Close (Terminate, not waited for) and counted out at once. A Close
-// that comes while that happens finds the count at zero and may return
-// while the old session is still on the server. 12 Lockers per run race a
-// Do after 3.1 s idle with Close.
+// HELD (a suspected window not hit): Close racing an idle reconnect. A
+// lock connection that held nothing for half the abandoned-session bound
+// (3 s) is replaced at its next use (lockConn.open): the old session is
+// closed with a plain Close (Terminate, not waited for, unlike endSession)
+// and counted out at once; a Close that comes meanwhile could return while
+// the old session is still on the server. 12 Lockers per run race a Do
+// after 3.2 s idle with Close (0-1.5 ms apart): 0 of 48 in 4 runs; Close
+// under a second every time. (Still worth mending: endSession there too.)
 func TestReview28CloseRacingIdleReconnect(t *testing.T) {
 	t.Parallel()
 	bg := context.Background()
@@ -842,7 +872,9 @@ func TestReview28CloseRacingIdleReconnect(t *testing.T) {
 // deadline and a bit), every key can be taken afterwards, Stats stay within
 // the budget and return to nothing held; and its Close at the end is prompt
 // (a count that drifted over the run would make it wait its bound or
-// return early).
+// return early). 3 runs: 19-24 thousand calls each, 97% held, none
+// refused or stuck, every key free afterwards, Sessions never over
+// MaxSessions, Close after the run 5-11 ms with nothing left.
 func TestReview28NotClosedLongRun(t *testing.T) {
 	t.Parallel()
 	bg := context.Background()
@@ -958,7 +990,7 @@ var r28Silent = []struct {
 	{"a try's statement on a lock connection", 1500 * time.Millisecond},
 }
 
-// DEFECT (2 of the 4 states, every run; the other 2 HELD): Close's doc
+// DEFECT (2 of the 4 states, in every one of 8 runs; the other 2 HELD): Close's doc
 // says it waits for the server "on a silent network up to a second" (the
 // watch's ping aside), and 306e31f adds that connects under way are "cut
 // off after a second". The network goes silent (the fault proxy's
@@ -1228,5 +1260,74 @@ func TestReview28CloseFromInsideWork(t *testing.T) {
 				kind, took, workEnded.Load(), len(left), locks, gone, what)
 		}
 		pool.Close()
+	}
+}
+
+// HELD: Close racing the release of a hold on a waiting connection (the
+// unlock, then putWaitConn keeping the connection idle or closing it, or a
+// relay to the next waiter of the process): the hold's work returns and
+// Close is called within the same couple of milliseconds, in either order.
+// After each Close: under a second, none of the Locker's sessions or locks
+// on the server.
+func TestReview28CloseRacingWaitConnGiveBack(t *testing.T) {
+	t.Parallel()
+	bg := context.Background()
+	watch := pgtest.Pool(t, 2)
+	holders := pgtest.Pool(t, 2)
+	const rounds = 30
+	var bad []string
+	for r := range rounds {
+		app := "r28-give-" + randomSuffix()
+		pool, pids, lk := r28Locker(t, pgtest.URL(t), app, 3, pglock.WithLockConns(1), pglock.WithWaitConns(2))
+		key := fmt.Sprintf("%s-%d", pgtest.UniqueKey(t), r)
+		ol, err := pglock.NewLock(holders, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ol.Acquire(bg); err != nil {
+			t.Fatal(err)
+		}
+		release := make(chan struct{})
+		var wg sync.WaitGroup
+		// Two waiters of the process: the second may be relayed the key.
+		for range 1 + r%2 {
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(bg, 5*time.Second)
+				defer cancel()
+				_ = lk.Do(ctx, key, func(ctx context.Context) error {
+					select {
+					case <-release:
+					case <-ctx.Done():
+					}
+					return nil
+				})
+			})
+		}
+		if !r28Until(5*time.Second, func() bool { return len(r28Waiting(t, watch, app)) >= 1 }) {
+			t.Fatalf("round %d: the wait did not start", r)
+		}
+		_ = ol.Release(bg)
+		if !r28Until(5*time.Second, func() bool { return lk.Stats().HeldKeys == 1 }) {
+			t.Fatalf("round %d: the key was not held: %+v", r, lk.Stats())
+		}
+		go func() {
+			time.Sleep(time.Duration(rand.IntN(2000)) * time.Microsecond)
+			close(release)
+		}()
+		time.Sleep(time.Duration(rand.IntN(2000)) * time.Microsecond)
+		start := time.Now()
+		if err := lk.Close(); err != nil {
+			t.Fatal(err)
+		}
+		took := time.Since(start)
+		left, locks, what, gone := r28After(t, watch, app, pids)
+		wg.Wait()
+		if took > time.Second || len(left) > 0 || locks > 0 {
+			bad = append(bad, fmt.Sprintf("round %d: Close took %v; just after it %d sessions (%v), %d locks, gone %v later:%s", r, took, len(left), left, locks, gone, what))
+		}
+		pool.Close()
+	}
+	for _, b := range bad {
+		t.Error(b)
 	}
 }
