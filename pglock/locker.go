@@ -41,6 +41,9 @@ type Locker struct {
 	mux    *mux    // session locks on a pool, multiplexed
 	serial *serial // a Locker on one connection or transaction
 	closed atomic.Bool
+	// closeOnce runs Close's work once; a Close called meanwhile waits for
+	// it, so that every Close returns with the sessions ended.
+	closeOnce sync.Once
 	// probe runs and caches CheckHealth's checks.
 	probe healthProbe
 	// setGate lets one key set at a time take its keys on a Locker that
@@ -239,23 +242,33 @@ func (lk *Locker) Pooled() bool { return lk != nil && lk.pooled }
 // Close closes the Locker's lock connections, which ends every session lock
 // held on them (each such Lock reports [Lock.Lost]): when Close returns, the
 // server has ended those sessions, so another process can take their keys
-// at once (it waits for them side by side: on a silent network up to a
-// second, or, for a connection whose watch is pinging, up to
-// [WithLostCheckInterval] and a second). Through a session pooler the
-// locks are given back before the session is left to the pooler. A
-// connect under way when Close is called is waited for, and its session
-// ended, too (on a silent network it is cut off after a second).
+// at once. It ends them side by side, connects under way included, and
+// waits for the server, which takes a round trip or two; on a slow or
+// silent network it stops waiting after about two seconds (a connect still
+// under way after one is cut off, and its end waited for one more; a
+// connection whose watch is pinging takes up to [WithLostCheckInterval]
+// and a second). Through a session pooler the locks are given back before
+// the session is left to the pooler.
 // It makes the Locker's methods, and the acquires of its Locks, fail with
 // [ErrLockerClosed]. It does not close the pool or connection the Locker
 // was made with; Locks in Transaction scope end as their transactions do.
-// Close is safe to call more than once and returns nil.
+// Close is safe to call more than once, and from several goroutines at
+// once (each returns when the first call's work is done); it returns nil.
 func (lk *Locker) Close() error {
-	if lk == nil || lk.closed.Swap(true) {
+	if lk == nil {
 		return nil
 	}
+	lk.closeOnce.Do(lk.close)
+	return nil
+}
+
+// close is Close's work, run once.
+func (lk *Locker) close() {
+	lk.closed.Store(true)
 	lk.background.close()
 	if lk.mux != nil {
-		return lk.mux.close()
+		_ = lk.mux.close() // always nil
+		return
 	}
 	if lk.serial != nil {
 		close(lk.serial.closing)
@@ -263,7 +276,6 @@ func (lk *Locker) Close() error {
 	if m, ok := lk.src.(*memSource); ok {
 		m.close() // the in-memory double: its holds are lost, as a mux's are
 	}
-	return nil
 }
 
 // LockerStats is what a Locker uses now (see [Locker.Stats]).

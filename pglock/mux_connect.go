@@ -246,11 +246,11 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 		if errors.Is(err, ErrTransactionPooler) {
 			m.refused.Store(&err)
 		}
-		_ = conn.Close(ctx)
+		endConnected(conn)
 		return nil, err
 	}
 	if err := checkPrimary(ctx, conn, m.releaseTimeout); err != nil {
-		_ = conn.Close(ctx)
+		endConnected(conn)
 		return nil, err
 	}
 	// One statement after the connect, not startup parameters: a pooler
@@ -309,7 +309,7 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 	}
 	if len(args) > 0 {
 		if _, err := conn.Exec(ctx, q.String(), append([]any{pgx.QueryExecModeSimpleProtocol}, args...)...); err != nil {
-			_ = conn.Close(ctx)
+			endConnected(conn)
 			return nil, fmt.Errorf("pglock: set the lock connection's session bounds: %w", err)
 		}
 	}
@@ -329,7 +329,7 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 			for pair := range 2 {
 				sql := fixed[Session][mode][pair].unlock
 				if _, err := conn.Prepare(ctx, sql, sql); err != nil {
-					_ = conn.Close(ctx)
+					endConnected(conn)
 					return nil, fmt.Errorf("pglock: prepare the lock connection's statements: %w", err)
 				}
 			}
@@ -391,4 +391,25 @@ func serverMajor(conn *pgx.Conn) int {
 		n = n*10 + int(r-'0')
 	}
 	return n
+}
+
+// endConnected ends the session of a connect that failed after the server
+// accepted it (in the pooler check, the primary check, the session
+// settings, the Prepares), before the connect returns, so that the Locker's
+// count of its sessions (see lockconn.Group.WaitSessions) counts it out
+// only once it is gone: one pgx closed itself, its statement cut short (the
+// Locker's Close cut the connect off), is waited for until pgx has read it
+// to its end; another is ended by lockconn.EndSession. Either way for at
+// most lockconn.MaxSessionEnd.
+func endConnected(conn *pgx.Conn) {
+	if !conn.IsClosed() {
+		lockconn.EndSession(conn, lockconn.MaxSessionEnd)
+		return
+	}
+	t := time.NewTimer(lockconn.MaxSessionEnd)
+	defer t.Stop()
+	select {
+	case <-conn.PgConn().CleanupDone():
+	case <-t.C:
+	}
 }

@@ -47,13 +47,14 @@ func (m *mux) wait(ctx context.Context, b *muxBackend, e *keyEntry) (bool, error
 }
 
 // waitContext is the context of a wait: ctx, ended by the Locker's Close
-// too.
+// too, with ErrLockerClosed as its cause (then the wait's cancel is bounded
+// by lockconn.MaxSessionEnd, not the release timeout: see waitStop.fire).
 func (m *mux) waitContext(ctx context.Context) (context.Context, func()) {
-	wctx, cancel := context.WithCancel(ctx)
-	stop := context.AfterFunc(m.closing, cancel)
+	wctx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(m.closing, func() { cancel(ErrLockerClosed) })
 	return wctx, func() {
 		stop()
-		cancel()
+		cancel(nil)
 	}
 }
 

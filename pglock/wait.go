@@ -151,7 +151,15 @@ func interruptible(ctx context.Context, l *Lock, conn *pgx.Conn, run func(contex
 	}
 	w := &waitStop{conn: conn, bound: l.cfg.releaseTimeout}
 	w.wg.Add(1)
-	stop := context.AfterFunc(ctx, w.fire)
+	stop := context.AfterFunc(ctx, func() {
+		if errors.Is(context.Cause(ctx), ErrLockerClosed) {
+			// The Locker's Close (see mux.waitContext): the connection
+			// is closed next, whatever the cancel does, and Close is
+			// bounded as its other session ends are.
+			w.bound = min(w.bound, lockconn.MaxSessionEnd)
+		}
+		w.fire()
+	})
 	err = run(context.WithoutCancel(ctx))
 	return w.finish(stop), err
 }

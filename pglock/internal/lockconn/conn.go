@@ -451,7 +451,7 @@ func (c *Conn) dial() <-chan struct{} {
 			}
 			c.dialErr = c.dead
 			c.mu.Unlock()
-			EndSession(conn, min(c.g.cfg.StatementBound, maxSessionEnd))
+			EndSession(conn, min(c.g.cfg.StatementBound, MaxSessionEnd))
 			c.g.sessionEnded()
 			close(done)
 			return
@@ -503,7 +503,7 @@ func (c *Conn) lose(err error) {
 	}
 	if conn != nil && !conn.IsClosed() {
 		if err == ErrGone || errors.Is(err, c.g.cfg.Closed) {
-			bound := min(c.g.cfg.StatementBound, maxSessionEnd)
+			bound := min(c.g.cfg.StatementBound, MaxSessionEnd)
 			if proof != nil {
 				// Through a pooler the end of the socket is the pooler's,
 				// which resets the server session only afterwards: the
@@ -530,8 +530,8 @@ func unlockAll(conn *pgx.Conn, bound time.Duration) {
 	_, _ = conn.PgConn().Exec(context.Background(), "SELECT pg_catalog.pg_advisory_unlock_all()").ReadAll()
 }
 
-// maxSessionEnd bounds how long EndSession waits for the server.
-const maxSessionEnd = time.Second
+// MaxSessionEnd bounds how long EndSession waits for the server.
+const MaxSessionEnd = time.Second
 
 // EndSession closes conn, which nobody else uses, and waits (at most bound)
 // for the server to end its session. pgx's Close sends Terminate and

@@ -131,10 +131,10 @@ func (g *Group) sessionEnded() {
 }
 
 // sessionEndedWith counts out a session counted by sessionStarted once done
-// is closed, or after maxSessionEnd.
+// is closed, or after MaxSessionEnd.
 func (g *Group) sessionEndedWith(done <-chan struct{}) {
 	go func() {
-		t := time.NewTimer(maxSessionEnd)
+		t := time.NewTimer(MaxSessionEnd)
 		defer t.Stop()
 		select {
 		case <-done:
@@ -151,8 +151,9 @@ func (g *Group) sessionEndedWith(done <-chan struct{}) {
 // mid-way leaves a session the server ends later, on its own (pgx closes
 // the socket in the middle of the startup or of the connection's first
 // statements); so connects are not cut at once: each finishes and is then
-// ended by EndSession. Only those still connecting after maxSessionEnd (a
-// silent network) are cut off. The wait is bounded: a session that some
+// ended by EndSession. Only those still connecting after MaxSessionEnd (a
+// slow or silent network) are cut off, and waited for up to MaxSessionEnd
+// more. The wait is bounded by twice MaxSessionEnd: a session that some
 // goroutine is slow to close does not make Close hang. No session starts
 // afterwards.
 func (g *Group) WaitSessions() {
@@ -166,13 +167,16 @@ func (g *Group) WaitSessions() {
 	gone := make(chan struct{})
 	g.sessionsGone = gone
 	g.sessMu.Unlock()
-	t := time.NewTimer(maxSessionEnd)
+	t := time.NewTimer(MaxSessionEnd)
 	defer t.Stop()
 	select {
 	case <-gone:
 	case <-t.C:
 		g.cancelDialing()
-		t.Reset(g.cfg.ReleaseTimeout + maxSessionEnd)
+		// A connect cut off ends its session as it can: pgx closes it
+		// (a cancel request, Terminate, reading to the end), waited for
+		// up to MaxSessionEnd by the Owner's Connect.
+		t.Reset(MaxSessionEnd)
 		select {
 		case <-gone:
 		case <-t.C:
