@@ -373,9 +373,9 @@ func (c *Conn) open(batch []*Op) error {
 		counted := c.counted
 		c.counted = false
 		c.mu.Unlock()
-		ctx, cancel := context.WithTimeout(context.Background(), c.g.cfg.ReleaseTimeout)
-		_ = conn.Close(ctx)
-		cancel()
+		// Ended before the new one opens: the session budget holds as the
+		// server counts it.
+		EndSession(conn, min(c.g.cfg.StatementBound, MaxSessionEnd))
 		if counted {
 			c.g.sessionEnded()
 		}
