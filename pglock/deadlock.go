@@ -415,16 +415,7 @@ func (m *mux) cycleRows(ctx context.Context, extra string) (rows []waitgraph.Row
 }
 
 // openSlot returns an open lock connection of m, or nil.
-func (m *mux) openSlot() *lockConn {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, s := range m.slots {
-		if s != nil && !s.IsDead() && s.HasConn() {
-			return s
-		}
-	}
-	return nil
-}
+func (m *mux) openSlot() *lockConn { return m.lc.OpenSlot() }
 
 // poolAcquireWait is how long a check waits for a pool's connection before
 // it opens one of its own: waits made inside holds often hold every

@@ -243,9 +243,7 @@ func (m *mux) reach(ctx context.Context) error {
 	}
 	var last error
 	for i := range m.conns {
-		m.mu.Lock()
-		c := m.slots[i]
-		m.mu.Unlock()
+		c := m.lc.Peek(i)
 		if c == nil || c.IsDead() || !c.HasConn() {
 			continue
 		}
@@ -261,7 +259,7 @@ func (m *mux) reach(ctx context.Context) error {
 	}
 	// None open, or none answered (each that did not is lost now): open
 	// one, as a lock would.
-	c := m.slot(0)
+	c := m.lc.Slot(0)
 	if c == nil {
 		return ErrLockerClosed
 	}

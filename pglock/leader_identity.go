@@ -189,7 +189,7 @@ func (lk *Locker) keyHolder(ctx context.Context, k Key) (pid int64, app string, 
 // campaign waits on it: one round trip, unless the session carries it
 // already (the server reports application_name to the client, so pgx knows
 // it). The connection is the campaign's alone, and is closed rather than
-// used for anything else afterwards (see mux.putWaitConn).
+// used for anything else afterwards (see lockconn.Group.PutWaitConn).
 func nameCampaign(ctx context.Context, conn *pgx.Conn, l *Lock, bound time.Duration) error {
 	id := l.cfg.identity
 	if id == "" {
@@ -328,15 +328,7 @@ func (ld *Leader) kicked() {
 // as every statement there is, the caller's ctx ending only its place in the
 // queue (a statement cut by a context would cost the connection its locks).
 func (m *mux) keyHolder(ctx context.Context, args []any) (pid int64, app string, ok, on bool, err error) {
-	var c *lockConn
-	m.mu.Lock()
-	for _, s := range m.slots {
-		if s != nil && !s.IsDead() && s.HasConn() {
-			c = s
-			break
-		}
-	}
-	m.mu.Unlock()
+	c := m.openSlot()
 	if c == nil {
 		return 0, "", false, false, nil
 	}

@@ -58,14 +58,15 @@ func tableMode(m Mode) keytable.Mode {
 // Its methods are in files by concern. A hold (backend_mux.go) calls into
 // taking, waiting and giving back; taking and waiting call each other (a
 // busy try goes on to wait, a wait without a waiting connection polls with
-// tries); all of them use routing and connecting, package lockconn (one
-// lock or waiting connection, which m owns: see lockconn.Owner) and the key
-// table (package keytable), which call nothing of theirs but the owner's
-// methods:
+// tries); all of them use routing and connecting, package lockconn (the
+// lock and waiting connections and their sets: the connection for a key,
+// a waiting connection and its place, given back or replaced, all closed,
+// counted; m owns them: see lockconn.Owner) and the key table (package
+// keytable), which call nothing of theirs but the owner's methods:
 //
 //	mux.go          the type, Close, Stats; the owner of the lock connections
 //	mux_connect.go  readiness, connecting, the server's lock table (guard)
-//	mux_route.go    which lock connection a key goes to; the lock cap
+//	mux_route.go    a key's numbers for lockconn.Group.Pick (slot, hints); the lock cap
 //	mux_take.go     a key taken without waiting (and shared holders' probe)
 //	mux_wait.go     a wait in the server's queue on a waiting connection
 //	mux_give.go     a key given back, handed to the next goroutine or relayed
@@ -97,22 +98,16 @@ type mux struct {
 	// connect fails with it at once.
 	refused atomic.Pointer[error]
 
-	// hints are the homes of keys moved by pick (slot+1; 0: the slot by
-	// hash), by bucket of hintOf.
-	hints [hintBuckets]atomic.Int32
-
+	// mu guards held, limit, capacity and closed. The sets of connections
+	// (lock connections by slot, waiting connections) are lc's, under its
+	// own mutex, which is taken after mu, never before (see lockconn.Group):
+	// close shuts them under mu, so that whoever sees closed finds them
+	// shut.
 	mu       sync.Mutex
-	slots    []*lockConn
-	waitSem  chan struct{}
-	waitIdle []*lockConn
-	waitBusy map[*lockConn]struct{}
-	// placedConns counts the waiting connections that hold a place in
-	// waitSem (see mux.wait).
-	placedConns int
-	held        int // server locks held or being taken
-	limit       int // the cap on held; 0 until known
-	capacity    int // the server's lock table, as configured (0 if unknown)
-	closed      bool
+	held     int // server locks held or being taken
+	limit    int // the cap on held; 0 until known
+	capacity int // the server's lock table, as configured (0 if unknown)
+	closed   bool
 	// tg is the server-wide lock-table guard (see mux.guard).
 	tg tableGuard
 }
@@ -135,11 +130,10 @@ func newMux(pool *pgxpool.Pool, db *sql.DB, cfg *config) *mux {
 		maxLocks:       cfg.maxLocks,
 		lostCheck:      cfg.lostCheck,
 		releaseTimeout: cfg.releaseTimeout,
-		slots:          make([]*lockConn, cfg.lockConns),
-		waitSem:        make(chan struct{}, cfg.waitConns),
-		waitBusy:       make(map[*lockConn]struct{}),
 	}
 	m.lc = lockconn.NewGroup(m, lockconn.Config{
+		LockConns:      m.conns,
+		WaitConns:      m.waitConns,
 		LostCheck:      m.lostCheck,
 		ReleaseTimeout: m.releaseTimeout,
 		StatementBound: m.statementBound(),
@@ -247,28 +241,12 @@ func (m *mux) close() error {
 		return nil
 	}
 	m.closed = true
-	var cs []*lockConn
-	for _, c := range m.slots {
-		if c != nil {
-			cs = append(cs, c)
-		}
-	}
-	cs = append(cs, m.waitIdle...)
-	m.waitIdle = nil
-	for c := range m.waitBusy {
-		cs = append(cs, c)
-	}
+	cs := m.lc.Shut()
 	m.mu.Unlock()
 	m.t.Close()
-	// Side by side: each close waits for the server to end its session
-	// (see lockconn.EndSession), up to its bound on a silent network; so do
-	// the connects under way.
-	var wg sync.WaitGroup
-	for _, c := range cs {
-		wg.Go(func() { c.Close(ErrLockerClosed) })
-	}
-	wg.Go(m.lc.WaitSessions)
-	wg.Wait()
+	// Side by side, with the connects under way (see
+	// lockconn.Group.CloseAll).
+	m.lc.CloseAll(cs, ErrLockerClosed)
 	return nil
 }
 
@@ -278,26 +256,8 @@ func (m *mux) stats() LockerStats {
 	s.HeldKeys, s.Queued = m.t.Counts()
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for _, c := range m.slots {
-		if c != nil && !c.IsDead() && c.HasConn() {
-			s.LockConns++
-		}
-	}
-	for c := range m.waitBusy {
-		switch {
-		case !c.Placed:
-			s.LeaderConns++
-		case c.HoldsAny():
-			s.HoldingConns++
-		default:
-			s.WaitingConns++
-		}
-	}
-	for _, c := range m.waitIdle {
-		if c.HasConn() {
-			s.IdleConns++
-		}
-	}
+	n := m.lc.Counts()
+	s.LockConns, s.LeaderConns, s.HoldingConns, s.WaitingConns, s.IdleConns = n.Lock, n.Leader, n.Holding, n.Waiting, n.Idle
 	s.WaitConns = s.WaitingConns + s.HoldingConns + s.IdleConns + s.LeaderConns
 	s.Sessions = s.LockConns + s.WaitConns
 	s.MaxSessions = m.conns + m.waitConns + s.LeaderConns

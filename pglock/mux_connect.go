@@ -108,7 +108,7 @@ func (m *mux) initOnce() error {
 		}
 		m.connCfg = cfg
 	}
-	c := m.slot(0)
+	c := m.lc.Slot(0)
 	if c == nil {
 		return ErrLockerClosed
 	}
@@ -176,7 +176,7 @@ func (m *mux) guard(ctx context.Context, k Key) error {
 // held or waited for, and reads its lock table size, on the first lock
 // connection (the statement waits for no lock).
 func (m *mux) serverAdvisory() (n, capacity int, err error) {
-	c := m.slot(0)
+	c := m.lc.Slot(0)
 	if c == nil {
 		return 0, 0, ErrLockerClosed
 	}

@@ -122,7 +122,7 @@ func (m *mux) relay(e *keyEntry, c *lockConn) (done bool, err error) {
 	if !m.t.RelayTo(e, rw) {
 		// Nobody left to take it: the wait is stopped.
 		m.relayEnded(e.Key(), rw, true)
-		m.putWaitConn(c, !c.IsDead())
+		m.lc.PutWaitConn(c, !c.IsDead())
 		m.t.PassTurn(e)
 	}
 	return true, nil
@@ -156,9 +156,7 @@ func (m *mux) handsTo(c *lockConn) func(campaign bool) bool {
 		// of its own (issue 25, see takeCampaign).
 		return func(campaign bool) bool { return !campaign }
 	}
-	m.mu.Lock()
-	placed := c.Placed
-	m.mu.Unlock()
+	placed := c.Placed()
 	return func(campaign bool) bool { return placed && !campaign }
 }
 
@@ -181,7 +179,7 @@ func (m *mux) unlock(c *lockConn, op *connOp) error {
 func (m *mux) ended(e *keyEntry, c *lockConn, healthy bool) {
 	m.unreserve()
 	if c != nil && c.Slot() < 0 {
-		m.putWaitConn(c, healthy)
+		m.lc.PutWaitConn(c, healthy)
 	}
 	m.t.PassTurn(e)
 }

@@ -2,82 +2,16 @@ package pglock
 
 import (
 	"fmt"
+
+	"github.com/pglockkit/kit/pglock/internal/lockconn"
 )
 
-// slot returns the live lock connection of slot i, replacing a lost one;
-// nil once the Locker is closed.
-func (m *mux) slot(i int) *lockConn {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return nil
-	}
-	c := m.slots[i]
-	if c == nil || c.IsDead() {
-		c = m.lc.New(i)
-		m.slots[i] = c
-	}
-	return c
-}
-
-// pick returns the lock connection for a try of k: its home slot (homeOf),
-// unless that one is running a statement while another lock connection is
-// free (open and unused, or not opened yet), which then takes it at once
-// rather than after the home's round trip, and becomes the home of the
-// key's bucket of hints. The hold lives where it was taken (see
-// keyTable.HeldOn): its unlock goes there, whatever the home. So a few
-// goroutines on distinct keys use the lock connections side by side, as many
-// raw sessions would, even when their keys hash to one slot (after one
-// collision their keys live apart), and under load, when all are busy,
-// requests queue at home and share its statements. nil once the Locker is
-// closed.
+// pick returns the lock connection for a try of k: its home slot, unless
+// that one is busy while another lock connection is free (see
+// lockconn.Group.Pick, which chooses by k's slot by hash and its bucket of
+// hints). nil once the Locker is closed.
 func (m *mux) pick(k Key) *lockConn {
-	home := m.homeOf(k)
-	c := m.slot(home)
-	if c == nil || m.conns == 1 || !c.Busy() {
-		return c
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return nil
-	}
-	unopened := -1
-	for i := 1; i < m.conns; i++ {
-		j := (home + i) % m.conns
-		switch o := m.slots[j]; {
-		case o == nil:
-			if unopened < 0 {
-				unopened = j
-			}
-		case o.Free():
-			m.hints[hintOf(k)].Store(int32(j) + 1)
-			return o
-		}
-	}
-	if unopened >= 0 {
-		// A slot no key has used yet: opened now, once (a connect instead
-		// of the home's round trip).
-		o := m.lc.New(unopened)
-		m.slots[unopened] = o
-		m.hints[hintOf(k)].Store(int32(unopened) + 1)
-		return o
-	}
-	return c
-}
-
-// hintBuckets is the number of buckets of mux.hints: keys that share a
-// bucket share their home (a hint, not a rule: any lock connection may take
-// any key).
-const hintBuckets = 256
-
-// homeOf is k's home lock connection: where a try of its hint bucket last
-// moved to (see pick), else its slot by hash (slotOf).
-func (m *mux) homeOf(k Key) int {
-	if h := int(m.hints[hintOf(k)].Load()); h > 0 && h <= m.conns {
-		return h - 1
-	}
-	return m.slotOf(k)
+	return m.lc.Pick(m.slotOf(k), hintOf(k))
 }
 
 // keyHash mixes a key's bits (Fibonacci hashing).
@@ -89,8 +23,8 @@ func keyHash(k Key) uint64 {
 	return h
 }
 
-// hintOf is k's bucket of mux.hints.
-func hintOf(k Key) int { return int(keyHash(k)>>16) % hintBuckets }
+// hintOf is k's bucket of hints (see lockconn.Group.Pick).
+func hintOf(k Key) int { return int(keyHash(k)>>16) % lockconn.HintBuckets }
 
 // slotOf spreads keys over the lock connections (see pick).
 func (m *mux) slotOf(k Key) int {

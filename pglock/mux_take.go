@@ -111,17 +111,15 @@ func (m *mux) probe(ctx context.Context, e *keyEntry) {
 	var c, borrowed *lockConn
 	switch {
 	case held == nil || held.Slot() != slot:
-		c = m.slot(slot)
+		c = m.lc.Slot(slot)
 	case m.conns > 1:
-		c = m.slot((slot + 1) % m.conns)
+		c = m.lc.Slot((slot + 1) % m.conns)
 	default:
-		select {
-		case m.waitSem <- struct{}{}:
-			if borrowed = m.waitConn(true); borrowed == nil {
-				<-m.waitSem
+		if m.lc.TakePlace() {
+			if borrowed = m.lc.WaitConn(true); borrowed == nil {
+				m.lc.GivePlace()
 			}
 			c = borrowed
-		default:
 		}
 	}
 	exclusiveWaits, ok := false, false
@@ -131,7 +129,7 @@ func (m *mux) probe(ctx context.Context, e *keyEntry) {
 		c.Do(&op)
 		exclusiveWaits, ok = !op.OK, op.Err == nil
 		if borrowed != nil {
-			m.putWaitConn(borrowed, ok || errors.Is(op.Err, errConnectCut))
+			m.lc.PutWaitConn(borrowed, ok || errors.Is(op.Err, errConnectCut))
 		}
 	}
 	m.t.Probed(e, exclusiveWaits, ok)

@@ -69,12 +69,10 @@ func (m *mux) waitContext(ctx context.Context) (context.Context, func()) {
 // of other keys (which would poll without it). Then the caller tries the
 // key as usual.
 func (m *mux) takeHot(ctx context.Context, b *muxBackend, e *keyEntry) (done, held bool, err error) {
-	if len(m.waitSem) >= cap(m.waitSem)-1 {
+	if places := m.lc.Places(); len(places) >= cap(places)-1 {
 		return false, false, nil
 	}
-	select {
-	case m.waitSem <- struct{}{}:
-	default:
+	if !m.lc.TakePlace() {
 		return false, false, nil
 	}
 	err = m.guard(ctx, e.Key())
@@ -84,7 +82,7 @@ func (m *mux) takeHot(ctx context.Context, b *muxBackend, e *keyEntry) (done, he
 		}
 	}
 	if err != nil {
-		<-m.waitSem
+		m.lc.GivePlace()
 		m.t.PassTurn(e)
 		return true, false, err
 	}
@@ -113,10 +111,10 @@ func (m *mux) takeHot(ctx context.Context, b *muxBackend, e *keyEntry) (done, he
 // connection is known to be usable, and why. A nil connection: the Locker
 // is closed (and a place taken is given back).
 func (m *mux) serverWait(wctx context.Context, b *muxBackend, placed, hot bool) (wc *lockConn, held, healthy bool, err error) {
-	wc = m.waitConn(placed)
+	wc = m.lc.WaitConn(placed)
 	if wc == nil {
 		if placed {
-			<-m.waitSem
+			m.lc.GivePlace()
 		}
 		return nil, false, false, ErrLockerClosed
 	}
@@ -132,7 +130,7 @@ func (m *mux) serverWait(wctx context.Context, b *muxBackend, placed, hot bool) 
 		if attempt > 0 || held || !retryable(err) || time.Since(start) > deadOnArrival || wctx.Err() != nil {
 			return wc, held, healthy, err
 		}
-		if wc = m.replaceWaitConn(wc, placed); wc == nil {
+		if wc = m.lc.ReplaceWaitConn(wc, placed); wc == nil {
 			return nil, false, false, ErrLockerClosed
 		}
 	}
@@ -142,25 +140,6 @@ func (m *mux) serverWait(wctx context.Context, b *muxBackend, placed, hot bool) 
 // statement must come to be taken for a session that was over before the
 // statement was sent (see serverWait).
 const deadOnArrival = 50 * time.Millisecond
-
-// replaceWaitConn closes wc, whose session ended, and returns another
-// waiting connection in its stead, with its place (placed) kept; nil once
-// the Locker is closed (the place given back).
-func (m *mux) replaceWaitConn(wc *lockConn, placed bool) *lockConn {
-	m.mu.Lock()
-	delete(m.waitBusy, wc)
-	if wc.Placed {
-		wc.Placed = false
-		m.placedConns--
-	}
-	m.mu.Unlock()
-	wc.Close(errConnGone)
-	next := m.waitConn(placed)
-	if next == nil && placed {
-		<-m.waitSem
-	}
-	return next
-}
 
 // serverWaitOn is one attempt of serverWait on wc; start is when its wait
 // statement was sent.
@@ -217,7 +196,7 @@ func (m *mux) waited(ctx context.Context, e *keyEntry, mode Mode, wc *lockConn, 
 	if errors.Is(err, ErrTransactionPooler) {
 		m.refused.Store(&err)
 	}
-	m.putWaitConn(wc, healthy && !errors.Is(err, errConnGone))
+	m.lc.PutWaitConn(wc, healthy && !errors.Is(err, errConnGone))
 	return false, err
 }
 
@@ -292,17 +271,16 @@ func (m *mux) confirm(conn *pgx.Conn) (held, healthy bool, err error) {
 // maxPlacePoll), and reports held when a try got it. Neither, with no
 // error: ctx ended.
 func (m *mux) waitPlace(ctx context.Context, e *keyEntry, mode Mode) (placed, held bool, err error) {
-	select {
-	case m.waitSem <- struct{}{}:
+	if m.lc.TakePlace() {
 		return true, false, nil
-	default:
 	}
 	pause := minPlacePoll
 	t := time.NewTimer(pause)
 	defer t.Stop()
+	places := m.lc.Places()
 	for {
 		select {
-		case m.waitSem <- struct{}{}:
+		case places <- struct{}{}:
 			return true, false, nil
 		case <-ctx.Done():
 			return false, false, nil
@@ -333,63 +311,4 @@ func (m *mux) waitErr(ctx context.Context) error {
 		return err
 	}
 	return ErrLockerClosed
-}
-
-// waitConn takes an idle waiting connection or makes one; placed: the
-// caller holds a place in waitSem, which the connection keeps until it is
-// given back (see putWaitConn). It returns nil once the Locker is closed.
-func (m *mux) waitConn(placed bool) *lockConn {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return nil
-	}
-	var c *lockConn
-	for len(m.waitIdle) > 0 && c == nil {
-		c = m.waitIdle[len(m.waitIdle)-1]
-		m.waitIdle = m.waitIdle[:len(m.waitIdle)-1]
-		if c.IsDead() {
-			c = nil
-		}
-	}
-	if c == nil {
-		c = m.lc.New(-1)
-	}
-	c.Placed = placed
-	if placed {
-		m.placedConns++
-	}
-	m.waitBusy[c] = struct{}{}
-	return c
-}
-
-// putWaitConn gives back a waiting connection that holds nothing, after a
-// wait that failed or after the release of what it waited for, with its
-// place in waitSem if it has one. One in doubt is closed, and so is one that
-// would make more idle and placed connections than WithWaitConns, and a
-// Leader's campaign connection.
-func (m *mux) putWaitConn(c *lockConn, healthy bool) {
-	m.mu.Lock()
-	delete(m.waitBusy, c)
-	placed := c.Placed
-	if placed {
-		c.Placed = false
-		m.placedConns--
-	}
-	// Idle and placed connections together stay within WithWaitConns: a
-	// wait that takes a place takes an idle connection, or opens one
-	// only when none is idle. A Leader's campaign connection (not placed)
-	// is not kept: it carries the Leader's identity (issue 25, see
-	// nameCampaign).
-	keep := healthy && placed && !m.closed && !c.IsDead() && len(m.waitIdle)+m.placedConns < m.waitConns
-	if keep {
-		m.waitIdle = append(m.waitIdle, c)
-	}
-	m.mu.Unlock()
-	if !keep {
-		c.Close(errConnGone)
-	}
-	if placed {
-		<-m.waitSem
-	}
 }

@@ -60,12 +60,12 @@ func TestPickMovesOffABusyHome(t *testing.T) {
 	if err := lk.Do(bg, warm, func(context.Context) error { return nil }); err != nil {
 		t.Fatal(err)
 	}
-	if m.slots[1] != nil && m.slots[1].HasConn() {
+	if c := m.lc.Peek(1); c != nil && c.HasConn() {
 		t.Fatal("the second lock connection is open before the test needs it")
 	}
 
 	// Keep the home busy: a use of the connection that ends when told.
-	home := m.slot(0)
+	home := m.lc.Slot(0)
 	release, running := make(chan struct{}), make(chan struct{})
 	busyDone := make(chan struct{})
 	go func() {

@@ -805,7 +805,7 @@ func TestReview27BudgetUnderCancels(t *testing.T) {
 
 // HELD (a suspected window not hit): a Leader's campaign connection is
 // never kept: when its campaign ends
-// (its Run's context cancelled) putWaitConn takes it out of the Locker's
+// (its Run's context cancelled) lockconn's PutWaitConn takes it out of the Locker's
 // busy set and then closes it, waiting for the server (endSession). A Close
 // that comes in between does not see it, and returns while that session is
 // still on the server. 30 rounds with Close 0-8 ms after the cancel never

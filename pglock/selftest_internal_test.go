@@ -42,7 +42,7 @@ func TestSelfTestRunsAndLeavesNothing(t *testing.T) {
 		if err := lk.Do(bg, key, func(context.Context) error { return nil }); err != nil {
 			t.Fatalf("%s: the first Do = %v", name, err)
 		}
-		tested, err := lk.mux.selfTest(bg, lk.mux.slot(0))
+		tested, err := lk.mux.selfTest(bg, lk.mux.lc.Slot(0))
 		if !tested || err != nil {
 			t.Errorf("%s: selfTest = %v, %v; want true, nil (PostgreSQL's locks exclude)", name, tested, err)
 		}

@@ -36,10 +36,9 @@ import (
 type Conn struct {
 	g    *Group
 	slot int // index among the Locker's lock connections, or -1 for a waiting connection
-	// Placed: a waiting connection that holds a place among WithWaitConns
-	// (see pglock's mux.wait); guarded by the owner's mutex, never touched
-	// here.
-	Placed bool
+	// placed: a waiting connection that holds a place among WithWaitConns
+	// (see Group.WaitConn, and pglock's mux.wait); guarded by g.setsMu.
+	placed bool
 
 	mu     sync.Mutex
 	conn   *pgx.Conn // nil until the first use opens it

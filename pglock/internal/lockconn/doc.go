@@ -1,11 +1,14 @@
 // Package lockconn holds a multiplexing Locker's own connections to the
 // server: lock connections, each of which holds the session locks of many
 // Locks at once, and waiting connections, each used by one goroutine to
-// wait in the server's queue and then hold what it got. It sends the lock
-// and unlock requests, opens, watches and closes the sessions, and counts
-// them. It does not import pglock: pglock's mux (its Owner) decides which
-// key goes to which connection, with the key table (package keytable), and
-// what a request is for; a Conn runs the requests it is given.
+// wait in the server's queue and then hold what it got. It keeps the sets
+// of them (lock connections by slot, waiting connections idle or in use),
+// picks the lock connection for a key's try, sends the lock and unlock
+// requests, opens, watches and closes the sessions, and counts them. It does
+// not import pglock: pglock's mux (its Owner) decides, with the key table
+// (package keytable), whose turn it is and what a request is for, and names
+// a key to Group.Pick by two numbers of its hash; a Conn runs the requests
+// it is given.
 //
 // # What it keeps
 //
@@ -32,6 +35,21 @@
 //   - Through a pooler, a statement runs only on the server session its
 //     connection claimed (pooler.Proof); one that finds another makes the
 //     owner refuse every later connect (Owner.Refuse).
+//   - A key's try goes to its home lock connection: its slot by hash, or
+//     where a try of its bucket of hints last moved to; while the home runs
+//     a statement, a free lock connection (or one not opened yet) takes it
+//     and becomes the bucket's home (Group.Pick). A hold lives where it was
+//     taken, whatever the home.
+//   - A counted wait takes a place among Config.WaitConns (Group.Places)
+//     before its waiting connection, and the connection keeps the place
+//     while it holds what it waited for; idle and placed waiting
+//     connections together stay within Config.WaitConns; a Leader's
+//     campaign connection (no place) is never kept for another wait
+//     (Group.PutWaitConn).
+//   - Once the Locker is closed (Group.Shut) the sets take no connection
+//     and keep none; Close closes what they had side by side
+//     (Group.CloseAll). Lock order: the owner's mutex, then the sets'
+//     (Group.setsMu), then a Conn's, then the session count's.
 //   - Every session is counted from the start of its connect until it is
 //     closed, and the Locker's Close waits for them all, connects under way
 //     included (Group.WaitSessions); a session the Locker closes on purpose
@@ -39,7 +57,9 @@
 //
 // # Files
 //
-//	group.go     Owner, Config, Group: what the connections of a Locker share; the session count
+//	group.go     Owner, Config, Group: what the connections of a Locker share; the session count; Shut, CloseAll, Counts
+//	slots.go     the lock connections by slot, and the one a key's try goes to (Pick, hints)
+//	waiting.go   the waiting connections: their places, the idle ones kept, those in use
 //	conn.go      the queue of requests and the connection's life (open, lost, closed)
 //	batch.go     the statement that runs a batch of requests, and what its failure means
 //	block.go     the transaction block a connection holding many locks runs its statements in

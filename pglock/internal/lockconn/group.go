@@ -37,6 +37,10 @@ type Statements struct {
 // Config is what the lock connections of one Locker are told when it is
 // made; it does not change afterwards.
 type Config struct {
+	// LockConns is the number of lock connections (slots, see Group.Slot);
+	// WaitConns the number of places among the waiting connections (see
+	// Group.Places), WithWaitConns.
+	LockConns, WaitConns int
 	// LostCheck is the interval of the watch's checks of an idle
 	// connection that holds locks.
 	LostCheck time.Duration
@@ -71,10 +75,36 @@ type Config struct {
 }
 
 // Group is what the connections of one Locker share: the owner, the
-// configuration, the count of their sessions and of their statements.
+// configuration, the sets of its connections (lock connections by slot,
+// slots.go; waiting connections, waiting.go), the count of their sessions
+// and of their statements.
+//
+// Lock order: the owner's mutex (pglock's mux.mu), then setsMu, then a
+// Conn's mu, then sessMu; never the other way. Nothing here calls the owner
+// with setsMu held (a connection is closed after it is let go).
 type Group struct {
 	owner Owner
 	cfg   Config
+
+	// hints are the homes of keys moved by Pick (slot+1; 0: the slot by
+	// hash), by bucket of hints (see HintBuckets).
+	hints [HintBuckets]atomic.Int32
+
+	// places holds a token for each place among the waiting connections
+	// taken (see Places).
+	places chan struct{}
+
+	// setsMu guards the sets of connections and Conn.placed.
+	setsMu   sync.Mutex
+	slots    []*Conn
+	waitIdle []*Conn
+	waitBusy map[*Conn]struct{}
+	// placedConns counts the waiting connections that hold a place (see
+	// pglock's mux.wait).
+	placedConns int
+	// shut: the Locker is closed; the sets take no connection and keep
+	// none (see Shut).
+	shut bool
 
 	// statements counts the lock requests' statements on lock connections
 	// (tests read it).
@@ -94,7 +124,15 @@ type Group struct {
 // NewGroup returns the group of the connections that owner opens.
 func NewGroup(owner Owner, cfg Config) *Group {
 	dialing, cancelDialing := context.WithCancel(context.Background())
-	return &Group{owner: owner, cfg: cfg, dialing: dialing, cancelDialing: cancelDialing}
+	return &Group{
+		owner:         owner,
+		cfg:           cfg,
+		slots:         make([]*Conn, cfg.LockConns),
+		places:        make(chan struct{}, cfg.WaitConns),
+		waitBusy:      make(map[*Conn]struct{}),
+		dialing:       dialing,
+		cancelDialing: cancelDialing,
+	}
 }
 
 // New returns a connection of g, not opened yet (its first request opens
@@ -105,6 +143,85 @@ func (g *Group) New(slot int) *Conn { return &Conn{g: g, slot: slot} }
 // Statements returns how many statements of lock requests g's lock
 // connections have sent.
 func (g *Group) Statements() int64 { return g.statements.Load() }
+
+// Counts are a Group's connections that are in use or kept, by role (see
+// Group.Counts).
+type Counts struct {
+	// Lock: lock connections open, not known to be lost.
+	Lock int
+	// Waiting: waiting connections with a place that wait for their key;
+	// Holding: those that hold it; Idle: those kept open for the next wait;
+	// Leader: the connections of Leaders' campaigns (no place).
+	Waiting, Holding, Idle, Leader int
+}
+
+// Counts counts the connections of g by role (for pglock's Stats).
+func (g *Group) Counts() Counts {
+	var n Counts
+	g.setsMu.Lock()
+	defer g.setsMu.Unlock()
+	for _, c := range g.slots {
+		if c != nil && !c.IsDead() && c.HasConn() {
+			n.Lock++
+		}
+	}
+	for c := range g.waitBusy {
+		switch {
+		case !c.placed:
+			n.Leader++
+		case c.HoldsAny():
+			n.Holding++
+		default:
+			n.Waiting++
+		}
+	}
+	for _, c := range g.waitIdle {
+		if c.HasConn() {
+			n.Idle++
+		}
+	}
+	return n
+}
+
+// Shut closes the sets of connections: from now on Slot, Pick and WaitConn
+// return nil and PutWaitConn keeps nothing. It returns the connections the
+// sets had (lock connections, idle and busy waiting ones), which the caller
+// closes (see CloseAll); nil when the sets were shut already.
+func (g *Group) Shut() []*Conn {
+	g.setsMu.Lock()
+	defer g.setsMu.Unlock()
+	if g.shut {
+		return nil
+	}
+	g.shut = true
+	var cs []*Conn
+	for _, c := range g.slots {
+		if c != nil {
+			cs = append(cs, c)
+		}
+	}
+	cs = append(cs, g.waitIdle...)
+	g.waitIdle = nil
+	for c := range g.waitBusy {
+		cs = append(cs, c)
+	}
+	return cs
+}
+
+// CloseAll closes cs (see Shut), why being the reason their holders are
+// told, and waits until every session of the Locker is closed (see
+// WaitSessions).
+func (g *Group) CloseAll(cs []*Conn, why error) {
+	// Side by side: each close waits for the server to end its session
+	// (see EndSession), up to its bound on a silent network; so do the
+	// connects under way.
+	var wg sync.WaitGroup
+	for _, c := range cs {
+		wg.Go(func() { c.Close(why) })
+	}
+	wg.Go(g.WaitSessions)
+	wg.Wait()
+}
 
 // sessionStarted counts a session whose connect starts now, unless the
 // Locker is closed; sessionEnded counts it out once closed (after
