@@ -549,4 +549,16 @@
 // by itself (that system must check the fencing token: see "Fencing tokens
 // and exactly-once runs"), renew or lease anything (a PostgreSQL lock needs
 // no renewal), or retry a busy lock: it is reported, and the caller decides.
+//
+// # Where the code is
+//
+// This package holds the public API and its semantics, the backends of each
+// kind of connection, and the multiplexer that ties a Lock to a Locker's own
+// sessions. The session machinery is in internal packages that import
+// nothing of this one: pglock/internal/lockconn (the lock and waiting
+// connections, their statements, sets and session count), keytable (one
+// turn per key, FIFO), connwatch (watches of idle connections), pooler
+// (connection poolers), waitgraph (the deadlock check's graph) and memlock
+// (the test double's table). docs/how-it-works.md in the repository maps
+// the files by concern.
 package pglock
