@@ -59,6 +59,22 @@ func r27Pool(t testing.TB, u, app string, maxConns int32, pids *sync.Map, edit f
 	return pool
 }
 
+// r27HeldElsewhere returns a fresh key held by a session of another pool
+// until the test ends: a Leader's campaign on it waits.
+func r27HeldElsewhere(t *testing.T) string {
+	t.Helper()
+	key := pgtest.UniqueKey(t)
+	ol, err := pglock.NewLock(pgtest.Pool(t, 1), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ol.Acquire(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ol.Release(context.Background()) })
+	return key
+}
+
 // r27PoolNamed names the pool's own connections app+"/pool" (the Locker's
 // connections, made from the pool's configuration without its
 // BeforeConnect, keep app): a pool connection still connecting, whose PID
@@ -815,16 +831,7 @@ func TestReview27CloseRacingCampaignEnd(t *testing.T) {
 	t.Parallel()
 	bg := context.Background()
 	watch := pgtest.Pool(t, 2)
-	holders := pgtest.Pool(t, 1)
-	key := pgtest.UniqueKey(t)
-	ol, err := pglock.NewLock(holders, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ol.Acquire(bg); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = ol.Release(bg) }()
+	key := r27HeldElsewhere(t)
 	const rounds = 30
 	var bad []string
 	for r := range rounds {

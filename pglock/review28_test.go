@@ -751,16 +751,7 @@ func TestReview28CloseRacingCampaignStart(t *testing.T) {
 	t.Parallel()
 	bg := context.Background()
 	watch := pgtest.Pool(t, 2)
-	holders := pgtest.Pool(t, 1)
-	key := pgtest.UniqueKey(t)
-	ol, err := pglock.NewLock(holders, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ol.Acquire(bg); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = ol.Release(bg) }()
+	key := r27HeldElsewhere(t)
 	const rounds = 30
 	var bad []string
 	for r := range rounds {
