@@ -18,6 +18,10 @@ type muxBackend struct {
 	m *mux
 	l *Lock
 	e *keyEntry
+	// op is the hold's request to its lock connection: the try that takes
+	// it, then the unlock that gives it back (see mux.try and mux.give), one
+	// at a time, so that neither allocates one.
+	op connOp
 }
 
 func (b *muxBackend) acquire(ctx context.Context, wait bool) (bool, error) {
@@ -96,7 +100,7 @@ func (b *muxBackend) endAs(member *lockconn.SetMember) error {
 		}
 		return checkErr
 	}
-	return b.m.give(e, b.l.cfg.mode, member)
+	return b.m.give(e, b.l.cfg.mode, member, &b.op)
 }
 
 // watch registers lost to be called when the hold's connection is lost;

@@ -17,15 +17,16 @@ import (
 // the next goroutine of the process waits for the same exclusive key, the
 // unlock takes the key again in the same statement and hands it over: one
 // round trip per hand-off, and a waiter of another session, queued in the
-// server, still comes first (see lockconn.Op.Retake).
-func (m *mux) give(e *keyEntry, mode Mode, member *lockconn.SetMember) error {
+// server, still comes first (see lockconn.Op.Retake). op is the request to
+// send the unlock with (the hold's own, see muxBackend.op).
+func (m *mux) give(e *keyEntry, mode Mode, member *lockconn.SetMember, op *connOp) error {
 	c, lostErr := m.t.HeldOn(e)
 	if lostErr != nil {
 		m.ended(e, c, false)
 		return join(ErrLockLost, lostErr)
 	}
 	k := e.Key()
-	op := connOp{Unlock: true, Key: k.v, Pair: k.pair, Shared: mode == Shared, Member: member}
+	*op = connOp{Unlock: true, Key: k.v, Pair: k.pair, Shared: mode == Shared, Member: member}
 	accept := m.handsTo(c)
 	if mode == Exclusive && c.Slot() < 0 && accept(false) && m.t.IsHot(e.Key()) && m.t.CanRelay(e) {
 		if done, err := m.relay(e, c); done {
@@ -34,7 +35,7 @@ func (m *mux) give(e *keyEntry, mode Mode, member *lockconn.SetMember) error {
 	}
 	next, campaign := m.t.NextExclusive(e)
 	op.Retake = mode == Exclusive && next && accept(campaign)
-	err := m.unlock(c, &op)
+	err := m.unlock(c, op)
 	if err == nil && op.Retake && !op.Retaken {
 		// The unlock granted the key to a session of another process,
 		// queued in the server.
@@ -50,8 +51,8 @@ func (m *mux) give(e *keyEntry, mode Mode, member *lockconn.SetMember) error {
 			return nil
 		}
 		// The waiter left meanwhile: give the key back after all.
-		op = connOp{Unlock: true, Key: k.v, Pair: k.pair, Shared: mode == Shared}
-		err = m.unlock(c, &op)
+		*op = connOp{Unlock: true, Key: k.v, Pair: k.pair, Shared: mode == Shared}
+		err = m.unlock(c, op)
 	}
 	m.ended(e, c, err == nil)
 	return err

@@ -19,7 +19,7 @@ func (m *mux) take(ctx context.Context, b *muxBackend, e *keyEntry, wait bool) (
 			return held, err
 		}
 	}
-	ok, err := m.try(ctx, e, b.l.cfg.mode)
+	ok, err := m.try(ctx, e, b.l.cfg.mode, &b.op)
 	if err == nil && !ok {
 		m.t.MarkHot(e.Key()) // held or waited for by another session
 	}
@@ -64,8 +64,9 @@ func (m *mux) takeCampaign(ctx context.Context, b *muxBackend, e *keyEntry) (boo
 }
 
 // try takes the key with the non-blocking function on its lock connection;
-// held, it counts against the cap (see reserve).
-func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode) (bool, error) {
+// held, it counts against the cap (see reserve). op is the request to send
+// it with (a hold's own, see muxBackend.op), or nil for a new one.
+func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode, op *connOp) (bool, error) {
 	k := e.Key()
 	if err := m.guard(ctx, k); err != nil {
 		return false, err
@@ -74,7 +75,10 @@ func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode) (bool, error) {
 		return false, err
 	}
 	var c *lockConn
-	op := connOp{Ctx: ctx, Key: k.v, Pair: k.pair, Shared: mode == Shared}
+	if op == nil {
+		op = new(connOp)
+	}
+	*op = connOp{Ctx: ctx, Key: k.v, Pair: k.pair, Shared: mode == Shared}
 	// A connection lost before or during the statement, or before its grant
 	// was recorded, holds nothing: try again on a new one.
 	for range 3 {
@@ -83,7 +87,7 @@ func (m *mux) try(ctx context.Context, e *keyEntry, mode Mode) (bool, error) {
 			break
 		}
 		op.OK, op.Err = false, nil
-		c.Do(&op)
+		c.Do(op)
 		if op.Err == nil && op.OK && !m.t.Granted(e, tableMode(mode), c) {
 			op.OK, op.Err = false, fmt.Errorf("%w: lost before the grant was recorded", errConnGone)
 		}

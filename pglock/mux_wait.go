@@ -286,7 +286,7 @@ func (m *mux) waitPlace(ctx context.Context, e *keyEntry, mode Mode) (placed, he
 			return false, false, nil
 		case <-t.C:
 		}
-		held, err := m.try(ctx, e, mode)
+		held, err := m.try(ctx, e, mode, nil)
 		if held || (err != nil && !errors.Is(err, ErrTooManyLocks)) {
 			return false, held, err
 		}

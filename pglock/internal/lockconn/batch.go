@@ -35,15 +35,15 @@ func (c *Conn) exec(batch []*Op) {
 		case o.Check:
 			err = conn.QueryRow(ctx, CheckSQL).Scan(&o.OK)
 		case o.Probe:
-			err = conn.QueryRow(ctx, sharedProbeSQL[o.pairIndex()], o.args()...).Scan(&o.OK)
+			err = conn.QueryRow(ctx, sharedProbeSQL[o.pairIndex()], c.argsOf(o)...).Scan(&o.OK)
 		case o.Retake:
 			var r int32
-			err = conn.QueryRow(ctx, retakeSQL[o.pairIndex()], o.args()...).Scan(&r)
+			err = conn.QueryRow(ctx, retakeSQL[o.pairIndex()], c.argsOf(o)...).Scan(&r)
 			o.OK, o.Retaken = r >= 1, r == 2
 		case o.Unlock:
-			err = conn.QueryRow(ctx, st.Unlock, o.args()...).Scan(&o.OK)
+			err = conn.QueryRow(ctx, st.Unlock, c.argsOf(o)...).Scan(&o.OK)
 		default:
-			err = conn.QueryRow(ctx, st.Try, o.args()...).Scan(&o.OK)
+			err = conn.QueryRow(ctx, st.Try, c.argsOf(o)...).Scan(&o.OK)
 		}
 	default:
 		err = execBatch(ctx, conn, batch, nil)
@@ -304,6 +304,20 @@ func (o *Op) sharedIndex() int {
 
 // halves returns a pair key's two integers.
 func (o *Op) halves() (int32, int32) { return int32(o.Key >> 32), int32(uint32(o.Key)) }
+
+// argsOf is o.args in c's own slice, which the statement's bind reads
+// before exec returns: the key is passed by pointer (the same bind value),
+// so that a statement boxes no integer and allocates no slice. Only the
+// goroutine that owns the connection calls it.
+func (c *Conn) argsOf(o *Op) []any {
+	if o.Pair {
+		c.pair[0], c.pair[1] = o.halves()
+		c.argv[0], c.argv[1] = &c.pair[0], &c.pair[1]
+		return c.argv[:2]
+	}
+	c.argv[0] = &o.Key
+	return c.argv[:1]
+}
 
 // args returns the bind arguments of the SQL functions for o's key.
 func (o *Op) args() []any {

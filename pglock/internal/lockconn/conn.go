@@ -54,15 +54,25 @@ type Conn struct {
 	dialing chan struct{}
 	dialErr error
 	queue   []*Op
-	active  bool  // a goroutine owns the connection (flushes or waits)
-	dead    error // the connection was lost or closed: no new request is taken
-	holds   int   // server locks held on it
+	// queueBuf holds the queue while it is short: a request that finds the
+	// connection free takes no allocation to queue (see Do).
+	queueBuf [4]*Op
+	active   bool  // a goroutine owns the connection (flushes or waits)
+	dead     error // the connection was lost or closed: no new request is taken
+	holds    int   // server locks held on it
 
 	// watch watches the connection while it holds locks and nobody uses it,
 	// and lastUsed is when it last ran a statement; only the goroutine that
-	// owns the connection touches them.
+	// owns the connection touches them. loseFn and pingFn are lose and
+	// idlePing, made once for the watch's arms (see flush).
 	watch    connwatch.Rewatch
 	lastUsed time.Time
+	loseFn   func(error)
+	pingFn   func(context.Context) error
+	// argv and pair hold the bind arguments of a statement (see argsOf);
+	// only the goroutine that owns the connection touches them.
+	argv [2]any
+	pair [2]int32
 	// blockAt is when the connection's open transaction block began (see
 	// block); only the goroutine that owns the connection touches it.
 	blockAt time.Time
@@ -201,8 +211,11 @@ func (c *Conn) Do(op *Op) {
 		next.lead = true
 		close(next.done)
 	} else {
+		// Empty: the next requests queue in queueBuf again, once the
+		// requests it held are forgotten (nobody reads them any more).
 		c.active = false
-		c.queue = nil
+		clear(c.queueBuf[:])
+		c.queue = c.queueBuf[:0]
 	}
 	c.mu.Unlock()
 }
@@ -292,7 +305,7 @@ func (c *Conn) flush(batch []*Op) (retry []*Op) {
 	watch := c.dead == nil && c.holds > 0 && !c.conn.IsClosed()
 	c.mu.Unlock()
 	if watch {
-		c.watch.Arm(c.conn, c.g.cfg.LostCheck, c.lose, c.idlePing)
+		c.watch.Arm(c.conn, c.g.cfg.LostCheck, c.loseFn, c.pingFn)
 	}
 	return nil
 }

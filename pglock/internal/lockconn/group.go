@@ -138,7 +138,12 @@ func NewGroup(owner Owner, cfg Config) *Group {
 // New returns a connection of g, not opened yet (its first request opens
 // it): a lock connection with its index among the Locker's (slot), or a
 // waiting connection (slot -1).
-func (g *Group) New(slot int) *Conn { return &Conn{g: g, slot: slot} }
+func (g *Group) New(slot int) *Conn {
+	c := &Conn{g: g, slot: slot}
+	c.loseFn, c.pingFn = c.lose, c.idlePing
+	c.queue = c.queueBuf[:0]
+	return c
+}
 
 // Statements returns how many statements of lock requests g's lock
 // connections have sent.
