@@ -245,9 +245,31 @@ func (m *mux) close() error {
 	m.mu.Unlock()
 	m.t.Close()
 	// Side by side, with the connects under way (see
-	// lockconn.Group.CloseAll).
-	m.lc.CloseAll(cs, ErrLockerClosed)
+	// lockconn.Group.CloseAll), and with the readiness check under way,
+	// whose self-test may have a pool connection of its own to end.
+	var wg sync.WaitGroup
+	wg.Go(func() { m.lc.CloseAll(cs, ErrLockerClosed) })
+	wg.Go(m.waitInit)
+	wg.Wait()
 	return nil
+}
+
+// waitInit waits for a run of initOnce under way, which the Locker's Close
+// cut short (its context ends with m.closing), at most twice
+// lockconn.MaxSessionEnd, as Close's other waits.
+func (m *mux) waitInit() {
+	m.initMu.Lock()
+	run := m.initRun
+	m.initMu.Unlock()
+	if run == nil {
+		return
+	}
+	t := time.NewTimer(2 * lockconn.MaxSessionEnd)
+	defer t.Stop()
+	select {
+	case <-run.done:
+	case <-t.C:
+	}
 }
 
 // stats counts what the multiplexer uses now.

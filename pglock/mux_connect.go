@@ -395,7 +395,8 @@ func serverMajor(conn *pgx.Conn) int {
 
 // endConnected ends the session of a connect that failed after the server
 // accepted it (in the pooler check, the primary check, the session
-// settings, the Prepares), before the connect returns, so that the Locker's
+// settings, the Prepares), or of the self-test's pool connection, before
+// the connect or the self-test returns, so that the Locker's
 // count of its sessions (see lockconn.Group.WaitSessions) counts it out
 // only once it is gone: one pgx closed itself, its statement cut short (the
 // Locker's Close cut the connect off), is waited for until pgx has read it

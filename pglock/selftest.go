@@ -8,7 +8,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/pglockkit/kit/pglock/internal/lockconn"
 	"github.com/pglockkit/kit/pglock/internal/pooler"
 )
 
@@ -116,7 +115,7 @@ func (m *mux) secondTry(ctx context.Context, obj int32) (got, ok bool) {
 			return pc.QueryRow(ctx, sql, args...)
 		})
 		if opened || !clean {
-			lockconn.EndSession(pc.Hijack(), pooler.MaxProbeTime)
+			endConnected(pc.Hijack())
 		} else {
 			pc.Release()
 		}
