@@ -636,16 +636,16 @@ func r28SlowConnect(t *testing.T, delay time.Duration, rounds int, sleepMax time
 	return bad
 }
 
-// r28Busy returns the stacks of goroutines running the Locker's own work
-// (its init, self-test, connects, session ends): none should be running
-// once Close has returned.
+// r28LockerWork returns the functions of goroutines running the Locker's
+// own work (its init, self-test, connects, session ends): none should be
+// running once Close has returned.
 func r28LockerWork() []string {
 	buf := make([]byte, 1<<22)
 	n := runtime.Stack(buf, true)
 	var out []string
 	for _, g := range strings.Split(string(buf[:n]), "\n\n") {
 		for _, f := range []string{"pglock.(*mux).initOnce", "pglock.(*mux).selfTest", "pglock.(*mux).secondTry",
-			"pglock.(*lockConn).dial", "pglock.(*mux).sessionEndedWith", "pglock.endSession", "pglock.(*lockConn).lose"} {
+			"lockconn.(*Conn).dial", "lockconn.(*Group).sessionEndedWith", "lockconn.EndSession", "lockconn.(*Conn).lose"} {
 			if strings.Contains(g, f) {
 				out = append(out, f)
 				break

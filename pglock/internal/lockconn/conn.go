@@ -454,7 +454,10 @@ func (c *Conn) dial() <-chan struct{} {
 			if c.dead == nil {
 				c.dead = err
 			}
-			c.g.sessionEnded()
+			c.mu.Unlock()
+			close(done)
+			c.g.sessionEnded() // last: Close may return now
+			return
 		case c.dead != nil || c.g.cfg.Closing.Err() != nil:
 			// Lost or closed meanwhile (the Locker's Close): the new
 			// session ends before Close returns.
@@ -464,8 +467,8 @@ func (c *Conn) dial() <-chan struct{} {
 			c.dialErr = c.dead
 			c.mu.Unlock()
 			EndSession(conn, min(c.g.cfg.StatementBound, MaxSessionEnd))
-			c.g.sessionEnded()
 			close(done)
+			c.g.sessionEnded() // last: Close may return now
 			return
 		default:
 			c.conn, c.connAt, c.proof, c.counted = conn, time.Now(), pooler.ProofOf(conn), true
