@@ -15,7 +15,9 @@
 #   -p99-wait-us and -fairness for raw and for library sides, with
 #   <side>/raw-grants and <side>/raw-p99. One line per library side, beside
 #   raw: grants/s (and the ratio), the wait's p50 and p99 (and the p99
-#   ratio), fairness (max/min grants per goroutine); and, when reported
+#   ratio), fairness (max/min grants per goroutine); when reported
+#   (BenchmarkContention), the median over the rounds of the ratio within a
+#   round (<side>/raw-grants-median); and, when reported
 #   (BenchmarkTwoProcesses), -share and -round-share: the smaller process's
 #   share of the grants over the run, and in its worst round (0.5 is even).
 # - Anything else with sub-benchmarks run alone (no paired one, e.g.
@@ -91,6 +93,8 @@ END {
 				if ((base, s "-share") in extra)
 					share = sprintf("  share %.3g (worst round %.3g) vs %.3g (%.3g)", \
 						med(base, s "-share"), med(base, s "-round-share"), med(base, "raw-share"), med(base, "raw-round-share"))
+				if ((base, s "/raw-grants-median") in extra)
+					share = sprintf("  per-round median %.2fx", med(base, s "/raw-grants-median")) share
 				printf "%-" w "s  %-7s grants/s %6s vs raw %6s = %.2fx  wait p50 %5s vs %5s us  p99 %6s vs %6s us = %.2fx  fairness %.3g vs %.3g%s\n", \
 					bname, s, num(med(base, s "-grants/s")), num(med(base, "raw-grants/s")), med(base, s "/raw-grants"), \
 					num(med(base, s "-p50-wait-us")), num(med(base, "raw-p50-wait-us")), \
