@@ -31,20 +31,20 @@ func (c *Conn) exec(batch []*Op) {
 	case len(batch) == 1:
 		o := batch[0]
 		st := &c.g.cfg.Statements[o.sharedIndex()][o.pairIndex()]
+		sql := st.Try
 		switch {
 		case o.Check:
-			err = conn.QueryRow(ctx, CheckSQL).Scan(&o.OK)
+			sql = CheckSQL
 		case o.Probe:
-			err = conn.QueryRow(ctx, sharedProbeSQL[o.pairIndex()], c.argsOf(o)...).Scan(&o.OK)
+			sql = sharedProbeSQL[o.pairIndex()]
 		case o.Retake:
-			var r int32
-			err = conn.QueryRow(ctx, retakeSQL[o.pairIndex()], c.argsOf(o)...).Scan(&r)
-			o.OK, o.Retaken = r >= 1, r == 2
+			sql = retakeSQL[o.pairIndex()]
 		case o.Unlock:
-			err = conn.QueryRow(ctx, st.Unlock, c.argsOf(o)...).Scan(&o.OK)
-		default:
-			err = conn.QueryRow(ctx, st.Try, c.argsOf(o)...).Scan(&o.OK)
+			sql = st.Unlock
 		}
+		var r int32
+		r, err = c.one(ctx, conn, sql, o)
+		o.OK, o.Retaken = r >= 1, o.Retake && r == 2
 	default:
 		err = execBatch(ctx, conn, batch, nil)
 	}

@@ -73,6 +73,8 @@ type Conn struct {
 	// only the goroutine that owns the connection touches them.
 	argv [2]any
 	pair [2]int32
+	// d is the direct path's state (see one).
+	d directState
 	// blockAt is when the connection's open transaction block began (see
 	// block); only the goroutine that owns the connection touches it.
 	blockAt time.Time
