@@ -26,14 +26,16 @@ func (c *lockStatementTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, 
 
 func (c *lockStatementTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
 
-// TestLockConnStatementPaths: a lock connection runs a request alone
-// straight through pgconn (its prepared statement, its argument and result
-// in binary), unless the pool's config has a pgx tracer (which then sees
-// every statement) or another query mode, when it keeps pgx's QueryRow.
-// Either way, each request does what it says, read from pg_locks: a bigint
-// and a pair key, exclusive and shared, a try refused, an unlock, and the
-// hand-off of one key between goroutines (the unlock-and-retake statement,
-// which answers an integer).
+// TestLockConnStatementPaths: a lock connection runs a request alone, or a
+// batch, straight through pgconn (its prepared statement, its arguments and
+// result in binary), unless the pool's config has a pgx tracer (which then sees
+// every statement) or another query mode, when it keeps pgx's QueryRow (and
+// Query for a batch). Either way, each request does what it says, read from
+// pg_locks: a bigint and a pair key, exclusive and shared, a try refused, an
+// unlock, a key set's tries and unlocks in one statement each (a batch: its
+// arrays and rows), a key set refused when one key is held elsewhere, and
+// the hand-off of one key between goroutines (the unlock-and-retake
+// statement, which answers an integer).
 func TestLockConnStatementPaths(t *testing.T) {
 	bg := context.Background()
 	watch := pgtest.Pool(t, 2)
@@ -115,6 +117,44 @@ func TestLockConnStatementPaths(t *testing.T) {
 					}
 					pgtest.WaitFree(t, watch, key)
 				}
+			}
+
+			// A key set's tries share one statement (a batch): all taken,
+			// then all given back; with one of them held elsewhere, none.
+			set := []any{keys[0], keys[1], pglock.Int64Key(base.Int64() ^ 0x77), pglock.Int32PairKey(lo, hi)}
+			before := pglock.LockStatements(lk)
+			err = lk.DoAll(bg, set, func(context.Context) error {
+				for _, k := range set {
+					if hs := pgtest.Granted(t, watch, k.(pglock.Key)); len(hs) != 1 || hs[0].Mode != "ExclusiveLock" {
+						t.Errorf("key set member %s in DoAll: pg_locks has %+v", k, hs)
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n := pglock.LockStatements(lk) - before; n >= int64(2*len(set)) {
+				t.Errorf("a key set of %d took %d statements to take and give back: not batched", len(set), n)
+			}
+			for _, k := range set {
+				pgtest.WaitFree(t, watch, k.(pglock.Key))
+			}
+			o, err := other.NewLock(set[2])
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ok, err := o.TryAcquire(bg); err != nil || !ok {
+				t.Fatalf("TryAcquire of a free key = %v, %v", ok, err)
+			}
+			if ok, err := lk.TryDoAll(bg, set, func(context.Context) error { return nil }); err != nil || ok {
+				t.Fatalf("TryDoAll with a member held elsewhere = %v, %v", ok, err)
+			}
+			if err := o.Release(bg); err != nil {
+				t.Fatal(err)
+			}
+			for _, k := range set {
+				pgtest.WaitFree(t, watch, k.(pglock.Key))
 			}
 
 			// Two goroutines take turns on one key: the hand-off is one

@@ -44,7 +44,9 @@ func (c *Conn) exec(batch []*Op) {
 		}
 		var r int32
 		r, err = c.one(ctx, conn, sql, o)
-		o.OK, o.Retaken = r >= 1, o.Retake && r == 2
+		o.answer(r)
+	case c.direct(conn):
+		err = c.batch(ctx, conn, batch)
 	default:
 		err = execBatch(ctx, conn, batch, nil)
 	}
@@ -124,35 +126,19 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*Op, proof *pooler.P
 	as := make([]int32, len(batch))
 	bs := make([]int32, len(batch))
 	for i, o := range batch {
-		var op int16
-		if o.Shared {
-			op |= 1
-		}
+		ops[i] = o.batchOp()
 		if o.Pair {
-			op |= 2
 			as[i], bs[i] = o.halves()
 		} else {
 			ks[i] = o.Key
 		}
-		if o.Unlock {
-			op |= 4
-		}
-		if o.Retake {
-			op |= 8
-		}
-		if o.Probe {
-			op |= 32
-		}
-		if o.Check {
-			op = 16
-		}
-		ops[i] = op
 	}
 	var rows pgx.Rows
 	var err error
-	if proof != nil {
+	switch {
+	case proof != nil:
 		rows, err = conn.Query(ctx, provenBatchSQL, ops, ks, as, bs, int64(proof.PID()), proof.Token())
-	} else {
+	default:
 		rows, err = conn.Query(ctx, batchSQL, ops, ks, as, bs)
 	}
 	if err != nil {
@@ -170,8 +156,7 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*Op, proof *pooler.P
 			rows.Close()
 			return fmt.Errorf("pglock: batch answered row %d of %d", i, len(batch))
 		}
-		o := batch[i-1]
-		o.OK, o.Retaken = r >= 1, o.Retake && r == 2
+		batch[i-1].answer(r)
 		moved = moved || r < 0
 		n++
 	}
@@ -185,6 +170,35 @@ func execBatch(ctx context.Context, conn *pgx.Conn, batch []*Op, proof *pooler.P
 		return fmt.Errorf("pglock: batch answered %d rows of %d", n, len(batch))
 	}
 	return nil
+}
+
+// batchOp is o's op in batchSQL.
+func (o *Op) batchOp() int16 {
+	if o.Check {
+		return 16
+	}
+	var op int16
+	if o.Shared {
+		op |= 1
+	}
+	if o.Pair {
+		op |= 2
+	}
+	if o.Unlock {
+		op |= 4
+	}
+	if o.Retake {
+		op |= 8
+	}
+	if o.Probe {
+		op |= 32
+	}
+	return op
+}
+
+// answer records r, a row's result of batchSQL, as o's.
+func (o *Op) answer(r int32) {
+	o.OK, o.Retaken = r >= 1, o.Retake && r == 2
 }
 
 // failed handles a statement of batch that failed. Session locks ignore
