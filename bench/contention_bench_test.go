@@ -41,6 +41,10 @@ type contender struct {
 	waits   [][]time.Duration // per goroutine: each grant's wait
 	elapsed time.Duration     // the rounds' total time
 	rates   []float64         // each round's grants per second
+	// meter reads the CPU time used; cpuClient and cpuServer sum what the
+	// rounds used, on each end.
+	meter                *cpuMeter
+	cpuClient, cpuServer time.Duration
 }
 
 // round runs c's loop in n goroutines for d, recording each grant's wait.
@@ -51,6 +55,7 @@ func (c *contender) round(b *testing.B, ctx context.Context, n, shift int, d tim
 	var inside atomic.Int32
 	errs := make([]error, n)
 	var wg sync.WaitGroup
+	client0, server0 := c.meter.read()
 	start := time.Now()
 	until := start.Add(d)
 	for j := range n {
@@ -79,6 +84,9 @@ func (c *contender) round(b *testing.B, ctx context.Context, n, shift int, d tim
 	wg.Wait()
 	took := time.Since(start)
 	c.elapsed += took
+	client1, server1 := c.meter.read()
+	c.cpuClient += client1 - client0
+	c.cpuServer += server1 - server0
 	must(b, errors.Join(errs...))
 	_, total := c.grants()
 	c.rates = append(c.rates, float64(total-before)/took.Seconds())
@@ -132,6 +140,13 @@ func (c *contender) report(b *testing.B) (rate, p99 float64) {
 	b.ReportMetric(us(all[len(all)/2]), c.name+"-p50-wait-us")
 	b.ReportMetric(p99, c.name+"-p99-wait-us")
 	b.ReportMetric(float64(slices.Max(per))/float64(max(slices.Min(per), 1)), c.name+"-fairness")
+	if c.meter != nil {
+		perGrant := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 / float64(total) }
+		b.ReportMetric(perGrant(c.cpuClient), c.name+"-client-cpu-us/grant")
+		if len(c.meter.pids) > 0 {
+			b.ReportMetric(perGrant(c.cpuServer), c.name+"-server-cpu-us/grant")
+		}
+	}
 	return rate, p99
 }
 
@@ -154,7 +169,12 @@ func (c *contender) report(b *testing.B) (rate, p99 float64) {
 // ratios s/raw-grants (grants/s over raw's; target >= 1.00 on one key),
 // s/raw-grants-median (the median over the rounds of the same ratio within
 // each round, which a burst of noise moves less) and s/raw-p99 (p99 wait
-// over raw's; target <= 1.2).
+// over raw's; target <= 1.2). And each side's CPU time per grant, in this
+// process (s-client-cpu-us/grant: the goroutines, the runtime, the system
+// calls) and in the server's processes (s-server-cpu-us/grant, read from
+// /proc when the server runs on this machine): where the client and the
+// server share the machine's cores, a side's grants per second follow from
+// their sum.
 func BenchmarkContention(b *testing.B) {
 	for _, oneKey := range []bool{true, false} {
 		scenario := "one-key"
@@ -231,6 +251,13 @@ func contention(b *testing.B, ctx context.Context, n int, oneKey bool) {
 		s.waits = make([][]time.Duration, n)
 		s.round(b, ctx, n, 0, 5*time.Millisecond, oneKey)
 		s.waits, s.elapsed, s.rates = make([][]time.Duration, n), 0, nil
+	}
+	// Every session is open now: the CPU of the server's processes can be
+	// read from here on.
+	meter, err := newCPUMeter(ctx, pool)
+	must(b, err)
+	for _, s := range sides {
+		s.meter = meter
 	}
 	r := 0
 	for b.Loop() {

@@ -17,7 +17,9 @@
 #   raw: grants/s (and the ratio), the wait's p50 and p99 (and the p99
 #   ratio), fairness (max/min grants per goroutine); when reported
 #   (BenchmarkContention), the median over the rounds of the ratio within a
-#   round (<side>/raw-grants-median); and, when reported
+#   round (<side>/raw-grants-median) and the CPU time per grant of the
+#   client and of the server (<side>-client-cpu-us/grant,
+#   <side>-server-cpu-us/grant); and, when reported
 #   (BenchmarkTwoProcesses), -share and -round-share: the smaller process's
 #   share of the grants over the run, and in its worst round (0.5 is even).
 # - Anything else with sub-benchmarks run alone (no paired one, e.g.
@@ -93,6 +95,12 @@ END {
 				if ((base, s "-share") in extra)
 					share = sprintf("  share %.3g (worst round %.3g) vs %.3g (%.3g)", \
 						med(base, s "-share"), med(base, s "-round-share"), med(base, "raw-share"), med(base, "raw-round-share"))
+				if ((base, s "-client-cpu-us/grant") in extra) {
+					cpu = sprintf("  cpu/grant client %s vs %s us", num(med(base, s "-client-cpu-us/grant")), num(med(base, "raw-client-cpu-us/grant")))
+					if ((base, s "-server-cpu-us/grant") in extra)
+						cpu = cpu sprintf(", server %s vs %s us", num(med(base, s "-server-cpu-us/grant")), num(med(base, "raw-server-cpu-us/grant")))
+					share = cpu share
+				}
 				if ((base, s "/raw-grants-median") in extra)
 					share = sprintf("  per-round median %.2fx", med(base, s "/raw-grants-median")) share
 				printf "%-" w "s  %-7s grants/s %6s vs raw %6s = %.2fx  wait p50 %5s vs %5s us  p99 %6s vs %6s us = %.2fx  fairness %.3g vs %.3g%s\n", \
