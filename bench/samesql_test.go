@@ -15,7 +15,12 @@ import (
 // recorder is a pgx query tracer that records the statements a pool's
 // connections send while it is on: what the library sends for one
 // operation, replayed by raw pgx (sameAs). Off, it costs an atomic load per
-// statement, on both sides of a comparison.
+// statement, on both sides of a comparison. It copies each statement's
+// argument slice, not what a pointer argument points to: the per-hold paths
+// it records pass plain values. (A lock connection's statements are not
+// recorded: they go through pgconn, which a tracer does not see, unless the
+// pool has a tracer, when they go through pgx with pointers the connection
+// reuses.)
 type recorder struct {
 	on    atomic.Bool
 	mu    sync.Mutex
