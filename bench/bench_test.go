@@ -270,17 +270,21 @@ func newLocker(b *testing.B, conn any, opts ...pglock.Option) *pglock.Locker {
 
 // Locker.Do on a pool in Session scope, with a function that does nothing,
 // for each kind of Locker (see lockers), beside raw pgx on the pool:
-// pool.Acquire, pg_advisory_lock, pg_advisory_unlock, release.
+// pool.Acquire, pg_advisory_lock, pg_advisory_unlock, release. A Locker
+// with lock connections runs on a pool without the same-SQL recorder: a
+// pgx tracer on the pool would send its lock connections' statements
+// through pgx (see lockconn's direct.go).
 func BenchmarkDoSession(b *testing.B) {
 	for _, kind := range lockers {
 		b.Run(kind.name, func(b *testing.B) {
-			runSame(b, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
+			perHold := kind.opts != nil
+			runOn(b, perHold, func(b *testing.B, ctx context.Context, pool *pgxpool.Pool, k, rk pglock.Key) pair {
 				lk := newLocker(b, pool, kind.opts...)
 				p := pair{
 					lib: func(b *testing.B) { must(b, lk.Do(ctx, k, noop)) },
 					raw: func(b *testing.B) { rawSession(ctx, b, pool, rk, func() { must(b, noop(ctx)) }) },
 				}
-				if kind.opts != nil { // per hold: its statements on a pool connection
+				if perHold { // its statements on a pool connection
 					p.same = sameAs(b, ctx, pool, p.lib)
 				}
 				return p
