@@ -108,7 +108,12 @@
 //     that the session still lives, so a loss is reported to every holder.
 //   - Shared round trips. Lock and unlock requests that goroutines make of one
 //     lock connection at the same time travel in one statement: concurrency
-//     raises throughput instead of queueing behind one socket.
+//     raises throughput instead of queueing behind one socket. A lock
+//     connection runs its statements through pgconn, below pgx's Conn
+//     (prepared, arguments and answers in binary); with a pgx QueryTracer in
+//     the pool's config, or another query mode than the default, its lock
+//     connections go through pgx's Conn instead, so that the tracer sees
+//     their statements (at some cost: bench/README.md).
 //   - Waiting in the server's queue. A key that another session holds (another
 //     replica, psql, the Python package) is waited for with the blocking
 //     function, so waiters of every process are served in the server's order:
