@@ -152,6 +152,46 @@ func BenchmarkMuxUncontended(b *testing.B) {
 	})
 }
 
+// What a pgx tracer on the pool costs a Locker's lock connections: Acquire +
+// Release of a Lock of a Locker on a pool whose config has a tracer (that
+// does nothing), paired with the same on a pool without one. With a tracer,
+// lock connections go through pgx's Conn so that it sees their statements;
+// without, through pgconn (see lockconn's direct.go). Reported as
+// tracer/none.
+func BenchmarkMuxTracer(b *testing.B) {
+	b.Run("paired", func(b *testing.B) {
+		ctx := callerCtx(b)
+		lock := func(pool *pgxpool.Pool) func() {
+			l, err := newLocker(b, pool).NewLock(keys(b, 1)[0])
+			must(b, err)
+			return func() {
+				must(b, l.Acquire(ctx))
+				must(b, l.Release(ctx))
+			}
+		}
+		cfg, err := pgxpool.ParseConfig(pgtest.URL(b))
+		must(b, err)
+		cfg.MaxConns = 4
+		cfg.ConnConfig.Tracer = noopTracer{}
+		traced, err := pgxpool.NewWithConfig(ctx, cfg)
+		must(b, err)
+		b.Cleanup(traced.Close)
+		withTracer, without := lock(traced), lock(pgtest.Pool(b, 4))
+		withTracer()
+		without()
+		pgtest.PairedAs(b, "tracer", "none", withTracer, without)
+	})
+}
+
+// noopTracer is a pgx QueryTracer that does nothing.
+type noopTracer struct{}
+
+func (noopTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+
+func (noopTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
 // 2. 64 goroutines, each looping lock + unlock on a key of its own: one
 // multiplexing Locker (on a pool of 4, which it does not use for its locks)
 // beside raw pgx on a pool of 64, where each pair is pool.Acquire,
