@@ -23,12 +23,13 @@
 //     trip), up to the first use of the connection alone (Op.Fn), which
 //     runs alone, in its turn. A request of a key set lingers a moment for
 //     the rest of its set (SetBatch).
-//   - A request sent alone goes straight through pgconn: its prepared
-//     statement, kept per connection, its argument and its one value in
-//     binary (direct.go); a connection whose config has a pgx tracer or
-//     another query mode than the default goes through pgx's QueryRow, so
-//     that the tracer sees it and the mode is kept. A batch goes through
-//     pgx's Query.
+//   - A request sent alone, or a batch, goes straight through pgconn: its
+//     prepared statement, kept per connection, its arguments and its answer
+//     in binary (direct.go); a connection whose config has a pgx tracer or
+//     another query mode than the default goes through pgx's QueryRow and
+//     Query, so that the tracer sees it and the mode is kept; through a
+//     pooler every statement is the proven batch statement, through pgx's
+//     Query.
 //   - Nothing sent on a lock connection waits for anything but the network:
 //     requests use the non-blocking functions, each statement is bounded by
 //     a socket deadline (Config.StatementBound), and a silent connection is
@@ -68,7 +69,7 @@
 //	waiting.go   the waiting connections: their places, the idle ones kept, those in use
 //	conn.go      the queue of requests and the connection's life (open, lost, closed)
 //	batch.go     the statement that runs a batch of requests, and what its failure means
-//	direct.go    a request sent alone, through pgconn
+//	direct.go    the statements of a request alone and of a batch, through pgconn
 //	block.go     the transaction block a connection holding many locks runs its statements in
 //	setbatch.go  the requests of one key set, which share statements
 package lockconn
