@@ -250,7 +250,10 @@ func (ld *Leader) Terms() int64 {
 //   - The lock is lost: fn's context ends with cause ErrLockLost; once fn
 //     has returned, Run campaigns again after the backoff.
 //   - ctx ends: fn's context ends; once fn has returned, Run steps down and
-//     returns ctx's error. A Run that is only campaigning returns at once.
+//     returns ctx's error. A Run that is only campaigning returns at once,
+//     its campaign's session closed (a connect still under way is waited
+//     for, at most a second, so that no session of the Leader outlives its
+//     Run).
 //
 // A campaign that cannot succeed by trying again ends Run with its error:
 // the Locker was closed ([ErrLockerClosed]), or its connection cannot hold

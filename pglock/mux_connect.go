@@ -214,6 +214,24 @@ func (m *mux) connect(parent context.Context, lockConn bool) (conn *pgx.Conn, er
 		return nil, *err
 	}
 	cfg := m.connCfg.Copy()
+	// A session the server ends (pg_terminate_backend, a timeout, a
+	// shutdown) sends FATAL and then exits; pgx closes the connection on
+	// reading it. Read on until the server has closed its end first: the
+	// backend has then given back its locks, its pg_stat_activity entry and
+	// its place among max_connections, so that the connection's loss, told
+	// and counted after this, never lets a new session of the Locker open
+	// beside one the server still has (see lockconn.AwaitServerEnd).
+	onPgError := cfg.OnPgError
+	cfg.OnPgError = func(pc *pgconn.PgConn, pgErr *pgconn.PgError) bool {
+		keep := pgErr.Severity != "FATAL"
+		if onPgError != nil {
+			keep = onPgError(pc, pgErr)
+		}
+		if !keep {
+			lockconn.AwaitServerEnd(pc.Conn(), lockconn.MaxSessionEnd)
+		}
+		return keep
+	}
 	if cfg.ValidateConnect == nil && hostList(cfg) {
 		// A host list: connect to the primary among them, as
 		// target_session_attrs=primary would (see checkPrimary).

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"sync"
 	"time"
 
@@ -572,6 +573,18 @@ func EndSession(conn *pgx.Conn, bound time.Duration) {
 	_ = conn.Close(ctx)
 }
 
+// AwaitServerEnd reads nc, a connection whose server session has ended
+// (FATAL), until the server closes its end, for at most bound: PostgreSQL
+// closes a backend's socket last, once the backend has given back its locks
+// and its places (pg_stat_activity, max_connections). What it reads is
+// discarded.
+func AwaitServerEnd(nc net.Conn, bound time.Duration) {
+	if err := nc.SetReadDeadline(time.Now().Add(bound)); err != nil {
+		return
+	}
+	_, _ = io.Copy(io.Discard, nc)
+}
+
 // AddHolds changes the count of server locks held (for a waiting
 // connection's wait, which runs outside exec).
 func (c *Conn) AddHolds(n int) {
@@ -595,9 +608,24 @@ func (c *Conn) IsDead() bool {
 }
 
 // Close closes the connection once the goroutine using it is done: every
-// lock on it is lost (the server ends them with the session).
+// lock on it is lost (the server ends them with the session). A connect
+// still under way (its requests gave up on it) is waited for, at most
+// MaxSessionEnd: it ends its new session itself (see dial), so that the
+// session is gone when Close returns, as the session budget counts it (a
+// Leader whose Run was stopped mid-connect has no session left).
 func (c *Conn) Close(why error) {
 	c.Do(&Op{closing: why})
+	c.mu.Lock()
+	dialing := c.dialing
+	c.mu.Unlock()
+	if dialing != nil {
+		t := time.NewTimer(MaxSessionEnd)
+		defer t.Stop()
+		select {
+		case <-dialing:
+		case <-t.C:
+		}
+	}
 }
 
 // Busy reports whether a goroutine is using the connection (its requests
