@@ -74,31 +74,13 @@ func ceiling(b *testing.B, ctx context.Context, n int) {
 			return nil
 		}},
 	}
-	for _, s := range sides {
-		s.keys = keys(b, n)
-		s.waits = make([][]time.Duration, n)
-		s.round(b, ctx, n, 0, 5*time.Millisecond, false)
-		s.waits, s.elapsed, s.rates = make([][]time.Duration, n), 0, nil
-	}
-	meter, err := newCPUMeter(ctx, pool)
-	must(b, err)
-	for _, s := range sides {
-		s.meter = meter
-	}
-	r := 0
-	for b.Loop() {
-		for range roundsPerLoop {
-			for j := range sides {
-				sides[(r+j)%len(sides)].round(b, ctx, n, r, roundTime, false)
-			}
-			r++
-		}
-	}
-	rawRate, _ := sides[0].report(b)
+	runRounds(b, ctx, pool, sides, n, false)
+	rawRate, rawP99 := sides[0].report(b)
 	for _, s := range sides[1:] {
-		rate, _ := s.report(b)
+		rate, p99 := s.report(b)
 		b.ReportMetric(rate/rawRate, s.name+"/raw-grants")
 		b.ReportMetric(s.medianRatio(sides[0]), s.name+"/raw-grants-median")
+		b.ReportMetric(p99/rawP99, s.name+"/raw-p99")
 	}
 }
 

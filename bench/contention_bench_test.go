@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/pglockkit/kit/internal/pgtest"
 	"github.com/pglockkit/kit/pglock"
 )
@@ -110,6 +112,42 @@ func (c *contender) medianRatio(base *contender) float64 {
 		return rs[n/2]
 	}
 	return (rs[n/2-1] + rs[n/2]) / 2
+}
+
+// runRounds gives each of sides a key per goroutine (one key for all when
+// oneKey), warms them up, then runs them in rounds of n goroutines for the
+// benchmark loop, in an order that rotates every round, measuring the CPU
+// of this process and of pool's database's sessions.
+func runRounds(b *testing.B, ctx context.Context, pool *pgxpool.Pool, sides []*contender, n int, oneKey bool) {
+	for _, s := range sides {
+		s.keys = keys(b, n)
+		if oneKey {
+			for w := range s.keys {
+				s.keys[w] = s.keys[0]
+			}
+		}
+		// Warm up (lock connections opened, statements prepared), then
+		// start the figures afresh.
+		s.waits = make([][]time.Duration, n)
+		s.round(b, ctx, n, 0, 5*time.Millisecond, oneKey)
+		s.waits, s.elapsed, s.rates = make([][]time.Duration, n), 0, nil
+	}
+	// Every session is open now: the CPU of the server's processes can be
+	// read from here on.
+	meter, err := newCPUMeter(ctx, pool)
+	must(b, err)
+	for _, s := range sides {
+		s.meter = meter
+	}
+	r := 0
+	for b.Loop() {
+		for range roundsPerLoop {
+			for j := range sides {
+				sides[(r+j)%len(sides)].round(b, ctx, n, r, roundTime, oneKey)
+			}
+			r++
+		}
+	}
 }
 
 // grants returns the grants of each goroutine and their total.
@@ -239,35 +277,7 @@ func contention(b *testing.B, ctx context.Context, n int, oneKey bool) {
 		{name: "perhold", loop: viaLocker(perHold)},
 		{name: "raw", loop: raw},
 	}
-	for _, s := range sides {
-		s.keys = keys(b, n)
-		if oneKey {
-			for w := range s.keys {
-				s.keys[w] = s.keys[0]
-			}
-		}
-		// Warm up (lock connections opened, statements prepared), then
-		// start the figures afresh.
-		s.waits = make([][]time.Duration, n)
-		s.round(b, ctx, n, 0, 5*time.Millisecond, oneKey)
-		s.waits, s.elapsed, s.rates = make([][]time.Duration, n), 0, nil
-	}
-	// Every session is open now: the CPU of the server's processes can be
-	// read from here on.
-	meter, err := newCPUMeter(ctx, pool)
-	must(b, err)
-	for _, s := range sides {
-		s.meter = meter
-	}
-	r := 0
-	for b.Loop() {
-		for range roundsPerLoop {
-			for j := range sides {
-				sides[(r+j)%len(sides)].round(b, ctx, n, r, roundTime, oneKey)
-			}
-			r++
-		}
-	}
+	runRounds(b, ctx, pool, sides, n, oneKey)
 	rawRate, rawP99 := sides[2].report(b)
 	for _, s := range sides[:2] {
 		rate, p99 := s.report(b)
