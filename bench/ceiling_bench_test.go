@@ -38,7 +38,8 @@ import (
 //
 // The sides other than mux are not pglock: they bound what a lock
 // connection could reach (see bench/README.md). Reported per side as in
-// BenchmarkContention, with s/raw-grants.
+// BenchmarkContention, with s/raw-grants, s/raw-grants-median and
+// s/raw-p99.
 func BenchmarkCeiling(b *testing.B) {
 	for _, n := range []int{2, 8, 32} {
 		b.Run(fmt.Sprintf("N=%d", n), func(b *testing.B) {
