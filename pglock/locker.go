@@ -294,10 +294,11 @@ type LockerStats struct {
 	WaitingConns, HoldingConns, IdleConns, LeaderConns int
 	// Sessions is every server session the Locker has open now (LockConns
 	// + WaitConns); MaxSessions is its budget, which Sessions never exceeds:
-	// WithLockConns + WithWaitConns + LeaderConns. A session that holds
-	// nothing and that the server ended meanwhile (pg_terminate_backend, or
-	// idle_session_timeout after the abandoned-session bound of idleness)
-	// is counted until the Locker next uses it, and then replaced. Pool connections are not
+	// WithLockConns + WithWaitConns + LeaderConns. The Locker ends a
+	// session of its own that has held nothing and been idle for half the
+	// abandoned-session bound (see [AbandonedSessionTimeout]); one of those
+	// that the server ended sooner (pg_terminate_backend) is counted until
+	// then. Pool connections are not
 	// counted: a multiplexing Locker takes none for a Session-scope hold
 	// (Transaction scope holds run on the work's own pool connection).
 	Sessions, MaxSessions int

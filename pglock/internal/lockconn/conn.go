@@ -74,6 +74,10 @@ type Conn struct {
 	// only the goroutine that owns the connection touches them.
 	argv [2]any
 	pair [2]int32
+	// idleTimer ends the session of a connection left idle (see armIdle);
+	// idlePending: it is set. Guarded by mu.
+	idleTimer   *time.Timer
+	idlePending bool
 	// d is the direct path's state (see one).
 	d directState
 	// blockAt is when the connection's open transaction block began (see
@@ -126,8 +130,10 @@ type Op struct {
 	// (or holds) the key in exclusive mode (see keytable.Config.Probes). It
 	// takes nothing: what it takes it gives back in the same statement.
 	Probe bool
-	// closing closes the connection (for this reason) instead.
+	// closing closes the connection (for this reason) instead; idle ends
+	// its session if it has been idle long enough (see endIdle).
 	closing error
+	idle    bool
 	// Ctx bounds the connect, when the request is the first on a new
 	// connection (nil: only the connect bound).
 	Ctx context.Context
@@ -144,7 +150,7 @@ type Op struct {
 
 // isRequest reports whether o is a lock or unlock request, which can share a
 // statement with others.
-func (o *Op) isRequest() bool { return o.Fn == nil && o.closing == nil }
+func (o *Op) isRequest() bool { return o.Fn == nil && o.closing == nil && !o.idle }
 
 // ErrGone means that a lock connection that is lost or closed took a
 // request: the request was not sent, or was sent on a session that then
@@ -264,6 +270,10 @@ func (c *Conn) flush(batch []*Op) (retry []*Op) {
 		c.lose(why) // run by the goroutine that owns the connection
 		return nil
 	}
+	if batch[0].idle {
+		c.endIdle()
+		return nil
+	}
 	if err := c.open(batch); err != nil {
 		for _, o := range batch {
 			switch {
@@ -306,11 +316,76 @@ func (c *Conn) flush(batch []*Op) (retry []*Op) {
 	c.lastUsed = time.Now()
 	c.mu.Lock()
 	watch := c.dead == nil && c.holds > 0 && !c.conn.IsClosed()
+	if c.dead == nil && c.holds == 0 {
+		c.armIdle(c.g.cfg.AbandonBound / 2)
+	}
 	c.mu.Unlock()
 	if watch {
 		c.watch.Arm(c.conn, c.g.cfg.LostCheck, c.loseFn, c.pingFn)
 	}
 	return nil
+}
+
+// armIdle sets the idle timer to fire after d, unless it is set already: a
+// connection left holding nothing is ended by the Locker once it has been
+// idle for half the abandoned-session bound (endIdle), before the server's
+// idle_session_timeout would, and whether or not the server ended it
+// meanwhile, so that Stats stop counting it (nothing watches a connection
+// that holds nothing). The timer is left set between uses: when it fires,
+// endIdle looks at how long the connection has been idle. Called with c.mu
+// held.
+func (c *Conn) armIdle(d time.Duration) {
+	if c.idlePending || d <= 0 {
+		return
+	}
+	c.idlePending = true
+	if c.idleTimer == nil {
+		c.idleTimer = time.AfterFunc(d, c.idleFired)
+		return
+	}
+	c.idleTimer.Reset(d)
+}
+
+// idleFired is the idle timer's function: endIdle, run as the goroutine
+// that owns the connection. A connection in use is left alone: its use sets
+// the timer again when it ends (see flush), and a wait on a waiting
+// connection can last for hours.
+func (c *Conn) idleFired() {
+	c.mu.Lock()
+	c.idlePending = false
+	skip := c.dead != nil || c.active
+	c.mu.Unlock()
+	if !skip {
+		c.Do(&Op{idle: true})
+	}
+}
+
+// endIdle ends the session of a connection that holds nothing and has been
+// idle for half the abandoned-session bound, as open does before a use (the
+// connection stays: its next use opens a new session); one used since has
+// its timer set for the rest.
+func (c *Conn) endIdle() {
+	c.mu.Lock()
+	conn, holds := c.conn, c.holds
+	c.mu.Unlock()
+	if conn == nil || holds > 0 {
+		return
+	}
+	if rest := c.g.cfg.AbandonBound/2 - time.Since(c.lastUsed); rest > 0 {
+		c.mu.Lock()
+		c.armIdle(rest)
+		c.mu.Unlock()
+		return
+	}
+	c.mu.Lock()
+	c.conn = nil
+	counted := c.counted
+	c.counted = false
+	c.mu.Unlock()
+	EndSession(conn, min(c.g.cfg.StatementBound, MaxSessionEnd))
+	if counted {
+		c.g.sessionEnded()
+	}
 }
 
 // ErrConnectCut means that the requests for which a connect runs all ended
@@ -505,6 +580,9 @@ func (c *Conn) markDead(err error) {
 func (c *Conn) lose(err error) {
 	c.markDead(err)
 	c.mu.Lock()
+	if c.idleTimer != nil && c.idleTimer.Stop() {
+		c.idlePending = false
+	}
 	conn, proof, counted := c.conn, c.proof, c.counted
 	c.counted = false
 	c.mu.Unlock()
