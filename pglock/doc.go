@@ -401,7 +401,9 @@
 // timeout). So a default Locker uses at most 6 server sessions, plus one per
 // running Leader ([LockerStats] counts them by role, with the budget as
 // MaxSessions): count them in the server's max_connections for every
-// replica.
+// replica. A session that has held nothing for half
+// [AbandonedSessionTimeout] is closed (the next use opens another), and one
+// the server ends is replaced only once the server is done with it.
 //
 // Timeouts. The Locker's own sessions set lock_timeout and statement_timeout
 // themselves, so a wait there lasts as long as its context allows. A wait on
