@@ -65,15 +65,7 @@ func ceiling(b *testing.B, ctx context.Context, n int) {
 		{name: "pipelined", loop: func(ctx context.Context, w int, k pglock.Key, until time.Time, held func(time.Time) error) error {
 			return pipes[w%len(pipes)].loop(k, until, held)
 		}},
-		{name: "mux", loop: func(ctx context.Context, w int, k pglock.Key, until time.Time, held func(time.Time) error) error {
-			for time.Now().Before(until) {
-				t0 := time.Now()
-				if err := mux.Do(ctx, k, func(context.Context) error { return held(t0) }); err != nil {
-					return err
-				}
-			}
-			return nil
-		}},
+		{name: "mux", loop: lockerLoop(mux)},
 	}
 	runRounds(b, ctx, pool, sides, n, false)
 	rawRate, rawP99 := sides[0].report(b)
@@ -82,32 +74,6 @@ func ceiling(b *testing.B, ctx context.Context, n int) {
 		b.ReportMetric(rate/rawRate, s.name+"/raw-grants")
 		b.ReportMetric(s.medianRatio(sides[0]), s.name+"/raw-grants-median")
 		b.ReportMetric(p99/rawP99, s.name+"/raw-p99")
-	}
-}
-
-// rawLoop is raw pgx on a pinned pool connection: lock, hold, unlock.
-func rawLoop(pool *pgxpool.Pool) grantLoop {
-	return func(ctx context.Context, w int, k pglock.Key, until time.Time, held func(time.Time) error) error {
-		c, err := pool.Acquire(ctx)
-		if err != nil {
-			return err
-		}
-		defer c.Release()
-		for time.Now().Before(until) {
-			t0 := time.Now()
-			if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1::bigint)", k.Int64()); err != nil {
-				return err
-			}
-			herr := held(t0)
-			var ok bool
-			if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", k.Int64()).Scan(&ok); err != nil {
-				return err
-			}
-			if herr != nil {
-				return herr
-			}
-		}
-		return nil
 	}
 }
 

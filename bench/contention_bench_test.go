@@ -114,6 +114,49 @@ func (c *contender) medianRatio(base *contender) float64 {
 	return (rs[n/2-1] + rs[n/2]) / 2
 }
 
+// lockerLoop is Locker.Do of lk, the work holding the key.
+func lockerLoop(lk *pglock.Locker) grantLoop {
+	return func(ctx context.Context, w int, k pglock.Key, until time.Time, held func(time.Time) error) error {
+		for time.Now().Before(until) {
+			t0 := time.Now()
+			if err := lk.Do(ctx, k, func(context.Context) error { return held(t0) }); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
+// rawLoop is raw pgx on a pool connection pinned for the round: lock,
+// hold, unlock.
+func rawLoop(pool *pgxpool.Pool) grantLoop {
+	return func(ctx context.Context, w int, k pglock.Key, until time.Time, held func(time.Time) error) error {
+		c, err := pool.Acquire(ctx)
+		if err != nil {
+			return err
+		}
+		defer c.Release()
+		for time.Now().Before(until) {
+			t0 := time.Now()
+			if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1::bigint)", k.Int64()); err != nil {
+				return err
+			}
+			herr := held(t0)
+			var ok bool
+			if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", k.Int64()).Scan(&ok); err != nil {
+				return err
+			}
+			if herr != nil {
+				return herr
+			}
+			if !ok {
+				return fmt.Errorf("raw unlock of %s: not held", k)
+			}
+		}
+		return nil
+	}
+}
+
 // runRounds gives each of sides a key per goroutine (one key for all when
 // oneKey), warms them up, then runs them in rounds of n goroutines for the
 // benchmark loop, in an order that rotates every round, measuring the CPU
@@ -236,46 +279,10 @@ func contention(b *testing.B, ctx context.Context, n int, oneKey bool) {
 	warmPool(ctx, b, pool, n)
 	mux := newLocker(b, pool)
 	perHold := newLocker(b, pool, pglock.WithMultiplexing(false))
-	viaLocker := func(lk *pglock.Locker) grantLoop {
-		return func(ctx context.Context, w int, k pglock.Key, until time.Time, held func(time.Time) error) error {
-			for time.Now().Before(until) {
-				t0 := time.Now()
-				if err := lk.Do(ctx, k, func(context.Context) error { return held(t0) }); err != nil {
-					return err
-				}
-			}
-			return nil
-		}
-	}
-	raw := func(ctx context.Context, w int, k pglock.Key, until time.Time, held func(time.Time) error) error {
-		c, err := pool.Acquire(ctx)
-		if err != nil {
-			return err
-		}
-		defer c.Release()
-		for time.Now().Before(until) {
-			t0 := time.Now()
-			if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1::bigint)", k.Int64()); err != nil {
-				return err
-			}
-			herr := held(t0)
-			var ok bool
-			if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1::bigint)", k.Int64()).Scan(&ok); err != nil {
-				return err
-			}
-			if herr != nil {
-				return herr
-			}
-			if !ok {
-				return fmt.Errorf("raw unlock of %s: not held", k)
-			}
-		}
-		return nil
-	}
 	sides := []*contender{
-		{name: "mux", loop: viaLocker(mux)},
-		{name: "perhold", loop: viaLocker(perHold)},
-		{name: "raw", loop: raw},
+		{name: "mux", loop: lockerLoop(mux)},
+		{name: "perhold", loop: lockerLoop(perHold)},
+		{name: "raw", loop: rawLoop(pool)},
 	}
 	runRounds(b, ctx, pool, sides, n, oneKey)
 	rawRate, rawP99 := sides[2].report(b)
