@@ -265,13 +265,15 @@ func (c *Conn) flush(batch []*Op) (retry []*Op) {
 	for _, o := range batch {
 		o.retry = false // set again below if the connect is cut short again
 	}
+	if batch[0].idle {
+		// Before the watch is stopped: a connection that holds locks
+		// keeps its watch (endIdle leaves it alone).
+		c.endIdle()
+		return nil
+	}
 	c.watch.Stop()
 	if why := batch[0].closing; why != nil {
 		c.lose(why) // run by the goroutine that owns the connection
-		return nil
-	}
-	if batch[0].idle {
-		c.endIdle()
 		return nil
 	}
 	if err := c.open(batch); err != nil {
@@ -377,6 +379,7 @@ func (c *Conn) endIdle() {
 		c.mu.Unlock()
 		return
 	}
+	c.watch.Stop() // none runs on a connection that holds nothing
 	c.mu.Lock()
 	c.conn = nil
 	counted := c.counted
