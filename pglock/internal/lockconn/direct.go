@@ -18,13 +18,14 @@ import (
 // connection, its value (a batch's rows) read as it comes. pgx's QueryRow
 // and Query do the same work with their statement cache, type map and scan
 // plans, which on a lock connection (two round trips a hold, the statements
-// always the same) was a fifth of a grant's time with a few goroutines on
-// distinct keys.
+// always the same) cost 5-15% of a grant's time with a few goroutines on
+// distinct keys (bench's BenchmarkCeiling, its pgconn side).
 //
 // A connection whose config has a pgx tracer, or another query mode than
 // the default (QueryExecModeCacheStatement), keeps pgx's QueryRow and
 // Query, so that the tracer sees every statement and the mode is kept.
-// Through a pooler (proof) a batch keeps Query too.
+// Through a pooler (proof) every statement is the proven batch statement,
+// through Query.
 
 // directState is what the direct path keeps of the connection it was set
 // up for (see Conn.direct); only the goroutine that owns the connection
@@ -44,7 +45,7 @@ type directState struct {
 // binaryFormat: arguments and the result in binary.
 var binaryFormat = []int16{1}
 
-// direct reports whether conn's single requests go through pgconn (see the
+// direct reports whether conn's statements go through pgconn (see the
 // file's comment), setting up its state when conn is new.
 func (c *Conn) direct(conn *pgx.Conn) bool {
 	d := &c.d
