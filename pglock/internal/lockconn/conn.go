@@ -380,6 +380,14 @@ func (c *Conn) endIdle() {
 		return
 	}
 	c.watch.Stop() // none runs on a connection that holds nothing
+	c.endIdleSession(conn)
+}
+
+// endIdleSession ends conn, the session of c that holds nothing, and counts
+// it out once the server has ended it (EndSession); c stays, without a
+// session, and its next use opens a new one. Run by the goroutine that
+// owns the connection.
+func (c *Conn) endIdleSession(conn *pgx.Conn) {
 	c.mu.Lock()
 	c.conn = nil
 	counted := c.counted
@@ -461,17 +469,9 @@ func (c *Conn) open(batch []*Op) error {
 		c.lose(errors.New("connection closed"))
 		return ErrGone
 	case conn != nil && holds == 0 && time.Since(c.lastUsed) > c.g.cfg.AbandonBound/2:
-		c.mu.Lock()
-		c.conn = nil
-		counted := c.counted
-		c.counted = false
-		c.mu.Unlock()
 		// Ended before the new one opens: the session budget holds as the
 		// server counts it.
-		EndSession(conn, min(c.g.cfg.StatementBound, MaxSessionEnd))
-		if counted {
-			c.g.sessionEnded()
-		}
+		c.endIdleSession(conn)
 	case conn != nil:
 		return nil
 	}
