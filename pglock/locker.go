@@ -313,7 +313,11 @@ type LockerStats struct {
 	HeldKeys, Queued int
 }
 
-// Stats returns what the Locker uses now.
+// Stats returns what the Locker uses now. Once [Locker.Close] has returned,
+// it counts nothing but the budget (MaxSessions without Leaders, MaxLocks):
+// every session is closed and the server holds none of the Locker's locks,
+// even while holders and Leaders that Close told of their end have not
+// released yet.
 func (lk *Locker) Stats() LockerStats {
 	switch {
 	case lk == nil:

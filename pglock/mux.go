@@ -97,6 +97,9 @@ type mux struct {
 	// of a self-test that found locks that do not exclude: every later
 	// connect fails with it at once.
 	refused atomic.Pointer[error]
+	// closeDone: Close has returned, every session of the Locker is closed
+	// (see stats).
+	closeDone atomic.Bool
 
 	// mu guards held, limit, capacity and closed. The sets of connections
 	// (lock connections by slot, waiting connections) are lc's, under its
@@ -251,6 +254,7 @@ func (m *mux) close() error {
 	wg.Go(func() { m.lc.CloseAll(cs, ErrLockerClosed) })
 	wg.Go(m.waitInit)
 	wg.Wait()
+	m.closeDone.Store(true)
 	return nil
 }
 
@@ -272,9 +276,17 @@ func (m *mux) waitInit() {
 	}
 }
 
-// stats counts what the multiplexer uses now.
+// stats counts what the multiplexer uses now. Once Close has returned it
+// counts nothing but the budget: every session is closed, so the server holds
+// none of the Locker's locks, although holders, waiting connections and
+// Leaders that Close told of their end may not have given back theirs yet.
 func (m *mux) stats() LockerStats {
 	var s LockerStats
+	if m.closeDone.Load() {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return LockerStats{MaxSessions: m.conns + m.waitConns, MaxLocks: m.limit}
+	}
 	s.HeldKeys, s.Queued = m.t.Counts()
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -579,3 +579,77 @@ func TestIdleTimerKeepsTheWatch(t *testing.T) {
 		t.Fatal("the hold was not told it was lost within 10 s of its session's end: its connection is not watched")
 	}
 }
+
+// TestClosedLockerStatsCountNothing: once Close has returned, every session
+// of the Locker is closed and the server holds none of its locks, so Stats
+// counts nothing, whatever its holders have not released yet: a hold on a
+// lock connection, a hold granted after a wait (on its waiting connection)
+// and a Leader leading (on its campaign connection). Found by
+// TestSessionsModel (seed 206029497023472416: a Leader's connection and a
+// hold still counted just after Close returned).
+func TestClosedLockerStatsCountNothing(t *testing.T) {
+	bg := context.Background()
+	watch := pgtest.Pool(t, 2)
+	lk := muxLocker(t, pgtest.Pool(t, 2), pglock.WithLockConns(1), pglock.WithWaitConns(2))
+	other := muxLocker(t, pgtest.Pool(t, 2))
+
+	held, err := lk.NewLock(pgtest.UniqueKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := held.Acquire(bg); err != nil {
+		t.Fatal(err)
+	}
+	// A hold granted after a wait: another Locker holds the key first.
+	waitKey := pgtest.UniqueKey(t)
+	blocker, err := other.NewLock(waitKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := blocker.Acquire(bg); err != nil {
+		t.Fatal(err)
+	}
+	waited, err := lk.NewLock(waitKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 1)
+	go func() { got <- waited.Acquire(bg) }()
+	locktest.WaitFor(t, "the Acquire to wait in the server", func() bool { return locktest.Waiters(t, watch, waited.Key()) == 1 })
+	if err := blocker.Release(bg); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-got; err != nil {
+		t.Fatalf("the waited Acquire: %v", err)
+	}
+	ld, err := lk.Leader(pgtest.UniqueKey(t), pglock.LeaderConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ran := make(chan error, 1)
+	leading := make(chan struct{})
+	go func() {
+		ran <- ld.Run(context.Background(), func(ctx context.Context) error {
+			close(leading)
+			<-ctx.Done()
+			time.Sleep(200 * time.Millisecond) // steps down slowly: its connection stays out
+			return nil
+		})
+	}()
+	<-leading
+	before := lk.Stats()
+	if before.HoldingConns != 1 || before.LeaderConns != 1 || before.HeldKeys != 3 || before.ServerLocks != 3 {
+		t.Fatalf("before Close: Stats %+v, want a holding connection, a Leader's, 3 keys held (the Leader's among them)", before)
+	}
+	if err := lk.Close(); err != nil {
+		t.Fatal(err)
+	}
+	after := lk.Stats()
+	want := pglock.LockerStats{MaxSessions: 3, MaxLocks: after.MaxLocks}
+	if after != want {
+		t.Errorf("just after Close returned: Stats %+v, want %+v", after, want)
+	}
+	<-ran
+	_ = held.Release(bg)
+	_ = waited.Release(bg)
+}
