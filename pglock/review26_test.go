@@ -27,26 +27,6 @@ import (
 	"github.com/pglockkit/kit/pglock"
 )
 
-// r26Pool is a pool on url with maxConns connections, closed when the test
-// ends; edit, when not nil, changes its config first.
-func r26Pool(t testing.TB, u string, maxConns int32, edit func(*pgxpool.Config)) *pgxpool.Pool {
-	t.Helper()
-	cfg, err := pgxpool.ParseConfig(u)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.MaxConns = maxConns
-	if edit != nil {
-		edit(cfg)
-	}
-	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	return pool
-}
-
 // r26Locker is a Locker on pool, closed when the test ends.
 func r26Locker(t testing.TB, pool *pgxpool.Pool, opts ...pglock.Option) *pglock.Locker {
 	t.Helper()
@@ -150,7 +130,7 @@ func r26NoEndWithin(t *testing.T, out <-chan r26Result, d time.Duration, what st
 // B holds k2 and waits for k1, which a plain Lock holds. Nobody waits for A.
 func TestReview26UnheldContextWithHoldIsNoHold(t *testing.T) {
 	bg := context.Background()
-	lk := r26Locker(t, r26Pool(t, pgtest.URL(t), 8, nil))
+	lk := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 8, nil))
 	keys := r26Keys(t, 2)
 	k1, k2 := keys[0], keys[1]
 	unheld, err := lk.NewLock(k1)
@@ -231,15 +211,15 @@ func TestReview26OtherDatabaseIsNoCycle(t *testing.T) {
 			bg := context.Background()
 			keys := r26Keys(t, 2)
 			k1, k2 := keys[0], keys[1]
-			lkA := r26Locker(t, r26Pool(t, pgtest.URL(t), 8, nil))
-			lkB := r26Locker(t, r26Pool(t, url2, 8, nil))
+			lkA := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 8, nil))
+			lkB := r26Locker(t, pgtest.PoolWith(t, url2, 8, nil))
 			// The plain holders: on the waiters' own Lockers (the waits
 			// are in their key tables), or on Lockers of their own (the
 			// waits are in the server).
 			hA, hB := lkA, lkB
 			if where == "server" {
-				hA = r26Locker(t, r26Pool(t, pgtest.URL(t), 4, nil))
-				hB = r26Locker(t, r26Pool(t, url2, 4, nil))
+				hA = r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 4, nil))
+				hB = r26Locker(t, pgtest.PoolWith(t, url2, 4, nil))
 			}
 			_, relA := r26Hold(t, hA, k2)
 			defer relA()
@@ -285,10 +265,10 @@ func TestReview26LostHoldIsNoHold(t *testing.T) {
 	k1, k2 := keys[0], keys[1]
 	// A's hold on a Locker of its own, so that ending its session loses
 	// nothing else.
-	lkH := r26Locker(t, r26Pool(t, pgtest.URL(t), 4, nil))
+	lkH := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 4, nil))
 	hA, relHA := r26Hold(t, lkH, k1)
 	defer relHA()
-	lk := r26Locker(t, r26Pool(t, pgtest.URL(t), 8, nil))
+	lk := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 8, nil))
 
 	ctx, cancel := context.WithTimeout(bg, 20*time.Second)
 	defer cancel()
@@ -317,7 +297,7 @@ func TestReview26LostHoldIsNoHold(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("A's hold was not reported lost")
 	}
-	_, relD := r26Hold(t, r26Locker(t, r26Pool(t, pgtest.URL(t), 4, nil)), k1)
+	_, relD := r26Hold(t, r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 4, nil)), k1)
 	defer relD()
 	close(start) // C waits for k1, held by D
 	r26NoEndWithin(t, out, 2500*time.Millisecond, "a lost hold")
@@ -339,7 +319,7 @@ func TestReview26LostHoldIsNoHold(t *testing.T) {
 // h0.
 func TestReview26DeepNestingCycleEnds(t *testing.T) {
 	bg := context.Background()
-	lk := r26Locker(t, r26Pool(t, pgtest.URL(t), 8, nil))
+	lk := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 8, nil))
 	const depth = 25
 	keys := r26Keys(t, depth+1)
 	x := keys[depth]
@@ -408,7 +388,7 @@ func TestReview26ExecModes(t *testing.T) {
 			t.Run(fmt.Sprintf("%v/perhold=%v", mode, perHold), func(t *testing.T) {
 				var lks [2]*pglock.Locker
 				for i := range lks {
-					pool := r26Pool(t, pgtest.URL(t), 8, func(c *pgxpool.Config) { c.ConnConfig.DefaultQueryExecMode = mode })
+					pool := pgtest.PoolWith(t, pgtest.URL(t), 8, func(c *pgxpool.Config) { c.ConnConfig.DefaultQueryExecMode = mode })
 					var opts []pglock.Option
 					if perHold {
 						opts = append(opts, pglock.WithMultiplexing(false))
@@ -434,7 +414,7 @@ func TestReview26PgBouncer(t *testing.T) {
 			bouncer := pgtest.StartPgBouncerT(t, "session", 40)
 			var lks [2]*pglock.Locker
 			for i := range lks {
-				pool := r26Pool(t, bouncer.URL, 8, nil)
+				pool := pgtest.PoolWith(t, bouncer.URL, 8, nil)
 				var opts []pglock.Option
 				if perHold {
 					opts = append(opts, pglock.WithMultiplexing(false))
@@ -458,7 +438,7 @@ func TestReview26PgBouncer(t *testing.T) {
 // waits for k1; C holds slot 2 and waits for nothing (it lets go later).
 func TestReview26SemaphoreWaitIsNoCycle(t *testing.T) {
 	bg := context.Background()
-	lk := r26Locker(t, r26Pool(t, pgtest.URL(t), 12, nil))
+	lk := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 12, nil))
 	k1 := r26Keys(t, 1)[0]
 	sem, err := lk.Semaphore(pgtest.UniqueKey(t), 2)
 	if err != nil {
@@ -530,7 +510,7 @@ func TestReview26SemaphoreWaitIsNoCycle(t *testing.T) {
 // A's DoAll holds ka and waits for kb; B holds kb and waits for ka.
 func TestReview26KeySetPartialHoldCycleEnds(t *testing.T) {
 	bg := context.Background()
-	lk := r26Locker(t, r26Pool(t, pgtest.URL(t), 8, nil))
+	lk := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 8, nil))
 	base := rand.Int64N(1 << 60)
 	ka, kb := pglock.Int64Key(base), pglock.Int64Key(base+1) // DoAll takes ka first
 	ctx, cancel := context.WithTimeout(bg, 6*time.Second)
@@ -585,9 +565,9 @@ func TestReview26QueuedSharedCycleEnds(t *testing.T) {
 				opts = append(opts, pglock.WithMultiplexing(false))
 			}
 			// Three Lockers, so that every wait is in the server's queue.
-			lkS := r26Locker(t, r26Pool(t, pgtest.URL(t), 6, nil), opts...)
-			lkY := r26Locker(t, r26Pool(t, pgtest.URL(t), 6, nil), opts...)
-			lkE := r26Locker(t, r26Pool(t, pgtest.URL(t), 4, nil), opts...)
+			lkS := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 6, nil), opts...)
+			lkY := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 6, nil), opts...)
+			lkE := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 4, nil), opts...)
 			keys := r26Keys(t, 2)
 			k, j := keys[0], keys[1]
 			ctx, cancel := context.WithTimeout(bg, 8*time.Second)
@@ -684,7 +664,7 @@ func r26WaitWaiting(t *testing.T, watch *pgxpool.Pool, key pglock.Key, n int) {
 func TestReview26PreparedTransactionHold(t *testing.T) {
 	srv := pgtest.ThrowawayT(t, map[string]string{"max_prepared_transactions": "2"})
 	bg := context.Background()
-	admin := r26Pool(t, srv.URL, 2, nil)
+	admin := pgtest.PoolWith(t, srv.URL, 2, nil)
 	orphan := rand.Int64()
 	conn, err := pgx.Connect(bg, srv.URL)
 	if err != nil {
@@ -702,7 +682,7 @@ func TestReview26PreparedTransactionHold(t *testing.T) {
 	_ = conn.Close(bg)
 	t.Cleanup(func() { _, _ = admin.Exec(context.Background(), "ROLLBACK PREPARED 'r26_orphan'") })
 
-	lk := r26Locker(t, r26Pool(t, srv.URL, 8, nil))
+	lk := r26Locker(t, pgtest.PoolWith(t, srv.URL, 8, nil))
 	// Something waits for the prepared transaction's key.
 	octx, ocancel := context.WithCancel(bg)
 	var wg sync.WaitGroup
@@ -940,11 +920,11 @@ func TestReview26NothingOutlivesTheWait(t *testing.T) {
 	watch := pgtest.Pool(t, 2)
 	keys := r26Keys(t, 2)
 	k1, k2 := keys[0], keys[1]
-	other := r26Locker(t, r26Pool(t, pgtest.URL(t), 4, nil))
+	other := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 4, nil))
 	_, rel := r26Hold(t, other, k2)
 	defer rel()
 	for _, how := range []string{"WithWait", "context", "Close"} {
-		lk := r26Locker(t, r26Pool(t, pgtest.URL(t), 4, nil))
+		lk := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 4, nil))
 		ctx, cancel := context.WithTimeout(bg, 10*time.Second)
 		if how == "context" {
 			var c2 context.CancelFunc
@@ -996,12 +976,12 @@ func TestReview26OneOffCheckConnectionsClose(t *testing.T) {
 	var lks [2]*pglock.Locker
 	for i := range lks {
 		// Two connections: the hold and the nested wait use both.
-		pool := r26Pool(t, pgtest.URL(t), 2, func(c *pgxpool.Config) { c.ConnConfig.RuntimeParams["application_name"] = app })
+		pool := pgtest.PoolWith(t, pgtest.URL(t), 2, func(c *pgxpool.Config) { c.ConnConfig.RuntimeParams["application_name"] = app })
 		lks[i] = r26Locker(t, pool, pglock.WithMultiplexing(false))
 	}
 	// A long wait first: the checks run on connections of their own.
 	keys := r26Keys(t, 2)
-	_, rel := r26Hold(t, r26Locker(t, r26Pool(t, pgtest.URL(t), 2, nil)), keys[1])
+	_, rel := r26Hold(t, r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 2, nil)), keys[1])
 	done := make(chan error, 1)
 	go func() {
 		done <- lks[0].Do(bg, keys[0], func(ctx context.Context) error {
@@ -1044,10 +1024,10 @@ func TestReview26ChecksPerWait(t *testing.T) {
 		"fix: one check per database per period for the whole process (a checker that reads the rows once and walks from every record), "+
 		"started while any record waits")
 	bg := context.Background()
-	lk := r26Locker(t, r26Pool(t, pgtest.URL(t), 8, nil))
+	lk := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 8, nil))
 	keys := r26Keys(t, 61)
 	hot := keys[60]
-	_, rel := r26Hold(t, r26Locker(t, r26Pool(t, pgtest.URL(t), 2, nil)), hot)
+	_, rel := r26Hold(t, r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 2, nil)), hot)
 	ctx, cancel := context.WithTimeout(bg, 2500*time.Millisecond)
 	defer cancel()
 	before := pglock.DeadlockChecks()
@@ -1073,7 +1053,7 @@ func TestReview26ChecksPerWait(t *testing.T) {
 // library, where a nil context given to Do is an error (ErrNotAcquired,
 // "nil context").
 func TestReview26ContextWithHoldNilContext(t *testing.T) {
-	lk := r26Locker(t, r26Pool(t, pgtest.URL(t), 4, nil))
+	lk := r26Locker(t, pgtest.PoolWith(t, pgtest.URL(t), 4, nil))
 	keys := r26Keys(t, 2)
 	l, rel := r26Hold(t, lk, keys[0])
 	defer rel()

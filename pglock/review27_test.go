@@ -30,33 +30,24 @@ import (
 // for them).
 func r27Pool(t testing.TB, u, app string, maxConns int32, pids *sync.Map, edit func(*pgxpool.Config)) *pgxpool.Pool {
 	t.Helper()
-	cfg, err := pgxpool.ParseConfig(u)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.MaxConns = maxConns
-	if app != "" {
-		cfg.ConnConfig.RuntimeParams["application_name"] = app
-	}
-	if edit != nil {
-		edit(cfg)
-	}
-	if pids != nil {
-		after := cfg.AfterConnect
-		cfg.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
-			pids.Store(int32(c.PgConn().PID()), true)
-			if after != nil {
-				return after(ctx, c)
-			}
-			return nil
+	return pgtest.PoolWith(t, u, maxConns, func(cfg *pgxpool.Config) {
+		if app != "" {
+			cfg.ConnConfig.RuntimeParams["application_name"] = app
 		}
-	}
-	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	return pool
+		if edit != nil {
+			edit(cfg)
+		}
+		if pids != nil {
+			after := cfg.AfterConnect
+			cfg.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
+				pids.Store(int32(c.PgConn().PID()), true)
+				if after != nil {
+					return after(ctx, c)
+				}
+				return nil
+			}
+		}
+	})
 }
 
 // r27HeldElsewhere returns a fresh key held by a session of another pool
@@ -80,12 +71,7 @@ func r27HeldElsewhere(t *testing.T) string {
 // BeforeConnect, keep app): a pool connection still connecting, whose PID
 // its AfterConnect has not recorded yet, is not counted as the Locker's.
 func r27PoolNamed(app string) func(*pgxpool.Config) {
-	return func(cfg *pgxpool.Config) {
-		cfg.BeforeConnect = func(_ context.Context, cc *pgx.ConnConfig) error {
-			cc.RuntimeParams["application_name"] = app + "/pool"
-			return nil
-		}
-	}
+	return func(cfg *pgxpool.Config) { pgtest.NameSessions(cfg, app) }
 }
 
 // r27LockerSessions returns the PIDs of the client backends named app that

@@ -59,33 +59,21 @@ func (s *r29Sessions) open() []*pgconn.PgConn {
 // in the returned r29Sessions; edit changes its configuration.
 func r29Pool(t testing.TB, u, app string, maxConns int32, edit func(*pgxpool.Config)) (*pgxpool.Pool, *r29Sessions) {
 	t.Helper()
-	cfg, err := pgxpool.ParseConfig(u)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.MaxConns = maxConns
-	cfg.ConnConfig.RuntimeParams["application_name"] = app
-	cfg.BeforeConnect = func(_ context.Context, cc *pgx.ConnConfig) error {
-		cc.RuntimeParams["application_name"] = app + "/pool"
-		return nil
-	}
 	s := &r29Sessions{}
-	cfg.ConnConfig.AfterConnect = func(_ context.Context, pc *pgconn.PgConn) error {
-		if pc.ParameterStatus("application_name") == app {
-			s.mu.Lock()
-			s.conns = append(s.conns, pc)
-			s.mu.Unlock()
+	pool := pgtest.PoolWith(t, u, maxConns, func(cfg *pgxpool.Config) {
+		pgtest.NameSessions(cfg, app)
+		cfg.ConnConfig.AfterConnect = func(_ context.Context, pc *pgconn.PgConn) error {
+			if pc.ParameterStatus("application_name") == app {
+				s.mu.Lock()
+				s.conns = append(s.conns, pc)
+				s.mu.Unlock()
+			}
+			return nil
 		}
-		return nil
-	}
-	if edit != nil {
-		edit(cfg)
-	}
-	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
+		if edit != nil {
+			edit(cfg)
+		}
+	})
 	return pool, s
 }
 

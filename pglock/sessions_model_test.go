@@ -157,33 +157,20 @@ func smNewEnv(t *testing.T) *smEnv {
 // the configuration last.
 func smPool(t testing.TB, u, app string, maxConns int32, pids *sync.Map, edit func(*pgxpool.Config)) *pgxpool.Pool {
 	t.Helper()
-	cfg, err := pgxpool.ParseConfig(u)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.MaxConns = maxConns
-	if app != "" {
-		cfg.ConnConfig.RuntimeParams["application_name"] = app
-		cfg.BeforeConnect = func(_ context.Context, cc *pgx.ConnConfig) error {
-			cc.RuntimeParams["application_name"] = app + "/pool"
-			return nil
+	return pgtest.PoolWith(t, u, maxConns, func(cfg *pgxpool.Config) {
+		if app != "" {
+			pgtest.NameSessions(cfg, app)
 		}
-	}
-	if pids != nil {
-		cfg.AfterConnect = func(_ context.Context, c *pgx.Conn) error {
-			pids.Store(c.PgConn().PID(), true)
-			return nil
+		if pids != nil {
+			cfg.AfterConnect = func(_ context.Context, c *pgx.Conn) error {
+				pids.Store(c.PgConn().PID(), true)
+				return nil
+			}
 		}
-	}
-	if edit != nil {
-		edit(cfg)
-	}
-	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	return pool
+		if edit != nil {
+			edit(cfg)
+		}
+	})
 }
 
 // smSession is one of the Locker's sessions as the server shows it.

@@ -80,12 +80,23 @@ func WaitFree(tb testing.TB, db *pgxpool.Pool, key pglock.Key) {
 // maxConns 0 keeps pgxpool's default.
 func Pool(tb testing.TB, maxConns int32) *pgxpool.Pool {
 	tb.Helper()
-	cfg, err := pgxpool.ParseConfig(URL(tb))
+	return PoolWith(tb, URL(tb), maxConns, nil)
+}
+
+// PoolWith returns a new pool on url with maxConns connections (0 keeps
+// pgxpool's default) and edit (when not nil) applied to its configuration,
+// closed when the test ends.
+func PoolWith(tb testing.TB, url string, maxConns int32, edit func(*pgxpool.Config)) *pgxpool.Pool {
+	tb.Helper()
+	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	if maxConns > 0 {
 		cfg.MaxConns = maxConns
+	}
+	if edit != nil {
+		edit(cfg)
 	}
 	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
 	if err != nil {
@@ -93,6 +104,19 @@ func Pool(tb testing.TB, maxConns int32) *pgxpool.Pool {
 	}
 	tb.Cleanup(pool.Close)
 	return pool
+}
+
+// NameSessions names the sessions of a pool made from cfg: its own
+// connections app+"/pool" (by BeforeConnect), and those that a Locker on it
+// opens for itself app (they are made from cfg's connection settings,
+// without the pool's BeforeConnect), so that pg_stat_activity tells a
+// Locker's lock and waiting connections from its pool's.
+func NameSessions(cfg *pgxpool.Config, app string) {
+	cfg.ConnConfig.RuntimeParams["application_name"] = app
+	cfg.BeforeConnect = func(_ context.Context, cc *pgx.ConnConfig) error {
+		cc.RuntimeParams["application_name"] = app + "/pool"
+		return nil
+	}
 }
 
 // Terminate ends the backend pid with pg_terminate_backend and waits until
