@@ -327,11 +327,10 @@ func relayUnlocked(p *pgconn.Pipeline) (bool, error) {
 	if !ok {
 		return false, fmt.Errorf("pglock: relay: unexpected %T for the unlock", res)
 	}
-	r := rr.Read()
-	if r.Err != nil {
-		return false, r.Err
+	held, err := oneRowIs(rr, "t")
+	if err != nil {
+		return false, err
 	}
-	held := len(r.Rows) == 1 && len(r.Rows[0]) == 1 && string(r.Rows[0][0]) == "t"
 	res, err = p.GetResults()
 	if err != nil {
 		return false, err
@@ -390,9 +389,7 @@ func relayGranted(p *pgconn.Pipeline) (contended bool, err error) {
 	res, err := p.GetResults()
 	if err == nil {
 		if rr, ok := res.(*pgconn.ResultReader); ok {
-			r := rr.Read()
-			err = r.Err
-			contended = err == nil && len(r.Rows) == 1 && len(r.Rows[0]) == 1 && string(r.Rows[0][0]) == "2"
+			contended, err = oneRowIs(rr, "2")
 		} else {
 			err = fmt.Errorf("pglock: relay: unexpected %T for the wait", res)
 		}
@@ -401,6 +398,22 @@ func relayGranted(p *pgconn.Pipeline) (contended bool, err error) {
 		err = cerr
 	}
 	return contended, err
+}
+
+// oneRowIs reads rr to its end and reports whether it had exactly one row,
+// of one column whose text is want, without copying the rows (as
+// ResultReader.Read does: a relay reads two results a hand-off).
+func oneRowIs(rr *pgconn.ResultReader, want string) (bool, error) {
+	rows, is := 0, false
+	for rr.NextRow() {
+		rows++
+		vals := rr.Values()
+		is = len(vals) == 1 && string(vals[0]) == want
+	}
+	if _, err := rr.Close(); err != nil {
+		return false, err
+	}
+	return rows == 1 && is, nil
 }
 
 // textArgs returns the bind arguments of the SQL functions for k in text
