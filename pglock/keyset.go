@@ -292,7 +292,7 @@ func runSet(ctx context.Context, locks []*Lock, mux bool, fn func(ctx context.Co
 	cctx, cancel := context.WithCancelCause(ctx)
 	var fctx context.Context = cctx
 	for _, l := range locks {
-		fctx = newHoldCtx(fctx, l)
+		fctx = &holdCtx{Context: fctx, l: l, gen: l.holdGen()}
 	}
 	done := make(chan struct{})
 	var wg sync.WaitGroup
@@ -379,7 +379,7 @@ func (lk *Locker) doAllTx(ctx context.Context, set []setKey, fn func(ctx context
 			if err != nil {
 				return ctx, err
 			}
-			ctx = newHoldCtx(ctx, l)
+			ctx = &holdCtx{Context: ctx, l: l, gen: l.holdGen()}
 		}
 		return ctx, nil
 	}
