@@ -152,8 +152,8 @@ func holdTags(ctx context.Context, space any) ([]waitgraph.Hold, []*holdCtx) {
 	var holds []*holdCtx
 	h, _ := ctx.Value(holdsKey{}).(*holdCtx)
 	for h != nil {
-		if h.live() && spaceOf(h.l.domain) == space {
-			tags = append(tags, waitgraph.Hold{Key: tagOf(h.l.key), Exclusive: h.l.cfg.mode == Exclusive})
+		if h.live() && spaceOf(h.domain) == space {
+			tags = append(tags, waitgraph.Hold{Key: tagOf(h.key), Exclusive: h.mode == Exclusive})
 			holds = append(holds, h)
 		}
 		h, _ = h.Context.Value(holdsKey{}).(*holdCtx)

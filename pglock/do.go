@@ -120,7 +120,7 @@ func (l *Lock) TryDo(ctx context.Context, fn func(ctx context.Context) error) (o
 func (l *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err error) {
 	cctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	var fctx context.Context = &holdCtx{Context: cctx, l: l, gen: l.holdGen()}
+	var fctx context.Context = newHoldCtx(cctx, l)
 	l.mu.Lock()
 	b, given := l.b, l.tx
 	l.mu.Unlock()

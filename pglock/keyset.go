@@ -292,7 +292,7 @@ func runSet(ctx context.Context, locks []*Lock, mux bool, fn func(ctx context.Co
 	cctx, cancel := context.WithCancelCause(ctx)
 	var fctx context.Context = cctx
 	for _, l := range locks {
-		fctx = &holdCtx{Context: fctx, l: l, gen: l.holdGen()}
+		fctx = newHoldCtx(fctx, l)
 	}
 	done := make(chan struct{})
 	var wg sync.WaitGroup
@@ -379,7 +379,7 @@ func (lk *Locker) doAllTx(ctx context.Context, set []setKey, fn func(ctx context
 			if err != nil {
 				return ctx, err
 			}
-			ctx = &holdCtx{Context: ctx, l: l, gen: l.holdGen()}
+			ctx = newHoldCtx(ctx, l)
 		}
 		return ctx, nil
 	}

@@ -164,6 +164,28 @@ func (l *Lock) init(src source, key any, cfg *config) error {
 	return nil
 }
 
+// reset makes l, a Lock of Locker.Do or TryDo whose call has returned,
+// ready to be made again for another key (see Locker.putLock): every field
+// of its last hold back to zero, its hold number kept. It reports false,
+// and changes nothing, when l still holds something.
+func (l *Lock) reset() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.b != nil || l.inDo.Load() || l.tx != nil || l.stopWatch != nil || l.watch != nil || l.peer != nil || l.guard != nil {
+		return false
+	}
+	l.lostMu.Lock()
+	l.lostCh, l.lostErr, l.lostDone, l.lostGiven, l.onLost = nil, nil, false, false, nil
+	l.since = time.Time{}
+	l.lostMu.Unlock()
+	l.held.Store(false)
+	l.tokenV.Store(0)
+	l.handled.Store(nil)
+	l.muxb = muxBackend{}
+	l.key, l.name, l.log = Key{}, "", nil
+	return true
+}
+
 // unmade returns the error of a Lock that NewLock or Locker.NewLock did not make
 // (nil or zero), else nil.
 func (l *Lock) unmade() error {

@@ -53,6 +53,9 @@ type Locker struct {
 	// wait for (a Semaphore's waits ended, its queue's place given back);
 	// Close waits for them.
 	background tasks
+	// locks keeps the Locks of Do and TryDo on the lock connections for
+	// their next calls (see putLock).
+	locks sync.Pool
 }
 
 // tasks runs functions in goroutines that an owner's close waits for.
@@ -169,7 +172,9 @@ func (lk *Locker) Do(ctx context.Context, key any, fn func(ctx context.Context) 
 	if err != nil {
 		return err
 	}
-	return l.Do(ctx, fn)
+	err = l.Do(ctx, fn)
+	lk.putLock(l)
+	return err
 }
 
 // TryDo runs fn only if the lock on key is free now, as [Lock.TryDo] does.
@@ -178,17 +183,48 @@ func (lk *Locker) TryDo(ctx context.Context, key any, fn func(ctx context.Contex
 	if err != nil {
 		return false, err
 	}
-	return l.TryDo(ctx, fn)
+	ok, err := l.TryDo(ctx, fn)
+	lk.putLock(l)
+	return ok, err
 }
 
 // lockFor is Lock for Do and TryDo: a closed Locker's error says the lock
 // was not acquired, as Acquire's does.
+//
+// On a multiplexing Locker, in Session scope, it takes a Lock that an
+// earlier Do or TryDo gave back (see putLock) when there is one: a Lock of a
+// call is most of what the call allocates (600 bytes), and with many calls
+// a second, the garbage collector's work is what lengthens the slowest
+// waits across processes (BenchmarkTwoProcesses' p99).
 func (lk *Locker) lockFor(key any) (*Lock, error) {
+	if lk.mux != nil && !lk.closed.Load() {
+		if l, _ := lk.locks.Get().(*Lock); l != nil {
+			if err := l.init(lk.mux, key, &lk.cfg); err != nil {
+				lk.locks.Put(l)
+				return nil, err
+			}
+			return l, nil
+		}
+	}
 	l, err := lk.NewLock(key)
 	if errors.Is(err, ErrLockerClosed) {
 		return nil, fmt.Errorf("%w: %w", ErrNotAcquired, err)
 	}
 	return l, err
+}
+
+// putLock keeps l, the Lock of a Do or TryDo that has returned, for another
+// call (see lockFor), if it is a Lock on the lock connections that holds
+// nothing. Nothing of the library keeps it past its call but the contexts
+// of its holds (see holdCtx), which read only its hold number, and the
+// reports of its holds' losses, which check that number first: a Lock's hold
+// number grows from hold to hold, also across calls, so neither takes a
+// later hold, of any key, for the one it was made for.
+func (lk *Locker) putLock(l *Lock) {
+	if lk.mux == nil || l.src != source(lk.mux) || l.cfg != &lk.cfg || !l.reset() {
+		return
+	}
+	lk.locks.Put(l)
 }
 
 // unmade returns the error of a Locker that NewLocker did not make (nil or

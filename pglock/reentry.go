@@ -54,11 +54,24 @@ type holdsKey struct{}
 
 // holdCtx is the context of a Do's function: its parent, and the hold it
 // runs in: l's hold number gen (see Lock.hold), so that a context kept past
-// its hold never passes for a later hold of the same Lock.
+// its hold never passes for a later hold of the same Lock, and what that
+// hold was (key, database, mode and scope), kept here because a Lock of
+// Locker.Do is used again for another key once its Do returns (see
+// Locker.putLock): only l's hold number is read from l.
 type holdCtx struct {
 	context.Context
-	l   *Lock
-	gen uint64
+	l      *Lock
+	gen    uint64
+	key    Key
+	domain any
+	mode   Mode
+	scope  Scope
+}
+
+// newHoldCtx returns the context of a function run in l's current hold (or,
+// when l is not held, in no hold: see noHold), whose parent is ctx.
+func newHoldCtx(ctx context.Context, l *Lock) *holdCtx {
+	return &holdCtx{Context: ctx, l: l, gen: l.holdGen(), key: l.key, domain: l.domain, mode: l.cfg.mode, scope: l.cfg.scope}
 }
 
 // noHold is the gen of a holdCtx made for a Lock that was not held: no
@@ -98,7 +111,7 @@ func ContextWithHold(ctx context.Context, l *Lock) context.Context {
 	if ctx == nil || l == nil || l.src == nil {
 		return ctx // a nil ctx stays nil: a lock in it fails with its error
 	}
-	return &holdCtx{Context: ctx, l: l, gen: l.holdGen()}
+	return newHoldCtx(ctx, l)
 }
 
 // domainOf is the database conn stands for, as far as nesting goes: the
@@ -121,7 +134,7 @@ func domainOf(conn any) any {
 func (l *Lock) enclosing(ctx context.Context) *holdCtx {
 	h, _ := ctx.Value(holdsKey{}).(*holdCtx)
 	for h != nil {
-		if h.l == l || (h.l.key == l.key && l.domain != nil && h.l.domain == l.domain) {
+		if h.key == l.key && (h.l == l || (l.domain != nil && h.domain == l.domain)) {
 			return h
 		}
 		h, _ = h.Context.Value(holdsKey{}).(*holdCtx)
@@ -143,7 +156,7 @@ func (l *Lock) nested(ctx context.Context, h *holdCtx, fn func(ctx context.Conte
 		l.emit(EventNotAcquired, 0, err)
 		return false, err
 	}
-	if l.cfg.scope == Transaction && h.l.cfg.scope == Transaction {
+	if l.cfg.scope == Transaction && h.scope == Transaction {
 		rollback := l.cfg.rollbackOnError
 		err = inSavepoint(ctx, "pglock_nested", func(error) bool { return rollback }, fn)
 	} else {
@@ -200,19 +213,18 @@ func inSavepoint(ctx context.Context, name string, rollback func(error) bool, fn
 // holds the key in a mode and scope that cover l's. Else ErrSelfDeadlock; a
 // hold that ended, or was lost, fails as a lock not acquired.
 func (l *Lock) nestErr(ctx context.Context, h *holdCtx) error {
-	outer := h.l
 	switch {
-	case ctx.Err() != nil || outer.holdGen() != h.gen || h.gen == noHold:
+	case ctx.Err() != nil || h.l.holdGen() != h.gen || h.gen == noHold:
 		cause := context.Cause(ctx)
 		if cause == nil {
 			cause = ErrLockLost
 		}
 		return fmt.Errorf("%w: key %s: the enclosing hold of this key has ended: %w", ErrNotAcquired, l.key, cause)
-	case outer.cfg.mode == Shared && l.cfg.mode == Exclusive:
+	case h.mode == Shared && l.cfg.mode == Exclusive:
 		return fmt.Errorf("%w: %w: %w: key %s is held in Shared mode by an enclosing Do of this context;"+
 			" an Exclusive lock inside it would wait for it (take the outer lock in Exclusive mode)",
 			ErrNotAcquired, ErrDeadlock, ErrSelfDeadlock, l.key)
-	case outer.cfg.scope == Session && l.cfg.scope == Transaction:
+	case h.scope == Session && l.cfg.scope == Transaction:
 		return fmt.Errorf("%w: %w: %w: key %s is held in Session scope by an enclosing Do of this context;"+
 			" a Transaction-scope lock inside it needs a transaction of its own and would wait for it"+
 			" (take the outer lock in Transaction scope, or the inner one in Session scope)",

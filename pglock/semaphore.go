@@ -170,11 +170,11 @@ func (s *Semaphore) enclosed(ctx context.Context) *holdCtx {
 	}
 	h, _ := ctx.Value(holdsKey{}).(*holdCtx)
 	for ; h != nil; h, _ = h.Context.Value(holdsKey{}).(*holdCtx) {
-		if h.l.domain != domain || h.l.holdGen() != h.gen || h.gen == noHold {
+		if h.domain != domain || h.l.holdGen() != h.gen || h.gen == noHold {
 			continue
 		}
 		for _, k := range s.slots {
-			if h.l.key == k {
+			if h.key == k {
 				return h
 			}
 		}
