@@ -3,12 +3,10 @@ package pglock
 import (
 	"context"
 	"math/rand/v2"
-	"os"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Issue 21, distinct keys at low concurrency: two keys that hash to the same
@@ -20,21 +18,8 @@ import (
 // statement (the other slot, never opened, did not count as free), and a
 // moved key went home again at its next try.
 func TestPickMovesOffABusyHome(t *testing.T) {
-	url := os.Getenv("DATABASE_URL") // set by the test binary's TestMain
-	if url == "" {
-		t.Skip("no DATABASE_URL")
-	}
 	bg := context.Background()
-	pool, err := pgxpool.New(bg, url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pool.Close()
-	lk, err := NewLocker(pool, WithLockConns(2))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lk.Close()
+	lk := internalLocker(t, WithLockConns(2))
 	m := lk.mux
 	// Two keys of one home and one hint bucket each, the first lock of
 	// the Locker on a third key of that home (its first lock connection

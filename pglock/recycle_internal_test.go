@@ -4,13 +4,10 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"os"
 	"reflect"
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglockkit/kit/pglock/internal/connwatch"
 )
@@ -101,21 +98,8 @@ func TestLockResetClearsTheHold(t *testing.T) {
 // keeps a Do of another key from running, and a Do of its own key inside it
 // fails as the hold has ended (ErrNotAcquired), as without recycling.
 func TestLockerDoLockUsedAgain(t *testing.T) {
-	url := os.Getenv("DATABASE_URL") // set by the test binary's TestMain
-	if url == "" {
-		t.Skip("no DATABASE_URL")
-	}
 	bg := context.Background()
-	pool, err := pgxpool.New(bg, url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pool.Close()
-	lk, err := NewLocker(pool)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lk.Close()
+	lk := internalLocker(t)
 
 	first, err := lk.lockFor("recycle-a")
 	if err != nil {
@@ -128,15 +112,7 @@ func TestLockerDoLockUsedAgain(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	// What putLock and lockFor do to a Lock (sync.Pool itself may drop what
-	// it is given, at random under the race detector: it is left out).
-	if !first.reset() {
-		t.Fatal("reset refused the Lock of a Do that has returned")
-	}
-	again := first
-	if err := again.init(lk.mux, "recycle-b", &lk.cfg); err != nil {
-		t.Fatal(err)
-	}
+	again := r30Recycled(t, lk, first, "recycle-b")
 	want, err := lk.Key("recycle-b")
 	if err != nil {
 		t.Fatal(err)
@@ -173,21 +149,8 @@ func TestLockerDoLockUsedAgain(t *testing.T) {
 // two holds of one key, and every kept context's Do of its own key fails as
 // its hold has ended (or, run while it was live, that it ended meanwhile).
 func TestLockerDoRecycledUnderKeptContexts(t *testing.T) {
-	url := os.Getenv("DATABASE_URL") // set by the test binary's TestMain
-	if url == "" {
-		t.Skip("no DATABASE_URL")
-	}
 	bg := context.Background()
-	pool, err := pgxpool.New(bg, url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pool.Close()
-	lk, err := NewLocker(pool)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lk.Close()
+	lk := internalLocker(t)
 	keys := []string{"recycle-race-0", "recycle-race-1", "recycle-race-2"}
 	var inside [3]int32
 	var mu sync.Mutex

@@ -3,35 +3,11 @@ package pglock
 import (
 	"context"
 	"errors"
-	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgxpool"
 )
-
-// r30Locker is a multiplexing Locker on a pool of its own on the test
-// server (DATABASE_URL, set by the test binary's TestMain).
-func r30Locker(t *testing.T, opts ...Option) *Locker {
-	t.Helper()
-	url := os.Getenv("DATABASE_URL")
-	if url == "" {
-		t.Skip("no DATABASE_URL")
-	}
-	pool, err := pgxpool.New(context.Background(), url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	lk, err := NewLocker(pool, opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = lk.Close() })
-	return lk
-}
 
 // r30Recycled makes first, a Lock of lk.lockFor whose call has returned,
 // the Lock of a later call of lk for key, as putLock and lockFor do (reset,
@@ -55,7 +31,7 @@ func r30Recycled(t *testing.T, lk *Locker, first *Lock, key string) *Lock {
 // calls, one after the other, run on far fewer Locks than calls (seen
 // through their function's context).
 func TestReview30DoRecyclesLocks(t *testing.T) {
-	lk := r30Locker(t)
+	lk := internalLocker(t)
 	seen := map[*Lock]int{}
 	const n = 200
 	for i := range n {
@@ -84,7 +60,7 @@ func TestReview30DoRecyclesLocks(t *testing.T) {
 // function's context, or emit EventLost (of the new key).
 func TestReview30LateLossReportOnRecycledLock(t *testing.T) {
 	var lost atomic.Int64
-	lk := r30Locker(t, WithObserver(func(ev Event) {
+	lk := internalLocker(t, WithObserver(func(ev Event) {
 		if ev.Kind == EventLost {
 			lost.Add(1)
 		}
@@ -135,7 +111,7 @@ func TestReview30LateLossReportOnRecycledLock(t *testing.T) {
 // holding b waiting for a would be a cycle, and one wait would end with
 // ErrDeadlock; there is none: once the new hold of a ends, both go on.
 func TestReview30KeptHoldOnRecycledLockNoFalseCycle(t *testing.T) {
-	lk := r30Locker(t)
+	lk := internalLocker(t)
 	bg := context.Background()
 	first, err := lk.lockFor("r30-cycle-a")
 	if err != nil {
